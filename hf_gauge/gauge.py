@@ -1,0 +1,160 @@
+"""``Gauge``: one signed permutation per gauge space of a model, mapping model A's chart to model B's.
+
+``x_B = g(x_A)`` on every space. Spaces are named ``"residual"``, ``"mlp.{layer}"`` and ``"attn.{layer}"``; a space
+the gauge does not mention is the identity there. ``(g2 @ g1)`` applies ``g1`` first.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterator, Mapping
+
+from .errors import GaugeError
+from .group import SignedPermutation
+
+__all__ = ["Gauge"]
+
+
+def _check_space_name(name: str) -> str:
+    head, _, tail = name.partition(".")
+    if head == "residual" and not tail:
+        return name
+    if head in ("mlp", "attn") and tail.isdigit():
+        return name
+    raise GaugeError(f"unknown gauge space {name!r}: use 'residual', 'mlp.<layer>' or 'attn.<layer>'")
+
+
+class Gauge:
+    """The gauge of a whole model: ``{space: SignedPermutation}`` plus provenance.
+
+    Args:
+        residual: the residual-stream element (B_d for RMSNorm models).
+        mlp: ``{layer: SignedPermutation}`` on the MLP hidden units (signs act on the up/down pair).
+        attn: ``{layer: SignedPermutation}`` on query heads (permutations that respect KV groups).
+        spaces: alternatively, ``{"residual": ..., "mlp.3": ..., "attn.0": ...}``.
+        source, target: descriptions of the two charts (model id, revision, model_type, width, fingerprint).
+        method: how the gauge was obtained (``"random"``, ``"signed"``, ``"data-free"``, ``"composed"``, ...).
+        metrics: fit metrics (mean matched |C|, margins, ...).
+    """
+
+    def __init__(self, residual: SignedPermutation | None = None, *,
+                 mlp: Mapping[int, SignedPermutation] | None = None,
+                 attn: Mapping[int, SignedPermutation] | None = None,
+                 spaces: Mapping[str, SignedPermutation] | None = None,
+                 source: Mapping[str, Any] | None = None, target: Mapping[str, Any] | None = None,
+                 method: str | None = None, metrics: Mapping[str, Any] | None = None,
+                 confidence: Mapping[str, Any] | None = None) -> None:
+        sp: dict[str, SignedPermutation] = {}
+        for name, el in (spaces or {}).items():
+            sp[_check_space_name(name)] = el
+        if residual is not None:
+            sp["residual"] = residual
+        for prefix, table in (("mlp", mlp), ("attn", attn)):
+            for layer, el in (table or {}).items():
+                sp[f"{prefix}.{int(layer)}"] = el
+        for name, el in sp.items():
+            if not isinstance(el, SignedPermutation):
+                raise GaugeError(f"space {name!r} must be a SignedPermutation, got {type(el).__name__}")
+        if not sp:
+            raise GaugeError("a Gauge needs at least one space (e.g. Gauge(residual=SignedPermutation(...)))")
+        self.spaces: dict[str, SignedPermutation] = dict(sorted(sp.items(), key=lambda kv: _order(kv[0])))
+        self.source: dict[str, Any] = dict(source or {})
+        self.target: dict[str, Any] = dict(target or {})
+        self.method = method
+        self.metrics: dict[str, Any] = dict(metrics or {})
+        self.confidence: dict[str, Any] = dict(confidence or {})
+
+    # ----------------------------------------------------------------- views
+    @property
+    def residual(self) -> SignedPermutation | None:
+        return self.spaces.get("residual")
+
+    @property
+    def mlp(self) -> dict[int, SignedPermutation]:
+        return {int(k.split(".")[1]): v for k, v in self.spaces.items() if k.startswith("mlp.")}
+
+    @property
+    def attn(self) -> dict[int, SignedPermutation]:
+        return {int(k.split(".")[1]): v for k, v in self.spaces.items() if k.startswith("attn.")}
+
+    @property
+    def width(self) -> int | None:
+        return self.residual.size if self.residual is not None else None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.spaces)
+
+    def __getitem__(self, space: str) -> SignedPermutation:
+        try:
+            return self.spaces[space]
+        except KeyError:
+            raise GaugeError(f"this gauge has no space {space!r}; it has {list(self.spaces)}") from None
+
+    # ----------------------------------------------------------------- group law
+    def inverse(self) -> "Gauge":
+        return Gauge(spaces={k: v.inverse() for k, v in self.spaces.items()}, source=self.target,
+                     target=self.source, method=self.method, metrics=self.metrics)
+
+    def __matmul__(self, other: "Gauge") -> "Gauge":
+        """``(self @ other)`` applies ``other`` first, then ``self``; missing spaces are the identity."""
+        if not isinstance(other, Gauge):
+            return NotImplemented
+        out: dict[str, SignedPermutation] = {}
+        for name in set(self.spaces) | set(other.spaces):
+            a, b = other.spaces.get(name), self.spaces.get(name)
+            out[name] = b @ a if (a is not None and b is not None) else (b if a is None else a)
+        return Gauge(spaces=out, source=other.source, target=self.target, method="composed")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Gauge):
+            return NotImplemented
+        names = set(self.spaces) | set(other.spaces)
+        for n in names:
+            a, b = self.spaces.get(n), other.spaces.get(n)
+            a = a if a is not None else (SignedPermutation.identity(b.size) if b is not None else None)
+            b = b if b is not None else SignedPermutation.identity(a.size)
+            if a != b:
+                return False
+        return True
+
+    __hash__ = None
+
+    @property
+    def is_permutation(self) -> bool:
+        return all(v.is_permutation for v in self.spaces.values())
+
+    def restrict(self, *spaces: str) -> "Gauge":
+        """The same gauge on the named spaces only (``"mlp"`` / ``"attn"`` select every layer)."""
+        keep = {k: v for k, v in self.spaces.items() if k in spaces or k.split(".")[0] in spaces}
+        g = copy.copy(self)
+        g.spaces = keep
+        return g
+
+    def __repr__(self) -> str:
+        parts = [f"{k}: d={v.size}, +{v.positive_fraction:.2f}" for k, v in list(self.spaces.items())[:4]]
+        more = f", ... ({len(self.spaces)} spaces)" if len(self.spaces) > 4 else ""
+        return f"Gauge({'; '.join(parts)}{more}, method={self.method!r})"
+
+    # ----------------------------------------------------------------- action on objects
+    def transport(self, obj: Any, **kwargs: Any) -> Any:
+        """Return ``obj`` moved into the target chart (a new object; ``obj`` is never mutated)."""
+        from .transport import transport
+        return transport(self, obj, **kwargs)
+
+    # ----------------------------------------------------------------- persistence (see hub.py)
+    def save_pretrained(self, save_directory, **kwargs: Any):
+        from .hub import save_gauge
+        return save_gauge(self, save_directory, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id, **kwargs: Any) -> "Gauge":
+        from .hub import load_gauge
+        return load_gauge(path_or_repo_id, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any):
+        from .hub import push_gauge
+        return push_gauge(self, repo_id, **kwargs)
+
+
+def _order(name: str) -> tuple[int, int]:
+    head, _, tail = name.partition(".")
+    return ({"residual": 0, "mlp": 1, "attn": 2}.get(head, 3), int(tail) if tail.isdigit() else -1)

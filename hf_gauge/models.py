@@ -1,0 +1,181 @@
+"""Live models: unwrap wrappers, describe charts, apply gauges in place, draw random gauges, name the group."""
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any, Iterable
+
+import torch
+from transformers.utils import logging
+
+from .engine import check_gauge, move_tensor, moves_for, space_sizes
+from .errors import GaugeError
+from .gauge import Gauge
+from .group import SignedPermutation
+from .specs import ArchSpec, get_spec
+
+logger = logging.get_logger("hf_gauge")
+
+__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
+
+
+def unwrap(model: Any) -> torch.nn.Module:
+    """The transformers model under PEFT, torch.compile, DDP/accelerate wrappers."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod"):                  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model) and hasattr(model, "peft_config"):
+            model = model.get_base_model()               # PeftModel -> the transformers model (LoRA layers inside)
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        else:
+            break
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise GaugeError(f"expected a transformers model (or a PEFT/compiled wrapper of one), got {type(model).__name__}")
+    return model
+
+
+def _hash_gain(gain: torch.Tensor) -> str:
+    return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
+    """A short hash of the model's chart: its final norm gain (exact, permuted by any gauge, never signed).
+
+    With ``gauge``, the fingerprint the model will have after ``apply_gauge(model, gauge)``.
+    """
+    m = unwrap(model)
+    gain = m.get_submodule(get_spec(m).sites.final_norm).weight
+    if gauge is not None and gauge.residual is not None:
+        gain = gain.detach().cpu()[gauge.residual.perm]
+    return _hash_gain(gain)
+
+
+def describe(model: Any) -> dict[str, Any]:
+    """Provenance of a model's chart, recorded in gauges as ``source`` / ``target``."""
+    m = unwrap(model)
+    cfg = m.config
+    return {
+        "model_id": getattr(cfg, "_name_or_path", "") or "",
+        "revision": getattr(cfg, "_commit_hash", None),
+        "model_type": cfg.model_type,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "fingerprint": fingerprint(m),
+    }
+
+
+def gauge_spaces(model: Any) -> dict[str, int]:
+    """Every gauge space of the model and its size (``{"residual": d, "mlp.0": d_ff, "attn.0": n_heads, ...}``)."""
+    m = unwrap(model)
+    return space_sizes(get_spec(m), m.config)
+
+
+@torch.no_grad()
+def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
+    """Move every parameter of ``model`` into the gauge's target chart, in place; returns ``model``.
+
+    Exact (index operations only), works through PEFT wrappers (LoRA factors move with their modules) and on
+    models spread over several devices. ``strict=True`` refuses a gauge whose recorded source fingerprint differs
+    from the model's (otherwise that only warns: a fine-tune of the source is a legitimate target).
+    """
+    if not isinstance(gauge, Gauge):
+        raise GaugeError(f"apply_gauge expects a hf_gauge.Gauge, got {type(gauge).__name__}")
+    m = unwrap(model)
+    spec = get_spec(m)
+    if gauge.source.get("model_type") not in (None, m.config.model_type):
+        raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "
+                         f"{m.config.model_type!r}")
+    check_gauge(spec, m.config, gauge)
+    want = gauge.source.get("fingerprint")
+    if want:
+        have = fingerprint(m)
+        if have != want:
+            msg = (f"the gauge expects a source chart with fingerprint {want} but this model's is {have}; "
+                   "the model may be a fine-tune of the source (fine) or already gauged or another model")
+            if strict:
+                raise GaugeError(msg + " (strict=True refuses)")
+            warnings.warn(msg, stacklevel=2)
+    params = dict(m.named_parameters())
+    for n, p in params.items():
+        if p.device.type == "meta":
+            raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a gauge")
+    plan = moves_for(spec, m.config, gauge, params)
+    for n, moves in plan.items():
+        if moves:
+            p = params[n]
+            try:
+                p.data = move_tensor(p.data, moves)
+            except GaugeError as e:
+                raise GaugeError(f"{n}: {e}") from None
+    return model
+
+
+def _residual_gains(m: torch.nn.Module, spec: ArchSpec) -> list[torch.Tensor]:
+    out = []
+    for n, p in m.named_parameters():
+        axes = spec.match(n)
+        if axes and len(axes) == 1 and axes[0].space == "residual" and not axes[0].signed and p.dim() == 1:
+            out.append(p.detach())
+    return out
+
+
+def symmetry_group(model: Any, warn: bool = True) -> str:
+    """``"B_d"`` (RMSNorm, generic gains), ``"O(d)"`` (RMSNorm, every residual gain constant), ``"S_d x {±1}"`` (LayerNorm)."""
+    m = unwrap(model)
+    spec = get_spec(m)
+    if spec.norm == "layernorm":
+        return "S_d x {±1}"
+    gains = _residual_gains(m, spec)
+    if gains and all(bool(torch.all(g == g[0])) for g in gains):
+        if warn:
+            warnings.warn("every residual RMSNorm gain is constant: any orthogonal map preserves this model's "
+                          "function, so coordinates carry no privileged basis (group O(d))", stacklevel=2)
+        return "O(d)"
+    return "B_d"
+
+
+def _random_heads(n_heads: int, n_kv: int, gen: torch.Generator) -> SignedPermutation:
+    g = n_heads // n_kv
+    groups = torch.randperm(n_kv, generator=gen)
+    perm = torch.cat([grp * g + torch.randperm(g, generator=gen) for grp in groups.tolist()])
+    return SignedPermutation(perm)
+
+
+def random_gauge(model: Any, seed: int = 0, group: str = "signed",
+                 spaces: Iterable[str] = ("residual",), positive_fraction: float | None = None) -> Gauge:
+    """A reproducible random gauge of ``model``'s symmetry group.
+
+    ``group="signed"`` draws from the full group (B_d on RMSNorm residuals; on LayerNorm, a permutation and one
+    random global sign), ``"permutation"`` from S_d. ``spaces`` picks ``"residual"``, ``"mlp"``, ``"attn"``
+    (every layer) or single spaces like ``"mlp.3"``.
+    """
+    if group not in ("signed", "permutation"):
+        raise GaugeError(f"group must be 'signed' or 'permutation', got {group!r}")
+    m = unwrap(model)
+    spec = get_spec(m)
+    sizes = space_sizes(spec, m.config)
+    gen = torch.Generator().manual_seed(int(seed))
+    wanted = [s for s in sizes if s in spaces or s.split(".")[0] in spaces]
+    unknown = [s for s in spaces if s not in sizes and s not in ("mlp", "attn")]
+    if unknown or not wanted:
+        raise GaugeError(f"unknown gauge space(s) {unknown or list(spaces)}; this model has residual, mlp.<i>, attn.<i>")
+    out: dict[str, SignedPermutation] = {}
+    n_kv = getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
+    for name in wanted:
+        rule = spec.spaces[spec.space_template(name)[0]].signs
+        if name.startswith("attn."):
+            out[name] = _random_heads(sizes[name], n_kv, gen)
+            continue
+        signed = group == "signed" and rule != "none"
+        el = SignedPermutation.random(sizes[name], gen, signed=signed and rule == "any",
+                                      positive_fraction=positive_fraction if rule == "any" else None)
+        if signed and rule == "global" and torch.rand((), generator=gen) < 0.5:
+            el = SignedPermutation(el.perm, -torch.ones(el.size, dtype=torch.int64))
+        out[name] = el
+    g = Gauge(spaces=out, method=f"random(seed={seed}, group={group})")
+    g.source = describe(m)
+    g.target = {**g.source, "fingerprint": fingerprint(m, g)}
+    return g

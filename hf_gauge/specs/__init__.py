@@ -1,0 +1,30 @@
+"""Registry of architecture specs keyed by ``config.model_type``. Adding an architecture = adding a spec file."""
+from __future__ import annotations
+
+from ..errors import GaugeError
+from .base import ArchSpec, Axis, Rule, Sites, Space
+from .gpt_neox import GPT_NEOX
+from .llama import LLAMA
+
+SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX) for mt in spec.model_types}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(SPECS)
+
+
+def get_spec(model_or_config_or_type) -> ArchSpec:
+    """The spec for a model, a config, or a ``model_type`` string; ``GaugeError`` if unsupported."""
+    mt = model_or_config_or_type
+    if not isinstance(mt, str):
+        config = getattr(mt, "config", mt)
+        mt = getattr(config, "model_type", None)
+    if mt not in SPECS:
+        raise GaugeError(
+            f"unsupported architecture model_type={mt!r}; hf_gauge supports {', '.join(supported_model_types())}. "
+            "Add a spec under hf_gauge/specs/ to support another architecture."
+        )
+    return SPECS[mt]
+
+
+__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "get_spec", "supported_model_types"]

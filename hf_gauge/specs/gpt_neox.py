@@ -1,0 +1,65 @@
+"""GPT-NeoX / Pythia: the LayerNorm contrast.
+
+LayerNorm's mean-centring admits only ``Q 1 = ±1``: residual group S_d x {±1} (permutations, plus one global
+sign flip that also flips every LayerNorm bias: ``LN(s P x) = s P LN(x)`` needs gain ``P g``, bias ``s P b``).
+GELU is not odd: MLP units permute only. The fused query_key_value rows are laid out per head as
+``[head, (q|k|v), head_dim]``, so a head is a block of ``3 * head_dim`` rows.
+"""
+from __future__ import annotations
+
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, reads, writes
+
+L = "gpt_neox.layers.{i}."
+LN_GAIN = (Axis(0, "residual", signed=False),)
+LN_BIAS = (Axis(0, "residual"),)  # signed: only a global flip is admitted, and it flips the bias
+MLP_ROWS = Axis(0, "mlp.{i}", signed=False)
+MLP_COLS = Axis(1, "mlp.{i}", signed=False)
+QKV_ROWS = Axis(0, "attn.{i}", signed=False, block="qkv_block")
+DENSE_COLS = Axis(1, "attn.{i}", signed=False, block="head_dim")
+
+
+def _dims(config) -> dict[str, int]:
+    head_dim = config.hidden_size // config.num_attention_heads
+    return {"head_dim": head_dim, "qkv_block": 3 * head_dim}
+
+
+GPT_NEOX = ArchSpec(
+    name="gpt_neox",
+    model_types=("gpt_neox",),
+    norm="layernorm",
+    spaces={
+        "residual": Space(lambda c: c.hidden_size, "global", "residual stream"),
+        "mlp.{i}": Space(lambda c: c.intermediate_size, "none", "GELU hidden units of layer i", per_layer=True),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", per_layer=True),
+    },
+    rules=(
+        Rule("gpt_neox.embed_in.weight", reads()),
+        Rule(L + "input_layernorm.weight", LN_GAIN),
+        Rule(L + "input_layernorm.bias", LN_BIAS),
+        Rule(L + "post_attention_layernorm.weight", LN_GAIN),
+        Rule(L + "post_attention_layernorm.bias", LN_BIAS),
+        Rule(L + "attention.query_key_value.weight", reads(QKV_ROWS)),
+        Rule(L + "attention.query_key_value.bias", (QKV_ROWS,)),
+        Rule(L + "attention.dense.weight", writes(DENSE_COLS)),
+        Rule(L + "attention.dense.bias", writes()),
+        Rule(L + "mlp.dense_h_to_4h.weight", reads(MLP_ROWS)),
+        Rule(L + "mlp.dense_h_to_4h.bias", (MLP_ROWS,)),
+        Rule(L + "mlp.dense_4h_to_h.weight", writes(MLP_COLS)),
+        Rule(L + "mlp.dense_4h_to_h.bias", writes()),
+        Rule("gpt_neox.final_layer_norm.weight", LN_GAIN),
+        Rule("gpt_neox.final_layer_norm.bias", LN_BIAS),
+        Rule("embed_out.weight", reads()),
+        Rule("lm_head.weight", reads()),
+        Rule("gpt_neox.layers.{i}.attention.rotary_emb.inv_freq", UNTOUCHED),
+    ),
+    dims=_dims,
+    sites=Sites(
+        layers="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        embed="gpt_neox.embed_in",
+        lm_head="lm_head",
+        mlp_in="gpt_neox.layers.{i}.mlp.dense_4h_to_h",
+        attn_out_in="gpt_neox.layers.{i}.attention.dense",
+    ),
+    tied_pair=("gpt_neox.embed_in.weight", "lm_head.weight"),
+)

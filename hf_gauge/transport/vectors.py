@@ -1,0 +1,49 @@
+"""Steering / control vectors: tensors whose last axis is the residual width, and ``{layer: tensor}`` dicts.
+
+Rule: ``v_B = g(v_A)``, i.e. ``v_B[j] = sign[j] * v_A[perm[j]]`` along the last axis.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import GaugeError
+from . import register
+
+
+def residual_of(gauge):
+    if gauge.residual is None:
+        raise GaugeError("this gauge has no residual space; residual-stream objects need gauge.residual")
+    return gauge.residual
+
+
+def move_vector(gauge, v: torch.Tensor, what: str = "vector") -> torch.Tensor:
+    q = residual_of(gauge)
+    if v.dim() == 0 or v.shape[-1] != q.size:
+        raise GaugeError(f"width mismatch: {what} has shape {tuple(v.shape)} but the gauge's residual width is {q.size}; "
+                         "the last axis of a residual-stream object must be the model's hidden size")
+    return q.apply(v.detach(), dim=-1)
+
+
+@register(lambda o: isinstance(o, torch.Tensor), "torch.Tensor [..., d]")
+def _tensor(gauge, v: torch.Tensor, **_: Any) -> torch.Tensor:
+    return move_vector(gauge, v)
+
+
+@register(lambda o: isinstance(o, np.ndarray), "numpy.ndarray [..., d]")
+def _ndarray(gauge, v: np.ndarray, **_: Any) -> np.ndarray:
+    return move_vector(gauge, torch.from_numpy(np.ascontiguousarray(v))).numpy().copy()
+
+
+@register(lambda o: isinstance(o, dict) and o and all(isinstance(k, int) for k in o)
+          and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in o.values()), "{layer: vector}")
+def _layer_dict(gauge, d: dict, **kw: Any) -> dict:
+    out = {}
+    for k, v in d.items():
+        try:
+            out[k] = _ndarray(gauge, v) if isinstance(v, np.ndarray) else move_vector(gauge, v)
+        except GaugeError as e:
+            raise GaugeError(f"layer {k}: {e}") from None
+    return out

@@ -1,0 +1,86 @@
+"""Shared fixtures: tiny random models of every supported family, and real SmolLM2-135M weights."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ALL_FAMILIES = FAMILIES + ("gpt_neox",)
+VOCAB = 128
+
+
+def tiny_model(model_type: str = "llama", *, tie: bool = False, seed: int = 0, dtype=torch.float32,
+               hidden_size: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 96,
+               biases: bool = True, **extra):
+    """A tiny random transformers model with generic (non-constant) gains and random biases."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(hidden_size=hidden_size, intermediate_size=intermediate, num_hidden_layers=layers,
+              num_attention_heads=heads, vocab_size=VOCAB, tie_word_embeddings=tie, **extra)
+    if model_type != "gpt_neox":
+        kw["num_key_value_heads"] = kv_heads
+    if model_type == "llama" and biases:
+        kw.update(attention_bias=True, mlp_bias=True)
+    if model_type == "qwen3":
+        kw.setdefault("head_dim", hidden_size // heads)
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(model_type, **kw)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:   # generic gains around 1, random biases: the B_d regime
+                p.normal_(1.0 if n.endswith("weight") else 0.0, 0.3)
+    return model.to(dtype)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_state_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """Folder of real SmolLM2-135M-Instruct weights (built once from the offline GGUF, then cached)."""
+    from hf_gauge.weights import smollm2_path
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture
+def smollm2(smollm2_dir):
+    """A fresh fp32 copy of real SmolLM2-135M (tests may mutate it)."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_ids(smollm2_tokenizer):
+    """Real English text (the standard library's pydoc topics) tokenized for SmolLM2."""
+    from pydoc_data.topics import topics
+    text = " ".join(topics[k] for k in sorted(topics)[:40])
+    ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
+    return ids[: 4 * 64].reshape(4, 64)
