@@ -31,6 +31,9 @@ _ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(r"^(.*)\.lora_embedding_A(?:\.[^.]+)?$"), "lora_emb_A", r"\1.weight"),
     (re.compile(r"^(.*)\.lora_embedding_B(?:\.[^.]+)?$"), "lora_emb_B", r"\1.weight"),
     (re.compile(r"^(.*)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "magnitude", r"\1.weight"),
+    # PEFT trainable_token_indices: ``trainable_tokens_delta [n_tokens, d]`` holds rows of the wrapped embedding
+    # (or lm_head), so it moves exactly like that weight (residual columns signed-permuted).
+    (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
 )
 _WRAPPERS = (re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
              re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
@@ -149,7 +152,7 @@ def classify(spec: ArchSpec, names: Iterable[str]) -> dict[str, tuple[Axis, ...]
 # ----------------------------------------------------------------------------------------------------------------
 # The kernel
 # ----------------------------------------------------------------------------------------------------------------
-_BLOCK_BYTES = 1 << 18   # rows are gathered and signed in cache-sized blocks: one pass over memory
+_BLOCK_BYTES = 1 << 20   # rows are gathered and signed in cache-sized blocks: one pass over memory
 
 
 def _on(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
@@ -161,8 +164,9 @@ def _on(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor 
 def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None) -> torch.Tensor:
     """Return ``src`` with every move applied (a new tensor, or ``out``); ``src`` is left unchanged.
 
-    2-D tensors are processed in row blocks: gather rows (and columns) and apply signs while the block is in
-    cache, so the work is one read and one write of the tensor.
+    2-D tensors are processed in row blocks of about 1 MiB: gather the block's rows (``index_select``) or
+    columns (``gather`` with a broadcast index), and apply signs while the block is still in cache, so the
+    work is one read and one write of the tensor.
     """
     if not moves:
         return src.clone() if out is None else out.copy_(src)
@@ -177,26 +181,26 @@ def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | 
         raise GaugeError(f"cannot apply signs to a tensor of dtype {src.dtype}")
     if out is None:
         out = torch.empty_like(src, memory_format=torch.contiguous_format)
-    rows = next((m for m in moves if m.axis == 0), None)
     if src.dim() == 2 and all(m.axis in (0, 1) for m in moves):
+        rows = next((m for m in moves if m.axis == 0), None)
         cols = next((m for m in moves if m.axis == 1), None)
         n, w = src.shape
         step = max(1, _BLOCK_BYTES // max(1, w * src.element_size()))
         ridx = _on(rows.index, src) if rows else None
-        rsgn = _on(rows.sign, src, src.dtype) if rows and rows.sign is not None else None
-        cidx = _on(cols.index, src) if cols else None
+        rsgn = _on(rows.sign, src, src.dtype)[:, None] if rows and rows.sign is not None else None
+        cidx = _on(cols.index, src).expand(min(step, n), w) if cols else None
         csgn = _on(cols.sign, src, src.dtype) if cols and cols.sign is not None else None
         for r0 in range(0, n, step):
             r1 = min(n, r0 + step)
             blk = out[r0:r1]
             if ridx is not None and cidx is not None:
-                blk.copy_(src.index_select(0, ridx[r0:r1]).index_select(1, cidx))
+                torch.gather(src.index_select(0, ridx[r0:r1]), 1, cidx[: r1 - r0], out=blk)
             elif ridx is not None:
                 torch.index_select(src, 0, ridx[r0:r1], out=blk)
             else:
-                torch.index_select(src[r0:r1], 1, cidx, out=blk)
+                torch.gather(src[r0:r1], 1, cidx[: r1 - r0], out=blk)
             if rsgn is not None:
-                blk.mul_(rsgn[r0:r1, None])
+                blk.mul_(rsgn[r0:r1])
             if csgn is not None:
                 blk.mul_(csgn)
         return out

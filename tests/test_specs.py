@@ -1,0 +1,112 @@
+"""Architecture specs: every parameter of every supported family is classified, and rules follow gauge-math.md."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hf_gauge
+from hf_gauge import GaugeError, SignedPermutation
+from hf_gauge.engine import axes_for, resolve_name
+from hf_gauge.specs import SPECS, get_spec, supported_model_types
+
+from conftest import ALL_FAMILIES, tiny_model
+
+
+@pytest.mark.parametrize("model_type", ALL_FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_every_parameter_is_classified(model_type, tie):
+    m = tiny_model(model_type, tie=tie)
+    spec = get_spec(m)
+    unclassified = [n for n, _ in m.named_parameters() if axes_for(spec, n) is None]
+    assert unclassified == []
+    for n, p in m.named_parameters():
+        for a in axes_for(spec, n):
+            assert a.axis < p.dim(), n
+
+
+def test_smollm2_every_parameter_classified(smollm2):
+    spec = get_spec(smollm2)
+    assert [n for n, _ in smollm2.named_parameters() if axes_for(spec, n) is None] == []
+
+
+def test_unsupported_model_type_lists_supported():
+    from transformers import AutoConfig, AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50))
+    with pytest.raises(GaugeError, match="unsupported architecture model_type='gpt2'.*llama.*qwen3"):
+        hf_gauge.random_gauge(m)
+    assert "llama" in supported_model_types() and "gpt_neox" in supported_model_types()
+    assert not hasattr(type(m), "apply_gauge")
+
+
+def test_rules_follow_the_math_note():
+    """Each tensor kind moves exactly as the table in gauge-math.md says (checked independently of the engine)."""
+    m = tiny_model("llama", tie=False)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = hf_gauge.random_gauge(m, seed=3)
+    q = g.residual
+    p, s = q.perm, q.sign.float()
+    m.apply_gauge(g)
+    after = m.state_dict()
+    L = "model.layers.0."
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"][:, p] * s)
+    for reader in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        assert torch.equal(after[L + reader + ".weight"], before[L + reader + ".weight"][:, p] * s), reader
+    for writer in ("self_attn.o_proj", "mlp.down_proj"):
+        assert torch.equal(after[L + writer + ".weight"], before[L + writer + ".weight"][p] * s[:, None]), writer
+        assert torch.equal(after[L + writer + ".bias"], before[L + writer + ".bias"][p] * s), writer
+    for gain in (L + "input_layernorm.weight", L + "post_attention_layernorm.weight", "model.norm.weight"):
+        assert torch.equal(after[gain], before[gain][p]), gain        # permuted, never signed
+    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"][:, p] * s)
+    for head_space in (L + "self_attn.q_proj.bias", L + "self_attn.k_proj.bias", L + "mlp.up_proj.bias"):
+        assert torch.equal(after[head_space], before[head_space])   # not residual-indexed
+
+
+def test_qwen_head_space_tensors_untouched_by_residual_gauge():
+    for mt, names in (("qwen2", ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"]),
+                      ("qwen3", ["self_attn.q_norm.weight", "self_attn.k_norm.weight"])):
+        m = tiny_model(mt)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        m.apply_gauge(hf_gauge.random_gauge(m, seed=1))
+        for n in names:
+            assert torch.equal(m.state_dict()["model.layers.1." + n], before["model.layers.1." + n]), (mt, n)
+
+
+def test_mlp_gauge_signs_up_down_pair_not_gate():
+    m = tiny_model("llama")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = hf_gauge.random_gauge(m, seed=4, spaces=("mlp.1",))
+    u = g.mlp[1]
+    p, s = u.perm, u.sign.float()
+    m.apply_gauge(g)
+    L = "model.layers.1.mlp."
+    assert torch.equal(m.state_dict()[L + "gate_proj.weight"], before[L + "gate_proj.weight"][p])
+    assert torch.equal(m.state_dict()[L + "up_proj.weight"], before[L + "up_proj.weight"][p] * s[:, None])
+    assert torch.equal(m.state_dict()[L + "down_proj.weight"], before[L + "down_proj.weight"][:, p] * s)
+
+
+@pytest.mark.parametrize("name,base,role", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", "model.layers.0.self_attn.q_proj.weight", "lora_A"),
+    ("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight", "model.layers.0.mlp.down_proj.weight", "lora_B"),
+    ("model.layers.0.mlp.down_proj.base_layer.weight", "model.layers.0.mlp.down_proj.weight", "weight"),
+    ("model.embed_tokens.lora_embedding_B.default", "model.embed_tokens.weight", "lora_emb_B"),
+    ("model.layers.0.self_attn.o_proj.lora_magnitude_vector.default.weight", "model.layers.0.self_attn.o_proj.weight", "magnitude"),
+    ("model.norm.modules_to_save.default.weight", "model.norm.weight", "weight"),
+    ("model.norm.original_module.weight", "model.norm.weight", "weight"),
+])
+def test_peft_names_resolve_to_wrapped_module(name, base, role):
+    assert resolve_name(name) == (base, role)
+
+
+def test_lora_factors_inherit_the_wrapped_axis():
+    spec = SPECS["llama"]
+    assert [a.axis for a in axes_for(spec, "model.layers.0.self_attn.q_proj.lora_A.default.weight")] == [1]
+    assert axes_for(spec, "model.layers.0.self_attn.q_proj.lora_B.default.weight")[0].space == "attn.0"
+    assert [(a.axis, a.space) for a in axes_for(spec, "model.layers.0.mlp.down_proj.lora_B.default.weight")] == [(0, "residual")]
+    assert axes_for(spec, "model.embed_tokens.lora_embedding_A.default") == ()
+    mag = axes_for(spec, "model.layers.0.mlp.down_proj.lora_magnitude_vector.default.weight")
+    assert [(a.axis, a.space, a.signed) for a in mag] == [(0, "residual", False)]
+
+
+def test_group_names():
+    assert SPECS["llama"].group == "B_d" and SPECS["gpt_neox"].group == "S_d x {±1}"
+    assert isinstance(SignedPermutation.identity(2), SignedPermutation)
