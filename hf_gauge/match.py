@@ -6,19 +6,25 @@
 - ``method="signed"`` (B_d, sign-marginalized): Hungarian on ``-|C|``, then ``sign[j] = sign(C[perm[j], j])``.
 - ``method="permutation"`` (the S_d baseline): Hungarian on ``-C``, all signs +1. With decorrelated coordinates its
   accuracy is capped at the fraction of positive signs in the true gauge.
+- ``method="procrustes"`` (``find_gauge`` only): an orthogonal map ``x_B ≈ x_A R`` (``hf_gauge.orthogonal``).
+
+``find_gauge`` builds ``C`` from paired activation statistics (``hf_gauge.stats``, ``data=...``) or, with
+``data=None``, from the weights alone (``hf_gauge.features``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
 from .errors import GaugeError
+from .gauge import Gauge
 from .group import SignedPermutation
 
-__all__ = ["Match", "match_correlation", "METHODS"]
+__all__ = ["Match", "match_correlation", "METHODS", "find_gauge", "check_pair"]
 
 METHODS = ("signed", "permutation")
 
@@ -75,3 +81,143 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> M
     score[cols] = S[rows, cols]
     margin[cols] = S[rows, cols] - _runner_up(S, rows, cols)
     return Match(SignedPermutation(torch.from_numpy(perm), torch.from_numpy(sign)), score, margin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# find_gauge: model A -> model B
+# ----------------------------------------------------------------------------------------------------------------
+FIND_METHODS = METHODS + ("procrustes",)
+
+
+def check_pair(model_a: Any, model_b: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Unwrap both models and refuse pairs that cannot share a residual chart (``GaugeError``)."""
+    from .models import unwrap
+    from .specs import get_spec
+
+    ma, mb = unwrap(model_a), unwrap(model_b)
+    sa, sb = get_spec(ma), get_spec(mb)
+    ca, cb = ma.config, mb.config
+    if ca.model_type != cb.model_type or sa.name != sb.name:
+        raise GaugeError(f"different architectures: model A is {ca.model_type!r} but model B is {cb.model_type!r}; a "
+                         "gauge relates two checkpoints of one architecture")
+    if ca.hidden_size != cb.hidden_size:
+        raise GaugeError(f"different widths: model A has hidden_size={ca.hidden_size} but model B has "
+                         f"{cb.hidden_size}; a residual gauge needs equal widths")
+    if ca.num_hidden_layers != cb.num_hidden_layers:
+        raise GaugeError(f"different depths: model A has {ca.num_hidden_layers} layers but model B has "
+                         f"{cb.num_hidden_layers}; gauges relate checkpoints of one architecture")
+    return ma, mb
+
+
+def _check_group(element: SignedPermutation, ma: torch.nn.Module, method: str) -> None:
+    """LayerNorm residuals admit S_d x {±1} only: a mixed-sign match cannot be a gauge of this model."""
+    from .specs import get_spec
+
+    rule = get_spec(ma).spaces["residual"].signs
+    if rule == "global" and method == "signed":
+        neg = int((element.sign < 0).sum())
+        if 0 < neg < element.size:
+            raise GaugeError(
+                f"mixed signs on a LayerNorm model ({ma.config.model_type}): the sign-marginalized match flips {neg} of "
+                f"{element.size} coordinates, but LayerNorm's mean-centring admits only permutations and one global "
+                "sign flip (S_d x {±1}); the two checkpoints are not related by an admissible gauge. Use "
+                "method='permutation' for the S_d correspondence, or method='procrustes' for an activation-level map."
+            )
+    elif rule == "none" and not element.is_permutation:
+        raise GaugeError(f"the residual of {ma.config.model_type} admits permutations only; use method='permutation'")
+
+
+def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "signed", tokenizer: Any = None,
+               batch_size: int = 8, progress: bool | None = None, low_confidence: float = 0.05,
+               spaces: str | Sequence[str] = ("residual",), **kw: Any):
+    """The gauge from ``model_a``'s residual chart to ``model_b``'s: ``x_B = g(x_A)``.
+
+    Args:
+        data: ``None`` (default): data-free, from the weights (``hf_gauge.features``); otherwise token ids
+            ``[n, T]``/``[T]``, a list of strings (with ``tokenizer``) or an iterable of batch dicts
+            (``hf_gauge.stats``).
+        method: ``"signed"`` (B_d, Hungarian on ``-|C|``), ``"permutation"`` (S_d baseline, Hungarian on ``-C``) or
+            ``"procrustes"`` (returns an ``OrthogonalMap`` with ``x_B ≈ x_A R``; needs ``data``).
+        low_confidence: margins below this count as low-confidence coordinates in ``gauge.metrics``.
+        spaces: which gauge spaces to fit: ``("residual",)`` (default), ``"all"`` or any of ``"residual"``,
+            ``"mlp"``, ``"attn"``. MLP-unit and head spaces are matched by ``hf_gauge.inner.match_inner`` after the
+            residual (from the same ``data``, or data-free from weights aligned by the residual gauge).
+        **kw: passed to ``collect_pair_stats`` (``max_length``, ``layers``, ``include_embed``,
+            ``include_final_norm``, ``stats_device``, ``shard``) or, data-free, ``max_rows`` of the features.
+
+    Returns a ``Gauge`` with ``residual`` set, ``confidence["residual"]`` (per B coordinate: matched score minus the
+    best competitor in its row and column) and ``metrics`` (mean matched |C|, min margin, low-confidence count,
+    n_tokens, method, data_free). LayerNorm models with ``method="signed"`` are checked against S_d x {±1}: a
+    mixed-sign result raises ``GaugeError``.
+    """
+    from .models import describe
+
+    if method not in FIND_METHODS:
+        raise GaugeError(f"unknown method {method!r}; use one of {FIND_METHODS}")
+    wanted = _spaces(spaces)
+    if wanted != ("residual",) and method == "procrustes":
+        raise GaugeError("method='procrustes' fits the residual stream only; pass spaces=('residual',)")
+    ma, mb = check_pair(model_a, model_b)
+    data_free = data is None
+    if len(wanted) > 1 and not data_free:   # two passes over the data: materialise the token batches once
+        from .stats import iter_batches
+        it, _ = iter_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=kw.get("max_length"))
+        data = [{"input_ids": i, "attention_mask": a} for i, a in it]
+    stats_kw = {k: kw.pop(k) for k in ("max_length", "layers", "include_embed", "include_final_norm", "stats_device",
+                                       "shard") if k in kw}
+    max_rows = kw.pop("max_rows", None)
+    if kw:
+        raise GaugeError(f"unexpected keyword argument(s) {sorted(kw)} for find_gauge")
+    metrics: dict[str, Any] = {"method": method, "data_free": data_free}
+    if data_free:
+        if method == "procrustes":
+            raise GaugeError("method='procrustes' fits an orthogonal map from activations: pass data=token ids or texts")
+        if stats_kw:
+            raise GaugeError(f"{sorted(stats_kw)} only apply when matching from data; pass data=...")
+        from .features import feature_correlation, paired_weight_features
+        fa, fb = paired_weight_features(ma, mb, max_rows=max_rows)
+        if fa.signed.shape[1] == 0 and method == "signed":
+            raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
+                             "architecture spec, so signs cannot be determined; pass data= to match from activations")
+        C = feature_correlation(fa, fb)
+        metrics.update(n_tokens=0, n_signed_features=int(fa.signed.shape[1]),
+                       n_invariant_features=int(fa.invariant.shape[1]))
+    else:
+        if max_rows is not None:
+            raise GaugeError("max_rows only applies to data-free matching (data=None)")
+        from .stats import collect_pair_stats
+        stats = collect_pair_stats(ma, mb, data, tokenizer=tokenizer, batch_size=batch_size, progress=progress,
+                                   **stats_kw)
+        if stats.n_tokens == 0:
+            raise GaugeError("data is empty: no non-padding token was seen; pass at least one token")
+        metrics.update(n_tokens=stats.n_tokens, n_sites=len(stats.sites))
+        if method == "procrustes":
+            from .orthogonal import OrthogonalMap, procrustes_from_cross
+            R = procrustes_from_cross(stats.cross_covariance())
+            return OrthogonalMap(R, source=describe(ma), target=describe(mb), metrics=metrics, check=False)
+        C = stats.correlation()
+    m = match_correlation(C, method)
+    _check_group(m.element, ma, method)
+    metrics.update(m.summary(low_confidence))
+    metrics["low_confidence_threshold"] = low_confidence
+    label = ("data-free" if data_free else "activations") + f"/{method}"
+    extra: dict[str, SignedPermutation] = {}
+    confidence: dict[str, Any] = {"residual": torch.from_numpy(m.margin)}
+    inner_spaces = tuple(sp for sp in wanted if sp != "residual")
+    if inner_spaces:
+        from .inner import match_inner
+        inner = match_inner(ma, mb, residual=m.element, data=data, spaces=inner_spaces, method=method)
+        extra, label = dict(inner), label + "+inner"
+        confidence.update(inner.confidence)
+    return Gauge(spaces={"residual": m.element, **extra}, source=describe(ma), target=describe(mb), method=label,
+                 metrics=metrics, confidence=confidence)
+
+
+def _spaces(spaces: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise ``spaces=`` to a tuple that starts with ``"residual"``."""
+    got = ("residual", "mlp", "attn") if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
+    bad = [sp for sp in got if sp not in ("residual", "mlp", "attn")]
+    if bad or "residual" not in got:
+        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of ('residual', 'mlp', 'attn') that includes "
+                         "'residual' (the inner spaces are matched relative to it)")
+    return ("residual",) + tuple(sp for sp in ("mlp", "attn") if sp in got)

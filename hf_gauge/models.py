@@ -82,13 +82,18 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     from the model's (otherwise that only warns: a fine-tune of the source is a legitimate target).
     """
     if not isinstance(gauge, Gauge):
-        raise GaugeError(f"apply_gauge expects a hf_gauge.Gauge, got {type(gauge).__name__}")
+        from .orthogonal import refuse_apply  # issue 3: explain why orthogonal maps / dense matrices are refused
+        refuse_apply(gauge)
     m = unwrap(model)
     spec = get_spec(m)
     if gauge.source.get("model_type") not in (None, m.config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "
                          f"{m.config.model_type!r}")
     check_gauge(spec, m.config, gauge)
+    params = dict(m.named_parameters())
+    for n, p in params.items():
+        if p.device.type == "meta":
+            raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a gauge")
     want = gauge.source.get("fingerprint")
     if want:
         have = fingerprint(m)
@@ -98,10 +103,6 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
             if strict:
                 raise GaugeError(msg + " (strict=True refuses)")
             warnings.warn(msg, stacklevel=2)
-    params = dict(m.named_parameters())
-    for n, p in params.items():
-        if p.device.type == "meta":
-            raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a gauge")
     plan = moves_for(spec, m.config, gauge, params)
     for n, moves in plan.items():
         if moves:

@@ -1,0 +1,432 @@
+"""Paired activation statistics at the residual sites of two models, streamed in float64.
+
+Both models see the same tokens. At every residual site (token-embedding output, every block output, the final
+norm output: all in one residual chart) we keep, per site ``s``, running float64 sums over the non-padding tokens:
+``n``, ``sum x_A``, ``sum x_B``, ``sum x_A**2``, ``sum x_B**2`` and the cross moment ``x_A^T x_B`` ``[d, d]``.
+Memory is ``n_sites * d**2`` float64; no ``n x d`` activation matrix is ever kept (only the current batch of A's
+activations, until B's forward at the same site has consumed it).
+
+Pooling across sites (why per-site standardisation): residual norms grow by one to two orders of magnitude from
+the embedding to the last block, a few "massive" coordinates dominate single sites, and site means differ. Pooling
+raw sums would let the last layers and those coordinates dominate, and would turn the between-site mean shifts into
+spurious covariance. We therefore z-score each coordinate *within its site* and pool the z-scored statistics: the
+pooled correlation is ``C = sum_s n_s C_s / sum_s n_s`` with ``C_s[i, j] = corr_s(A_i, B_j)``. Every site then
+counts equally, each coordinate at unit scale; for gauge-equivalent models every ``C_s`` holds exactly ``±1`` at the
+matched pairs, so ``C`` does too. Per-coordinate z-scoring is not rotation-equivariant, so Procrustes instead uses
+the centred cross-covariance with one *scalar* per site (``sqrt(tr Cov_s(A) tr Cov_s(B))``), which is: see
+:meth:`PairStats.cross_covariance`.
+
+Under ``accelerate launch`` every process streams its shard and :meth:`PairStats.reduce` sums the raw moments
+across processes (``accelerate.utils.reduce``), so N processes give the statistics of one. The process layout is
+accelerate's ``PartialState``: on CPU-only machines create ``Accelerator(cpu=True)`` / ``PartialState(cpu=True)`` before
+calling hf_gauge (otherwise accelerate reports a single process and every process streams all the data).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .errors import GaugeError
+from .models import unwrap
+from .specs import get_spec
+
+logger = logging.get_logger("hf_gauge")
+
+__all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The accumulator
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class PairStats:
+    """Per-site float64 running sums for paired activations ``x_A``, ``x_B`` (rows: tokens)."""
+
+    sites: list[str]
+    d: int
+    count: torch.Tensor = field(default=None)      # [S] tokens per site (float64 so it reduces like the rest)
+    sum_a: torch.Tensor = field(default=None)      # [S, d]
+    sum_b: torch.Tensor = field(default=None)      # [S, d]
+    sumsq_a: torch.Tensor = field(default=None)    # [S, d]
+    sumsq_b: torch.Tensor = field(default=None)    # [S, d]
+    cross: torch.Tensor = field(default=None)      # [S, d, d]: sum over tokens of x_A[:, i] * x_B[:, j]
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        S, d, kw = len(self.sites), self.d, dict(dtype=torch.float64, device=self.device)
+        for name, shape in (("count", (S,)), ("sum_a", (S, d)), ("sum_b", (S, d)), ("sumsq_a", (S, d)),
+                            ("sumsq_b", (S, d)), ("cross", (S, d, d))):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, **kw))
+
+    # ------------------------------------------------------------------ streaming
+    def update_a(self, s: int, xa: torch.Tensor) -> None:
+        """Add one batch of A's activations ``[n, d]`` (float64) at site ``s``."""
+        self.sum_a[s] += xa.sum(0)
+        self.sumsq_a[s] += (xa * xa).sum(0)
+
+    def update_b(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add B's activations ``[n, d]`` paired row by row with A's ``xa`` at site ``s``."""
+        if xa.shape != xb.shape:
+            raise GaugeError(f"site {self.sites[s]!r}: A gave {tuple(xa.shape)} activations but B gave "
+                             f"{tuple(xb.shape)}; both models must see the same tokens")
+        self.count[s] += xb.shape[0]
+        self.sum_b[s] += xb.sum(0)
+        self.sumsq_b[s] += (xb * xb).sum(0)
+        self.cross[s].addmm_(xa.T, xb)
+
+    def update(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add paired activations ``[n, d]`` at site ``s`` (used for synthetic data and tests)."""
+        xa = xa.detach().to(self.count.device, torch.float64)
+        xb = xb.detach().to(self.count.device, torch.float64)
+        self.update_a(s, xa)
+        self.update_b(s, xa, xb)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("count", "sum_a", "sum_b", "sumsq_a", "sumsq_b", "cross")}
+
+    def reduce(self) -> "PairStats":
+        """Sum the raw moments over ``accelerate`` processes (a no-op in a single process); returns self."""
+        from accelerate import PartialState
+        from accelerate.utils import reduce
+
+        state = PartialState()
+        if state.num_processes <= 1:
+            return self
+        dev = state.device if state.device.type != "cpu" else torch.device("cpu")
+        moved = {k: v.to(dev) for k, v in self._tensors().items()}
+        summed = reduce(moved, reduction="sum")
+        for k, v in summed.items():
+            setattr(self, k, v.to(self.count.device))
+        return self
+
+    def to(self, device: torch.device | str) -> "PairStats":
+        for k, v in self._tensors().items():
+            setattr(self, k, v.to(device))
+        self.device = device
+        return self
+
+    def merge(self, other: "PairStats") -> "PairStats":
+        """Add another accumulator's sums (same sites and width) into this one; returns self."""
+        if other.sites != self.sites or other.d != self.d:
+            raise GaugeError("cannot merge statistics of different sites or widths")
+        for k, v in other._tensors().items():
+            getattr(self, k).add_(v.to(self.count.device))
+        return self
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def n_tokens(self) -> int:
+        """Tokens seen (per site; every site sees every non-padding token)."""
+        return int(self.count.max().item()) if self.count.numel() else 0
+
+    def _site_moments(self, s: int):
+        """Per-coordinate means and variances of A and B at site ``s`` and its centred cross-covariance (new tensor)."""
+        n = float(self.count[s].clamp_min(1.0))
+        mu_a, mu_b = self.sum_a[s] / n, self.sum_b[s] / n
+        var_a = (self.sumsq_a[s] / n - mu_a**2).clamp_min(0.0)
+        var_b = (self.sumsq_b[s] / n - mu_b**2).clamp_min(0.0)
+        cov = torch.addr(self.cross[s], mu_a, mu_b, beta=1.0 / n, alpha=-1.0)   # cross/n - mu_a mu_b^T
+        return var_a, var_b, cov
+
+    @staticmethod
+    def _inv_sd(var: torch.Tensor) -> torch.Tensor:
+        # a coordinate whose variance is at rounding level (relative to the site's mean) carries no signal: weight 0
+        sd = var.sqrt()
+        tiny = sd <= 1e-12 * sd.mean().clamp_min(1e-300)
+        return torch.where(tiny, torch.zeros_like(sd), 1.0 / sd.clamp_min(1e-300))
+
+    def site_correlation(self, s: int) -> torch.Tensor:
+        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``."""
+        var_a, var_b, cov = self._site_moments(s)
+        return cov.mul_(self._inv_sd(var_a)[:, None]).mul_(self._inv_sd(var_b)[None, :]).clamp_(-1.0, 1.0)
+
+    def site_correlations(self) -> torch.Tensor:
+        """``[S, d, d]``: every site's correlation matrix."""
+        return torch.stack([self.site_correlation(s) for s in range(len(self.sites))])
+
+    def _check_nonempty(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise GaugeError("no tokens were seen: the data is empty (or every position is padding)")
+        return self.count / self.count.sum()
+
+    def correlation(self) -> torch.Tensor:
+        """Pooled ``C [d, d]`` (float64): the token-weighted mean of the per-site correlations (z-scored pooling)."""
+        w = self._check_nonempty()
+        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
+        for s in range(len(self.sites)):
+            if float(w[s]) > 0:
+                out.add_(self.site_correlation(s), alpha=float(w[s]))
+        return out
+
+    def cross_covariance(self) -> torch.Tensor:
+        """Centred cross-covariance for Procrustes: ``M = sum_s w_s Cov_s(A, B) / sqrt(tr Cov_s(A) tr Cov_s(B))``.
+
+        One scalar per site keeps ``M`` rotation-equivariant (if ``x_B = x_A R`` then ``M = P R`` with ``P`` positive
+        semi-definite) while giving every site the same weight, whatever its scale.
+        """
+        w = self._check_nonempty()
+        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
+        for s in range(len(self.sites)):
+            var_a, var_b, cov = self._site_moments(s)
+            scale = float((var_a.sum() * var_b.sum()).sqrt())
+            if float(w[s]) > 0 and scale > 0:
+                out.add_(cov, alpha=float(w[s]) / scale)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens, "n_sites": len(self.sites), "d": self.d}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: tensors, strings, DataLoader batches -> (input_ids, attention_mask)
+# ----------------------------------------------------------------------------------------------------------------
+def _check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.as_tensor(np.asarray(ids))
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise GaugeError(f"{what} must be integer token ids (a LongTensor), got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise GaugeError(f"{what} must have shape [n, T] or [T], got {tuple(ids.shape)}")
+    return ids.long()
+
+
+def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids, mask
+
+
+def iter_batches(data: Any, *, tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
+                 shard: bool | None = None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """Normalize ``data`` into ``(input_ids [b, T], attention_mask [b, T])`` batches; returns (iterator, n_batches).
+
+    Accepts a LongTensor ``[n, T]`` / ``[T]``, a list of strings (with ``tokenizer``; right-padded), or an iterable of
+    batches (mappings with ``input_ids`` and optional ``attention_mask``, as a DataLoader yields, or id tensors).
+    Under several ``accelerate`` processes, tensors and string lists are split by rows between processes
+    (``shard=None`` or True); an iterable is taken to be this process's shard already (as
+    ``accelerator.prepare(dataloader)`` yields) unless ``shard=True``.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GaugeError(f"batch_size must be a positive integer, got {batch_size!r}")
+    from accelerate import PartialState
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+
+    if isinstance(data, (str, bytes)):
+        raise GaugeError("data is a single string: pass a list of strings (with tokenizer=...), a LongTensor of "
+                         "input ids [n, T], or an iterable of batches")
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        ids = _check_ids(data, "data")
+        if ids.numel() == 0:
+            raise GaugeError(f"data is empty (shape {tuple(ids.shape)}): pass at least one token")
+        if world > 1 and shard is not False:
+            ids = ids[rank::world]
+        n_b = math.ceil(ids.shape[0] / batch_size)
+        it = ((ids[i:i + batch_size], torch.ones_like(ids[i:i + batch_size])) for i in range(0, ids.shape[0], batch_size))
+        return it, n_b
+    if isinstance(data, Sequence) and len(data) > 0 and all(isinstance(x, str) for x in data):
+        if tokenizer is None:
+            raise GaugeError("data is a list of strings but no tokenizer was given: pass tokenizer=AutoTokenizer."
+                             "from_pretrained(...) (the same tokenizer both models use)")
+        texts = list(data)
+        if world > 1 and shard is not False:
+            texts = texts[rank::world]
+        kw = dict(truncation=True, max_length=max_length) if max_length else {}
+
+        def gen():
+            for i in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[i:i + batch_size], **kw)
+                seqs = [list(s) for s in enc["input_ids"]]
+                yield _pad(seqs)
+        return gen(), math.ceil(len(texts) / batch_size)
+    if isinstance(data, Sequence) and len(data) == 0:
+        raise GaugeError("data is empty: pass token ids, strings or batches")
+    if isinstance(data, Mapping):
+        data = [data]
+    if not isinstance(data, Iterable):
+        raise GaugeError(f"unsupported data of type {type(data).__name__}: pass a LongTensor of input ids [n, T], a "
+                         "list of strings with tokenizer=..., or an iterable of batch dicts (input_ids, attention_mask)")
+    try:
+        n_b = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n_b = None
+
+    def gen_batches():
+        for k, b in enumerate(data):
+            if world > 1 and shard is True and k % world != rank:
+                continue
+            if isinstance(b, Mapping):
+                if "input_ids" not in b:
+                    raise GaugeError(f"batch {k} has no 'input_ids' (keys: {sorted(b)}); pass batch dicts with "
+                                     "input_ids and optionally attention_mask")
+                ids = _check_ids(b["input_ids"], f"batch {k} input_ids")
+                mask = b.get("attention_mask")
+                mask = torch.ones_like(ids) if mask is None else _check_ids(mask, f"batch {k} attention_mask")
+                if mask.shape != ids.shape:
+                    raise GaugeError(f"batch {k}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
+                                     f"{tuple(ids.shape)}")
+            elif isinstance(b, (torch.Tensor, np.ndarray)):
+                ids = _check_ids(b, f"batch {k}")
+                mask = torch.ones_like(ids)
+            elif isinstance(b, str):
+                raise GaugeError("data yields strings: pass a list of strings with tokenizer=..., or tokenize first")
+            else:
+                raise GaugeError(f"batch {k} is a {type(b).__name__}: each batch must be a dict with input_ids "
+                                 "(and attention_mask) or a LongTensor of ids")
+            yield ids, mask
+    return gen_batches(), n_b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hooks
+# ----------------------------------------------------------------------------------------------------------------
+def residual_sites(model: torch.nn.Module, layers: Sequence[int] | None = None,
+                   include_embed: bool = True, include_final_norm: bool = True) -> list[str]:
+    """Module paths whose outputs lie in the residual chart, from the architecture spec's ``sites``."""
+    m = unwrap(model)
+    spec = get_spec(m)
+    n_layers = len(m.get_submodule(spec.sites.layers))
+    idx = range(n_layers) if layers is None else [int(i) for i in layers]
+    for i in idx:
+        if not -n_layers <= i < n_layers:
+            raise GaugeError(f"layer {i} out of range: the model has {n_layers} layers")
+    sites = [spec.sites.embed] if include_embed else []
+    sites += [f"{spec.sites.layers}.{i % n_layers}" for i in idx]
+    if include_final_norm:
+        sites.append(spec.sites.final_norm)
+    if not sites:
+        raise GaugeError("no residual sites selected: include the embedding, some layers or the final norm")
+    return sites
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    raise GaugeError(f"cannot read a hidden state from a module output of type {type(out).__name__}")
+
+
+class _Collector:
+    """Forward hooks on one model's sites; A's pass stores the batch, B's pass consumes it into the sums."""
+
+    def __init__(self, stats: PairStats, d: int) -> None:
+        self.stats, self.d = stats, d
+        self.mask: torch.Tensor | None = None
+        self.pending: dict[int, torch.Tensor] = {}
+        self.role = "a"
+
+    def rows(self, out: Any) -> torch.Tensor:
+        h = _first_tensor(out).detach()
+        if h.shape[-1] != self.d:
+            raise GaugeError(f"a residual site produced width {h.shape[-1]}, expected {self.d}")
+        h = h.reshape(-1, self.d)
+        m = self.mask.to(h.device)
+        if h.shape[0] != m.numel():
+            raise GaugeError(f"a residual site produced {h.shape[0]} rows for a batch of {m.numel()} tokens")
+        return h[m].to(device=self.stats.count.device, dtype=torch.float64)
+
+    def hook(self, s: int):
+        def fn(module, args, out):
+            x = self.rows(out)
+            if self.role == "a":
+                self.stats.update_a(s, x)
+                self.pending[s] = x
+            else:
+                xa = self.pending.pop(s, None)
+                if xa is None:
+                    raise GaugeError(f"site {self.stats.sites[s]!r} fired in model B but not in model A")
+                self.stats.update_b(s, xa, x)
+        return fn
+
+
+def _input_device(m: torch.nn.Module) -> torch.device:
+    w = m.get_input_embeddings().weight
+    return w.device if w.device.type != "meta" else torch.device("cpu")
+
+
+def _default_stats_device(m: torch.nn.Module) -> torch.device:
+    dev = _input_device(m)
+    return dev if dev.type == "cuda" else torch.device("cpu")
+
+
+@torch.no_grad()
+def _forward(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    """Run the base model only (the lm_head is not needed); position ids follow the mask (left padding is exact)."""
+    dev = _input_device(m)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    base = getattr(m, "base_model", m)
+    base(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False)
+
+
+def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any = None, batch_size: int = 8,
+                       max_length: int | None = None, layers: Sequence[int] | None = None,
+                       include_embed: bool = True, include_final_norm: bool = True, progress: bool | None = None,
+                       stats_device: torch.device | str | None = None, shard: bool | None = None,
+                       reduce: bool = True) -> PairStats:
+    """Stream paired residual statistics of ``model_a`` and ``model_b`` on ``data`` (see the module docstring).
+
+    Padding positions (``attention_mask == 0``) are excluded. Models may be spread over devices (device maps):
+    activations are moved to ``stats_device`` (default: the CUDA device of A's embedding, else CPU) as float64.
+    """
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    ma, mb = unwrap(model_a), unwrap(model_b)
+    d = ma.config.hidden_size
+    sites = residual_sites(ma, layers, include_embed, include_final_norm)
+    sites_b = residual_sites(mb, layers, include_embed, include_final_norm)
+    dev = torch.device(stats_device) if stats_device is not None else _default_stats_device(ma)
+    stats = PairStats(sites=sites, d=d, device=dev)
+    vocab = min(ma.get_input_embeddings().weight.shape[0], mb.get_input_embeddings().weight.shape[0])
+    batches, n_b = iter_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, shard=shard)
+    state = PartialState()
+    disable = (not progress) if progress is not None else None
+    if not state.is_main_process:
+        disable = True
+    col = _Collector(stats, d)
+    was_training = (ma.training, mb.training)
+    ma.eval(), mb.eval()
+    try:
+        for ids, mask in tqdm(batches, total=n_b, disable=disable, desc="hf_gauge: activation statistics",
+                              unit="batch"):
+            if ids.numel() == 0:
+                continue
+            if int(ids.max()) >= vocab or int(ids.min()) < 0:
+                raise GaugeError(f"token id {int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())} is outside "
+                                 f"the vocabulary [0, {vocab}); tokenize with the models' tokenizer")
+            col.mask = mask.reshape(-1).bool()
+            if not bool(col.mask.any()):
+                continue
+            for role, m, names in (("a", ma, sites), ("b", mb, sites_b)):
+                col.role = role
+                handles = [m.get_submodule(p).register_forward_hook(col.hook(s)) for s, p in enumerate(names)]
+                try:
+                    _forward(m, ids, mask)
+                finally:
+                    for h in handles:
+                        h.remove()
+            if col.pending:
+                raise GaugeError(f"sites {[sites[s] for s in col.pending]} fired in model A but not in model B")
+    finally:
+        ma.train(was_training[0]), mb.train(was_training[1])
+        col.pending.clear()
+    if reduce:
+        stats.reduce()
+    stats.to("cpu")
+    return stats
