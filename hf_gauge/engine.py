@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 
@@ -66,8 +66,11 @@ def axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
         return ()
     if role == "lora_emb_B":      # [d, r]: the embedding's residual column axis becomes rows
         return tuple(Axis(0, a.space, a.signed, a.block, a.kv) for a in axes if a.axis == 1)
-    if role == "magnitude":       # DoRA row norms: permuted with the rows, never signed
-        return tuple(Axis(0, a.space, False, a.block, a.kv) for a in axes if a.axis == 0)
+    if role == "magnitude":       # DoRA norms: permuted with what they normalise, never signed
+        # nn.Linear [out, in]: one norm per output row (axis 0). nn.Embedding [vocab, d]: PEFT normalises
+        # per residual column, so the [d] magnitude follows the embedding's axis 1.
+        src = 1 if base == spec.sites.embed + ".weight" else 0
+        return tuple(Axis(0, a.space, False, a.block, a.kv) for a in axes if a.axis == src)
     raise AssertionError(role)
 
 

@@ -1,0 +1,215 @@
+"""Shared helpers for transport handlers: gauge provenance records, element lookup, atomic writes, engine moves.
+
+Convention (gauge-math.md): a gauge ``g`` maps the source chart to the target chart, ``x_B = g(x_A)``, with
+``g(x)[j] = sign[j] * x[perm[j]]``. Every move here is a gather plus a ±1 multiply (bit-exact).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from ..engine import Move, moves_for
+from ..errors import GaugeError
+from ..group import SignedPermutation
+from ..specs import ArchSpec
+
+GAUGE_RECORD_FILE = "hf_gauge_transport.json"
+
+
+# ------------------------------------------------------------------------------------------------ provenance
+def gauge_fingerprint(gauge) -> str:
+    """A short sha256 of every space's (name, perm, sign): identifies the gauge an object went through."""
+    h = hashlib.sha256()
+    for name, el in gauge.spaces.items():
+        h.update(name.encode())
+        h.update(el.perm.numpy().tobytes())
+        h.update(el.sign.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+def gauge_record(gauge, **extra: Any) -> dict[str, Any]:
+    """JSON-safe description of ``gauge`` (fingerprint, method, source/target charts, space sizes)."""
+    return _jsonable({
+        "fingerprint": gauge_fingerprint(gauge),
+        "method": gauge.method,
+        "source": gauge.source,
+        "target": gauge.target,
+        "spaces": {k: v.size for k, v in gauge.spaces.items()},
+        "positive_fraction": {k: round(v.positive_fraction, 6) for k, v in gauge.spaces.items()},
+        **extra,
+    })
+
+
+# ------------------------------------------------------------------------------------------------ elements
+def element(gauge, space: str) -> SignedPermutation | None:
+    """The gauge's element on ``space`` (None: the gauge is the identity there)."""
+    from ..gauge import _check_space_name
+    _check_space_name(space)
+    return gauge.spaces.get(space)
+
+
+def move_of(el: SignedPermutation | None, axis: int, signed: bool = True) -> tuple[Move, ...]:
+    """The engine ``Move`` of ``el`` along ``axis`` (signs only when ``signed``)."""
+    if el is None or el.is_identity:
+        return ()
+    sign = el.sign if (signed and not el.is_permutation) else None
+    return (Move(axis, el.perm, sign),)
+
+
+def permutation_only(gauge):
+    """The same gauge with every sign +1 (the S_d baseline; used by tests to show signs matter)."""
+    from ..gauge import Gauge
+    return Gauge(spaces={k: SignedPermutation(v.perm) for k, v in gauge.spaces.items()},
+                 source=gauge.source, target=gauge.target, method=f"permutation-only({gauge.method})")
+
+
+# ------------------------------------------------------------------------------------------------ engine moves
+def moves_for_names(spec: ArchSpec, config, gauge, names: Iterable[str]) -> dict[str, tuple[Move, ...]]:
+    """Engine moves of every name (strict: an uncovered name raises ``GaugeError`` naming it)."""
+    return moves_for(spec, config, gauge, list(names), strict=True)
+
+
+class _Dims:
+    """A stand-in config when only the gauge is known (residual / MLP spaces need no head geometry)."""
+
+    def __init__(self, gauge, model_type: str) -> None:
+        self.model_type = model_type
+        self.hidden_size = gauge.width or 1
+        self.num_attention_heads = 1
+        self.head_dim = None
+        self.num_key_value_heads = None
+
+
+def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = None,
+                    spec: ArchSpec | None = None, what: str = "object") -> tuple[ArchSpec, Any]:
+    """Resolve the architecture spec and a config (for head geometry) from kwargs or the gauge's provenance."""
+    from ..specs import get_spec
+    if model is not None:
+        from ..models import unwrap
+        m = unwrap(model)
+        config = config or m.config
+    if config is not None and hasattr(config, "config") and not hasattr(config, "hidden_size"):
+        config = config.config
+    if spec is None:
+        mt = model_type or (getattr(config, "model_type", None) if config is not None else None) \
+            or gauge.source.get("model_type")
+        if mt is None:
+            raise GaugeError(
+                f"cannot tell which architecture this {what} belongs to: pass model_type='llama' (or spec=, config=, "
+                "model=), or use a gauge whose source records model_type"
+            )
+        spec = get_spec(mt)
+    if model_type is not None and gauge.source.get("model_type") not in (None, model_type) \
+            and gauge.source["model_type"] not in spec.model_types:
+        raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but the {what} is for "
+                         f"{model_type!r}")
+    if config is None:
+        if any(k.startswith("attn.") for k in gauge.spaces):
+            raise GaugeError(f"this gauge moves attention heads; transporting a {what} through it needs the model's "
+                             "head geometry: pass config= (the base model's config) or model=")
+        config = _Dims(gauge, spec.model_types[0])
+    return spec, config
+
+
+def move_named(moves: dict[str, tuple[Move, ...]], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply resolved moves to every tensor (new tensors; width mismatches name the key)."""
+    from ..engine import move_tensor
+    out = {}
+    for k, t in tensors.items():
+        try:
+            out[k] = move_tensor(t.detach(), moves[k])
+        except GaugeError as e:
+            raise GaugeError(f"{k}: {e}") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+def check_out(src: Path | None, out: Path) -> Path:
+    """Refuse writing onto the input or into an existing non-empty path."""
+    out = Path(out)
+    if src is not None and out.resolve() == Path(src).resolve():
+        raise GaugeError(f"refusing to overwrite the input {src}: choose another output path")
+    if out.exists():
+        if out.is_dir() and not any(out.iterdir()):
+            return out
+        raise GaugeError(f"output {out} already exists and is not empty; remove it or choose another path")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: Path, src: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``)."""
+    out = check_out(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():          # an empty directory (checked above)
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling file path; on success rename it onto ``out``."""
+    out = check_out(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".gguf")
+
+
+def copy_other_files(src: Path, dst: Path, skip: Iterable[str], chart_free: Iterable[str] = ()) -> list[str]:
+    """Copy every other file of ``src`` (READMEs, configs); weight-like files must be listed in ``chart_free``.
+
+    A weight file or subfolder this handler does not understand is refused rather than copied unmoved.
+    """
+    skip, chart_free = set(skip), set(chart_free)
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name in skip or p.name == GAUGE_RECORD_FILE:
+            continue
+        if p.is_dir():
+            raise GaugeError(f"{src} contains a subfolder {p.name!r} that hf_gauge does not know how to transport; "
+                             "transport it separately")
+        if p.suffix in _WEIGHT_SUFFIXES and p.name not in chart_free:
+            raise GaugeError(f"{src} contains {p.name!r}, a weight file hf_gauge does not know how to transport; "
+                             "refusing to copy it unmoved into the target chart")
+        shutil.copy2(p, dst / p.name)
+        copied.append(p.name)
+    return copied
+
+
+def write_record(dst: Path, gauge, **extra: Any) -> None:
+    """Write the gauge provenance sidecar (``hf_gauge_transport.json``) into an output folder."""
+    import json
+    (dst / GAUGE_RECORD_FILE).write_text(json.dumps(gauge_record(gauge, **extra), indent=2) + "\n")

@@ -1,0 +1,70 @@
+"""IndexSet / Attribution: indices follow the inverse permutation, scores take the sign."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import tiny_model
+
+from hf_gauge import Attribution, Gauge, GaugeError, IndexSet, SignedPermutation, apply_gauge, random_gauge
+from hf_gauge.transport._io import permutation_only
+
+
+def test_top_k_coordinates_follow_the_model(ids):
+    a = tiny_model("llama", seed=1)
+    g = random_gauge(a, seed=2, spaces=("residual", "mlp"))
+    b = apply_gauge(copy.deepcopy(a), g)
+    with torch.no_grad():
+        ha = a(ids, output_hidden_states=True).hidden_states[1][0, -1]
+        hb = b(ids, output_hidden_states=True).hidden_states[1][0, -1]
+    top = torch.topk(ha.abs(), 8).indices
+    att = Attribution(top, ha[top])
+    moved = g.transport(att)
+    assert torch.equal(moved.indices, torch.topk(hb.abs(), 8).indices)   # same coordinates, same order
+    assert torch.allclose(moved.scores, hb[moved.indices], atol=1e-5)    # signed activations read off B
+    assert g.transport(IndexSet(top)) == IndexSet(moved.indices)
+    # permutation-only: same indices, but the scores keep their old signs, which disagree with B
+    wrong = permutation_only(g).transport(att)
+    assert torch.equal(wrong.indices, moved.indices)
+    flipped = g.residual.sign[moved.indices] < 0
+    assert flipped.any()
+    assert not torch.allclose(wrong.scores, hb[wrong.indices], atol=1e-3)
+
+
+def test_rules_match_the_group_action():
+    d = 20
+    q = SignedPermutation.random(d, 0)
+    g = Gauge(residual=q, mlp={3: SignedPermutation.random(30, 1)})
+    x = torch.randn(d, 5)                      # scores with an extra axis (e.g. per token)
+    idx = torch.tensor([4, 0, 17, 9])
+    moved = g.transport(Attribution(idx, x[idx]))
+    y = q.apply(x, dim=0)
+    assert torch.equal(moved.indices, q.map_indices(idx))
+    assert torch.equal(moved.scores, y[moved.indices])          # exact: a gather and a sign
+    back = g.inverse().transport(moved)
+    assert back == Attribution(idx, x[idx])
+    s = g.transport(IndexSet([1, 2, 29], space="mlp.3"))
+    assert s.space == "mlp.3" and s.tolist() == g["mlp.3"].map_indices([1, 2, 29]).tolist()
+    assert g.transport(IndexSet([1, 2], space="mlp.0")).tolist() == [1, 2]      # a space the gauge leaves alone
+    orig = IndexSet([3, 5])
+    g.transport(orig)
+    assert orig.tolist() == [3, 5]
+
+
+def test_bad_inputs():
+    g = Gauge(residual=SignedPermutation.random(8, 0))
+    with pytest.raises(GaugeError, match="duplicate"):
+        IndexSet([1, 2, 1])
+    with pytest.raises(GaugeError, match="duplicate"):
+        Attribution([0, 0], [1.0, 2.0])
+    with pytest.raises(GaugeError, match="one entry per index"):
+        Attribution([0, 1], [1.0])
+    with pytest.raises(GaugeError, match="out of range"):
+        g.transport(IndexSet([8]))
+    with pytest.raises(GaugeError, match="integers"):
+        IndexSet([0.5])
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        IndexSet([0], space="heads")
+    assert len(IndexSet([])) == 0 and len(g.transport(IndexSet([]))) == 0

@@ -1,0 +1,95 @@
+"""Path-level transport (the CLI entry point): detection, atomic output, refusals."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from hf_gauge import Gauge, GaugeError, SignedPermutation
+from hf_gauge.transport.files import detect, transport_path
+
+D = 12
+
+
+@pytest.fixture
+def g():
+    return Gauge(residual=SignedPermutation.random(D, 4), method="test", source={"model_type": "llama"})
+
+
+def test_steering_safetensors(g, tmp_path):
+    src = tmp_path / "vectors.safetensors"
+    vecs = {"layer.3": torch.randn(D), "layer.7": torch.randn(2, D)}
+    save_file(vecs, src, metadata={"note": "kept"})
+    assert detect(src) == "vectors"
+    out = transport_path(g, src, tmp_path / "out" / "vectors.safetensors")
+    new = load_file(out)
+    for k, v in vecs.items():
+        assert torch.equal(new[k], g.residual.apply(v))
+    with safe_open(str(out), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["note"] == "kept" and json.loads(meta["hf_gauge"])["method"] == "test"
+    assert torch.equal(load_file(src)["layer.3"], vecs["layer.3"])          # input untouched
+    with pytest.raises(GaugeError, match="overwrite"):
+        transport_path(g, src, src)
+    with pytest.raises(GaugeError, match="not empty"):
+        transport_path(g, src, out)
+    save_file({"ok": torch.randn(D), "bad": torch.randn(D + 1)}, tmp_path / "bad.safetensors")
+    with pytest.raises(GaugeError, match="bad"):
+        transport_path(g, tmp_path / "bad.safetensors", tmp_path / "bad_out.safetensors")
+    assert not (tmp_path / "bad_out.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_steering_torch_file(g, tmp_path):
+    src = tmp_path / "sv.pt"
+    vecs = {3: torch.randn(D), 5: torch.randn(D)}
+    torch.save(vecs, src)
+    assert detect(src) == "vectors-torch"
+    out = g.transport(src, out=tmp_path / "sv_b.pt")
+    new = torch.load(out, weights_only=True)
+    assert set(new) == {3, 5} and torch.equal(new[5], g.residual.apply(vecs[5]))
+    torch.save(torch.randn(4, D), tmp_path / "t.pt")
+    assert torch.equal(torch.load(transport_path(g, tmp_path / "t.pt", tmp_path / "t2.pt"), weights_only=True),
+                       g.residual.apply(torch.load(tmp_path / "t.pt", weights_only=True)))
+
+
+class NotWeights:
+    pass
+
+
+def test_refusals(g, tmp_path):
+    torch.save({"obj": NotWeights()}, tmp_path / "pickle.pt")
+    with pytest.raises(GaugeError, match="weights_only"):
+        transport_path(g, tmp_path / "pickle.pt", tmp_path / "o.pt")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(GaugeError, match="neither"):
+        transport_path(g, tmp_path / "folder", tmp_path / "o")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(GaugeError, match="don't know"):
+        transport_path(g, tmp_path / "x.txt", tmp_path / "y.txt")
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(2, D)},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(GaugeError, match="adapter folder"):
+        transport_path(g, tmp_path / "adapter_model.safetensors", tmp_path / "o.safetensors")
+    with pytest.raises(GaugeError, match="does not exist"):
+        transport_path(g, tmp_path / "missing", tmp_path / "o2")
+    with pytest.raises(GaugeError, match="out="):
+        g.transport(tmp_path / "x.txt")
+    # an SAE folder holding a weight file hf_gauge does not understand is refused, not copied unmoved
+    sae = tmp_path / "sae"
+    sae.mkdir()
+    (sae / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": 4, "architecture": "standard"}))
+    save_file({"W_enc": torch.randn(D, 4), "W_dec": torch.randn(4, D), "b_enc": torch.zeros(4),
+               "b_dec": torch.zeros(D)}, sae / "sae_weights.safetensors")
+    save_file({"x": torch.randn(D)}, sae / "extra.safetensors")
+    with pytest.raises(GaugeError, match="extra.safetensors"):
+        transport_path(g, sae, tmp_path / "sae_out")
+    assert not (tmp_path / "sae_out").exists()
+    (sae / "extra.safetensors").unlink()
+    out = transport_path(g, sae, tmp_path / "sae_out")
+    assert torch.equal(load_file(out / "sae_weights.safetensors")["W_enc"],
+                       g.residual.apply(load_file(sae / "sae_weights.safetensors")["W_enc"], dim=0))
+    assert json.loads((out / "cfg.json").read_text())["hf_gauge"][0]["space"] == "residual"
