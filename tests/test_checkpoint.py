@@ -1,0 +1,207 @@
+"""Streaming apply on (sharded) safetensors checkpoints: bit-exact vs in-memory apply, safe and atomic output."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import hf_gauge
+import hf_gauge.checkpoint as ckpt
+from conftest import assert_state_equal, state, tiny_model
+from hf_gauge import GaugeError, apply_gauge, apply_gauge_to_checkpoint, random_gauge
+from hf_gauge.checkpoint import INDEX_NAME, read_header
+from hub_server import local_network_only  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.usefixtures("local_network_only")
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def sharded(tmp_path: Path, model, name: str = "src", shard: str = "20KB") -> Path:
+    src = tmp_path / name
+    model.save_pretrained(src, max_shard_size=shard)
+    (src / "tokenizer.json").write_text('{"version": "1.0"}')
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.md").write_text("other files travel too")
+    return src
+
+
+@pytest.mark.parametrize("model_type,tie,dtype", [("llama", False, torch.float32), ("llama", True, torch.float32),
+                                                   ("qwen2", False, torch.bfloat16)])
+def test_streaming_equals_in_memory(tmp_path: Path, model_type: str, tie: bool, dtype: torch.dtype) -> None:
+    model = tiny_model(model_type, tie=tie, dtype=dtype)
+    src = sharded(tmp_path, model)
+    before = digest(src)
+    g = random_gauge(model, seed=3, spaces=("residual", "mlp", "attn"))
+    out = apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
+    assert digest(src) == before                                 # the input is never modified
+    src_shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(src_shards) > 3 and sorted(p.name for p in out.glob("*.safetensors")) == src_shards
+    assert (out / INDEX_NAME).read_bytes() == (src / INDEX_NAME).read_bytes()
+    for f in ("config.json", "generation_config.json", "tokenizer.json", "extra/notes.md"):
+        assert (out / f).read_bytes() == (src / f).read_bytes()
+    for s in src_shards:                                          # headers (names, dtypes, offsets, metadata) kept
+        assert read_header(out / s)[0] == read_header(src / s)[0]
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=dtype)
+    apply_gauge(model, g)
+    assert_state_equal(state(loaded), state(model))
+    # and back: the inverse gauge restores the original bytes exactly
+    back = apply_gauge_to_checkpoint(out, g.inverse(), tmp_path / "back", progress=False)
+    assert {k: v for k, v in digest(back).items()} == before
+
+
+def test_single_file_checkpoint_and_untouched_shards_copied(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "one")
+    g = random_gauge(model, seed=1, spaces=("mlp.1",))              # touches layer 1's MLP only
+    out = apply_gauge_to_checkpoint(tmp_path / "one", g, tmp_path / "out", progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    apply_gauge(model, g)
+    assert_state_equal(state(loaded), state(model))
+
+
+def test_refuses_unsafe_outputs(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    g = random_gauge(model, seed=1)
+    for bad in (src, src / "sub", src / "sub" / "deeper"):
+        with pytest.raises(GaugeError, match="source checkpoint"):
+            apply_gauge_to_checkpoint(src, g, bad, progress=False)
+    with pytest.raises(GaugeError, match="source checkpoint"):        # the same folder through a symlink
+        os.symlink(src, tmp_path / "link")
+        apply_gauge_to_checkpoint(src, g, tmp_path / "link", progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "precious.txt").write_text("x")
+    with pytest.raises(GaugeError, match="not empty"):
+        apply_gauge_to_checkpoint(src, g, tmp_path / "busy", progress=False)
+    assert (tmp_path / "busy" / "precious.txt").read_text() == "x"
+    with pytest.raises(GaugeError, match="source checkpoint .* lies inside it"):
+        apply_gauge_to_checkpoint(src, g, tmp_path, progress=False, overwrite=True)
+    out = apply_gauge_to_checkpoint(src, g, tmp_path / "busy", progress=False, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+    (tmp_path / "empty").mkdir()
+    apply_gauge_to_checkpoint(src, g, tmp_path / "empty", progress=False)   # an empty folder is fine
+    assert not list(tmp_path.glob(".*partial")) and not list(tmp_path.glob(".*old"))
+
+
+def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    before = digest(src)
+    g = random_gauge(model, seed=1, spaces=("residual", "mlp"))
+    calls = {"n": 0}
+    real = ckpt.move_tensor
+
+    def flaky(t, moves, out=None):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise RuntimeError("injected failure mid-checkpoint")
+        return real(t, moves, out)
+
+    monkeypatch.setattr(ckpt, "move_tensor", flaky)
+    with pytest.raises(RuntimeError, match="injected"):
+        apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
+    assert calls["n"] == 7
+    assert not (tmp_path / "out").exists()
+    assert sorted(os.listdir(tmp_path)) == ["src"]                # no temp folder left behind
+    assert digest(src) == before
+    # an existing output is kept intact when an overwrite fails
+    monkeypatch.setattr(ckpt, "move_tensor", real)
+    apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
+    kept = digest(tmp_path / "out")
+    calls["n"] = 0
+    monkeypatch.setattr(ckpt, "move_tensor", flaky)
+    with pytest.raises(RuntimeError):
+        apply_gauge_to_checkpoint(src, g.inverse(), tmp_path / "out", progress=False, overwrite=True)
+    assert digest(tmp_path / "out") == kept and sorted(os.listdir(tmp_path)) == ["out", "src"]
+
+
+def test_refuses_bad_inputs(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    wide = random_gauge(tiny_model("llama", hidden_size=32), seed=0)
+    with pytest.raises(GaugeError, match="width mismatch"):
+        apply_gauge_to_checkpoint(src, wide, tmp_path / "out1", progress=False)
+    neox = random_gauge(tiny_model("gpt_neox"), seed=0)
+    with pytest.raises(GaugeError, match="model_type"):
+        apply_gauge_to_checkpoint(src, neox, tmp_path / "out2", progress=False)
+    # an unknown tensor in the checkpoint: refuse rather than guess how it moves
+    from safetensors.torch import save_file
+    odd = tmp_path / "odd"
+    model.save_pretrained(odd)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["model.mystery.weight"] = torch.zeros(3)
+    save_file(sd, odd / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GaugeError, match="mystery"):
+        apply_gauge_to_checkpoint(odd, random_gauge(model), tmp_path / "out3", progress=False)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((src / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
+    with pytest.raises(GaugeError, match="never pickle"):
+        apply_gauge_to_checkpoint(pickled, random_gauge(model), tmp_path / "out4", progress=False)
+    with pytest.raises(GaugeError, match="no checkpoint folder"):
+        apply_gauge_to_checkpoint(tmp_path / "nope", random_gauge(model), tmp_path / "out5", progress=False)
+    trunc = tmp_path / "trunc"
+    model.save_pretrained(trunc)
+    data = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(GaugeError, match="truncated"):
+        apply_gauge_to_checkpoint(trunc, random_gauge(model), tmp_path / "out6", progress=False)
+    assert not any(p.name.startswith(("out", ".out")) for p in tmp_path.iterdir())
+
+
+def test_fingerprint_mismatch_warns_or_refuses(tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    other = tiny_model("llama", seed=5)
+    src = sharded(tmp_path, other)
+    g = random_gauge(model, seed=1)                      # recorded source fingerprint is `model`'s, not `other`'s
+    with pytest.raises(GaugeError, match="fingerprint.*strict=True"):
+        apply_gauge_to_checkpoint(src, g, tmp_path / "o", progress=False, strict=True)
+    assert not (tmp_path / "o").exists()
+    with pytest.warns(UserWarning, match="fingerprint"):
+        apply_gauge_to_checkpoint(src, g, tmp_path / "o", progress=False)
+    assert (tmp_path / "o" / "config.json").exists()
+
+
+def test_gauge_given_as_folder_and_hub_source(tmp_path: Path) -> None:
+    from hub_server import HubServer
+    model = tiny_model("llama", tie=True)
+    src = sharded(tmp_path, model)
+    g = random_gauge(model, seed=2, spaces=("residual", "mlp"))
+    g.save_pretrained(tmp_path / "gauges" / "g")
+    with HubServer() as hub:
+        from huggingface_hub import HfApi
+        HfApi(endpoint=hub.url).create_repo("org/tiny")
+        hub.commit("org/tiny", {str(p.relative_to(src)): p.read_bytes() for p in src.rglob("*") if p.is_file()})
+        out = apply_gauge_to_checkpoint("org/tiny", tmp_path / "gauges" / "g", tmp_path / "out", progress=False,
+                                        cache_dir=tmp_path / "cache", endpoint=hub.url)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    apply_gauge(model, g)
+    assert_state_equal(state(loaded), state(model))
+    assert (out / "extra" / "notes.md").exists() and (out / ".gitattributes").exists()
+
+
+@pytest.mark.slow
+def test_real_smollm2_sharded_100mb(smollm2, smollm2_dir, tmp_path: Path) -> None:
+    """Real SmolLM2-135M saved in 100 MB shards: streaming output == in-memory apply, bit for bit."""
+    src = tmp_path / "src"
+    smollm2.save_pretrained(src, max_shard_size="100MB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (src / f).write_bytes((Path(smollm2_dir) / f).read_bytes())
+    n_shards = len(json.loads((src / INDEX_NAME).read_text())["weight_map"] and list(src.glob("*.safetensors")))
+    assert n_shards >= 5
+    g = random_gauge(smollm2, seed=11, spaces=("residual", "mlp", "attn"))
+    out = apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False, strict=True)
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    apply_gauge(smollm2, g)
+    assert_state_equal(state(loaded), state(smollm2))
+    assert hf_gauge.fingerprint(loaded) == g.target["fingerprint"]
