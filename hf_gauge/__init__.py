@@ -22,6 +22,27 @@ __all__ = [
 ]
 
 # --- matching (issue 3) exports ---
+from .match import find_gauge, match_correlation  # noqa: E402
+from .orthogonal import OrthogonalMap  # noqa: E402
+from .path import compose_path  # noqa: E402
+from .stats import PairStats, collect_pair_stats  # noqa: E402
+__all__ += ["find_gauge", "match_correlation", "OrthogonalMap", "compose_path", "PairStats", "collect_pair_stats"]
 # --- transport (issue 4) exports ---
+from .merge import merge  # noqa: E402
+from .objects import Attribution, IndexSet  # noqa: E402
+from .transport.files import transport_path  # noqa: E402
+from .transport.peft_adapters import transport_peft_model  # noqa: E402
+
+__all__ += ["merge", "IndexSet", "Attribution", "transport_path", "transport_peft_model"]
 # --- hub / checkpoint / verify (issue 5) exports ---
+from .hub import load_gauge, push_gauge, save_gauge  # noqa: E402
+from .checkpoint import apply_gauge_to_checkpoint  # noqa: E402
+from .verify import verify  # noqa: E402
+__all__ += ["save_gauge", "load_gauge", "push_gauge", "apply_gauge_to_checkpoint", "verify"]
 # --- inner spaces / canonical / audit (issue 6) exports ---
+from .inner import InnerMatch, find_full_gauge, match_inner  # noqa: E402
+from .canonical import canonical_gauge, canonical_stability, canonicalize  # noqa: E402
+from .audit import AuditReport, audit  # noqa: E402
+
+__all__ += ["InnerMatch", "match_inner", "find_full_gauge", "canonical_gauge", "canonicalize", "canonical_stability",
+            "AuditReport", "audit"]
