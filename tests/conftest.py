@@ -1,12 +1,11 @@
 """Shared fixtures: tiny random models of every supported family, and real SmolLM2-135M weights."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ALL_FAMILIES = FAMILIES + ("gpt_neox",)

@@ -1,7 +1,6 @@
 """apply_gauge on live models: function preservation, bit-exact inverse, refusals, wrappers, device maps."""
 from __future__ import annotations
 
-import warnings
 
 import pytest
 import torch

@@ -1,0 +1,151 @@
+"""Claim `lora`: a LoRA adapter moved to a gauged base keeps its gain under B_d, loses it under S_d.
+
+Task: tiny sentiment classification as next-token prediction on real SmolLM2-135M-Instruct:
+``"Review: The {noun} was {adjective}.\\nLabel:"`` -> ``" blue"`` (positive) / ``" red"`` (negative): arbitrary label
+words, so the base model is at chance and the gain is the adapter's (adjectives and nouns written for this
+benchmark; train and test use disjoint adjectives). A PEFT LoRA (r=4 on q/v/o/up/down: readers
+and writers of the residual) is trained with AdamW, then moved to the base in a hidden random B_d gauge with
+``hf_gauge.transport_peft_model(gauge, peft_model, gauged_base)`` using the gauge found by ``find_gauge`` (B_d) and
+the same permutation with all signs +1 (S_d). Gain = mean label cross-entropy of the base minus that of base+LoRA on
+the test set; retained = gain on the gauged base / gain on the original. Accuracy (label with the higher logit) too.
+Paper (SST-2): 99.7% retained under B_d vs -0.5% under S_d.
+Usage: python benchmarks/claim_lora.py [--quick]
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims_common as cc  # noqa: E402
+import hf_gauge  # noqa: E402
+
+PAPER = {"bd": 0.997, "sd": -0.005, "text": "SST-2 LoRA gain retained 99.7% (B_d) vs -0.5% (S_d)"}
+NOUNS = ["movie", "film", "book", "meal", "hotel", "concert", "album", "game", "phone", "service", "lecture", "trip",
+         "show", "play", "cafe", "novel", "laptop", "museum", "restaurant", "class"]
+POS_TRAIN = ["great", "wonderful", "excellent", "delightful", "superb", "lovely", "fantastic", "charming"]
+NEG_TRAIN = ["terrible", "awful", "dreadful", "boring", "horrible", "disappointing", "dull", "miserable"]
+POS_TEST = ["brilliant", "marvelous", "enjoyable", "pleasant"]
+NEG_TEST = ["dismal", "bland", "tedious", "unpleasant"]
+LABELS = (" blue", " red")   # arbitrary label words: the base model cannot already solve the task
+
+
+def examples(adjs_pos: list[str], adjs_neg: list[str]) -> list[tuple[str, int]]:
+    out = [(f"Review: The {n} was {a}.\nLabel:", 0) for n in NOUNS for a in adjs_pos]
+    out += [(f"Review: The {n} was {a}.\nLabel:", 1) for n in NOUNS for a in adjs_neg]
+    random.Random(0).shuffle(out)
+    return out
+
+
+def encode(tok: Any, exs: list[tuple[str, int]], label_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                 torch.Tensor]:
+    """Left-padded prompts, attention masks and label token ids."""
+    seqs = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in exs]
+    T = max(len(s) for s in seqs)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (T - len(s)) + s for s in seqs])
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs])
+    return ids, mask, torch.tensor([label_ids[y] for _, y in exs])
+
+
+def label_logits(model: Any, ids: torch.Tensor, mask: torch.Tensor, label_ids: list[int]) -> torch.Tensor:
+    pos = mask.cumsum(-1) - 1
+    pos = pos.clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Any, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], label_ids: list[int],
+             bs: int = 32) -> dict[str, float]:
+    ids, mask, y = data
+    ce, acc = 0.0, 0.0
+    for i in range(0, ids.shape[0], bs):
+        lg = label_logits(model, ids[i:i + bs], mask[i:i + bs], label_ids).double()
+        ce += float(torch.nn.functional.cross_entropy(lg, y[i:i + bs], reduction="sum"))
+        two = lg[:, label_ids]
+        acc += float((two.argmax(-1) == torch.tensor([label_ids.index(int(t)) for t in y[i:i + bs]])).sum())
+    return {"ce": ce / ids.shape[0], "accuracy": acc / ids.shape[0]}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = cc.parser(__doc__).parse_args(argv)
+    cc.setup(args)
+    t_start = time.perf_counter()
+    q = args.quick
+    from peft import LoraConfig, get_peft_model
+    base, tok = cc.load_base()
+    label_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in LABELS]
+    train = encode(tok, examples(POS_TRAIN, NEG_TRAIN), label_ids)
+    test = encode(tok, examples(POS_TEST, NEG_TEST), label_ids)
+    if q:
+        test = tuple(t[:48] for t in test)  # type: ignore[assignment]
+    g_true = hf_gauge.random_gauge(base, seed=61)
+    gauged_bd = cc.gauged_copy(base, g_true)
+    gauged_sd = cc.gauged_copy(base, g_true)
+    match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
+    g = hf_gauge.find_gauge(base, gauged_bd, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64), **match_kw)
+    g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
+    base_eval = evaluate(base, test, label_ids)
+    gauged_base_eval = evaluate(gauged_bd, test, label_ids)
+
+    steps, bs, lr = (20, 8, 3e-3) if q else (150, 16, 1e-3)
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                     target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], task_type="CAUSAL_LM")
+    pm = get_peft_model(base, cfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    pm.train()
+    t0 = time.perf_counter()
+    losses = []
+    for s in range(steps):
+        idx = torch.randint(0, train[0].shape[0], (bs,), generator=gen)
+        lg = label_logits(pm, train[0][idx], train[1][idx], label_ids)
+        loss = torch.nn.functional.cross_entropy(lg, train[2][idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    t_train = time.perf_counter() - t0
+    pm.eval()
+    lora_eval = evaluate(pm, test, label_ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm_bd = hf_gauge.transport_peft_model(g, pm, gauged_bd)
+        pm_sd = hf_gauge.transport_peft_model(g_sd, pm, gauged_sd)
+    bd_eval = evaluate(pm_bd.eval(), test, label_ids)
+    sd_eval = evaluate(pm_sd.eval(), test, label_ids)
+    gain = base_eval["ce"] - lora_eval["ce"]
+    measured = {"retained_bd": (gauged_base_eval["ce"] - bd_eval["ce"]) / gain,
+                "retained_sd": (gauged_base_eval["ce"] - sd_eval["ce"]) / gain,
+                "ce_base": base_eval["ce"], "ce_lora": lora_eval["ce"], "ce_bd": bd_eval["ce"], "ce_sd": sd_eval["ce"],
+                "acc_base": base_eval["accuracy"], "acc_lora": lora_eval["accuracy"],
+                "acc_bd": bd_eval["accuracy"], "acc_sd": sd_eval["accuracy"],
+                "acc_gain_retained_bd": (bd_eval["accuracy"] - gauged_base_eval["accuracy"])
+                / max(1e-9, lora_eval["accuracy"] - base_eval["accuracy"]),
+                "acc_gain_retained_sd": (sd_eval["accuracy"] - gauged_base_eval["accuracy"])
+                / max(1e-9, lora_eval["accuracy"] - base_eval["accuracy"])}
+    res = {"claim": "lora", "paper": PAPER, "measured": measured,
+           "ours_bd": f"{measured['retained_bd']:.1%} of the CE gain (acc {measured['acc_bd']:.2f})",
+           "ours_baseline": f"S_d: {measured['retained_sd']:.1%} (acc {measured['acc_sd']:.2f}; base "
+                            f"{measured['acc_base']:.2f}, LoRA {measured['acc_lora']:.2f})",
+           "setup": {"lora": "r=4, alpha=8, q/v/o/up/down", "steps": steps, "batch": bs, "lr": lr,
+                     "n_train": int(train[0].shape[0]), "n_test": int(test[0].shape[0]),
+                     "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],
+                     "train_s": t_train},
+           "model": cc.MODEL_NAME, "command": cc.command_for("claim_lora.py", q),
+           "runtime_s": {"total": time.perf_counter() - t_start}}
+    cc.write_claim(res, q)
+    print(json.dumps(measured, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

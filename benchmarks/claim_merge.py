@@ -1,0 +1,89 @@
+"""Claim `merge`: a midpoint merge of two fine-tuning runs works after B_d alignment, degrades under S_d / none.
+
+The two endpoints of claim `trajectory` (SmolLM2-135M fine-tuned on a Gutenberg novel and on the Python docs, each
+saved in its own random B_d export gauge) are merged at weight 0.5 with ``hf_gauge.merge``:
+- B_d: ``merge(a, b, method="signed", data=...)`` (gauge found by sign-marginalized matching of the endpoints);
+- oracle: ``merge(a, b, gauge=<true export-gauge composition>)``;
+- S_d found: ``merge(a, b, method="permutation", data=...)`` (Hungarian on the signed correlation);
+- S_d same-perm: the B_d permutation with every sign +1;
+- none: ``merge(a, b, method="none")`` (index-by-index average, as if the charts were the same).
+Reported: mean next-token loss on held-out text of both runs (and of the endpoints and the base).
+Paper: coordinate-preserving merges behave like transport (B_d works, permutation-only does not).
+Usage: python benchmarks/claim_merge.py [--quick]  (trains the trajectory checkpoints first if missing)
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import claims_common as cc  # noqa: E402
+import claim_trajectory as ct  # noqa: E402
+import hf_gauge  # noqa: E402
+
+PAPER = {"text": "coordinate-preserving merges behave the same way as transport: B_d-aligned merge works, S_d does not"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = cc.parser(__doc__).parse_args(argv)
+    cc.setup(args)
+    t_start = time.perf_counter()
+    q = args.quick
+    cfg = ct.config(q)
+    root = ct.ckpt_root(q)
+    for run in ct.RUNS:
+        ct.train_run(run, q)
+    T = cfg["steps"]
+    base_ref, tok = cc.load_base()
+    a = ct.load(ct.ckpt_dir(root, "novel", T))
+    b = ct.load(ct.ckpt_dir(root, "pydoc", T))
+    base = ct.load(root / "base")
+    truth = ct.true_gauge(base_ref, "novel", T, "pydoc", T)
+    data = ct.corpora(tok)
+    n_eval, T_eval = (4, 64) if q else (24, 128)
+    evals = {r: cc.strided_windows(data[r][1], n_eval, T_eval) for r in ct.RUNS}
+    match = cc.matching_data(tok, 4 if q else 8, 32 if q else 64)
+    kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
+    warnings.filterwarnings("ignore", message=".*fingerprint.*")
+    g_bd = hf_gauge.find_gauge(a, b, data=match, **kw)
+    g_perm = hf_gauge.find_gauge(a, b, data=match, method="permutation", **kw)
+    variants = {
+        "bd": hf_gauge.merge(a, b, 0.5, gauge=g_bd),
+        "oracle": hf_gauge.merge(a, b, 0.5, gauge=truth),
+        "sd_found": hf_gauge.merge(a, b, 0.5, gauge=g_perm),
+        "sd_same_perm": hf_gauge.merge(a, b, 0.5, gauge=hf_gauge.Gauge(residual=cc.permutation_only(g_bd.residual))),
+        "none": hf_gauge.merge(a, b, 0.5, method="none"),
+    }
+    models = {"base": base, "novel_endpoint": a, "pydoc_endpoint": b, **variants}
+    losses: dict[str, dict[str, float]] = {}
+    for name, m in models.items():
+        losses[name] = {r: cc.mean_loss(m, evals[r]) for r in ct.RUNS}
+        losses[name]["mean"] = (losses[name]["novel"] + losses[name]["pydoc"]) / 2
+        print(f"{name:14s} novel {losses[name]['novel']:.3f}  pydoc {losses[name]['pydoc']:.3f}", flush=True)
+    measured = {f"{n}_loss_mean": v["mean"] for n, v in losses.items()}
+    measured.update({f"{n}_loss_novel": v["novel"] for n, v in losses.items()})
+    measured.update({f"{n}_loss_pydoc": v["pydoc"] for n, v in losses.items()})
+    measured["bd_gauge_signed_accuracy"] = cc.recovery(g_bd.residual, truth.residual)["signed_accuracy"]
+    measured["sd_found_index_accuracy"] = cc.recovery(g_perm.residual, truth.residual)["index_accuracy"]
+    res = {"claim": "merge", "paper": PAPER, "measured": measured,
+           "ours_bd": f"mean held-out loss {measured['bd_loss_mean']:.3f} (oracle {measured['oracle_loss_mean']:.3f};"
+                      f" endpoints {measured['novel_endpoint_loss_mean']:.3f}/{measured['pydoc_endpoint_loss_mean']:.3f})",
+           "ours_baseline": f"S_d found {measured['sd_found_loss_mean']:.2f}, S_d same-perm "
+                            f"{measured['sd_same_perm_loss_mean']:.2f}, none {measured['none_loss_mean']:.2f}",
+           "losses": losses,
+           "setup": {"endpoints": f"claim_trajectory step {T} (lr {cfg['lr']})", "eval_windows_per_text": n_eval,
+                     "T_eval": T_eval, "matching_tokens": int(match.numel())},
+           "model": cc.MODEL_NAME, "command": cc.command_for("claim_merge.py", q),
+           "runtime_s": {"total": time.perf_counter() - t_start}}
+    cc.write_claim(res, q)
+    print(json.dumps(measured, indent=1))
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Every paper-claim benchmark's ``--quick`` mode runs and writes a finite row (and, where the quick mode is strong
+enough, the qualitative claim holds). Rows go to ``benchmarks/results/claims_quick.json``; full rows are untouched.
+
+These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly), about 3-6 minutes in total on 2 cores.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+pytestmark = pytest.mark.slow
+
+
+def _finite_numbers(d: dict[str, Any]) -> list[str]:
+    bad = []
+    for k, v in d.items():
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            continue
+        if not math.isfinite(float(v)):
+            bad.append(k)
+    return bad
+
+
+def _approx(a: float, b: float, tol: float) -> bool:
+    return abs(a - b) <= tol
+
+
+CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
+
+
+def check(name: str):
+    def deco(fn):
+        CHECKS[name] = fn
+        return fn
+    return deco
+
+
+@check("exact_recovery")
+def _(m):
+    assert m["signed_sign_accuracy"] == 1.0 and m["data_free_sign_accuracy"] == 1.0
+    assert _approx(m["permutation_only_index_accuracy"], m["hidden_positive_fraction"], 0.05)
+
+
+@check("sign_ceiling")
+def _(m):
+    assert m["signed_min_accuracy"] == 1.0
+    assert m["permutation_only_max_excess_over_f"] <= 0.05
+
+
+@check("trajectory")
+def _(m):
+    assert m["compose_path_agrees_with_hop_composition"] == 1.0
+    assert 0.0 <= m["endpoint_signed_accuracy"] <= 1.0 and 0.0 <= m["path_signed_accuracy"] <= 1.0
+
+
+@check("sae")
+def _(m):
+    assert _approx(m["gauged_bd_nmse"], m["within_model_nmse"], 1e-4)
+    assert m["gauged_sd_nmse"] > 2 * m["gauged_bd_nmse"]
+    assert m["ft_gauged_sd_nmse"] > m["ft_gauged_bd_nmse"]
+
+
+@check("steering")
+def _(m):
+    assert _approx(m["sentiment_preserved_bd"], 1.0, 1e-3)
+    assert m["sentiment_preserved_sd"] < 0.9
+
+
+@check("lora")
+def _(m):
+    assert m["retained_bd"] > 0.99
+    assert m["retained_sd"] < 0.5
+
+
+@check("adamw")
+def _(m):
+    assert m["bd_final_rel_deviation"] < 1e-3
+    assert m["sd_final_rel_deviation"] > 100 * m["bd_final_rel_deviation"]
+
+
+@check("merge")
+def _(m):
+    assert m["bd_loss_mean"] < m["none_loss_mean"]
+
+
+@check("audit")
+def _(m):
+    assert m["sentiment_transported_agreement_min"] == 1.0
+    assert m["sentiment_canonical_agreement_min"] == 1.0
+    assert m["top_abs_activation_canonical_agreement_min"] == 1.0
+    assert m["sentiment_raw_agreement"] < 0.5
+
+
+@check("procrustes")
+def _(m):
+    assert m["ev_cross_after_site_R"] > m["ev_cross_before"]
+
+
+ORDER = ["exact_recovery", "sign_ceiling", "trajectory", "sae", "steering", "lora", "adamw", "merge", "audit",
+         "procrustes"]
+
+
+@pytest.mark.parametrize("claim", ORDER)
+def test_claim_quick(claim: str) -> None:
+    import claims_common as cc
+    mod = importlib.import_module(f"claim_{claim}")
+    before_full = cc.CLAIMS_FULL.read_text() if cc.CLAIMS_FULL.exists() else None
+    res = mod.main(["--quick"])
+    rows = {r["claim"]: r for r in json.loads(cc.CLAIMS_QUICK.read_text())}
+    assert claim in rows, f"{claim} wrote no row to {cc.CLAIMS_QUICK}"
+    row = rows[claim]
+    assert row["quick"] is True and row["measured"] == res["measured"]
+    for key in ("claim", "paper", "measured", "model", "command", "date"):
+        assert key in row
+    assert "--quick" in row["command"]
+    assert not _finite_numbers(row["measured"]), f"non-finite numbers: {_finite_numbers(row['measured'])}"
+    # quick runs never touch the full results
+    after_full = cc.CLAIMS_FULL.read_text() if cc.CLAIMS_FULL.exists() else None
+    assert before_full == after_full
+    CHECKS[claim](row["measured"])
+
+
+def test_report_renders(tmp_path: Path) -> None:
+    import run_all
+    out = run_all.report(tmp_path / "RESULTS.md")
+    text = out.read_text()
+    assert "| claim | paper |" in text
