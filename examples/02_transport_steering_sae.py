@@ -41,6 +41,7 @@ v = torch.randn(d) * 4
 la, _ = run(a, v)
 lb, _ = run(b, g.transport(v))
 print(f"steering: max |logits A+v - logits B+g(v)| = {(la - lb).abs().max():.2e}")
+assert (la - lb).abs().max() < 1e-3 * la.abs().max()   # equal up to float rounding
 
 # 2. an SAE (here a random ReLU SAE as a plain dict; SAELens SAE objects and folders work the same way)
 m = 4 * d
@@ -53,6 +54,7 @@ codes_a = torch.relu((ha - sae["b_dec"]) @ sae["W_enc"] + sae["b_enc"])
 codes_b = torch.relu((hb - sae_b["b_dec"]) @ sae_b["W_enc"] + sae_b["b_enc"])
 rel = (codes_a - codes_b).abs().max() / codes_a.abs().max()
 print(f"SAE: max |codes on A - transported codes on B| / max |code| = {rel:.2e}")
+assert rel < 1e-4
 
 # 3. index sets and attributions: indices map through the permutation, scores take the sign
 top = hf_gauge.IndexSet(ha.abs().mean((0, 1)).topk(5).indices)

@@ -33,8 +33,7 @@ hf_gauge.apply_gauge_to_checkpoint(work / "base", work / "gauge", work / "base-g
 # 2. a LoRA adapter trained (here: randomly initialised) on the base, saved as a PEFT folder
 cfg = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                  init_lora_weights=False)
-get_peft_model(base, cfg).save_pretrained(work / "adapter")
-base = base.get_base_model() if hasattr(base, "get_base_model") else base
+get_peft_model(base, cfg).save_pretrained(work / "adapter")     # (injects LoRA layers into `base` in place)
 hf_gauge.transport_path(g, work / "adapter", work / "adapter-gauged")
 
 # the moved adapter on the moved checkpoint computes what the original adapter on the original base computes
@@ -45,3 +44,4 @@ with torch.no_grad():
     lb = PeftModel.from_pretrained(fresh(work / "base-gauged"), work / "adapter-gauged").eval()(ids).logits
 print(f"files under {work}: {sorted(p.name for p in work.iterdir())}")
 print(f"max |logits(base+adapter) - logits(gauged base + transported adapter)| = {(la - lb).abs().max():.2e}")
+assert (la - lb).abs().max() < 1e-3 * la.abs().max()

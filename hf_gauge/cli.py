@@ -95,7 +95,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     data = _read_data(args)
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
     a, b = _load_model(args.model_a, args.revision_a), _load_model(args.model_b, args.revision_b)
-    kwargs: dict[str, Any] = {"data": data, "method": args.method}
+    spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
+    kwargs: dict[str, Any] = {"data": data, "method": args.method, "spaces": spaces}
     if isinstance(data, list):
         kwargs["tokenizer"] = _load_tokenizer(args.tokenizer or args.model_a)
     gauge = find_gauge(a, b, **kwargs)
@@ -211,7 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", metavar="FILE", help=".txt text, or token ids in .safetensors (input_ids) / .json")
     s.add_argument("--text", nargs="+", metavar="TEXT", help="text to run through both models")
     s.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
-    s.add_argument("--method", default="signed", help="matching method (default: signed)")
+    s.add_argument("--method", default="signed", choices=("signed", "permutation"),
+                   help="signed (B_d, default) or permutation (the S_d baseline)")
+    s.add_argument("--spaces", nargs="+", default=["residual"], choices=("residual", "mlp", "attn", "all"),
+                   help="gauge spaces to fit (default: residual; 'all' adds every MLP layer and head space)")
     s.add_argument("--revision-a")
     s.add_argument("--revision-b")
     s.add_argument("-o", "--output", required=True, metavar="GAUGE", help="gauge folder to write")
@@ -276,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-gauge`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
+        from .demo import main as demo_main
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)

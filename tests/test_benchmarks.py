@@ -1,5 +1,5 @@
 """Every paper-claim benchmark's ``--quick`` mode runs and writes a finite row (and, where the quick mode is strong
-enough, the qualitative claim holds). Rows go to ``benchmarks/results/claims_quick.json``; full rows are untouched.
+enough, the qualitative claim holds). Rows go to a temporary copy of ``claims_quick.json``; tracked results are untouched.
 
 These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly), about 3-6 minutes in total on 2 cores.
 """
@@ -109,11 +109,21 @@ ORDER = ["exact_recovery", "sign_ceiling", "trajectory", "sae", "steering", "lor
          "procrustes"]
 
 
+@pytest.fixture
+def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Quick rows and figures go to a temporary folder: running the tests never rewrites tracked files."""
+    import claims_common as cc
+    monkeypatch.setattr(cc, "RESULTS", tmp_path)
+    monkeypatch.setattr(cc, "CLAIMS_QUICK", tmp_path / "claims_quick.json")
+    return tmp_path
+
+
 @pytest.mark.parametrize("claim", ORDER)
-def test_claim_quick(claim: str) -> None:
+def test_claim_quick(claim: str, results_dir: Path) -> None:
     import claims_common as cc
     mod = importlib.import_module(f"claim_{claim}")
-    before_full = cc.CLAIMS_FULL.read_text() if cc.CLAIMS_FULL.exists() else None
+    repo_full = BENCH / "results" / "claims.json"
+    before_full = repo_full.read_text() if repo_full.exists() else None
     res = mod.main(["--quick"])
     rows = {r["claim"]: r for r in json.loads(cc.CLAIMS_QUICK.read_text())}
     assert claim in rows, f"{claim} wrote no row to {cc.CLAIMS_QUICK}"
@@ -124,8 +134,9 @@ def test_claim_quick(claim: str) -> None:
     assert "--quick" in row["command"]
     assert not _finite_numbers(row["measured"]), f"non-finite numbers: {_finite_numbers(row['measured'])}"
     # quick runs never touch the full results
-    after_full = cc.CLAIMS_FULL.read_text() if cc.CLAIMS_FULL.exists() else None
+    after_full = repo_full.read_text() if repo_full.exists() else None
     assert before_full == after_full
+    assert cc.CLAIMS_QUICK.parent == results_dir
     CHECKS[claim](row["measured"])
 
 

@@ -108,7 +108,6 @@ def test_verify_command(setup, capsys: pytest.CaptureFixture) -> None:
 
 
 def test_find_command(setup, capsys: pytest.CaptureFixture) -> None:
-    pytest.importorskip("hf_gauge.match").find_gauge
     tmp, a, b, g = setup
     ids = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(0)).tolist()
     (tmp / "ids.json").write_text(json.dumps(ids))
@@ -118,11 +117,12 @@ def test_find_command(setup, capsys: pytest.CaptureFixture) -> None:
     assert found.residual == g.residual
     assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "nope.json"), "-o", str(tmp / "f2")]) == 2
     assert not (tmp / "f2").exists()
+    # data-free, residual + every MLP layer: the whole hidden gauge comes back
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--spaces", "mlp", "-o", str(tmp / "full")]) == 0
+    assert load_gauge(tmp / "full") == g
 
 
 def test_transport_command(setup, capsys: pytest.CaptureFixture) -> None:
-    files = pytest.importorskip("hf_gauge.transport.files")
-    assert hasattr(files, "transport_path")
     tmp, a, b, g = setup
     from safetensors.torch import load_file, save_file
     v = torch.randn(64)

@@ -141,7 +141,7 @@ def test_mismatched_state_is_refused(model_and_gauge):
 
 def test_resumed_lora_training_on_a_peft_model():
     """AdamW state of a DoRA + embedding-LoRA run (live PEFT parameter names) resumes on the gauged base."""
-    peft = pytest.importorskip("peft")
+    import peft
     from test_transport_peft import CASES, _adapter
     a = tiny_model("llama", seed=3, dtype=torch.float64)
     g = random_gauge(a, seed=11, spaces=("residual", "mlp", "attn"))

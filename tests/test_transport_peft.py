@@ -14,7 +14,6 @@ import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
 from hf_gauge.transport._io import permutation_only
 
-peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,7 +13,6 @@ import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
 from hf_gauge.transport._io import permutation_only
 
-sae_lens = pytest.importorskip("sae_lens")
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, SAE, StandardSAE, StandardSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402
 

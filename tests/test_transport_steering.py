@@ -61,7 +61,7 @@ def test_layer_dict_steering(pair, ids):
 
 
 def test_steering_vectors_package(pair, ids):
-    sv_mod = pytest.importorskip("steering_vectors")
+    import steering_vectors as sv_mod
     a, b, g = pair
     v = 4 * torch.randn(64, generator=torch.Generator().manual_seed(1))
     sv = sv_mod.SteeringVector(layer_activations={LAYER: v}, layer_type="decoder_block")
