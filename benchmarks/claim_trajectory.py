@@ -154,6 +154,43 @@ def train_run(run: str, quick: bool, setting: str = "smollm2") -> dict[str, Any]
     return meta
 
 
+def _cached(run: str, quick: bool, setting: str) -> bool:
+    cfg, root = config(quick, setting), ckpt_root(quick, setting)
+    meta_path = root / f"{run}_meta.json"
+    return (meta_path.exists() and ckpt_dir(root, run, cfg["steps"]).exists()
+            and json.loads(meta_path.read_text()).get("config") == cfg)
+
+
+def train_all(quick: bool, setting: str) -> float:
+    """Train both runs (in parallel, one process per core, when there are two cores); returns the wall time of
+    training (read back from ``train_wall.json`` when every run was cached)."""
+    import subprocess
+    root = ckpt_root(quick, setting)
+    need = [r for r in RUNS if not _cached(r, quick, setting)]
+    wall_path = root / "train_wall.json"
+    if not need and wall_path.exists():
+        return json.loads(wall_path.read_text())["train_wall_s"]
+    t0 = time.perf_counter()
+    if len(need) > 1 and (os.cpu_count() or 1) >= 2:
+        root.mkdir(parents=True, exist_ok=True)
+        model, _ = base_model(quick, setting)         # the shared base (and the tiny pretraining) exists once
+        if not (root / "base").exists():
+            export(model, root / "base", export_seed("base", 0))
+        del model
+        gc.collect()
+        cmd = [sys.executable, __file__, "--train-only", "--setting", setting] + (["--quick"] if quick else [])
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        procs = [subprocess.Popen(cmd + ["--run", r], env=env) for r in need]
+        if any(p.wait() for p in procs):
+            raise SystemExit(f"training a {setting} run failed (see the output above)")
+    for run in RUNS:
+        train_run(run, quick, setting)
+    wall = time.perf_counter() - t0
+    if need:
+        wall_path.write_text(json.dumps({"train_wall_s": wall, "parallel": len(need) > 1}))
+    return wall
+
+
 def load(folder: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -170,8 +207,8 @@ def evaluate(setting: str, quick: bool) -> dict[str, Any]:
     """Train (if needed) and score endpoint / via-base / path recovery at every saved step of one setting."""
     cfg = config(quick, setting)
     root = ckpt_root(quick, setting)
-    metas = {run: train_run(run, quick, setting) for run in RUNS}
-    t_train = sum(m["train_s"] for m in metas.values())
+    t_train = train_all(quick, setting)
+    metas = {run: train_run(run, quick, setting) for run in RUNS}    # cached: the losses of each run
     ref, tok = base_model(quick, setting)
     data_all = corpora(tok, setting)
     # matching data: held-out windows of BOTH texts (neither run trained on them)

@@ -145,8 +145,27 @@ def _copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, n: int) -> None:
         n -= len(chunk)
 
 
-def _read_tensor(fin: BinaryIO, offset: int, n: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    buf = torch.empty(n, dtype=torch.uint8)
+class _Scratch:
+    """Two byte buffers reused for every tensor (input and output), grown on demand.
+
+    Fresh large allocations are page-faulted on first touch (and returned to the OS on free), which costs about as
+    much as the copy itself; reusing two buffers keeps streaming at about one read and one write per tensor and the
+    added memory at about twice the largest moved tensor.
+    """
+
+    def __init__(self) -> None:
+        self.bufs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+
+    def get(self, i: int, n: int) -> torch.Tensor:
+        if self.bufs[i].numel() < n:
+            self.bufs[i] = torch.empty(0, dtype=torch.uint8)       # free before growing
+            self.bufs[i] = torch.empty(n, dtype=torch.uint8)
+        return self.bufs[i][:n]
+
+
+def _read_tensor(fin: BinaryIO, offset: int, n: int, dtype: torch.dtype, shape: list[int],
+                 buf: torch.Tensor | None = None) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8) if buf is None else buf
     fin.seek(offset)
     if n and fin.readinto(memoryview(buf.numpy())) != n:
         raise GaugeError(f"unexpected end of file in {fin.name}")
@@ -154,7 +173,8 @@ def _read_tensor(fin: BinaryIO, offset: int, n: int, dtype: torch.dtype, shape: 
 
 
 def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, raw: bytes, start: int,
-                  bar: Any, durable: bool = True) -> None:
+                  bar: Any, durable: bool = True, scratch: _Scratch | None = None) -> None:
+    scratch = scratch or _Scratch()
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         fout.write(raw)
@@ -173,9 +193,9 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise GaugeError(f"{src.name}: tensor {name!r} has dtype {info['dtype']} that hf_gauge cannot move")
-            t = _read_tensor(fin, start + b, e - b, dtype, info["shape"])
+            t = _read_tensor(fin, start + b, e - b, dtype, info["shape"], scratch.get(0, e - b))
             try:
-                y = move_tensor(t, moves)
+                y = move_tensor(t, moves, out=scratch.get(1, e - b).view(dtype).reshape(info["shape"]))
             except GaugeError as err:
                 raise GaugeError(f"{src.name}: {name}: {err}") from None
             fout.write(memoryview(y.reshape(-1).view(torch.uint8).numpy()))
@@ -267,13 +287,14 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         plans = {}
         for s, (_, header, _) in headers.items():
             plans[s] = moves_for(spec, config, gauge, list(header), strict=True)
+        scratch = _Scratch()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
                   disable=not progress) as bar:
             for s in shards:
                 raw, header, start = headers[s]
                 (tmp / s).parent.mkdir(parents=True, exist_ok=True)
                 bar.set_postfix_str(s)
-                _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, durable)
+                _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, durable, scratch)
         written = set(shards)
         for root, dirs, files in os.walk(src):
             rel_root = Path(root).relative_to(src)
