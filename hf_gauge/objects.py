@@ -75,16 +75,20 @@ class Attribution:
     """Scored coordinates of one gauge space: ``(indices[k], scores[k, ...])``.
 
     ``scores`` has the indices on its first axis (extra axes allowed, e.g. per token). Transport maps the indices
-    like ``IndexSet`` and multiplies each score by the sign of its target coordinate (the rule for signed
-    quantities such as activations or directional derivatives along a coordinate).
+    like ``IndexSet``. With ``signed=True`` (default) each score is multiplied by the sign of its target coordinate:
+    the rule for quantities that are coordinates of a vector (signed activations, decoder weights, gradients along
+    a coordinate). Gauge-invariant scores (``|activation|``, activation x gradient, ablation effects) keep their
+    values: pass ``signed=False``.
     """
 
     indices: torch.Tensor
     scores: torch.Tensor
     space: str = "residual"
+    signed: bool = True
 
     def __init__(self, indices: Sequence[int] | torch.Tensor | np.ndarray,
-                 scores: Sequence[float] | torch.Tensor | np.ndarray, space: str = "residual") -> None:
+                 scores: Sequence[float] | torch.Tensor | np.ndarray, space: str = "residual",
+                 signed: bool = True) -> None:
         idx = _indices(indices)
         sc = torch.as_tensor(np.asarray(scores) if not isinstance(scores, torch.Tensor) else scores).detach().clone()
         if sc.dim() == 0 or sc.shape[0] != idx.numel():
@@ -95,6 +99,7 @@ class Attribution:
         object.__setattr__(self, "indices", idx)
         object.__setattr__(self, "scores", sc)
         object.__setattr__(self, "space", _space(space))
+        object.__setattr__(self, "signed", bool(signed))
 
     def __len__(self) -> int:
         return self.indices.numel()
@@ -102,7 +107,8 @@ class Attribution:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Attribution):
             return NotImplemented
-        return (self.space == other.space and torch.equal(self.indices, other.indices)
+        return (self.space == other.space and self.signed == other.signed
+                and torch.equal(self.indices, other.indices)
                 and self.scores.dtype == other.scores.dtype and torch.equal(self.scores, other.scores))
 
     __hash__ = None
@@ -111,7 +117,7 @@ class Attribution:
         """The ``k`` entries with the largest ``|score|`` (first axis; extra axes reduced by max)."""
         mag = self.scores.abs().reshape(len(self), -1).amax(dim=1) if len(self) else self.scores
         order = torch.argsort(mag, descending=True, stable=True)[:k]
-        return Attribution(self.indices[order], self.scores[order], self.space)
+        return Attribution(self.indices[order], self.scores[order], self.space, self.signed)
 
     def transport(self, gauge) -> "Attribution":
         return gauge.transport(self)

@@ -68,3 +68,52 @@ def test_bad_inputs():
     with pytest.raises(GaugeError, match="unknown gauge space"):
         IndexSet([0], space="heads")
     assert len(IndexSet([])) == 0 and len(g.transport(IndexSet([]))) == 0
+
+
+def test_head_attribution_follows_the_head_gauge(ids):
+    """Head-indexed attribution lists (space ``attn.<layer>``): head indices move with the head permutation."""
+    a = tiny_model("llama", seed=4, heads=8, kv_heads=2)
+    g = random_gauge(a, seed=5, spaces=("residual", "mlp", "attn"))
+    assert not g["attn.1"].is_identity
+    b = apply_gauge(copy.deepcopy(a), g)
+
+    def head_norms(m):
+        seen = {}
+        h = m.model.layers[1].self_attn.o_proj.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+        with torch.no_grad():
+            m(ids)
+        h.remove()
+        x = seen["x"]
+        return x.reshape(*x.shape[:-1], 8, -1).norm(dim=-1).mean(dim=(0, 1))      # [heads]
+
+    sa, sb = head_norms(a), head_norms(b)
+    top = torch.topk(sa, 3).indices
+    moved = g.transport(Attribution(top, sa[top], space="attn.1"))
+    assert moved.space == "attn.1"
+    assert torch.equal(moved.indices, torch.topk(sb, 3).indices)
+    assert torch.allclose(moved.scores, sb[moved.indices], atol=1e-5)
+    assert not torch.equal(moved.indices, top)                                 # the raw head indices are stale
+
+
+def test_gauge_invariant_scores_keep_their_values(ids):
+    """activation x gradient is the same number in every chart: ``signed=False`` keeps it; the default would flip it."""
+    a = tiny_model("llama", seed=6)
+    g = random_gauge(a, seed=7)
+    b = apply_gauge(copy.deepcopy(a), g)
+
+    def act_x_grad(m):
+        out = m(ids, output_hidden_states=True)
+        h = out.hidden_states[1]
+        h.retain_grad()
+        out.logits[..., 3].sum().backward()
+        return (h * h.grad).sum(dim=(0, 1)).detach()           # [d]: one attribution per residual coordinate
+
+    sa, sb = act_x_grad(a), act_x_grad(b)
+    top = torch.topk(sa.abs(), 6).indices
+    moved = g.transport(Attribution(top, sa[top], signed=False))
+    assert torch.equal(moved.indices, torch.topk(sb.abs(), 6).indices) and not moved.signed
+    assert torch.allclose(moved.scores, sb[moved.indices], atol=1e-5, rtol=1e-4)
+    wrong = g.transport(Attribution(top, sa[top]))                 # treated as a signed coordinate value
+    assert (g.residual.sign[wrong.indices] < 0).any()
+    assert not torch.allclose(wrong.scores, sb[wrong.indices], atol=1e-3)
+    assert moved != wrong and g.inverse().transport(moved) == Attribution(top, sa[top], signed=False)

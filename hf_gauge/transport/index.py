@@ -1,7 +1,7 @@
 """Index sets and attribution lists (``hf_gauge.IndexSet`` / ``hf_gauge.Attribution``).
 
 Source coordinate ``i`` of space ``s`` lands at ``j = g[s].inverse().perm[i]`` (``map_indices``); scores are
-multiplied by ``g[s].sign[j]``. A space the gauge does not mention is the identity.
+multiplied by ``g[s].sign[j]`` unless the attribution is ``signed=False`` (gauge-invariant scores). A space the gauge does not mention is the identity.
 """
 from __future__ import annotations
 
@@ -31,8 +31,10 @@ def _attribution(gauge, obj: Attribution, **_: Any) -> Attribution:
     el = element(gauge, obj.space)
     _check(el, obj, "Attribution")
     if el is None:
-        return Attribution(obj.indices.clone(), obj.scores.clone(), obj.space)
+        return Attribution(obj.indices.clone(), obj.scores.clone(), obj.space, obj.signed)
     new = el.map_indices(obj.indices)
+    if not obj.signed or el.is_permutation:
+        return Attribution(new, obj.scores.clone(), obj.space, obj.signed)
     s = el.sign[new].to(obj.scores.dtype)
     scores = obj.scores * s.view([-1] + [1] * (obj.scores.dim() - 1))
-    return Attribution(new, scores, obj.space)
+    return Attribution(new, scores, obj.space, obj.signed)
