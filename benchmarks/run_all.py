@@ -288,14 +288,16 @@ def report(out: Path | None = None) -> Path:
                             f"{mm[pre + 'endpoint_data_free_signed_accuracy']:.3f}")
         lines.append(f"| {c} | {cell(paper)} | {cell(ours_bd)} | {cell(row.get('ours_baseline', ''))} | "
                      f"{re.sub(r'[(][^)]*[)]', '', row.get('model', '')).replace('  ', ' ').strip()} | {kind} | `{row['command']}` |")
+    traj = full.get("trajectory", {}).get("runtime_s", {}).get("total")
+    traj_txt = f"{traj / 60:.1f} min" if traj else "not recorded"
     lines += ["", f"Total runtime of the full runs recorded in claims.json: {total_full / 60:.1f} min of wall clock "
               "(sum of the per-claim times in the table; the trajectory time includes training all four runs, "
-              "`claim_merge.py` reuses those checkpoints and `claim_sae.py` the pydoc run's last one). These were "
-              "measured while several other heavy jobs shared the 2 cores: SmolLM2 fine-tuning ran at 11-16 s/step "
-              "against about 4.5 s/step with a core to itself, so expect roughly 2-3x less on an idle machine. "
-              "The only script above 10 min is `claim_trajectory.py` (two SmolLM2 runs of 100 steps, about 15 min "
-              "of training idle, plus matching); it can be split with `--train-only --run novel|pydoc` in parallel "
-              "and `--setting smollm2|tiny`. Quick modes run in CI via `tests/test_benchmarks.py`.", ""]
+              "`claim_merge.py` reuses those checkpoints and `claim_sae.py` the pydoc run's last one). "
+              f"`claim_trajectory.py`, the longest script, took {traj_txt} from an empty checkpoint cache on a "
+              "quiet 2-core machine (it trains the two runs of each setting in parallel, one process per core). "
+              "The other full runs were measured while other heavy jobs shared the 2 cores (SmolLM2 fine-tuning "
+              "ran at 11-16 s/step there against 4.3-4.6 s/step on a quiet core), so their times are upper bounds; "
+              "no script takes more than 30 min. Quick modes run in CI via `tests/test_benchmarks.py`.", ""]
     for c in cc.CLAIM_ORDER:
         lines.append(f"## {TITLES[c]} (`{c}`)")
         lines.append("")
