@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             f"{measured['reset_final_rel_deviation']:.3f})",
            "curves": {"pre": pre, "ref": ref_loss, **{k: v["loss"] for k, v in runs.items()},
                       "deviation": {k: v["deviation"] for k, v in runs.items()}},
-           "figure": str(fig.relative_to(cc.REPO)),
+           "figure": cc.figure_ref(fig),
            "setup": {"model": "LlamaForCausalLM d=128, 4 layers, heads 4/2, d_ff 384, vocab 256 (bytes), seed 0",
                      "N0": N0, "M": M, "batch": batch, "T": T, "optimizer": f"AdamW {HP}, grad clip 1.0",
                      "symmetry_group_at_N0": group, "gauge": "random_gauge(seed=3), residual B_d"},

@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_baseline": f"raw indices: Jaccard {measured['sentiment_raw_agreement']:.3f} / "
                             f"{measured['top_abs_activation_raw_agreement']:.3f} (chance "
                             f"{measured['sentiment_chance']:.3f})",
-           "details": out, "figure": str(cc.figure_path("audit", q).relative_to(cc.REPO)),
+           "details": out, "figure": cc.figure_ref(cc.figure_path("audit", q)),
            "setup": {"k": k, "n_gauges": n_g, "contrastive_pairs": n_pairs,
                      "canonical_gauge_s_per_model": t_can / (2 * n_g)},
            "model": cc.MODEL_NAME, "command": cc.command_for("claim_audit.py", q),

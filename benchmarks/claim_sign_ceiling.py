@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_bd": f"min over f: {measured['signed_min_accuracy']:.3f}",
            "ours_baseline": f"S_d: {p[0]:.2f} @f=0, {p[len(p)//2]:.2f} @f=0.5, {p[-1]:.2f} @f=1 "
                             f"(max excess over f {measured['permutation_only_max_excess_over_f']:+.3f})",
-           "curve": rows, "figure": str(fig.relative_to(cc.REPO)),
+           "curve": rows, "figure": cc.figure_ref(fig),
            "setup": {"layers": layers or "all", "n_tokens": int(data.numel())},
            "model": cc.MODEL_NAME, "command": cc.command_for("claim_sign_ceiling.py", args.quick),
            "runtime_s": {"total": time.perf_counter() - t_start}}

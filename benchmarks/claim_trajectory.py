@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "smollm2": results["smollm2"]["setup"], **({"tiny": results["tiny"]["setup"]} if "tiny" in results
                                                              else {})},
         "model": cc.MODEL_NAME + (" + tiny Llama d=128, 4 layers, bytes" if "tiny" in results else ""),
-        "figure": str(fig.relative_to(cc.REPO)),
+        "figure": cc.figure_ref(fig),
         "command": cc.command_for("claim_trajectory.py", args.quick),
         "runtime_s": {"total": sum(sum(v["runtime_s"].values()) for v in results.values()),
                       "this_process": time.perf_counter() - t_start},

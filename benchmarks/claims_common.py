@@ -239,6 +239,13 @@ def figure_path(name: str, quick: bool) -> Path:
     return RESULTS / (f"{name}_quick.png" if quick else f"{name}.png")
 
 
+def figure_ref(path: Path) -> str:
+    """How a row names its figure: relative to the repository when it lies inside it (the committed results),
+    absolute otherwise (e.g. tests that redirect ``RESULTS`` to a temporary folder)."""
+    path = Path(path).resolve()
+    return path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else str(path)
+
+
 CLAIM_ORDER = ["exact_recovery", "sign_ceiling", "trajectory", "sae", "steering", "lora", "adamw", "merge", "audit",
                "procrustes"]
 

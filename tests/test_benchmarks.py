@@ -137,6 +137,9 @@ def test_claim_quick(claim: str, results_dir: Path) -> None:
     after_full = repo_full.read_text() if repo_full.exists() else None
     assert before_full == after_full
     assert cc.CLAIMS_QUICK.parent == results_dir
+    if row.get("figure"):   # the figure a quick row names was written, into the temporary folder
+        fig = cc.REPO / row["figure"]
+        assert fig.parent == results_dir and fig.stat().st_size > 0
     CHECKS[claim](row["measured"])
 
 

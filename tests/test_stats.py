@@ -150,6 +150,9 @@ _SCRIPT = textwrap.dedent("""
         torch.save({{"world": state.num_processes, **st._tensors()}}, sys.argv[1])
     state.wait_for_everyone()
     state.destroy_process_group()       # a clean gloo teardown (otherwise a rank may abort at exit)
+    import os
+    sys.stdout.flush()
+    os._exit(0)     # skip interpreter teardown: gloo's threads can abort a rank there ("terminate called ...")
 """)
 
 
