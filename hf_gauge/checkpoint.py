@@ -2,15 +2,17 @@
 
 Each output shard keeps the input shard's exact safetensors header (names, dtypes, shapes, offsets and
 ``__metadata__`` do not change under a gauge), so the header is copied verbatim and every tensor's bytes are
-written at the same offset: read one tensor, move it with the engine in row chunks, write the chunks. A writer
-thread writes chunk k while chunk k + 1 is computed. Added memory is about the largest tensor (the input buffer)
-plus three 16 MB chunk buffers, independent of the shard and checkpoint size.
-Tensors the gauge leaves untouched are copied as raw bytes. The output folder is built beside ``out_dir`` and
-renamed into place at the end, so a failure never leaves a half-written checkpoint.
+written at the same offset. The input shard is memory-mapped: each tensor is moved by the engine straight from
+the page cache into row chunks, and a writer thread writes chunk k while chunk k + 1 is computed. Added memory is
+two 16 MB chunk buffers plus the mapped pages of the tensor being moved (dropped from the mapping once used),
+independent of the shard and checkpoint size. Tensors the gauge leaves untouched are copied as raw bytes.
+The output folder is built beside ``out_dir`` and renamed into place at the end, so a failure never leaves a
+half-written checkpoint.
 """
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -21,7 +23,7 @@ from typing import Any, BinaryIO, Iterable
 
 import torch
 
-from .engine import check_gauge, move_tensor, moves_for
+from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
 from .specs import get_spec
@@ -147,14 +149,46 @@ def _pread_into(fd: int, buf: memoryview, offset: int, name: str) -> None:
         got += n
 
 
-def _copy_range(fd_in: int, fout: BinaryIO, offset: int, n: int, name: str) -> None:
-    """Copy ``n`` raw bytes at ``offset`` of the input to the output's current position (untouched tensors)."""
-    buf = memoryview(bytearray(min(n, _COPY_CHUNK)))
-    while n > 0:
-        k = min(n, len(buf))
-        _pread_into(fd_in, buf[:k], offset, name)
-        fout.write(buf[:k])
-        offset, n = offset + k, n - k
+class _MappedShard:
+    """A shard mapped copy-on-write and never written: tensors are views of the page cache (no read copy, no input
+    buffer). Pages are dropped from this process's mapping once used, so the mapped set stays about one tensor."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        size = os.fstat(f.fileno()).st_size
+        self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        if self.mm is not None and hasattr(self.mm, "madvise"):
+            self.mm.madvise(mmap.MADV_SEQUENTIAL)
+
+    def tensor(self, offset: int, n: int, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+        if n == 0:
+            return torch.empty(shape, dtype=dtype)
+        u8 = torch.frombuffer(self.mm, dtype=torch.uint8, count=n, offset=offset)
+        if offset % dtype.itemsize:          # safetensors aligns tensors; a file that does not is read by copy
+            u8 = u8.clone()
+        return u8.view(dtype).reshape(shape)
+
+    def release(self, offset: int, n: int) -> None:
+        """Drop ``[offset, offset + n)`` from the mapping (the pages stay in the page cache; a re-read re-maps them)."""
+        if self.mm is None or n <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        a = offset - offset % mmap.PAGESIZE
+        self.mm.madvise(mmap.MADV_DONTNEED, a, min(len(self.mm), offset + n) - a)
+
+    def copy_to(self, fout: BinaryIO, offset: int, n: int) -> None:
+        """Write ``n`` raw bytes at ``offset`` to ``fout`` (untouched tensors), releasing them as they go."""
+        while n > 0:
+            k = min(n, _COPY_CHUNK)
+            with memoryview(self.mm) as view:
+                fout.write(view[offset:offset + k])
+            self.release(offset, k)
+            offset, n = offset + k, n - k
+
+    def close(self) -> None:
+        if self.mm is not None:
+            try:
+                self.mm.close()
+            except BufferError:              # a tensor view is still alive: the mapping goes when it does
+                pass
 
 
 def _read_tensor(fin: BinaryIO, offset: int, n: int, dtype: torch.dtype, shape: list[int],
@@ -163,24 +197,6 @@ def _read_tensor(fin: BinaryIO, offset: int, n: int, dtype: torch.dtype, shape: 
     if n:
         _pread_into(fin.fileno(), memoryview(buf.numpy()), offset, fin.name)
     return buf.view(dtype).reshape(shape)
-
-
-class _Buffers:
-    """Byte buffers reused for every tensor, grown on demand: one for the input tensor, two for output chunks.
-
-    Fresh large allocations are page-faulted on first touch (and returned to the OS on free), which costs about as
-    much as the copy itself, so the buffers live for the whole run.
-    """
-
-    def __init__(self) -> None:
-        self.bufs: dict[Any, torch.Tensor] = {}
-
-    def get(self, key: Any, n: int) -> torch.Tensor:
-        b = self.bufs.get(key)
-        if b is None or b.numel() < n:
-            self.bufs.pop(key, None)                                  # free before growing
-            b = self.bufs[key] = torch.empty(n, dtype=torch.uint8)
-        return b[:n]
 
 
 class _Writer:
@@ -219,39 +235,20 @@ def _row_chunks(t: torch.Tensor, moves: tuple, chunk_bytes: int) -> Iterable[tup
     return [(r0, min(t.shape[0], r0 + step)) for r0 in range(0, t.shape[0], step)]
 
 
-def _move_rows(t: torch.Tensor, moves: tuple, r0: int, r1: int, out: torch.Tensor, whole: bool,
-               tmp: torch.Tensor) -> torch.Tensor:
-    """Rows ``r0:r1`` of ``move_tensor(t, moves)`` into ``out`` (the same gathers and ±1 products: bit-exact)."""
-    if whole:
-        return move_tensor(t, moves, out=out)
-    rows = next((m for m in moves if m.axis == 0), None)
-    cols = tuple(m for m in moves if m.axis == 1)
-    if rows is None:
-        move_tensor(t[r0:r1], cols, out=out)
-    elif not cols:
-        torch.index_select(t, 0, rows.index[r0:r1].to(t.device), out=out)
-    else:
-        part = torch.index_select(t, 0, rows.index[r0:r1].to(t.device), out=tmp)
-        move_tensor(part, cols, out=out)
-    if rows is not None and rows.sign is not None:
-        out.mul_(rows.sign[r0:r1].to(device=t.device, dtype=t.dtype)[:, None])
-    return out
-
-
 def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, raw: bytes, start: int,
-                  bar: Any, durable: bool = True, buffers: _Buffers | None = None,
+                  bar: Any, durable: bool = True, buffers: Scratch | None = None,
                   chunk_bytes: int | None = None) -> None:
     """Write ``dst``: ``src``'s header, then every tensor moved (or copied raw) at its original offset.
 
-    The main thread reads a tensor and moves it in row chunks; a writer thread writes chunk k while chunk k + 1 is
-    computed (two output buffers alternate). A reader thread prefetching the next tensor was measured slower on a
-    2-core machine (reads from the page cache are CPU copies too), so reads stay on the main thread.
+    The source shard is memory-mapped, so a tensor is moved straight out of the page cache into one of two output
+    chunk buffers; a writer thread writes chunk k while chunk k + 1 is computed. Untouched tensors are written
+    from the mapping as one byte range per run.
     """
-    buffers = buffers or _Buffers()
+    buffers = buffers or Scratch()
     chunk_bytes = chunk_bytes or _CHUNK_BYTES
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     with open(src, "rb") as fin, open(dst, "wb") as fout:
-        fd_in, writer = fin.fileno(), _Writer()
+        shard, writer = _MappedShard(fin), _Writer()
         try:
             writer.submit(fout.write, raw)
             run: list[int] | None = None       # a run of untouched tensors, copied as one byte range
@@ -265,33 +262,35 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                     bar.update(e - b)
                     continue
                 if run:
-                    writer.submit(_copy_range, fd_in, fout, start + run[0], run[1] - run[0], src.name)
+                    writer.submit(shard.copy_to, fout, start + run[0], run[1] - run[0])
                     run = None
                 dtype = _DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise GaugeError(f"{src.name}: tensor {name!r} has dtype {info['dtype']} that hf_gauge cannot move")
-                # the input buffer is free: every chunk of the previous tensor has been computed already
-                t = _read_tensor(fin, start + b, e - b, dtype, info["shape"], buffers.get("in", e - b))
+                t = shard.tensor(start + b, e - b, dtype, info["shape"])
                 chunks = _row_chunks(t, moves, chunk_bytes)
                 whole = len(chunks) == 1
                 for r0, r1 in chunks:
                     shape = list(info["shape"]) if whole else [r1 - r0, t.shape[1]]
                     nbytes = (e - b) if whole else (r1 - r0) * t.shape[1] * t.element_size()
                     # two output buffers alternate; submit() below waits for the write of the one used before
-                    out = buffers.get(("out", slot), nbytes).view(dtype).reshape(shape)
-                    tmp = buffers.get("tmp", nbytes).view(dtype).reshape(shape) if not whole else None
+                    out = buffers.bytes(nbytes, ("out", slot)).view(dtype).reshape(shape)
                     try:
-                        y = _move_rows(t, moves, r0, r1, out, whole, tmp)
+                        y = (move_tensor(t, moves, out=out, scratch=buffers) if whole
+                             else move_rows(t, moves, r0, r1, out, buffers))
                     except GaugeError as err:
                         raise GaugeError(f"{src.name}: {name}: {err}") from None
                     writer.submit(fout.write, memoryview(y.reshape(-1).view(torch.uint8).numpy()))
                     slot ^= 1
+                del t
+                shard.release(start + b, e - b)      # every chunk is computed: the source pages are not needed
                 bar.update(e - b)
             if run:
-                writer.submit(_copy_range, fd_in, fout, start + run[0], run[1] - run[0], src.name)
+                writer.submit(shard.copy_to, fout, start + run[0], run[1] - run[0])
             writer.wait()
         finally:
             writer.close()
+            shard.close()
         if durable:
             fout.flush()
             os.fsync(fout.fileno())
@@ -376,7 +375,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         plans = {}
         for s, (_, header, _) in headers.items():
             plans[s] = moves_for(spec, config, gauge, list(header), strict=True)
-        buffers = _Buffers()
+        buffers = Scratch()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
                   disable=not progress) as bar:
             for s in shards:

@@ -7,18 +7,19 @@ disk, PEFT adapters (a LoRA factor inherits the axis of the module it wraps) and
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 
 from .errors import GaugeError
 from .gauge import Gauge
-from .group import SignedPermutation
+from .group import SignedPermutation, as_bits, flip_, moves_as_bits, sign_operand
 from .specs import ArchSpec
 from .specs.base import Axis
 
-__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "check_gauge", "classify"]
+__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
+           "check_moves", "check_gauge", "classify"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Names: live PEFT / wrapper parameter names -> (base parameter name, role)
@@ -52,6 +53,13 @@ def resolve_name(name: str) -> tuple[str, str]:
 
 def axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it."""
+    memo = spec._axes_memo
+    if name not in memo:
+        memo[name] = _axes_for(spec, name)
+    return memo[name]
+
+
+def _axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
     base, role = resolve_name(name)
     axes = spec.match(base)
     if axes is None and role == "weight" and base.endswith(".bias"):
@@ -84,6 +92,24 @@ class Move:
     axis: int
     index: torch.Tensor
     sign: torch.Tensor | None
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """``index`` on ``device`` (cached: a move is applied to many tensors)."""
+        key = ("index", str(device))
+        if key not in self._memo:
+            self._memo[key] = self.index.to(device)
+        return self._memo[key]
+
+    def signer(self, like: torch.Tensor, float_bits: bool) -> torch.Tensor | None:
+        """What applies ``sign`` to ``like``, cached: an XOR mask of sign bits when ``like`` is a float tensor's
+        integer view (``float_bits``, see ``_bits``), otherwise ±1 to multiply by."""
+        if self.sign is None:
+            return None
+        key = ("sign", like.dtype, str(like.device), float_bits)
+        if key not in self._memo:
+            self._memo[key] = sign_operand(self.sign, like, float_bits)
+        return self._memo[key]
 
 
 class _Expander:
@@ -155,24 +181,11 @@ def classify(spec: ArchSpec, names: Iterable[str]) -> dict[str, tuple[Axis, ...]
 # ----------------------------------------------------------------------------------------------------------------
 # The kernel
 # ----------------------------------------------------------------------------------------------------------------
-_BLOCK_BYTES = 1 << 20   # rows are gathered and signed in cache-sized blocks: one pass over memory
+_BLOCK_BYTES = 4 << 20   # CPU: rows are gathered and signed in blocks that stay in cache (4 MiB measured best)
 
 
-def _on(t: torch.Tensor | None, like: torch.Tensor, dtype=None) -> torch.Tensor | None:
-    if t is None:
-        return None
-    return t.to(device=like.device, dtype=dtype or t.dtype, non_blocking=True)
-
-
-def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None) -> torch.Tensor:
-    """Return ``src`` with every move applied (a new tensor, or ``out``); ``src`` is left unchanged.
-
-    2-D tensors are processed in row blocks of about 1 MiB: gather the block's rows (``index_select``) or
-    columns (``gather`` with a broadcast index), and apply signs while the block is still in cache, so the
-    work is one read and one write of the tensor.
-    """
-    if not moves:
-        return src.clone() if out is None else out.copy_(src)
+def check_moves(src: torch.Tensor, moves: tuple[Move, ...]) -> None:
+    """Refuse (``GaugeError``) moves that do not fit ``src``: wrong width on an axis, signs on an unsigned dtype."""
     for m in moves:
         if m.axis >= src.dim() or src.shape[m.axis] != m.index.numel():
             raise GaugeError(
@@ -182,40 +195,138 @@ def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | 
     signed_ok = src.is_floating_point() or src.is_complex() or src.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)
     if any(m.sign is not None for m in moves) and not signed_ok:
         raise GaugeError(f"cannot apply signs to a tensor of dtype {src.dtype}")
-    if out is None:
-        out = torch.empty_like(src, memory_format=torch.contiguous_format)
-    if src.dim() == 2 and all(m.axis in (0, 1) for m in moves):
+
+
+class _RowKernel:
+    """Rows ``r0:r1`` of a moved 2-D tensor: gather rows (``index_select``) and/or columns (``gather`` with a
+    broadcast index), then flip signs while the block is still in cache. Floats move as integer bits."""
+
+    def __init__(self, src: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | None = None) -> None:
+        self.float_bits = moves_as_bits(src)
+        self.src = as_bits(src)
+        n, w = src.shape
         rows = next((m for m in moves if m.axis == 0), None)
         cols = next((m for m in moves if m.axis == 1), None)
-        n, w = src.shape
-        step = max(1, _BLOCK_BYTES // max(1, w * src.element_size()))
-        ridx = _on(rows.index, src) if rows else None
-        rsgn = _on(rows.sign, src, src.dtype)[:, None] if rows and rows.sign is not None else None
-        cidx = _on(cols.index, src).expand(min(step, n), w) if cols else None
-        csgn = _on(cols.sign, src, src.dtype) if cols and cols.sign is not None else None
-        for r0 in range(0, n, step):
-            r1 = min(n, r0 + step)
-            blk = out[r0:r1]
-            if ridx is not None and cidx is not None:
-                torch.gather(src.index_select(0, ridx[r0:r1]), 1, cidx[: r1 - r0], out=blk)
-            elif ridx is not None:
-                torch.index_select(src, 0, ridx[r0:r1], out=blk)
-            else:
-                torch.gather(src[r0:r1], 1, cidx[: r1 - r0], out=blk)
-            if rsgn is not None:
-                blk.mul_(rsgn[r0:r1])
-            if csgn is not None:
-                blk.mul_(csgn)
+        # CUDA, and tensors up to two blocks: one call per tensor; CPU: blocks stay in cache between the gather and
+        # the sign flip (fewer, larger calls also spend less on thread fork/join)
+        row_bytes = max(1, w * src.element_size())
+        self.step = n if src.device.type != "cpu" or n * row_bytes <= 2 * _BLOCK_BYTES else max(1, _BLOCK_BYTES // row_bytes)
+        dev = src.device
+        self.ridx = rows.index_on(dev) if rows else None
+        self.rsgn = rows.signer(self.src, self.float_bits) if rows else None
+        self.rsgn = self.rsgn[:, None] if self.rsgn is not None else None
+        self.cidx = cols.index_on(dev).expand(min(self.step, n), w) if cols else None
+        self.csgn = cols.signer(self.src, self.float_bits) if cols else None
+        # rows and columns: the block's rows are gathered into a reused buffer first (no allocation per block)
+        self.tmp = (None if rows is None or cols is None else
+                    (scratch or Scratch()).like(self.src, (min(self.step, n), w), key="rows"))
+
+    def block(self, r0: int, r1: int, out: torch.Tensor) -> None:
+        """``out`` (``[r1 - r0, w]``, the source's dtype) := rows ``r0:r1`` of the moved tensor; ``r1 - r0 <= step``."""
+        src, blk = self.src, as_bits(out)
+        if self.ridx is not None and self.cidx is not None:
+            part = torch.index_select(src, 0, self.ridx[r0:r1], out=self.tmp[: r1 - r0])
+            torch.gather(part, 1, self.cidx[: r1 - r0], out=blk)
+        elif self.ridx is not None:
+            torch.index_select(src, 0, self.ridx[r0:r1], out=blk)
+        else:
+            torch.gather(src[r0:r1], 1, self.cidx[: r1 - r0], out=blk)
+        if self.rsgn is not None:
+            flip_(blk, self.rsgn[r0:r1], self.float_bits)
+        if self.csgn is not None:
+            flip_(blk, self.csgn, self.float_bits)
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        for b0 in range(r0, r1, self.step):
+            b1 = min(r1, b0 + self.step)
+            self.block(b0, b1, out[b0 - r0:b1 - r0])
         return out
+
+
+def _is_rows_cols(src: torch.Tensor, moves: tuple[Move, ...]) -> bool:
+    return src.dim() == 2 and all(m.axis in (0, 1) for m in moves)
+
+
+def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out: torch.Tensor,
+              scratch: Scratch | None = None) -> torch.Tensor:
+    """Rows ``r0:r1`` of ``move_tensor(src, moves)`` into ``out`` (a 2-D ``src`` whose moves act on axes 0/1)."""
+    check_moves(src, moves)
+    return _RowKernel(src, moves, scratch).rows(r0, r1, out)
+
+
+def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None,
+                scratch: Scratch | None = None) -> torch.Tensor:
+    """Return ``src`` with every move applied (a new tensor, or ``out``); ``src`` is left unchanged.
+
+    2-D tensors are processed in cache-sized row blocks (see ``_RowKernel``): one read and one write of the
+    tensor. Every move is a gather plus, where signs apply, a sign-bit flip: bit-exact in every dtype.
+    """
+    if out is None:
+        out = torch.empty_like(src, memory_format=torch.contiguous_format)
+    if not moves:
+        return out.copy_(src)
+    check_moves(src, moves)
+    if _is_rows_cols(src, moves):
+        return _RowKernel(src, moves, scratch).rows(0, src.shape[0], out)
     # general N-d path (1-D gains and biases, rare higher-rank tensors); index_select always returns a new tensor
-    y = src
+    float_bits = moves_as_bits(src)
+    y = as_bits(src)
     for m in moves:
-        y = y.index_select(m.axis, _on(m.index, src))
-        if m.sign is not None:
+        y = y.index_select(m.axis, m.index_on(src.device))
+        s = m.signer(y, float_bits)
+        if s is not None:
             shape = [1] * y.dim()
             shape[m.axis] = -1
-            y.mul_(_on(m.sign, src, src.dtype).view(shape))
-    return out.copy_(y)
+            flip_(y, s.view(shape), float_bits)
+    as_bits(out).copy_(y)
+    return out
+
+
+class Scratch:
+    """Reusable byte buffers keyed by (device, name), grown on demand. Fresh memory is page-faulted on first
+    touch, which costs about as much as a copy, so buffers kept for a whole model or checkpoint are faulted once."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, object], torch.Tensor] = {}
+
+    def bytes(self, n: int, key: object = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+        """A uint8 buffer of ``n`` bytes (its contents are whatever was left there)."""
+        k = (str(device), key)
+        b = self._bufs.get(k)
+        if b is None or b.numel() < n:
+            self._bufs.pop(k, None)                     # free before growing
+            b = self._bufs[k] = torch.empty(max(n, 1), dtype=torch.uint8, device=device)
+        return b[:n]
+
+    def like(self, t: torch.Tensor, shape: tuple[int, ...] | None = None, key: object = 0) -> torch.Tensor:
+        """A buffer of ``t``'s dtype and device, of ``shape`` (default ``t.shape``)."""
+        shape = tuple(t.shape if shape is None else shape)
+        n = int(torch.Size(shape).numel())
+        return self.bytes(n * t.element_size(), key, t.device).view(t.dtype).view(shape)
+
+
+def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | None = None) -> torch.Tensor:
+    """Apply ``moves`` to ``t`` in place (its storage is kept) and return it.
+
+    Column-only moves (readers, embeddings) never read across rows, so each cache-sized row block is gathered into
+    a small scratch block and copied straight back: one read and one write of the tensor, no allocation. A move of
+    rows reads anywhere in the tensor, so it is computed into a tensor-sized scratch buffer, then copied back.
+    """
+    if not moves:
+        return t
+    check_moves(t, moves)
+    scratch = scratch if scratch is not None else Scratch()
+    if _is_rows_cols(t, moves) and all(m.axis == 1 for m in moves):
+        k = _RowKernel(t, moves, scratch)
+        buf = scratch.like(t, (min(k.step, t.shape[0]), t.shape[1]), key="block")
+        for r0 in range(0, t.shape[0], k.step):
+            r1 = min(t.shape[0], r0 + k.step)
+            k.block(r0, r1, buf[: r1 - r0])
+            as_bits(t[r0:r1]).copy_(as_bits(buf[: r1 - r0]))
+        return t
+    buf = move_tensor(t, moves, out=scratch.like(t, key="whole"), scratch=scratch)
+    as_bits(t).copy_(as_bits(buf))
+    return t
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from .errors import GaugeError
 
-__all__ = ["SignedPermutation"]
+__all__ = ["SignedPermutation", "as_bits", "moves_as_bits", "sign_operand", "flip_"]
 
 
 def _as_long(x: Any, what: str) -> torch.Tensor:
@@ -26,6 +26,38 @@ def _as_long(x: Any, what: str) -> torch.Tensor:
         else:
             raise GaugeError(f"{what} must hold integers, got dtype {t.dtype}")
     return t.detach().to(device="cpu", dtype=torch.int64).contiguous()
+
+
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def moves_as_bits(t: torch.Tensor) -> bool:
+    """True for float tensors, which gauge moves handle as integer bits (see ``as_bits``)."""
+    return t.is_floating_point() and t.element_size() in _BITS
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor's memory as integers of the same width (other tensors as they are).
+
+    Gauge moves act on floats through this view: gathers copy bits, and a sign flip is an XOR of the sign bit,
+    which is exactly IEEE negation for every value (zeros, infinities and NaNs included). Integer gathers and XORs
+    also run at memory speed in every dtype, where bf16/fp16 arithmetic does not.
+    """
+    return t.view(_BITS[t.element_size()]) if moves_as_bits(t) else t
+
+
+def sign_operand(sign: torch.Tensor, like: torch.Tensor, float_bits: bool) -> torch.Tensor:
+    """What applies ``sign`` (±1) to ``like``: an XOR mask of sign bits when ``like`` is a float tensor's integer
+    view (``float_bits``), otherwise ±1 in ``like``'s dtype to multiply by."""
+    s = sign.to(like.device)
+    if float_bits:
+        return torch.where(s < 0, torch.iinfo(like.dtype).min, 0).to(like.dtype)
+    return s.to(like.dtype)
+
+
+def flip_(t: torch.Tensor, operand: torch.Tensor, float_bits: bool) -> torch.Tensor:
+    """Apply a ``sign_operand`` to ``t`` in place."""
+    return t.bitwise_xor_(operand) if float_bits else t.mul_(operand)
 
 
 class SignedPermutation:
@@ -174,13 +206,13 @@ class SignedPermutation:
                 f"width mismatch: the gauge acts on {self.size} coordinates but the tensor has shape "
                 f"{tuple(x.shape)} (dim {dim}); transport objects whose axis {dim} is the model's width"
             )
-        y = x.index_select(dim, self.index(x.device))
-        s = self.signs(x.dtype, x.device)
-        if s is not None:
+        float_bits = moves_as_bits(x)
+        y = as_bits(x).index_select(dim, self.index(x.device))
+        if not self.is_permutation:
             shape = [1] * x.dim()
             shape[dim] = self.size
-            y.mul_(s.view(shape))
-        return y
+            flip_(y, sign_operand(self._sign, y, float_bits).view(shape), float_bits)
+        return y.view(x.dtype)
 
     __call__ = apply
 

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 import torch
 from transformers.utils import logging
 
-from .engine import check_gauge, move_tensor, moves_for, space_sizes
+from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for, space_sizes
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
@@ -77,7 +77,8 @@ def gauge_spaces(model: Any) -> dict[str, int]:
 def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     """Move every parameter of ``model`` into the gauge's target chart, in place; returns ``model``.
 
-    Exact (index operations only), works through PEFT wrappers (LoRA factors move with their modules) and on
+    Parameters keep their storage (views, tied weights and optimizer references stay valid). Exact (index
+    operations only), works through PEFT wrappers (LoRA factors move with their modules) and on
     models spread over several devices. ``strict=True`` refuses a gauge whose recorded source fingerprint differs
     from the model's (otherwise that only warns: a fine-tune of the source is a legitimate target).
     """
@@ -104,13 +105,14 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
                 raise GaugeError(msg + " (strict=True refuses)")
             warnings.warn(msg, stacklevel=2)
     plan = moves_for(spec, m.config, gauge, params)
+    for n, moves in plan.items():          # refuse before touching anything: never leave a half-gauged model
+        try:
+            check_moves(params[n], moves)
+        except GaugeError as e:
+            raise GaugeError(f"{n}: {e}") from None
+    scratch = Scratch()
     for n, moves in plan.items():
-        if moves:
-            p = params[n]
-            try:
-                p.data = move_tensor(p.data, moves)
-            except GaugeError as e:
-                raise GaugeError(f"{n}: {e}") from None
+        move_tensor_(params[n].data, moves, scratch)
     return model
 
 

@@ -105,11 +105,11 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     calls = {"n": 0}
     real = ckpt.move_tensor
 
-    def flaky(t, moves, out=None):
+    def flaky(t, moves, out=None, scratch=None):
         calls["n"] += 1
         if calls["n"] == 7:
             raise RuntimeError("injected failure mid-checkpoint")
-        return real(t, moves, out)
+        return real(t, moves, out, scratch)
 
     monkeypatch.setattr(ckpt, "move_tensor", flaky)
     with pytest.raises(RuntimeError, match="injected"):

@@ -70,6 +70,7 @@ class ArchSpec:
     sites: Sites
     tied_pair: tuple[str, str]      # (embedding key, lm_head key) that tie_word_embeddings makes one tensor
     _compiled: list = field(default_factory=list, compare=False, repr=False)
+    _axes_memo: dict = field(default_factory=dict, compare=False, repr=False)   # engine.axes_for, per tensor name
 
     @property
     def group(self) -> str:
