@@ -72,8 +72,9 @@ def _read_data(args: argparse.Namespace) -> Any:
     import torch
 
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        t = load_file(p)
+        from .transport._io import read_safetensors
+        t, _ = read_safetensors(p, "give --data as a .safetensors file holding a tensor named 'input_ids', a .json "
+                                   "list of token-id lists, or a .txt file")
         if "input_ids" not in t:
             raise GaugeError(f"--data {p} must hold a tensor named 'input_ids' (got {sorted(t)[:5]})")
         return t["input_ids"].long()

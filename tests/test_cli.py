@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from hub_server import HubServer, local_network_only  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.usefixtures("local_network_only")
 
-SUBCOMMANDS = ("find", "apply", "transport", "verify", "push", "show")
+SUBCOMMANDS = ("find", "apply", "transport", "verify", "push", "show", "demo", "audit")
 
 
 def script() -> list[str]:
@@ -66,11 +67,55 @@ def test_bad_input_one_line_error_no_traceback(setup) -> None:
     assert not (tmp / "o").exists()
 
 
+def test_find_verify_transport_console_script(setup) -> None:
+    """find -> verify -> transport through the installed console script, one subprocess each."""
+    tmp, a, b, g = setup
+    from safetensors.torch import load_file, save_file
+    r = run("find", str(tmp / "A"), str(tmp / "B"), "--spaces", "mlp", "-o", str(tmp / "G"))
+    assert r.returncode == 0 and "saved gauge" in r.stdout, r.stderr
+    found = load_gauge(tmp / "G")
+    assert found == g                                                # the hidden gauge, residual and MLP spaces
+    r = run("verify", str(tmp / "A"), str(tmp / "B"), "--gauge", str(tmp / "G"), "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["ok"] and res["weights_bit_exact"] and res["fingerprint_match"]
+    v = {"layer.1": torch.randn(64), "layer.0": torch.randn(3, 64)}
+    save_file(v, tmp / "vec.safetensors")
+    r = run("transport", str(tmp / "vec.safetensors"), "--gauge", str(tmp / "G"), "-o", str(tmp / "OUT.safetensors"))
+    assert r.returncode == 0 and "wrote" in r.stdout, r.stderr
+    out = load_file(tmp / "OUT.safetensors")
+    assert out.keys() == v.keys() and all(torch.equal(out[k], g.residual(v[k])) for k in v)
+
+
+def test_corrupt_safetensors_one_line_error(setup, capsys: pytest.CaptureFixture) -> None:
+    """A corrupt or non-safetensors file given to find --data or transport: GaugeError -> one line, status 2."""
+    tmp, a, b, g = setup
+    from safetensors.torch import save
+    good = save({"input_ids": torch.zeros(2, 5, dtype=torch.long)})
+    bad = {"text": b"not a safetensors file at all", "empty": b"", "truncated": good[:-7]}
+    for name, data in bad.items():
+        (tmp / f"{name}.safetensors").write_bytes(data)
+        argvs = (["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / f"{name}.safetensors"),
+                  "-o", str(tmp / "f")],
+                 ["transport", str(tmp / f"{name}.safetensors"), "--gauge", str(tmp / "gauges" / "a2b"),
+                  "-o", str(tmp / "t.safetensors")])
+        for argv in argvs:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            lines = err.strip().splitlines()
+            assert "Traceback" not in err and len(lines) == 1, (argv, err)
+            assert lines[0].startswith("error: ") and "not a valid safetensors file" in lines[0], argv
+            assert str(tmp / f"{name}.safetensors") in lines[0], argv
+        assert not (tmp / "f").exists() and not (tmp / "t.safetensors").exists()
+
+
 def test_every_subcommand_help(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and all(c in out for c in SUBCOMMANDS + ("demo",))
+    assert e.value.code == 0
+    for c in SUBCOMMANDS:                                          # listed as a command, not just mentioned
+        assert re.search(rf"^\s+{c}\b", out, re.M), c
     for cmd in SUBCOMMANDS:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])

@@ -93,3 +93,37 @@ def test_refusals(g, tmp_path):
     assert torch.equal(load_file(out / "sae_weights.safetensors")["W_enc"],
                        g.residual.apply(load_file(sae / "sae_weights.safetensors")["W_enc"], dim=0))
     assert json.loads((out / "cfg.json").read_text())["hf_gauge"][0]["space"] == "residual"
+
+
+def test_corrupt_safetensors_refused(g, tmp_path):
+    """A corrupt or non-safetensors ``.safetensors`` file is a GaugeError naming the file, and writes nothing."""
+    from safetensors.torch import save
+    good = save({"v": torch.randn(D)})
+    for name, data in {"text": b"not a safetensors file", "empty": b"", "truncated": good[:-5],
+                       "extra": good + b"xx"}.items():
+        src = tmp_path / f"{name}.safetensors"
+        src.write_bytes(data)
+        assert detect(src) == "vectors"
+        with pytest.raises(GaugeError, match="not a valid safetensors file") as e:
+            transport_path(g, src, tmp_path / f"{name}_out.safetensors")
+        assert str(src) in str(e.value)
+        assert not (tmp_path / f"{name}_out.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("kind", ["sae", "adapter"])
+def test_corrupt_weights_in_a_folder_refused(g, tmp_path, kind):
+    """A SAELens or PEFT folder whose weights file is corrupt is a GaugeError naming that file, and writes nothing."""
+    src = tmp_path / kind
+    src.mkdir()
+    if kind == "sae":
+        (src / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": 4, "metadata": {"hook_name": "blocks.1.hook_resid_pre"}}))
+        weights = src / "sae_weights.safetensors"
+    else:
+        (src / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "target_modules": ["q_proj"]}))
+        weights = src / "adapter_model.safetensors"
+    weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{truncated")
+    with pytest.raises(GaugeError, match="not a valid safetensors file") as e:
+        transport_path(g, src, tmp_path / "out")
+    assert str(weights) in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -68,10 +68,10 @@ def test_verify_data_forms(pair) -> None:
 def test_apply_fingerprint_mismatch_warns_or_refuses() -> None:
     a, other = tiny_model("llama"), tiny_model("llama", seed=9)
     g = random_gauge(a, seed=1)
+    before = state(other)
     with pytest.raises(GaugeError, match="fingerprint"):
         apply_gauge(other, g, strict=True)
-    before = state(other)
-    assert_state_equal(state(other), before)
+    assert_state_equal(state(other), before)                      # the refusal left the model untouched
     with pytest.warns(UserWarning, match="fingerprint"):
         apply_gauge(other, g)
     # the recorded source fingerprint matches: no warning at all, even strict

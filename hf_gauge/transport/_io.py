@@ -116,10 +116,12 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
                 "model=), or use a gauge whose source records model_type"
             )
         spec = get_spec(mt)
-    if model_type is not None and gauge.source.get("model_type") not in (None, model_type) \
-            and gauge.source["model_type"] not in spec.model_types:
+    # the object's own architecture (given, or from its model's config) must be the one the gauge was fitted on:
+    # llama / mistral / qwen2 / qwen3 share one spec and one key layout, so the keys alone cannot tell them apart
+    own = model_type or (getattr(config, "model_type", None) if config is not None else None)
+    if own is not None and gauge.source.get("model_type") not in (None, own):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but the {what} is for "
-                         f"{model_type!r}")
+                         f"{own!r}: an object of another architecture cannot be transported through it")
     if config is None:
         if any(k.startswith("attn.") for k in gauge.spaces):
             raise GaugeError(f"this gauge moves attention heads; transporting a {what} through it needs the model's "
@@ -141,6 +143,17 @@ def move_named(moves: dict[str, tuple[Move, ...]], tensors: dict[str, torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
+def read_safetensors(path: Path, hint: str = "re-save or re-download it") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, __metadata__)`` of a safetensors file; a corrupt or truncated file is a ``GaugeError``
+    naming it (``hint`` says what to do instead)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as e:
+        raise GaugeError(f"{path} is not a valid safetensors file ({e}); {hint}") from None
+
+
 def check_out(src: Path | None, out: Path) -> Path:
     """Refuse writing onto the input or into an existing non-empty path."""
     out = Path(out)

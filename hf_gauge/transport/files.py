@@ -19,7 +19,7 @@ import torch
 
 from ..errors import GaugeError
 from . import register
-from ._io import atomic_file, check_out, gauge_record
+from ._io import atomic_file, check_out, gauge_record, read_safetensors
 from .optim import _is_optim_state, transport_optimizer_state
 from .peft_adapters import is_adapter_folder, transport_adapter_folder
 from .sae import _is_sae_dict, is_sae_folder, transport_sae_folder, transport_sae_state
@@ -68,11 +68,9 @@ def _move_named_vectors(gauge, tensors: dict[str, torch.Tensor]) -> dict[str, to
 
 
 def _transport_safetensors(gauge, src: Path, out: Path, **kw: Any) -> Path:
-    from safetensors import safe_open
     from safetensors.torch import save_file
-    with safe_open(str(src), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(src, "check the file is complete (re-save or re-download it) or give steering "
+                                          "vectors as a .pt file")
     if any("lora_" in k for k in tensors):
         raise GaugeError(f"{src} looks like PEFT adapter weights; transport the adapter folder (with its "
                          "adapter_config.json) instead")

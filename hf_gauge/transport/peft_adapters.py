@@ -27,7 +27,8 @@ import torch
 from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
-from ._io import atomic_dir, copy_other_files, move_named, moves_for_names, spec_and_config, write_record
+from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, read_safetensors, spec_and_config,
+                  write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -86,7 +87,7 @@ def _peft_model(gauge, pm: Any, *, adapter_name: str | None = None, **kw: Any) -
         raise GaugeError(f"the PeftModel has no adapter {name!r}; it has {list(pm.peft_config)}")
     _check_peft_type(pm.peft_config[name], f"adapter {name!r}")
     sd = get_peft_model_state_dict(pm, adapter_name=name)
-    kw.setdefault("config", pm.get_base_model().config)
+    kw.setdefault("config", pm.get_base_model().config)     # its model_type is checked against the gauge's
     return transport_adapter_state(gauge, sd, **kw)
 
 
@@ -153,7 +154,6 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
     The architecture comes from the kwargs, ``gauge.source['model_type']``, or a local
     ``base_model_name_or_path/config.json``.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
     src, out = Path(src), Path(out)
     if not is_adapter_folder(src):
@@ -167,9 +167,7 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
     _check_peft_type(cfg, str(src))
     if spec is None and model_type is None and config is None and model is None and not gauge.source.get("model_type"):
         config = _local_base_config(cfg)
-    with safe_open(str(src / ADAPTER_WEIGHTS), framework="pt") as f:
-        st_meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
     moved = transport_adapter_state(gauge, sd, model_type=model_type, spec=spec, config=config, model=model)
     subs = [p for p in sorted(src.iterdir()) if p.is_dir()]
     for p in subs:

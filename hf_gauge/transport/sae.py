@@ -21,7 +21,7 @@ import torch
 from ..engine import Move
 from ..errors import GaugeError
 from . import register
-from ._io import atomic_dir, copy_other_files, element, gauge_record, move_of, write_record
+from ._io import atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record
 
 SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
@@ -171,7 +171,6 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     The new ``cfg.json`` records the gauge under ``metadata.hf_gauge`` (a list, one entry per transport);
     ``hf_gauge_transport.json`` holds the same record. Per-feature files (``sparsity.safetensors``) are copied.
     """
-    from safetensors import safe_open
     from safetensors.torch import save_file
     src, out = Path(src), Path(out)
     if not is_sae_folder(src):
@@ -182,9 +181,7 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     space = space or space_for_hook(hook)
     hook_out = md.get("hook_name_out") or cfg.get("hook_name_out")
     space_out = space_out or (space_for_hook(hook_out) if hook_out else space)
-    with safe_open(str(src / SAE_WEIGHTS), framework="pt") as f:
-        st_meta = f.metadata()
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd, st_meta = read_safetensors(src / SAE_WEIGHTS, "re-save the SAE with SAE.save_model")
     moved = transport_sae_state(gauge, sd, space=space, space_out=space_out,
                                 normalize_activations=cfg.get("normalize_activations", "none"),
                                 apply_b_dec_to_input=cfg.get("apply_b_dec_to_input", True))
