@@ -25,7 +25,10 @@ def merge(model_a: Any, model_b: Any, weight: float = 0.5, gauge: Gauge | None =
 
     Args:
         gauge: the gauge from A's chart to B's; ``None`` fits one with ``hf_gauge.match.find_gauge(model_a, model_b,
-            method=method, **find_kwargs)``.
+            method=method, **find_kwargs)``. Unlike ``find_gauge`` itself (residual only by default), the merge fits
+            every gauge space by default (``spaces="all"``: residual, MLP units and attention heads), because a
+            merge interpolates every weight and an unaligned inner space cancels features just like an unaligned
+            residual. Pass ``spaces=("residual",)`` in ``find_kwargs`` to fit the residual stream only.
         method: ``"signed"`` (B_d, sign-marginalized) or ``"permutation"`` (the S_d baseline) when fitting.
             ``"none"`` merges without alignment (for comparison).
     """
@@ -36,6 +39,8 @@ def merge(model_a: Any, model_b: Any, weight: float = 0.5, gauge: Gauge | None =
         raise GaugeError(f"cannot merge a {a.config.model_type!r} model with a {b.config.model_type!r} model")
     if gauge is None and method != "none":
         from .match import find_gauge     # lazy: match.py is optional at import time
+        if method in ("signed", "permutation"):
+            find_kwargs.setdefault("spaces", "all")   # every weight is interpolated: align every gauge space
         gauge = find_gauge(model_a, model_b, method=method, **find_kwargs)
     b_in_a = copy.deepcopy(b)
     if gauge is not None:

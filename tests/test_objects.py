@@ -39,7 +39,13 @@ def test_rules_match_the_group_action():
     g = Gauge(residual=q, mlp={3: SignedPermutation.random(30, 1)})
     x = torch.randn(d, 5)                      # scores with an extra axis (e.g. per token)
     idx = torch.tensor([4, 0, 17, 9])
-    moved = g.transport(Attribution(idx, x[idx]))
+    att = Attribution(idx, x[idx])
+    idx0, sc0 = att.indices.clone(), att.scores.clone()
+    moved = g.transport(att)
+    # the input is never mutated: its indices and scores keep their values, and the output owns new tensors
+    assert torch.equal(att.indices, idx0) and torch.equal(att.scores, sc0)
+    assert moved is not att and moved.scores.data_ptr() != att.scores.data_ptr()
+    assert moved.indices.data_ptr() != att.indices.data_ptr()
     y = q.apply(x, dim=0)
     assert torch.equal(moved.indices, q.map_indices(idx))
     assert torch.equal(moved.scores, y[moved.indices])          # exact: a gather and a sign

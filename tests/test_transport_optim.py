@@ -14,6 +14,8 @@ from hf_gauge.transport._io import permutation_only
 
 BATCHES = [torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(100 + i)) for i in range(9)]
 OPTS = {
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-3, weight_decay=0.01),   # L2 folded into the gradient
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1),
     "adamw-amsgrad": lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.1, amsgrad=True),
     "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),

@@ -22,6 +22,10 @@ CASES = {
     "dora+embedding": dict(target_modules=PROJ + ["embed_tokens"], use_dora=True),
     "lora_bias+trainable_tokens": dict(target_modules=PROJ, lora_bias=True,
                                        trainable_token_indices={"embed_tokens": [1, 5, 9]}),
+    # base-layer biases (q/k/v/o/gate/up/down: the tiny Llama has attention_bias and mlp_bias) saved in the adapter
+    "lora+bias_all": dict(target_modules=PROJ, bias="all"),
+    # a full trainable copy of the token embedding saved in the adapter
+    "lora+modules_to_save_embed": dict(target_modules=PROJ, modules_to_save=["embed_tokens"]),
 }
 
 
@@ -88,9 +92,15 @@ def test_adapter_state_transport_reproduces_logits(setup, ids, case):
     assert bad_raw > 0.05 * scale, bad_raw
 
     # a state dict in (model_type and head geometry given explicitly) gives the same tensors, bit for bit
+    snapshot = {k: v.clone() for k, v in before.items()}
     sd_b2 = g.transport(before, model_type="llama", config=a.config)
     for k in sd_b:
         assert torch.equal(sd_b[k], sd_b2[k]), k
+    # ... and the input state dict is never mutated; the outputs are new tensors
+    assert set(before) == set(snapshot)
+    for k, v in before.items():
+        assert torch.equal(v, snapshot[k]), k
+        assert sd_b2[k].data_ptr() != v.data_ptr(), k
 
 
 def test_transport_peft_model_builds_new_model(setup, ids):
@@ -112,6 +122,8 @@ def test_adapter_folder_roundtrip(setup, ids, tmp_path):
     ref = logits(pa, ids)
     src = tmp_path / "adapter"
     pa.save_pretrained(src)
+    src_bytes = {p.relative_to(src): p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()}
+    assert (src / "adapter_model.safetensors").relative_to(src) in src_bytes
     out = hf_gauge.transport_path(g, src, tmp_path / "adapter_b", config=a.config)
     assert (out / "adapter_config.json").read_text() == (src / "adapter_config.json").read_text()
     rec = json.loads((out / "hf_gauge_transport.json").read_text())
@@ -126,6 +138,8 @@ def test_adapter_folder_roundtrip(setup, ids, tmp_path):
     with pytest.raises(GaugeError, match="not empty"):
         hf_gauge.transport_path(g, src, out, config=a.config)
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    # the source folder is never mutated: same files, same bytes
+    assert {p.relative_to(src): p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()} == src_bytes
 
 
 def test_adapter_for_other_architecture_is_refused(setup):
@@ -140,6 +154,13 @@ def test_adapter_for_other_architecture_is_refused(setup):
     ps = get_peft_model(small, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     with pytest.raises(GaugeError, match=r"q_proj\.lora_A\.weight.*width mismatch"):
         g.restrict("residual").transport(get_peft_model_state_dict(ps), model_type="llama")
+    # same key names, same width, another architecture: a Qwen2 PeftModel through a Llama-fitted gauge
+    qwen = tiny_model("qwen2", seed=1)
+    pq = get_peft_model(qwen, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    with pytest.raises(GaugeError, match=r"(?s)(qwen2.*llama|llama.*qwen2)"):
+        g.transport(pq)
+    with pytest.raises(GaugeError, match=r"(?s)(qwen2.*llama|llama.*qwen2)"):
+        hf_gauge.transport_peft_model(g, pq, tiny_model("qwen2", seed=1))
     # no architecture known at all
     g_anon = hf_gauge.Gauge(residual=g.residual)
     with pytest.raises(GaugeError, match="model_type"):

@@ -53,7 +53,13 @@ def test_layer_dict_steering(pair, ids):
     vecs = {0: 4 * torch.randn(64, generator=gen), LAYER: 4 * torch.randn(64, generator=gen)}
     ref = steered(a, ids, vecs)
     assert (ref - logits(a, ids)).abs().max() > 0.1                 # the steering does something
+    orig = {k: v.clone() for k, v in vecs.items()}
     moved = g.transport(vecs)
+    # the input dict is never mutated: same keys, same values, and the outputs are new tensors
+    assert moved is not vecs and set(vecs) == set(orig) == set(moved)
+    for k in orig:
+        assert torch.equal(vecs[k], orig[k]), k
+        assert moved[k] is not vecs[k] and moved[k].data_ptr() != vecs[k].data_ptr(), k
     assert (steered(b, ids, moved) - ref).abs().max().item() < 1e-5
     bad = (steered(b, ids, permutation_only(g).transport(vecs)) - ref).abs().max().item()
     assert bad > 0.05, bad
@@ -61,7 +67,7 @@ def test_layer_dict_steering(pair, ids):
 
 
 def test_steering_vectors_package(pair, ids):
-    import steering_vectors as sv_mod
+    sv_mod = pytest.importorskip("steering_vectors")    # optional: the Makefile installs it, `.[test]` does not
     a, b, g = pair
     v = 4 * torch.randn(64, generator=torch.Generator().manual_seed(1))
     sv = sv_mod.SteeringVector(layer_activations={LAYER: v}, layer_type="decoder_block")
@@ -81,10 +87,11 @@ def test_steering_vectors_package(pair, ids):
 
 
 def _import_repeng():
-    """repeng 0.4 annotates with ``np.float_`` (removed in NumPy 2); only the annotation needs it, at import time."""
+    """repeng 0.4 annotates with ``np.float_`` (removed in NumPy 2); only the annotation needs it, at import time.
+
+    Skips the calling test when repeng is not installed (optional: the Makefile installs it, `.[test]` does not)."""
     try:
-        import repeng
-        return repeng
+        return pytest.importorskip("repeng")
     except AttributeError as e:
         if "float_" not in str(e):
             raise
@@ -102,14 +109,17 @@ def _import_repeng():
 
 
 def test_repeng_control_vector(pair, ids):
-    try:
-        repeng = _import_repeng()
-    except ImportError as e:
-        pytest.skip(f"repeng not importable: {e}")
+    repeng = _import_repeng()
     a, b, g = pair
     d = {LAYER: (3 * np.random.default_rng(0).standard_normal(64)).astype(np.float32)}
     cv = repeng.ControlVector(model_type="llama", directions=d)
+    orig = {k: v.copy() for k, v in cv.directions.items()}
     cv_b = g.transport(cv)
+    # the input ControlVector is never mutated, and the output's arrays are new
+    assert cv_b is not cv and cv.directions is d and set(cv.directions) == set(orig)
+    for k in orig:
+        assert np.array_equal(cv.directions[k], orig[k]) and cv.directions[k].dtype == orig[k].dtype, k
+        assert not np.shares_memory(cv_b.directions[k], cv.directions[k]), k
     assert isinstance(cv_b, repeng.ControlVector) and cv_b.model_type == "llama"
     assert cv_b.directions[LAYER].dtype == np.float32
     ref = steered(a, ids, {k: torch.from_numpy(v) for k, v in cv.directions.items()})
