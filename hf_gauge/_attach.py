@@ -20,15 +20,35 @@ def _gauge_to(self, other, data=None, **kwargs: Any):
     return gauge
 
 
+# keywords of ``model.transport(obj, to=other, ...)`` that configure the fit (``find_gauge`` / ``collect_pair_stats``)
+FIT_KEYS = frozenset({"data", "method", "tokenizer", "batch_size", "progress", "low_confidence", "spaces",
+                      "max_length", "layers", "include_embed", "include_final_norm", "stats_device", "shard",
+                      "max_rows"})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Fit arguments match: the same object, or equal plain values (tensors and data iterables by identity)."""
+    return a is b or (isinstance(a, (str, int, float, bool, tuple)) and type(a) is type(b) and a == b)
+
+
 def _transport(self, obj, to=None, **kwargs: Any):
-    """Move ``obj`` into ``to``'s chart (fitting and caching the gauge), or through the last ``gauge_to`` result."""
+    """Move ``obj`` into ``to``'s chart, or through the last ``gauge_to`` result.
+
+    With ``to``, the gauge is fitted with the fit keywords given (``FIT_KEYS``: ``data``, ``method``, ``spaces``, ...)
+    and cached on this model for that target model and those keywords; other keywords go to ``gauge.transport``.
+    """
+    import weakref
+
     from .errors import GaugeError
     if to is not None:
-        cache = self.__dict__.setdefault("_hf_gauge_cache", {})
-        key = id(to)
-        if key not in cache:
-            cache[key] = _gauge_to(self, to, **{k: kwargs.pop(k) for k in ("data", "method", "tokenizer") if k in kwargs})
-        gauge = cache[key]
+        fit = {k: kwargs.pop(k) for k in list(kwargs) if k in FIT_KEYS}
+        cache = self.__dict__.setdefault("_hf_gauge_cache", [])
+        cache[:] = [e for e in cache if e[0]() is not None]            # forget targets that no longer exist
+        gauge = next((g for ref, f, g in cache if ref() is to and f.keys() == fit.keys()
+                      and all(_same(f[k], fit[k]) for k in f)), None)
+        if gauge is None:
+            gauge = _gauge_to(self, to, **fit)
+            cache.append((weakref.ref(to), fit, gauge))
         self._hf_gauge_last = gauge
     else:
         gauge = getattr(self, "_hf_gauge_last", None)
@@ -47,18 +67,26 @@ METHODS = {"apply_gauge": _apply_gauge, "gauge_to": _gauge_to, "transport": _tra
 
 
 def attach() -> list[type]:
-    """Add the methods to every importable ``*ForCausalLM`` class of a supported model_type; returns the classes."""
+    """Add the methods to every importable ``*ForCausalLM`` class of a supported model_type, and to PEFT's
+    ``PeftModel`` (whose attribute forwarding would otherwise bind them to the wrapped model, so that
+    ``peft_model.apply_gauge(g)`` returned the inner model); returns the classes. Existing attributes are never
+    replaced, and no class is swapped or subclassed."""
     import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    done = []
+    classes = []
     for mt in SPECS:
         cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt)
         cls = getattr(transformers, cls_name, None) if cls_name else None
-        if cls is None:
-            continue
+        if cls is not None:
+            classes.append(cls)
+    try:
+        from peft import PeftModel
+        classes.append(PeftModel)
+    except ImportError:
+        pass
+    for cls in classes:
         for name, fn in METHODS.items():
             if not hasattr(cls, name):
                 setattr(cls, name, fn)
-        done.append(cls)
-    return done
+    return classes

@@ -377,6 +377,17 @@ class _CrossStats:
             h = self.blocks
             self.sab += torch.einsum("nak,nbk->abk", a.view(a.shape[0], h, -1), b.view(b.shape[0], h, -1))
 
+    def reduce(self) -> "_CrossStats":
+        """Sum over ``accelerate`` processes (each streamed its own shard of the data); returns self."""
+        from .stats import reduce_sums
+        names = ("sa", "sb", "saa", "sbb", "sab")
+        summed = reduce_sums({"n": torch.tensor([float(self.n)], dtype=torch.float64),
+                              **{k: getattr(self, k) for k in names}})
+        self.n = int(summed["n"].item())
+        for k in names:
+            setattr(self, k, summed[k].cpu())
+        return self
+
     def corr(self) -> np.ndarray:
         """``C[i, j]``; a constant coordinate correlates 0 with everything. Heads: mean over head dims."""
         if self.n < 2:
@@ -434,7 +445,7 @@ def _inner_from_activations(ma, mb, spec: ArchSpec, wanted: list[str], data: Any
             for s in group:
                 stats[s].update(acts_a.pop(s), acts_b.pop(s))
         for s in group:
-            C = stats[s].corr()
+            C = stats[s].reduce().corr()
             if s.startswith("mlp."):
                 signed = _sign_rule(spec, s) == "any" and method == "signed"
                 res = match_correlation(C, method="signed" if signed else "permutation")

@@ -44,6 +44,19 @@ __all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
 # ----------------------------------------------------------------------------------------------------------------
 # The accumulator
 # ----------------------------------------------------------------------------------------------------------------
+def reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Running sums added up over the ``accelerate`` processes (``accelerate.utils.reduce``); unchanged in a single
+    process. Every process must call this with the same keys and shapes."""
+    from accelerate import PartialState
+    from accelerate.utils import reduce
+
+    state = PartialState()
+    if state.num_processes <= 1:
+        return sums
+    dev = state.device if state.device.type != "cpu" else torch.device("cpu")
+    return reduce({k: v.to(dev) for k, v in sums.items()}, reduction="sum")
+
+
 @dataclass
 class PairStats:
     """Per-site float64 running sums for paired activations ``x_A``, ``x_B`` (rows: tokens)."""
@@ -93,16 +106,7 @@ class PairStats:
 
     def reduce(self) -> "PairStats":
         """Sum the raw moments over ``accelerate`` processes (a no-op in a single process); returns self."""
-        from accelerate import PartialState
-        from accelerate.utils import reduce
-
-        state = PartialState()
-        if state.num_processes <= 1:
-            return self
-        dev = state.device if state.device.type != "cpu" else torch.device("cpu")
-        moved = {k: v.to(dev) for k, v in self._tensors().items()}
-        summed = reduce(moved, reduction="sum")
-        for k, v in summed.items():
+        for k, v in reduce_sums(self._tensors()).items():
             setattr(self, k, v.to(self.count.device))
         return self
 

@@ -180,3 +180,28 @@ def test_model_transport_to_and_last(ids):
         ha = A(ids, output_hidden_states=True).hidden_states[1]
         hb = B(ids, output_hidden_states=True).hidden_states[1]
     torch.testing.assert_close(A.transport(ha, to=B), hb, atol=1e-5, rtol=1e-5)
+
+
+def test_model_transport_cache_is_keyed_by_target_and_fit_arguments(ids, monkeypatch):
+    """The cached gauge is reused only for the same target model and the same fit keywords."""
+    import hf_gauge._attach as attach
+    A = tiny_model("llama")
+    B, hidden = _gauged_copy(A, seed=8)
+    v = torch.randn(A.config.hidden_size)
+    fits = []
+    real = attach._gauge_to
+    monkeypatch.setattr(attach, "_gauge_to", lambda self, to, **kw: fits.append(kw) or real(self, to, **kw))
+    A.transport(v, to=B)
+    A.transport(v, to=B)
+    assert len(fits) == 1                                     # cached
+    perm_only = A.transport(v, to=B, method="permutation")    # another fit, not the cached signed gauge
+    assert len(fits) == 2 and fits[-1] == {"method": "permutation"}
+    assert A._hf_gauge_last.is_permutation and not hidden.residual.is_permutation
+    assert not torch.equal(perm_only, hidden.residual.apply(v))
+    A.transport(v, to=B, data=ids, progress=False)            # data: fitted from activations
+    assert len(fits) == 3 and fits[-1]["data"] is ids
+    A.transport(v, to=B, data=ids, progress=False)
+    assert len(fits) == 3
+    B2, _ = _gauged_copy(A, seed=9)
+    A.transport(v, to=B2)
+    assert len(fits) == 4

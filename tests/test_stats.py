@@ -146,8 +146,12 @@ _SCRIPT = textwrap.dedent("""
     A, B = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     ids = torch.randint(0, 128, (6, 9), generator=torch.Generator().manual_seed(3))
     st = collect_pair_stats(A, B, ids, batch_size=2, progress=False)
+    from hf_gauge.match import find_gauge
+    g = find_gauge(A, B, data=ids, spaces="all", batch_size=2, progress=False)   # residual, MLP units and heads
+    found = {{f"gauge.{{k}}.{{f}}": getattr(v, f) for k, v in g.spaces.items() for f in ("perm", "sign")}}
+    found["gauge.mlp_tokens"] = torch.tensor(g.confidence["mlp.0"]["n_tokens"])
     if state.is_main_process:
-        torch.save({{"world": state.num_processes, **st._tensors()}}, sys.argv[1])
+        torch.save({{"world": state.num_processes, **st._tensors(), **found}}, sys.argv[1])
     state.wait_for_everyone()
     state.destroy_process_group()       # a clean gloo teardown (otherwise a rank may abort at exit)
     import os
@@ -185,3 +189,10 @@ def test_two_accelerate_processes_equal_one(tmp_path):
     for k, v in one._tensors().items():
         torch.testing.assert_close(dist[k], v, atol=1e-5, rtol=1e-6, msg=k)
     assert int(dist["count"][0]) == 54
+    # the MLP-unit and head statistics are reduced too: every process fits the one-process gauge on all 54 tokens
+    from hf_gauge.match import find_gauge
+    g = find_gauge(A, B, data=ids, spaces="all", batch_size=2, progress=False)
+    assert int(dist.pop("gauge.mlp_tokens")) == 54
+    assert {k for k in dist if k.startswith("gauge.")} == {f"gauge.{k}.{f}" for k in g.spaces for f in ("perm", "sign")}
+    for k, v in g.spaces.items():
+        assert torch.equal(dist[f"gauge.{k}.perm"], v.perm) and torch.equal(dist[f"gauge.{k}.sign"], v.sign), k
