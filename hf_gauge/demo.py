@@ -41,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     rows: list[tuple[str, str, str]] = []
+    failed: list[str] = []        # the demo's claims, checked: a failed one makes the exit code 1
+
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            failed.append(what)
     print("hf_gauge demo: real SmolLM2-135M-Instruct weights (Llama, RMSNorm, d=576)", flush=True)
     (a, tok), t0 = _timed(load_smollm2)
     _row(rows, "load model A", f"{sum(p.numel() for p in a.parameters())/1e6:.1f}M params, group {hf_gauge.symmetry_group(a)}", t0)
@@ -58,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     with torch.no_grad():
         la, lb = a(probe).logits, b(probe).logits
     changed = sum(not torch.equal(pa, pb) for pa, pb in zip(a.parameters(), b.parameters()))
+    # a gauge reorders the sums in each matmul: equal up to float32 rounding (1e-5 of the largest logit)
+    check((la - lb).abs().max().item() <= 1e-5 * la.abs().max().item(), "the gauged copy's logits equal A's")
     n_params = sum(1 for _ in a.parameters())
     _row(rows, "hide a random B_d gauge in copy B",
          f"{changed}/{n_params} tensors changed, {int((hidden.residual.sign < 0).sum())} signs flipped; "
@@ -70,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     g_free, t0 = _timed(lambda: a.gauge_to(b))
     _row(rows, "find the gauge from weights (data-free)", accuracy(g_free), t0)
+    check(g_free.residual == hidden.residual, "data-free matching recovers the hidden gauge")
     g_act, t0 = _timed(lambda: a.gauge_to(b, data=ids, progress=False))
     _row(rows, "find it from activations (sign-marginalized)", accuracy(g_act), t0)
+    check(g_act.residual == hidden.residual, "activation matching recovers the hidden gauge")
     g_perm, t0 = _timed(lambda: a.gauge_to(b, data=ids, method="permutation", progress=False))
     _row(rows, "permutation-only baseline (S_d)",
          accuracy(g_perm) + f" (ceiling: {hidden.residual.positive_fraction:.1%} positive signs)", t0)
@@ -96,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_p = cos(effect_a.flatten().double(), effect_p.flatten().double(), dim=0).item()
     _row(rows, f"steering vector at layer {layer}, transported",
          f"effect cosine B_d {keep:.4f}, S_d {keep_p:.4f}", t0)
+    check(keep > 0.9999, "the transported steering vector has the same effect")
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,16 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         g_loaded = hf_gauge.Gauge.from_pretrained(tmp)
         files = sorted(os.listdir(tmp))
     _row(rows, "save the gauge, load it back", f"{', '.join(files)}; equal: {'yes' if g_loaded == g_free else 'NO'}", t0)
+    check(g_loaded == g_free, "the saved gauge loads back equal")
 
     t0 = time.perf_counter()
     b.apply_gauge(g_loaded.inverse())
     exact = all(torch.equal(pa, pb) for pa, pb in zip(a.state_dict().values(), b.state_dict().values()))
     _row(rows, "apply the found gauge's inverse to B", "bit-exact restore of A: " + ("yes" if exact else "NO"), t0)
+    check(exact, "applying the inverse restores A bit for bit")
 
     print("\n| step | result | time |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
-    return 0 if exact and g_loaded == g_free else 1
+    for what in failed:
+        print(f"FAILED: {what}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -29,10 +29,11 @@ def test_random_gauge_preserves_logits_and_inverts_bit_exactly(model_type, tie, 
     assert_state_equal(before, state(m))
 
 
+@pytest.mark.parametrize("tie", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model_type", FAMILIES)
-def test_inverse_is_bit_exact_in_half_precision(model_type, dtype):
-    m = tiny_model(model_type, dtype=dtype)
+def test_inverse_is_bit_exact_in_half_precision(model_type, dtype, tie):
+    m = tiny_model(model_type, dtype=dtype, tie=tie)
     before = state(m)
     g = hf_gauge.random_gauge(m, seed=2, spaces=("residual", "mlp", "attn"))
     m.apply_gauge(g)
@@ -178,7 +179,7 @@ def test_works_through_peft_wrapper(ids):
     ref = logits(pm, ids)
     before = state(pm)
     g = hf_gauge.random_gauge(pm, seed=9)
-    assert pm.apply_gauge(g) is not None
+    assert pm.apply_gauge(g) is pm                       # the wrapper's own method returns the wrapper
     assert (logits(pm, ids) - ref).abs().max() < 1e-5
     hf_gauge.apply_gauge(pm, g.inverse())
     assert_state_equal(before, state(pm))
@@ -223,17 +224,25 @@ def test_cuda_bit_exact(dtype):
 # --------------------------------------------------------------------------- real weights
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_smollm2_real_weights(smollm2, smollm2_ids, dtype):
-    m = smollm2.to(dtype)
+    """Real weights: the gauged model computes the same function, and the inverse restores every bit.
+
+    A gauge reorders the sums inside each matmul, so float32 logits agree to float32 rounding: 1e-5 relative to
+    the largest logit (about 34 here; measured about 8e-5 absolute, 2.5e-6 relative). transformers computes RMSNorm
+    and RoPE in float32 even for float64 models, so float64 does not tighten this. In bf16 the gauge's effect stays
+    within bf16's own rounding (the bf16 model's distance from the float32 one).
+    """
     ids = smollm2_ids[:2, :32]
+    ref32 = logits(smollm2, ids)
+    m = smollm2.to(dtype)
     ref = logits(m, ids)
     before = state(m)
     g = hf_gauge.random_gauge(m, seed=0)
     m.apply_gauge(g)
-    tol = 1e-5 if dtype == torch.float32 else 0.0
     diff = (logits(m, ids) - ref).abs().max().item()
     if dtype == torch.float32:
-        assert diff < 1e-4 * ref.abs().max().item() and diff < 1e-3
+        assert diff < 1e-5 * ref.abs().max().item()
+    else:
+        assert diff <= (ref - ref32).abs().max().item()
     assert not torch.equal(before["model.embed_tokens.weight"], m.state_dict()["model.embed_tokens.weight"])
     m.apply_gauge(g.inverse())
     assert_state_equal(before, state(m))
-    assert tol >= 0

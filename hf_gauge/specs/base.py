@@ -54,7 +54,6 @@ class Sites:
     layers: str                     # ModuleList of blocks; each block's input and output lie in the residual chart
     final_norm: str                 # output of the final norm (gain permuted only: still the residual chart)
     embed: str                      # token embedding module
-    lm_head: str                    # output projection
     mlp_in: str                     # module whose INPUT is the MLP hidden activation of layer {i}
     attn_out_in: str                # module whose INPUT is the concatenated head outputs of layer {i}
 
@@ -68,7 +67,6 @@ class ArchSpec:
     rules: tuple[Rule, ...]
     dims: Callable[[object], dict[str, int]]
     sites: Sites
-    tied_pair: tuple[str, str]      # (embedding key, lm_head key) that tie_word_embeddings makes one tensor
     _compiled: list = field(default_factory=list, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, compare=False, repr=False)   # engine.axes_for, per tensor name
 

@@ -57,9 +57,7 @@ GPT_NEOX = ArchSpec(
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
         embed="gpt_neox.embed_in",
-        lm_head="lm_head",
         mlp_in="gpt_neox.layers.{i}.mlp.dense_4h_to_h",
         attn_out_in="gpt_neox.layers.{i}.attention.dense",
     ),
-    tied_pair=("gpt_neox.embed_in.weight", "lm_head.weight"),
 )

@@ -60,9 +60,7 @@ LLAMA = ArchSpec(
         layers="model.layers",
         final_norm="model.norm",
         embed="model.embed_tokens",
-        lm_head="lm_head",
         mlp_in="model.layers.{i}.mlp.down_proj",
         attn_out_in="model.layers.{i}.self_attn.o_proj",
     ),
-    tied_pair=("model.embed_tokens.weight", "lm_head.weight"),
 )
