@@ -221,8 +221,9 @@ class _RowKernel:
         self.tmp = (None if rows is None or cols is None else
                     (scratch or Scratch()).like(self.src, (min(self.step, n), w), key="rows"))
 
-    def block(self, r0: int, r1: int, out: torch.Tensor) -> None:
-        """``out`` (``[r1 - r0, w]``, the source's dtype) := rows ``r0:r1`` of the moved tensor; ``r1 - r0 <= step``."""
+    def block(self, r0: int, r1: int, out: torch.Tensor, signs: bool = True) -> None:
+        """``out`` (``[r1 - r0, w]``, the source's dtype) := rows ``r0:r1`` of the moved tensor; ``r1 - r0 <= step``.
+        With ``signs=False`` only the gathers are done (``finish`` applies the signs while copying)."""
         src, blk = self.src, as_bits(out)
         if self.ridx is not None and self.cidx is not None:
             part = torch.index_select(src, 0, self.ridx[r0:r1], out=self.tmp[: r1 - r0])
@@ -231,10 +232,24 @@ class _RowKernel:
             torch.index_select(src, 0, self.ridx[r0:r1], out=blk)
         else:
             torch.gather(src[r0:r1], 1, self.cidx[: r1 - r0], out=blk)
-        if self.rsgn is not None:
-            flip_(blk, self.rsgn[r0:r1], self.float_bits)
-        if self.csgn is not None:
-            flip_(blk, self.csgn, self.float_bits)
+        if signs:
+            if self.rsgn is not None:
+                flip_(blk, self.rsgn[r0:r1], self.float_bits)
+            if self.csgn is not None:
+                flip_(blk, self.csgn, self.float_bits)
+
+    def finish(self, r0: int, gathered: torch.Tensor, dst: torch.Tensor) -> None:
+        """``dst`` := ``gathered`` (rows ``r0:`` gathered by ``block(signs=False)``) with the signs applied: the copy
+        and the sign flip in one pass."""
+        src, d = as_bits(gathered), as_bits(dst)
+        r1 = r0 + src.shape[0]
+        first = self.rsgn[r0:r1] if self.rsgn is not None else self.csgn
+        if first is None:
+            d.copy_(src)
+            return
+        (torch.bitwise_xor if self.float_bits else torch.mul)(src, first, out=d)
+        if self.rsgn is not None and self.csgn is not None:
+            flip_(d, self.csgn, self.float_bits)
 
     def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
         for b0 in range(r0, r1, self.step):
@@ -309,23 +324,30 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
     """Apply ``moves`` to ``t`` in place (its storage is kept) and return it.
 
     Column-only moves (readers, embeddings) never read across rows, so each cache-sized row block is gathered into
-    a small scratch block and copied straight back: one read and one write of the tensor, no allocation. A move of
-    rows reads anywhere in the tensor, so it is computed into a tensor-sized scratch buffer, then copied back.
+    a small scratch block and copied straight back, signs applied during that copy: one read and one write of the
+    tensor, no allocation. A move of rows reads anywhere in the tensor, so it is gathered into a tensor-sized scratch
+    buffer, then copied back with its signs.
     """
     if not moves:
         return t
     check_moves(t, moves)
     scratch = scratch if scratch is not None else Scratch()
-    if _is_rows_cols(t, moves) and all(m.axis == 1 for m in moves):
-        k = _RowKernel(t, moves, scratch)
-        buf = scratch.like(t, (min(k.step, t.shape[0]), t.shape[1]), key="block")
-        for r0 in range(0, t.shape[0], k.step):
-            r1 = min(t.shape[0], r0 + k.step)
-            k.block(r0, r1, buf[: r1 - r0])
-            as_bits(t[r0:r1]).copy_(as_bits(buf[: r1 - r0]))
+    if not _is_rows_cols(t, moves):
+        as_bits(t).copy_(as_bits(move_tensor(t, moves, out=scratch.like(t, key="whole"))))
         return t
-    buf = move_tensor(t, moves, out=scratch.like(t, key="whole"), scratch=scratch)
-    as_bits(t).copy_(as_bits(buf))
+    k, n = _RowKernel(t, moves, scratch), t.shape[0]
+    if all(m.axis == 1 for m in moves):
+        buf = scratch.like(t, (min(k.step, n), t.shape[1]), key="block")
+        for r0 in range(0, n, k.step):
+            r1 = min(n, r0 + k.step)
+            k.block(r0, r1, buf[: r1 - r0], signs=False)
+            k.finish(r0, buf[: r1 - r0], t[r0:r1])
+        return t
+    buf = scratch.like(t, key="whole")
+    for r0 in range(0, n, k.step):
+        r1 = min(n, r0 + k.step)
+        k.block(r0, r1, buf[r0:r1], signs=False)
+    k.finish(0, buf, t)
     return t
 
 
