@@ -5,26 +5,13 @@ import datetime as _dt
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def median_time(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def environment() -> dict[str, Any]:

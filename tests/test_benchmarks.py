@@ -148,3 +148,23 @@ def test_report_renders(tmp_path: Path) -> None:
     out = run_all.report(tmp_path / "RESULTS.md")
     text = out.read_text()
     assert "| claim | paper |" in text
+
+
+def test_speed_benchmarks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The speed benchmarks stay alive: each runs one short round, writes its result file (into a temporary
+    folder) and reports correct work. Their timings are the benchmarks' business, not asserted here."""
+    import _common
+    import bench_apply
+    import bench_fit
+    import bench_stream
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    tracked = sorted(p.name for p in (BENCH / "results").glob("bench_*.json"))
+    res = bench_apply.main(["--quick", "--reps", "1"])
+    assert (tmp_path / "bench_apply_float32_quick.json").is_file() and res["apply_s"] > 0 and res["clone_s"] > 0
+    fit = bench_fit.main(["--quick", "--reps", "1", "--widths", "256", "--out", str(tmp_path / "fit.json")])
+    assert fit["fit_with_data"]["exact"] and fit["data_free"]["exact"]
+    assert fit["hungarian"][0]["d"] == 256 and fit["hungarian"][0]["accuracy"] == 1.0
+    assert bench_stream.main(["--quick", "--repeats", "1", "--output", str(tmp_path / "stream.json")]) == 0
+    stream = json.loads((tmp_path / "stream.json").read_text())
+    assert set(stream["results"]) == {"plain", "stream", "stream-warm", "stream-durable"}
+    assert sorted(p.name for p in (BENCH / "results").glob("bench_*.json")) == tracked
