@@ -225,7 +225,17 @@ def notes(row: dict[str, Any]) -> str:
                    (m.get("sentiment_raw_agreement") or 1) < 0.5 else "**Disagrees with the paper.** ")
                 + "Note: the "
                 "mean-|activation| scores are gauge invariants, so they are transported as an IndexSet; transporting "
-                "them as an Attribution would (correctly, for signed scores) flip their signs.")
+                "them as an Attribution would (correctly, for signed scores) flip their signs."
+                + (f" Canonical chart under fine-tuning drift ({s.get('stability_finetune')}; relative weight change "
+                   f"{_f(m.get('finetune_relative_weight_change'))}): residual coordinates keeping their canonical "
+                   f"index {_p(m.get('canonical_stability_residual'))} (sign too: "
+                   f"{_p(m.get('canonical_stability_residual_sign'))}), MLP units "
+                   f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}."
+                   + (" The canonical order is a sort of weight statistics, and a small drift reorders close values: "
+                      "a claim stated in the canonical chart is exact for gauge-equivalent copies, but across "
+                      "fine-tunes carry it with a fitted gauge (gauge_to, or compose_path along the run) instead."
+                      if (m.get("canonical_stability_residual") or 1.0) < 0.9 else "")
+                   if "canonical_stability_residual" in m else ""))
     if c == "procrustes":
         return (f"{s.get('models')}; trained {s.get('train', {}).get('seed0', {}).get('steps')} steps (final loss "
                 f"{_f(s.get('train', {}).get('seed0', {}).get('loss_last'))} / "
