@@ -103,7 +103,7 @@ class Move:
 
     def signer(self, like: torch.Tensor, float_bits: bool) -> torch.Tensor | None:
         """What applies ``sign`` to ``like``, cached: an XOR mask of sign bits when ``like`` is a float tensor's
-        integer view (``float_bits``, see ``_bits``), otherwise ±1 to multiply by."""
+        integer view (``float_bits``, see ``as_bits``), otherwise ±1 to multiply by."""
         if self.sign is None:
             return None
         key = ("sign", like.dtype, str(like.device), float_bits)
