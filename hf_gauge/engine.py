@@ -251,10 +251,10 @@ class _RowKernel:
         if self.rsgn is not None and self.csgn is not None:
             flip_(d, self.csgn, self.float_bits)
 
-    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+    def rows(self, r0: int, r1: int, out: torch.Tensor, signs: bool = True) -> torch.Tensor:
         for b0 in range(r0, r1, self.step):
             b1 = min(r1, b0 + self.step)
-            self.block(b0, b1, out[b0 - r0:b1 - r0])
+            self.block(b0, b1, out[b0 - r0:b1 - r0], signs)
         return out
 
 
@@ -343,11 +343,7 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
             k.block(r0, r1, buf[: r1 - r0], signs=False)
             k.finish(r0, buf[: r1 - r0], t[r0:r1])
         return t
-    buf = scratch.like(t, key="whole")
-    for r0 in range(0, n, k.step):
-        r1 = min(n, r0 + k.step)
-        k.block(r0, r1, buf[r0:r1], signs=False)
-    k.finish(0, buf, t)
+    k.finish(0, k.rows(0, n, scratch.like(t, key="whole"), signs=False), t)
     return t
 
 

@@ -188,13 +188,13 @@ class SignedPermutation:
             self._cache[key] = self._perm.to(device) if device is not None else self._perm
         return self._cache[key]
 
-    def signs(self, dtype: torch.dtype, device: torch.device | str | None = None) -> torch.Tensor | None:
-        """``sign`` as ``dtype`` on ``device`` (cached), or None when all signs are +1."""
+    def signs(self, like: torch.Tensor, float_bits: bool) -> torch.Tensor | None:
+        """The ``sign_operand`` for ``like`` (cached), or None when all signs are +1."""
         if self.is_permutation:
             return None
-        key = ("sign", dtype, str(device))
+        key = ("sign", like.dtype, str(like.device), float_bits)
         if key not in self._cache:
-            self._cache[key] = self._sign.to(device=device, dtype=dtype)
+            self._cache[key] = sign_operand(self._sign, like, float_bits)
         return self._cache[key]
 
     def apply(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -208,10 +208,11 @@ class SignedPermutation:
             )
         float_bits = moves_as_bits(x)
         y = as_bits(x).index_select(dim, self.index(x.device))
-        if not self.is_permutation:
+        s = self.signs(y, float_bits)
+        if s is not None:
             shape = [1] * x.dim()
             shape[dim] = self.size
-            flip_(y, sign_operand(self._sign, y, float_bits).view(shape), float_bits)
+            flip_(y, s.view(shape), float_bits)
         return y.view(x.dtype)
 
     __call__ = apply
