@@ -108,14 +108,32 @@ def resolve_checkpoint(src: str | os.PathLike, revision: str | None = None, toke
         raise GaugeError(f"downloading {src!r} failed: {str(e).splitlines()[0]}") from None
 
 
+def shard_name(name: Any, where: str) -> str:
+    """``name`` if it is a plain file name (the only shard names a checkpoint index may hold), else ``GaugeError``.
+
+    Index files come from the Hub and are untrusted: a ``../`` or absolute name would make a streaming apply read
+    or write outside the checkpoint and output folders. Shards always sit beside the index, so any separator, a
+    drive, a dot name or a NUL byte is refused before any file is opened.
+    """
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\0" in name or ":" in name or len(name) > 255 or Path(name).name != name):
+        raise GaugeError(f"{where} names the shard {name!r}, which is not a plain file name; a checkpoint index may "
+                         "only name shard files in its own folder (the file may be corrupt or hostile)")
+    return name
+
+
 def _shards(src: Path) -> list[str]:
     index = src / INDEX_NAME
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise GaugeError(f"{index} is corrupt (no weight_map)") from None
-        shards = sorted(set(weight_map.values()))
+            items = list(weight_map.items())
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
+            raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
+        for key, _ in items:
+            if not isinstance(key, str):
+                raise GaugeError(f"{index} is corrupt: tensor name {key!r} is not a string")
+        shards = sorted({shard_name(v, str(index)) for _, v in items})
         missing = [s for s in shards if not (src / s).is_file()]
         if missing:
             raise GaugeError(f"{src} lacks shard(s) {missing[:3]} listed in {INDEX_NAME}; the download is incomplete")

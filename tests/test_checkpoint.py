@@ -210,3 +210,45 @@ def test_real_smollm2_sharded_100mb(smollm2, smollm2_dir, tmp_path: Path) -> Non
     apply_gauge(smollm2, g)
     assert_state_equal(state(loaded), state(smollm2))
     assert hf_gauge.fingerprint(loaded) == g.target["fingerprint"]
+
+
+@pytest.mark.parametrize("bad", ["../escaped.safetensors", "sub/../../escaped.safetensors", "ABS", "..", ".",
+                                 "sub/model.safetensors", "a\\b.safetensors", "nul\0.safetensors", "C:x", "", 7,
+                                 None, ["model.safetensors"]])
+def test_hostile_shard_names_refused_before_any_write(tmp_path: Path, bad) -> None:
+    """Issue 11 item 1: an index naming a shard outside its folder is a GaugeError before any file is opened for
+    writing; nothing appears outside the output folder and a file named by an absolute path is left untouched."""
+    model = tiny_model("llama")
+    root = tmp_path / "work"
+    src = sharded(root, model)
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes((src / sorted(p.name for p in src.glob("*.safetensors"))[0]).read_bytes())
+    victim_bytes = victim.read_bytes()
+    if bad == "ABS":
+        bad = str(victim)
+    index = json.loads((src / INDEX_NAME).read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = bad
+    (src / INDEX_NAME).write_text(json.dumps(index))
+    if isinstance(bad, str) and "/" in bad and not bad.startswith("/"):   # make the escaping path resolvable
+        (src / "sub").mkdir(exist_ok=True)
+        (root / "escaped.safetensors").write_bytes(victim_bytes)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(GaugeError, match="not a plain file name"):
+        apply_gauge_to_checkpoint(src, random_gauge(model, seed=1), root / "out", progress=False)
+    after = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before and victim.read_bytes() == victim_bytes
+    assert not (root / "out").exists() and not list(root.glob(".out*"))
+
+
+def test_hostile_shard_name_through_cli(tmp_path: Path) -> None:
+    """The same refusal from ``hf-gauge apply``: exit 2 with one line, nothing written outside the output."""
+    from hf_gauge.cli import main
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    index = json.loads((src / INDEX_NAME).read_text())
+    index["weight_map"][next(iter(index["weight_map"]))] = "../../pwned.safetensors"
+    (src / INDEX_NAME).write_text(json.dumps(index))
+    random_gauge(model, seed=2).save_pretrained(tmp_path / "g")
+    assert main(["apply", str(src), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "out")]) == 2
+    assert not list(tmp_path.parent.glob("pwned*")) and not (tmp_path / "out").exists()
