@@ -40,7 +40,8 @@ from .checkpoint import apply_gauge_to_checkpoint  # noqa: E402
 from .verify import verify  # noqa: E402
 __all__ += ["save_gauge", "load_gauge", "push_gauge", "apply_gauge_to_checkpoint", "verify"]
 # --- inner spaces / canonical / audit (issue 6) exports ---
-from .inner import InnerMatch, find_full_gauge, match_inner  # noqa: E402
+from .inner import InnerMatch, match_inner  # noqa: E402
+from .match import find_full_gauge  # noqa: E402
 from .canonical import canonical_gauge, canonical_stability, canonicalize  # noqa: E402
 from .audit import AuditReport, audit  # noqa: E402
 

@@ -33,13 +33,15 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .engine import axes_for, space_sizes
+from .assign import UnitSlice
+from .engine import axes_for
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
-from .inner import UnitSlice, _params, _sign_rule, n_kv_heads, unit_slices
-from .models import describe, unwrap
-from .specs import get_spec
+from .inner import unit_slices
+from .kinds import get_kind
+from .models import apply_gauge, describe
+from .view import ModelView
 
 __all__ = ["canonical_gauge", "canonicalize", "canonical_stability", "StabilityReport"]
 
@@ -117,8 +119,9 @@ def _full_vectors(slices: list[torch.Tensor], signs: np.ndarray | None) -> Calla
 # ----------------------------------------------------------------------------------------------------------------
 # Residual
 # ----------------------------------------------------------------------------------------------------------------
-def _canonical_residual(m: torch.nn.Module, spec, params: dict[str, torch.Tensor]) -> SignedPermutation:
-    d = m.config.hidden_size
+def _canonical_residual(v: ModelView, params: dict[str, torch.Tensor]) -> SignedPermutation:
+    spec = v.spec
+    d = v.config.hidden
     final = spec.sites.final_norm + ".weight"
     gains: list[tuple[str, torch.Tensor]] = []
     signed: list[tuple[str, torch.Tensor]] = []
@@ -167,7 +170,7 @@ def _canonical_residual(m: torch.nn.Module, spec, params: dict[str, torch.Tensor
     def full(i: int) -> tuple:
         return pure(i) + tuple(v for t in others for v in t[i].abs().double().sort().values.tolist())
     perm = _order(keys, full, "residual")
-    rule = _sign_rule(spec, "residual")
+    rule = spec.space("residual").signs
     if rule == "any":
         sign = sgn[perm]
     elif rule == "global":
@@ -192,8 +195,8 @@ def _unit_keys(slices: list[UnitSlice]) -> list[np.ndarray]:
     return keys
 
 
-def _canonical_mlp(m, spec, space: str, residual: SignedPermutation, params) -> SignedPermutation:
-    slices = unit_slices(m, space, residual, params=params)
+def _canonical_units(v: ModelView, space: str, residual: SignedPermutation, params) -> SignedPermutation:
+    slices = unit_slices(v, space, residual, params=params)
     signed = [s for s in slices if s.signed]
     n = slices[0].data.shape[0]
     if signed:
@@ -209,13 +212,14 @@ def _canonical_mlp(m, spec, space: str, residual: SignedPermutation, params) -> 
     return SignedPermutation(torch.from_numpy(perm.copy()), torch.from_numpy(sgn[perm].astype(np.int64)))
 
 
-def _canonical_heads(m, spec, space: str, residual: SignedPermutation, params) -> SignedPermutation:
-    slices = unit_slices(m, space, residual, params=params)
+def _canonical_groups(v: ModelView, space: str, residual: SignedPermutation, params) -> SignedPermutation:
+    """Grouped kinds (heads in KV groups): heads within each group, then groups as wholes."""
+    slices = unit_slices(v, space, residual, params=params)
     q = [s for s in slices if not s.kv]
     kv = [s for s in slices if s.kv]
     n_heads = q[0].data.shape[0]
-    n_kv = n_kv_heads(m.config)
-    g = n_heads // n_kv
+    g = get_kind(v.spec.space(space).kind).group_size(n_heads, v.config)
+    n_kv = n_heads // g
     hkeys = np.stack(_unit_keys(q))                         # [n_keys, n_heads]
     hfull = _full_vectors([s.data for s in q], None)
     within: list[np.ndarray] = []
@@ -242,34 +246,34 @@ def _canonical_heads(m, spec, space: str, residual: SignedPermutation, params) -
 def canonical_gauge(model: Any, spaces: Iterable[str] = ("residual", "mlp", "attn")) -> Gauge:
     """The gauge from ``model``'s chart to the canonical chart (see the module docstring for the convention).
 
-    ``spaces`` may drop ``"mlp"``/``"attn"`` (then only gauge-equivalence in the kept spaces is removed). The
-    inner spaces are always ordered in the canonical residual chart, so ``"residual"`` is always computed.
+    ``spaces`` names space families (``"residual"``, ``"mlp"``, ``"attn"``, any template's first part); dropping one
+    keeps its chart (then only gauge-equivalence in the kept spaces is removed). The inner spaces are always ordered
+    in the canonical residual chart, so ``"residual"`` is always computed.
     """
-    m = unwrap(model)
-    spec = get_spec(m)
-    spaces = tuple(spaces)
-    bad = [s for s in spaces if s not in ("residual", "mlp", "attn")]
+    v = ModelView.of(model)
+    spec = v.spec
+    spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
+    fams = tuple(dict.fromkeys(t.split(".")[0] for t in spec.spaces))
+    bad = [s for s in spaces if s not in fams]
     if bad:
-        raise GaugeError(f"canonical_gauge spaces must be among 'residual', 'mlp', 'attn'; got {bad}")
-    params = _params(m)
-    res = _canonical_residual(m, spec, params)
+        raise GaugeError(f"canonical_gauge spaces must be among {', '.join(repr(f) for f in fams)}; got {bad}")
+    params = v.params()
+    res = _canonical_residual(v, params)
     out: dict[str, SignedPermutation] = {"residual": res} if "residual" in spaces else {}
-    for name in space_sizes(spec, m.config):
-        head = name.split(".")[0]
-        if head == "mlp" and "mlp" in spaces:
-            out[name] = _canonical_mlp(m, spec, name, res, params)
-        elif head == "attn" and "attn" in spaces:
-            out[name] = _canonical_heads(m, spec, name, res, params)
+    for name in v.space_sizes():
+        if name.split(".")[0] not in spaces or name == "residual":
+            continue
+        kind = get_kind(spec.space(name).kind)
+        out[name] = (_canonical_groups if kind.grouped else _canonical_units)(v, name, res, params)
     if not out:
         raise GaugeError("canonical_gauge needs at least one space")
     g = Gauge(spaces=out, method="canonical")
-    g.source = describe(m)
+    g.source = describe(v)
     return g
 
 
 def canonicalize(model: Any, spaces: Iterable[str] = ("residual", "mlp", "attn")) -> Gauge:
     """Move ``model`` into the canonical chart in place (exact); returns the gauge that was applied."""
-    from .models import apply_gauge
     g = canonical_gauge(model, spaces)
     apply_gauge(model, g)
     return g

@@ -26,7 +26,10 @@ import torch
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
+from .hub import REPO_ID, load_gauge
+from .models import hash_gain
 from .specs import get_spec
+from .view import ConfigView
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
 
@@ -91,8 +94,7 @@ def resolve_checkpoint(src: str | os.PathLike, revision: str | None = None, toke
         return p
     if p.exists():
         raise GaugeError(f"{p} is a file; pass the checkpoint folder (config.json + *.safetensors)")
-    from .hub import _REPO_ID
-    if not isinstance(src, str) or p.is_absolute() or not _REPO_ID.match(src):
+    if not isinstance(src, str) or p.is_absolute() or not REPO_ID.match(src):
         raise GaugeError(f"no checkpoint folder at {p} (and it is not a Hub repository id)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
@@ -318,7 +320,6 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
     want = gauge.source.get("fingerprint")
     if not want:
         return
-    from .models import _hash_gain
     key = spec.sites.final_norm + ".weight"
     for s in shards:
         raw, header, start = read_header(src / s)
@@ -327,7 +328,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
             b, e = info["data_offsets"]
             with open(src / s, "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, _DTYPES[info["dtype"]], info["shape"])
-            have = _hash_gain(gain)
+            have = hash_gain(gain)
             if have != want:
                 msg = (f"the gauge expects a source chart with fingerprint {want} but the checkpoint's is {have}; "
                        "it may be a fine-tune of the source (fine) or already gauged or another model")
@@ -353,7 +354,6 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     from transformers import AutoConfig
 
     if not isinstance(gauge, Gauge):
-        from .hub import load_gauge
         gauge = load_gauge(gauge)
     src = resolve_checkpoint(src_dir, revision=revision, token=token, cache_dir=cache_dir,
                              local_files_only=local_files_only, endpoint=endpoint)
@@ -373,7 +373,8 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         config = AutoConfig.from_pretrained(src)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
-    spec = get_spec(config)
+    config = ConfigView(config)
+    spec = get_spec(config.model_type)
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
                          f"{config.model_type!r}")
@@ -392,7 +393,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     try:
         plans = {}
         for s, (_, header, _) in headers.items():
-            plans[s] = moves_for(spec, config, gauge, list(header), strict=True)
+            plans[s] = moves_for(spec, config, gauge, list(header), strict=True, files=True)
         buffers = Scratch()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
                   disable=not progress) as bar:

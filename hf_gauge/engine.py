@@ -6,6 +6,7 @@ disk, PEFT adapters (a LoRA factor inherits the axis of the module it wraps) and
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -15,8 +16,10 @@ import torch
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation, as_bits, flip_, moves_as_bits, sign_operand
+from .kinds import get_kind
 from .specs import ArchSpec
 from .specs.base import Axis
+from .view import ConfigView
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
            "check_moves", "check_gauge", "classify"]
@@ -51,17 +54,23 @@ def resolve_name(name: str) -> tuple[str, str]:
     return name, "weight"
 
 
-def axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
-    """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it."""
+def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
+    """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
+    ``files=True``: a name as checkpoint files store it (``ArchSpec.file_rules`` first)."""
     memo = spec._axes_memo
-    if name not in memo:
-        memo[name] = _axes_for(spec, name)
-    return memo[name]
+    key = (name, files)
+    if key not in memo:
+        memo[key] = _resolve_axes(spec, name, files)
+    return memo[key]
 
 
-def _axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
+def _unsigned(a: Axis) -> Axis:
+    return dataclasses.replace(a, signed=False, segments=tuple(_unsigned(p) for p in a.segments))
+
+
+def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | None:
     base, role = resolve_name(name)
-    axes = spec.match(base)
+    axes = spec.match(base, files=files)
     if axes is None and role == "weight" and base.endswith(".bias"):
         return None
     if axes is None or role == "weight":
@@ -73,12 +82,12 @@ def _axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
     if role == "lora_emb_A":      # [r, vocab]: the vocab axis never moves
         return ()
     if role == "lora_emb_B":      # [d, r]: the embedding's residual column axis becomes rows
-        return tuple(Axis(0, a.space, a.signed, a.block, a.kv) for a in axes if a.axis == 1)
+        return tuple(a.on(0) for a in axes if a.axis == 1)
     if role == "magnitude":       # DoRA norms: permuted with what they normalise, never signed
         # nn.Linear [out, in]: one norm per output row (axis 0). nn.Embedding [vocab, d]: PEFT normalises
         # per residual column, so the [d] magnitude follows the embedding's axis 1.
         src = 1 if base == spec.sites.embed + ".weight" else 0
-        return tuple(Axis(0, a.space, False, a.block, a.kv) for a in axes if a.axis == src)
+        return tuple(_unsigned(a).on(0) for a in axes if a.axis == src)
     raise AssertionError(role)
 
 
@@ -87,12 +96,16 @@ def _axes_for(spec: ArchSpec, name: str) -> tuple[Axis, ...] | None:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Move:
-    """Gather ``axis`` by ``index`` (int64), then multiply by ``sign`` (int8, or None for +1 everywhere)."""
+    """Gather ``axis`` by ``index`` (int64), then multiply by ``sign`` (int8, or None for +1 everywhere).
+
+    A stacked move (``slices`` given, ``index`` the identity) applies ``slices[k]`` to slice ``k`` of ``axis``
+    (``t.select(axis, k)``; their axes are numbered in the slice): per-expert moves of fused expert tensors."""
 
     axis: int
     index: torch.Tensor
     sign: torch.Tensor | None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
+    slices: tuple | None = None
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         """``index`` on ``device`` (cached: a move is applied to many tensors)."""
@@ -111,56 +124,122 @@ class Move:
             self._memo[key] = sign_operand(self.sign, like, float_bits)
         return self._memo[key]
 
+    def without_signs(self) -> "Move":
+        """The same re-indexing with every sign +1 (second moments of optimizers)."""
+        if self.slices is not None:
+            return Move(self.axis, self.index, None, slices=tuple(tuple(m.without_signs() for m in s)
+                                                                   for s in self.slices))
+        return Move(self.axis, self.index, None)
+
+
+def segment_spans(spec: ArchSpec, config, axis: Axis, sizes: dict[str, int] | None = None
+                  ) -> list[tuple[int, int, Axis]]:
+    """``(start, length, part)`` of each part of a (possibly fused) axis along the tensor axis."""
+    cfg = ConfigView.of(config)
+    dims = spec.dims(cfg)
+    out, start = [], 0
+    for part in axis.parts():
+        if part.space:
+            if sizes is None:
+                sizes = spec.space_sizes(cfg)
+            n = sizes[part.space]
+            if part.kv:
+                n = get_kind(spec.space(part.space).kind).reduced_size(n, cfg)
+            n *= dims[part.block] if part.block else 1
+        else:
+            n = dims[part.block]
+        out.append((start, n, part))
+        start += n
+    return out
+
 
 class _Expander:
-    """Turns (Axis, SignedPermutation) into index/sign vectors, with block and KV-group expansion (cached)."""
+    """Turns (Axis, SignedPermutation) into index/sign vectors, with block, group-reduction and segment expansion
+    (cached)."""
 
     def __init__(self, spec: ArchSpec, config, gauge: Gauge) -> None:
-        self.spec, self.config, self.gauge = spec, config, gauge
-        self.dims = spec.dims(config)
-        self._cache: dict[tuple, Move | None] = {}
+        self.spec, self.config, self.gauge = spec, ConfigView.of(config), gauge
+        self._dims: dict[str, int] | None = None
+        self._sizes: dict[str, int] | None = None
+        self._cache: dict[Axis, Move | None] = {}
+
+    def _part(self, a: Axis) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        el = self.gauge.spaces.get(a.space) if a.space else None
+        if el is None or el.is_identity:
+            return None
+        perm, sign = el.perm, el.sign if (a.signed and not el.is_permutation) else None
+        if a.kv:
+            perm = get_kind(self.spec.space(a.space).kind).reduce(el, self.config)
+            sign = None
+        if a.block:
+            if self._dims is None:
+                self._dims = self.spec.dims(self.config)
+            b = self._dims[a.block]
+            perm = (perm[:, None] * b + torch.arange(b)).reshape(-1)
+            sign = sign.repeat_interleave(b) if sign is not None else None
+        return perm, sign
 
     def __call__(self, a: Axis) -> Move | None:
-        key = (a.axis, a.space, a.signed, a.block, a.kv)
-        if key in self._cache:
-            return self._cache[key]
-        el = self.gauge.spaces.get(a.space)
-        mv = None
-        if el is not None and not el.is_identity:
-            perm, sign = el.perm, el.sign if (a.signed and not el.is_permutation) else None
-            if a.kv:
-                perm = kv_group_perm(el, self.config)
-                sign = None
-            if a.block:
-                b = self.dims[a.block]
-                perm = (perm[:, None] * b + torch.arange(b)).reshape(-1)
-                sign = sign.repeat_interleave(b) if sign is not None else None
-            mv = Move(a.axis, perm, sign)
-        self._cache[key] = mv
+        if a in self._cache:
+            return self._cache[a]
+        if not a.segments:
+            got = self._part(a)
+            mv = None if got is None else Move(a.axis, got[0], got[1])
+        else:
+            if self._sizes is None:
+                self._sizes = self.spec.space_sizes(self.config)
+            idx, sgn, moved, signed = [], [], False, False
+            for start, n, part in segment_spans(self.spec, self.config, a, self._sizes):
+                got = self._part(part)
+                moved |= got is not None
+                p, s = got if got is not None else (torch.arange(n), None)
+                if p.numel() != n:
+                    raise GaugeError(f"segment {part.space or part.block!r} spans {n} entries but its element "
+                                     f"moves {p.numel()}")
+                idx.append(p + start)
+                sgn.append(s)
+                signed |= s is not None
+            mv = None
+            if moved:
+                sign = (torch.cat([s if s is not None else torch.ones(t.numel(), dtype=torch.int8)
+                                   for s, t in zip(sgn, idx)]) if signed else None)
+                mv = Move(a.axis, torch.cat(idx), sign)
+        self._cache[a] = mv
         return mv
 
+    def stacked(self, axes: tuple[Axis, ...]) -> tuple[Move, ...] | None:
+        """Moves of a tensor with a stacked axis (``Axis(stack="e")``), or None if it has none."""
+        st = next((a for a in axes if a.stack), None)
+        if st is None:
+            return None
+        n = stack_count(self.spec, self.config, st.stack)
+        others = [b for b in axes if b is not st]
+        slices = tuple(
+            tuple(m for m in (self(b.filled({st.stack: k}).on(b.axis - (b.axis > st.axis))) for b in others)
+                  if m is not None)
+            for k in range(n))
+        if not any(slices):
+            return ()
+        return (Move(st.axis, torch.arange(n), None, slices=slices),)
 
-def kv_group_perm(el: SignedPermutation, config) -> torch.Tensor:
-    """The KV-head permutation implied by a query-head permutation that moves whole KV groups."""
-    n_heads = el.size
-    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-    g = n_heads // n_kv
-    groups = el.perm.view(n_kv, g) // g
-    if not torch.all(groups == groups[:, :1]):
-        raise GaugeError(
-            f"the attention-head permutation mixes KV groups: query heads sharing a KV head ({g} per group) must "
-            "move together to one group. Permute heads only within a group, and groups as wholes."
-        )
-    return groups[:, 0].contiguous()
+
+def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
+    """The range of a stacked axis' placeholder (from the spaces that use it)."""
+    cfg = ConfigView.of(config)
+    for sp in spec.spaces.values():
+        if placeholder in sp.ranges:
+            return int(sp.ranges[placeholder](cfg))
+    raise GaugeError(f"spec {spec.name!r}: no space gives a range for the stacked placeholder {{{placeholder}}}")
 
 
 def moves_for(spec: ArchSpec, config, gauge: Gauge, names: Iterable[str], *, strict: bool = True,
-              expander: _Expander | None = None) -> dict[str, tuple[Move, ...]]:
-    """Resolved moves of each name (empty tuple: untouched). Unknown names raise when ``strict``."""
+              expander: _Expander | None = None, files: bool = False) -> dict[str, tuple[Move, ...]]:
+    """Resolved moves of each name (empty tuple: untouched). Unknown names raise when ``strict``.
+    ``files=True``: names as checkpoint files store them (``ArchSpec.file_rules`` first)."""
     ex = expander or _Expander(spec, config, gauge)
     out: dict[str, tuple[Move, ...]] = {}
     for n in names:
-        axes = axes_for(spec, n)
+        axes = axes_for(spec, n, files)
         if axes is None:
             if strict:
                 raise GaugeError(
@@ -169,7 +248,8 @@ def moves_for(spec: ArchSpec, config, gauge: Gauge, names: Iterable[str], *, str
                 )
             out[n] = ()
             continue
-        out[n] = tuple(m for m in (ex(a) for a in axes) if m is not None)
+        st = ex.stacked(axes)
+        out[n] = st if st is not None else tuple(m for m in (ex(a) for a in axes) if m is not None)
     return out
 
 
@@ -192,9 +272,16 @@ def check_moves(src: torch.Tensor, moves: tuple[Move, ...]) -> None:
                 f"width mismatch: tensor of shape {tuple(src.shape)} has {src.shape[m.axis] if m.axis < src.dim() else 'no'}"
                 f" entries on axis {m.axis}, but the gauge space there has {m.index.numel()}"
             )
+        if m.slices is not None:
+            for k, sub in enumerate(m.slices):
+                check_moves(src.select(m.axis, k), sub)
     signed_ok = src.is_floating_point() or src.is_complex() or src.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)
     if any(m.sign is not None for m in moves) and not signed_ok:
         raise GaugeError(f"cannot apply signs to a tensor of dtype {src.dtype}")
+
+
+def _stack(moves: tuple[Move, ...]) -> Move | None:
+    return next((m for m in moves if m.slices is not None), None)
 
 
 class _RowKernel:
@@ -259,7 +346,7 @@ class _RowKernel:
 
 
 def _is_rows_cols(src: torch.Tensor, moves: tuple[Move, ...]) -> bool:
-    return src.dim() == 2 and all(m.axis in (0, 1) for m in moves)
+    return src.dim() == 2 and all(m.axis in (0, 1) and m.slices is None for m in moves)
 
 
 def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out: torch.Tensor,
@@ -283,6 +370,11 @@ def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | 
     check_moves(src, moves)
     if _is_rows_cols(src, moves):
         return _RowKernel(src, moves, scratch).rows(0, src.shape[0], out)
+    st = _stack(moves)
+    if st is not None:                # fused per-expert tensors: each slice moves on its own
+        for k, sub in enumerate(st.slices):
+            move_tensor(src.select(st.axis, k), sub, out=out.select(st.axis, k), scratch=scratch)
+        return out
     # general N-d path (1-D gains and biases, rare higher-rank tensors); index_select always returns a new tensor
     float_bits = moves_as_bits(src)
     y = as_bits(src)
@@ -332,6 +424,11 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
         return t
     check_moves(t, moves)
     scratch = scratch if scratch is not None else Scratch()
+    st = _stack(moves)
+    if st is not None:                # fused per-expert tensors: each slice (a view) moves in place
+        for k, sub in enumerate(st.slices):
+            move_tensor_(t.select(st.axis, k), sub, scratch)
+        return t
     if not _is_rows_cols(t, moves):
         as_bits(t).copy_(as_bits(move_tensor(t, moves, out=scratch.like(t, key="whole"))))
         return t
@@ -352,38 +449,22 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
 # ----------------------------------------------------------------------------------------------------------------
 def space_sizes(spec: ArchSpec, config) -> dict[str, int]:
     """Every concrete space of a model and its size."""
-    n_layers = config.num_hidden_layers
-    out: dict[str, int] = {}
-    for tmpl, sp in spec.spaces.items():
-        if sp.per_layer:
-            for i in range(n_layers):
-                out[tmpl.replace("{i}", str(i))] = sp.size(config)
-        else:
-            out[tmpl] = sp.size(config)
-    return out
+    return spec.space_sizes(ConfigView.of(config))
 
 
 def check_gauge(spec: ArchSpec, config, gauge: Gauge) -> None:
     """Refuse (``GaugeError``) a gauge the model cannot absorb: unknown space, wrong width, inadmissible signs."""
-    sizes = space_sizes(spec, config)
+    cfg = ConfigView.of(config)
+    sizes = spec.space_sizes(cfg)
     for name, el in gauge.spaces.items():
         if name not in sizes:
-            have = "residual, mlp.0..mlp.{n}, attn.0..attn.{n}".format(n=config.num_hidden_layers - 1)
-            raise GaugeError(f"the gauge has a space {name!r} that this {config.model_type} model lacks (it has {have})")
+            have = ", ".join(list(sizes)[:3] + (["..."] if len(sizes) > 3 else []))
+            raise GaugeError(f"the gauge has a space {name!r} that this {cfg.model_type} model lacks (it has {have}; "
+                             f"templates {', '.join(spec.spaces)})")
         if el.size != sizes[name]:
             raise GaugeError(
                 f"width mismatch in space {name!r}: the gauge acts on {el.size} coordinates but this "
-                f"{config.model_type} model has {sizes[name]}; was the gauge fitted for another model?"
+                f"{cfg.model_type} model has {sizes[name]}; was the gauge fitted for another model?"
             )
-        rule = spec.spaces[spec.space_template(name)[0]].signs
-        if rule == "none" and not el.is_permutation:
-            raise GaugeError(f"space {name!r} of {config.model_type} admits permutations only, but the gauge has "
-                             f"{int((el.sign < 0).sum())} negative signs")
-        if rule == "global" and not (bool(torch.all(el.sign == 1)) or bool(torch.all(el.sign == -1))):
-            raise GaugeError(
-                f"mixed signs on a LayerNorm model ({config.model_type}): LayerNorm's mean-centring admits only "
-                f"permutations and one global sign flip (S_d x {{±1}}), but the gauge on {name!r} has "
-                f"{int((el.sign < 0).sum())} of {el.size} negative signs. Use a permutation gauge, or flip all signs."
-            )
-        if name.startswith("attn."):
-            kv_group_perm(el, config)
+        sp = spec.space(name)
+        get_kind(sp.kind).check(name, el, sp.signs, cfg)

@@ -24,8 +24,7 @@ import torch
 
 from .engine import axes_for, resolve_name
 from .errors import GaugeError
-from .models import unwrap
-from .specs import get_spec
+from .view import ModelView
 
 __all__ = ["WeightFeatures", "paired_weight_features", "feature_correlation"]
 
@@ -59,13 +58,13 @@ def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = No
     ``max_rows`` caps the vocabulary rows used per signed tensor (default ``max(2048, 8 d)``): the rows with the
     largest ``||A_v|| + ||B_v||`` (row norms are invariant under every residual gauge), the same rows in both models.
     """
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    spec = get_spec(ma)
-    d = ma.config.hidden_size
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    spec = va.spec
+    d = va.config.hidden
     cap = max_rows or max(2048, 8 * d)
-    params_b = dict(mb.named_parameters())
+    params_b = dict(vb.named_parameters())
     sa, sb, ua, ub, sn, un = [], [], [], [], [], []
-    for name, pa in ma.named_parameters():
+    for name, pa in va.named_parameters():
         if resolve_name(name)[1] != "weight":
             continue                      # LoRA factors and DoRA magnitudes are not features of the chart
         axes = axes_for(spec, name)

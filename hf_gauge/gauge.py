@@ -10,17 +10,23 @@ from typing import Any, Iterator, Mapping
 
 from .errors import GaugeError
 from .group import SignedPermutation
+from .specs import SPECS
 
-__all__ = ["Gauge"]
+__all__ = ["Gauge", "check_space_name"]
 
 
-def _check_space_name(name: str) -> str:
-    head, _, tail = name.partition(".")
-    if head == "residual" and not tail:
-        return name
-    if head in ("mlp", "attn") and tail.isdigit():
-        return name
-    raise GaugeError(f"unknown gauge space {name!r}: use 'residual', 'mlp.<layer>' or 'attn.<layer>'")
+def check_space_name(name: str) -> str:
+    """``name`` if it instantiates a space template of a registered spec (canonical integers: ``"mlp.3"``, never
+    ``"mlp.03"``), else ``GaugeError``."""
+    templates: list[str] = []
+    for spec in {id(s): s for s in SPECS.values()}.values():
+        try:
+            spec.parse_space(name)
+            return name
+        except GaugeError:
+            templates += [t for t in spec.spaces if t not in templates]
+    raise GaugeError(f"unknown gauge space {name!r}: use one of the space templates {', '.join(templates)} with "
+                     "canonical integers (e.g. 'residual', 'mlp.3', 'attn.0')")
 
 
 class Gauge:
@@ -45,7 +51,7 @@ class Gauge:
                  confidence: Mapping[str, Any] | None = None) -> None:
         sp: dict[str, SignedPermutation] = {}
         for name, el in (spaces or {}).items():
-            sp[_check_space_name(name)] = el
+            sp[check_space_name(name)] = el
         if residual is not None:
             sp["residual"] = residual
         for prefix, table in (("mlp", mlp), ("attn", attn)):
@@ -68,13 +74,22 @@ class Gauge:
     def residual(self) -> SignedPermutation | None:
         return self.spaces.get("residual")
 
+    def family(self, name: str) -> dict[int, SignedPermutation]:
+        """``{layer: element}`` of the one-index spaces ``"<name>.<layer>"`` (``family("mlp")``)."""
+        out = {}
+        for k, v in self.spaces.items():
+            head, _, tail = k.partition(".")
+            if head == name and tail.isdigit():
+                out[int(tail)] = v
+        return out
+
     @property
     def mlp(self) -> dict[int, SignedPermutation]:
-        return {int(k.split(".")[1]): v for k, v in self.spaces.items() if k.startswith("mlp.")}
+        return self.family("mlp")
 
     @property
     def attn(self) -> dict[int, SignedPermutation]:
-        return {int(k.split(".")[1]): v for k, v in self.spaces.items() if k.startswith("attn.")}
+        return self.family("attn")
 
     @property
     def width(self) -> int | None:
@@ -155,6 +170,8 @@ class Gauge:
         return push_gauge(self, repo_id, **kwargs)
 
 
-def _order(name: str) -> tuple[int, int]:
-    head, _, tail = name.partition(".")
-    return ({"residual": 0, "mlp": 1, "attn": 2}.get(head, 3), int(tail) if tail.isdigit() else -1)
+def _order(name: str) -> tuple:
+    """Residual first, then template families (mlp, attn, then others by name), then their integer indices."""
+    head, *rest = name.split(".")
+    return ({"residual": 0, "mlp": 1, "attn": 2}.get(head, 3), head,
+            tuple(int(r) if r.isdigit() else -1 for r in rest))

@@ -180,7 +180,7 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
 # ----------------------------------------------------------------------------------------------------------------
 # load
 # ----------------------------------------------------------------------------------------------------------------
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
 def _download(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None,
@@ -226,7 +226,7 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
         where = str(local)
     elif local.exists():
         raise GaugeError(f"{local} is a file; pass the gauge folder (holding {WEIGHTS_NAME} and {CONFIG_NAME})")
-    elif isinstance(path_or_repo_id, str) and _REPO_ID.match(path_or_repo_id) and not Path(path_or_repo_id).is_absolute():
+    elif isinstance(path_or_repo_id, str) and REPO_ID.match(path_or_repo_id) and not Path(path_or_repo_id).is_absolute():
         weights_path, config_path = _download(path_or_repo_id, subfolder, revision, token, cache_dir,
                                               local_files_only, endpoint)
         where = f"{path_or_repo_id}/{subfolder}" if subfolder else str(path_or_repo_id)
@@ -325,7 +325,7 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
     src, tgt = _jsonable(gauge.source), _jsonable(gauge.target)
     base = src.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "gauge", "signed-permutation"],
-                         base_model=base if _REPO_ID.match(base) and "/" in base else None)
+                         base_model=base if REPO_ID.match(base) and "/" in base else None)
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
     metrics = {k: v for k, v in _jsonable(gauge.metrics).items() if not isinstance(v, (list, dict))}
     return ModelCard.from_template(

@@ -5,11 +5,11 @@ For an MLP space, B's unit ``j`` is A's unit ``perm[j]`` (its up row / down colu
 row is permuted only). For an attention space, B's query head ``j`` is A's head ``perm[j]``; heads sharing a KV head
 move together, so ``perm`` maps KV groups to KV groups as wholes.
 
-Two sources of evidence, both generic over the architecture spec (``engine.axes_for`` says which tensors carry an
-``mlp.<i>`` / ``attn.<i>`` axis):
+Generic over the spec: ``engine.axes_for`` says which tensors carry an axis in a space, the space's kind
+(``hf_gauge.kinds``) how to assign it. Two sources of evidence:
 
-- activations (``data`` given): the input of ``spec.sites.mlp_in`` (MLP hidden activations) and of
-  ``spec.sites.attn_out_in`` (concatenated head outputs), streamed into float64 running sums (never an n×d store);
+- activations (``data`` given): the input of the space's site (``spec.sites.inputs``: MLP hidden activations,
+  concatenated head outputs), streamed into float64 running sums (never an n×d store);
   padding is excluded through ``attention_mask``. These spaces are invariant under the residual gauge, so no
   residual gauge is needed.
 - weights (data-free): a unit is described by every tensor slice on its axis (gate row, up row, down column, biases;
@@ -23,22 +23,22 @@ head assignment), then heads within matched groups (a small Hungarian per group)
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
-from .engine import axes_for, space_sizes
+from .assign import Match, UnitSlice, match_correlation
+from .engine import axes_for, segment_spans
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
-from .match import match_correlation
-from .models import describe, unwrap
-from .specs import ArchSpec, get_spec
+from .kinds import get_kind
+from .specs import ArchSpec
+from .specs.base import Axis, fill
+from .view import ModelView
 
-__all__ = ["InnerMatch", "match_inner", "find_full_gauge", "residual_from_embeddings", "unit_slices", "n_kv_heads"]
+__all__ = ["InnerMatch", "match_inner", "residual_from_embeddings", "unit_slices", "tensor_axes", "site_of"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,30 +59,18 @@ class InnerMatch(dict):
         return Gauge(spaces=sp, confidence=self.confidence, **kw)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Helpers shared with canonical.py
-# ----------------------------------------------------------------------------------------------------------------
-def n_kv_heads(config) -> int:
-    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-
-
-def _sign_rule(spec: ArchSpec, space: str) -> str:
-    return spec.spaces[spec.space_template(space)[0]].signs
-
-
-def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Named parameters (tied tensors once) plus buffers the spec covers."""
-    return {n: p.detach() for n, p in m.named_parameters()}
-
-
-@dataclass
-class UnitSlice:
-    """The slices of one tensor along a unit axis: ``data[u]`` is unit u's flattened slice."""
-
-    name: str
-    data: torch.Tensor           # [n_units, features], in the (given) residual chart
-    signed: bool                 # the unit's sign multiplies this slice
-    kv: bool = False             # the axis indexes KV heads (attention only)
+def tensor_axes(v: ModelView, name: str, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple[Axis, ...]]]:
+    """``(tensor, axes)`` of a spec-named tensor; a tensor with a stacked axis yields each slice with its axes."""
+    axes = axes_for(v.spec, name)
+    if not axes:
+        return
+    st = next((a for a in axes if a.stack), None)
+    if st is None:
+        yield t, axes
+        return
+    others = [b for b in axes if b is not st]
+    for k in range(t.shape[st.axis]):
+        yield t.select(st.axis, k), tuple(b.filled({st.stack: k}).on(b.axis - (b.axis > st.axis)) for b in others)
 
 
 def unit_slices(model: Any, space: str, residual: SignedPermutation | None = None, *,
@@ -90,190 +78,94 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
     """Every tensor slice along the unit axis of ``space`` (``"mlp.3"``, ``"attn.0"``), residual axes moved by ``residual``.
 
     A tensor ``W`` with an axis in ``space`` gives ``[n_units, rest]`` (block axes such as a head's ``head_dim`` rows
-    are folded into the unit). Its residual axes are re-indexed by ``residual.perm`` (and signed where the spec
-    says the axis is signed), exactly as ``apply_gauge`` would move them. Tensors with an axis in another inner space
-    are refused (the spec would make their slices chart-dependent).
+    are folded into the unit; each part of a fused axis in ``space`` gives its own slice). Its residual axes are
+    re-indexed by ``residual.perm`` (and signed where the spec says the axis is signed), exactly as ``apply_gauge``
+    would move them. Tensors with an axis in another inner space are refused (the spec would make their slices
+    chart-dependent).
     """
-    m = unwrap(model)
-    spec = get_spec(m)
-    dims = spec.dims(m.config)
-    rule = _sign_rule(spec, space)
+    v = ModelView.of(model)
+    spec = v.spec
+    dims = spec.dims(v.config)
+    rule = spec.space(space).signs
+    sizes = v.space_sizes()
     out: list[UnitSlice] = []
-    for name, t in (params if params is not None else _params(m)).items():
-        axes = axes_for(spec, name)
-        if not axes:
-            continue
-        unit = [a for a in axes if a.space == space]
-        if not unit:
-            continue
-        a = unit[0]
-        x = t
-        for b in axes:
-            if b.space == "residual" and residual is not None:
-                if residual.size != x.shape[b.axis]:
-                    raise GaugeError(f"{name}: the residual gauge acts on {residual.size} coordinates but the tensor "
-                                     f"has {x.shape[b.axis]} on axis {b.axis}")
-                x = x.index_select(b.axis, residual.perm.to(x.device))
-                if b.signed and not residual.is_permutation:
-                    shape = [1] * x.dim()
-                    shape[b.axis] = -1
-                    x = x * residual.sign.to(device=x.device, dtype=x.dtype).view(shape)
-            elif b.space != "residual" and b.space != space:
-                raise GaugeError(f"{name} carries axes in two inner spaces ({b.space!r} and {space!r}); "
-                                 "unit slices would depend on the other space's chart")
-        x = x.movedim(a.axis, 0)
-        n = x.shape[0] // (dims[a.block] if a.block else 1)
-        out.append(UnitSlice(name, x.reshape(n, -1).contiguous(), signed=a.signed and rule == "any", kv=a.kv))
+    for name, full in (params if params is not None else v.params()).items():
+        for t, axes in tensor_axes(v, name, full):
+            unit = [(a, part) for a in axes for part in a.parts() if part.space == space]
+            if not unit:
+                continue
+            x = t
+            for b in axes:
+                if b.space == "residual" and residual is not None:
+                    if residual.size != x.shape[b.axis]:
+                        raise GaugeError(f"{name}: the residual gauge acts on {residual.size} coordinates but the "
+                                         f"tensor has {x.shape[b.axis]} on axis {b.axis}")
+                    x = x.index_select(b.axis, residual.perm.to(x.device))
+                    if b.signed and not residual.is_permutation:
+                        shape = [1] * x.dim()
+                        shape[b.axis] = -1
+                        x = x * residual.sign.to(device=x.device, dtype=x.dtype).view(shape)
+                elif any(sp not in ("residual", space) for sp in b.spaces):
+                    other = next(sp for sp in b.spaces if sp not in ("residual", space))
+                    raise GaugeError(f"{name} carries axes in two inner spaces ({other!r} and {space!r}); "
+                                     "unit slices would depend on the other space's chart")
+            for a, part in unit:
+                y = x
+                if a.segments:
+                    start, n = next((s0, n0) for s0, n0, p0 in segment_spans(spec, v.config, a, sizes) if p0 is part)
+                    y = y.narrow(a.axis, start, n)
+                y = y.movedim(a.axis, 0)
+                n = y.shape[0] // (dims[part.block] if part.block else 1)
+                out.append(UnitSlice(name, y.reshape(n, -1).contiguous(), signed=part.signed and rule == "any",
+                                     kv=part.kv))
     if not out:
-        raise GaugeError(f"no tensor of this {m.config.model_type} model carries an axis in space {space!r}")
+        raise GaugeError(f"no tensor of this {v.config.model_type} model carries an axis in space {space!r}")
     return out
 
 
-def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.to(torch.float32)
-    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-30)
-
-
-def _slice_similarity(sa: list[UnitSlice], sb: list[UnitSlice]
-                      ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-    """``(score, signed_part, plain)``, each ``[n_A, n_B]``.
-
-    ``score`` = mean over tensors of slice cosines with the optimal unit sign (``|Σ signed| + Σ unsigned``) / n;
-    ``signed_part`` = Σ of the signed tensors' cosines (its sign is the unit sign), None without signed tensors;
-    ``plain`` = mean cosine with sign +1 (the permutation-only baseline).
-    """
-    if [a.name for a in sa] != [b.name for b in sb]:
-        raise GaugeError("the two models' tensors on this space differ; they cannot be gauge-equivalent")
-    signed = [(a, b) for a, b in zip(sa, sb) if a.signed]
-    unsigned = [(a, b) for a, b in zip(sa, sb) if not a.signed]
-    n_t = len(signed) + len(unsigned)
-    cs = None
-    cu = 0.0
-    if signed:
-        fa = torch.cat([_normalize_rows(a.data) for a, _ in signed], dim=1)
-        fb = torch.cat([_normalize_rows(b.data) for _, b in signed], dim=1)
-        cs = (fa @ fb.T).double().numpy()
-    if unsigned:
-        fa = torch.cat([_normalize_rows(a.data) for a, _ in unsigned], dim=1)
-        fb = torch.cat([_normalize_rows(b.data) for _, b in unsigned], dim=1)
-        cu = (fa @ fb.T).double().numpy()
-    score = (np.abs(cs) if cs is not None else 0.0) + cu
-    plain = (cs if cs is not None else 0.0) + cu
-    return np.asarray(score) / n_t, cs, np.asarray(plain) / n_t
-
-
-def _check_pair(ma: torch.nn.Module, mb: torch.nn.Module) -> ArchSpec:
-    spec = get_spec(ma)
-    if get_spec(mb) is not spec:
-        raise GaugeError(f"cannot match a {ma.config.model_type} model with a {mb.config.model_type} model")
-    sa, sb = space_sizes(spec, ma.config), space_sizes(spec, mb.config)
+def _check_pair(va: ModelView, vb: ModelView) -> ArchSpec:
+    spec = va.spec
+    if vb.spec is not spec:
+        raise GaugeError(f"cannot match a {va.config.model_type} model with a {vb.config.model_type} model")
+    sa, sb = va.space_sizes(), vb.space_sizes()
     if sa != sb:
         diff = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[:4]
         raise GaugeError(f"the two models have different gauge spaces or widths (e.g. {diff}); they cannot be gauge-equivalent")
     return spec
 
 
-def _wanted(spec: ArchSpec, config, spaces: Iterable[str], layers: Iterable[int] | None) -> list[str]:
-    sizes = space_sizes(spec, config)
+def _wanted(v: ModelView, spaces: Iterable[str], layers: Iterable[int] | None) -> list[str]:
+    spec = v.spec
+    sizes = v.space_sizes()
     spaces = tuple(spaces)
+    inner = [s for s in sizes if spec.space(s).kind != "residual"]
+    fams = list(dict.fromkeys(s.split(".")[0] for s in inner))
     for s in spaces:
-        if s not in ("mlp", "attn") and not (s in sizes and s != "residual"):
-            raise GaugeError(f"match_inner matches 'mlp', 'attn' or single spaces like 'mlp.3'; got {s!r}")
-    keep = set(int(i) for i in layers) if layers is not None else None
-    out = [s for s in sizes if s != "residual" and (s in spaces or s.split(".")[0] in spaces)]
-    if keep is not None:
-        bad = sorted(keep - set(range(config.num_hidden_layers)))
+        if s not in fams and s not in inner:
+            raise GaugeError(f"match_inner matches {', '.join(repr(f) for f in fams)} or single spaces like "
+                             f"{inner[0]!r}; got {s!r}")
+    out = [s for s in inner if s in spaces or s.split(".")[0] in spaces]
+    if layers is not None:
+        keep = set(int(i) for i in layers)
+        bad = sorted(keep - set(range(v.config.n_layers)))
         if bad:
-            raise GaugeError(f"layers {bad} do not exist (the model has {config.num_hidden_layers})")
-        out = [s for s in out if int(s.split(".")[1]) in keep]
+            raise GaugeError(f"layers {bad} do not exist (the model has {v.config.n_layers})")
+        out = [s for s in out if spec.parse_space(s)[1].get("i") in keep]
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Assignment pieces
-# ----------------------------------------------------------------------------------------------------------------
-def _match_units(score: np.ndarray, signed_part: np.ndarray | None, signed: bool) -> tuple[SignedPermutation, dict]:
-    """Hungarian on ``score`` (higher is better); signs from ``signed_part`` when the space admits them."""
-    if signed and signed_part is not None:
-        # match_correlation maximizes |C| and reads the sign from C: feed a positive monotone image of the score
-        # carrying the sign of the signed part (same assignment, since the map is affine).
-        sgn = np.where(signed_part < 0, -1.0, 1.0)
-        C = sgn * (score + 1.0) / 2.0
-        res = match_correlation(C, method="signed")
-        matched = score[res.element.perm.numpy(), np.arange(score.shape[1])]
-        margin = 2.0 * res.margin          # back to score units
-        conf = {"mean_score": float(matched.mean()), "min_score": float(matched.min()),
-                "min_margin": float(margin.min()), "mean_margin": float(margin.mean()),
-                "n_low_confidence": int((margin < 0.05).sum()), "positive_fraction": res.element.positive_fraction}
-        return res.element, conf
-    res = match_correlation(score, method="permutation")
-    conf = res.summary()
-    conf["mean_score"] = conf["mean_matched"]
-    return res.element, conf
-
-
-def _head_assignment(H: np.ndarray, n_kv: int, kv_score: np.ndarray | None = None,
-                     kv_weight: float = 0.0) -> tuple[SignedPermutation, dict]:
-    """Query-head permutation from a head score ``H [n_heads_A, n_heads_B]`` respecting KV groups.
-
-    Group score ``G[a, b] = (1 - w) * best within-group head assignment (mean) + w * kv_score[a, b]``; Hungarian on G,
-    then Hungarian on heads within each matched pair of groups.
-    """
-    n = H.shape[0]
-    g = n // n_kv
-    G = np.zeros((n_kv, n_kv))
-    inner: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-    for a in range(n_kv):
-        for b in range(n_kv):
-            sub = H[a * g:(a + 1) * g, b * g:(b + 1) * g]
-            r, c = linear_sum_assignment(sub, maximize=True)
-            inner[a, b] = (r, c)
-            G[a, b] = sub[r, c].mean()
-    if kv_score is not None:
-        G = (1.0 - kv_weight) * G + kv_weight * kv_score
-    ga, gb = linear_sum_assignment(G, maximize=True)
-    perm = np.empty(n, dtype=np.int64)
-    for a, b in zip(ga, gb):
-        r, c = inner[a, b]
-        perm[b * g + c] = a * g + r
-    el = SignedPermutation(torch.from_numpy(perm))
-    matched = H[perm, np.arange(n)]
-    Hm = H.copy()
-    Hm[perm, np.arange(n)] = -np.inf
-    runner = np.maximum(Hm.max(axis=0), Hm.max(axis=1)[perm]) if n > 1 else np.full(n, -np.inf)
-    Gm = G.copy()
-    Gm[ga, gb] = -np.inf
-    conf = {"mean_score": float(matched.mean()), "min_score": float(matched.min()),
-            "min_margin": float((matched - runner).min()),
-            "group_min_margin": float((G[ga, gb] - np.maximum(Gm.max(axis=0)[gb], Gm.max(axis=1)[ga])).min())
-            if n_kv > 1 else float("inf")}
-    return el, conf
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Data-free
 # ----------------------------------------------------------------------------------------------------------------
-def _inner_from_weights(ma, mb, spec: ArchSpec, wanted: list[str], residual: SignedPermutation | None,
+def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residual: SignedPermutation | None,
                         method: str) -> InnerMatch:
-    pa, pb = _params(ma), _params(mb)
-    n_kv = n_kv_heads(ma.config)
+    pa, pb = va.params(), vb.params()
     out = InnerMatch(source="weights")
     for space in wanted:
-        sa = unit_slices(ma, space, residual, params=pa)
-        sb = unit_slices(mb, space, None, params=pb)
-        if space.startswith("mlp."):
-            score, cs, plain = _slice_similarity(sa, sb)
-            if method == "signed":
-                el, conf = _match_units(score, cs, _sign_rule(spec, space) == "any")
-            else:
-                el, conf = _match_units(plain, None, False)
-        else:
-            qa, qb = [s for s in sa if not s.kv], [s for s in sb if not s.kv]
-            ka, kb = [s for s in sa if s.kv], [s for s in sb if s.kv]
-            H = _slice_similarity(qa, qb)[0]
-            K = _slice_similarity(ka, kb)[0] if ka else None
-            w = len(ka) / (len(ka) + len(qa)) if ka else 0.0
-            el, conf = _head_assignment(H, n_kv, K, w)
+        sa = unit_slices(va, space, residual, params=pa)
+        sb = unit_slices(vb, space, None, params=pb)
+        sp = va.spec.space(space)
+        el, conf = get_kind(sp.kind).match_weights(sa, sb, sp.signs == "any", method, va.config)
         out[space] = el
         out.confidence[space] = conf
     return out
@@ -409,19 +301,23 @@ class _CrossStats:
         return C.clamp(-1, 1).numpy()
 
 
-def _inner_from_activations(ma, mb, spec: ArchSpec, wanted: list[str], data: Any,
+def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], data: Any,
                             max_stat_bytes: int, method: str) -> InnerMatch:
-    n_heads = ma.config.num_attention_heads
-    n_kv = n_kv_heads(ma.config)
-    sizes = space_sizes(spec, ma.config)
+    spec, cfg = va.spec, va.config
+    sizes = va.space_sizes()
+    sites = {s: site_of(va, s) for s in wanted}
+    order = {n: k for k, (n, _) in enumerate(va.module.named_modules())}   # forward order of the sites
 
     def width(space: str) -> int:
-        m = ma.get_submodule(_site(spec, space))
+        m = va.submodule(sites[space])
         return m.in_features if hasattr(m, "in_features") else m.weight.shape[1]
 
+    def blocks(space: str) -> int | None:
+        return get_kind(spec.space(space).kind).blocks(sizes[space], cfg)
+
     def cost(space: str) -> int:
-        w = width(space)
-        return 8 * (w * w if space.startswith("mlp.") else w * n_heads)
+        w, b = width(space), blocks(space)
+        return 8 * (w * w if b is None else w * b)
 
     # group spaces into passes whose float64 cross sums fit the memory budget
     passes: list[list[str]] = [[]]
@@ -436,34 +332,33 @@ def _inner_from_activations(ma, mb, spec: ArchSpec, wanted: list[str], data: Any
     batches = list(_batches(data))
     out = InnerMatch(source="activations")
     for group in passes:
-        stats = {s: _CrossStats(width(s), None if s.startswith("mlp.") else n_heads) for s in group}
-        sites = {s: _site(spec, s) for s in group}
-        last = max(group, key=lambda s: (int(s.split(".")[1]), s.startswith("mlp.")))
+        stats = {s: _CrossStats(width(s), blocks(s)) for s in group}
+        live_a = {s: va.live_name(sites[s]) for s in group}
+        live_b = {s: vb.live_name(sites[s]) for s in group}
+        last = max(group, key=lambda s: order.get(live_a[s], -1))
         for ids, mask in batches:
-            acts_a = _run_capture(ma, sites, ids, mask, stop_at=last)
-            acts_b = _run_capture(mb, sites, ids, mask, stop_at=last)
+            acts_a = _run_capture(va.module, live_a, ids, mask, stop_at=last)
+            acts_b = _run_capture(vb.module, live_b, ids, mask, stop_at=last)
             for s in group:
                 stats[s].update(acts_a.pop(s), acts_b.pop(s))
         for s in group:
             C = stats[s].reduce().corr()
-            if s.startswith("mlp."):
-                signed = _sign_rule(spec, s) == "any" and method == "signed"
-                res = match_correlation(C, method="signed" if signed else "permutation")
-                el, conf = res.element, res.summary()
-                conf["mean_score"] = conf["mean_matched"]
-            else:
-                if sizes[s] != n_heads:
-                    raise GaugeError(f"space {s} has {sizes[s]} heads but the config says {n_heads}")
-                el, conf = _head_assignment(C, n_kv)
+            sp = spec.space(s)
+            el, conf = get_kind(sp.kind).match_activations(C, sp.signs == "any", method, cfg)
             conf["n_tokens"] = stats[s].n
             out[s] = el
             out.confidence[s] = conf
     return out
 
 
-def _site(spec: ArchSpec, space: str) -> str:
-    head, i = space.split(".")
-    return (spec.sites.mlp_in if head == "mlp" else spec.sites.attn_out_in).format(i=int(i))
+def site_of(v: ModelView, space: str) -> str:
+    """The spec path of the module whose input is ``space``'s activation (``Sites.inputs``)."""
+    tmpl, values = v.spec.parse_space(space)
+    path = v.spec.sites.inputs.get(tmpl)
+    if path is None:
+        raise GaugeError(f"the {v.spec.name!r} spec declares no observation site for {tmpl!r}; match {space!r} "
+                         "data-free (data=None)")
+    return fill(path, values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -483,7 +378,8 @@ def _as_residual(residual: Any) -> SignedPermutation | None:
 def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = None,
                 spaces: Iterable[str] = ("mlp", "attn"), method: str = "signed", *,
                 layers: Iterable[int] | None = None, max_stat_bytes: int = 256 << 20) -> InnerMatch:
-    """Match MLP-unit and attention-head gauges from A's chart to B's: ``{"mlp.<i>": el, "attn.<i>": el, ...}``.
+    """Match the inner gauges (MLP units, attention heads, any non-residual space) from A's chart to B's:
+    ``{"mlp.<i>": el, "attn.<i>": el, ...}``.
 
     With ``data`` (token ids or a tokenizer output), from activation correlations (residual not needed). Without,
     data-free from weights; the residual gauge A -> B (a SignedPermutation, Gauge or Match) aligns the residual axes
@@ -495,30 +391,30 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     """
     if method not in ("signed", "permutation"):
         raise GaugeError(f"method must be 'signed' or 'permutation', got {method!r}")
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    spec = _check_pair(ma, mb)
-    wanted = _wanted(spec, ma.config, spaces, layers)
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    _check_pair(va, vb)
+    wanted = _wanted(va, spaces, layers)
     if not wanted:
         raise GaugeError(f"no inner space selected by spaces={tuple(spaces)} and layers={layers}")
     if data is not None:
-        out = _inner_from_activations(ma, mb, spec, wanted, data, max_stat_bytes, method)
+        out = _inner_from_activations(va, vb, wanted, data, max_stat_bytes, method)
     else:
         res = _as_residual(residual)
         if res is None:
-            res = residual_from_embeddings(ma, mb).element
-        out = _inner_from_weights(ma, mb, spec, wanted, res, method)
+            res = residual_from_embeddings(va, vb).element
+        out = _inner_from_weights(va, vb, wanted, res, method)
     return out
 
 
-def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096):
+def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096) -> Match:
     """Data-free residual match: correlation of the input-embedding columns (``C [d, d]``, float64 sums) -> Match.
 
     On LayerNorm models (group S_d x {±1}) the signs are forced to one global sign (the majority).
     """
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    spec = _check_pair(ma, mb)
-    ea = ma.get_submodule(spec.sites.embed).weight.detach()
-    eb = mb.get_submodule(spec.sites.embed).weight.detach()
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    spec = _check_pair(va, vb)
+    ea = va.submodule(spec.sites.embed).weight.detach()
+    eb = vb.submodule(spec.sites.embed).weight.detach()
     if ea.shape != eb.shape:
         raise GaugeError(f"embedding shapes differ: {tuple(ea.shape)} vs {tuple(eb.shape)}")
     v, d = ea.shape
@@ -532,23 +428,10 @@ def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096):
         s.sbb += (b.double() ** 2).sum(0)
         s.sab += (a.T @ b).double()
     res = match_correlation(s.corr(), method="signed")
-    if _sign_rule(spec, "residual") == "global":
+    rule = spec.space("residual").signs
+    if rule == "global":
         g = 1 if res.element.positive_fraction >= 0.5 else -1
         res.element = SignedPermutation(res.element.perm, torch.full((d,), g, dtype=torch.int64))
-    elif _sign_rule(spec, "residual") == "none":
+    elif rule == "none":
         res.element = SignedPermutation(res.element.perm)
     return res
-
-
-def find_full_gauge(model_a: Any, model_b: Any, data: Any = None, *, method: str = "signed",
-                    layers: Iterable[int] | None = None) -> Gauge:
-    """The full gauge A -> B: residual (``match.find_gauge``) plus every MLP-unit and attention-head space
-    (``match_inner``; from activations when ``data`` is given). Same as ``find_gauge(..., spaces="all")`` but with
-    ``layers`` to restrict the inner spaces."""
-    from .match import find_gauge
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    residual = find_gauge(ma, mb, data=data, method=method).residual
-    inner = match_inner(ma, mb, residual=residual, data=data, method=method, layers=layers)
-    g = inner.to_gauge(residual, method=f"full(find_gauge+{inner.source})")
-    g.source, g.target = describe(ma), describe(mb)
-    return g

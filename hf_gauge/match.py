@@ -13,75 +13,22 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
+from .assign import METHODS, Match, match_correlation
 from .errors import GaugeError
+from .features import feature_correlation, paired_weight_features
 from .gauge import Gauge
 from .group import SignedPermutation
+from .inner import match_inner
+from .models import describe
+from .orthogonal import OrthogonalMap, procrustes_from_cross
+from .stats import collect_pair_stats, iter_batches
+from .view import ModelView
 
-__all__ = ["Match", "match_correlation", "METHODS", "find_gauge", "check_pair"]
-
-METHODS = ("signed", "permutation")
-
-
-@dataclass
-class Match:
-    """A matched signed permutation with per-coordinate confidence (indexed by B's coordinate j)."""
-
-    element: SignedPermutation
-    score: np.ndarray        # matched |C| (signed) or C (permutation) per B coordinate
-    margin: np.ndarray       # matched score minus the best competitor in its row and column
-
-    def summary(self, low: float = 0.05) -> dict[str, float]:
-        return {
-            "mean_matched": float(self.score.mean()),
-            "min_matched": float(self.score.min()),
-            "min_margin": float(self.margin.min()),
-            "mean_margin": float(self.margin.mean()),
-            "n_low_confidence": int((self.margin < low).sum()),
-            "positive_fraction": self.element.positive_fraction,
-        }
-
-
-def _runner_up(S: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Best competitor of each matched entry (rows[k], cols[k]) in its row and its column."""
-    d = S.shape[0]
-    masked = S.copy()
-    masked[rows, cols] = -np.inf
-    row_best = masked.max(axis=1)   # per A coordinate
-    col_best = masked.max(axis=0)   # per B coordinate
-    return np.maximum(row_best[rows], col_best[cols]) if d > 1 else np.full(len(rows), -np.inf)
-
-
-def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> Match:
-    """Solve the assignment for ``C [d_A, d_B]`` (square) with scipy's ``linear_sum_assignment``."""
-    if method not in METHODS:
-        raise GaugeError(f"unknown matching method {method!r}; use one of {METHODS} (or 'procrustes' for orthogonal maps)")
-    C = C.detach().cpu().double().numpy() if isinstance(C, torch.Tensor) else np.asarray(C, dtype=np.float64)
-    if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] == 0:
-        raise GaugeError(f"the correlation matrix must be square and non-empty, got shape {C.shape}")
-    if not np.all(np.isfinite(C)):
-        raise GaugeError("the correlation matrix has NaN or inf entries (constant coordinates or empty data?)")
-    S = np.abs(C) if method == "signed" else C
-    rows, cols = linear_sum_assignment(S, maximize=True)   # rows = A coordinates, cols = B coordinates
-    d = C.shape[0]
-    perm = np.empty(d, dtype=np.int64)
-    perm[cols] = rows
-    if method == "signed":
-        sign = np.where(C[perm, np.arange(d)] < 0, -1, 1)
-    else:
-        sign = np.ones(d, dtype=np.int64)
-    score = np.empty(d)
-    margin = np.empty(d)
-    score[cols] = S[rows, cols]
-    margin[cols] = S[rows, cols] - _runner_up(S, rows, cols)
-    return Match(SignedPermutation(torch.from_numpy(perm), torch.from_numpy(sign)), score, margin)
-
+__all__ = ["Match", "match_correlation", "METHODS", "find_gauge", "find_full_gauge", "check_pair"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # find_gauge: model A -> model B
@@ -89,31 +36,25 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> M
 FIND_METHODS = METHODS + ("procrustes",)
 
 
-def check_pair(model_a: Any, model_b: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Unwrap both models and refuse pairs that cannot share a residual chart (``GaugeError``)."""
-    from .models import unwrap
-    from .specs import get_spec
-
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    sa, sb = get_spec(ma), get_spec(mb)
-    ca, cb = ma.config, mb.config
-    if ca.model_type != cb.model_type or sa.name != sb.name:
+def check_pair(model_a: Any, model_b: Any) -> tuple[ModelView, ModelView]:
+    """Resolve both models and refuse pairs that cannot share a residual chart (``GaugeError``)."""
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    ca, cb = va.config, vb.config
+    if ca.model_type != cb.model_type or va.spec.name != vb.spec.name:
         raise GaugeError(f"different architectures: model A is {ca.model_type!r} but model B is {cb.model_type!r}; a "
                          "gauge relates two checkpoints of one architecture")
-    if ca.hidden_size != cb.hidden_size:
-        raise GaugeError(f"different widths: model A has hidden_size={ca.hidden_size} but model B has "
-                         f"{cb.hidden_size}; a residual gauge needs equal widths")
-    if ca.num_hidden_layers != cb.num_hidden_layers:
-        raise GaugeError(f"different depths: model A has {ca.num_hidden_layers} layers but model B has "
-                         f"{cb.num_hidden_layers}; gauges relate checkpoints of one architecture")
-    return ma, mb
+    if ca.hidden != cb.hidden:
+        raise GaugeError(f"different widths: model A has hidden_size={ca.hidden} but model B has "
+                         f"{cb.hidden}; a residual gauge needs equal widths")
+    if ca.n_layers != cb.n_layers:
+        raise GaugeError(f"different depths: model A has {ca.n_layers} layers but model B has "
+                         f"{cb.n_layers}; gauges relate checkpoints of one architecture")
+    return va, vb
 
 
-def _check_group(element: SignedPermutation, ma: torch.nn.Module, method: str) -> None:
+def _check_group(element: SignedPermutation, ma: ModelView, method: str) -> None:
     """LayerNorm residuals admit S_d x {±1} only: a mixed-sign match cannot be a gauge of this model."""
-    from .specs import get_spec
-
-    rule = get_spec(ma).spaces["residual"].signs
+    rule = ma.spec.space("residual").signs
     if rule == "global" and method == "signed":
         neg = int((element.sign < 0).sum())
         if 0 < neg < element.size:
@@ -150,17 +91,14 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
     n_tokens, method, data_free). LayerNorm models with ``method="signed"`` are checked against S_d x {±1}: a
     mixed-sign result raises ``GaugeError``.
     """
-    from .models import describe
-
     if method not in FIND_METHODS:
         raise GaugeError(f"unknown method {method!r}; use one of {FIND_METHODS}")
-    wanted = _spaces(spaces)
+    ma, mb = check_pair(model_a, model_b)
+    wanted = _spaces(ma, spaces)
     if wanted != ("residual",) and method == "procrustes":
         raise GaugeError("method='procrustes' fits the residual stream only; pass spaces=('residual',)")
-    ma, mb = check_pair(model_a, model_b)
     data_free = data is None
     if len(wanted) > 1 and not data_free:   # two passes over the data: materialise the token batches once
-        from .stats import iter_batches
         it, _ = iter_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=kw.get("max_length"))
         data = [{"input_ids": i, "attention_mask": a} for i, a in it]
     stats_kw = {k: kw.pop(k) for k in ("max_length", "layers", "include_embed", "include_final_norm", "stats_device",
@@ -174,7 +112,6 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
             raise GaugeError("method='procrustes' fits an orthogonal map from activations: pass data=token ids or texts")
         if stats_kw:
             raise GaugeError(f"{sorted(stats_kw)} only apply when matching from data; pass data=...")
-        from .features import feature_correlation, paired_weight_features
         fa, fb = paired_weight_features(ma, mb, max_rows=max_rows)
         if fa.signed.shape[1] == 0 and method == "signed":
             raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
@@ -185,14 +122,12 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
     else:
         if max_rows is not None:
             raise GaugeError("max_rows only applies to data-free matching (data=None)")
-        from .stats import collect_pair_stats
         stats = collect_pair_stats(ma, mb, data, tokenizer=tokenizer, batch_size=batch_size, progress=progress,
                                    **stats_kw)
         if stats.n_tokens == 0:
             raise GaugeError("data is empty: no non-padding token was seen; pass at least one token")
         metrics.update(n_tokens=stats.n_tokens, n_sites=len(stats.sites))
         if method == "procrustes":
-            from .orthogonal import OrthogonalMap, procrustes_from_cross
             R = procrustes_from_cross(stats.cross_covariance())
             return OrthogonalMap(R, source=describe(ma), target=describe(mb), metrics=metrics, check=False)
         C = stats.correlation()
@@ -205,7 +140,6 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
     confidence: dict[str, Any] = {"residual": torch.from_numpy(m.margin)}
     inner_spaces = tuple(sp for sp in wanted if sp != "residual")
     if inner_spaces:
-        from .inner import match_inner
         inner = match_inner(ma, mb, residual=m.element, data=data, spaces=inner_spaces, method=method)
         extra, label = dict(inner), label + "+inner"
         confidence.update(inner.confidence)
@@ -213,11 +147,25 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
                  metrics=metrics, confidence=confidence)
 
 
-def _spaces(spaces: str | Sequence[str]) -> tuple[str, ...]:
-    """Normalise ``spaces=`` to a tuple that starts with ``"residual"``."""
-    got = ("residual", "mlp", "attn") if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
-    bad = [sp for sp in got if sp not in ("residual", "mlp", "attn")]
+def _spaces(v: ModelView, spaces: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise ``spaces=`` to a tuple of space families that starts with ``"residual"``."""
+    fams = tuple(dict.fromkeys(t.split(".")[0] for t in v.spec.spaces))      # ("residual", "mlp", "attn", ...)
+    got = fams if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
+    bad = [sp for sp in got if sp not in fams]
     if bad or "residual" not in got:
-        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of ('residual', 'mlp', 'attn') that includes "
+        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of {fams} that includes "
                          "'residual' (the inner spaces are matched relative to it)")
-    return ("residual",) + tuple(sp for sp in ("mlp", "attn") if sp in got)
+    return ("residual",) + tuple(sp for sp in fams if sp in got and sp != "residual")
+
+
+def find_full_gauge(model_a: Any, model_b: Any, data: Any = None, *, method: str = "signed",
+                    layers: Iterable[int] | None = None) -> Gauge:
+    """The full gauge A -> B: residual (``find_gauge``) plus every inner space (``inner.match_inner``; from
+    activations when ``data`` is given). Same as ``find_gauge(..., spaces="all")`` but with ``layers`` to restrict
+    the inner spaces."""
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    residual = find_gauge(va.module, vb.module, data=data, method=method).residual
+    inner = match_inner(va, vb, residual=residual, data=data, method=method, layers=layers)
+    g = inner.to_gauge(residual, method=f"full(find_gauge+{inner.source})")
+    g.source, g.target = describe(va), describe(vb)
+    return g

@@ -8,36 +8,21 @@ from typing import Any, Iterable
 import torch
 from transformers.utils import logging
 
-from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for, space_sizes
+from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
-from .specs import ArchSpec, get_spec
+from .kinds import get_kind
+from .orthogonal import refuse_apply
+from .view import ModelView, unwrap
 
 logger = logging.get_logger("hf_gauge")
 
-__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
+__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces",
+           "hash_gain"]
 
 
-def unwrap(model: Any) -> torch.nn.Module:
-    """The transformers model under PEFT, torch.compile, DDP/accelerate wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "_orig_mod"):                  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model) and hasattr(model, "peft_config"):
-            model = model.get_base_model()               # PeftModel -> the transformers model (LoRA layers inside)
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
-            model = model.module
-        else:
-            break
-    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
-        raise GaugeError(f"expected a transformers model (or a PEFT/compiled wrapper of one), got {type(model).__name__}")
-    return model
-
-
-def _hash_gain(gain: torch.Tensor) -> str:
+def hash_gain(gain: torch.Tensor) -> str:
     return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -46,31 +31,29 @@ def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
 
     With ``gauge``, the fingerprint the model will have after ``apply_gauge(model, gauge)``.
     """
-    m = unwrap(model)
-    gain = m.get_submodule(get_spec(m).sites.final_norm).weight
+    gain = ModelView.of(model).final_norm_weight
     if gauge is not None and gauge.residual is not None:
         gain = gain.detach().cpu()[gauge.residual.perm]
-    return _hash_gain(gain)
+    return hash_gain(gain)
 
 
 def describe(model: Any) -> dict[str, Any]:
     """Provenance of a model's chart, recorded in gauges as ``source`` / ``target``."""
-    m = unwrap(model)
-    cfg = m.config
+    v = ModelView.of(model)
+    cfg = v.config
     return {
-        "model_id": getattr(cfg, "_name_or_path", "") or "",
-        "revision": getattr(cfg, "_commit_hash", None),
+        "model_id": getattr(cfg.raw, "_name_or_path", "") or "",
+        "revision": getattr(cfg.raw, "_commit_hash", None),
         "model_type": cfg.model_type,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_hidden_layers,
-        "fingerprint": fingerprint(m),
+        "hidden_size": cfg.hidden,
+        "num_hidden_layers": cfg.n_layers,
+        "fingerprint": fingerprint(v),
     }
 
 
 def gauge_spaces(model: Any) -> dict[str, int]:
     """Every gauge space of the model and its size (``{"residual": d, "mlp.0": d_ff, "attn.0": n_heads, ...}``)."""
-    m = unwrap(model)
-    return space_sizes(get_spec(m), m.config)
+    return ModelView.of(model).space_sizes()
 
 
 @torch.no_grad()
@@ -83,28 +66,27 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     from the model's (otherwise that only warns: a fine-tune of the source is a legitimate target).
     """
     if not isinstance(gauge, Gauge):
-        from .orthogonal import refuse_apply  # issue 3: explain why orthogonal maps / dense matrices are refused
-        refuse_apply(gauge)
-    m = unwrap(model)
-    spec = get_spec(m)
-    if gauge.source.get("model_type") not in (None, m.config.model_type):
+        refuse_apply(gauge)            # explains why orthogonal maps / dense matrices are refused
+    v = ModelView.of(model)
+    spec, cfg = v.spec, v.config
+    if gauge.source.get("model_type") not in (None, cfg.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "
-                         f"{m.config.model_type!r}")
-    check_gauge(spec, m.config, gauge)
-    params = dict(m.named_parameters())
+                         f"{cfg.model_type!r}")
+    check_gauge(spec, cfg, gauge)
+    params = dict(v.named_parameters())
     for n, p in params.items():
         if p.device.type == "meta":
             raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a gauge")
     want = gauge.source.get("fingerprint")
     if want:
-        have = fingerprint(m)
+        have = fingerprint(v)
         if have != want:
             msg = (f"the gauge expects a source chart with fingerprint {want} but this model's is {have}; "
                    "the model may be a fine-tune of the source (fine) or already gauged or another model")
             if strict:
                 raise GaugeError(msg + " (strict=True refuses)")
             warnings.warn(msg, stacklevel=2)
-    plan = moves_for(spec, m.config, gauge, params)
+    plan = moves_for(spec, cfg, gauge, params)
     for n, moves in plan.items():          # refuse before touching anything: never leave a half-gauged model
         try:
             check_moves(params[n], moves)
@@ -116,10 +98,10 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     return model
 
 
-def _residual_gains(m: torch.nn.Module, spec: ArchSpec) -> list[torch.Tensor]:
+def _residual_gains(v: ModelView) -> list[torch.Tensor]:
     out = []
-    for n, p in m.named_parameters():
-        axes = spec.match(n)
+    for n, p in v.named_parameters():
+        axes = v.spec.match(n)
         if axes and len(axes) == 1 and axes[0].space == "residual" and not axes[0].signed and p.dim() == 1:
             out.append(p.detach())
     return out
@@ -127,11 +109,10 @@ def _residual_gains(m: torch.nn.Module, spec: ArchSpec) -> list[torch.Tensor]:
 
 def symmetry_group(model: Any, warn: bool = True) -> str:
     """``"B_d"`` (RMSNorm, generic gains), ``"O(d)"`` (RMSNorm, every residual gain constant), ``"S_d x {±1}"`` (LayerNorm)."""
-    m = unwrap(model)
-    spec = get_spec(m)
-    if spec.norm == "layernorm":
+    v = ModelView.of(model)
+    if v.spec.norm == "layernorm":
         return "S_d x {±1}"
-    gains = _residual_gains(m, spec)
+    gains = _residual_gains(v)
     if gains and all(bool(torch.all(g == g[0])) for g in gains):
         if warn:
             warnings.warn("every residual RMSNorm gain is constant: any orthogonal map preserves this model's "
@@ -140,45 +121,39 @@ def symmetry_group(model: Any, warn: bool = True) -> str:
     return "B_d"
 
 
-def _random_heads(n_heads: int, n_kv: int, gen: torch.Generator) -> SignedPermutation:
-    g = n_heads // n_kv
-    groups = torch.randperm(n_kv, generator=gen)
-    perm = torch.cat([grp * g + torch.randperm(g, generator=gen) for grp in groups.tolist()])
-    return SignedPermutation(perm)
-
-
 def random_gauge(model: Any, seed: int = 0, group: str = "signed",
                  spaces: Iterable[str] = ("residual",), positive_fraction: float | None = None) -> Gauge:
     """A reproducible random gauge of ``model``'s symmetry group.
 
     ``group="signed"`` draws from the full group (B_d on RMSNorm residuals; on LayerNorm, a permutation and one
-    random global sign), ``"permutation"`` from S_d. ``spaces`` picks ``"residual"``, ``"mlp"``, ``"attn"``
-    (every layer) or single spaces like ``"mlp.3"``.
+    random global sign), ``"permutation"`` from S_d. ``spaces`` picks concrete spaces (``"residual"``,
+    ``"mlp.3"``) or every space of a template's family by its first name part (``"mlp"``, ``"attn"``).
     """
     if group not in ("signed", "permutation"):
         raise GaugeError(f"group must be 'signed' or 'permutation', got {group!r}")
-    m = unwrap(model)
-    spec = get_spec(m)
-    sizes = space_sizes(spec, m.config)
+    v = ModelView.of(model)
+    spec, cfg = v.spec, v.config
+    sizes = v.space_sizes()
+    wanted = select_spaces(spec, sizes, spaces)
     gen = torch.Generator().manual_seed(int(seed))
-    wanted = [s for s in sizes if s in spaces or s.split(".")[0] in spaces]
-    unknown = [s for s in spaces if s not in sizes and s not in ("mlp", "attn")]
-    if unknown or not wanted:
-        raise GaugeError(f"unknown gauge space(s) {unknown or list(spaces)}; this model has residual, mlp.<i>, attn.<i>")
     out: dict[str, SignedPermutation] = {}
-    n_kv = getattr(m.config, "num_key_value_heads", None) or m.config.num_attention_heads
     for name in wanted:
-        rule = spec.spaces[spec.space_template(name)[0]].signs
-        if name.startswith("attn."):
-            out[name] = _random_heads(sizes[name], n_kv, gen)
-            continue
-        signed = group == "signed" and rule != "none"
-        el = SignedPermutation.random(sizes[name], gen, signed=signed and rule == "any",
-                                      positive_fraction=positive_fraction if rule == "any" else None)
-        if signed and rule == "global" and torch.rand((), generator=gen) < 0.5:
-            el = SignedPermutation(el.perm, -torch.ones(el.size, dtype=torch.int64))
-        out[name] = el
+        sp = spec.space(name)
+        out[name] = get_kind(sp.kind).random(sizes[name], sp.signs, group, gen, positive_fraction, cfg)
     g = Gauge(spaces=out, method=f"random(seed={seed}, group={group})")
-    g.source = describe(m)
-    g.target = {**g.source, "fingerprint": fingerprint(m, g)}
+    g.source = describe(v)
+    g.target = {**g.source, "fingerprint": fingerprint(v, g)}
     return g
+
+
+def select_spaces(spec, sizes: dict[str, int], spaces: Iterable[str]) -> list[str]:
+    """Concrete spaces selected by ``spaces``: names (``"mlp.3"``) or families (``"mlp"``: every space whose
+    template starts with ``mlp.``); ``GaugeError`` for a selector that selects nothing."""
+    spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
+    fams = {t.split(".")[0] for t in spec.spaces}
+    unknown = [s for s in spaces if s not in sizes and s not in fams]
+    wanted = [s for s in sizes if s in spaces or s.split(".")[0] in spaces]
+    if unknown or not wanted:
+        raise GaugeError(f"unknown gauge space(s) {unknown or list(spaces)}; this model has "
+                         f"{', '.join(spec.spaces)} (select by template family: {', '.join(sorted(fams))})")
+    return wanted

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import GaugeError
+from .gauge import check_space_name
 
 __all__ = ["IndexSet", "Attribution"]
 
@@ -35,8 +36,7 @@ def _indices(x: Any) -> torch.Tensor:
 
 
 def _space(space: str) -> str:
-    from .gauge import _check_space_name
-    return _check_space_name(space)
+    return check_space_name(space)
 
 
 @dataclass(frozen=True)

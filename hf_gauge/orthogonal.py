@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from scipy.linalg import orthogonal_procrustes
 
+from .assign import match_correlation
 from .errors import GaugeError
 
 __all__ = ["OrthogonalMap", "procrustes_from_cross", "refuse_apply"]
@@ -139,7 +140,6 @@ class OrthogonalMap:
 
         ``R[i, j]`` pairs A's coordinate i with B's coordinate j, like a correlation matrix; the element maps A -> B.
         """
-        from .match import match_correlation
         return match_correlation(self.R, "signed")
 
     def diagnostics(self, n_haar: int = 3, seed: int = 0) -> dict[str, float]:

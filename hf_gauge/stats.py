@@ -33,8 +33,7 @@ import torch
 from transformers.utils import logging
 
 from .errors import GaugeError
-from .models import unwrap
-from .specs import get_spec
+from .view import ModelView
 
 logger = logging.get_logger("hf_gauge")
 
@@ -300,9 +299,9 @@ def iter_batches(data: Any, *, tokenizer: Any = None, batch_size: int = 8, max_l
 def residual_sites(model: torch.nn.Module, layers: Sequence[int] | None = None,
                    include_embed: bool = True, include_final_norm: bool = True) -> list[str]:
     """Module paths whose outputs lie in the residual chart, from the architecture spec's ``sites``."""
-    m = unwrap(model)
-    spec = get_spec(m)
-    n_layers = len(m.get_submodule(spec.sites.layers))
+    v = ModelView.of(model)
+    spec = v.spec
+    n_layers = len(v.submodule(spec.sites.layers))
     idx = range(n_layers) if layers is None else [int(i) for i in layers]
     for i in idx:
         if not -n_layers <= i < n_layers:
@@ -313,7 +312,7 @@ def residual_sites(model: torch.nn.Module, layers: Sequence[int] | None = None,
         sites.append(spec.sites.final_norm)
     if not sites:
         raise GaugeError("no residual sites selected: include the embedding, some layers or the final norm")
-    return sites
+    return [v.live_name(p) for p in sites]
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -391,10 +390,11 @@ def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any 
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    ma, mb = unwrap(model_a), unwrap(model_b)
-    d = ma.config.hidden_size
-    sites = residual_sites(ma, layers, include_embed, include_final_norm)
-    sites_b = residual_sites(mb, layers, include_embed, include_final_norm)
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    ma, mb = va.module, vb.module
+    d = va.config.hidden
+    sites = residual_sites(va, layers, include_embed, include_final_norm)
+    sites_b = residual_sites(vb, layers, include_embed, include_final_norm)
     dev = torch.device(stats_device) if stats_device is not None else _default_stats_device(ma)
     stats = PairStats(sites=sites, d=d, device=dev)
     vocab = min(ma.get_input_embeddings().weight.shape[0], mb.get_input_embeddings().weight.shape[0])

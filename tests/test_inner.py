@@ -8,7 +8,8 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from hf_gauge import GaugeError, SignedPermutation, apply_gauge, random_gauge
-from hf_gauge.inner import find_full_gauge, match_inner, residual_from_embeddings
+from hf_gauge.inner import match_inner, residual_from_embeddings
+from hf_gauge.match import find_full_gauge
 
 FULL = ("residual", "mlp", "attn")
 RMS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")

@@ -1,41 +1,112 @@
 """Declarative architecture specs: which tensor axis lies in which gauge space.
 
-A spec is data. Each ``Rule`` names a parameter pattern (``{i}`` stands for a layer index) and the ``Axis``
-entries of that tensor that move under a gauge. An empty tuple declares the tensor untouched. Space names are
-templates: ``"residual"``, ``"mlp.{i}"`` (MLP hidden units of layer i), ``"attn.{i}"`` (query heads of layer i).
+A spec is data. Each ``Rule`` names a parameter pattern and the ``Axis`` entries of that tensor that move under a
+gauge; an empty tuple declares the tensor untouched. Patterns and space names are templates whose placeholders
+(``{i}`` a layer, ``{e}`` an expert, any ``{name}``) stand for canonical non-negative integers (``0``, ``17``; never
+``01``). Each ``Space`` template carries its *kind* (``"residual"``, ``"units"``, ``"heads"``, or any kind registered
+in ``hf_gauge.kinds``), which says how its elements are drawn, checked, matched and ordered; the ranges of its
+placeholders come from the config (``{i}`` ranges over the layers unless the space says otherwise).
 
 Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 - ``signed=True``: the axis is re-indexed by ``perm`` and multiplied by ``sign`` (readers' columns, writers' rows).
 - ``signed=False``: re-indexed only (norm gains, SwiGLU gate rows, DoRA magnitudes).
 - ``block``: the space indexes blocks of this many consecutive entries (a head's ``head_dim`` rows).
-- ``kv=True``: the axis indexes KV heads; the query-head permutation is reduced to its KV-group permutation.
+- ``kv=True``: the axis indexes the reduced space of its kind (KV heads: the query-head permutation reduced to
+  its KV-group permutation).
+- ``stack="e"``: the axis indexes placeholder ``{e}`` (fused per-expert tensors ``[E, ...]``); every other axis of
+  the tensor is resolved per slice ``k`` with ``{e}`` = k.
+- ``segments``: a fused axis made of consecutive parts, each its own ``Axis`` (space, sign rule, block, kv); a part
+  with ``space=""`` is never moved and spans ``dims[block]`` entries. Fused ``qkv_proj = [q|k|v]``,
+  ``gate_up_proj = [gate|up]``.
+
+``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
+load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Literal, Mapping
 
+from ..errors import GaugeError
+
 SignRule = Literal["any", "global", "none"]
+INDEX = r"(?:0|[1-9][0-9]*)"               # canonical integers only: "mlp.01" is not a space name
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def placeholders(template: str) -> tuple[str, ...]:
+    """``"moe.{i}.{e}"`` -> ``("i", "e")``."""
+    return tuple(_PLACEHOLDER.findall(template))
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A regex matching the template's instances, one named group per placeholder (canonical integers)."""
+    out, pos = [], 0
+    for m in _PLACEHOLDER.finditer(template):
+        out.append(re.escape(template[pos:m.start()]))
+        out.append(f"(?P<{m.group(1)}>{INDEX})")
+        pos = m.end()
+    out.append(re.escape(template[pos:]))
+    return re.compile("".join(out) + r"\Z")
+
+
+def fill(template: str, values: Mapping[str, str | int]) -> str:
+    """Replace each ``{name}`` that ``values`` knows; others stay."""
+    return _PLACEHOLDER.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
 
 
 @dataclass(frozen=True)
 class Axis:
     axis: int
-    space: str
+    space: str = ""
     signed: bool = True
     block: str | None = None
     kv: bool = False
+    segments: tuple["Axis", ...] = ()
+    stack: str | None = None
+
+    def filled(self, values: Mapping[str, str | int]) -> "Axis":
+        return dataclasses.replace(self, space=fill(self.space, values),
+                                   segments=tuple(s.filled(values) for s in self.segments))
+
+    def on(self, axis: int, **changes) -> "Axis":
+        """The same axis semantics on another tensor axis (LoRA factors, stacked slices)."""
+        return dataclasses.replace(self, axis=axis, **changes)
+
+    def parts(self) -> tuple["Axis", ...]:
+        """The segments of a fused axis, or the axis itself."""
+        return self.segments or (self,)
+
+    @property
+    def spaces(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(p.space for p in self.parts() if p.space))
+
+
+def segmented(axis: int, *parts: Axis) -> Axis:
+    """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored)."""
+    return Axis(axis, segments=tuple(p.on(axis) for p in parts))
 
 
 @dataclass(frozen=True)
 class Space:
-    """A gauge space template: its size from the config and which signs the architecture admits."""
+    """A gauge space template: its size from the config, the signs the architecture admits, and its kind.
+
+    ``ranges`` gives each placeholder's count from the config (default: ``{i}`` -> number of layers). ``per_layer``
+    is the legacy flag (a template with ``{i}`` is per layer anyway). ``kind=None`` is filled by the spec: residual
+    for ``"residual"``, units for ``"mlp.{i}"``, heads for ``"attn.{i}"`` (the legacy shorthand).
+    """
 
     size: Callable[[object], int]
     signs: SignRule
     doc: str = ""
     per_layer: bool = False
+    kind: str | None = None
+    ranges: Mapping[str, Callable[[object], int]] = field(default_factory=dict)
+
+
+_LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
 
 
 @dataclass(frozen=True)
@@ -44,22 +115,49 @@ class Rule:
     axes: tuple[Axis, ...] = ()
 
     def compile(self) -> re.Pattern:
-        return re.compile(re.escape(self.pattern).replace(r"\{i\}", r"(?P<i>\d+)") + r"\Z")
+        return template_regex(self.pattern)
 
 
 @dataclass(frozen=True)
 class Sites:
-    """Module paths (with ``{i}``) where the spaces can be observed in a forward pass."""
+    """Module paths (with placeholders) where the spaces can be observed in a forward pass.
+
+    ``inputs`` maps a space template to the module whose INPUT is that space's activation (MLP hidden units: the
+    down projection; heads: the output projection). ``mlp_in`` / ``attn_out_in`` are the legacy shorthand for the
+    ``"mlp.{i}"`` / ``"attn.{i}"`` entries.
+    """
 
     layers: str                     # ModuleList of blocks; each block's input and output lie in the residual chart
     final_norm: str                 # output of the final norm (gain permuted only: still the residual chart)
     embed: str                      # token embedding module
-    mlp_in: str                     # module whose INPUT is the MLP hidden activation of layer {i}
-    attn_out_in: str                # module whose INPUT is the concatenated head outputs of layer {i}
+    mlp_in: str | None = None
+    attn_out_in: str | None = None
+    inputs: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        merged = dict(self.inputs)
+        if self.mlp_in:
+            merged.setdefault("mlp.{i}", self.mlp_in)
+        if self.attn_out_in:
+            merged.setdefault("attn.{i}", self.attn_out_in)
+        object.__setattr__(self, "inputs", merged)
+
+
+# heads of other tasks on the same decoder (AutoModelForSequenceClassification / TokenClassification / QA): they
+# read the final residual stream
+HEAD_RULES: tuple[Rule, ...] = (
+    Rule("score.weight", (Axis(1, "residual"),)),
+    Rule("score.bias", ()),
+    Rule("qa_outputs.weight", (Axis(1, "residual"),)),
+    Rule("qa_outputs.bias", ()),
+)
 
 
 @dataclass(frozen=True)
 class ArchSpec:
+    """An architecture's gauge structure. Rule patterns use the ``*ForCausalLM`` names; ``prefix`` is the base
+    model's attribute (``"model."``) that a bare base model (``AutoModel``) lacks in its parameter names."""
+
     name: str
     model_types: tuple[str, ...]
     norm: Literal["rmsnorm", "layernorm"]
@@ -67,38 +165,91 @@ class ArchSpec:
     rules: tuple[Rule, ...]
     dims: Callable[[object], dict[str, int]]
     sites: Sites
-    _compiled: list = field(default_factory=list, compare=False, repr=False)
+    file_rules: tuple[Rule, ...] = ()
+    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, compare=False, repr=False)   # engine.axes_for, per tensor name
+
+    def __post_init__(self) -> None:
+        spaces = {}
+        for tmpl, sp in self.spaces.items():
+            kind = sp.kind or _LEGACY_KINDS.get(tmpl)
+            if kind is None:
+                raise GaugeError(f"spec {self.name!r}: space {tmpl!r} declares no kind")
+            ranges = dict(sp.ranges)
+            for ph in placeholders(tmpl):
+                if ph not in ranges:
+                    if ph != "i":
+                        raise GaugeError(f"spec {self.name!r}: space {tmpl!r} has no range for placeholder {{{ph}}}")
+                    ranges[ph] = _n_layers
+            spaces[tmpl] = dataclasses.replace(sp, kind=kind, ranges=ranges, per_layer="i" in ranges)
+        object.__setattr__(self, "spaces", spaces)
 
     @property
     def group(self) -> str:
         return "B_d" if self.spaces["residual"].signs == "any" else "S_d x {±1}"
 
-    def compiled(self) -> list[tuple[re.Pattern, Rule]]:
-        if not self._compiled:
-            self._compiled.extend((r.compile(), r) for r in self.rules)
-        return self._compiled
+    def compiled(self, files: bool = False) -> list[tuple[re.Pattern, Rule]]:
+        key = "files" if files else "live"
+        if key not in self._compiled:
+            rules = (self.file_rules if files else ()) + self.rules + HEAD_RULES
+            self._compiled[key] = [(r.compile(), r) for r in rules]
+        return self._compiled[key]
 
-    def match(self, name: str) -> tuple[Axis, ...] | None:
-        """Axes of parameter ``name`` with ``{i}`` filled in, or None when no rule covers it."""
-        for rx, rule in self.compiled():
+    def match(self, name: str, files: bool = False) -> tuple[Axis, ...] | None:
+        """Axes of parameter ``name`` with its placeholders filled in, or None when no rule covers it.
+        ``files=True`` also consults ``file_rules`` (names as checkpoint files store them)."""
+        for rx, rule in self.compiled(files):
             m = rx.match(name)
             if m:
-                i = m.groupdict().get("i")
-                return tuple(
-                    Axis(a.axis, a.space.replace("{i}", i) if i is not None else a.space, a.signed, a.block, a.kv)
-                    for a in rule.axes
-                )
+                values = m.groupdict()
+                return tuple(a.filled(values) for a in rule.axes)
         return None
 
+    # ---------------------------------------------------------------- space names
+    def _space_rx(self) -> list[tuple[re.Pattern, str]]:
+        if "spaces" not in self._compiled:
+            self._compiled["spaces"] = [(template_regex(t), t) for t in self.spaces]
+        return self._compiled["spaces"]
+
+    def parse_space(self, space: str) -> tuple[str, dict[str, int]]:
+        """``"mlp.3"`` -> ``("mlp.{i}", {"i": 3})``; ``GaugeError`` if no template of this spec matches."""
+        for rx, tmpl in self._space_rx():
+            m = rx.match(space)
+            if m:
+                return tmpl, {k: int(v) for k, v in m.groupdict().items()}
+        raise GaugeError(f"{space!r} is not a gauge space of the {self.name!r} architecture; its spaces are "
+                         f"{', '.join(self.spaces)} (placeholders are canonical integers)")
+
     def space_template(self, space: str) -> tuple[str, int | None]:
-        """``"mlp.3"`` -> ``("mlp.{i}", 3)``; ``"residual"`` -> ``("residual", None)``."""
-        head, _, tail = space.partition(".")
-        if tail:
-            if not tail.isdigit():
-                raise KeyError(space)
-            return f"{head}.{{i}}", int(tail)
-        return head, None
+        """``"mlp.3"`` -> ``("mlp.{i}", 3)``; ``"residual"`` -> ``("residual", None)`` (legacy; see ``parse_space``)."""
+        try:
+            tmpl, values = self.parse_space(space)
+        except GaugeError:
+            raise KeyError(space) from None
+        return tmpl, values.get("i")
+
+    def space(self, space: str) -> Space:
+        """The ``Space`` template of a concrete space name."""
+        return self.spaces[self.parse_space(space)[0]]
+
+    def space_sizes(self, config) -> dict[str, int]:
+        """Every concrete space (placeholders over their config ranges, in declaration order) and its size."""
+        out: dict[str, int] = {}
+        for tmpl, sp in self.spaces.items():
+            names = [tmpl]
+            for ph, count in sp.ranges.items():
+                names = [fill(n, {ph: k}) for n in names for k in range(int(count(config)))]
+            size = int(sp.size(config))
+            for n in names:
+                out[n] = size
+        return out
+
+    def spaces_of_kind(self, *kinds: str) -> list[str]:
+        return [t for t, sp in self.spaces.items() if sp.kind in kinds]
+
+
+def _n_layers(config) -> int:
+    return config.num_hidden_layers
 
 
 # --- shorthand used by the spec files ------------------------------------------------------------------------

@@ -15,10 +15,13 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..engine import Move, moves_for
+from ..engine import Move, move_tensor, moves_for
 from ..errors import GaugeError
+from ..gauge import Gauge, check_space_name
 from ..group import SignedPermutation
-from ..specs import ArchSpec
+from ..kinds import get_kind
+from ..specs import ArchSpec, get_spec
+from ..view import ConfigView, unwrap
 
 GAUGE_RECORD_FILE = "hf_gauge_transport.json"
 
@@ -60,8 +63,7 @@ def gauge_record(gauge, **extra: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ elements
 def element(gauge, space: str) -> SignedPermutation | None:
     """The gauge's element on ``space`` (None: the gauge is the identity there)."""
-    from ..gauge import _check_space_name
-    _check_space_name(space)
+    check_space_name(space)
     return gauge.spaces.get(space)
 
 
@@ -75,7 +77,6 @@ def move_of(el: SignedPermutation | None, axis: int, signed: bool = True) -> tup
 
 def permutation_only(gauge):
     """The same gauge with every sign +1 (the S_d baseline; used by tests to show signs matter)."""
-    from ..gauge import Gauge
     return Gauge(spaces={k: SignedPermutation(v.perm) for k, v in gauge.spaces.items()},
                  source=gauge.source, target=gauge.target, method=f"permutation-only({gauge.method})")
 
@@ -86,25 +87,11 @@ def moves_for_names(spec: ArchSpec, config, gauge, names: Iterable[str]) -> dict
     return moves_for(spec, config, gauge, list(names), strict=True)
 
 
-class _Dims:
-    """A stand-in config when only the gauge is known (residual / MLP spaces need no head geometry)."""
-
-    def __init__(self, gauge, model_type: str) -> None:
-        self.model_type = model_type
-        self.hidden_size = gauge.width or 1
-        self.num_attention_heads = 1
-        self.head_dim = None
-        self.num_key_value_heads = None
-
-
 def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = None,
-                    spec: ArchSpec | None = None, what: str = "object") -> tuple[ArchSpec, Any]:
-    """Resolve the architecture spec and a config (for head geometry) from kwargs or the gauge's provenance."""
-    from ..specs import get_spec
+                    spec: ArchSpec | None = None, what: str = "object") -> tuple[ArchSpec, ConfigView]:
+    """Resolve the architecture spec and a config view (for head geometry) from kwargs or the gauge's provenance."""
     if model is not None:
-        from ..models import unwrap
-        m = unwrap(model)
-        config = config or m.config
+        config = config or unwrap(model).config
     if config is not None and hasattr(config, "config") and not hasattr(config, "hidden_size"):
         config = config.config
     if spec is None:
@@ -123,16 +110,15 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but the {what} is for "
                          f"{own!r}: an object of another architecture cannot be transported through it")
     if config is None:
-        if any(k.startswith("attn.") for k in gauge.spaces):
+        if any(get_kind(spec.space(k).kind).grouped for k in gauge.spaces):
             raise GaugeError(f"this gauge moves attention heads; transporting a {what} through it needs the model's "
                              "head geometry: pass config= (the base model's config) or model=")
-        config = _Dims(gauge, spec.model_types[0])
-    return spec, config
+        return spec, ConfigView(None, model_type=spec.model_types[0])
+    return spec, ConfigView.of(config)
 
 
 def move_named(moves: dict[str, tuple[Move, ...]], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply resolved moves to every tensor (new tensors; width mismatches name the key)."""
-    from ..engine import move_tensor
     out = {}
     for k, t in tensors.items():
         try:

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..engine import check_gauge
 from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
@@ -60,8 +61,7 @@ def transport_adapter_state(gauge, sd: Mapping[str, torch.Tensor], *, model_type
             raise GaugeError(f"adapter entry {k!r} must be a tensor, got {type(v).__name__}")
     spec, config = spec_and_config(gauge, model=model, config=config, model_type=model_type, spec=spec,
                                    what="adapter")
-    if not isinstance(config, type(None)) and hasattr(config, "num_hidden_layers"):
-        from ..engine import check_gauge
+    if config.known:
         check_gauge(spec, config, gauge)
     plan = moves_for_names(spec, config, gauge, sd.keys())
     return move_named(plan, dict(sd))

@@ -1,0 +1,177 @@
+"""Gauge-space kinds: the behaviour of each kind of space, written once and looked up by the kind a spec declares.
+
+A kind says how an element of its spaces is drawn at random, which elements a model admits (beyond the spec's sign
+rule), how an axis of the *reduced* space moves (``Axis(kv=True)``: KV heads under a query-head permutation), how
+two models' units are assigned from a similarity, and how activation statistics are blocked.
+
+- ``residual``: the residual stream (matched by ``match.find_gauge``, not here).
+- ``units``: independent hidden units (SwiGLU / GELU MLP units, an expert's units): any permutation, signs per the
+  spec's sign rule.
+- ``heads``: attention query heads: permutations that move KV groups as wholes (``grouped``).
+
+A new architecture with another kind registers a ``Kind`` (``register_kind``) and names it in its spec.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .assign import UnitSlice, head_assignment, match_correlation, match_units, slice_similarity
+from .errors import GaugeError
+from .group import SignedPermutation
+
+__all__ = ["Kind", "ResidualKind", "UnitsKind", "HeadsKind", "KINDS", "register_kind", "get_kind"]
+
+
+class Kind:
+    """Behaviour shared by every space of one kind. ``cfg`` is a ``view.ConfigView``."""
+
+    name = "kind"
+    grouped = False        # elements move groups of coordinates as wholes (``group_size`` > 1)
+
+    def __init__(self, name: str | None = None) -> None:
+        if name is not None:
+            self.name = name
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
+
+    # ---------------------------------------------------------------- structure
+    def group_size(self, size: int, cfg: Any) -> int:
+        return 1
+
+    def reduced_size(self, size: int, cfg: Any) -> int:
+        return size // self.group_size(size, cfg)
+
+    def reduce(self, el: SignedPermutation, cfg: Any) -> torch.Tensor:
+        """The permutation of the reduced space (one entry per group) implied by ``el``."""
+        g = self.group_size(el.size, cfg)
+        if g == 1:
+            return el.perm
+        groups = el.perm.view(el.size // g, g) // g
+        if not torch.all(groups == groups[:, :1]):
+            raise GaugeError(self.mixing_error(g))
+        return groups[:, 0].contiguous()
+
+    def mixing_error(self, g: int) -> str:
+        return (f"the {self.name} permutation mixes groups: entries sharing a group ({g} per group) must move "
+                "together to one group. Permute within a group, and groups as wholes.")
+
+    def blocks(self, size: int, cfg: Any) -> int | None:
+        """Activation statistics: ``None`` for per-coordinate correlations, else the number of blocks of the
+        observed width (per-dimension correlations averaged within a block)."""
+        return None
+
+    # ---------------------------------------------------------------- elements
+    def random(self, size: int, rule: str, group: str, gen: torch.Generator, positive_fraction: float | None,
+               cfg: Any) -> SignedPermutation:
+        signed = group == "signed" and rule != "none"
+        el = SignedPermutation.random(size, gen, signed=signed and rule == "any",
+                                      positive_fraction=positive_fraction if rule == "any" else None)
+        if signed and rule == "global" and torch.rand((), generator=gen) < 0.5:
+            el = SignedPermutation(el.perm, -torch.ones(el.size, dtype=torch.int64))
+        return el
+
+    def check(self, name: str, el: SignedPermutation, rule: str, cfg: Any) -> None:
+        """Refuse (``GaugeError``) an element the model cannot absorb on space ``name``."""
+        mt = cfg.model_type
+        if rule == "none" and not el.is_permutation:
+            raise GaugeError(f"space {name!r} of {mt} admits permutations only, but the gauge has "
+                             f"{int((el.sign < 0).sum())} negative signs")
+        if rule == "global" and not (bool(torch.all(el.sign == 1)) or bool(torch.all(el.sign == -1))):
+            raise GaugeError(
+                f"mixed signs on a LayerNorm model ({mt}): LayerNorm's mean-centring admits only "
+                f"permutations and one global sign flip (S_d x {{±1}}), but the gauge on {name!r} has "
+                f"{int((el.sign < 0).sum())} of {el.size} negative signs. Use a permutation gauge, or flip all signs."
+            )
+        if self.grouped:
+            self.reduce(el, cfg)
+
+    # ---------------------------------------------------------------- matching two models
+    def match_weights(self, sa: list[UnitSlice], sb: list[UnitSlice], signed: bool, method: str,
+                      cfg: Any) -> tuple[SignedPermutation, dict]:
+        """Assign B's units to A's from their weight slices (``inner.unit_slices``)."""
+        score, cs, plain = slice_similarity(sa, sb)
+        if method == "signed":
+            return match_units(score, cs, signed)
+        return match_units(plain, None, False)
+
+    def match_activations(self, C: np.ndarray, signed: bool, method: str, cfg: Any) -> tuple[SignedPermutation, dict]:
+        """Assign from an activation correlation ``C [n_A, n_B]``."""
+        res = match_correlation(C, method="signed" if (signed and method == "signed") else "permutation")
+        conf = res.summary()
+        conf["mean_score"] = conf["mean_matched"]
+        return res.element, conf
+
+
+class ResidualKind(Kind):
+    name = "residual"
+
+
+class UnitsKind(Kind):
+    name = "units"
+
+
+class HeadsKind(Kind):
+    """Query heads of one layer; ``cfg.n_kv_heads`` KV groups of ``n_heads / n_kv`` heads each."""
+
+    name = "heads"
+    grouped = True
+
+    def group_size(self, size: int, cfg: Any) -> int:
+        n_kv = cfg.n_kv_heads
+        if size % n_kv:
+            raise GaugeError(f"{size} heads do not split into {n_kv} KV groups")
+        return size // n_kv
+
+    def blocks(self, size: int, cfg: Any) -> int | None:
+        return size
+
+    def mixing_error(self, g: int) -> str:
+        return (f"the attention-head permutation mixes KV groups: query heads sharing a KV head ({g} per group) must "
+                "move together to one group. Permute heads only within a group, and groups as wholes.")
+
+    def random(self, size: int, rule: str, group: str, gen: torch.Generator, positive_fraction: float | None,
+               cfg: Any) -> SignedPermutation:
+        g = self.group_size(size, cfg)
+        groups = torch.randperm(size // g, generator=gen)
+        perm = torch.cat([grp * g + torch.randperm(g, generator=gen) for grp in groups.tolist()])
+        return SignedPermutation(perm)
+
+    def match_weights(self, sa: list[UnitSlice], sb: list[UnitSlice], signed: bool, method: str,
+                      cfg: Any) -> tuple[SignedPermutation, dict]:
+        qa, qb = [s for s in sa if not s.kv], [s for s in sb if not s.kv]
+        ka, kb = [s for s in sa if s.kv], [s for s in sb if s.kv]
+        H = slice_similarity(qa, qb)[0]
+        K = slice_similarity(ka, kb)[0] if ka else None
+        w = len(ka) / (len(ka) + len(qa)) if ka else 0.0
+        n = H.shape[0]
+        return head_assignment(H, n // self.group_size(n, cfg), K, w)
+
+    def match_activations(self, C: np.ndarray, signed: bool, method: str, cfg: Any) -> tuple[SignedPermutation, dict]:
+        n = C.shape[0]
+        return head_assignment(C, n // self.group_size(n, cfg))
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind, *, replace: bool = False) -> Kind:
+    """Make ``kind`` available to specs under ``kind.name``; returns it."""
+    if kind.name in KINDS and not replace and KINDS[kind.name] is not kind:
+        raise GaugeError(f"a gauge-space kind named {kind.name!r} is registered already (pass replace=True)")
+    KINDS[kind.name] = kind
+    return kind
+
+
+def get_kind(name: str) -> Kind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise GaugeError(f"unknown gauge-space kind {name!r}; registered kinds: {', '.join(KINDS)}") from None
+
+
+for _k in (ResidualKind(), UnitsKind(), HeadsKind()):
+    register_kind(_k)
