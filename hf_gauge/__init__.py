@@ -11,8 +11,7 @@ from .group import SignedPermutation
 from .models import apply_gauge, describe, fingerprint, gauge_spaces, random_gauge, symmetry_group, unwrap
 from .specs import get_spec, supported_model_types
 from ._attach import attach
-
-__version__ = "0.1.0"
+from .version import __version__
 
 attach()
 

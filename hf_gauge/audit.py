@@ -22,9 +22,9 @@ from typing import Any, Callable, Iterable
 import torch
 
 from .errors import GaugeError
-from .inner import _batches, _Stop
-from .models import apply_gauge, gauge_spaces, random_gauge, unwrap
-from .specs import get_spec
+from .activations import Stop, forward, logits, token_batches
+from .models import apply_gauge, gauge_spaces, random_gauge
+from .view import ModelView
 
 __all__ = ["ClaimResult", "AuditRow", "AuditReport", "audit", "topk_residual_claim", "add_subparser"]
 
@@ -214,18 +214,15 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _probe_ids(m, data: Any, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     if data is not None:
-        ids, mask = next(iter(_batches(data)))
+        ids, mask = next(iter(token_batches(data)))
         return ids[:2, :64], None if mask is None else mask[:2, :64]
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, m.config.vocab_size, (1, 16), generator=g), None
 
 
 def _logits(m, ids, mask) -> torch.Tensor:
-    dev = next(m.parameters()).device
-    with torch.no_grad():
-        out = m(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev), use_cache=False)
-    lg = out.logits.float()
-    return lg if mask is None else lg[mask.to(dev).bool()]
+    lg = logits(m, ids, mask)
+    return lg if mask is None else lg[mask.to(lg.device).bool()]
 
 
 def audit(model: Any, claim: Callable[[Any], Any], n_gauges: int = 8, data: Any = None,
@@ -238,8 +235,7 @@ def audit(model: Any, claim: Callable[[Any], Any], n_gauges: int = 8, data: Any 
     """
     if n_gauges < 1:
         raise GaugeError(f"n_gauges must be at least 1, got {n_gauges}")
-    m = unwrap(model)
-    get_spec(m)
+    m = ModelView.of(model).module
     sizes = gauge_spaces(m)
     kind, space, orig, orig_scores = _normalize(claim(m), sizes)
     ids, mask = _probe_ids(m, data, seed)
@@ -291,16 +287,16 @@ def topk_residual_claim(data: Any, k: int = 20, layer: int | None = None) -> Cal
     ``layer`` (default: the middle block) over the non-padding tokens of ``data`` (float64 running sums)."""
     if k < 1:
         raise GaugeError(f"k must be at least 1, got {k}")
-    batches = list(_batches(data))
+    batches = list(token_batches(data))
 
     def claim(model: Any) -> ClaimResult:
-        m = unwrap(model)
-        spec = get_spec(m)
-        n_layers = m.config.num_hidden_layers
+        v = ModelView.of(model)
+        m, spec = v.module, v.spec
+        n_layers = v.config.n_layers
         L = n_layers // 2 if layer is None else layer
         if not 0 <= L < n_layers:
             raise GaugeError(f"layer {L} does not exist (the model has {n_layers} blocks)")
-        d = m.config.hidden_size
+        d = v.config.hidden
         if k > d:
             raise GaugeError(f"k={k} exceeds the residual width {d}")
         total = torch.zeros(d, dtype=torch.float64)
@@ -314,20 +310,13 @@ def topk_residual_claim(data: Any, k: int = 20, layer: int | None = None) -> Cal
                 h = h[cur["mask"].reshape(-1).bool().to(h.device)]
             cur["sum"] = h.abs().double().sum(0).cpu()
             cur["n"] = h.shape[0]
-            raise _Stop
+            raise Stop
 
-        handle = m.get_submodule(f"{spec.sites.layers}.{L}").register_forward_hook(hook)
-        base = getattr(m, m.base_model_prefix, m)
-        dev = next(m.parameters()).device
+        handle = v.submodule(f"{spec.sites.layers}.{L}").register_forward_hook(hook)
         try:
             for ids, mask in batches:
                 cur["mask"] = mask
-                with torch.no_grad():
-                    try:
-                        base(input_ids=ids.to(dev), attention_mask=None if mask is None else mask.to(dev),
-                             use_cache=False)
-                    except _Stop:
-                        pass
+                forward(m, ids, mask)
                 total += cur["sum"]
                 count += cur["n"]
         finally:

@@ -163,9 +163,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def show_text(gauge) -> str:
     """A human-readable summary of a gauge."""
-    from .hub import _group, gauge_id
+    from .hub import gauge_id, group_name
 
-    lines = [f"gauge {gauge_id(gauge)}  method={gauge.method}  group={_group(gauge)}"]
+    lines = [f"gauge {gauge_id(gauge)}  method={gauge.method}  group={group_name(gauge)}"]
     for side in ("source", "target"):
         d = getattr(gauge, side)
         lines.append(f"{side}: " + (", ".join(f"{k}={v}" for k, v in d.items() if v not in (None, "")) or "unknown"))
@@ -203,7 +203,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hf-gauge", description="Find, apply and transport residual-stream gauges (signed "
                 "permutations) between transformers checkpoints.")
-    from . import __version__
+    from .version import __version__
     p.add_argument("--version", action="version", version=f"hf_gauge {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 

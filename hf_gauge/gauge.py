@@ -155,19 +155,8 @@ class Gauge:
         from .transport import transport
         return transport(self, obj, **kwargs)
 
-    # ----------------------------------------------------------------- persistence (see hub.py)
-    def save_pretrained(self, save_directory, **kwargs: Any):
-        from .hub import save_gauge
-        return save_gauge(self, save_directory, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id, **kwargs: Any) -> "Gauge":
-        from .hub import load_gauge
-        return load_gauge(path_or_repo_id, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any):
-        from .hub import push_gauge
-        return push_gauge(self, repo_id, **kwargs)
+    # persistence: ``save_pretrained``, ``from_pretrained`` and ``push_to_hub`` are attached by ``hf_gauge.hub``
+    # (file I/O stays out of this module)
 
 
 def _order(name: str) -> tuple:

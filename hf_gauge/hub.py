@@ -22,6 +22,8 @@ import torch
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
+from .specs import get_spec
+from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
            "gauge_card", "gauge_id", "template_path"]
@@ -37,7 +39,6 @@ CARD_NAME = "README.md"
 # helpers
 # ----------------------------------------------------------------------------------------------------------------
 def _version() -> str:
-    from . import __version__
     return __version__
 
 
@@ -65,11 +66,11 @@ def _is_array(v: Any) -> bool:
     return isinstance(v, torch.Tensor) or (isinstance(v, np.ndarray) and v.dtype.kind in "fiub")
 
 
-def _group(gauge: Gauge) -> str:
+def group_name(gauge: Gauge) -> str:
+    """The symmetry group recorded for a gauge (from its model type's spec)."""
     mt = gauge.source.get("model_type") or gauge.target.get("model_type")
     if mt:
         try:
-            from .specs import get_spec
             return get_spec(mt).group
         except GaugeError:
             pass
@@ -128,7 +129,7 @@ def _serialize(gauge: Gauge) -> tuple[bytes, bytes]:
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"save_gauge expects a hf_gauge.Gauge, got {type(gauge).__name__}")
     tensors, conf_json, conf_kinds = _tensors_and_meta(gauge)
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "group": _group(gauge)}
+    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "group": group_name(gauge)}
     weights = save(tensors, metadata=meta)
     config = {
         "format": FORMAT,
@@ -330,7 +331,7 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
     metrics = {k: v for k, v in _jsonable(gauge.metrics).items() if not isinstance(v, (list, dict))}
     return ModelCard.from_template(
         data, template_path=str(template_path()), source=src, target=tgt, source_name=_name(src, "source model"),
-        target_name=_name(tgt, "target model"), group=_group(gauge), method=gauge.method, metrics=metrics,
+        target_name=_name(tgt, "target model"), group=group_name(gauge), method=gauge.method, metrics=metrics,
         spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo, format_version=FORMAT_VERSION,
         library_version=_version())
 
@@ -370,3 +371,26 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
         return api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
                                  commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}",
                                  revision=revision, repo_type="model")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Gauge's persistence methods: gauge.py holds no file I/O, so they are attached here
+# ----------------------------------------------------------------------------------------------------------------
+def _save_pretrained(self: Gauge, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+    """``save_gauge(self, save_directory)``."""
+    return save_gauge(self, save_directory, **kwargs)
+
+
+def _from_pretrained(cls: type, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Gauge:
+    """``load_gauge(path_or_repo_id)``."""
+    return load_gauge(path_or_repo_id, **kwargs)
+
+
+def _push_to_hub(self: Gauge, repo_id: str, **kwargs: Any) -> Any:
+    """``push_gauge(self, repo_id)``."""
+    return push_gauge(self, repo_id, **kwargs)
+
+
+Gauge.save_pretrained = _save_pretrained
+Gauge.from_pretrained = classmethod(_from_pretrained)
+Gauge.push_to_hub = _push_to_hub

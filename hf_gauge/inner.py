@@ -22,12 +22,12 @@ head assignment), then heads within matched groups (a small Hungarian per group)
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
+from .activations import CrossStats, capture_inputs, token_batches
 from .assign import Match, UnitSlice, match_correlation
 from .engine import axes_for, segment_spans
 from .errors import GaugeError
@@ -174,133 +174,6 @@ def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residua
 # ----------------------------------------------------------------------------------------------------------------
 # Activations
 # ----------------------------------------------------------------------------------------------------------------
-def _batches(data: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(input_ids, attention_mask)`` from a LongTensor ``[B, T]``, a dict / BatchEncoding, or an iterable of those."""
-    if isinstance(data, torch.Tensor):
-        if data.dtype not in (torch.int64, torch.int32) or data.dim() not in (1, 2):
-            raise GaugeError(f"data must be token ids [batch, seq] (int64), got {data.dtype} {tuple(data.shape)}")
-        yield (data if data.dim() == 2 else data[None]).long(), None
-        return
-    if isinstance(data, Mapping):
-        if "input_ids" not in data:
-            raise GaugeError("a data dict needs 'input_ids' (and optionally 'attention_mask')")
-        ids = torch.as_tensor(data["input_ids"])
-        mask = data.get("attention_mask")
-        yield (ids if ids.dim() == 2 else ids[None]).long(), (None if mask is None else torch.as_tensor(mask).reshape(ids.shape[0] if ids.dim() == 2 else 1, -1))
-        return
-    if isinstance(data, (list, tuple)) or inspect.isgenerator(data) or hasattr(data, "__iter__"):
-        n = 0
-        for item in data:
-            for b in _batches(item):
-                n += 1
-                yield b
-        if n == 0:
-            raise GaugeError("data is empty")
-        return
-    raise GaugeError(f"unsupported data of type {type(data).__name__}: pass token ids [batch, seq] or a tokenizer output")
-
-
-class _Stop(Exception):
-    pass
-
-
-def _run_capture(m: torch.nn.Module, sites: dict[str, str], ids: torch.Tensor, mask: torch.Tensor | None,
-                 stop_at: str | None = None) -> dict[str, torch.Tensor]:
-    """Inputs of the named modules (``{key: module path}``) for the non-padding tokens, as ``[n_tokens, width]``."""
-    got: dict[str, torch.Tensor] = {}
-    keep = None if mask is None else mask.reshape(-1).bool()
-    handles = []
-
-    def hook_for(key: str):
-        def hook(_mod, args, kwargs=None):
-            x = args[0] if args else next(iter(kwargs.values()))
-            x = x.detach().reshape(-1, x.shape[-1])
-            got[key] = (x if keep is None else x[keep.to(x.device)]).to("cpu")
-            if key == stop_at:
-                raise _Stop
-        return hook
-
-    try:
-        for key, path in sites.items():
-            handles.append(m.get_submodule(path).register_forward_pre_hook(hook_for(key)))
-        base = getattr(m, m.base_model_prefix, m)     # skip the lm_head: only inner activations are needed
-        dev = next(m.parameters()).device
-        kw = {"input_ids": ids.to(dev), "use_cache": False}
-        if mask is not None:
-            kw["attention_mask"] = mask.to(dev)
-        with torch.no_grad():
-            try:
-                base(**kw)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return got
-
-
-class _CrossStats:
-    """Streaming float64 sums for ``corr(A_i, B_j)`` (or per-dimension head correlations with ``blocks``)."""
-
-    def __init__(self, width: int, blocks: int | None = None) -> None:
-        self.n = 0
-        self.blocks = blocks
-        self.sa = torch.zeros(width, dtype=torch.float64)
-        self.sb = torch.zeros(width, dtype=torch.float64)
-        self.saa = torch.zeros(width, dtype=torch.float64)
-        self.sbb = torch.zeros(width, dtype=torch.float64)
-        if blocks is None:
-            self.sab = torch.zeros(width, width, dtype=torch.float64)
-        else:
-            self.sab = torch.zeros(blocks, blocks, width // blocks, dtype=torch.float64)
-
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.shape != b.shape:
-            raise GaugeError(f"activation shapes differ between the models: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a, b = a.double(), b.double()
-        self.n += a.shape[0]
-        self.sa += a.sum(0)
-        self.sb += b.sum(0)
-        self.saa += (a * a).sum(0)
-        self.sbb += (b * b).sum(0)
-        if self.blocks is None:
-            self.sab += a.T @ b
-        else:
-            h = self.blocks
-            self.sab += torch.einsum("nak,nbk->abk", a.view(a.shape[0], h, -1), b.view(b.shape[0], h, -1))
-
-    def reduce(self) -> "_CrossStats":
-        """Sum over ``accelerate`` processes (each streamed its own shard of the data); returns self."""
-        from .stats import reduce_sums
-        names = ("sa", "sb", "saa", "sbb", "sab")
-        summed = reduce_sums({"n": torch.tensor([float(self.n)], dtype=torch.float64),
-                              **{k: getattr(self, k) for k in names}})
-        self.n = int(summed["n"].item())
-        for k in names:
-            setattr(self, k, summed[k].cpu())
-        return self
-
-    def corr(self) -> np.ndarray:
-        """``C[i, j]``; a constant coordinate correlates 0 with everything. Heads: mean over head dims."""
-        if self.n < 2:
-            raise GaugeError("need at least 2 non-padding tokens to correlate activations")
-        n = self.n
-        ma, mb = self.sa / n, self.sb / n
-        va = (self.saa / n - ma * ma).clamp_min(0)
-        vb = (self.sbb / n - mb * mb).clamp_min(0)
-        sda = torch.where(va > 1e-24, va.sqrt(), torch.full_like(va, float("inf")))
-        sdb = torch.where(vb > 1e-24, vb.sqrt(), torch.full_like(vb, float("inf")))
-        if self.blocks is None:
-            cov = self.sab / n - ma[:, None] * mb[None, :]
-            C = cov / sda[:, None] / sdb[None, :]
-        else:
-            h = self.blocks
-            ma, mb, sda, sdb = (t.view(h, -1) for t in (ma, mb, sda, sdb))
-            cov = self.sab / n - ma[:, None, :] * mb[None, :, :]
-            C = (cov / sda[:, None, :] / sdb[None, :, :]).mean(-1)
-        return C.clamp(-1, 1).numpy()
-
-
 def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], data: Any,
                             max_stat_bytes: int, method: str) -> InnerMatch:
     spec, cfg = va.spec, va.config
@@ -329,16 +202,16 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
             used = 0
         passes[-1].append(s)
         used += c
-    batches = list(_batches(data))
+    batches = list(token_batches(data))
     out = InnerMatch(source="activations")
     for group in passes:
-        stats = {s: _CrossStats(width(s), blocks(s)) for s in group}
+        stats = {s: CrossStats(width(s), blocks(s)) for s in group}
         live_a = {s: va.live_name(sites[s]) for s in group}
         live_b = {s: vb.live_name(sites[s]) for s in group}
         last = max(group, key=lambda s: order.get(live_a[s], -1))
         for ids, mask in batches:
-            acts_a = _run_capture(va.module, live_a, ids, mask, stop_at=last)
-            acts_b = _run_capture(vb.module, live_b, ids, mask, stop_at=last)
+            acts_a = capture_inputs(va.module, live_a, ids, mask, stop_at=last)
+            acts_b = capture_inputs(vb.module, live_b, ids, mask, stop_at=last)
             for s in group:
                 stats[s].update(acts_a.pop(s), acts_b.pop(s))
         for s in group:
@@ -418,7 +291,7 @@ def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096) -> M
     if ea.shape != eb.shape:
         raise GaugeError(f"embedding shapes differ: {tuple(ea.shape)} vs {tuple(eb.shape)}")
     v, d = ea.shape
-    s = _CrossStats(d)
+    s = CrossStats(d)
     for r0 in range(0, v, chunk):
         a, b = ea[r0:r0 + chunk].float().cpu(), eb[r0:r0 + chunk].float().cpu()
         s.n += a.shape[0]

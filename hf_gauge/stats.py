@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .activations import default_stats_device, forward, reduce_sums
 from .errors import GaugeError
 from .view import ModelView
 
@@ -43,19 +44,6 @@ __all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
 # ----------------------------------------------------------------------------------------------------------------
 # The accumulator
 # ----------------------------------------------------------------------------------------------------------------
-def reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Running sums added up over the ``accelerate`` processes (``accelerate.utils.reduce``); unchanged in a single
-    process. Every process must call this with the same keys and shapes."""
-    from accelerate import PartialState
-    from accelerate.utils import reduce
-
-    state = PartialState()
-    if state.num_processes <= 1:
-        return sums
-    dev = state.device if state.device.type != "cpu" else torch.device("cpu")
-    return reduce({k: v.to(dev) for k, v in sums.items()}, reduction="sum")
-
-
 @dataclass
 class PairStats:
     """Per-site float64 running sums for paired activations ``x_A``, ``x_B`` (rows: tokens)."""
@@ -358,25 +346,6 @@ class _Collector:
         return fn
 
 
-def _input_device(m: torch.nn.Module) -> torch.device:
-    w = m.get_input_embeddings().weight
-    return w.device if w.device.type != "meta" else torch.device("cpu")
-
-
-def _default_stats_device(m: torch.nn.Module) -> torch.device:
-    dev = _input_device(m)
-    return dev if dev.type == "cuda" else torch.device("cpu")
-
-
-@torch.no_grad()
-def _forward(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> None:
-    """Run the base model only (the lm_head is not needed); position ids follow the mask (left padding is exact)."""
-    dev = _input_device(m)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    base = getattr(m, "base_model", m)
-    base(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=False)
-
-
 def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any = None, batch_size: int = 8,
                        max_length: int | None = None, layers: Sequence[int] | None = None,
                        include_embed: bool = True, include_final_norm: bool = True, progress: bool | None = None,
@@ -395,7 +364,7 @@ def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any 
     d = va.config.hidden
     sites = residual_sites(va, layers, include_embed, include_final_norm)
     sites_b = residual_sites(vb, layers, include_embed, include_final_norm)
-    dev = torch.device(stats_device) if stats_device is not None else _default_stats_device(ma)
+    dev = torch.device(stats_device) if stats_device is not None else default_stats_device(ma)
     stats = PairStats(sites=sites, d=d, device=dev)
     vocab = min(ma.get_input_embeddings().weight.shape[0], mb.get_input_embeddings().weight.shape[0])
     batches, n_b = iter_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, shard=shard)
@@ -421,7 +390,7 @@ def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any 
                 col.role = role
                 handles = [m.get_submodule(p).register_forward_hook(col.hook(s)) for s, p in enumerate(names)]
                 try:
-                    _forward(m, ids, mask)
+                    forward(m, ids, mask)
                 finally:
                     for h in handles:
                         h.remove()

@@ -9,7 +9,9 @@ import torch
 
 from .errors import GaugeError
 from .gauge import Gauge
-from .models import apply_gauge, fingerprint, unwrap
+from .activations import logits
+from .models import apply_gauge, fingerprint
+from .view import ModelView
 
 __all__ = ["verify", "default_batch"]
 
@@ -36,10 +38,8 @@ def _ids(data: Any, vocab: int) -> torch.Tensor:
     return ids.long()
 
 
-@torch.no_grad()
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    dev = next(model.parameters()).device
-    return model(ids.to(dev)).logits.float().cpu()
+    return logits(model, ids).cpu()
 
 
 def _weight_diff(x: dict, y: dict) -> tuple[int, float, float]:
@@ -77,11 +77,12 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     """
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"verify expects a hf_gauge.Gauge, got {type(gauge).__name__}")
-    a, b = unwrap(model_a), unwrap(model_b)
-    if a.config.model_type != b.config.model_type or a.config.hidden_size != b.config.hidden_size:
-        raise GaugeError(f"models differ in architecture: {a.config.model_type}/{a.config.hidden_size} vs "
-                         f"{b.config.model_type}/{b.config.hidden_size}; a gauge relates two models of one shape")
-    vocab = min(a.config.vocab_size, b.config.vocab_size)
+    va, vb = ModelView.of(model_a), ModelView.of(model_b)
+    a, b, ca, cb = va.module, vb.module, va.config, vb.config
+    if ca.model_type != cb.model_type or ca.hidden != cb.hidden:
+        raise GaugeError(f"models differ in architecture: {ca.model_type}/{ca.hidden} vs "
+                         f"{cb.model_type}/{cb.hidden}; a gauge relates two models of one shape")
+    vocab = min(ca.vocab_size, cb.vocab_size)
     ids = _ids(data, vocab)
     moved = copy.deepcopy(a)
     with warnings.catch_warnings():

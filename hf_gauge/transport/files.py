@@ -20,9 +20,9 @@ import torch
 from ..errors import GaugeError
 from . import register
 from ._io import atomic_file, check_out, gauge_record, read_safetensors
-from .optim import _is_optim_state, transport_optimizer_state
+from .optim import is_optim_state, transport_optimizer_state
 from .peft_adapters import is_adapter_folder, transport_adapter_folder
-from .sae import _is_sae_dict, is_sae_folder, transport_sae_folder, transport_sae_state
+from .sae import is_sae_dict, is_sae_folder, transport_sae_folder, transport_sae_state
 from .vectors import move_vector
 
 TORCH_SUFFIXES = (".pt", ".bin", ".pth")
@@ -44,7 +44,7 @@ def detect(src: str | Path) -> str:
         return "vectors"
     if src.suffix in TORCH_SUFFIXES:
         obj = _load_torch(src)
-        return "optimizer" if _is_optim_state(obj) else "vectors-torch"
+        return "optimizer" if is_optim_state(obj) else "vectors-torch"
     raise GaugeError(f"don't know how to transport {src.name!r}: expected a SAELens or PEFT folder, an optimizer file "
                      f"({', '.join(TORCH_SUFFIXES)}) or steering vectors (.safetensors / .pt)")
 
@@ -74,7 +74,7 @@ def _transport_safetensors(gauge, src: Path, out: Path, **kw: Any) -> Path:
     if any("lora_" in k for k in tensors):
         raise GaugeError(f"{src} looks like PEFT adapter weights; transport the adapter folder (with its "
                          "adapter_config.json) instead")
-    if _is_sae_dict(tensors):
+    if is_sae_dict(tensors):
         moved = transport_sae_state(gauge, tensors, space=kw.get("space", "residual"), space_out=kw.get("space_out"),
                                     normalize_activations=kw.get("normalize_activations", "none"))
     else:

@@ -28,7 +28,7 @@ FIRST_MOMENTS = ("exp_avg", "momentum_buffer", "grad_avg")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf")
 
 
-def _is_optim_state(o: Any) -> bool:
+def is_optim_state(o: Any) -> bool:
     return isinstance(o, Mapping) and set(o) >= {"state", "param_groups"} and isinstance(o["param_groups"], list)
 
 
@@ -125,7 +125,7 @@ def transport_optimizer_state(gauge, sd: Mapping[str, Any], *, model: Any = None
                               model_type: str | None = None, spec: ArchSpec | None = None,
                               config: Any = None, **_: Any) -> dict[str, Any]:
     """A new optimizer state dict in the gauge's target chart (``param_groups`` copied, tensors moved)."""
-    if not _is_optim_state(sd):
+    if not is_optim_state(sd):
         raise GaugeError("not an optimizer state dict: expected {'state': {...}, 'param_groups': [...]}")
     ids = param_names_for(sd, model=model, param_names=param_names)
     spec, config = spec_and_config(gauge, model=model, config=config, model_type=model_type, spec=spec,
@@ -166,7 +166,7 @@ def transport_optimizer_state(gauge, sd: Mapping[str, Any], *, model: Any = None
     return out
 
 
-@register(_is_optim_state, "torch optimizer state_dict (needs model= or param_names=)")
+@register(is_optim_state, "torch optimizer state_dict (needs model= or param_names=)")
 def _optim_state(gauge, sd: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
     return transport_optimizer_state(gauge, sd, **kw)
 
@@ -177,7 +177,7 @@ def load_optimizer_file(path: str | Path) -> dict[str, Any]:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise GaugeError(f"{path}: cannot load as an optimizer state with torch.load(weights_only=True): {e}") from None
-    if not _is_optim_state(sd):
+    if not is_optim_state(sd):
         raise GaugeError(f"{path} does not hold an optimizer state_dict ({{'state', 'param_groups'}})")
     return sd
 

@@ -146,12 +146,12 @@ def _sae_object(gauge, sae: Any, *, space: str | None = None, space_out: str | N
     return new
 
 
-def _is_sae_dict(o: Any) -> bool:
+def is_sae_dict(o: Any) -> bool:
     return isinstance(o, Mapping) and bool(o) and all(isinstance(k, str) for k in o) \
         and ("W_enc" in o or "W_dec" in o) and all(isinstance(v, torch.Tensor) for v in o.values())
 
 
-@register(_is_sae_dict, "SAE state dict {W_enc, W_dec, b_enc, b_dec, ...}")
+@register(is_sae_dict, "SAE state dict {W_enc, W_dec, b_enc, b_dec, ...}")
 def _sae_dict(gauge, sd: Mapping[str, torch.Tensor], *, space: str = "residual", space_out: str | None = None,
               normalize_activations: str | None = "none", apply_b_dec_to_input: bool = True, **_: Any) -> dict:
     return transport_sae_state(gauge, sd, space=space, space_out=space_out,
