@@ -243,17 +243,17 @@ def _canonical_groups(v: ModelView, space: str, residual: SignedPermutation, par
 # ----------------------------------------------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------------------------------------------
-def canonical_gauge(model: Any, spaces: Iterable[str] = ("residual", "mlp", "attn")) -> Gauge:
+def canonical_gauge(model: Any, spaces: Iterable[str] | None = None) -> Gauge:
     """The gauge from ``model``'s chart to the canonical chart (see the module docstring for the convention).
 
-    ``spaces`` names space families (``"residual"``, ``"mlp"``, ``"attn"``, any template's first part); dropping one
-    keeps its chart (then only gauge-equivalence in the kept spaces is removed). The inner spaces are always ordered
+    ``spaces`` names space families (``"residual"``, ``"mlp"``, ``"attn"``, any template's first part; default
+    every family of the spec); dropping one keeps its chart (then only gauge-equivalence in the kept spaces is removed). The inner spaces are always ordered
     in the canonical residual chart, so ``"residual"`` is always computed.
     """
     v = ModelView.of(model)
     spec = v.spec
-    spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
     fams = tuple(dict.fromkeys(t.split(".")[0] for t in spec.spaces))
+    spaces = fams if spaces is None else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
     bad = [s for s in spaces if s not in fams]
     if bad:
         raise GaugeError(f"canonical_gauge spaces must be among {', '.join(repr(f) for f in fams)}; got {bad}")
@@ -272,7 +272,7 @@ def canonical_gauge(model: Any, spaces: Iterable[str] = ("residual", "mlp", "att
     return g
 
 
-def canonicalize(model: Any, spaces: Iterable[str] = ("residual", "mlp", "attn")) -> Gauge:
+def canonicalize(model: Any, spaces: Iterable[str] | None = None) -> Gauge:
     """Move ``model`` into the canonical chart in place (exact); returns the gauge that was applied."""
     g = canonical_gauge(model, spaces)
     apply_gauge(model, g)
@@ -293,7 +293,7 @@ class StabilityReport:
         return sum(r["kept"] for r in rows) / sum(r["total"] for r in rows)
 
     def summary(self) -> dict[str, float]:
-        heads = sorted({k.split(".")[0] for k in self.spaces}, key=["residual", "mlp", "attn"].index)
+        heads = dict.fromkeys(k.split(".")[0] for k in self.spaces)     # the gauge's order: residual first
         return {h: self.fraction(h) for h in heads}
 
     def table(self) -> str:
@@ -307,7 +307,7 @@ class StabilityReport:
 
 
 def canonical_stability(model_a: Any, model_b: Any, gauge: Gauge | None = None,
-                        spaces: Iterable[str] = ("residual", "mlp", "attn")) -> StabilityReport:
+                        spaces: Iterable[str] | None = None) -> StabilityReport:
     """How many coordinates keep their canonical index from A to B (e.g. B a fine-tune of A).
 
     Coordinate ``i`` of A corresponds to ``i`` of B (same chart), or to ``gauge.map_indices(i)`` when a gauge A -> B

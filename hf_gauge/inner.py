@@ -249,10 +249,11 @@ def _as_residual(residual: Any) -> SignedPermutation | None:
 
 
 def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = None,
-                spaces: Iterable[str] = ("mlp", "attn"), method: str = "signed", *,
+                spaces: Iterable[str] | None = None, method: str = "signed", *,
                 layers: Iterable[int] | None = None, max_stat_bytes: int = 256 << 20) -> InnerMatch:
     """Match the inner gauges (MLP units, attention heads, any non-residual space) from A's chart to B's:
-    ``{"mlp.<i>": el, "attn.<i>": el, ...}``.
+    ``{"mlp.<i>": el, "attn.<i>": el, ...}``; ``spaces`` selects families or single spaces (default: every
+    non-residual space of the spec).
 
     With ``data`` (token ids or a tokenizer output), from activation correlations (residual not needed). Without,
     data-free from weights; the residual gauge A -> B (a SignedPermutation, Gauge or Match) aligns the residual axes
@@ -266,6 +267,8 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
         raise GaugeError(f"method must be 'signed' or 'permutation', got {method!r}")
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     _check_pair(va, vb)
+    if spaces is None:
+        spaces = tuple(dict.fromkeys(t.split(".")[0] for t, sp in va.spec.spaces.items() if sp.kind != "residual"))
     wanted = _wanted(va, spaces, layers)
     if not wanted:
         raise GaugeError(f"no inner space selected by spaces={tuple(spaces)} and layers={layers}")

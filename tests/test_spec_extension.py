@@ -144,3 +144,20 @@ def test_stream_apply_uses_file_names(toy, tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     for k, v in m.state_dict().items():
         assert torch.equal(back.state_dict()[k], v), k
+
+
+def test_canonical_chart_and_inner_defaults_cover_the_new_kind(toy):
+    a = tiny_moe()
+    b = tiny_moe()
+    apply_gauge(b, random_gauge(b, seed=6, spaces=("residual", "attn", "experts")))
+    hf_gauge.canonicalize(a)
+    hf_gauge.canonicalize(b)
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    inner = hf_gauge.match_inner(a, b)                       # default: every non-residual family of the spec
+    assert {s.split(".")[0] for s in inner} == {"attn", "experts"}
+
+
+def test_selecting_a_family_the_spec_lacks_is_refused(toy):
+    with pytest.raises(GaugeError, match="unknown gauge space.*'mlp'"):
+        random_gauge(tiny_moe(), spaces=("residual", "mlp"))

@@ -110,3 +110,25 @@ def test_lora_factors_inherit_the_wrapped_axis():
 def test_group_names():
     assert SPECS["llama"].group == "B_d" and SPECS["gpt_neox"].group == "S_d x {±1}"
     assert isinstance(SignedPermutation.identity(2), SignedPermutation)
+
+
+def test_space_names_are_canonical_template_instances():
+    for bad in ("mlp.01", "mlp.+1", "attn.-1", "mlp", "mlp.1.2", "residual.0"):
+        with pytest.raises(GaugeError, match="unknown gauge space"):
+            hf_gauge.Gauge(spaces={bad: SignedPermutation.identity(3)})
+    spec = SPECS["llama"]
+    assert spec.parse_space("mlp.10") == ("mlp.{i}", {"i": 10})
+    with pytest.raises(GaugeError, match="not a gauge space"):
+        spec.parse_space("mlp.010")
+    m = tiny_model("llama")
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        hf_gauge.random_gauge(m, spaces=("mlp.01",))
+    with pytest.raises(GaugeError, match="lacks"):
+        hf_gauge.apply_gauge(m, hf_gauge.Gauge(spaces={"mlp.7": SignedPermutation.identity(96)}))
+
+
+def test_every_space_template_has_a_registered_kind():
+    from hf_gauge.kinds import KINDS
+    for spec in SPECS.values():
+        for tmpl, sp in spec.spaces.items():
+            assert sp.kind in KINDS, (spec.name, tmpl)
