@@ -132,3 +132,22 @@ def test_every_space_template_has_a_registered_kind():
     for spec in SPECS.values():
         for tmpl, sp in spec.spaces.items():
             assert sp.kind in KINDS, (spec.name, tmpl)
+
+
+def test_phi3_fused_projections_move_by_segments():
+    """qkv_proj rows [q | k | v] and gate_up_proj rows [gate | up] move segment by segment (checked by hand)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("phi3", hidden_size=32, intermediate_size=24, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=64, pad_token_id=0)
+    m = AutoModelForCausalLM.from_config(cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = hf_gauge.random_gauge(m, seed=2, spaces=("mlp", "attn"))
+    u, h = g["mlp.0"], g["attn.0"]
+    hf_gauge.apply_gauge(m, g)
+    gu = before["model.layers.0.mlp.gate_up_proj.weight"]
+    want = torch.cat([gu[:24][u.perm], gu[24:][u.perm] * u.sign[:, None].float()])
+    assert torch.equal(m.state_dict()["model.layers.0.mlp.gate_up_proj.weight"], want)
+    qkv = before["model.layers.0.self_attn.qkv_proj.weight"].view(8, 8, 32)     # 4 q heads, 2 k, 2 v (head_dim 8)
+    kv = h.perm.view(2, 2)[:, 0] // 2
+    want = torch.cat([qkv[:4][h.perm], qkv[4:6][kv], qkv[6:][kv]]).reshape(64, 32)
+    assert torch.equal(m.state_dict()["model.layers.0.self_attn.qkv_proj.weight"], want)

@@ -5,8 +5,9 @@ from ..errors import GaugeError
 from .base import ArchSpec, Axis, Rule, Sites, Space
 from .gpt_neox import GPT_NEOX
 from .llama import LLAMA
+from .phi3 import PHI3
 
-SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX) for mt in spec.model_types}
+SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, PHI3) for mt in spec.model_types}
 
 
 def supported_model_types() -> list[str]:
