@@ -1,48 +1,46 @@
 """hf_gauge: find, apply and transport residual-stream gauges between checkpoints of transformers models.
 
-Importing this package attaches ``apply_gauge``, ``gauge_to`` and ``transport`` to the supported
-``*ForCausalLM`` classes (Llama, Mistral, Qwen2, Qwen3, GPT-NeoX).
+Importing this package attaches ``apply_gauge``, ``gauge_to`` and ``transport`` to the model classes of every
+supported architecture (``supported_model_types()``; one spec file each under ``hf_gauge/specs/``).
 """
 from __future__ import annotations
 
+from ._attach import attach
+from .audit import AuditReport, audit
+from .canonical import canonical_gauge, canonical_stability, canonicalize
+from .checkpoint import apply_gauge_to_checkpoint
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
+from .hub import load_gauge, push_gauge, save_gauge
+from .inner import InnerMatch, match_inner
+from .match import find_full_gauge, find_gauge, match_correlation
+from .merge import merge
 from .models import apply_gauge, describe, fingerprint, gauge_spaces, random_gauge, symmetry_group, unwrap
+from .objects import Attribution, IndexSet
+from .orthogonal import OrthogonalMap
+from .path import compose_path
 from .specs import get_spec, supported_model_types
-from ._attach import attach
+from .stats import PairStats, collect_pair_stats
+from .transport.files import transport_path
+from .transport.peft_adapters import transport_peft_model
+from .verify import verify
 from .version import __version__
 
 attach()
 
 __all__ = [
-    "GaugeError", "Gauge", "SignedPermutation", "apply_gauge", "random_gauge", "symmetry_group", "describe",
-    "fingerprint", "gauge_spaces", "unwrap", "get_spec", "supported_model_types", "__version__",
+    # the group and gauges
+    "GaugeError", "Gauge", "SignedPermutation", "get_spec", "supported_model_types", "__version__",
+    # live models
+    "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces", "unwrap",
+    # matching
+    "find_gauge", "find_full_gauge", "match_correlation", "match_inner", "InnerMatch", "OrthogonalMap",
+    "compose_path", "PairStats", "collect_pair_stats",
+    # transport
+    "merge", "IndexSet", "Attribution", "transport_path", "transport_peft_model",
+    # files and the Hub
+    "save_gauge", "load_gauge", "push_gauge", "apply_gauge_to_checkpoint", "verify",
+    # canonical chart and audits
+    "canonical_gauge", "canonicalize", "canonical_stability", "AuditReport", "audit",
 ]
-
-# --- matching (issue 3) exports ---
-from .match import find_gauge, match_correlation  # noqa: E402
-from .orthogonal import OrthogonalMap  # noqa: E402
-from .path import compose_path  # noqa: E402
-from .stats import PairStats, collect_pair_stats  # noqa: E402
-__all__ += ["find_gauge", "match_correlation", "OrthogonalMap", "compose_path", "PairStats", "collect_pair_stats"]
-# --- transport (issue 4) exports ---
-from .merge import merge  # noqa: E402
-from .objects import Attribution, IndexSet  # noqa: E402
-from .transport.files import transport_path  # noqa: E402
-from .transport.peft_adapters import transport_peft_model  # noqa: E402
-
-__all__ += ["merge", "IndexSet", "Attribution", "transport_path", "transport_peft_model"]
-# --- hub / checkpoint / verify (issue 5) exports ---
-from .hub import load_gauge, push_gauge, save_gauge  # noqa: E402
-from .checkpoint import apply_gauge_to_checkpoint  # noqa: E402
-from .verify import verify  # noqa: E402
-__all__ += ["save_gauge", "load_gauge", "push_gauge", "apply_gauge_to_checkpoint", "verify"]
-# --- inner spaces / canonical / audit (issue 6) exports ---
-from .inner import InnerMatch, match_inner  # noqa: E402
-from .match import find_full_gauge  # noqa: E402
-from .canonical import canonical_gauge, canonical_stability, canonicalize  # noqa: E402
-from .audit import AuditReport, audit  # noqa: E402
-
-__all__ += ["InnerMatch", "match_inner", "find_full_gauge", "canonical_gauge", "canonicalize", "canonical_stability",
-            "AuditReport", "audit"]

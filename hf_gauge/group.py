@@ -1,6 +1,6 @@
 """Signed permutations: the group B_d that acts on an RMSNorm residual stream.
 
-Convention (shared/notes/gauge-math.md): ``SignedPermutation(perm, sign)`` acts on a vector as
+Convention (docs/gauge-math.md): ``SignedPermutation(perm, sign)`` acts on a vector as
 ``y[j] = sign[j] * x[perm[j]]`` (matrix ``Q[j, perm[j]] = sign[j]``). Composition ``(b @ a)(x) = b(a(x))``
 gives ``perm = a.perm[b.perm]`` and ``sign = b.sign * a.sign[b.perm]``.
 """

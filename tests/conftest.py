@@ -36,6 +36,13 @@ def tiny_model(model_type: str = "llama", *, tie: bool = False, seed: int = 0, d
     return model.to(dtype)
 
 
+def permutation_only(gauge):
+    """The same gauge with every sign +1 (the S_d baseline: shows that signs matter)."""
+    from hf_gauge import Gauge, SignedPermutation
+    return Gauge(spaces={k: SignedPermutation(v.perm) for k, v in gauge.spaces.items()},
+                 source=gauge.source, target=gauge.target, method=f"permutation-only({gauge.method})")
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits.float()

@@ -124,8 +124,6 @@ def test_corrupt_upload_is_refused_on_download(hub: HubServer, tmp_path: Path) -
 def test_card_template_is_packaged_and_renders_without_metadata() -> None:
     p = template_path()
     assert p.is_file() and p.parent.name == "templates"
-    repo_copy = Path(__file__).resolve().parents[1] / "model_cards" / "gauge_card.md"
-    assert repo_copy.read_text() == p.read_text()
     card = gauge_card(Gauge(SignedPermutation.identity(4)))
     assert card.data.library_name == "hf_gauge" and card.data.base_model is None
     assert "No fit metrics were recorded" in card.text and "unknown" in card.text

@@ -7,11 +7,10 @@ import copy
 import pytest
 import torch
 
-from conftest import assert_state_equal, logits, state, tiny_model
+from conftest import assert_state_equal, logits, state, tiny_model, permutation_only
 
 import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 
 @pytest.fixture(autouse=True)

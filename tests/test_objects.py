@@ -6,10 +6,9 @@ import copy
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, permutation_only
 
 from hf_gauge import Attribution, Gauge, GaugeError, IndexSet, SignedPermutation, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 
 def test_top_k_coordinates_follow_the_model(ids):

@@ -6,11 +6,10 @@ import copy
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_model
+from conftest import VOCAB, tiny_model, permutation_only
 
 import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 BATCHES = [torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(100 + i)) for i in range(9)]
 OPTS = {

@@ -8,11 +8,10 @@ import json
 import pytest
 import torch
 
-from conftest import logits, tiny_model
+from conftest import logits, tiny_model, permutation_only
 
 import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
 

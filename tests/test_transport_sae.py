@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, permutation_only
 
 import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, SAE, StandardSAE, StandardSAEConfig  # noqa: E402
 from sae_lens.saes.sae import SAEMetadata  # noqa: E402

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import logits, tiny_model
+from conftest import logits, tiny_model, permutation_only
 
 from hf_gauge import GaugeError, apply_gauge, random_gauge
-from hf_gauge.transport._io import permutation_only
 
 LAYER = 1
 

@@ -75,12 +75,6 @@ def move_of(el: SignedPermutation | None, axis: int, signed: bool = True) -> tup
     return (Move(axis, el.perm, sign),)
 
 
-def permutation_only(gauge):
-    """The same gauge with every sign +1 (the S_d baseline; used by tests to show signs matter)."""
-    return Gauge(spaces={k: SignedPermutation(v.perm) for k, v in gauge.spaces.items()},
-                 source=gauge.source, target=gauge.target, method=f"permutation-only({gauge.method})")
-
-
 # ------------------------------------------------------------------------------------------------ engine moves
 def moves_for_names(spec: ArchSpec, config, gauge, names: Iterable[str]) -> dict[str, tuple[Move, ...]]:
     """Engine moves of every name (strict: an uncovered name raises ``GaugeError`` naming it)."""

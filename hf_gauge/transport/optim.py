@@ -13,7 +13,6 @@ state's shapes; an ambiguous choice is refused.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -22,7 +21,7 @@ from ..engine import Move, move_tensor
 from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
-from ._io import atomic_file, moves_for_names, spec_and_config
+from ._io import moves_for_names, spec_and_config
 
 FIRST_MOMENTS = ("exp_avg", "momentum_buffer", "grad_avg")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum", "acc_delta", "exp_inf")
@@ -138,7 +137,7 @@ def transport_optimizer_state(gauge, sd: Mapping[str, Any], *, model: Any = None
             raise GaugeError(f"optimizer state has an entry for parameter id {pid}, which no param_group lists")
         name = ids[pid]
         moves = plan[name]
-        unsigned: tuple[Move, ...] = tuple(Move(m.axis, m.index, None) for m in moves)
+        unsigned: tuple[Move, ...] = tuple(m.without_signs() for m in moves)
         new_st = {}
         for k, v in st.items():
             where = f"state[{pid}][{k!r}] (parameter {name!r})"
@@ -169,24 +168,3 @@ def transport_optimizer_state(gauge, sd: Mapping[str, Any], *, model: Any = None
 @register(is_optim_state, "torch optimizer state_dict (needs model= or param_names=)")
 def _optim_state(gauge, sd: Mapping[str, Any], **kw: Any) -> dict[str, Any]:
     return transport_optimizer_state(gauge, sd, **kw)
-
-
-def load_optimizer_file(path: str | Path) -> dict[str, Any]:
-    """Load ``optimizer.pt`` / ``optimizer.bin`` with ``torch.load(weights_only=True)`` (no arbitrary pickles)."""
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise GaugeError(f"{path}: cannot load as an optimizer state with torch.load(weights_only=True): {e}") from None
-    if not is_optim_state(sd):
-        raise GaugeError(f"{path} does not hold an optimizer state_dict ({{'state', 'param_groups'}})")
-    return sd
-
-
-def transport_optimizer_file(gauge, src: str | Path, out: str | Path, **kw: Any) -> Path:
-    """Trainer ``optimizer.pt`` / accelerate ``optimizer.bin`` -> a new file (same format, written atomically)."""
-    src, out = Path(src), Path(out)
-    sd = load_optimizer_file(src)
-    new = transport_optimizer_state(gauge, sd, **kw)
-    with atomic_file(out, src) as tmp:
-        torch.save(new, str(tmp))
-    return out
