@@ -16,7 +16,6 @@ import mmap
 import os
 import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
@@ -25,6 +24,7 @@ import torch
 
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
+from .fileio import atomic_dir, read_json
 from .gauge import Gauge
 from .hub import REPO_ID, load_gauge
 from .models import hash_gain
@@ -128,9 +128,9 @@ def _shards(src: Path) -> list[str]:
     index = src / INDEX_NAME
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index, "checkpoint index")["weight_map"]
             items = list(weight_map.items())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
+        except (GaugeError, KeyError, TypeError, AttributeError, RecursionError):
             raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
         for key, _ in items:
             if not isinstance(key, str):
@@ -388,9 +388,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
 
     headers = {s: read_header(src / s) for s in shards}
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with atomic_dir(out, replace=True, suffix=".partial") as tmp:
         plans = {}
         for s, (_, header, _) in headers.items():
             plans[s] = moves_for(spec, config, gauge, list(header), strict=True, files=True)
@@ -413,14 +411,4 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                     continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(root) / fn, tmp / rel)   # follows symlinks (Hub cache snapshots)
-        if out.exists() and any(out.iterdir()):
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .errors import GaugeError
+from .fileio import atomic_dir, atomic_write_bytes
 from .gauge import Gauge
 from .group import SignedPermutation
 from .specs import get_spec
@@ -107,19 +107,6 @@ def _tensors_and_meta(gauge: Gauge) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, conf_json, conf_kinds
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,20 +148,17 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     if target.exists() and not target.is_dir():
         raise GaugeError(f"{target} exists and is not a folder; choose a folder path such as gauges/<name>/")
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
-            (tmp / WEIGHTS_NAME).write_bytes(weights)
-            (tmp / CONFIG_NAME).write_bytes(config)
-            os.replace(tmp, target)
+            with atomic_dir(target) as tmp:
+                (tmp / WEIGHTS_NAME).write_bytes(weights)
+                (tmp / CONFIG_NAME).write_bytes(config)
             return target
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except (OSError, GaugeError):
             if not target.exists():
                 raise
             # lost a race with another writer that created the folder: fall through to file-wise replacement
-    _atomic_write_bytes(target / WEIGHTS_NAME, weights)
-    _atomic_write_bytes(target / CONFIG_NAME, config)
+    atomic_write_bytes(target / WEIGHTS_NAME, weights)
+    atomic_write_bytes(target / CONFIG_NAME, config)
     return target
 
 

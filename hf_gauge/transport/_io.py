@@ -6,15 +6,14 @@ Convention (gauge-math.md): a gauge ``g`` maps the source chart to the target ch
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from .. import fileio
 from ..engine import Move, move_tensor, moves_for
 from ..errors import GaugeError
 from ..gauge import Gauge, check_space_name
@@ -148,34 +147,17 @@ def check_out(src: Path | None, out: Path) -> Path:
 
 @contextmanager
 def atomic_dir(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``)."""
-    out = check_out(src, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``);
+    ``out`` may not be the input or a non-empty path."""
+    with fileio.atomic_dir(check_out(src, out)) as tmp:
         yield tmp
-        if out.exists():          # an empty directory (checked above)
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager
 def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling file path; on success rename it onto ``out``."""
-    out = check_out(src, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    """Yield a temporary sibling file path; on success rename it onto ``out`` (not the input, not a non-empty path)."""
+    with fileio.atomic_file(check_out(src, out)) as tmp:
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".gguf")

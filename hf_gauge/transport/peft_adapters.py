@@ -17,7 +17,6 @@ a folder in, a folder out (``transport_adapter_folder``).
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -26,6 +25,7 @@ import torch
 
 from ..engine import check_gauge
 from ..errors import GaugeError
+from ..fileio import read_json
 from ..specs import ArchSpec
 from . import register
 from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, read_safetensors, spec_and_config,
@@ -163,7 +163,7 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
             raise GaugeError(f"{src} holds adapter_model.bin (a pickle); hf_gauge reads safetensors only. Re-save "
                              "the adapter with save_pretrained(..., safe_serialization=True)")
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
-    cfg = json.loads((src / ADAPTER_CFG).read_text())
+    cfg = read_json(src / ADAPTER_CFG, "adapter config")
     _check_peft_type(cfg, str(src))
     if spec is None and model_type is None and config is None and model is None and not gauge.source.get("model_type"):
         config = _local_base_config(cfg)

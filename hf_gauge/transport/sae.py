@@ -20,6 +20,7 @@ import torch
 
 from ..engine import Move
 from ..errors import GaugeError
+from ..fileio import read_json
 from . import register
 from ._io import atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record
 
@@ -175,7 +176,7 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     src, out = Path(src), Path(out)
     if not is_sae_folder(src):
         raise GaugeError(f"{src} is not a SAELens folder (needs {SAE_CFG} and {SAE_WEIGHTS})")
-    cfg = json.loads((src / SAE_CFG).read_text())
+    cfg = read_json(src / SAE_CFG, "SAE config")
     md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     hook = md.get("hook_name") or cfg.get("hook_name")
     space = space or space_for_hook(hook)
