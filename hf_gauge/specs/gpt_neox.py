@@ -28,9 +28,9 @@ GPT_NEOX = ArchSpec(
     model_types=("gpt_neox",),
     norm="layernorm",
     spaces={
-        "residual": Space(lambda c: c.hidden_size, "global", "residual stream"),
-        "mlp.{i}": Space(lambda c: c.intermediate_size, "none", "GELU hidden units of layer i", per_layer=True),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", per_layer=True),
+        "residual": Space(lambda c: c.hidden_size, "global", "residual stream", kind="residual"),
+        "mlp.{i}": Space(lambda c: c.intermediate_size, "none", "GELU hidden units of layer i", kind="units"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
     },
     rules=(
         Rule("gpt_neox.embed_in.weight", reads()),
@@ -57,7 +57,6 @@ GPT_NEOX = ArchSpec(
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
         embed="gpt_neox.embed_in",
-        mlp_in="gpt_neox.layers.{i}.mlp.dense_4h_to_h",
-        attn_out_in="gpt_neox.layers.{i}.attention.dense",
+        inputs={"mlp.{i}": "gpt_neox.layers.{i}.mlp.dense_4h_to_h", "attn.{i}": "gpt_neox.layers.{i}.attention.dense"},
     ),
 )

@@ -27,9 +27,9 @@ LLAMA = ArchSpec(
     model_types=("llama", "mistral", "qwen2", "qwen3"),
     norm="rmsnorm",
     spaces={
-        "residual": Space(lambda c: c.hidden_size, "any", "residual stream"),
-        "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU hidden units of layer i", per_layer=True),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", per_layer=True),
+        "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
+        "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU hidden units of layer i", kind="units"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
     },
     rules=(
         Rule("model.embed_tokens.weight", reads()),
@@ -60,7 +60,6 @@ LLAMA = ArchSpec(
         layers="model.layers",
         final_norm="model.norm",
         embed="model.embed_tokens",
-        mlp_in="model.layers.{i}.mlp.down_proj",
-        attn_out_in="model.layers.{i}.self_attn.o_proj",
+        inputs={"mlp.{i}": "model.layers.{i}.mlp.down_proj", "attn.{i}": "model.layers.{i}.self_attn.o_proj"},
     ),
 )
