@@ -22,7 +22,7 @@ from .specs.base import Axis
 from .view import ConfigView
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
-           "check_moves", "check_gauge", "classify"]
+           "check_moves", "check_gauge", "segment_spans", "stack_count", "space_sizes"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # Names: live PEFT / wrapper parameter names -> (base parameter name, role)
@@ -251,11 +251,6 @@ def moves_for(spec: ArchSpec, config, gauge: Gauge, names: Iterable[str], *, str
         st = ex.stacked(axes)
         out[n] = st if st is not None else tuple(m for m in (ex(a) for a in axes) if m is not None)
     return out
-
-
-def classify(spec: ArchSpec, names: Iterable[str]) -> dict[str, tuple[Axis, ...] | None]:
-    """Spec axes for each name (None: unclassified)."""
-    return {n: axes_for(spec, n) for n in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
