@@ -23,16 +23,14 @@ calling hf_gauge (otherwise accelerate reports a single process and every proces
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
-import numpy as np
 import torch
 from transformers.utils import logging
 
-from .activations import default_stats_device, forward, reduce_sums
+from .activations import default_stats_device, forward, iter_batches, reduce_sums
 from .errors import GaugeError
 from .view import ModelView
 
@@ -173,112 +171,6 @@ class PairStats:
 
     def summary(self) -> dict[str, Any]:
         return {"n_tokens": self.n_tokens, "n_sites": len(self.sites), "d": self.d}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Data: tensors, strings, DataLoader batches -> (input_ids, attention_mask)
-# ----------------------------------------------------------------------------------------------------------------
-def _check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
-    if not isinstance(ids, torch.Tensor):
-        ids = torch.as_tensor(np.asarray(ids))
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise GaugeError(f"{what} must be integer token ids (a LongTensor), got dtype {ids.dtype}")
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2:
-        raise GaugeError(f"{what} must have shape [n, T] or [T], got {tuple(ids.shape)}")
-    return ids.long()
-
-
-def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max((len(s) for s in seqs), default=0)
-    ids = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.as_tensor(s, dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids, mask
-
-
-def iter_batches(data: Any, *, tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
-                 shard: bool | None = None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
-    """Normalize ``data`` into ``(input_ids [b, T], attention_mask [b, T])`` batches; returns (iterator, n_batches).
-
-    Accepts a LongTensor ``[n, T]`` / ``[T]``, a list of strings (with ``tokenizer``; right-padded), or an iterable of
-    batches (mappings with ``input_ids`` and optional ``attention_mask``, as a DataLoader yields, or id tensors).
-    Under several ``accelerate`` processes, tensors and string lists are split by rows between processes
-    (``shard=None`` or True); an iterable is taken to be this process's shard already (as
-    ``accelerator.prepare(dataloader)`` yields) unless ``shard=True``.
-    """
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise GaugeError(f"batch_size must be a positive integer, got {batch_size!r}")
-    from accelerate import PartialState
-    state = PartialState()
-    rank, world = state.process_index, state.num_processes
-
-    if isinstance(data, (str, bytes)):
-        raise GaugeError("data is a single string: pass a list of strings (with tokenizer=...), a LongTensor of "
-                         "input ids [n, T], or an iterable of batches")
-    if isinstance(data, (torch.Tensor, np.ndarray)):
-        ids = _check_ids(data, "data")
-        if ids.numel() == 0:
-            raise GaugeError(f"data is empty (shape {tuple(ids.shape)}): pass at least one token")
-        if world > 1 and shard is not False:
-            ids = ids[rank::world]
-        n_b = math.ceil(ids.shape[0] / batch_size)
-        it = ((ids[i:i + batch_size], torch.ones_like(ids[i:i + batch_size])) for i in range(0, ids.shape[0], batch_size))
-        return it, n_b
-    if isinstance(data, Sequence) and len(data) > 0 and all(isinstance(x, str) for x in data):
-        if tokenizer is None:
-            raise GaugeError("data is a list of strings but no tokenizer was given: pass tokenizer=AutoTokenizer."
-                             "from_pretrained(...) (the same tokenizer both models use)")
-        texts = list(data)
-        if world > 1 and shard is not False:
-            texts = texts[rank::world]
-        kw = dict(truncation=True, max_length=max_length) if max_length else {}
-
-        def gen():
-            for i in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[i:i + batch_size], **kw)
-                seqs = [list(s) for s in enc["input_ids"]]
-                yield _pad(seqs)
-        return gen(), math.ceil(len(texts) / batch_size)
-    if isinstance(data, Sequence) and len(data) == 0:
-        raise GaugeError("data is empty: pass token ids, strings or batches")
-    if isinstance(data, Mapping):
-        data = [data]
-    if not isinstance(data, Iterable):
-        raise GaugeError(f"unsupported data of type {type(data).__name__}: pass a LongTensor of input ids [n, T], a "
-                         "list of strings with tokenizer=..., or an iterable of batch dicts (input_ids, attention_mask)")
-    try:
-        n_b = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        n_b = None
-
-    def gen_batches():
-        for k, b in enumerate(data):
-            if world > 1 and shard is True and k % world != rank:
-                continue
-            if isinstance(b, Mapping):
-                if "input_ids" not in b:
-                    raise GaugeError(f"batch {k} has no 'input_ids' (keys: {sorted(b)}); pass batch dicts with "
-                                     "input_ids and optionally attention_mask")
-                ids = _check_ids(b["input_ids"], f"batch {k} input_ids")
-                mask = b.get("attention_mask")
-                mask = torch.ones_like(ids) if mask is None else _check_ids(mask, f"batch {k} attention_mask")
-                if mask.shape != ids.shape:
-                    raise GaugeError(f"batch {k}: attention_mask shape {tuple(mask.shape)} differs from input_ids "
-                                     f"{tuple(ids.shape)}")
-            elif isinstance(b, (torch.Tensor, np.ndarray)):
-                ids = _check_ids(b, f"batch {k}")
-                mask = torch.ones_like(ids)
-            elif isinstance(b, str):
-                raise GaugeError("data yields strings: pass a list of strings with tokenizer=..., or tokenize first")
-            else:
-                raise GaugeError(f"batch {k} is a {type(b).__name__}: each batch must be a dict with input_ids "
-                                 "(and attention_mask) or a LongTensor of ids")
-            yield ids, mask
-    return gen_batches(), n_b
 
 
 # ----------------------------------------------------------------------------------------------------------------
