@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from .errors import GaugeError
 
 __all__ = ["iter_batches", "token_batches", "Stop", "capture_inputs", "forward", "logits", "input_device", "default_stats_device",
-           "CrossStats", "reduce_sums"]
+           "PairStats", "reduce_sums"]
 
 
 def reduce_sums(sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -213,62 +214,157 @@ def logits(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = No
     return m(**kw).logits.float()
 
 
-class CrossStats:
-    """Streaming float64 sums for ``corr(A_i, B_j)`` (or per-dimension head correlations with ``blocks``)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The accumulator
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class PairStats:
+    """Per-site float64 running sums for paired activations ``x_A``, ``x_B`` (rows: tokens): the one moment
+    accumulator of hf_gauge.
 
-    def __init__(self, width: int, blocks: int | None = None) -> None:
-        self.n = 0
-        self.blocks = blocks
-        self.sa = torch.zeros(width, dtype=torch.float64)
-        self.sb = torch.zeros(width, dtype=torch.float64)
-        self.saa = torch.zeros(width, dtype=torch.float64)
-        self.sbb = torch.zeros(width, dtype=torch.float64)
-        if blocks is None:
-            self.sab = torch.zeros(width, width, dtype=torch.float64)
-        else:
-            self.sab = torch.zeros(blocks, blocks, width // blocks, dtype=torch.float64)
+    With ``blocks=h`` the ``d`` coordinates form ``h`` blocks of ``k = d / h`` (attention heads) and ``cross[s]`` is
+    ``[h, h, k]``: the sums of ``x_A[block a, dim t] * x_B[block b, dim t]``; ``site_correlation`` then averages the
+    per-dimension correlations within each block pair (``[h, h]``)."""
 
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        if a.shape != b.shape:
-            raise GaugeError(f"activation shapes differ between the models: {tuple(a.shape)} vs {tuple(b.shape)}")
-        a, b = a.double(), b.double()
-        self.n += a.shape[0]
-        self.sa += a.sum(0)
-        self.sb += b.sum(0)
-        self.saa += (a * a).sum(0)
-        self.sbb += (b * b).sum(0)
+    sites: list[str]
+    d: int
+    blocks: int | None = None                       # heads: cross sums per dimension within blocks (see below)
+    count: torch.Tensor = field(default=None)      # [S] tokens per site (float64 so it reduces like the rest)
+    sum_a: torch.Tensor = field(default=None)      # [S, d]
+    sum_b: torch.Tensor = field(default=None)      # [S, d]
+    sumsq_a: torch.Tensor = field(default=None)    # [S, d]
+    sumsq_b: torch.Tensor = field(default=None)    # [S, d]
+    cross: torch.Tensor = field(default=None)      # [S, d, d]: sum over tokens of x_A[:, i] * x_B[:, j]
+    device: torch.device | str = "cpu"
+
+    def __post_init__(self) -> None:
+        S, d, kw = len(self.sites), self.d, dict(dtype=torch.float64, device=self.device)
+        if self.blocks is not None and (self.blocks < 1 or d % self.blocks):
+            raise GaugeError(f"{d} coordinates do not split into {self.blocks} blocks")
+        cross = (S, d, d) if self.blocks is None else (S, self.blocks, self.blocks, d // self.blocks)
+        for name, shape in (("count", (S,)), ("sum_a", (S, d)), ("sum_b", (S, d)), ("sumsq_a", (S, d)),
+                            ("sumsq_b", (S, d)), ("cross", cross)):
+            if getattr(self, name) is None:
+                setattr(self, name, torch.zeros(shape, **kw))
+
+    # ------------------------------------------------------------------ streaming
+    def update_a(self, s: int, xa: torch.Tensor) -> None:
+        """Add one batch of A's activations ``[n, d]`` (float64) at site ``s``."""
+        self.sum_a[s] += xa.sum(0)
+        self.sumsq_a[s] += (xa * xa).sum(0)
+
+    def update_b(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add B's activations ``[n, d]`` paired row by row with A's ``xa`` at site ``s``."""
+        if xa.shape != xb.shape:
+            raise GaugeError(f"site {self.sites[s]!r}: A gave {tuple(xa.shape)} activations but B gave "
+                             f"{tuple(xb.shape)}; both models must see the same tokens")
+        self.count[s] += xb.shape[0]
+        self.sum_b[s] += xb.sum(0)
+        self.sumsq_b[s] += (xb * xb).sum(0)
         if self.blocks is None:
-            self.sab += a.T @ b
+            self.cross[s].addmm_(xa.T, xb)
         else:
             h = self.blocks
-            self.sab += torch.einsum("nak,nbk->abk", a.view(a.shape[0], h, -1), b.view(b.shape[0], h, -1))
+            self.cross[s] += torch.einsum("nak,nbk->abk", xa.view(xa.shape[0], h, -1), xb.view(xb.shape[0], h, -1))
 
-    def reduce(self) -> "CrossStats":
-        """Sum over ``accelerate`` processes (each streamed its own shard of the data); returns self."""
-        names = ("sa", "sb", "saa", "sbb", "sab")
-        summed = reduce_sums({"n": torch.tensor([float(self.n)], dtype=torch.float64),
-                              **{k: getattr(self, k) for k in names}})
-        self.n = int(summed["n"].item())
-        for k in names:
-            setattr(self, k, summed[k].cpu())
+    def update(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
+        """Add paired activations ``[n, d]`` at site ``s`` (used for synthetic data and tests)."""
+        xa = xa.detach().to(self.count.device, torch.float64)
+        xb = xb.detach().to(self.count.device, torch.float64)
+        self.update_a(s, xa)
+        self.update_b(s, xa, xb)
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in ("count", "sum_a", "sum_b", "sumsq_a", "sumsq_b", "cross")}
+
+    def reduce(self) -> "PairStats":
+        """Sum the raw moments over ``accelerate`` processes (a no-op in a single process); returns self."""
+        for k, v in reduce_sums(self._tensors()).items():
+            setattr(self, k, v.to(self.count.device))
         return self
 
-    def corr(self) -> np.ndarray:
-        """``C[i, j]``; a constant coordinate correlates 0 with everything. Heads: mean over head dims."""
-        if self.n < 2:
-            raise GaugeError("need at least 2 non-padding tokens to correlate activations")
-        n = self.n
-        ma, mb = self.sa / n, self.sb / n
-        va = (self.saa / n - ma * ma).clamp_min(0)
-        vb = (self.sbb / n - mb * mb).clamp_min(0)
-        sda = torch.where(va > 1e-24, va.sqrt(), torch.full_like(va, float("inf")))
-        sdb = torch.where(vb > 1e-24, vb.sqrt(), torch.full_like(vb, float("inf")))
-        if self.blocks is None:
-            cov = self.sab / n - ma[:, None] * mb[None, :]
-            C = cov / sda[:, None] / sdb[None, :]
-        else:
+    def to(self, device: torch.device | str) -> "PairStats":
+        for k, v in self._tensors().items():
+            setattr(self, k, v.to(device))
+        self.device = device
+        return self
+
+    def merge(self, other: "PairStats") -> "PairStats":
+        """Add another accumulator's sums (same sites and width) into this one; returns self."""
+        if other.sites != self.sites or other.d != self.d or other.blocks != self.blocks:
+            raise GaugeError("cannot merge statistics of different sites or widths")
+        for k, v in other._tensors().items():
+            getattr(self, k).add_(v.to(self.count.device))
+        return self
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def n_tokens(self) -> int:
+        """Tokens seen (per site; every site sees every non-padding token)."""
+        return int(self.count.max().item()) if self.count.numel() else 0
+
+    def _site_moments(self, s: int):
+        """Per-coordinate means and variances of A and B at site ``s`` and its centred cross-covariance (new tensor;
+        ``[h, h, k]`` with blocks)."""
+        n = float(self.count[s].clamp_min(1.0))
+        mu_a, mu_b = self.sum_a[s] / n, self.sum_b[s] / n
+        var_a = (self.sumsq_a[s] / n - mu_a**2).clamp_min(0.0)
+        var_b = (self.sumsq_b[s] / n - mu_b**2).clamp_min(0.0)
+        if self.blocks is not None:
             h = self.blocks
-            ma, mb, sda, sdb = (t.view(h, -1) for t in (ma, mb, sda, sdb))
-            cov = self.sab / n - ma[:, None, :] * mb[None, :, :]
-            C = (cov / sda[:, None, :] / sdb[None, :, :]).mean(-1)
-        return C.clamp(-1, 1).numpy()
+            cov = self.cross[s] / n - mu_a.view(h, 1, -1) * mu_b.view(1, h, -1)
+            return var_a, var_b, cov
+        cov = torch.addr(self.cross[s], mu_a, mu_b, beta=1.0 / n, alpha=-1.0)   # cross/n - mu_a mu_b^T
+        return var_a, var_b, cov
+
+    @staticmethod
+    def _inv_sd(var: torch.Tensor) -> torch.Tensor:
+        # a coordinate whose variance is at rounding level (relative to the site's mean) carries no signal: weight 0
+        sd = var.sqrt()
+        tiny = sd <= 1e-12 * sd.mean().clamp_min(1e-300)
+        return torch.where(tiny, torch.zeros_like(sd), 1.0 / sd.clamp_min(1e-300))
+
+    def site_correlation(self, s: int) -> torch.Tensor:
+        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``."""
+        var_a, var_b, cov = self._site_moments(s)
+        if self.blocks is not None:                 # per-dimension correlations, averaged within block pairs
+            h = self.blocks
+            ia, ib = self._inv_sd(var_a).view(h, 1, -1), self._inv_sd(var_b).view(1, h, -1)
+            return (cov * ia * ib).clamp_(-1.0, 1.0).mean(-1)
+        return cov.mul_(self._inv_sd(var_a)[:, None]).mul_(self._inv_sd(var_b)[None, :]).clamp_(-1.0, 1.0)
+
+    def site_correlations(self) -> torch.Tensor:
+        """``[S, d, d]``: every site's correlation matrix."""
+        return torch.stack([self.site_correlation(s) for s in range(len(self.sites))])
+
+    def _check_nonempty(self) -> torch.Tensor:
+        if self.n_tokens == 0:
+            raise GaugeError("no tokens were seen: the data is empty (or every position is padding)")
+        return self.count / self.count.sum()
+
+    def correlation(self) -> torch.Tensor:
+        """Pooled ``C [d, d]`` (float64): the token-weighted mean of the per-site correlations (z-scored pooling)."""
+        w = self._check_nonempty()
+        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
+        for s in range(len(self.sites)):
+            if float(w[s]) > 0:
+                out.add_(self.site_correlation(s), alpha=float(w[s]))
+        return out
+
+    def cross_covariance(self) -> torch.Tensor:
+        """Centred cross-covariance for Procrustes: ``M = sum_s w_s Cov_s(A, B) / sqrt(tr Cov_s(A) tr Cov_s(B))``.
+
+        One scalar per site keeps ``M`` rotation-equivariant (if ``x_B = x_A R`` then ``M = P R`` with ``P`` positive
+        semi-definite) while giving every site the same weight, whatever its scale.
+        """
+        w = self._check_nonempty()
+        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
+        for s in range(len(self.sites)):
+            var_a, var_b, cov = self._site_moments(s)
+            scale = float((var_a.sum() * var_b.sum()).sqrt())
+            if float(w[s]) > 0 and scale > 0:
+                out.add_(cov, alpha=float(w[s]) / scale)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_tokens": self.n_tokens, "n_sites": len(self.sites), "d": self.d}

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from .activations import CrossStats, capture_inputs, token_batches
+from .activations import PairStats, capture_inputs, token_batches
 from .assign import Match, UnitSlice, match_correlation
 from .engine import axes_for, segment_spans
 from .errors import GaugeError
@@ -205,7 +205,7 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
     batches = list(token_batches(data))
     out = InnerMatch(source="activations")
     for group in passes:
-        stats = {s: CrossStats(width(s), blocks(s)) for s in group}
+        stats = {s: PairStats(sites=[sites[s]], d=width(s), blocks=blocks(s)) for s in group}
         live_a = {s: va.live_name(sites[s]) for s in group}
         live_b = {s: vb.live_name(sites[s]) for s in group}
         last = max(group, key=lambda s: order.get(live_a[s], -1))
@@ -213,15 +213,21 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
             acts_a = capture_inputs(va.module, live_a, ids, mask, stop_at=last)
             acts_b = capture_inputs(vb.module, live_b, ids, mask, stop_at=last)
             for s in group:
-                stats[s].update(acts_a.pop(s), acts_b.pop(s))
+                stats[s].update(0, acts_a.pop(s), acts_b.pop(s))
         for s in group:
-            C = stats[s].reduce().corr()
+            C = _correlation(stats[s].reduce())
             sp = spec.space(s)
             el, conf = get_kind(sp.kind).match_activations(C, sp.signs == "any", method, cfg)
-            conf["n_tokens"] = stats[s].n
+            conf["n_tokens"] = stats[s].n_tokens
             out[s] = el
             out.confidence[s] = conf
     return out
+
+
+def _correlation(stats: PairStats) -> np.ndarray:
+    if stats.n_tokens < 2:
+        raise GaugeError("need at least 2 non-padding tokens to correlate activations")
+    return stats.site_correlation(0).cpu().numpy()
 
 
 def site_of(v: ModelView, space: str) -> str:
@@ -294,16 +300,10 @@ def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096) -> M
     if ea.shape != eb.shape:
         raise GaugeError(f"embedding shapes differ: {tuple(ea.shape)} vs {tuple(eb.shape)}")
     v, d = ea.shape
-    s = CrossStats(d)
-    for r0 in range(0, v, chunk):
-        a, b = ea[r0:r0 + chunk].float().cpu(), eb[r0:r0 + chunk].float().cpu()
-        s.n += a.shape[0]
-        s.sa += a.sum(0, dtype=torch.float64)
-        s.sb += b.sum(0, dtype=torch.float64)
-        s.saa += (a.double() ** 2).sum(0)
-        s.sbb += (b.double() ** 2).sum(0)
-        s.sab += (a.T @ b).double()
-    res = match_correlation(s.corr(), method="signed")
+    s = PairStats(sites=[spec.sites.embed], d=d)
+    for r0 in range(0, v, chunk):                         # embedding rows are the "tokens"
+        s.update(0, ea[r0:r0 + chunk].cpu(), eb[r0:r0 + chunk].cpu())
+    res = match_correlation(_correlation(s), method="signed")
     rule = spec.space("residual").signs
     if rule == "global":
         g = 1 if res.element.positive_fraction >= 0.5 else -1

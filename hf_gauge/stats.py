@@ -24,13 +24,12 @@ calling hf_gauge (otherwise accelerate reports a single process and every proces
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers.utils import logging
 
-from .activations import default_stats_device, forward, iter_batches, reduce_sums
+from .activations import PairStats, default_stats_device, forward, iter_batches
 from .errors import GaugeError
 from .view import ModelView
 
@@ -38,139 +37,6 @@ logger = logging.get_logger("hf_gauge")
 
 __all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# The accumulator
-# ----------------------------------------------------------------------------------------------------------------
-@dataclass
-class PairStats:
-    """Per-site float64 running sums for paired activations ``x_A``, ``x_B`` (rows: tokens)."""
-
-    sites: list[str]
-    d: int
-    count: torch.Tensor = field(default=None)      # [S] tokens per site (float64 so it reduces like the rest)
-    sum_a: torch.Tensor = field(default=None)      # [S, d]
-    sum_b: torch.Tensor = field(default=None)      # [S, d]
-    sumsq_a: torch.Tensor = field(default=None)    # [S, d]
-    sumsq_b: torch.Tensor = field(default=None)    # [S, d]
-    cross: torch.Tensor = field(default=None)      # [S, d, d]: sum over tokens of x_A[:, i] * x_B[:, j]
-    device: torch.device | str = "cpu"
-
-    def __post_init__(self) -> None:
-        S, d, kw = len(self.sites), self.d, dict(dtype=torch.float64, device=self.device)
-        for name, shape in (("count", (S,)), ("sum_a", (S, d)), ("sum_b", (S, d)), ("sumsq_a", (S, d)),
-                            ("sumsq_b", (S, d)), ("cross", (S, d, d))):
-            if getattr(self, name) is None:
-                setattr(self, name, torch.zeros(shape, **kw))
-
-    # ------------------------------------------------------------------ streaming
-    def update_a(self, s: int, xa: torch.Tensor) -> None:
-        """Add one batch of A's activations ``[n, d]`` (float64) at site ``s``."""
-        self.sum_a[s] += xa.sum(0)
-        self.sumsq_a[s] += (xa * xa).sum(0)
-
-    def update_b(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        """Add B's activations ``[n, d]`` paired row by row with A's ``xa`` at site ``s``."""
-        if xa.shape != xb.shape:
-            raise GaugeError(f"site {self.sites[s]!r}: A gave {tuple(xa.shape)} activations but B gave "
-                             f"{tuple(xb.shape)}; both models must see the same tokens")
-        self.count[s] += xb.shape[0]
-        self.sum_b[s] += xb.sum(0)
-        self.sumsq_b[s] += (xb * xb).sum(0)
-        self.cross[s].addmm_(xa.T, xb)
-
-    def update(self, s: int, xa: torch.Tensor, xb: torch.Tensor) -> None:
-        """Add paired activations ``[n, d]`` at site ``s`` (used for synthetic data and tests)."""
-        xa = xa.detach().to(self.count.device, torch.float64)
-        xb = xb.detach().to(self.count.device, torch.float64)
-        self.update_a(s, xa)
-        self.update_b(s, xa, xb)
-
-    def _tensors(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in ("count", "sum_a", "sum_b", "sumsq_a", "sumsq_b", "cross")}
-
-    def reduce(self) -> "PairStats":
-        """Sum the raw moments over ``accelerate`` processes (a no-op in a single process); returns self."""
-        for k, v in reduce_sums(self._tensors()).items():
-            setattr(self, k, v.to(self.count.device))
-        return self
-
-    def to(self, device: torch.device | str) -> "PairStats":
-        for k, v in self._tensors().items():
-            setattr(self, k, v.to(device))
-        self.device = device
-        return self
-
-    def merge(self, other: "PairStats") -> "PairStats":
-        """Add another accumulator's sums (same sites and width) into this one; returns self."""
-        if other.sites != self.sites or other.d != self.d:
-            raise GaugeError("cannot merge statistics of different sites or widths")
-        for k, v in other._tensors().items():
-            getattr(self, k).add_(v.to(self.count.device))
-        return self
-
-    # ------------------------------------------------------------------ derived quantities
-    @property
-    def n_tokens(self) -> int:
-        """Tokens seen (per site; every site sees every non-padding token)."""
-        return int(self.count.max().item()) if self.count.numel() else 0
-
-    def _site_moments(self, s: int):
-        """Per-coordinate means and variances of A and B at site ``s`` and its centred cross-covariance (new tensor)."""
-        n = float(self.count[s].clamp_min(1.0))
-        mu_a, mu_b = self.sum_a[s] / n, self.sum_b[s] / n
-        var_a = (self.sumsq_a[s] / n - mu_a**2).clamp_min(0.0)
-        var_b = (self.sumsq_b[s] / n - mu_b**2).clamp_min(0.0)
-        cov = torch.addr(self.cross[s], mu_a, mu_b, beta=1.0 / n, alpha=-1.0)   # cross/n - mu_a mu_b^T
-        return var_a, var_b, cov
-
-    @staticmethod
-    def _inv_sd(var: torch.Tensor) -> torch.Tensor:
-        # a coordinate whose variance is at rounding level (relative to the site's mean) carries no signal: weight 0
-        sd = var.sqrt()
-        tiny = sd <= 1e-12 * sd.mean().clamp_min(1e-300)
-        return torch.where(tiny, torch.zeros_like(sd), 1.0 / sd.clamp_min(1e-300))
-
-    def site_correlation(self, s: int) -> torch.Tensor:
-        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``."""
-        var_a, var_b, cov = self._site_moments(s)
-        return cov.mul_(self._inv_sd(var_a)[:, None]).mul_(self._inv_sd(var_b)[None, :]).clamp_(-1.0, 1.0)
-
-    def site_correlations(self) -> torch.Tensor:
-        """``[S, d, d]``: every site's correlation matrix."""
-        return torch.stack([self.site_correlation(s) for s in range(len(self.sites))])
-
-    def _check_nonempty(self) -> torch.Tensor:
-        if self.n_tokens == 0:
-            raise GaugeError("no tokens were seen: the data is empty (or every position is padding)")
-        return self.count / self.count.sum()
-
-    def correlation(self) -> torch.Tensor:
-        """Pooled ``C [d, d]`` (float64): the token-weighted mean of the per-site correlations (z-scored pooling)."""
-        w = self._check_nonempty()
-        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
-        for s in range(len(self.sites)):
-            if float(w[s]) > 0:
-                out.add_(self.site_correlation(s), alpha=float(w[s]))
-        return out
-
-    def cross_covariance(self) -> torch.Tensor:
-        """Centred cross-covariance for Procrustes: ``M = sum_s w_s Cov_s(A, B) / sqrt(tr Cov_s(A) tr Cov_s(B))``.
-
-        One scalar per site keeps ``M`` rotation-equivariant (if ``x_B = x_A R`` then ``M = P R`` with ``P`` positive
-        semi-definite) while giving every site the same weight, whatever its scale.
-        """
-        w = self._check_nonempty()
-        out = torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
-        for s in range(len(self.sites)):
-            var_a, var_b, cov = self._site_moments(s)
-            scale = float((var_a.sum() * var_b.sum()).sqrt())
-            if float(w[s]) > 0 and scale > 0:
-                out.add_(cov, alpha=float(w[s]) / scale)
-        return out
-
-    def summary(self) -> dict[str, Any]:
-        return {"n_tokens": self.n_tokens, "n_sites": len(self.sites), "d": self.d}
 
 
 # ----------------------------------------------------------------------------------------------------------------
