@@ -12,11 +12,11 @@ from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for, 
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
-from .specs import ArchSpec, get_spec
+from .specs import SPECS, ArchSpec, get_spec
 
 logger = logging.get_logger("hf_gauge")
 
-__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
+__all__ = ["unwrap", "ModelView", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -34,7 +34,40 @@ def unwrap(model: Any) -> torch.nn.Module:
             break
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise GaugeError(f"expected a transformers model (or a PEFT/compiled wrapper of one), got {type(model).__name__}")
+    spec = SPECS.get(getattr(model.config, "model_type", None))
+    prefix = spec.sites.layers.split(".")[0] if spec is not None else ""
+    if prefix and "." in spec.sites.layers and not isinstance(getattr(model, prefix, None), torch.nn.Module):
+        return ModelView(model, prefix)          # a base model, or a head keeping its body under another name
     return model
+
+
+class ModelView(torch.nn.Module):
+    """A transformers model seen with its body under the spec's prefix (``model.layers.0...``).
+
+    Base models (``LlamaModel``: ``layers.0...``) and heads that keep the body under another attribute
+    (``LlamaForQuestionAnswering.transformer``) get the spec's parameter names and module paths this way; the
+    head's other modules (``qa_outputs``) keep theirs. Shares every parameter and module (nothing is copied);
+    ``forward`` goes to the model itself."""
+
+    def __init__(self, model: torch.nn.Module, prefix: str) -> None:
+        super().__init__()
+        body = getattr(model, "base_model", model)
+        if body is model:
+            self.add_module(prefix, model)
+        else:
+            for name, child in model.named_children():
+                self.add_module(prefix if child is body else name, child)
+            for name, p in model.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+        self.config = model.config
+        self.base_model_prefix = prefix
+        object.__setattr__(self, "view_of", model)       # not a second registration of the same modules
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.view_of(*args, **kwargs)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.view_of.get_input_embeddings()
 
 
 def _hash_gain(gain: torch.Tensor) -> str:
