@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Iterable
 
 import torch
 
+from .configs import gauge_config
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
@@ -370,7 +371,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         if _inside(src_r, out_r):
             raise GaugeError(f"refusing to replace {out}: the source checkpoint {src} lies inside it")
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = gauge_config(AutoConfig.from_pretrained(src))
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
     spec = get_spec(config)

@@ -9,6 +9,7 @@ import torch
 from transformers.utils import logging
 
 from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for, space_sizes
+from .configs import gauge_config
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
@@ -20,7 +21,11 @@ __all__ = ["unwrap", "ModelView", "apply_gauge", "random_gauge", "symmetry_group
 
 
 def unwrap(model: Any) -> torch.nn.Module:
-    """The transformers model under PEFT, torch.compile, DDP/accelerate wrappers."""
+    """The transformers model under PEFT, torch.compile, DDP/accelerate wrappers.
+
+    Where the spec's parameter names or config fields differ from the model's (base models such as ``LlamaModel``,
+    ``LlamaForQuestionAnswering.transformer``, composite configs), a ``ModelView`` sharing every parameter.
+    """
     seen = 0
     while seen < 8:
         seen += 1
@@ -36,13 +41,16 @@ def unwrap(model: Any) -> torch.nn.Module:
         raise GaugeError(f"expected a transformers model (or a PEFT/compiled wrapper of one), got {type(model).__name__}")
     spec = SPECS.get(getattr(model.config, "model_type", None))
     prefix = spec.sites.layers.split(".")[0] if spec is not None else ""
-    if prefix and "." in spec.sites.layers and not isinstance(getattr(model, prefix, None), torch.nn.Module):
-        return ModelView(model, prefix)          # a base model, or a head keeping its body under another name
+    renamed = bool(prefix) and "." in spec.sites.layers and not isinstance(getattr(model, prefix, None), torch.nn.Module)
+    if renamed or gauge_config(model.config) is not model.config:
+        # a base model, a head keeping its body under another name, or a composite (vision-language) config
+        return ModelView(model, prefix if renamed else "")
     return model
 
 
 class ModelView(torch.nn.Module):
-    """A transformers model seen with its body under the spec's prefix (``model.layers.0...``).
+    """A transformers model seen with its body under the spec's prefix (``model.layers.0...``) and its config
+    through ``gauge_config`` (a composite vision-language config reads as its text model's).
 
     Base models (``LlamaModel``: ``layers.0...``) and heads that keep the body under another attribute
     (``LlamaForQuestionAnswering.transformer``) get the spec's parameter names and module paths this way; the
@@ -52,15 +60,15 @@ class ModelView(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, prefix: str) -> None:
         super().__init__()
         body = getattr(model, "base_model", model)
-        if body is model:
+        if body is model and prefix:
             self.add_module(prefix, model)
         else:
             for name, child in model.named_children():
-                self.add_module(prefix if child is body else name, child)
+                self.add_module(prefix if prefix and child is body else name, child)
             for name, p in model.named_parameters(recurse=False):
                 self.register_parameter(name, p)
-        self.config = model.config
-        self.base_model_prefix = prefix
+        self.config = gauge_config(model.config)
+        self.base_model_prefix = prefix or getattr(model, "base_model_prefix", "")
         object.__setattr__(self, "view_of", model)       # not a second registration of the same modules
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

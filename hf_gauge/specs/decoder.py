@@ -63,14 +63,15 @@ def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
 
 
 def decoder_rules(prefix: str, norms: tuple[str, ...], qk_norm: tuple[Axis, ...] | None = None,
-                  lm_head: bool = True) -> tuple[Rule, ...]:
+                  lm_head: str | None = "lm_head", heads: bool = True) -> tuple[Rule, ...]:
     """Every rule of a decoder whose body lives under ``prefix`` (``"model."``): embedding, layers with the
-    residual RMSNorm gains ``norms`` (permuted only), final norm, LM head and the task heads."""
+    residual RMSNorm gains ``norms`` (permuted only), final norm, the LM head named ``lm_head`` and (``heads``)
+    the task heads."""
     layer = prefix + "layers.{i}."
     rules = (Rule(prefix + "embed_tokens.weight", reads()),)
     rules += attention_rules(layer, qk_norm) + gated_mlp_rules(layer)
     rules += tuple(Rule(layer + n + ".weight", gain()) for n in norms)
     rules += (Rule(prefix + "norm.weight", gain()),)
     if lm_head:
-        rules += (Rule("lm_head.weight", reads()), Rule("lm_head.bias", UNTOUCHED))
-    return rules + HEAD_RULES
+        rules += (Rule(lm_head + ".weight", reads()), Rule(lm_head + ".bias", UNTOUCHED))
+    return rules + (HEAD_RULES if heads else ())

@@ -15,6 +15,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..configs import gauge_config
 from ..engine import Move, moves_for
 from ..errors import GaugeError
 from ..group import SignedPermutation
@@ -107,6 +108,8 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
         config = config or m.config
     if config is not None and hasattr(config, "config") and not hasattr(config, "hidden_size"):
         config = config.config
+    if config is not None:
+        config = gauge_config(config)       # a composite (vision-language) config: the text model's dimensions
     if spec is None:
         mt = model_type or (getattr(config, "model_type", None) if config is not None else None) \
             or gauge.source.get("model_type")
