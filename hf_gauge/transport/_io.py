@@ -127,8 +127,10 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
                          f"{own!r}: an object of another architecture cannot be transported through it")
     if config is None:
         if any(k.startswith("attn.") for k in gauge.spaces):
-            raise GaugeError(f"this gauge moves attention heads; transporting a {what} through it needs the model's "
-                             "head geometry: pass config= (the base model's config) or model=")
+            article = "an" if what[:1].lower() in "aeiou" else "a"
+            raise GaugeError(f"this gauge moves attention heads; transporting {article} {what} through it needs the "
+                             "model's head geometry: pass config= (the base model's config) or model= (on the command "
+                             "line: --config BASE_FOLDER_OR_CONFIG_JSON)")
         config = _Dims(gauge, spec.model_types[0])
     return spec, config
 
