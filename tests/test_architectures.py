@@ -40,12 +40,14 @@ def tiny_config(model_type: str, **over):
 
 
 def randomize(model, seed: int = 0):
-    """Generic gains around 1 and random biases (the B_d regime: every coordinate identifiable)."""
+    """Generic gains around 1, random biases and no all-zero matrix (every coordinate identifiable)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 1:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if n.endswith("weight") else 0.0))
+            elif not p.any():            # zero-initialised matrices (Gemma 3's projector) would hide their rule
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
     return model
 
 
