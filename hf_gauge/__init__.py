@@ -1,7 +1,8 @@
 """hf_gauge: find, apply and transport residual-stream gauges between checkpoints of transformers models.
 
-Importing this package attaches ``apply_gauge``, ``gauge_to`` and ``transport`` to the model classes of every
-supported architecture (``supported_model_types()``; one spec file each under ``hf_gauge/specs/``).
+Importing this package attaches ``apply_gauge``, ``gauge_to``, ``transport`` and ``symmetry_group`` to
+``transformers.PreTrainedModel``: every model class of a supported model_type (``supported_model_types()``) uses
+them; on any other model they raise ``GaugeError``.
 """
 from __future__ import annotations
 

@@ -1,20 +1,34 @@
-"""Attach gauge methods to the supported transformers ``*ForCausalLM`` classes (never swapping classes)."""
+"""Attach gauge methods to transformers' shared model base class ``PreTrainedModel`` (never swapping classes).
+
+Every transformers model (``AutoModel`` bodies, ``*ForCausalLM``, ``*ForSequenceClassification``,
+``*ForTokenClassification``, ``*ForQuestionAnswering``, ...) inherits ``apply_gauge``, ``gauge_to``, ``transport``
+and ``symmetry_group``. Each method first checks that a spec covers the model's ``model_type`` and otherwise raises
+``GaugeError`` naming it and the supported ones.
+"""
 from __future__ import annotations
 
 from typing import Any
 
-from .specs import SPECS
+from .specs import get_spec
+
+
+def _supported(model) -> None:
+    """``GaugeError`` naming the model_type and the supported ones unless a spec covers ``model``."""
+    from .models import unwrap
+    get_spec(unwrap(model))
 
 
 def _apply_gauge(self, gauge, **kwargs: Any):
     """Apply ``gauge`` to this model in place (exact); returns the model. See ``hf_gauge.apply_gauge``."""
     from .models import apply_gauge
+    _supported(self)
     return apply_gauge(self, gauge, **kwargs)
 
 
 def _gauge_to(self, other, data=None, **kwargs: Any):
     """The gauge from this model's chart to ``other``'s (data-free by default). See ``hf_gauge.find_gauge``."""
     from .match import find_gauge
+    _supported(self)
     gauge = find_gauge(self, other, data=data, **kwargs)
     self._hf_gauge_last = gauge
     return gauge
@@ -40,6 +54,7 @@ def _transport(self, obj, to=None, **kwargs: Any):
     import weakref
 
     from .errors import GaugeError
+    _supported(self)
     if to is not None:
         fit = {k: kwargs.pop(k) for k in list(kwargs) if k in FIT_KEYS}
         cache = self.__dict__.setdefault("_hf_gauge_cache", [])
@@ -59,6 +74,7 @@ def _transport(self, obj, to=None, **kwargs: Any):
 
 def _symmetry_group(self, **kwargs: Any) -> str:
     from .models import symmetry_group
+    _supported(self)
     return symmetry_group(self, **kwargs)
 
 
@@ -67,19 +83,13 @@ METHODS = {"apply_gauge": _apply_gauge, "gauge_to": _gauge_to, "transport": _tra
 
 
 def attach() -> list[type]:
-    """Add the methods to every importable ``*ForCausalLM`` class of a supported model_type, and to PEFT's
-    ``PeftModel`` (whose attribute forwarding would otherwise bind them to the wrapped model, so that
-    ``peft_model.apply_gauge(g)`` returned the inner model); returns the classes. Existing attributes are never
-    replaced, and no class is swapped or subclassed."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """Add the methods to ``transformers.PreTrainedModel`` (inherited by every model class, supported or not: the
+    methods check support) and to PEFT's ``PeftModel`` (whose attribute forwarding would otherwise bind them to the
+    wrapped model, so that ``peft_model.apply_gauge(g)`` returned the inner model); returns the classes. Existing
+    attributes are never replaced, and no class is swapped or subclassed."""
+    from transformers import PreTrainedModel
 
-    classes = []
-    for mt in SPECS:
-        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt)
-        cls = getattr(transformers, cls_name, None) if cls_name else None
-        if cls is not None:
-            classes.append(cls)
+    classes: list[type] = [PreTrainedModel]
     try:
         from peft import PeftModel
         classes.append(PeftModel)

@@ -48,6 +48,22 @@ def _load_model(spec: str, revision: str | None = None):
         raise GaugeError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
 
 
+def _load_config(spec: str):
+    """A model config from a local ``config.json`` file or a model folder holding one (never the Hub)."""
+    from transformers import AutoConfig
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise GaugeError(f"no config.json at {spec}: give the base model's folder or its config.json")
+    try:
+        json.loads(path.read_text())
+        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise GaugeError(f"cannot read the model config {path}: {str(e).splitlines()[0]}") from None
+
+
 def _load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
@@ -126,7 +142,8 @@ def cmd_transport(args: argparse.Namespace) -> int:
     gauge = _load_gauge(args.gauge, args.gauge_revision)
     if args.inverse:
         gauge = gauge.inverse()
-    out = transport_path(gauge, args.obj, args.output)
+    kw = {"config": _load_config(args.config)} if args.config else {}
+    out = transport_path(gauge, args.obj, args.output, **kw)
     print(f"wrote {out if out is not None else args.output}")
     return 0
 
@@ -239,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gauge-revision")
     s.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
     s.add_argument("-o", "--output", required=True, metavar="OUT")
+    s.add_argument("--config", metavar="BASE", help="the base model's folder or config.json: the head geometry a "
+                   "gauge that moves attention heads needs (default: the adapter's local base_model_name_or_path)")
     s.set_defaults(func=cmd_transport)
 
     s = sub.add_parser("verify", help="check that A moved through the gauge reproduces B", description=

@@ -206,12 +206,11 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
     out = InnerMatch(source="activations")
     for group in passes:
         stats = {s: PairStats(sites=[sites[s]], d=width(s), blocks=blocks(s)) for s in group}
-        live_a = {s: va.live_name(sites[s]) for s in group}
-        live_b = {s: vb.live_name(sites[s]) for s in group}
-        last = max(group, key=lambda s: order.get(live_a[s], -1))
+        live = {s: sites[s] for s in group}
+        last = max(group, key=lambda s: order.get(live[s], -1))
         for ids, mask in batches:
-            acts_a = capture_inputs(va.module, live_a, ids, mask, stop_at=last)
-            acts_b = capture_inputs(vb.module, live_b, ids, mask, stop_at=last)
+            acts_a = capture_inputs(va.module, live, ids, mask, stop_at=last)
+            acts_b = capture_inputs(vb.module, live, ids, mask, stop_at=last)
             for s in group:
                 stats[s].update(0, acts_a.pop(s), acts_b.pop(s))
         for s in group:

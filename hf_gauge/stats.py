@@ -58,7 +58,7 @@ def residual_sites(model: torch.nn.Module, layers: Sequence[int] | None = None,
         sites.append(spec.sites.final_norm)
     if not sites:
         raise GaugeError("no residual sites selected: include the embedding, some layers or the final norm")
-    return [v.live_name(p) for p in sites]
+    return sites
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

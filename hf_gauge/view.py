@@ -1,11 +1,13 @@
 """One view of a model: its config (the only reader of config attributes) and, resolved once per public call, the
-module, spec, parameter names and observation sites.
+module, spec, parameters and observation sites.
 
-``ConfigView`` reads the text part of a config (``text_config`` of multimodal models) and computes head geometry
-once. ``ModelView.of(model)`` unwraps PEFT / compiled / DDP wrappers, finds the spec, and maps live parameter and
-module names to the spec's names: rules are written for ``*ForCausalLM``, whose decoder lives under
-``base_model_prefix`` (``model.``); a bare base model (``AutoModel``) has the same tensors without that prefix, and
-other heads (``*ForSequenceClassification``) keep it.
+``ConfigView`` reads the text part of a config (``text_config`` of composite vision-language models: dimensions from
+the text model, identity such as ``model_type`` from the composite) and computes head geometry once.
+``unwrap(model)`` removes PEFT / compiled / DDP wrappers and, where the model names its decoder differently from the
+spec (rules are written for ``*ForCausalLM``, whose decoder lives under ``model.``: a bare ``AutoModel`` lacks the
+prefix, ``*ForQuestionAnswering`` keeps its body under ``transformer``) or has a composite config, returns a
+``SpecNamedModel`` sharing every parameter under the spec's names. ``ModelView.of(model)`` resolves a model once
+(module, spec, config view) and is passed down instead of re-resolving.
 """
 from __future__ import annotations
 
@@ -15,9 +17,9 @@ from typing import Any, Iterator
 import torch
 
 from .errors import GaugeError
-from .specs import ArchSpec, get_spec
+from .specs import SPECS, ArchSpec, get_spec
 
-__all__ = ["ConfigView", "ModelView", "unwrap"]
+__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "unwrap"]
 
 
 class ConfigView:
@@ -109,21 +111,54 @@ def unwrap(model: Any) -> torch.nn.Module:
             break
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
         raise GaugeError(f"expected a transformers model (or a PEFT/compiled wrapper of one), got {type(model).__name__}")
+    if isinstance(model, SpecNamedModel):
+        return model
+    spec = SPECS.get(getattr(model.config, "model_type", None))
+    prefix = spec.sites.layers.split(".")[0] if spec is not None else ""
+    renamed = bool(prefix) and "." in spec.sites.layers and not isinstance(getattr(model, prefix, None), torch.nn.Module)
+    if renamed or ConfigView(model.config).text is not model.config:
+        # a base model, a head keeping its body under another name, or a composite (vision-language) config
+        return SpecNamedModel(model, prefix if renamed else "")
     return model
+
+
+class SpecNamedModel(torch.nn.Module):
+    """A transformers model seen with its body under the spec's prefix (``model.layers.0...``) and its config
+    through ``ConfigView`` (a composite vision-language config reads as its text model's).
+
+    Base models (``LlamaModel``: ``layers.0...``) and heads that keep the body under another attribute
+    (``LlamaForQuestionAnswering.transformer``) get the spec's parameter names and module paths this way; the
+    head's other modules (``qa_outputs``) keep theirs. Shares every parameter and module (nothing is copied);
+    ``forward`` goes to the model itself."""
+
+    def __init__(self, model: torch.nn.Module, prefix: str) -> None:
+        super().__init__()
+        body = getattr(model, "base_model", model)
+        if body is model and prefix:
+            self.add_module(prefix, model)
+        else:
+            for name, child in model.named_children():
+                self.add_module(prefix if prefix and child is body else name, child)
+            for name, p in model.named_parameters(recurse=False):
+                self.register_parameter(name, p)
+        self.config = ConfigView(model.config)
+        self.base_model_prefix = prefix or getattr(model, "base_model_prefix", "")
+        object.__setattr__(self, "view_of", model)       # not a second registration of the same modules
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.view_of(*args, **kwargs)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.view_of.get_input_embeddings()
 
 
 class ModelView:
     """A model resolved once: ``module``, ``spec``, ``config`` (a ``ConfigView``) and the name mapping."""
 
     def __init__(self, module: torch.nn.Module, spec: ArchSpec | None = None) -> None:
-        self.module = module
+        self.module = module                       # parameter and module names are the spec's (see ``unwrap``)
         self.config = ConfigView(module.config)
         self.spec = spec or get_spec(self.config.model_type)
-        prefix = getattr(module, "base_model_prefix", "") or ""
-        first = self.spec.sites.layers.split(".")[0]
-        # a bare base model: the spec's decoder prefix ("model.") is missing from every name
-        bare = bool(prefix) and first == prefix and not isinstance(getattr(module, prefix, None), torch.nn.Module)
-        self.prefix = prefix + "." if bare else ""
 
     @classmethod
     def of(cls, model: Any) -> "ModelView":
@@ -132,23 +167,12 @@ class ModelView:
         return cls(unwrap(model))
 
     # ---------------------------------------------------------------- names
-    def spec_name(self, live: str) -> str:
-        """A live parameter / module name as the spec writes it."""
-        return self.prefix + live if self.prefix else live
-
-    def live_name(self, spec_name: str) -> str:
-        """A spec module path (a site) as this model names it."""
-        if self.prefix and spec_name.startswith(self.prefix):
-            return spec_name[len(self.prefix):]
-        return spec_name
-
     def submodule(self, spec_path: str) -> torch.nn.Module:
-        return self.module.get_submodule(self.live_name(spec_path))
+        return self.module.get_submodule(spec_path)
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
         """``(spec name, parameter)`` for every parameter (tied tensors once)."""
-        for n, p in self.module.named_parameters():
-            yield self.spec_name(n), p
+        return self.module.named_parameters()
 
     def params(self) -> dict[str, torch.Tensor]:
         """Detached parameters keyed by spec name."""

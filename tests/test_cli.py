@@ -210,3 +210,45 @@ def test_all_subcommands_registered() -> None:
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices            # type: ignore[union-attr]
     assert {"find", "apply", "transport", "verify", "push", "show", "demo", "audit"} <= set(choices)
+
+
+def test_transport_adapter_through_head_gauge(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A gauge that moves attention heads: the adapter folder is transported with --config (or the adapter's local
+    base folder); without either, one line names the --config option (and reads "an adapter")."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    a = tiny_model("llama")
+    g = random_gauge(a, seed=3, spaces=("residual", "mlp", "attn"))
+    b = apply_gauge(copy.deepcopy(a), g)
+    g.save_pretrained(tmp_path / "g")
+    a.save_pretrained(tmp_path / "A")
+    torch.manual_seed(0)
+    pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "o_proj"],
+                                                     init_lora_weights=False)).eval()
+    pa.save_pretrained(tmp_path / "ad")
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "not/a-local-folder"
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = pa(ids).logits
+    capsys.readouterr()
+
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "an adapter" in err and "--config" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+    for k, conf in enumerate([str(tmp_path / "A"), str(tmp_path / "A" / "config.json")]):
+        out = tmp_path / f"ad_b{k}"
+        assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(out),
+                     "--config", conf]) == 0, capsys.readouterr().err
+        with torch.no_grad():
+            got = PeftModel.from_pretrained(copy.deepcopy(b), out).eval()(ids).logits
+        assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+    cfg["base_model_name_or_path"] = str(tmp_path / "A")          # a local base folder is read by default
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "ad_c")]) == 0
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "y"),
+                 "--config", str(tmp_path / "nope")]) == 2
+    assert "no config.json" in capsys.readouterr().err

@@ -246,3 +246,17 @@ def test_smollm2_real_weights(smollm2, smollm2_ids, dtype):
     assert not torch.equal(before["model.embed_tokens.weight"], m.state_dict()["model.embed_tokens.weight"])
     m.apply_gauge(g.inverse())
     assert_state_equal(before, state(m))
+
+
+def test_attach_puts_methods_on_the_shared_base_and_never_replaces(monkeypatch):
+    from transformers import GPT2Config, GPT2Model, LlamaForSequenceClassification, PreTrainedModel
+    from hf_gauge._attach import METHODS
+    for name, fn in METHODS.items():
+        assert PreTrainedModel.__dict__[name] is fn                        # one attachment, inherited everywhere
+        assert getattr(LlamaForSequenceClassification, name) is fn and getattr(GPT2Model, name) is fn
+    sentinel = object()
+    monkeypatch.setattr(PreTrainedModel, "transport", sentinel)
+    hf_gauge.attach()
+    assert PreTrainedModel.transport is sentinel
+    with pytest.raises(hf_gauge.GaugeError, match="model_type='gpt2'"):
+        GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20)).symmetry_group()

@@ -35,7 +35,8 @@ def test_unsupported_model_type_lists_supported():
     with pytest.raises(GaugeError, match="unsupported architecture model_type='gpt2'.*llama.*qwen3"):
         hf_gauge.random_gauge(m)
     assert "llama" in supported_model_types() and "gpt_neox" in supported_model_types()
-    assert not hasattr(type(m), "apply_gauge")
+    with pytest.raises(GaugeError, match="unsupported architecture model_type='gpt2'"):
+        m.apply_gauge(hf_gauge.Gauge(residual=SignedPermutation.identity(32)))   # the method exists and refuses
 
 
 def test_rules_follow_the_math_note():

@@ -3,11 +3,16 @@ from __future__ import annotations
 
 from ..errors import GaugeError
 from .base import ArchSpec, Axis, Rule, Sites, Space
+from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
 from .gpt_neox import GPT_NEOX
+from .granite import GRANITE
 from .llama import LLAMA
+from .olmo2 import OLMO2
 from .phi3 import PHI3
+from .smollm3 import SMOLLM3
 
-SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, PHI3) for mt in spec.model_types}
+SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
+                                                                        OLMO2, PHI3) for mt in spec.model_types}
 
 
 def supported_model_types() -> list[str]:

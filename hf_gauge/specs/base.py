@@ -166,8 +166,9 @@ class ArchSpec:
     dims: Callable[[object], dict[str, int]]
     sites: Sites
     file_rules: tuple[Rule, ...] = ()
-    _compiled: dict = field(default_factory=dict, compare=False, repr=False)
-    _axes_memo: dict = field(default_factory=dict, compare=False, repr=False)   # engine.axes_for, per tensor name
+    # caches, fresh in every instance (also after ``dataclasses.replace``)
+    _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
+    _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for
 
     def __post_init__(self) -> None:
         spaces = {}

@@ -8,6 +8,7 @@ GELU is not odd: MLP units permute only. The fused query_key_value rows are laid
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, reads, writes
+from .decoder import HEAD_RULES
 
 L = "gpt_neox.layers.{i}."
 LN_GAIN = (Axis(0, "residual", signed=False),)
@@ -51,6 +52,7 @@ GPT_NEOX = ArchSpec(
         Rule("embed_out.weight", reads()),
         Rule("lm_head.weight", reads()),
         Rule("gpt_neox.layers.{i}.attention.rotary_emb.inv_freq", UNTOUCHED),
+        *HEAD_RULES,
     ),
     dims=_dims,
     sites=Sites(

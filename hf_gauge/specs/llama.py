@@ -7,6 +7,7 @@ as wholes; Qwen2's q/k/v biases and Qwen3's per-head q_norm/k_norm live in head 
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, gain, reads, writes
+from .decoder import HEAD_RULES
 
 L = "model.layers.{i}."
 MLP = Axis(0, "mlp.{i}")                       # up_proj rows (and bias): signed
@@ -54,6 +55,7 @@ LLAMA = ArchSpec(
         Rule("model.norm.weight", gain()),
         Rule("lm_head.weight", reads()),
         Rule("lm_head.bias", UNTOUCHED),
+        *HEAD_RULES,
     ),
     dims=_dims,
     sites=Sites(

@@ -19,7 +19,7 @@ from ..errors import GaugeError
 from ..gauge import Gauge, check_space_name
 from ..group import SignedPermutation
 from ..kinds import get_kind
-from ..specs import ArchSpec, get_spec
+from ..specs import SPECS, ArchSpec, get_spec
 from ..view import ConfigView, unwrap
 
 GAUGE_RECORD_FILE = "hf_gauge_transport.json"
@@ -80,6 +80,21 @@ def moves_for_names(spec: ArchSpec, config, gauge, names: Iterable[str]) -> dict
     return moves_for(spec, config, gauge, list(names), strict=True)
 
 
+def moves_heads(gauge, spec: ArchSpec | None = None) -> bool:
+    """True when a space of ``gauge`` is of a grouped kind (attention heads: moving it needs the head geometry),
+    in ``spec`` or, without one, in any registered spec that declares the space."""
+    specs = [spec] if spec is not None else list({id(s): s for s in SPECS.values()}.values())
+    for name in gauge.spaces:
+        for sp in specs:
+            try:
+                tmpl, _ = sp.parse_space(name)
+            except GaugeError:
+                continue
+            if get_kind(sp.spaces[tmpl].kind).grouped:
+                return True
+    return False
+
+
 def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = None,
                     spec: ArchSpec | None = None, what: str = "object") -> tuple[ArchSpec, ConfigView]:
     """Resolve the architecture spec and a config view (for head geometry) from kwargs or the gauge's provenance."""
@@ -87,6 +102,8 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
         config = config or unwrap(model).config
     if config is not None and hasattr(config, "config") and not hasattr(config, "hidden_size"):
         config = config.config
+    if config is not None:
+        config = ConfigView.of(config)      # a composite (vision-language) config: the text model's dimensions
     if spec is None:
         mt = model_type or (getattr(config, "model_type", None) if config is not None else None) \
             or gauge.source.get("model_type")
@@ -103,9 +120,11 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but the {what} is for "
                          f"{own!r}: an object of another architecture cannot be transported through it")
     if config is None:
-        if any(get_kind(spec.space(k).kind).grouped for k in gauge.spaces):
-            raise GaugeError(f"this gauge moves attention heads; transporting a {what} through it needs the model's "
-                             "head geometry: pass config= (the base model's config) or model=")
+        if moves_heads(gauge, spec):
+            article = "an" if what[:1].lower() in "aeiou" else "a"
+            raise GaugeError(f"this gauge moves attention heads; transporting {article} {what} through it needs the "
+                             "model's head geometry: pass config= (the base model's config) or model= (on the command "
+                             "line: --config BASE_FOLDER_OR_CONFIG_JSON)")
         return spec, ConfigView(None, model_type=spec.model_types[0])
     return spec, ConfigView.of(config)
 

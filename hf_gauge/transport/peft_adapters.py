@@ -28,8 +28,8 @@ from ..errors import GaugeError
 from ..fileio import read_json
 from ..specs import ArchSpec
 from . import register
-from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, read_safetensors, spec_and_config,
-                  write_record)
+from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, moves_heads, read_safetensors,
+                  spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -152,7 +152,8 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
     gauge provenance in ``hf_gauge_transport.json``). Extra adapters saved in subfolders are transported too.
 
     The architecture comes from the kwargs, ``gauge.source['model_type']``, or a local
-    ``base_model_name_or_path/config.json``.
+    ``base_model_name_or_path/config.json``; a gauge that moves attention heads also needs the head geometry, from
+    ``config=``/``model=`` or that local base config.
     """
     from safetensors.torch import save_file
     src, out = Path(src), Path(out)
@@ -165,8 +166,10 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
     cfg = read_json(src / ADAPTER_CFG, "adapter config")
     _check_peft_type(cfg, str(src))
-    if spec is None and model_type is None and config is None and model is None and not gauge.source.get("model_type"):
-        config = _local_base_config(cfg)
+    heads = moves_heads(gauge)
+    if config is None and model is None and (heads or (spec is None and model_type is None
+                                                       and not gauge.source.get("model_type"))):
+        config = _local_base_config(cfg)     # the architecture, or the head geometry a head-moving gauge needs
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
     moved = transport_adapter_state(gauge, sd, model_type=model_type, spec=spec, config=config, model=model)
     subs = [p for p in sorted(src.iterdir()) if p.is_dir()]

@@ -1,0 +1,395 @@
+"""The architecture battery: every entry of ``hf_gauge.specs.SPECS`` on a tiny random config (tests/tiny_configs.json)
+with random gains and biases. A new spec file is tested here by adding one tiny-config entry."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_gauge
+from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
+from hf_gauge.engine import axes_for, move_tensor_, moves_for
+from hf_gauge.specs import SPECS, Rule, get_spec
+
+TINY = json.loads((Path(__file__).parent / "tiny_configs.json").read_text())
+MODEL_TYPES = sorted(SPECS)
+FULL = ("residual", "mlp", "attn")
+VOCAB = TINY["_common"]["vocab_size"]
+
+
+def tiny_config(model_type: str, **over):
+    from transformers import AutoConfig
+    if model_type not in TINY:
+        raise AssertionError(f"add a tiny config for {model_type!r} to tests/tiny_configs.json")
+    entry = dict(TINY[model_type])
+    nest = entry.pop("_nest", None)
+    kw = dict(TINY["_common"])
+    for k, v in (entry.pop(nest) if nest else entry).items():
+        if v is None:
+            kw.pop(k, None)
+        else:
+            kw[k] = v
+    if nest:
+        kw = {**entry, nest: kw}
+    kw.update(over)
+    return AutoConfig.for_model(model_type, **kw)
+
+
+def randomize(model, seed: int = 0):
+    """Generic gains around 1, random biases and no all-zero matrix (every coordinate identifiable)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if n.endswith("weight") else 0.0))
+            elif not p.any():            # zero-initialised matrices (Gemma 3's projector) would hide their rule
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.15)
+    return model
+
+
+def build(model_type: str, auto: str = "AutoModelForCausalLM", seed: int = 0, dtype=torch.float32, **over):
+    import transformers
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, **over)
+    model = getattr(transformers, auto).from_config(cfg, attn_implementation="eager")
+    return randomize(model, seed).to(dtype).eval()
+
+
+def head_classes(model_type: str) -> list[tuple[str, str]]:
+    """(mapping, class name) of every base/head class transformers registers for ``model_type``."""
+    from transformers.models.auto import modeling_auto as ma
+    out = []
+    for mapping in ("MODEL", "MODEL_FOR_SEQUENCE_CLASSIFICATION", "MODEL_FOR_TOKEN_CLASSIFICATION",
+                    "MODEL_FOR_QUESTION_ANSWERING"):
+        name = getattr(ma, mapping + "_MAPPING_NAMES").get(model_type)
+        if name:
+            out.append((mapping, name))
+    return out
+
+
+def build_class(model_type: str, class_name: str, seed: int = 0):
+    import transformers
+    torch.manual_seed(seed)
+    cfg = tiny_config(model_type, num_labels=3, pad_token_id=VOCAB - 1)
+    if hasattr(cfg, "text_config"):
+        cfg.text_config.pad_token_id = VOCAB - 1
+    model = getattr(transformers, class_name)._from_config(cfg, attn_implementation="eager")
+    return randomize(model, seed).eval()
+
+
+def inputs(model, ids) -> dict:
+    """``input_ids``; for a vision-language model also one image per row, its tokens placed after the first."""
+    cfg = model.config
+    if not hasattr(cfg, "vision_config"):
+        return {"input_ids": ids}
+    ids = ids.clone()
+    n = cfg.mm_tokens_per_image
+    ids[:, 1:1 + n] = cfg.image_token_id
+    s = cfg.vision_config.image_size
+    pixels = torch.randn(ids.shape[0], 3, s, s, generator=torch.Generator().manual_seed(5))
+    return {"input_ids": ids, "pixel_values": pixels.to(next(model.parameters()).dtype)}
+
+
+def logits(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs(model, ids)).logits.float()
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_bit_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def close(out: torch.Tensor, ref: torch.Tensor, rel: float = 1e-5) -> bool:
+    return bool((out - ref).abs().max() <= rel * ref.abs().max())
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_every_spec_has_a_tiny_config():
+    assert sorted(k for k in TINY if not k.startswith("_")) == MODEL_TYPES
+
+
+# --------------------------------------------------------------------------------------------- coverage
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_parameter_of_every_class_is_classified(model_type):
+    """Coverage: no parameter of the causal LM, the base model or any head class is left unclassified."""
+    models = [build(model_type)] + [build_class(model_type, c) for _, c in head_classes(model_type)]
+    for m in models:
+        view = hf_gauge.unwrap(m)
+        spec = get_spec(view)
+        names = [n for n, _ in view.named_parameters()]
+        assert [n for n in names if axes_for(spec, n) is None] == [], type(m).__name__
+        for n, p in view.named_parameters():
+            for a in axes_for(spec, n):
+                assert a.axis < p.dim(), n
+
+
+# --------------------------------------------------------------------------------------------- function
+@pytest.mark.parametrize("spaces", [("residual",), FULL], ids=["residual", "full"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_logits_preserved_and_inverse_bit_exact(model_type, spaces, ids):
+    model = build(model_type)
+    ref, before = logits(model, ids), state(model)
+    g = random_gauge(model, seed=11, spaces=spaces)
+    assert not any(el.is_identity for el in g.spaces.values())
+    apply_gauge(model, g)
+    moved, spec = state(model), get_spec(model)
+    movable = [k for k in before if any(a.space in g.spaces for a in axes_for(spec, k) or ())]
+    assert sum(not torch.equal(before[k], moved[k]) for k in movable) >= 0.8 * len(movable)
+    out = logits(model, ids)
+    assert close(out, ref), (out - ref).abs().max() / ref.abs().max()
+    apply_gauge(model, g.inverse())
+    assert_bit_equal(state(model), before)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_bf16_inverse_bit_exact(model_type):
+    model = build(model_type, dtype=torch.bfloat16)
+    before = state(model)
+    g = random_gauge(model, seed=5, spaces=FULL)
+    apply_gauge(model, g)
+    assert any(not torch.equal(before[k], v) for k, v in state(model).items())
+    apply_gauge(model, g.inverse())
+    assert_bit_equal(state(model), before)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_moved_tensor_is_needed(model_type, ids):
+    """No rule is decorative: leaving any one moved tensor in the old chart changes the logits."""
+    model = build(model_type)
+    ref, before = logits(model, ids), state(model)
+    g = random_gauge(model, seed=3, spaces=FULL)
+    apply_gauge(model, g)
+    after = state(model)
+    params = dict(model.named_parameters())
+    moved = [n for n in params if not torch.equal(before[n], after[n])]
+    assert moved
+    for n in moved:
+        with torch.no_grad():
+            params[n].copy_(before[n])
+            assert not close(logits(model, ids), ref, 1e-3), f"{n}: its move is not needed?"
+            params[n].copy_(after[n])
+
+
+def _with_axes(spec, change):
+    """A copy of ``spec`` whose every axis (and every part of a fused axis) is replaced by ``change(axis)`` (None
+    drops it)."""
+    def deep(a):
+        a2 = change(a)
+        if a2 is not None and a2.segments:
+            a2 = dataclasses.replace(a2, segments=tuple(change(p) or p for p in a2.segments))
+        return a2
+    rules = tuple(Rule(r.pattern, tuple(a2 for a2 in (deep(a) for a in r.axes) if a2 is not None))
+                  for r in spec.rules)
+    return dataclasses.replace(spec, rules=rules)
+
+
+def _apply_by_hand(model, spec, gauge):
+    params = dict(model.named_parameters())
+    for n, mv in moves_for(spec, hf_gauge.unwrap(model).config, gauge, params).items():
+        move_tensor_(params[n].data, mv)
+
+
+@pytest.mark.parametrize("space", ["residual", "mlp.0", "attn.1"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_refused_signs_would_break_the_function(model_type, space, ids):
+    """Where the spec admits no sign (LayerNorm residuals, GELU MLP units, heads, norm gains, gate rows), signs
+    applied anyway change the logits; where the spec admits signs, the admitted gauge preserves them."""
+    model = build(model_type)
+    spec = get_spec(model)
+    rule = spec.spaces[spec.space_template(space)[0]].signs
+    size = hf_gauge.gauge_spaces(model)[space]
+    gen = torch.Generator().manual_seed(1)
+    sign = torch.where(torch.rand(size, generator=gen) < 0.5, -1, 1)
+    sign[0], sign[-1] = -1, 1
+    g = Gauge(spaces={space: SignedPermutation(torch.arange(size), sign)})
+    ref = logits(model, ids)
+    if rule == "any":
+        apply_gauge(copy.deepcopy(model), g)          # admitted
+        ok = copy.deepcopy(model)
+        apply_gauge(ok, g)
+        assert close(logits(ok, ids), ref)
+    else:
+        with pytest.raises(GaugeError):
+            apply_gauge(copy.deepcopy(model), g)
+    # every axis of the space signed (gains, gate rows, head blocks), KV heads left alone: the refused move
+    signed_everywhere = _with_axes(spec, lambda a: dataclasses.replace(a, signed=True))
+    bad = copy.deepcopy(model)
+    _apply_by_hand(bad, signed_everywhere, g)
+    if model_type == "gpt_neox" and space.startswith("attn."):
+        # GPT-NeoX has no KV sharing, and its fused rows carry q, k and v of a head together: negating all three
+        # and the head's dense columns is an exact symmetry. It lies in the in-head gauges (V/O: any invertible
+        # map; Q/K: -I commutes with RoPE), which the head space does not model, so the space stays permute-only.
+        assert close(logits(bad, ids), ref)
+    else:
+        assert not close(logits(bad, ids), ref, 1e-3)
+
+
+@pytest.mark.parametrize("model_type", [mt for mt in MODEL_TYPES if mt != "gpt_neox"])
+def test_head_permutation_mixing_kv_groups_refused_and_breaks(model_type, ids):
+    model = build(model_type)
+    g = Gauge(spaces={"attn.0": SignedPermutation([0, 2, 1, 3])})
+    with pytest.raises(GaugeError, match="KV group"):
+        apply_gauge(copy.deepcopy(model), g)
+    spec = get_spec(model)
+    if any(p.kv for r in spec.rules for a in r.axes for p in a.segments):
+        return          # fused q|k|v rows (phi3): "K/V do not follow" cannot be written as a spec by dropping axes
+    ref = logits(model, ids)
+    _apply_by_hand(model, _with_axes(get_spec(model), lambda a: None if a.kv else a), g)   # K/V cannot follow
+    assert not close(logits(model, ids), ref, 1e-3)
+
+
+# --------------------------------------------------------------------------------------------- recovery
+def _pair(model_type, seed=11):
+    a = build(model_type)
+    g = random_gauge(a, seed=seed, spaces=FULL)
+    return a, apply_gauge(copy.deepcopy(a), g), g
+
+
+def _same_gauge(found: Gauge, g: Gauge) -> None:
+    assert set(found.spaces) == set(g.spaces)
+    for s, el in g.spaces.items():
+        assert torch.equal(found.spaces[s].perm, el.perm), s
+        assert torch.equal(found.spaces[s].sign, el.sign), s
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_data_free_recovery_is_exact(model_type):
+    a, b, g = _pair(model_type)
+    _same_gauge(hf_gauge.find_full_gauge(a, b), g)
+    assert torch.equal(a.gauge_to(b).residual.perm, g.residual.perm)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_activation_recovery_is_exact(model_type):
+    a, b, g = _pair(model_type, seed=12)
+    data = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
+    _same_gauge(hf_gauge.find_full_gauge(a, b, data=data), g)
+
+
+# --------------------------------------------------------------------------------------------- files, adapters, charts
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_streaming_checkpoint_apply_equals_live_apply(model_type, tmp_path):
+    from safetensors.torch import load_file
+    a = build(model_type)
+    g = random_gauge(a, seed=4, spaces=FULL)
+    a.save_pretrained(tmp_path / "src")
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    src = load_file(str(tmp_path / "src" / "model.safetensors"))
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out.keys() == src.keys() and any(not torch.equal(src[k], out[k]) for k in src)
+    live = state(apply_gauge(a, g))
+    loaded = state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32))
+    assert_bit_equal(loaded, live)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_lora_transport_reproduces_logits(model_type, ids):
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    a, b, g = _pair(model_type)
+    torch.manual_seed(0)
+    pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pa.named_parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
+    pa.eval()
+    ref = logits(pa, ids)
+    sd = g.transport(pa)
+    pb = get_peft_model(copy.deepcopy(b), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert not set_peft_model_state_dict(pb, sd).unexpected_keys
+    assert close(logits(pb.eval(), ids), ref)
+    untransported = get_peft_model(copy.deepcopy(b), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    set_peft_model_state_dict(untransported, {k: v for k, v in pa.state_dict().items() if "lora_" in k})
+    assert not close(logits(untransported.eval(), ids), ref, 1e-3)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_canonical_charts_bit_identical(model_type):
+    a, b, _ = _pair(model_type)
+    hf_gauge.canonicalize(a)
+    hf_gauge.canonicalize(b)
+    assert_bit_equal(state(a), state(b))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_symmetry_group(model_type):
+    model = build(model_type)
+    spec = get_spec(model)
+    assert model.symmetry_group() == spec.group == ("S_d x {±1}" if spec.norm == "layernorm" else "B_d")
+    if spec.norm == "rmsnorm":                                  # every residual gain constant: any rotation works
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                axes = axes_for(spec, n)
+                if p.dim() == 1 and axes and all(x.space == "residual" and not x.signed for x in axes):
+                    p.fill_(0.7)
+        assert hf_gauge.symmetry_group(model, warn=False) == "O(d)"
+
+
+# --------------------------------------------------------------------------------------------- heads, base models
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_every_head_class_keeps_its_outputs(model_type, ids):
+    """Base models (``AutoModel``) and every classification/QA head: the methods exist, the outputs are preserved
+    (the base model's hidden states move by the residual gauge: ``h_B = g(h_A)``), and the inverse is exact."""
+    classes = head_classes(model_type)
+    assert classes and classes[0][0] == "MODEL"
+    for mapping, cls in classes:
+        m = build_class(model_type, cls)
+        with torch.no_grad():
+            ref = m(**inputs(m, ids))
+        before = state(m)
+        g = m.symmetry_group() and random_gauge(m, seed=2, spaces=FULL)
+        assert m.apply_gauge(g) is m
+        with torch.no_grad():
+            out = m(**inputs(m, ids))
+        if mapping == "MODEL":
+            r = g.residual
+            want = ref.last_hidden_state[..., r.perm] * r.sign.float()
+            assert close(out.last_hidden_state, want), cls
+        else:
+            keys = ["start_logits", "end_logits"] if mapping.endswith("ANSWERING") else ["logits"]
+            for k in keys:
+                assert close(out[k], ref[k]), (cls, k)
+        apply_gauge(m, g.inverse())
+        assert_bit_equal(state(m), before)
+
+
+def test_base_model_gauge_to_and_transport():
+    a = build("llama", auto="AutoModel")
+    g = random_gauge(a, seed=1, spaces=FULL)
+    b = apply_gauge(copy.deepcopy(a), g)
+    found = a.gauge_to(b, spaces="all")
+    _same_gauge(found, g)
+    v = torch.randn(a.config.hidden_size)
+    assert torch.equal(a.transport(v), g.transport(v))
+
+
+def test_unsupported_model_methods_raise_gauge_error():
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Model
+    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50)
+    for m in (AutoModelForCausalLM.from_config(cfg), GPT2Model(cfg)):
+        for call in (lambda: m.apply_gauge(Gauge(residual=SignedPermutation.identity(32))), lambda: m.gauge_to(m), lambda: m.transport(torch.zeros(32)),
+                     lambda: m.symmetry_group()):
+            with pytest.raises(GaugeError, match="model_type='gpt2'.*gemma.*llama.*olmo2"):
+                call()
