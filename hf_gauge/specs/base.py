@@ -143,16 +143,6 @@ class Sites:
         object.__setattr__(self, "inputs", merged)
 
 
-# heads of other tasks on the same decoder (AutoModelForSequenceClassification / TokenClassification / QA): they
-# read the final residual stream
-HEAD_RULES: tuple[Rule, ...] = (
-    Rule("score.weight", (Axis(1, "residual"),)),
-    Rule("score.bias", ()),
-    Rule("qa_outputs.weight", (Axis(1, "residual"),)),
-    Rule("qa_outputs.bias", ()),
-)
-
-
 @dataclass(frozen=True)
 class ArchSpec:
     """An architecture's gauge structure. Rule patterns use the ``*ForCausalLM`` names; ``prefix`` is the base
@@ -192,7 +182,7 @@ class ArchSpec:
     def compiled(self, files: bool = False) -> list[tuple[re.Pattern, Rule]]:
         key = "files" if files else "live"
         if key not in self._compiled:
-            rules = (self.file_rules if files else ()) + self.rules + HEAD_RULES
+            rules = (self.file_rules if files else ()) + self.rules
             self._compiled[key] = [(r.compile(), r) for r in rules]
         return self._compiled[key]
 

@@ -8,6 +8,7 @@ are ``[gate (d_ff) | up (d_ff)]``: both segments move with the MLP-unit permutat
 from __future__ import annotations
 
 from .base import ArchSpec, Axis, Rule, Sites, Space, gain, reads, segmented, writes
+from .decoder import HEAD_RULES
 
 L = "model.layers.{i}."
 QKV_ROWS = segmented(0,
@@ -47,6 +48,7 @@ PHI3 = ArchSpec(
         Rule("model.norm.weight", gain()),
         Rule("lm_head.weight", reads()),
         Rule("lm_head.bias", ()),
+        *HEAD_RULES,
     ),
     dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
