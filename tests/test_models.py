@@ -211,6 +211,42 @@ def test_accelerate_device_map(tmp_path, ids):
     assert {p.device.type for p in m.parameters()} == {torch.device(d).type for d in devices}
 
 
+def _disk_offloaded(model, tmp_path, how):
+    """``model`` with layer 1 and the final norm on disk: through ``from_pretrained(device_map=..., offload_folder=)``
+    or accelerate's ``disk_offload`` (which writes every weight into the offload folder as ``.dat`` files)."""
+    from transformers import AutoModelForCausalLM
+    if how == "disk_offload":
+        from accelerate import disk_offload
+        out = disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+        assert any(p.suffix == ".dat" for p in (tmp_path / "offload").iterdir())     # a real offload folder on disk
+        return out
+    model.save_pretrained(tmp_path / "ckpt")
+    dmap = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "disk",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=dmap, dtype=torch.float32,
+                                                offload_folder=str(tmp_path / "offload")).eval()
+
+
+@pytest.mark.parametrize("how", ["device_map", "disk_offload"])
+def test_disk_offloaded_model_fingerprint_gauge_to_random_gauge(tmp_path, ids, how):
+    """Offloaded parameters live on the meta device; fingerprinting reads them where accelerate keeps them, so
+    ``random_gauge`` and ``gauge_to(data=...)`` work; ``apply_gauge`` refuses (it would have to rewrite the offload)."""
+    a = tiny_model("llama", seed=2)
+    b = tiny_model("llama", seed=2)
+    g = hf_gauge.random_gauge(b, seed=5)
+    b.apply_gauge(g)
+    fp = hf_gauge.fingerprint(a)
+    off = _disk_offloaded(a, tmp_path, how)
+    assert off.model.norm.weight.device.type == "meta"
+    assert hf_gauge.fingerprint(off) == fp
+    assert hf_gauge.random_gauge(off, seed=1).source["fingerprint"] == fp
+    found = off.gauge_to(b, data=torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(found.residual.perm, g.residual.perm) and torch.equal(found.residual.sign, g.residual.sign)
+    assert found.source["fingerprint"] == fp and found.target["fingerprint"] == hf_gauge.fingerprint(b)
+    with pytest.raises(GaugeError, match="meta device"):
+        off.apply_gauge(g)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_bit_exact(dtype):
