@@ -126,7 +126,13 @@ def cmd_transport(args: argparse.Namespace) -> int:
     gauge = _load_gauge(args.gauge, args.gauge_revision)
     if args.inverse:
         gauge = gauge.inverse()
-    out = transport_path(gauge, args.obj, args.output)
+    kw: dict[str, Any] = {}
+    if args.base:
+        from .transport.files import detect
+        if detect(args.obj) != "peft":
+            raise GaugeError("--base names the gauged base model of a PEFT adapter folder; OBJ is not one")
+        kw["base"] = args.base
+    out = transport_path(gauge, args.obj, args.output, **kw)
     print(f"wrote {out if out is not None else args.output}")
     return 0
 
@@ -238,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gauge", required=True, metavar="G")
     s.add_argument("--gauge-revision")
     s.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
+    s.add_argument("--base", metavar="MODEL", help="PEFT adapters: the gauged base model (folder or Hub id) written "
+                   "into adapter_config.json and the README (default: the gauge's recorded target model; refused "
+                   "when the gauge records none)")
     s.add_argument("-o", "--output", required=True, metavar="OUT")
     s.set_defaults(func=cmd_transport)
 

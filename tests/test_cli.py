@@ -179,6 +179,22 @@ def test_transport_command(setup, capsys: pytest.CaptureFixture) -> None:
     assert torch.equal(next(iter(out.values())), g.residual(v))
 
 
+def test_transport_adapter_base(setup, capsys: pytest.CaptureFixture) -> None:
+    """An adapter folder through ``transport``: refused without --base (a random gauge records no distinct target),
+    written with --base into adapter_config.json; transporting the output again through the same gauge is refused."""
+    from peft import LoraConfig, get_peft_model
+    tmp, a, b, g = setup
+    get_peft_model(copy.deepcopy(a), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp / "ad")
+    G = str(tmp / "gauges" / "a2b")
+    assert main(["transport", str(tmp / "ad"), "--gauge", G, "-o", str(tmp / "ad_b")]) == 2
+    assert "--base" in capsys.readouterr().err and not (tmp / "ad_b").exists()
+    assert main(["transport", str(tmp / "ad"), "--gauge", G, "-o", str(tmp / "ad_b"), "--base", str(tmp / "B")]) == 0
+    assert json.loads((tmp / "ad_b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp / "B")
+    assert main(["transport", str(tmp / "ad_b"), "--gauge", G, "-o", str(tmp / "ad_bb"), "--base", "x"]) == 2
+    assert "already transported" in capsys.readouterr().err
+    assert main(["transport", str(tmp / "vec.safetensors"), "--gauge", G, "-o", str(tmp / "v"), "--base", "x"]) == 2
+
+
 def test_push_then_show_offline_from_cache(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     """push and show against the local Hub; then a fresh process with HF_HUB_OFFLINE=1 reads the cache."""
