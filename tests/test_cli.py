@@ -226,3 +226,94 @@ def test_all_subcommands_registered() -> None:
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices            # type: ignore[union-attr]
     assert {"find", "apply", "transport", "verify", "push", "show", "demo", "audit"} <= set(choices)
+
+
+def _char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (printable ASCII, ids < VOCAB) saved next to a tiny model."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    assert max(vocab.values()) < VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+
+
+def test_find_text_file_cut_into_windows(setup, capsys: pytest.CaptureFixture) -> None:
+    """``--data file.txt`` is tokenized and cut into ``--max-length`` windows (not one row past the context); the
+    fit summary line and the progress bar are printed although the output is not a terminal."""
+    tmp, a, b, g = setup
+    _char_tokenizer(tmp / "A")
+    text = "The quick brown fox jumps over the lazy dog. " * 40          # 1800 characters = 1800 tokens
+    (tmp / "t.txt").write_text(text)
+    argv = ["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "t.txt"), "--max-length", "64",
+            "--batch-size", "4", "--layers", "0", "1"]
+    assert main(argv + ["-o", str(tmp / "fw")]) == 0
+    out, err = capsys.readouterr()
+    got = load_gauge(tmp / "fw")
+    assert got.metrics["n_tokens"] == (len(text) // 64) * 64
+    assert got.residual == g.residual
+    line = next(ln for ln in out.splitlines() if ln.startswith("fit:"))
+    assert "matched |C| mean" in line and "low-confidence 0" in line
+    assert "%|" in err                                                   # tqdm bar although stderr is captured
+    ctx = a.config.max_position_embeddings
+    assert main(argv[:-5] + ["--max-length", str(ctx + 1), "-o", str(tmp / "f2")]) == 2
+    assert "context" in capsys.readouterr().err and not (tmp / "f2").exists()
+
+
+def test_find_procrustes_writes_orthogonal_map(setup, capsys: pytest.CaptureFixture) -> None:
+    tmp, a, b, g = setup
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--method", "procrustes",
+                 "-o", str(tmp / "om")]) == 0
+    assert "nearest signed permutation" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    R = load_file(tmp / "om" / "orthogonal_map.safetensors")["R"]
+    assert R.dtype == torch.float64 and torch.allclose(R.T @ R, torch.eye(64, dtype=torch.float64), atol=1e-8)
+    assert json.loads((tmp / "om" / "orthogonal_map.json").read_text())["convention"] == "x_B = x_A @ R"
+
+
+def test_merge_command(setup, capsys: pytest.CaptureFixture) -> None:
+    """``merge A B -o OUT``: B (a gauged copy of A) moved into A's chart and averaged gives A back."""
+    tmp, a, b, g = setup
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "-o", str(tmp / "M")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp / "M")
+    for k, v in state(a).items():
+        assert torch.allclose(state(merged)[k], v, atol=1e-6), k
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "--method", "none", "-o", str(tmp / "M0")]) == 0
+    naive = state(AutoModelForCausalLM.from_pretrained(tmp / "M0"))
+    assert not torch.allclose(naive["model.norm.weight"], state(a)["model.norm.weight"])
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "-o", str(tmp / "M")]) == 2      # OUT exists: refused
+
+
+def test_every_subcommand_has_help_and_an_example() -> None:
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices            # type: ignore[union-attr]
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}  # type: ignore
+    for name, sp in choices.items():
+        assert helps.get(name), name
+        if name != "demo":                                             # the demo parses its own options
+            text = sp.format_help()
+            assert "example:\n  hf-gauge " in text or "example:\n  torchrun" in text, name
+            assert "--token" in text, name
+
+
+def test_torchrun_only_rank_zero_writes_and_prints(setup) -> None:
+    """``torchrun --nproc_per_node 2 -m hf_gauge find``: both ranks compute (sharded statistics), rank 0 alone
+    prints the summary and writes the gauge."""
+    tmp, a, b, g = setup
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "hf_gauge", "find",
+                        str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--no-progress",
+                        "-o", str(tmp / "G2")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("fit: ") == 1 and r.stdout.count("saved gauge") == 1, r.stdout
+    got = load_gauge(tmp / "G2")
+    assert got.residual == g.residual and got.metrics["n_tokens"] == 8 * 16       # both shards counted
