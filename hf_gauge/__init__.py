@@ -35,10 +35,10 @@ from .transport.peft_adapters import transport_peft_model  # noqa: E402
 
 __all__ += ["merge", "IndexSet", "Attribution", "transport_path", "transport_peft_model"]
 # --- hub / checkpoint / verify (issue 5) exports ---
-from .hub import load_gauge, push_gauge, save_gauge  # noqa: E402
+from .hub import list_gauges, load_gauge, push_gauge, save_gauge  # noqa: E402
 from .checkpoint import apply_gauge_to_checkpoint  # noqa: E402
 from .verify import verify  # noqa: E402
-__all__ += ["save_gauge", "load_gauge", "push_gauge", "apply_gauge_to_checkpoint", "verify"]
+__all__ += ["save_gauge", "load_gauge", "push_gauge", "list_gauges", "apply_gauge_to_checkpoint", "verify"]
 # --- inner spaces / canonical / audit (issue 6) exports ---
 from .inner import InnerMatch, find_full_gauge, match_inner  # noqa: E402
 from .canonical import canonical_gauge, canonical_stability, canonicalize  # noqa: E402

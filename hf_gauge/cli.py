@@ -130,7 +130,6 @@ def fit_summary(gauge: Any) -> str:
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_find(args: argparse.Namespace) -> int:
-    from .hub import save_gauge
     from .match import find_gauge
 
     data = _read_data(args)
@@ -166,7 +165,7 @@ def cmd_find(args: argparse.Namespace) -> int:
         raise GaugeError(f"method {args.method!r} returned a {type(gauge).__name__}, not a gauge; hf-gauge find "
                          "writes signed-permutation gauges (methods signed, permutation)")
     print(fit_summary(gauge))
-    out = save_gauge(gauge, args.output)
+    out = gauge.save_pretrained(args.output)
     print(f"saved gauge ({gauge.method}) to {out}")
     return 0
 
@@ -237,8 +236,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     gauge = _load_gauge(args.gauge)
     info = push_gauge(gauge, args.repo_id, path_in_repo=args.path_in_repo, commit_message=args.commit_message,
-                      revision=args.revision, private=args.private or None)
-    print(f"pushed to {getattr(info, 'commit_url', info)}")
+                      revision=args.revision, private=args.private or None, create_pr=args.create_pr,
+                      source_id=args.source_id, target_id=args.target_id)
+    print(f"pushed to {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
     return 0
 
 
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="branch (created if missing)")
     s.add_argument("--commit-message")
     s.add_argument("--private", action="store_true", help="create the repo private")
+    s.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    s.add_argument("--source-id", metavar="ID", help="Hub id of the source model for the card (default: recorded)")
+    s.add_argument("--target-id", metavar="ID", help="Hub id of the target model for the card (default: recorded)")
     s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("show", help="summarize a gauge")
