@@ -472,6 +472,30 @@ def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: st
     return card
 
 
+def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
+    """The card of a checkpoint written by ``apply_gauge_to_checkpoint``: what it is (the source moved into another
+    chart, same function), ``base_model`` (the source's Hub id) and the source's license; the source's own card and
+    gauges are not copied, since they describe the source's chart."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lic = None
+    if source_card:
+        try:
+            lic = getattr(ModelCard(source_card).data, "license", None)
+        except ValueError:
+            lic = None
+    sid = source_id if source_id and _is_hub_id(source_id) else None
+    name = sid or gauge.source.get("model_id") or "the source checkpoint"
+    data = ModelCardData(base_model=sid, license=lic, tags=["hf_gauge", "gauged"])
+    text = (f"# `{name}` in another residual chart\n\nThis checkpoint is `{name}` with every weight moved through the "
+            f"hf_gauge gauge `{gauge_id(gauge)}` ({gauge.method}; spaces {', '.join(gauge.spaces)}): index operations "
+            "and sign flips only, so it computes exactly the same function; only the coordinates of its hidden "
+            "states differ. Objects made for the source (steering vectors, SAEs, adapters) work here after "
+            "`gauge.transport(...)`. The source's own model card and `gauges/` were not copied: they describe the "
+            "source's chart.\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
 def list_gauges(repo_id: str, revision: str | None = None, token: str | bool | None = None,
                 endpoint: str | None = None) -> list[str]:
     """The gauge folders of a Hub model repository (every folder holding a ``gauge_config.json``), sorted."""
