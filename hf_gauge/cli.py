@@ -194,10 +194,41 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def hub_object(spec: str, revision: str | None = None) -> Path:
+    """A local path as is; ``namespace/repo[/sub/folder][/file]`` on the Hub downloaded with ``snapshot_download``
+    (only that subfolder or file: a SAELens release folder, an adapter, a vector file) and its local path."""
+    if Path(spec).exists() or Path(spec).is_absolute() or spec.startswith("."):
+        return Path(spec)
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2:
+        raise GaugeError(f"no file or folder {spec!r}; on the Hub give namespace/repo[/subfolder]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError
+
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    if any(x in ("", ".", "..") for x in parts):
+        raise GaugeError(f"{spec!r}: path parts may not be empty, '.' or '..'")
+    try:
+        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[sub, f"{sub}/*"] if sub else None))
+    except HFValidationError as e:
+        raise GaugeError(f"{spec!r} is neither a local path nor a Hub repository id: {e}") from None
+    except LocalEntryNotFoundError:
+        raise GaugeError(f"{spec!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as e:
+        raise GaugeError(f"{spec!r}: neither a local path nor a Hub repository you can access "
+                         f"({str(e).splitlines()[0]})") from None
+    local = root / sub if sub else root
+    if not local.exists():
+        raise GaugeError(f"{repo!r} has no {sub!r} (revision {revision or 'main'})")
+    return local
+
+
 def cmd_transport(args: argparse.Namespace) -> int:
     from .transport.files import transport_path
 
     gauge = _load_gauge(args.gauge, args.gauge_revision)
+    args.obj = str(hub_object(args.obj, args.revision))
     if args.inverse:
         gauge = gauge.inverse()
     kw: dict[str, Any] = {}
@@ -345,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_apply)
 
     s = sub.add_parser("transport", help="move an object (SAE, steering vector, adapter, ...) through a gauge")
-    s.add_argument("obj", metavar="OBJ", help="file or folder of the object")
+    s.add_argument("obj", metavar="OBJ", help="file or folder of the object, or on the Hub namespace/repo[/subfolder] "
+                   "(a SAELens release folder, an adapter repo)")
+    s.add_argument("--revision", help="revision of a Hub OBJ")
     s.add_argument("--gauge", required=True, metavar="G")
     s.add_argument("--gauge-revision")
     s.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")

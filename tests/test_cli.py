@@ -317,3 +317,41 @@ def test_torchrun_only_rank_zero_writes_and_prints(setup) -> None:
     assert r.stdout.count("fit: ") == 1 and r.stdout.count("saved gauge") == 1, r.stdout
     got = load_gauge(tmp / "G2")
     assert got.residual == g.residual and got.metrics["n_tokens"] == 8 * 16       # both shards counted
+
+
+def test_transport_hub_objects_sae_release_folder_and_adapter(setup, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transport namespace/repo/subfolder``: a SAELens release folder and a PEFT adapter repo on the (local) Hub
+    are downloaded (that subfolder only) and transported like local folders."""
+    import huggingface_hub.constants as hc
+    from huggingface_hub import HfApi
+    from peft import LoraConfig, get_peft_model
+    from sae_lens import SAE, StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    tmp, a, b, g = setup
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=16, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.1), sae.b_dec.normal_()
+    sae.save_model(tmp / "sae")
+    get_peft_model(copy.deepcopy(a), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp / "ad")
+    G = str(tmp / "gauges" / "a2b")
+    with HubServer() as hub:
+        monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+        monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        api = HfApi(endpoint=hub.url)
+        api.create_repo("org/saes")
+        api.upload_folder(repo_id="org/saes", folder_path=tmp / "sae", path_in_repo="blocks.1.hook_resid_pre")
+        api.upload_folder(repo_id="org/saes", folder_path=tmp / "sae", path_in_repo="blocks.0.hook_resid_pre")
+        api.create_repo("org/adapter")
+        api.upload_folder(repo_id="org/adapter", folder_path=tmp / "ad")
+        assert main(["transport", "org/saes/blocks.1.hook_resid_pre", "--gauge", G, "-o", str(tmp / "sae_b")]) == 0
+        assert main(["transport", "org/adapter", "--gauge", G, "--base", "org/gauged", "-o", str(tmp / "ad_b")]) == 0
+        assert main(["transport", "org/saes/nope", "--gauge", G, "-o", str(tmp / "x")]) == 2
+        got = [p for m, p in hub.log if "/resolve/" in p]
+    assert not any("blocks.0" in p for p in got)                         # only the asked-for subfolder
+    sae_b = SAE.load_from_disk(tmp / "sae_b")
+    assert torch.equal(sae_b.W_dec, g.residual(sae.W_dec))
+    assert json.loads((tmp / "ad_b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/gauged"
