@@ -66,27 +66,75 @@ METHODS = {"apply_gauge": _apply_gauge, "gauge_to": _gauge_to, "transport": _tra
            "symmetry_group": _symmetry_group}
 
 
-def attach() -> list[type]:
-    """Add the methods to every importable ``*ForCausalLM`` class of a supported model_type, and to PEFT's
-    ``PeftModel`` (whose attribute forwarding would otherwise bind them to the wrapped model, so that
-    ``peft_model.apply_gauge(g)`` returned the inner model); returns the classes. Existing attributes are never
-    replaced, and no class is swapped or subclassed."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def _attach_methods(cls: type) -> None:
+    for name, fn in METHODS.items():
+        if not hasattr(cls, name):
+            setattr(cls, name, fn)
 
-    classes = []
-    for mt in SPECS:
-        cls_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(mt)
-        cls = getattr(transformers, cls_name, None) if cls_name else None
-        if cls is not None:
-            classes.append(cls)
-    try:
-        from peft import PeftModel
-        classes.append(PeftModel)
-    except ImportError:
-        pass
-    for cls in classes:
-        for name, fn in METHODS.items():
-            if not hasattr(cls, name):
-                setattr(cls, name, fn)
-    return classes
+
+PEFT_MODULE = "peft.peft_model"
+
+
+def watched_modules() -> dict[str, str | None]:
+    """Module -> model_type of every module defining a class that gets the methods (``None``: PEFT's)."""
+    out: dict[str, str | None] = {f"transformers.models.{mt}.modeling_{mt}": mt for mt in SPECS}
+    out[PEFT_MODULE] = None
+    return out
+
+
+def _attach_module(module: Any, model_type: str | None) -> None:
+    """Attach to the class(es) ``module`` defines: the model_type's ``*ForCausalLM``, or PEFT's ``PeftModel``."""
+    if model_type is None:
+        cls = getattr(module, "PeftModel", None)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        cls = getattr(module, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) or "", None)
+    if isinstance(cls, type):
+        _attach_methods(cls)
+
+
+class _AttachOnImport:
+    """A ``sys.meta_path`` finder that lets the usual finders load a watched module, then attaches the methods to
+    its class right after the module has executed (a post-import hook): importing hf_gauge imports neither torch
+    nor transformers, yet every supported model class has the methods by the time a model can exist."""
+
+    def __init__(self, modules: dict[str, str | None]) -> None:
+        self.modules = dict(modules)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.modules:
+            return None
+        import sys
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        model_type, run = self.modules[fullname], loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _attach_module(module, model_type)
+
+        loader.exec_module = exec_module          # this module's own loader instance
+        return spec
+
+
+def install() -> None:
+    """Attach now to the watched modules already imported; attach to the others when they are imported."""
+    import sys
+    pending = {}
+    for name, mt in watched_modules().items():
+        mod = sys.modules.get(name)
+        if mod is not None:
+            _attach_module(mod, mt)
+        else:
+            pending[name] = mt
+    if pending and not any(isinstance(f, _AttachOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AttachOnImport(pending))

@@ -439,7 +439,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="new output folder")
     s.set_defaults(func=cmd_merge)
 
+    s = sub.add_parser("audit", help=AUDIT_HELP, add_help=False)   # its options: audit_parser() (imports torch)
+    s.add_argument("audit_args", nargs=argparse.REMAINDER)
+    _finish_subparsers(sub)
+    return p
+
+
+AUDIT_HELP = "gauge-sweep audit of an index-level claim (raw vs transported agreement)"
+
+
+def audit_parser() -> argparse.ArgumentParser:
+    """The parser of ``hf-gauge audit`` (built by ``hf_gauge.audit``, which needs torch: only when auditing)."""
     from .audit import add_subparser as add_audit   # the module (hf_gauge.audit is the function)
+    p = _Parser(prog="hf-gauge")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     add_audit(sub)
     _finish_subparsers(sub)
     return p
@@ -476,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
         from .demo import main as demo_main
         return demo_main(argv[1:])
-    parser = build_parser()
+    parser = audit_parser() if argv[:1] == ["audit"] else build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:

@@ -292,10 +292,12 @@ def test_every_subcommand_has_help_and_an_example() -> None:
     parser = build_parser()
     choices = parser._subparsers._group_actions[0].choices            # type: ignore[union-attr]
     helps = {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}  # type: ignore
+    from hf_gauge.cli import audit_parser
+    full_audit = audit_parser()._subparsers._group_actions[0].choices["audit"]   # type: ignore[union-attr]
     for name, sp in choices.items():
         assert helps.get(name), name
         if name != "demo":                                             # the demo parses its own options
-            text = sp.format_help()
+            text = (full_audit if name == "audit" else sp).format_help()
             assert "example:\n  hf-gauge " in text or "example:\n  torchrun" in text, name
             assert "--token" in text, name
 
@@ -355,3 +357,24 @@ def test_transport_hub_objects_sae_release_folder_and_adapter(setup, tmp_path: P
     sae_b = SAE.load_from_disk(tmp / "sae_b")
     assert torch.equal(sae_b.W_dec, g.residual(sae.W_dec))
     assert json.loads((tmp / "ad_b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/gauged"
+
+
+HEAVY = ("torch", "transformers", "huggingface_hub", "numpy", "scipy", "safetensors", "peft", "accelerate")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["find", "--help"], ["transport", "--help"], []])
+def test_help_imports_no_heavy_dependency(argv) -> None:
+    """``hf-gauge --help`` (and every subcommand's help) imports none of hf_gauge's heavy dependencies: checked on
+    ``sys.modules`` in a fresh interpreter, not by timing."""
+    code = ("import sys\nfrom hf_gauge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "HEAVY []" in r.stdout, r.stdout[-500:] + r.stderr[-2000:]
+    assert ("usage: hf-gauge" in r.stdout + r.stderr) or "hf_gauge 0" in r.stdout
+
+
+def test_audit_help_through_main(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--help"])
+    assert e.value.code == 0 and "--n-gauges" in capsys.readouterr().out

@@ -282,3 +282,29 @@ def test_smollm2_real_weights(smollm2, smollm2_ids, dtype):
     assert not torch.equal(before["model.embed_tokens.weight"], m.state_dict()["model.embed_tokens.weight"])
     m.apply_gauge(g.inverse())
     assert_state_equal(before, state(m))
+
+
+def test_import_is_lazy_and_methods_attach_when_classes_are_imported():
+    """``import hf_gauge`` imports neither torch nor transformers; a model class imported afterwards (and PEFT's
+    PeftModel) has the methods all the same; the package's functions stay functions when their submodules load."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import sys
+import hf_gauge
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import"
+from transformers import AutoConfig, AutoModelForCausalLM
+m = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64))
+assert callable(m.gauge_to) and callable(m.apply_gauge) and type(m).__name__ == "Qwen3ForCausalLM"
+from peft import PeftModel
+assert "apply_gauge" in PeftModel.__dict__
+import hf_gauge.merge, hf_gauge.verify, hf_gauge.audit
+assert all(callable(f) and not isinstance(f, type(sys)) for f in (hf_gauge.merge, hf_gauge.verify, hf_gauge.audit))
+m.apply_gauge(hf_gauge.random_gauge(m, seed=1))
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    assert r.stdout.strip().endswith("OK"), r.stderr[-3000:]
