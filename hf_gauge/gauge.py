@@ -142,8 +142,11 @@ class Gauge:
 
     # ----------------------------------------------------------------- persistence (see hub.py)
     def save_pretrained(self, save_directory, **kwargs: Any):
-        from .hub import save_gauge
-        return save_gauge(self, save_directory, **kwargs)
+        """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``)."""
+        from .hub import save_gauge, write_gauge_card
+        out = save_gauge(self, save_directory, **kwargs)
+        write_gauge_card(self, out)
+        return out
 
     @classmethod
     def from_pretrained(cls, path_or_repo_id, **kwargs: Any) -> "Gauge":

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from .engine import axes_for, space_sizes
+from .engine import axes_for, resolve_name, space_sizes
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
@@ -71,8 +71,14 @@ def _sign_rule(spec: ArchSpec, space: str) -> str:
 
 
 def _params(m: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Named parameters (tied tensors once) plus buffers the spec covers."""
-    return {n: p.detach() for n, p in m.named_parameters()}
+    """The chart's named parameters (tied tensors once) under plain names: a PEFT-wrapped base layer is keyed like
+    the unwrapped one, and LoRA factors / DoRA magnitudes (not part of the chart) are left out."""
+    out = {}
+    for n, p in m.named_parameters():
+        name, role = resolve_name(n)
+        if role == "weight":
+            out[name] = p.detach()
+    return out
 
 
 @dataclass
