@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import hf_gauge
@@ -34,14 +34,15 @@ hf_gauge.apply_gauge_to_checkpoint(work / "base", work / "gauge", work / "base-g
 cfg = LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
                  init_lora_weights=False)
 get_peft_model(base, cfg).save_pretrained(work / "adapter")     # (injects LoRA layers into `base` in place)
-hf_gauge.transport_path(g, work / "adapter", work / "adapter-gauged")
+# the output names the gauged checkpoint as its base (adapter_config.json and README), so AutoPeftModel loads it right
+hf_gauge.transport_path(g, work / "adapter", work / "adapter-gauged", base=str(work / "base-gauged"))
 
 # the moved adapter on the moved checkpoint computes what the original adapter on the original base computes
 ids = tok(["Gauge-covariant adapters"], return_tensors="pt").input_ids
 fresh = lambda p: AutoModelForCausalLM.from_pretrained(p, torch_dtype=torch.float32)   # noqa: E731
 with torch.no_grad():
     la = PeftModel.from_pretrained(fresh(work / "base"), work / "adapter").eval()(ids).logits
-    lb = PeftModel.from_pretrained(fresh(work / "base-gauged"), work / "adapter-gauged").eval()(ids).logits
+    lb = AutoPeftModelForCausalLM.from_pretrained(work / "adapter-gauged", dtype=torch.float32).eval()(ids).logits
 print(f"files under {work}: {sorted(p.name for p in work.iterdir())}")
 print(f"max |logits(base+adapter) - logits(gauged base + transported adapter)| = {(la - lb).abs().max():.2e}")
 assert (la - lb).abs().max() < 1e-3 * la.abs().max()

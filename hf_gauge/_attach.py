@@ -82,21 +82,69 @@ METHODS = {"apply_gauge": _apply_gauge, "gauge_to": _gauge_to, "transport": _tra
            "symmetry_group": _symmetry_group}
 
 
-def attach() -> list[type]:
-    """Add the methods to ``transformers.PreTrainedModel`` (inherited by every model class, supported or not: the
-    methods check support) and to PEFT's ``PeftModel`` (whose attribute forwarding would otherwise bind them to the
-    wrapped model, so that ``peft_model.apply_gauge(g)`` returned the inner model); returns the classes. Existing
-    attributes are never replaced, and no class is swapped or subclassed."""
-    from transformers import PreTrainedModel
+def _attach_methods(cls: type) -> None:
+    for name, fn in METHODS.items():
+        if not hasattr(cls, name):
+            setattr(cls, name, fn)
 
-    classes: list[type] = [PreTrainedModel]
-    try:
-        from peft import PeftModel
-        classes.append(PeftModel)
-    except ImportError:
-        pass
-    for cls in classes:
-        for name, fn in METHODS.items():
-            if not hasattr(cls, name):
-                setattr(cls, name, fn)
-    return classes
+
+def watched_modules() -> dict[str, str]:
+    """Module -> the class it defines that gets the methods: transformers' shared base ``PreTrainedModel``
+    (inherited by every model class, supported or not: the methods check support) and PEFT's ``PeftModel`` (whose
+    attribute forwarding would otherwise bind them to the wrapped model, so ``peft_model.apply_gauge(g)`` returned
+    the inner model)."""
+    return {"transformers.modeling_utils": "PreTrainedModel", "peft.peft_model": "PeftModel"}
+
+
+def _attach_module(module: Any, cls_name: str) -> None:
+    """Attach to the class ``cls_name`` that ``module`` defines."""
+    cls = getattr(module, cls_name, None)
+    if isinstance(cls, type):
+        _attach_methods(cls)
+
+
+class _AttachOnImport:
+    """A ``sys.meta_path`` finder that lets the usual finders load a watched module, then attaches the methods to
+    its class right after the module has executed (a post-import hook): importing hf_gauge imports neither torch
+    nor transformers, yet every supported model class has the methods by the time a model can exist."""
+
+    def __init__(self, modules: dict[str, str]) -> None:
+        self.modules = dict(modules)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname not in self.modules:
+            return None
+        import sys
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        cls_name, run = self.modules[fullname], loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            run(module)
+            _attach_module(module, cls_name)
+
+        loader.exec_module = exec_module          # this module's own loader instance
+        return spec
+
+
+def install() -> None:
+    """Attach now to the watched modules already imported; attach to the others when they are imported."""
+    import sys
+    pending = {}
+    for name, cls_name in watched_modules().items():
+        mod = sys.modules.get(name)
+        if mod is not None:
+            _attach_module(mod, cls_name)
+        else:
+            pending[name] = cls_name
+    if pending and not any(isinstance(f, _AttachOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AttachOnImport(pending))

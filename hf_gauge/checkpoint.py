@@ -26,7 +26,7 @@ from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .fileio import atomic_dir, read_json
 from .gauge import Gauge
-from .hub import REPO_ID, load_gauge
+from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .models import hash_gain
 from .specs import get_spec
 from .view import ConfigView
@@ -36,6 +36,7 @@ __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "IN
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _SKIP_DIRS = {".cache", ".git"}
+_GAUGES_DIR = "gauges"        # a source repo's own gauges start from the source's chart: not copied to the output
 _COPY_CHUNK = 16 << 20
 _CHUNK_BYTES = 16 << 20      # large 2-D tensors are moved and written in row chunks of about this size
 
@@ -346,7 +347,8 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     """Write ``src_dir`` moved through ``gauge`` to ``out_dir`` without loading the model; returns ``out_dir``.
 
     ``src_dir`` is a checkpoint folder or a Hub id (``snapshot_download``). Shards keep their names and the index
-    is copied, as are ``config.json``, tokenizer files and every other file. ``out_dir`` must not exist (or be
+    is copied, as are ``config.json``, tokenizer files and every other file, except a ``gauges/`` folder and, for a
+    Hub source, its ``README.md`` (they describe the source's chart; the output gets its own card). ``out_dir`` must not exist (or be
     empty) unless ``overwrite=True``, and may not lie inside ``src_dir``. ``strict=True`` refuses a gauge whose
     source fingerprint differs from the checkpoint's (otherwise a warning). ``durable`` fsyncs each shard before
     the final rename (crash-safe on power loss; costs about a third of the time on slow disks).
@@ -401,14 +403,19 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                 bar.set_postfix_str(s)
                 _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, durable, buffers)
         written = set(shards)
+        hub_src = not Path(src_dir).is_dir()           # downloaded: its card and gauges/ describe the source repo
         for root, dirs, files in os.walk(src):
             rel_root = Path(root).relative_to(src)
             if rel_root == Path("."):
-                dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]
+                dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and d != _GAUGES_DIR]
             for fn in files:
                 rel = (rel_root / fn).as_posix()
-                if rel in written:
+                if rel in written or (hub_src and rel == CARD_NAME):   # a Hub card describes the source repo
                     continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(root) / fn, tmp / rel)   # follows symlinks (Hub cache snapshots)
+        if hub_src:
+            card = checkpoint_card(gauge, str(src_dir), (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
+                                   if (src / CARD_NAME).is_file() else None)
+            card.save(str(tmp / CARD_NAME))
     return out

@@ -102,28 +102,102 @@ def _read_data(args: argparse.Namespace) -> Any:
     return [p.read_text(encoding="utf-8", errors="replace")]
 
 
+def text_windows(texts: list[str], tokenizer: Any, max_length: int) -> Any:
+    """Token ids ``[n, max_length]``: the texts tokenized end to end and cut into windows of ``max_length`` tokens
+    (a text shorter than one window gives one shorter row), so no row runs past the model's context."""
+    import torch
+
+    if max_length < 2:
+        raise GaugeError(f"--max-length must be at least 2, got {max_length}")
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(tokenizer(t, add_special_tokens=False, verbose=False)["input_ids"])
+    if not ids:
+        raise GaugeError("the text data holds no tokens")
+    n = len(ids) // max_length
+    if n == 0:
+        return torch.tensor([ids], dtype=torch.long)
+    return torch.tensor(ids[: n * max_length], dtype=torch.long).view(n, max_length)
+
+
+def _context(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def is_main_process() -> bool:
+    """True on the process that writes and prints: rank 0 under ``torchrun`` / ``accelerate launch``, else always."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fit_summary(gauge: Any) -> str:
+    """One line: matched correlation, margins and the low-confidence count of a fit."""
+    m = gauge.metrics
+    if "mean_matched" not in m:
+        return f"fit: {gauge.method}"
+    return (f"fit: {gauge.method}, d={gauge.width}, tokens={m.get('n_tokens', 0)}: matched |C| mean "
+            f"{m['mean_matched']:.3f} (min {m['min_matched']:.3f}), margin min {m['min_margin']:.3g} mean "
+            f"{m['mean_margin']:.3g}, low-confidence {m['n_low_confidence']} (margin < "
+            f"{m.get('low_confidence_threshold', 0.05)})")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------------
 def cmd_find(args: argparse.Namespace) -> int:
-    from .hub import save_gauge
     from .match import find_gauge
 
     data = _read_data(args)
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
     a, b = _load_model(args.model_a, args.revision_a), _load_model(args.model_b, args.revision_b)
+    ctx = _context(a)
+    if args.max_length is not None and ctx and args.max_length > ctx:
+        raise GaugeError(f"--max-length {args.max_length} is past the model's context ({ctx} positions)")
+    max_length = args.max_length or min(ctx or 512, 512)
     spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
     kwargs: dict[str, Any] = {"data": data, "method": args.method, "spaces": spaces}
+    if data is not None:
+        kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
+        if args.layers:
+            kwargs["layers"] = args.layers
     if isinstance(data, list):
-        kwargs["tokenizer"] = _load_tokenizer(args.tokenizer or args.model_a)
+        kwargs["data"] = text_windows(data, _load_tokenizer(args.tokenizer or args.model_a), max_length)
+    elif data is not None and ctx and data.shape[-1] > ctx:
+        raise GaugeError(f"--data rows have {data.shape[-1]} tokens, past the model's context ({ctx} positions)")
     gauge = find_gauge(a, b, **kwargs)
+    if not is_main_process():
+        return 0
+    if args.method == "procrustes":
+        out = save_orthogonal_map(gauge, args.output)
+        d = gauge.diagnostics()
+        print(f"fit: procrustes, d={d['d']}: ||R - I|| {d['dist_identity']:.3g} (random rotation "
+              f"{d['dist_identity_random']:.3g}), distance to the nearest signed permutation "
+              f"{d['dist_signed_permutation']:.3g}")
+        print(f"saved orthogonal map to {out} (it transports vectors and SAEs; it is not a gauge)")
+        return 0
     from .gauge import Gauge
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"method {args.method!r} returned a {type(gauge).__name__}, not a gauge; hf-gauge find "
                          "writes signed-permutation gauges (methods signed, permutation)")
-    out = save_gauge(gauge, args.output)
+    print(fit_summary(gauge))
+    out = gauge.save_pretrained(args.output)
     print(f"saved gauge ({gauge.method}) to {out}")
     return 0
+
+
+def save_orthogonal_map(omap: Any, out: str | Path) -> Path:
+    """``R`` as ``orthogonal_map.safetensors`` (float64) and its provenance as ``orthogonal_map.json`` (atomic)."""
+    from safetensors.torch import save_file
+
+    from .transport._io import atomic_dir
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        save_file({"R": omap.R.contiguous()}, str(tmp / "orthogonal_map.safetensors"))
+        meta = {"convention": "x_B = x_A @ R", "source": omap.source, "target": omap.target,
+                "metrics": omap.metrics}
+        (tmp / "orthogonal_map.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    return out
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -136,13 +210,49 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def hub_object(spec: str, revision: str | None = None) -> Path:
+    """A local path as is; ``namespace/repo[/sub/folder][/file]`` on the Hub downloaded with ``snapshot_download``
+    (only that subfolder or file: a SAELens release folder, an adapter, a vector file) and its local path."""
+    if Path(spec).exists() or Path(spec).is_absolute() or spec.startswith("."):
+        return Path(spec)
+    parts = spec.strip("/").split("/")
+    if len(parts) < 2:
+        raise GaugeError(f"no file or folder {spec!r}; on the Hub give namespace/repo[/subfolder]")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.utils import HFValidationError
+
+    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
+    if any(x in ("", ".", "..") for x in parts):
+        raise GaugeError(f"{spec!r}: path parts may not be empty, '.' or '..'")
+    try:
+        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[sub, f"{sub}/*"] if sub else None))
+    except HFValidationError as e:
+        raise GaugeError(f"{spec!r} is neither a local path nor a Hub repository id: {e}") from None
+    except LocalEntryNotFoundError:
+        raise GaugeError(f"{spec!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as e:
+        raise GaugeError(f"{spec!r}: neither a local path nor a Hub repository you can access "
+                         f"({str(e).splitlines()[0]})") from None
+    local = root / sub if sub else root
+    if not local.exists():
+        raise GaugeError(f"{repo!r} has no {sub!r} (revision {revision or 'main'})")
+    return local
+
+
 def cmd_transport(args: argparse.Namespace) -> int:
     from .transport.files import transport_path
 
     gauge = _load_gauge(args.gauge, args.gauge_revision)
+    args.obj = str(hub_object(args.obj, args.revision))
     if args.inverse:
         gauge = gauge.inverse()
-    kw = {"config": _load_config(args.config)} if args.config else {}
+    kw: dict[str, Any] = {"config": _load_config(args.config)} if args.config else {}
+    if args.base:
+        from .transport.files import detect
+        if detect(args.obj) != "peft":
+            raise GaugeError("--base names the gauged base model of a PEFT adapter folder; OBJ is not one")
+        kw["base"] = args.base
     out = transport_path(gauge, args.obj, args.output, **kw)
     print(f"wrote {out if out is not None else args.output}")
     return 0
@@ -173,8 +283,31 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     gauge = _load_gauge(args.gauge)
     info = push_gauge(gauge, args.repo_id, path_in_repo=args.path_in_repo, commit_message=args.commit_message,
-                      revision=args.revision, private=args.private or None)
-    print(f"pushed to {getattr(info, 'commit_url', info)}")
+                      revision=args.revision, private=args.private or None, create_pr=args.create_pr,
+                      source_id=args.source_id, target_id=args.target_id)
+    print(f"pushed to {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+    from .transport._io import atomic_dir
+
+    _check_model_arg(args.model_a), _check_model_arg(args.model_b)
+    if not 0.0 <= args.weight <= 1.0:
+        raise GaugeError(f"--weight must lie in [0, 1], got {args.weight}")
+    gauge = _load_gauge(args.gauge, args.gauge_revision) if args.gauge else None
+    a, b = _load_model(args.model_a, args.revision_a), _load_model(args.model_b, args.revision_b)
+    spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
+    kw: dict[str, Any] = {} if gauge is not None or args.method == "none" else {"spaces": spaces}
+    merged = merge(a, b, weight=args.weight, gauge=gauge, method=args.method, **kw)
+    with atomic_dir(Path(args.output)) as tmp:
+        merged.save_pretrained(tmp)
+        try:
+            _load_tokenizer(args.model_a).save_pretrained(tmp)
+        except GaugeError:
+            pass                                  # a checkpoint without a tokenizer merges all the same
+    print(f"wrote {args.output} ({1 - args.weight:g} * A + {args.weight:g} * B in A's chart)")
     return 0
 
 
@@ -230,8 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", metavar="FILE", help=".txt text, or token ids in .safetensors (input_ids) / .json")
     s.add_argument("--text", nargs="+", metavar="TEXT", help="text to run through both models")
     s.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
-    s.add_argument("--method", default="signed", choices=("signed", "permutation"),
-                   help="signed (B_d, default) or permutation (the S_d baseline)")
+    s.add_argument("--method", default="signed", choices=("signed", "permutation", "procrustes"),
+                   help="signed (B_d, default), permutation (the S_d baseline) or procrustes (an orthogonal map "
+                        "for models that are not gauge-equivalent; needs data; written as orthogonal_map.*)")
+    s.add_argument("--max-length", type=int, metavar="T", help="tokens per row: text is cut into windows of T "
+                   "tokens (default: min(512, the model's context)); refused past the context")
+    s.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward pass (default 8)")
+    s.add_argument("--layers", type=int, nargs="+", metavar="L", help="blocks whose outputs are matched (default: "
+                   "every block)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on stderr otherwise, "
+                   "also when stderr is not a terminal)")
     s.add_argument("--spaces", nargs="+", default=["residual"], choices=("residual", "mlp", "attn", "all"),
                    help="gauge spaces to fit (default: residual; 'all' adds every MLP layer and head space)")
     s.add_argument("--revision-a")
@@ -251,10 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_apply)
 
     s = sub.add_parser("transport", help="move an object (SAE, steering vector, adapter, ...) through a gauge")
-    s.add_argument("obj", metavar="OBJ", help="file or folder of the object")
+    s.add_argument("obj", metavar="OBJ", help="file or folder of the object, or on the Hub namespace/repo[/subfolder] "
+                   "(a SAELens release folder, an adapter repo)")
+    s.add_argument("--revision", help="revision of a Hub OBJ")
     s.add_argument("--gauge", required=True, metavar="G")
     s.add_argument("--gauge-revision")
     s.add_argument("--inverse", action="store_true", help="use the inverse gauge (target -> source)")
+    s.add_argument("--base", metavar="MODEL", help="PEFT adapters: the gauged base model (folder or Hub id) written "
+                   "into adapter_config.json and the README (default: the gauge's recorded target model; refused "
+                   "when the gauge records none)")
     s.add_argument("-o", "--output", required=True, metavar="OUT")
     s.add_argument("--config", metavar="BASE", help="the base model's folder or config.json: the head geometry a "
                    "gauge that moves attention heads needs (default: the adapter's local base_model_name_or_path)")
@@ -282,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--revision", help="branch (created if missing)")
     s.add_argument("--commit-message")
     s.add_argument("--private", action="store_true", help="create the repo private")
+    s.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing to the branch")
+    s.add_argument("--source-id", metavar="ID", help="Hub id of the source model for the card (default: recorded)")
+    s.add_argument("--target-id", metavar="ID", help="Hub id of the target model for the card (default: recorded)")
     s.set_defaults(func=cmd_push)
 
     s = sub.add_parser("show", help="summarize a gauge")
@@ -293,9 +442,63 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("demo_args", nargs=argparse.REMAINDER)
     s.set_defaults(func=cmd_demo)
 
-    from .audit import add_subparser as add_audit   # the module (hf_gauge.audit is the function)
-    add_audit(sub)
+    s = sub.add_parser("merge", help="merge two checkpoints after moving B into A's chart")
+    s.add_argument("model_a", metavar="A", help="model whose chart the merge keeps: folder or Hub id")
+    s.add_argument("model_b", metavar="B", help="model moved into A's chart before interpolating")
+    s.add_argument("--weight", type=float, default=0.5, help="(1 - W) * A + W * B (default 0.5)")
+    s.add_argument("--gauge", metavar="G", help="the gauge from A to B (default: fitted from the weights)")
+    s.add_argument("--gauge-revision")
+    s.add_argument("--method", default="signed", choices=("signed", "permutation", "none"),
+                   help="fit signed (default), permutation (S_d baseline) or none (no alignment)")
+    s.add_argument("--spaces", nargs="+", default=["all"], choices=("residual", "mlp", "attn", "all"),
+                   help="gauge spaces to fit (default: all)")
+    s.add_argument("--revision-a")
+    s.add_argument("--revision-b")
+    s.add_argument("-o", "--output", required=True, metavar="OUT", help="new output folder")
+    s.set_defaults(func=cmd_merge)
+
+    s = sub.add_parser("audit", help=AUDIT_HELP, add_help=False)   # its options: audit_parser() (imports torch)
+    s.add_argument("audit_args", nargs=argparse.REMAINDER)
+    _finish_subparsers(sub)
     return p
+
+
+AUDIT_HELP = "gauge-sweep audit of an index-level claim (raw vs transported agreement)"
+
+
+def audit_parser() -> argparse.ArgumentParser:
+    """The parser of ``hf-gauge audit`` (built by ``hf_gauge.audit``, which needs torch: only when auditing)."""
+    from .audit import add_subparser as add_audit   # the module (hf_gauge.audit is the function)
+    p = _Parser(prog="hf-gauge")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    add_audit(sub)
+    _finish_subparsers(sub)
+    return p
+
+
+EXAMPLES = {
+    "find": "hf-gauge find HuggingFaceTB/SmolLM2-135M ./gauged --data corpus.txt --max-length 512 -o gauges/a2b\n"
+            "torchrun --nproc_per_node 2 -m hf_gauge find A B --data corpus.txt -o G   # rank 0 writes",
+    "apply": "hf-gauge apply HuggingFaceTB/SmolLM2-135M --gauge gauges/a2b -o ./SmolLM2-gauged",
+    "transport": "hf-gauge transport ./my-lora --gauge gauges/a2b --base ./SmolLM2-gauged -o ./my-lora-gauged\n"
+                 "hf-gauge transport ./sae --gauge user/repo/gauges/a2b -o ./sae-gauged",
+    "verify": "hf-gauge verify ./A ./B --gauge gauges/a2b --json",
+    "push": "hf-gauge push gauges/a2b user/my-model --create-pr --commit-message 'add gauge'",
+    "show": "hf-gauge show user/my-model/gauges/a2b",
+    "merge": "hf-gauge merge ./run-1 ./run-2 --weight 0.5 -o ./merged",
+    "audit": "hf-gauge audit smollm2 --claim topk-resid --n-gauges 4 --figure audit.png",
+}
+
+
+def _finish_subparsers(sub: Any) -> None:
+    """An example (epilog) on every subcommand, and ``--token`` (Hub access) on every one that takes options."""
+    for name, sp in sub.choices.items():
+        if name in EXAMPLES:
+            sp.epilog = "example:\n  " + EXAMPLES[name].replace("\n", "\n  ")
+            sp.formatter_class = argparse.RawDescriptionHelpFormatter
+        if name != "demo" and "--token" not in sp._option_string_actions:
+            sp.add_argument("--token", help="Hugging Face token for private or gated repos (default: HF_TOKEN or "
+                            "the saved login)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -304,12 +507,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
         from .demo import main as demo_main
         return demo_main(argv[1:])
-    parser = build_parser()
+    parser = audit_parser() if argv[:1] == ["audit"] else build_parser()
     args = parser.parse_args(argv)
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    if getattr(args, "token", None):
+        import os
+        os.environ["HF_TOKEN"] = args.token        # read by huggingface_hub and transformers on every request
+    if args.command != "find" and not is_main_process():
+        return 0                                   # under torchrun only find uses every rank (sharded statistics)
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:

@@ -7,7 +7,6 @@ disk, PEFT adapters (a LoRA factor inherits the axis of the module it wraps) and
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -19,40 +18,10 @@ from .group import SignedPermutation, as_bits, flip_, moves_as_bits, sign_operan
 from .kinds import get_kind
 from .specs import ArchSpec
 from .specs.base import Axis
-from .view import ConfigView
+from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
            "check_moves", "check_gauge", "segment_spans", "stack_count", "space_sizes"]
-
-# ----------------------------------------------------------------------------------------------------------------
-# Names: live PEFT / wrapper parameter names -> (base parameter name, role)
-# ----------------------------------------------------------------------------------------------------------------
-_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
-_ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
-    (re.compile(r"^(.*)\.lora_A(?:\.[^.]+)?\.weight$"), "lora_A", r"\1.weight"),
-    (re.compile(r"^(.*)\.lora_B(?:\.[^.]+)?\.weight$"), "lora_B", r"\1.weight"),
-    (re.compile(r"^(.*)\.lora_B(?:\.[^.]+)?\.bias$"), "lora_B_bias", r"\1.weight"),
-    (re.compile(r"^(.*)\.lora_embedding_A(?:\.[^.]+)?$"), "lora_emb_A", r"\1.weight"),
-    (re.compile(r"^(.*)\.lora_embedding_B(?:\.[^.]+)?$"), "lora_emb_B", r"\1.weight"),
-    (re.compile(r"^(.*)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "magnitude", r"\1.weight"),
-    # PEFT trainable_token_indices: ``trainable_tokens_delta [n_tokens, d]`` holds rows of the wrapped embedding
-    # (or lm_head), so it moves exactly like that weight (residual columns signed-permuted).
-    (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
-)
-_WRAPPERS = (re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
-             re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
-
-
-def resolve_name(name: str) -> tuple[str, str]:
-    """``'...q_proj.lora_A.default.weight'`` -> ``('...q_proj.weight', 'lora_A')``; plain names get role ``'weight'``."""
-    name = _PEFT_PREFIX.sub("", name)
-    for rx in _WRAPPERS:
-        name = rx.sub(".", name)
-    for rx, role, repl in _ROLES:
-        if rx.match(name):
-            return rx.sub(repl, name), role
-    return name, "weight"
-
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.

@@ -62,10 +62,11 @@ def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = No
     spec = va.spec
     d = va.config.hidden
     cap = max_rows or max(2048, 8 * d)
-    params_b = dict(vb.named_parameters())
+    params_b = {resolve_name(n)[0]: p for n, p in vb.named_parameters()}   # PEFT-wrapped names -> plain names
     sa, sb, ua, ub, sn, un = [], [], [], [], [], []
     for name, pa in va.named_parameters():
-        if resolve_name(name)[1] != "weight":
+        name, role = resolve_name(name)
+        if role != "weight":
             continue                      # LoRA factors and DoRA magnitudes are not features of the chart
         axes = axes_for(spec, name)
         if not axes:

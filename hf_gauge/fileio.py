@@ -107,8 +107,10 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", max_bytes: int =
         obj = json.loads(path.read_bytes().decode("utf-8"))
     except GaugeError:
         raise
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise GaugeError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:200]})") from None
+    except OSError as e:
+        raise GaugeError(f"cannot read the {what} {path}: {e}") from None
+    except (UnicodeDecodeError, ValueError) as e:
+        raise GaugeError(f"{path} is not valid JSON ({what}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
-        raise GaugeError(f"{path}: the {what} must hold a JSON object, got {type(obj).__name__}")
+        raise GaugeError(f"{path} must hold a JSON object ({what}), got {type(obj).__name__}")
     return obj

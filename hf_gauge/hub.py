@@ -26,7 +26,7 @@ from .specs import get_spec
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
-           "gauge_card", "gauge_id", "template_path"]
+           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
 
 FORMAT = "hf_gauge.gauge"
 FORMAT_VERSION = 1
@@ -190,8 +190,14 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
                              "(offline mode or local_files_only=True); download it once while online") from None
         except EntryNotFoundError:
             where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+            try:
+                found = list_gauges(repo_id, revision=revision, token=token, endpoint=endpoint)
+            except GaugeError:
+                found = []
+            hint = (f"the repository's gauges: {', '.join(found[:20])}" + (" ..." if len(found) > 20 else "")
+                    if found else "the repository holds no gauge folder (gauge_config.json)")
             raise GaugeError(f"no {fname} in {where!r} (revision {revision or 'main'}); gauges live in subfolders: "
-                             "pass subfolder='gauges/<name>'") from None
+                             f"pass subfolder='gauges/<name>'; {hint}") from None
     return paths[0], paths[1]
 
 
@@ -298,26 +304,203 @@ def template_path() -> Path:
     return Path(str(p))
 
 
-def _name(desc: Mapping[str, Any], default: str) -> str:
-    mid = str(desc.get("model_id") or "")
-    return mid if mid else default
+_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
+
+# one line per fit metric, shown next to its rounded value on the card
+METRIC_HELP = {
+    "mean_matched": "mean |correlation| of the matched coordinate pairs (1 = the two charts agree exactly)",
+    "min_matched": "smallest |correlation| of a matched pair (the weakest coordinate)",
+    "min_margin": "smallest gap between a matched pair and its best competitor (> 0: every match is unambiguous)",
+    "mean_margin": "mean gap between matched pairs and their best competitors",
+    "n_low_confidence": "coordinates whose margin is below the low-confidence threshold",
+    "low_confidence_threshold": "the margin below which a coordinate counts as low-confidence",
+    "positive_fraction": "fraction of residual coordinates kept with sign +1",
+    "n_tokens": "tokens of data the fit saw (0: fitted from the weights alone)",
+    "data_free": "true when the gauge was fitted from the weights, without data",
+    "method": "matching method (signed: B_d; permutation: the S_d baseline)",
+    "n_sites": "residual-stream sites (block outputs) whose activations were matched",
+    "n_signed_features": "sign-carrying weight features used by the data-free fit",
+    "n_invariant_features": "sign-invariant weight features used by the data-free fit",
+}
+INDEX_START = "<!-- hf_gauge:gauges:start -->"
+INDEX_END = "<!-- hf_gauge:gauges:end -->"
+
+
+def hub_model_id(model_id: str | None, revision: str | None = None) -> tuple[str, str | None]:
+    """``(id, revision)`` with a Hugging Face cache path (``.../models--org--name/snapshots/<sha>``) turned into
+    ``org/name`` pinned at ``<sha>``; anything else unchanged."""
+    m = _CACHE_PATH.search(str(model_id or ""))
+    if m:
+        return f"{m['org']}/{m['name']}", revision or m["sha"]
+    return str(model_id or ""), revision
+
+
+def _is_hub_id(model_id: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    if not model_id or "/" not in model_id or Path(model_id).is_absolute() or model_id.startswith("."):
+        return False
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError:
+        return False
+    return not Path(model_id).exists()
+
+
+def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, Any]:
+    """``desc`` with a Hub model id (``model_id`` if given, else the recorded one with cache paths mapped back to
+    ids) and its revision pinned through ``HfApi.model_info`` (transformers 5 no longer records ``_commit_hash``)."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    out = dict(desc)
+    mid, rev = hub_model_id(model_id or out.get("model_id"), None if model_id else out.get("revision"))
+    if mid != (out.get("model_id") or ""):
+        out["model_id"], out["revision"] = mid, rev
+    if _is_hub_id(mid) and not rev and api is not None:
+        try:
+            info = api.model_info(mid)
+            out["revision"] = info.sha
+            lic = (info.card_data or {}).get("license") if info.card_data is not None else None
+            if lic:
+                out.setdefault("license", lic)
+        except (HfHubHTTPError, OSError, ValueError):
+            pass                             # not on this Hub (a local model): leave the revision unknown
+    return out
+
+
+def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
+    rows = []
+    for k, v in _jsonable(metrics).items():
+        if isinstance(v, (list, dict)):
+            continue
+        if isinstance(v, float) and not isinstance(v, bool):
+            v = f"{v:.4g}"
+        rows.append({"name": k, "value": str(v), "help": METRIC_HELP.get(k, "")})
+    return rows
 
 
 def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gauges/NAME"):
-    """The ``huggingface_hub.ModelCard`` describing ``gauge`` (rendered from the packaged template)."""
+    """The ``huggingface_hub.ModelCard`` describing ``gauge`` (rendered from the packaged template): metadata with
+    ``base_model`` (the source) and license when known, rounded metrics with one line each, a runnable snippet."""
     from huggingface_hub import ModelCard, ModelCardData
 
     src, tgt = _jsonable(gauge.source), _jsonable(gauge.target)
     base = src.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "gauge", "signed-permutation"],
-                         base_model=base if REPO_ID.match(base) and "/" in base else None)
+                         base_model=base if _is_hub_id(base) else None, license=src.get("license"))
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
-    metrics = {k: v for k, v in _jsonable(gauge.metrics).items() if not isinstance(v, (list, dict))}
     return ModelCard.from_template(
-        data, template_path=str(template_path()), source=src, target=tgt, source_name=_name(src, "source model"),
-        target_name=_name(tgt, "target model"), group=group_name(gauge), method=gauge.method, metrics=metrics,
-        spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo, format_version=FORMAT_VERSION,
-        library_version=_version())
+        data, template_path=str(template_path()), source=src, target=tgt, source_name=src.get("model_id") or
+        "source model", target_name=tgt.get("model_id") or "target model", group=group_name(gauge), method=gauge.method,
+        metrics=_metric_rows(gauge.metrics), spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo,
+        format_version=FORMAT_VERSION, library_version=_version())
+
+
+def write_gauge_card(gauge: Gauge, folder: str | os.PathLike, repo_id: str = "REPO_ID",
+                     path_in_repo: str = "gauges/NAME") -> Path:
+    """Write the gauge's card as ``folder/README.md`` (atomic); returns its path."""
+    p = Path(folder) / CARD_NAME
+    atomic_write_bytes(p, str(gauge_card(gauge, repo_id=repo_id, path_in_repo=path_in_repo)).encode())
+    return p
+
+
+def _index_row(gauge: Gauge, repo_id: str, path_in_repo: str) -> str:
+    src, tgt = gauge.source.get("model_id") or "unknown", gauge.target.get("model_id") or "unknown"
+    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{src}` → `{tgt}` | {gauge.method} | {group_name(gauge)} | "
+            f"`hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
+
+
+def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: str):
+    """The repository's root ``ModelCard`` with its gauge index updated for ``path_in_repo``.
+
+    The index is one marked section (``<!-- hf_gauge:gauges:start/end -->``); every other line of an existing card is
+    kept, and existing metadata is only added to (``base_model`` and license when absent, the ``hf_gauge`` tag). A
+    repository without a card gets one with ``base_model`` (the gauge's source) and ``base_model_relation:
+    adapter`` (a gauge is applied on top of its base, like an adapter).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    src = gauge.source.get("model_id") or ""
+    if existing is None:
+        data = ModelCardData(library_name="hf_gauge", base_model=src if _is_hub_id(src) else None,
+                             license=gauge.source.get("license"))
+        if data.base_model:
+            data.base_model_relation = "adapter"
+        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Gauges for `{src or repo_id}`\n\nSigned-permutation "
+                         "gauges made with [hf_gauge](https://pypi.org/project/hf-gauge/): exact changes of basis "
+                         "between the residual streams of checkpoints.\n")
+    else:
+        try:
+            card = ModelCard(existing)
+        except ValueError as e:
+            raise GaugeError(f"the repository's README.md has an unreadable metadata header ({e}); fix it before "
+                             "pushing a gauge") from None
+        if _is_hub_id(src) and not getattr(card.data, "base_model", None):
+            card.data.base_model = src
+        if gauge.source.get("license") and not getattr(card.data, "license", None):
+            card.data.license = gauge.source["license"]
+    tags = list(getattr(card.data, "tags", None) or [])
+    if "hf_gauge" not in tags:
+        card.data.tags = tags + ["hf_gauge"]
+    text = card.text
+    rows: list[str] = []
+    if INDEX_START in text and INDEX_END in text:
+        head, rest = text.split(INDEX_START, 1)
+        old, tail = rest.split(INDEX_END, 1)
+        rows = [ln for ln in old.splitlines() if ln.startswith("| [`") and f"[`{path_in_repo}`]" not in ln]
+    else:
+        head, tail = text.rstrip() + "\n\n", "\n"
+    rows.append(_index_row(gauge, repo_id, path_in_repo))
+    section = "\n".join([INDEX_START, "## Gauges", "",
+                         "Made with hf_gauge; each folder has its own card (provenance, fit metrics, usage).", "",
+                         "| gauge | maps | method | group | load |", "|---|---|---|---|---|", *sorted(rows), INDEX_END])
+    card.text = head + section + tail
+    return card
+
+
+def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
+    """The card of a checkpoint written by ``apply_gauge_to_checkpoint``: what it is (the source moved into another
+    chart, same function), ``base_model`` (the source's Hub id) and the source's license; the source's own card and
+    gauges are not copied, since they describe the source's chart."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    lic = None
+    if source_card:
+        try:
+            lic = getattr(ModelCard(source_card).data, "license", None)
+        except ValueError:
+            lic = None
+    sid = source_id if source_id and _is_hub_id(source_id) else None
+    name = sid or gauge.source.get("model_id") or "the source checkpoint"
+    data = ModelCardData(base_model=sid, license=lic, tags=["hf_gauge", "gauged"])
+    text = (f"# `{name}` in another residual chart\n\nThis checkpoint is `{name}` with every weight moved through the "
+            f"hf_gauge gauge `{gauge_id(gauge)}` ({gauge.method}; spaces {', '.join(gauge.spaces)}): index operations "
+            "and sign flips only, so it computes exactly the same function; only the coordinates of its hidden "
+            "states differ. Objects made for the source (steering vectors, SAEs, adapters) work here after "
+            "`gauge.transport(...)`. The source's own model card and `gauges/` were not copied: they describe the "
+            "source's chart.\n")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}")
+
+
+def list_gauges(repo_id: str, revision: str | None = None, token: str | bool | None = None,
+                endpoint: str | None = None) -> list[str]:
+    """The gauge folders of a Hub model repository (every folder holding a ``gauge_config.json``), sorted."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+        files = HfApi(endpoint=endpoint, token=token).list_repo_files(repo_id, revision=revision)
+    except HFValidationError as e:
+        raise GaugeError(f"{repo_id!r} is not a valid Hub repository id: {e}") from None
+    except RevisionNotFoundError:
+        raise GaugeError(f"revision {revision!r} of {repo_id!r} not found on the Hub") from None
+    except RepositoryNotFoundError:
+        raise GaugeError(f"{repo_id!r} is not a Hub repository you can access (check the name, or pass token=)") \
+            from None
+    except HfHubHTTPError as e:
+        raise GaugeError(f"listing {repo_id!r} failed: {str(e).splitlines()[0]}") from None
+    return sorted(f.rsplit("/", 1)[0] for f in files if f.endswith("/" + CONFIG_NAME))
 
 
 def _check_path_in_repo(path_in_repo: str) -> str:
@@ -329,40 +512,66 @@ def _check_path_in_repo(path_in_repo: str) -> str:
     return p
 
 
+def _root_readme(api: Any, repo_id: str, revision: str | None) -> str | None:
+    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
+    try:
+        path = api.hf_hub_download(repo_id, CARD_NAME, revision=revision)
+    except (EntryNotFoundError, RemoteEntryNotFoundError):
+        return None
+    return Path(path).read_text(encoding="utf-8")
+
+
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
                revision: str | None = None, token: str | bool | None = None, create_repo: bool = True,
-               private: bool | None = None, endpoint: str | None = None):
-    """Upload ``gauge`` (and a model card) to ``repo_id`` under ``path_in_repo`` in one commit.
+               private: bool | None = None, endpoint: str | None = None, create_pr: bool = False,
+               source_id: str | None = None, target_id: str | None = None, update_index: bool = True):
+    """Upload ``gauge`` (with its card) to ``repo_id`` under ``path_in_repo`` and update the repository's root card
+    index, in one commit (a pull request with ``create_pr=True``).
 
-    Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the three files of
-    the gauge folder are added). ``revision`` names a branch, created from ``main`` if missing. Returns the
-    ``CommitInfo``.
+    Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the gauge folder and the
+    marked index section of the root ``README.md`` change). ``source_id`` / ``target_id`` name the models on the Hub
+    (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
+    ``HfApi.model_info``. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"push_gauge expects a hf_gauge.Gauge, got {type(gauge).__name__}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise GaugeError(f"{repo_id!r} is not a valid Hub repository id: {e}") from None
     path_in_repo = _check_path_in_repo(f"gauges/{gauge_id(gauge)}" if path_in_repo is None else path_in_repo)
     api = HfApi(endpoint=endpoint, token=token)
+    gauge = Gauge(spaces=dict(gauge.spaces), source=_pin(gauge.source, source_id, api),
+                  target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
+                  confidence=dict(gauge.confidence))
     if create_repo:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision is not None:
+    if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="hf_gauge-push-") as tmp:
         folder = Path(tmp) / "gauge"
         save_gauge(gauge, folder)
-        gauge_card(gauge, repo_id=repo_id, path_in_repo=path_in_repo).save(folder / CARD_NAME)
-        return api.upload_folder(repo_id=repo_id, folder_path=folder, path_in_repo=path_in_repo,
-                                 commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}",
-                                 revision=revision, repo_type="model")
+        write_gauge_card(gauge, folder, repo_id=repo_id, path_in_repo=path_in_repo)
+        ops = [CommitOperationAdd(path_in_repo=f"{path_in_repo}/{f.name}", path_or_fileobj=str(f))
+               for f in sorted(folder.iterdir()) if f.is_file()]
+        if update_index:
+            card = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo)
+            ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
+        return api.create_commit(repo_id, operations=ops, repo_type="model", revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Gauge's persistence methods: gauge.py holds no file I/O, so they are attached here
 # ----------------------------------------------------------------------------------------------------------------
 def _save_pretrained(self: Gauge, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """``save_gauge(self, save_directory)``."""
-    return save_gauge(self, save_directory, **kwargs)
+    """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``)."""
+    out = save_gauge(self, save_directory, **kwargs)
+    write_gauge_card(self, out)
+    return out
 
 
 def _from_pretrained(cls: type, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Gauge:

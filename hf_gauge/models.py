@@ -26,14 +26,31 @@ def hash_gain(gain: torch.Tensor) -> str:
     return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
+def offloaded_value(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The value of ``module.<name>`` where accelerate keeps it when the parameter is offloaded (on the meta device:
+    the ``weights_map`` of the module's ``AlignDevicesHook``, backed by the offload folder or the checkpoint)."""
+    t = getattr(module, name)
+    if t.device.type != "meta":
+        return t.detach()
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or [hook]:
+        weights = getattr(h, "weights_map", None)
+        if weights is not None and name in weights:
+            return weights[name].detach()
+    raise GaugeError(f"{type(module).__name__}.{name} is on the meta device and no accelerate hook holds its value; "
+                     "load the model with its weights (device_map/offload_folder) before fingerprinting it")
+
+
 def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
     """A short hash of the model's chart: its final norm gain (exact, permuted by any gauge, never signed).
 
-    With ``gauge``, the fingerprint the model will have after ``apply_gauge(model, gauge)``.
+    With ``gauge``, the fingerprint the model will have after ``apply_gauge(model, gauge)``. Offloaded (accelerate
+    ``device_map`` with ``"disk"``/``"cpu"`` offload) gains are read from where accelerate keeps them.
     """
-    gain = ModelView.of(model).final_norm_weight
+    v = ModelView.of(model)
+    gain = offloaded_value(v.submodule(v.spec.sites.final_norm), "weight")
     if gauge is not None and gauge.residual is not None:
-        gain = gain.detach().cpu()[gauge.residual.perm]
+        gain = gain.cpu()[gauge.residual.perm]
     return hash_gain(gain)
 
 

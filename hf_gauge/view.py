@@ -11,6 +11,7 @@ prefix, ``*ForQuestionAnswering`` keeps its body under ``transformer``) or has a
 """
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Any, Iterator
 
@@ -19,7 +20,37 @@ import torch
 from .errors import GaugeError
 from .specs import SPECS, ArchSpec, get_spec
 
-__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "unwrap"]
+__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "unwrap", "resolve_name"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names: live PEFT / wrapper parameter names -> (base parameter name, role)
+# ----------------------------------------------------------------------------------------------------------------
+_PEFT_PREFIX = re.compile(r"^(base_model\.model\.)")
+_ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
+    (re.compile(r"^(.*)\.lora_A(?:\.[^.]+)?\.weight$"), "lora_A", r"\1.weight"),
+    (re.compile(r"^(.*)\.lora_B(?:\.[^.]+)?\.weight$"), "lora_B", r"\1.weight"),
+    (re.compile(r"^(.*)\.lora_B(?:\.[^.]+)?\.bias$"), "lora_B_bias", r"\1.weight"),
+    (re.compile(r"^(.*)\.lora_embedding_A(?:\.[^.]+)?$"), "lora_emb_A", r"\1.weight"),
+    (re.compile(r"^(.*)\.lora_embedding_B(?:\.[^.]+)?$"), "lora_emb_B", r"\1.weight"),
+    (re.compile(r"^(.*)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$"), "magnitude", r"\1.weight"),
+    # PEFT trainable_token_indices: ``trainable_tokens_delta [n_tokens, d]`` holds rows of the wrapped embedding
+    # (or lm_head), so it moves exactly like that weight (residual columns signed-permuted).
+    (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
+)
+_WRAPPERS = (re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
+             re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
+
+
+def resolve_name(name: str) -> tuple[str, str]:
+    """``'...q_proj.lora_A.default.weight'`` -> ``('...q_proj.weight', 'lora_A')``; plain names get role ``'weight'``."""
+    name = _PEFT_PREFIX.sub("", name)
+    for rx in _WRAPPERS:
+        name = rx.sub(".", name)
+    for rx, role, repl in _ROLES:
+        if rx.match(name):
+            return rx.sub(repl, name), role
+    return name, "weight"
 
 
 class ConfigView:
@@ -175,8 +206,14 @@ class ModelView:
         return self.module.named_parameters()
 
     def params(self) -> dict[str, torch.Tensor]:
-        """Detached parameters keyed by spec name."""
-        return {n: p.detach() for n, p in self.named_parameters()}
+        """The chart's detached parameters (tied tensors once) under plain spec names: a PEFT-wrapped base layer is
+        keyed like the unwrapped one; LoRA factors and DoRA magnitudes (not part of the chart) are left out."""
+        out = {}
+        for n, p in self.named_parameters():
+            name, role = resolve_name(n)
+            if role == "weight":
+                out[name] = p.detach()
+        return out
 
     @property
     def final_norm_weight(self) -> torch.Tensor:

@@ -187,12 +187,20 @@ def test_gauge_given_as_folder_and_hub_source(tmp_path: Path) -> None:
         from huggingface_hub import HfApi
         HfApi(endpoint=hub.url).create_repo("org/tiny")
         hub.commit("org/tiny", {str(p.relative_to(src)): p.read_bytes() for p in src.rglob("*") if p.is_file()})
+        hf_gauge.push_gauge(g, "org/tiny", path_in_repo="gauges/other", endpoint=hub.url)   # the source's own gauge
+        hub.commit("org/tiny", {"README.md": b"---\nlicense: mit\n---\n# tiny source card\n"})
         out = apply_gauge_to_checkpoint("org/tiny", tmp_path / "gauges" / "g", tmp_path / "out", progress=False,
                                         cache_dir=tmp_path / "cache", endpoint=hub.url)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     apply_gauge(model, g)
     assert_state_equal(state(loaded), state(model))
     assert (out / "extra" / "notes.md").exists() and (out / ".gitattributes").exists()
+    # the source's gauges and card describe the source's chart: not copied; the output's card says what it is
+    assert not (out / "gauges").exists()
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(out / "README.md")
+    assert "tiny source card" not in card.text and "same function" in card.text
+    assert card.data.base_model == "org/tiny" and card.data.license == "mit"
 
 
 @pytest.mark.slow

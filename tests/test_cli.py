@@ -179,6 +179,22 @@ def test_transport_command(setup, capsys: pytest.CaptureFixture) -> None:
     assert torch.equal(next(iter(out.values())), g.residual(v))
 
 
+def test_transport_adapter_base(setup, capsys: pytest.CaptureFixture) -> None:
+    """An adapter folder through ``transport``: refused without --base (a random gauge records no distinct target),
+    written with --base into adapter_config.json; transporting the output again through the same gauge is refused."""
+    from peft import LoraConfig, get_peft_model
+    tmp, a, b, g = setup
+    get_peft_model(copy.deepcopy(a), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp / "ad")
+    G = str(tmp / "gauges" / "a2b")
+    assert main(["transport", str(tmp / "ad"), "--gauge", G, "-o", str(tmp / "ad_b")]) == 2
+    assert "--base" in capsys.readouterr().err and not (tmp / "ad_b").exists()
+    assert main(["transport", str(tmp / "ad"), "--gauge", G, "-o", str(tmp / "ad_b"), "--base", str(tmp / "B")]) == 0
+    assert json.loads((tmp / "ad_b" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp / "B")
+    assert main(["transport", str(tmp / "ad_b"), "--gauge", G, "-o", str(tmp / "ad_bb"), "--base", "x"]) == 2
+    assert "already transported" in capsys.readouterr().err
+    assert main(["transport", str(tmp / "vec.safetensors"), "--gauge", G, "-o", str(tmp / "v"), "--base", "x"]) == 2
+
+
 def test_push_then_show_offline_from_cache(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture) -> None:
     """push and show against the local Hub; then a fresh process with HF_HUB_OFFLINE=1 reads the cache."""
@@ -233,14 +249,14 @@ def test_transport_adapter_through_head_gauge(tmp_path: Path, capsys: pytest.Cap
         ref = pa(ids).logits
     capsys.readouterr()
 
-    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "x")]) == 2
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "--base", str(tmp_path / "B"), "-o", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert "an adapter" in err and "--config" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
 
     for k, conf in enumerate([str(tmp_path / "A"), str(tmp_path / "A" / "config.json")]):
         out = tmp_path / f"ad_b{k}"
-        assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(out),
+        assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "--base", str(tmp_path / "B"), "-o", str(out),
                      "--config", conf]) == 0, capsys.readouterr().err
         with torch.no_grad():
             got = PeftModel.from_pretrained(copy.deepcopy(b), out).eval()(ids).logits
@@ -248,7 +264,159 @@ def test_transport_adapter_through_head_gauge(tmp_path: Path, capsys: pytest.Cap
 
     cfg["base_model_name_or_path"] = str(tmp_path / "A")          # a local base folder is read by default
     (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
-    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "ad_c")]) == 0
-    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "y"),
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "--base", str(tmp_path / "B"), "-o", str(tmp_path / "ad_c")]) == 0
+    assert main(["transport", str(tmp_path / "ad"), "--gauge", str(tmp_path / "g"), "--base", str(tmp_path / "B"), "-o", str(tmp_path / "y"),
                  "--config", str(tmp_path / "nope")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def _char_tokenizer(folder: Path) -> None:
+    """A character-level tokenizer (printable ASCII, ids < VOCAB) saved next to a tiny model."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"[UNK]": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    assert max(vocab.values()) < VOCAB
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+
+
+def test_find_text_file_cut_into_windows(setup, capsys: pytest.CaptureFixture) -> None:
+    """``--data file.txt`` is tokenized and cut into ``--max-length`` windows (not one row past the context); the
+    fit summary line and the progress bar are printed although the output is not a terminal."""
+    tmp, a, b, g = setup
+    _char_tokenizer(tmp / "A")
+    text = "The quick brown fox jumps over the lazy dog. " * 40          # 1800 characters = 1800 tokens
+    (tmp / "t.txt").write_text(text)
+    argv = ["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "t.txt"), "--max-length", "64",
+            "--batch-size", "4", "--layers", "0", "1"]
+    assert main(argv + ["-o", str(tmp / "fw")]) == 0
+    out, err = capsys.readouterr()
+    got = load_gauge(tmp / "fw")
+    assert got.metrics["n_tokens"] == (len(text) // 64) * 64
+    assert got.residual == g.residual
+    line = next(ln for ln in out.splitlines() if ln.startswith("fit:"))
+    assert "matched |C| mean" in line and "low-confidence 0" in line
+    assert "%|" in err                                                   # tqdm bar although stderr is captured
+    ctx = a.config.max_position_embeddings
+    assert main(argv[:-5] + ["--max-length", str(ctx + 1), "-o", str(tmp / "f2")]) == 2
+    assert "context" in capsys.readouterr().err and not (tmp / "f2").exists()
+
+
+def test_find_procrustes_writes_orthogonal_map(setup, capsys: pytest.CaptureFixture) -> None:
+    tmp, a, b, g = setup
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--method", "procrustes",
+                 "-o", str(tmp / "om")]) == 0
+    assert "nearest signed permutation" in capsys.readouterr().out
+    from safetensors.torch import load_file
+    R = load_file(tmp / "om" / "orthogonal_map.safetensors")["R"]
+    assert R.dtype == torch.float64 and torch.allclose(R.T @ R, torch.eye(64, dtype=torch.float64), atol=1e-8)
+    assert json.loads((tmp / "om" / "orthogonal_map.json").read_text())["convention"] == "x_B = x_A @ R"
+
+
+def test_merge_command(setup, capsys: pytest.CaptureFixture) -> None:
+    """``merge A B -o OUT``: B (a gauged copy of A) moved into A's chart and averaged gives A back."""
+    tmp, a, b, g = setup
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "-o", str(tmp / "M")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp / "M")
+    for k, v in state(a).items():
+        assert torch.allclose(state(merged)[k], v, atol=1e-6), k
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "--method", "none", "-o", str(tmp / "M0")]) == 0
+    naive = state(AutoModelForCausalLM.from_pretrained(tmp / "M0"))
+    assert not torch.allclose(naive["model.norm.weight"], state(a)["model.norm.weight"])
+    assert main(["merge", str(tmp / "A"), str(tmp / "B"), "-o", str(tmp / "M")]) == 2      # OUT exists: refused
+
+
+def test_every_subcommand_has_help_and_an_example() -> None:
+    parser = build_parser()
+    choices = parser._subparsers._group_actions[0].choices            # type: ignore[union-attr]
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0]._choices_actions}  # type: ignore
+    from hf_gauge.cli import audit_parser
+    full_audit = audit_parser()._subparsers._group_actions[0].choices["audit"]   # type: ignore[union-attr]
+    for name, sp in choices.items():
+        assert helps.get(name), name
+        if name != "demo":                                             # the demo parses its own options
+            text = (full_audit if name == "audit" else sp).format_help()
+            assert "example:\n  hf-gauge " in text or "example:\n  torchrun" in text, name
+            assert "--token" in text, name
+
+
+def test_torchrun_only_rank_zero_writes_and_prints(setup) -> None:
+    """``torchrun --nproc_per_node 2 -m hf_gauge find``: both ranks compute (sharded statistics), rank 0 alone
+    prints the summary and writes the gauge."""
+    tmp, a, b, g = setup
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not installed")
+    ids = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(2))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "hf_gauge", "find",
+                        str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--no-progress",
+                        "-o", str(tmp / "G2")], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("fit: ") == 1 and r.stdout.count("saved gauge") == 1, r.stdout
+    got = load_gauge(tmp / "G2")
+    assert got.residual == g.residual and got.metrics["n_tokens"] == 8 * 16       # both shards counted
+
+
+def test_transport_hub_objects_sae_release_folder_and_adapter(setup, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transport namespace/repo/subfolder``: a SAELens release folder and a PEFT adapter repo on the (local) Hub
+    are downloaded (that subfolder only) and transported like local folders."""
+    import huggingface_hub.constants as hc
+    from huggingface_hub import HfApi
+    from peft import LoraConfig, get_peft_model
+    from sae_lens import SAE, StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    tmp, a, b, g = setup
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=64, d_sae=16, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_pre")))
+    with torch.no_grad():
+        sae.W_enc.normal_(0, 0.1), sae.b_dec.normal_()
+    sae.save_model(tmp / "sae")
+    get_peft_model(copy.deepcopy(a), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(tmp / "ad")
+    G = str(tmp / "gauges" / "a2b")
+    with HubServer() as hub:
+        monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+        monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        api = HfApi(endpoint=hub.url)
+        api.create_repo("org/saes")
+        api.upload_folder(repo_id="org/saes", folder_path=tmp / "sae", path_in_repo="blocks.1.hook_resid_pre")
+        api.upload_folder(repo_id="org/saes", folder_path=tmp / "sae", path_in_repo="blocks.0.hook_resid_pre")
+        api.create_repo("org/adapter")
+        api.upload_folder(repo_id="org/adapter", folder_path=tmp / "ad")
+        assert main(["transport", "org/saes/blocks.1.hook_resid_pre", "--gauge", G, "-o", str(tmp / "sae_b")]) == 0
+        assert main(["transport", "org/adapter", "--gauge", G, "--base", "org/gauged", "-o", str(tmp / "ad_b")]) == 0
+        assert main(["transport", "org/saes/nope", "--gauge", G, "-o", str(tmp / "x")]) == 2
+        got = [p for m, p in hub.log if "/resolve/" in p]
+    assert not any("blocks.0" in p for p in got)                         # only the asked-for subfolder
+    sae_b = SAE.load_from_disk(tmp / "sae_b")
+    assert torch.equal(sae_b.W_dec, g.residual(sae.W_dec))
+    assert json.loads((tmp / "ad_b" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/gauged"
+
+
+HEAVY = ("torch", "transformers", "huggingface_hub", "numpy", "scipy", "safetensors", "peft", "accelerate")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["find", "--help"], ["transport", "--help"], []])
+def test_help_imports_no_heavy_dependency(argv) -> None:
+    """``hf-gauge --help`` (and every subcommand's help) imports none of hf_gauge's heavy dependencies: checked on
+    ``sys.modules`` in a fresh interpreter, not by timing."""
+    code = ("import sys\nfrom hf_gauge.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "HEAVY []" in r.stdout, r.stdout[-500:] + r.stderr[-2000:]
+    assert ("usage: hf-gauge" in r.stdout + r.stderr) or "hf_gauge 0" in r.stdout
+
+
+def test_audit_help_through_main(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["audit", "--help"])
+    assert e.value.code == 0 and "--n-gauges" in capsys.readouterr().out

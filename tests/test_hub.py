@@ -37,7 +37,10 @@ def test_push_then_download_into_fresh_cache(hub: HubServer, tmp_path: Path) -> 
     g = gauge(1)
     info = push_gauge(g, "org/model", path_in_repo="gauges/to-finetune", endpoint=hub.url)
     files = hub.files("org/model")
-    assert files["config.json"] == b'{"model_type": "llama"}' and files["README.md"] == b"# the model card\n"
+    assert files["config.json"] == b'{"model_type": "llama"}'
+    root = ModelCard(files["README.md"].decode())          # the user's card kept; an index section added
+    assert "# the model card\n" in root.text and "hf_gauge:gauges:start" in root.text
+    assert root.data.base_model == "org/base" and "hf_gauge" in root.data.tags
     assert {"gauges/to-finetune/gauge.safetensors", "gauges/to-finetune/gauge_config.json",
             "gauges/to-finetune/README.md"} <= set(files)
     assert info.oid == hub.repos["org/model"].branches["main"]
@@ -51,7 +54,8 @@ def test_push_then_download_into_fresh_cache(hub: HubServer, tmp_path: Path) -> 
     assert "org/base" in card.text and "org/finetune" in card.text and "`signed`" in card.text
     assert 'subfolder="gauges/to-finetune"' in card.text and "mean_matched" in card.text
     methods = {m for m, _ in hub.log}
-    assert methods <= {"POST", "HEAD", "GET"}
+    assert methods <= {"POST", "HEAD", "GET", "PUT"}
+    assert hub.lfs_paths("org/model") == ["gauges/to-finetune/gauge.safetensors"]    # pushed through LFS, as on the Hub
 
 
 def test_default_path_and_root_refused(hub: HubServer) -> None:
@@ -61,7 +65,8 @@ def test_default_path_and_root_refused(hub: HubServer) -> None:
     for bad in ("", "/", ".", "gauges/../x"):
         with pytest.raises(GaugeError, match="subfolder"):
             push_gauge(g, "org/fresh", path_in_repo=bad, endpoint=hub.url)
-    assert "README.md" not in hub.files("org/fresh")
+    root = hub.files("org/fresh")["README.md"].decode()     # the root card is the index, not the gauge's own card
+    assert f"[`gauges/{gauge_id(g)}`]" in root and "Fit metrics" not in root
 
 
 def test_revisions_commits_and_branches(hub: HubServer, tmp_path: Path) -> None:
@@ -127,3 +132,96 @@ def test_card_template_is_packaged_and_renders_without_metadata() -> None:
     card = gauge_card(Gauge(SignedPermutation.identity(4)))
     assert card.data.library_name == "hf_gauge" and card.data.base_model is None
     assert "No fit metrics were recorded" in card.text and "unknown" in card.text
+
+
+# --------------------------------------------------------------------------- cards that work on the Hub
+def test_root_card_index_created_updated_and_user_text_kept(hub: HubServer) -> None:
+    from huggingface_hub import HfApi
+    HfApi(endpoint=hub.url).create_repo("org/own")
+    user = b"---\nlicense: mit\nbase_model: org/other\n---\n\n# My model\n\nMy own words.\n"
+    hub.commit("org/own", {"README.md": user})
+    g1, g2 = gauge(1), gauge(2)
+    push_gauge(g1, "org/own", path_in_repo="gauges/a", endpoint=hub.url)
+    push_gauge(g2, "org/own", path_in_repo="gauges/b", endpoint=hub.url)
+    push_gauge(g1, "org/own", path_in_repo="gauges/a", endpoint=hub.url)       # again: its row is replaced
+    card = ModelCard(hub.files("org/own")["README.md"].decode())
+    assert card.text.startswith("\n# My model\n\nMy own words.\n") or "# My model\n\nMy own words.\n" in card.text
+    assert card.data.license == "mit" and card.data.base_model == "org/other"      # the user's metadata untouched
+    assert card.text.count("hf_gauge:gauges:start") == 1
+    rows = [ln for ln in card.text.splitlines() if ln.startswith("| [`")]
+    assert [r.split("`")[1] for r in rows] == ["gauges/a", "gauges/b"]
+    # a repository without a card gets one: base_model and its relation, the index
+    push_gauge(g1, "org/new", path_in_repo="gauges/a", endpoint=hub.url)
+    new = ModelCard(hub.files("org/new")["README.md"].decode())
+    assert new.data.base_model == "org/base" and new.data.base_model_relation == "adapter"
+    assert new.data.library_name == "hf_gauge" and "[`gauges/a`]" in new.text
+
+
+def test_push_create_pr_token_message_and_lfs(hub: HubServer) -> None:
+    g = gauge(4)
+    push_gauge(g, "org/pr", path_in_repo="gauges/first", endpoint=hub.url)
+    main_before = dict(hub.files("org/pr"))
+    info = push_gauge(g, "org/pr", path_in_repo="gauges/second", endpoint=hub.url, create_pr=True, token="hf_test",
+                      commit_message="propose a gauge")
+    assert info.pr_url and info.pr_revision == "refs/pr/1"
+    assert hub.files("org/pr") == main_before                              # main untouched
+    pr = hub.files("org/pr", "refs/pr/1")
+    assert "gauges/second/gauge.safetensors" in pr and "[`gauges/second`]" in pr["README.md"].decode()
+    assert "gauges/second/gauge.safetensors" in hub.lfs_paths("org/pr", "refs/pr/1")
+    assert "Bearer hf_test" in hub.auth
+
+
+def test_list_gauges_and_missing_subfolder_lists_them(hub: HubServer, tmp_path: Path) -> None:
+    from hf_gauge import list_gauges
+    for name, seed in (("gauges/x", 1), ("gauges/y", 2), ("deep/er/z", 3)):
+        push_gauge(gauge(seed), "org/many", path_in_repo=name, endpoint=hub.url)
+    assert list_gauges("org/many", endpoint=hub.url) == ["deep/er/z", "gauges/x", "gauges/y"]
+    with pytest.raises(GaugeError, match=r"gauges/x, gauges/y"):
+        load_gauge("org/many", cache_dir=tmp_path / "c", endpoint=hub.url)
+    with pytest.raises(GaugeError, match="not a valid Hub repository id"):
+        list_gauges("bad//id", endpoint=hub.url)
+
+
+def test_push_pins_revisions_and_maps_cache_paths_to_ids(hub: HubServer) -> None:
+    from huggingface_hub import HfApi
+    HfApi(endpoint=hub.url).create_repo("org/base")
+    sha = hub.commit("org/base", {"README.md": b"---\nlicense: apache-2.0\n---\n# base\n", "config.json": b"{}"})
+    cached = "/home/u/.cache/huggingface/hub/models--org--finetune/snapshots/" + "ab" * 20
+    g = Gauge(SignedPermutation.random(8, 0), source={"model_id": "org/base", "model_type": "llama"},
+              target={"model_id": cached, "model_type": "llama"}, method="signed")
+    push_gauge(g, "org/pins", path_in_repo="gauges/p", endpoint=hub.url)
+    conf = json.loads(hub.files("org/pins")["gauges/p/gauge_config.json"])
+    assert conf["source"]["revision"] == sha                      # through HfApi.model_info
+    assert conf["target"]["model_id"] == "org/finetune" and conf["target"]["revision"] == "ab" * 20
+    card = ModelCard(hub.files("org/pins")["gauges/p/README.md"].decode())
+    assert card.data.license == "apache-2.0" and card.data.base_model == "org/base" and cached not in card.text
+    assert g.target["model_id"] == cached                         # the caller's gauge is not modified
+    push_gauge(g, "org/pins", path_in_repo="gauges/q", endpoint=hub.url, target_id="org/renamed")
+    assert json.loads(hub.files("org/pins")["gauges/q/gauge_config.json"])["target"]["model_id"] == "org/renamed"
+
+
+def test_card_metrics_rounded_explained_and_snippet_runs(hub: HubServer, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import re
+
+    import huggingface_hub.constants as hc
+    g = gauge(5)
+    g.metrics.update(min_margin=0.123456789, n_low_confidence=0)
+    push_gauge(g, "org/snip", path_in_repo="gauges/s", endpoint=hub.url)
+    text = hub.files("org/snip")["gauges/s/README.md"].decode()
+    assert "| min_margin | 0.1235 | smallest gap" in text and "0.123456789" not in text
+    snippet = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    ns: dict = {}
+    exec(compile(snippet, "card-snippet", "exec"), ns)               # the card's usage snippet runs as written
+    assert torch.equal(ns["vector_in_target"], g.residual(ns["vector_in_source"]))
+
+
+def test_save_pretrained_writes_the_card(tmp_path: Path) -> None:
+    g = gauge(6)
+    g.save_pretrained(tmp_path / "g")
+    card = ModelCard.load(tmp_path / "g" / "README.md")
+    assert card.data.library_name == "hf_gauge" and card.data.base_model == "org/base"
+    assert load_gauge(tmp_path / "g") == g

@@ -211,6 +211,42 @@ def test_accelerate_device_map(tmp_path, ids):
     assert {p.device.type for p in m.parameters()} == {torch.device(d).type for d in devices}
 
 
+def _disk_offloaded(model, tmp_path, how):
+    """``model`` with layer 1 and the final norm on disk: through ``from_pretrained(device_map=..., offload_folder=)``
+    or accelerate's ``disk_offload`` (which writes every weight into the offload folder as ``.dat`` files)."""
+    from transformers import AutoModelForCausalLM
+    if how == "disk_offload":
+        from accelerate import disk_offload
+        out = disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+        assert any(p.suffix == ".dat" for p in (tmp_path / "offload").iterdir())     # a real offload folder on disk
+        return out
+    model.save_pretrained(tmp_path / "ckpt")
+    dmap = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "disk",
+            "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    return AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=dmap, dtype=torch.float32,
+                                                offload_folder=str(tmp_path / "offload")).eval()
+
+
+@pytest.mark.parametrize("how", ["device_map", "disk_offload"])
+def test_disk_offloaded_model_fingerprint_gauge_to_random_gauge(tmp_path, ids, how):
+    """Offloaded parameters live on the meta device; fingerprinting reads them where accelerate keeps them, so
+    ``random_gauge`` and ``gauge_to(data=...)`` work; ``apply_gauge`` refuses (it would have to rewrite the offload)."""
+    a = tiny_model("llama", seed=2)
+    b = tiny_model("llama", seed=2)
+    g = hf_gauge.random_gauge(b, seed=5)
+    b.apply_gauge(g)
+    fp = hf_gauge.fingerprint(a)
+    off = _disk_offloaded(a, tmp_path, how)
+    assert off.model.norm.weight.device.type == "meta"
+    assert hf_gauge.fingerprint(off) == fp
+    assert hf_gauge.random_gauge(off, seed=1).source["fingerprint"] == fp
+    found = off.gauge_to(b, data=torch.randint(0, 100, (8, 16), generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(found.residual.perm, g.residual.perm) and torch.equal(found.residual.sign, g.residual.sign)
+    assert found.source["fingerprint"] == fp and found.target["fingerprint"] == hf_gauge.fingerprint(b)
+    with pytest.raises(GaugeError, match="meta device"):
+        off.apply_gauge(g)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_bit_exact(dtype):
@@ -250,13 +286,41 @@ def test_smollm2_real_weights(smollm2, smollm2_ids, dtype):
 
 def test_attach_puts_methods_on_the_shared_base_and_never_replaces(monkeypatch):
     from transformers import GPT2Config, GPT2Model, LlamaForSequenceClassification, PreTrainedModel
-    from hf_gauge._attach import METHODS
+    from hf_gauge._attach import METHODS, install
     for name, fn in METHODS.items():
         assert PreTrainedModel.__dict__[name] is fn                        # one attachment, inherited everywhere
         assert getattr(LlamaForSequenceClassification, name) is fn and getattr(GPT2Model, name) is fn
     sentinel = object()
     monkeypatch.setattr(PreTrainedModel, "transport", sentinel)
-    hf_gauge.attach()
+    install()
     assert PreTrainedModel.transport is sentinel
     with pytest.raises(hf_gauge.GaugeError, match="model_type='gpt2'"):
         GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20)).symmetry_group()
+
+
+def test_import_is_lazy_and_methods_attach_when_classes_are_imported():
+    """``import hf_gauge`` imports neither torch nor transformers; a model class imported afterwards (and PEFT's
+    PeftModel) has the methods all the same; the package's functions stay functions when their submodules load."""
+    import os
+    import subprocess
+    import sys
+    code = """
+import sys
+import hf_gauge
+assert "torch" not in sys.modules and "transformers" not in sys.modules, "heavy import"
+from transformers import AutoConfig, AutoModelForCausalLM
+m = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3", hidden_size=32, intermediate_size=48,
+    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=8, vocab_size=64))
+assert callable(m.gauge_to) and callable(m.apply_gauge) and type(m).__name__ == "Qwen3ForCausalLM"
+from transformers import PreTrainedModel
+assert "apply_gauge" in PreTrainedModel.__dict__
+from peft import PeftModel
+assert "apply_gauge" in PeftModel.__dict__
+import hf_gauge.merge, hf_gauge.verify, hf_gauge.audit
+assert all(callable(f) and not isinstance(f, type(sys)) for f in (hf_gauge.merge, hf_gauge.verify, hf_gauge.audit))
+m.apply_gauge(hf_gauge.random_gauge(m, seed=1))
+print("OK")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
+    assert r.stdout.strip().endswith("OK"), r.stderr[-3000:]

@@ -123,19 +123,25 @@ def test_adapter_folder_roundtrip(setup, ids, tmp_path):
     pa.save_pretrained(src)
     src_bytes = {p.relative_to(src): p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()}
     assert (src / "adapter_model.safetensors").relative_to(src) in src_bytes
-    out = hf_gauge.transport_path(g, src, tmp_path / "adapter_b", config=a.config)
-    assert (out / "adapter_config.json").read_text() == (src / "adapter_config.json").read_text()
+    with pytest.raises(GaugeError, match="base"):      # a random gauge records no distinct target model
+        hf_gauge.transport_path(g, src, tmp_path / "adapter_b", config=a.config)
+    out = hf_gauge.transport_path(g, src, tmp_path / "adapter_b", config=a.config, base="org/gauged-base")
+    src_cfg, out_cfg = (json.loads((d / "adapter_config.json").read_text()) for d in (src, out))
+    assert out_cfg.pop("base_model_name_or_path") == "org/gauged-base"
+    src_cfg.pop("base_model_name_or_path")
+    assert {k: v for k, v in out_cfg.items() if k in src_cfg} == {k: v for k, v in src_cfg.items() if k != "revision"
+                                                                  } | {"revision": None}
     rec = json.loads((out / "hf_gauge_transport.json").read_text())
-    assert rec["kind"] == "peft_adapter" and rec["spaces"]["residual"] == 64
+    assert rec["kind"] == "peft_adapter" and rec["spaces"]["residual"] == 64 and rec["base_model"] == "org/gauged-base"
     pb = PeftModel.from_pretrained(copy.deepcopy(b), out).eval()
     assert (logits(pb, ids) - ref).abs().max().item() < 1e-5
     # the same through gauge.transport(path, out=...)
-    out2 = g.transport(src, out=tmp_path / "adapter_b2", config=a.config)
+    out2 = g.transport(src, out=tmp_path / "adapter_b2", config=a.config, base="org/gauged-base")
     assert (logits(PeftModel.from_pretrained(copy.deepcopy(b), out2).eval(), ids) - ref).abs().max().item() < 1e-5
     with pytest.raises(GaugeError, match="overwrite"):
-        hf_gauge.transport_path(g, src, src, config=a.config)
+        hf_gauge.transport_path(g, src, src, config=a.config, base="x")
     with pytest.raises(GaugeError, match="not empty"):
-        hf_gauge.transport_path(g, src, out, config=a.config)
+        hf_gauge.transport_path(g, src, out, config=a.config, base="x")
     assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     # the source folder is never mutated: same files, same bytes
     assert {p.relative_to(src): p.read_bytes() for p in sorted(src.rglob("*")) if p.is_file()} == src_bytes
@@ -164,3 +170,76 @@ def test_adapter_for_other_architecture_is_refused(setup):
     g_anon = hf_gauge.Gauge(residual=g.residual)
     with pytest.raises(GaugeError, match="model_type"):
         g_anon.transport(sd)
+
+
+@pytest.fixture()
+def saved_pair(setup, tmp_path):
+    """A and the gauged B saved as local folders, reloaded from them, and the gauge fitted between the reloads
+    (so its target records B's folder as model id)."""
+    from transformers import AutoModelForCausalLM
+    a, b, _ = setup
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B")
+    la, lb = (AutoModelForCausalLM.from_pretrained(tmp_path / n, dtype=torch.float32).eval() for n in "AB")
+    g = la.gauge_to(lb, spaces="all")
+    assert g.target["model_id"] == str(tmp_path / "B")
+    return la, lb, g
+
+
+def test_adapter_folder_loads_on_gauged_base_with_auto_peft(saved_pair, ids, tmp_path):
+    """AutoPeftModelForCausalLM.from_pretrained(OUT) loads the gauged base named in the folder (a local folder: no
+    Hub) and reproduces the original adapter's logits; the README card names the same base."""
+    from huggingface_hub import ModelCard
+    from peft import AutoPeftModelForCausalLM
+    la, lb, g = saved_pair
+    kw = CASES["lora+embedding+modules_to_save"]
+    pa = _adapter(copy.deepcopy(la), kw)
+    ref = logits(pa, ids)
+    pa.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(tmp_path / "A")
+    out = hf_gauge.transport_path(g, tmp_path / "adapter", tmp_path / "adapter_b")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "B")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(tmp_path / "B") and card.data.library_name == "peft"
+    loaded = AutoPeftModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (logits(loaded, ids) - ref).abs().max().item() < 1e-5
+    # the untransported folder loads the ungauged base: the mistake this prevents is large
+    assert (logits(_on_base(lb, kw, get_peft_model_state_dict(pa)), ids) - ref).abs().max().item() > 0.1
+
+    # second transport through the same gauge, and the wrong direction, are refused from the recorded provenance
+    with pytest.raises(GaugeError, match="already transported through this gauge"):
+        hf_gauge.transport_path(g, out, tmp_path / "twice")
+    other = random_gauge(la, seed=3)          # another gauge from A's chart: OUT is not in A's chart any more
+    with pytest.raises(GaugeError, match="chart"):
+        hf_gauge.transport_path(other, out, tmp_path / "wrong", base="x")
+    # going back with the inverse gauge restores the original base and the original adapter, bit for bit
+    back = hf_gauge.transport_path(g.inverse(), out, tmp_path / "adapter_a")
+    assert json.loads((back / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "A")
+    from safetensors.torch import load_file
+    orig, again = (load_file(d / "adapter_model.safetensors") for d in (tmp_path / "adapter", back))
+    assert orig.keys() == again.keys() and all(torch.equal(orig[k], again[k]) for k in orig)
+    assert not (tmp_path / "twice").exists() and not (tmp_path / "wrong").exists()
+
+
+def test_adapter_of_the_target_is_refused_as_wrong_direction(saved_pair, tmp_path):
+    la, lb, g = saved_pair
+    pb = get_peft_model(copy.deepcopy(lb), _cfg(dict(target_modules=["q_proj"])))
+    pb.save_pretrained(tmp_path / "adapter_of_b")
+    with pytest.raises(GaugeError, match="wrong direction"):
+        hf_gauge.transport_path(g, tmp_path / "adapter_of_b", tmp_path / "out")
+    out = hf_gauge.transport_path(g.inverse(), tmp_path / "adapter_of_b", tmp_path / "out")
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "A")
+
+
+def test_peft_model_transport_to_gauged_base(saved_pair, ids):
+    """``peft_model.transport(peft_model, to=gauged_base)`` fits the gauge from the adapter's base and returns the
+    adapter state dict in the target chart (as ``g.transport(peft_model)`` does: README table)."""
+    la, lb, g = saved_pair
+    kw = CASES["dora+embedding"]
+    pa = _adapter(copy.deepcopy(la), kw)
+    ref = logits(pa, ids)
+    sd = pa.transport(pa, to=lb, spaces="all")
+    want = g.transport(pa)
+    assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
+    assert (logits(_on_base(lb, kw, sd), ids) - ref).abs().max().item() < 1e-5

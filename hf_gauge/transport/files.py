@@ -21,6 +21,7 @@ from ..errors import GaugeError
 from . import register
 from ._io import atomic_file, check_out, gauge_record, read_safetensors
 from .optim import is_optim_state, transport_optimizer_state
+from .control_gguf import transport_control_gguf
 from .peft_adapters import is_adapter_folder, transport_adapter_folder
 from .sae import is_sae_dict, is_sae_folder, transport_sae_folder, transport_sae_state
 from .vectors import move_vector
@@ -29,7 +30,7 @@ TORCH_SUFFIXES = (".pt", ".bin", ".pth")
 
 
 def detect(src: str | Path) -> str:
-    """``"sae"``, ``"peft"``, ``"optimizer"``, ``"vectors"`` or ``"vectors-torch"`` for a path (``GaugeError`` if unknown)."""
+    """``"sae"``, ``"peft"``, ``"optimizer"``, ``"vectors"``, ``"control-gguf"`` or ``"vectors-torch"`` for a path (``GaugeError`` if unknown)."""
     src = Path(src)
     if not src.exists():
         raise GaugeError(f"{src} does not exist")
@@ -42,11 +43,13 @@ def detect(src: str | Path) -> str:
                          "PEFT adapter (adapter_config.json + adapter_model.safetensors)")
     if src.suffix == ".safetensors":
         return "vectors"
+    if src.suffix == ".gguf":
+        return "control-gguf"
     if src.suffix in TORCH_SUFFIXES:
         obj = _load_torch(src)
         return "optimizer" if is_optim_state(obj) else "vectors-torch"
     raise GaugeError(f"don't know how to transport {src.name!r}: expected a SAELens or PEFT folder, an optimizer file "
-                     f"({', '.join(TORCH_SUFFIXES)}) or steering vectors (.safetensors / .pt)")
+                     f"({', '.join(TORCH_SUFFIXES)}), steering vectors (.safetensors / .pt) or a repeng control vector (.gguf)")
 
 
 def _load_torch(src: Path) -> Any:
@@ -124,6 +127,8 @@ def transport_path(gauge, src: str | Path, out: str | Path, **kw: Any) -> Path:
         return out
     if kind == "vectors":
         return _transport_safetensors(gauge, src, out, **kw)
+    if kind == "control-gguf":
+        return transport_control_gguf(gauge, src, out)
     return _transport_torch_vectors(gauge, src, out)
 
 

@@ -28,11 +28,12 @@ from ..errors import GaugeError
 from ..fileio import read_json
 from ..specs import ArchSpec
 from . import register
-from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, moves_heads, read_safetensors,
-                  spec_and_config, write_record)
+from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
+                  moves_heads, read_safetensors, spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_README = "README.md"
 SUPPORTED_PEFT_TYPES = ("LORA",)
 
 
@@ -146,12 +147,107 @@ def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     return None
 
 
-def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_type: str | None = None,
-                             spec: ArchSpec | None = None, config: Any = None, model: Any = None, **_: Any) -> Path:
-    """PEFT adapter folder -> a new folder in the target chart (atomic; ``adapter_config.json`` copied unchanged,
-    gauge provenance in ``hf_gauge_transport.json``). Extra adapters saved in subfolders are transported too.
+def _read_record(src: Path) -> dict[str, Any] | None:
+    """The gauge provenance an earlier transport wrote into ``src`` (None when there is none)."""
+    p = src / GAUGE_RECORD_FILE
+    if not p.is_file():
+        return None
+    try:
+        rec = read_json(p, "hf_gauge provenance record")
+    except GaugeError as e:
+        raise GaugeError(f"{e}; remove it or re-transport the original adapter") from None
+    if not all(isinstance(rec.get(k, {}), dict) for k in ("source", "target")):
+        raise GaugeError(f"{p} is not an hf_gauge provenance record; remove it or re-transport the original adapter")
+    return rec
 
-    The architecture comes from the kwargs, ``gauge.source['model_type']``, or a local
+
+def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[str, Any] | None) -> None:
+    """Refuse an adapter that is not in the gauge's source chart.
+
+    With a provenance record (the adapter was transported before): a second transport through the same gauge, and a
+    record whose target chart fingerprint is not the gauge's source chart (the gauge's target: the wrong direction).
+    Without one: an adapter whose base is the gauge's recorded target model (the wrong direction).
+    """
+    if rec is not None:
+        if rec.get("fingerprint") == gauge_fingerprint(gauge):
+            raise GaugeError(f"{src} was already transported through this gauge (its {GAUGE_RECORD_FILE} records "
+                             f"gauge {rec['fingerprint']}); transporting it again would move it out of the chart of "
+                             "its base. Use the folder as it is, or the original adapter")
+        chart, want = rec["target"].get("fingerprint"), gauge.source.get("fingerprint")
+        if chart and want and chart != want:
+            if chart == gauge.target.get("fingerprint"):
+                raise GaugeError(f"{src} is already in this gauge's target chart (fingerprint {chart}): this is the "
+                                 "wrong direction; use the inverse gauge (--inverse / gauge.inverse()) to go back")
+            raise GaugeError(f"{src} is in the chart with fingerprint {chart} (its {GAUGE_RECORD_FILE}) but the gauge "
+                             f"starts from the chart {want}: fit a gauge from the adapter's base instead")
+        return
+    tgt, srcid = gauge.target.get("model_id"), gauge.source.get("model_id")
+    if adapter_base and tgt and tgt != srcid and adapter_base == tgt:
+        raise GaugeError(f"{src} is an adapter of {tgt!r}, the gauge's target model: this is the wrong direction; use "
+                         "the inverse gauge (--inverse / gauge.inverse()) to move it to the source chart")
+
+
+def gauged_base(gauge, base: str | None, rec: dict[str, Any] | None = None) -> str:
+    """The base model the transported adapter must be loaded on: ``base``, the original base when this gauge undoes
+    the recorded transport, or the gauge's recorded target model; ``GaugeError`` when unknown."""
+    if base:
+        return str(base)
+    if rec is not None and rec.get("original_base") and rec.get("fingerprint") == gauge_fingerprint(gauge.inverse()):
+        return str(rec["original_base"])
+    tgt, srcid = gauge.target.get("model_id"), gauge.source.get("model_id")
+    if tgt and tgt != srcid:
+        return str(tgt)
+    raise GaugeError("the gauged base model is unknown (the gauge does not record a target model distinct from its "
+                     "source): pass base= (CLI: --base) naming the gauged checkpoint, e.g. the folder written by "
+                     "hf-gauge apply or its Hub id, so that AutoPeftModel loads the adapter on the right chart")
+
+
+def _write_adapter_config(src: Path, dst: Path, base: str) -> str | None:
+    """Rewrite ``adapter_config.json`` through PEFT's own ``PeftConfig`` with ``base_model_name_or_path=base``
+    (revision cleared: it pinned the old base); returns the old base."""
+    from peft import PeftConfig
+    try:
+        cfg = PeftConfig.from_pretrained(str(src))
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise GaugeError(f"{src / ADAPTER_CFG} is not a valid PEFT config: {' '.join(str(e).split())[:200]}") from None
+    old = cfg.base_model_name_or_path
+    cfg.base_model_name_or_path, cfg.revision = base, None
+    cfg.save_pretrained(str(dst))
+    return old
+
+
+def _write_adapter_card(src: Path, dst: Path, base: str, old: str | None, gauge) -> None:
+    """The adapter's README with ``base_model`` set to the gauged base (metadata through ``huggingface_hub.ModelCard``;
+    the user's text kept) and a note on the transport; a short card when the adapter had none."""
+    from huggingface_hub import ModelCard, ModelCardData
+    note = (f"\n\n## hf_gauge transport\n\nThis adapter was moved through the gauge `{gauge_fingerprint(gauge)}` "
+            f"from the chart of `{old or 'its original base'}` to the chart of `{base}`. Load it on `{base}` "
+            f"(`AutoPeftModelForCausalLM.from_pretrained(...)` does so); on the original base it is wrong. Provenance: "
+            f"`{GAUGE_RECORD_FILE}`.\n")
+    p = src / ADAPTER_README
+    if p.is_file():
+        try:
+            card = ModelCard(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise GaugeError(f"{p} has an unreadable model card header: {e}; fix or remove it") from None
+    else:
+        card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n# PEFT adapter")
+    card.data.base_model = base
+    card.text = card.text.rstrip() + note
+    card.save(str(dst / ADAPTER_README))
+
+
+def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: str | None = None,
+                             model_type: str | None = None, spec: ArchSpec | None = None, config: Any = None,
+                             model: Any = None, **_: Any) -> Path:
+    """PEFT adapter folder -> a new folder in the target chart (atomic). Extra adapters saved in subfolders are
+    transported too.
+
+    The output names the gauged base in ``adapter_config.json`` (``base_model_name_or_path``) and in its README's
+    ``base_model``: ``base``, else the gauge's recorded target model (refused when unknown), so that
+    ``AutoPeftModelForCausalLM.from_pretrained(out)`` loads the right chart. Gauge provenance goes to
+    ``hf_gauge_transport.json``; with it a second transport through the same gauge, or one in the wrong direction,
+    is refused. The architecture comes from the kwargs, ``gauge.source['model_type']``, or a local
     ``base_model_name_or_path/config.json``; a gauge that moves attention heads also needs the head geometry, from
     ``config=``/``model=`` or that local base config.
     """
@@ -166,23 +262,27 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
     cfg = read_json(src / ADAPTER_CFG, "adapter config")
     _check_peft_type(cfg, str(src))
-    heads = moves_heads(gauge)
-    if config is None and model is None and (heads or (spec is None and model_type is None
-                                                       and not gauge.source.get("model_type"))):
-        config = _local_base_config(cfg)     # the architecture, or the head geometry a head-moving gauge needs
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
+    rec = _read_record(src)
+    check_adapter_chart(gauge, src, cfg.get("base_model_name_or_path"), rec)
+    new_base = gauged_base(gauge, base, rec)
+    if config is None and model is None:        # architecture and head geometry from a local base's config.json
+        config = _local_base_config(cfg)
     moved = transport_adapter_state(gauge, sd, model_type=model_type, spec=spec, config=config, model=model)
     subs = [p for p in sorted(src.iterdir()) if p.is_dir()]
     for p in subs:
         if not is_adapter_folder(p):
             raise GaugeError(f"{src} contains a subfolder {p.name!r} that is not an adapter; refusing to copy it unmoved")
     with atomic_dir(out, src) as tmp:
-        copy_other_files(src, tmp, skip=[ADAPTER_WEIGHTS] + [p.name for p in subs])
+        copy_other_files(src, tmp, skip=[ADAPTER_WEIGHTS, ADAPTER_CFG, ADAPTER_README] + [p.name for p in subs])
+        old_base = _write_adapter_config(src, tmp, new_base)
+        _write_adapter_card(src, tmp, new_base, old_base, gauge)
         save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=st_meta)
         for p in subs:
-            transport_adapter_folder(gauge, p, tmp / p.name, model_type=model_type, spec=spec, config=config,
-                                     model=model)
-        write_record(tmp, gauge, kind="peft_adapter", source_path=str(src))
+            transport_adapter_folder(gauge, p, tmp / p.name, base=new_base, model_type=model_type, spec=spec,
+                                     config=config, model=model)
+        write_record(tmp, gauge, kind="peft_adapter", source_path=str(src), base_model=new_base,
+                     original_base=old_base)
     return out
 
 
