@@ -114,6 +114,15 @@ def test_duplicate_indices_named():
         SignedPermutation([2, 2, 0])
 
 
+@pytest.mark.parametrize("perm,bad", [([0, 1, 3], "perm[2] = 3"), ([0, 1, 2, 3, 9], "perm[4] = 9"),
+                                      ([0, -1, 1], "perm[1] = -1")])
+def test_out_of_range_index_named_not_called_duplicated(perm, bad):
+    """An index outside range(d) is reported as out of range (it used to read 'duplicated indices include [d-1]')."""
+    with pytest.raises(GaugeError, match="out of range") as e:
+        SignedPermutation(perm)
+    assert bad in str(e.value) and "duplicat" not in str(e.value)
+
+
 def test_accepts_numpy_and_lists():
     assert SignedPermutation(np.array([1, 0]), np.array([-1, 1])) == SignedPermutation([1, 0], [-1, 1])
 
