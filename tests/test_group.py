@@ -138,6 +138,19 @@ def test_gauge_group_law_and_spaces():
     assert torch.equal(ab.transport(x), b.transport(a.transport(x)))
 
 
+@pytest.mark.parametrize("name", ["mlp.01", "attn.+1", "mlp. 3", "mlp.3 ", " residual", "residual\n", "mlp.-1",
+                                  "attn.1_0", "mlp.\u0663", "mlp.", "residual.0", 3])
+def test_gauge_refuses_non_canonical_space_names(name):
+    """'mlp.01' used to be accepted and then matched no layer (acting as the identity)."""
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        Gauge(spaces={name: SignedPermutation.identity(3)})
+
+
+def test_gauge_refuses_negative_layer_keys():
+    with pytest.raises(GaugeError, match="unknown gauge space 'mlp.-1'"):
+        Gauge(mlp={-1: SignedPermutation.identity(3)})
+
+
 def test_gauge_refuses_bad_spaces():
     with pytest.raises(GaugeError, match="unknown gauge space"):
         Gauge(spaces={"mlp": SignedPermutation.identity(3)})

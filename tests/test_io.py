@@ -280,6 +280,17 @@ def test_refuses_bad_space_name_and_pairs_from_two_gauges(saved: Path, tmp_path:
         load_gauge(other)
 
 
+@pytest.mark.parametrize("name", ["mlp.01", "attn.+0", "mlp. 0", "mlp.0 "])
+def test_load_refuses_non_canonical_space_name(saved: Path, name: str) -> None:
+    t = _tensors(saved)
+    t[f"{name}.perm"], t[f"{name}.sign"] = t.pop("mlp.0.perm"), t.pop("mlp.0.sign")
+    cfg = _config(saved)
+    cfg["spaces"][name] = cfg["spaces"].pop("mlp.0")
+    _rewrite(saved, tensors=t, config=cfg)
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        load_gauge(saved)
+
+
 def test_hub_module_never_unpickles() -> None:
     src = Path(hub.__file__).read_text() + Path(hub.__file__).with_name("checkpoint.py").read_text()
     assert "pickle" not in src.replace("never pickle", "").replace("pickled weights", "").replace("(never pickle)", "")
