@@ -21,6 +21,10 @@ def residual_of(gauge):
 
 def move_vector(gauge, v: torch.Tensor, what: str = "vector") -> torch.Tensor:
     q = residual_of(gauge)
+    if not v.is_floating_point():
+        raise GaugeError(f"{what} has dtype {v.dtype}: a residual-stream vector must be floating point (a sign flip "
+                         "wraps int8 -128 and is lost in unsigned or bool dtypes); cast it to float first, e.g. "
+                         "v.float() or arr.astype(np.float32)")
     if v.dim() == 0 or v.shape[-1] != q.size:
         raise GaugeError(f"width mismatch: {what} has shape {tuple(v.shape)} but the gauge's residual width is {q.size}; "
                          "the last axis of a residual-stream object must be the model's hidden size")
