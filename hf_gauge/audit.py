@@ -362,10 +362,10 @@ def _cmd_audit(args) -> int:
         path = str(smollm2_path())
     else:
         path = args.model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
     text = open(args.text_file).read() if args.text_file else _default_text()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         ids = tok(text, return_tensors="pt").input_ids[0]
     except (OSError, ValueError, TypeError, KeyError):   # no tokenizer saved with the model: random ids
         ids = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))

@@ -370,7 +370,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         if _inside(src_r, out_r):
             raise GaugeError(f"refusing to replace {out}: the source checkpoint {src} lies inside it")
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
     spec = get_spec(config)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,7 +44,8 @@ def _load_model(spec: str, revision: str | None = None):
 
     _check_model_arg(spec)
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32,
+                                                    trust_remote_code=False).eval()
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
 
@@ -52,7 +54,7 @@ def _load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot load a tokenizer from {spec!r} (needed for text data): {str(e).splitlines()[0]}") \
             from None
@@ -276,11 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .audit import add_subparser as add_audit   # the module (hf_gauge.audit is the function)
     add_audit(sub)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    for name, sp in sub.choices.items():             # also accepted after the command (hf-gauge apply ... --debug)
+        if name != "demo":
+            sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the Python traceback of an error")
     return p
 
 
+# user errors: refused input, files that cannot be read or written (disk full, permissions), malformed JSON/values
+_USER_ERRORS = (GaugeError, OSError, ImportError, ValueError, json.JSONDecodeError, UnicodeError, RecursionError,
+                pickle.UnpicklingError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hf-gauge`` console script; returns the exit status."""
+    """Entry point of the ``hf-gauge`` console script; returns the exit status.
+
+    Every error exits with status 2 and one line ``error: ...`` on stderr (an unexpected one adds a hint);
+    ``--debug`` prints the traceback as well.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
         from .demo import main as demo_main
@@ -291,13 +307,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    debug = bool(getattr(args, "debug", False))
     try:
         return int(func(args) or 0)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (GaugeError, OSError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001  (the console script never shows a traceback unless --debug)
+        if debug:
+            import traceback
+            traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, _USER_ERRORS):
+            msg = f"{type(e).__name__}: {msg}" + ("" if debug else " (run with --debug for the traceback)")
         print(f"error: {msg}", file=sys.stderr)
         return 2
 

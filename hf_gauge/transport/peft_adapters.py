@@ -142,7 +142,7 @@ def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     base = cfg.get("base_model_name_or_path")
     if base and (Path(base) / "config.json").is_file():
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(base, local_files_only=True)
+        return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
     return None
 
 
