@@ -23,6 +23,7 @@ from typing import Any, BinaryIO, Iterable
 
 import torch
 
+from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, publish_mode, staging_dir
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
@@ -441,7 +442,8 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     headers = {s: read_header(src / s) for s in shards}
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    clean_stale_staging(out)                  # staging folders of killed runs into the same output
+    tmp = staging_dir(out)
     try:
         plans = {}
         for s, (_, header, _) in headers.items():
@@ -465,6 +467,10 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                     continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(Path(root) / fn, tmp / rel)   # follows symlinks (Hub cache snapshots)
+        (tmp / STAGING_MARKER).unlink()
+        if durable:
+            fsync_tree(tmp)
+        publish_mode(tmp, directory=True)     # mkdtemp made it 0700
         if out.exists() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
@@ -472,6 +478,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
@@ -106,19 +106,6 @@ def _tensors_and_meta(gauge: Gauge) -> tuple[dict[str, torch.Tensor], dict[str, 
     return tensors, conf_json, conf_kinds
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # save
 # ----------------------------------------------------------------------------------------------------------------
@@ -151,9 +138,11 @@ def _serialize(gauge: Gauge) -> tuple[bytes, bytes]:
 def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     """Write ``gauge`` to ``save_directory`` (``gauge.safetensors`` + ``gauge_config.json``); returns the folder.
 
-    A new folder appears whole (written beside it, then renamed). In an existing folder only the two gauge files
-    are replaced (each atomically, weights first; the config records the weights' sha256, so a torn pair is
-    detected on load). Other files, a checkpoint's ``config.json`` in particular, are never touched.
+    A new folder appears whole (written beside it, fsynced, then renamed). In an existing folder the two gauge files
+    are replaced as one unit: each atomically (weights first; the config records the weights' sha256), under an
+    exclusive lock on the folder that ``load_gauge`` takes shared, so concurrent saves never leave a mixed pair
+    and a concurrent load sees the old pair or the new one. Other files (a model card, a checkpoint's
+    ``config.json``) are never touched.
     """
     weights, config = _serialize(gauge)
     target = Path(save_directory)
@@ -161,19 +150,18 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
         raise GaugeError(f"{target} exists and is not a folder; choose a folder path such as gauges/<name>/")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
-            (tmp / WEIGHTS_NAME).write_bytes(weights)
-            (tmp / CONFIG_NAME).write_bytes(config)
-            os.replace(tmp, target)
+            with atomic_path(target, directory=True) as tmp:
+                (tmp / WEIGHTS_NAME).write_bytes(weights)
+                (tmp / CONFIG_NAME).write_bytes(config)
             return target
         except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not target.exists():
+            if not target.is_dir():
                 raise
-            # lost a race with another writer that created the folder: fall through to file-wise replacement
-    _atomic_write_bytes(target / WEIGHTS_NAME, weights)
-    _atomic_write_bytes(target / CONFIG_NAME, config)
+            # lost a race with another writer that created the folder: fall through to the locked replacement
+    with folder_lock(target, exclusive=True):
+        atomic_write_bytes(target / WEIGHTS_NAME, weights)
+        atomic_write_bytes(target / CONFIG_NAME, config)
     return target
 
 
@@ -232,11 +220,13 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
         where = f"{path_or_repo_id}/{subfolder}" if subfolder else str(path_or_repo_id)
     else:
         raise GaugeError(f"no gauge folder at {local} (and it is not a Hub repository id)")
-    for p in (weights_path, config_path):
-        if not p.is_file():
-            raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
-                             "(save one with Gauge.save_pretrained)")
-    return _parse(weights_path.read_bytes(), config_path.read_bytes(), where)
+    with folder_lock(weights_path.parent, exclusive=False):      # a concurrent save_gauge replaces both files
+        for p in (weights_path, config_path):
+            if not p.is_file():
+                raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
+                                 "(save one with Gauge.save_pretrained)")
+        weights, config = weights_path.read_bytes(), config_path.read_bytes()
+    return _parse(weights, config, where)
 
 
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:

@@ -371,3 +371,35 @@ def test_invalid_shard_refused_before_any_write(tmp_path: Path, case: str) -> No
     with pytest.raises(GaugeError, match="not a valid safetensors file"):
         apply_gauge_to_checkpoint(src, random_gauge(model, seed=1), tmp_path / "out", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_killed_apply_staging_cleaned_next_time_and_umask(tmp_path: Path) -> None:
+    """Hygiene (issue 11): a streaming apply killed mid-run leaves its hidden staging folder; the next apply into the
+    same parent removes it (its marker names a dead process) and nothing else; outputs honour the umask."""
+    import subprocess
+    import sys
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    random_gauge(model, seed=1).save_pretrained(tmp_path / "g")
+    code = ("import os, sys, hf_gauge, hf_gauge.checkpoint as c\n"
+            "real = c.move_tensor\n"
+            "def die(*a, **k):\n    os._exit(9)\n"
+            "c.move_tensor = die\n"
+            "hf_gauge.apply_gauge_to_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "g"), str(tmp_path / "out")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".partial")]
+    assert len(left) == 1 and any(left[0].glob("*.safetensors"))
+    (tmp_path / ".out.notours.partial").mkdir()                       # similar names are never touched
+    (tmp_path / "out.partial").write_text("a user's file")
+    old = os.umask(0o027)
+    try:
+        out = apply_gauge_to_checkpoint(src, tmp_path / "g", tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert not left[0].exists()
+    assert (tmp_path / ".out.notours.partial").is_dir() and (tmp_path / "out.partial").read_text() == "a user's file"
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in out.glob("*.safetensors"))
+    assert not list(out.rglob(".hf_gauge-staging*"))                # the marker is not published

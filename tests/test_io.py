@@ -295,3 +295,55 @@ def test_hub_module_never_unpickles() -> None:
     src = Path(hub.__file__).read_text() + Path(hub.__file__).with_name("checkpoint.py").read_text()
     assert "pickle" not in src.replace("never pickle", "").replace("pickled weights", "").replace("(never pickle)", "")
     assert "torch.load" not in src
+
+
+# ------------------------------------------------------------------------------------------------ concurrent saves
+def _writer(folder: str, seed: int, n: int) -> None:
+    g = make_gauge(seed)
+    for _ in range(n):
+        save_gauge(g, folder)
+
+
+def test_concurrent_saves_and_loads_see_whole_pairs(tmp_path: Path) -> None:
+    """Issue 11 item 6: 2 writer processes x 60 saves of different gauges into one existing folder (which also holds
+    a README card) and a reader loading all the while: every load returns one of the two gauges (never a mixed
+    pair), the final pair is consistent and the card is kept."""
+    import multiprocessing as mp
+
+    folder = tmp_path / "g"
+    save_gauge(make_gauge(5), folder)
+    (folder / "README.md").write_text("card")
+    ctx = mp.get_context("fork")
+    writers = [ctx.Process(target=_writer, args=(str(folder), seed, 60)) for seed in (5, 6)]
+    for w in writers:
+        w.start()
+    want = {5: make_gauge(5), 6: make_gauge(6)}
+    loads, errors = 0, []
+    while any(w.is_alive() for w in writers) or loads < 20:
+        try:
+            g = load_gauge(folder)
+            assert any(g == w for w in want.values())
+        except GaugeError as e:
+            errors.append(str(e))
+        loads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert not errors, (len(errors), loads, errors[:1])
+    final = load_gauge(folder)
+    assert final == want[5] or final == want[6]
+    assert (folder / "README.md").read_text() == "card"
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])   # no temp files left
+
+
+def test_saved_files_honour_umask(tmp_path: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600; published gauge folders and files get 0777/0666 minus the umask."""
+    old = os.umask(0o027)
+    try:
+        save_gauge(make_gauge(), tmp_path / "new")
+        save_gauge(make_gauge(1), tmp_path / "new")          # replacement in an existing folder
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
+    for f in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / "new" / f).stat().st_mode & 0o777 == 0o640

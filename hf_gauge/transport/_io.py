@@ -6,15 +6,14 @@ Convention (gauge-math.md): a gauge ``g`` maps the source chart to the target ch
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..atomic import atomic_path
 from ..engine import Move, moves_for
 from ..errors import GaugeError
 from ..group import SignedPermutation
@@ -168,34 +167,20 @@ def check_out(src: Path | None, out: Path) -> Path:
 
 @contextmanager
 def atomic_dir(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``)."""
+    """Yield a temporary sibling folder; on success fsync it and rename it to ``out`` (never a half-written ``out``)."""
     out = check_out(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         yield tmp
-        if out.exists():          # an empty directory (checked above)
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager
 def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling file path; on success rename it onto ``out``."""
+    """Yield a temporary sibling file path; on success fsync it and rename it onto ``out``."""
     out = check_out(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(out) as tmp:
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".gguf")
