@@ -22,6 +22,7 @@ from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
+from .transport._io import read_json
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
            "gauge_card", "gauge_id", "template_path"]
@@ -229,13 +230,36 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     return _parse(weights, config, where)
 
 
+# the JSON type of every gauge_config.json field the loader reads (None: the field may be null or absent)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "spaces": (dict,), "source": (dict, type(None)), "target": (dict, type(None)), "method": (str, type(None)),
+    "metrics": (dict, type(None)), "confidence": (dict, type(None)), "confidence_arrays": (dict, type(None)),
+}
+
+
+def _check_config_types(config: dict, where: str) -> None:
+    """Refuse fields of the wrong JSON type (the checksum only proves the two files belong together)."""
+    for key, types in _FIELD_TYPES.items():
+        if key in config and not isinstance(config[key], types):
+            raise GaugeError(f"{where}: field {key!r} is a {type(config[key]).__name__}, expected "
+                             f"{' or '.join('null' if t is type(None) else _JSON_NAMES[t] for t in types)}; "
+                             "the file is corrupt or hostile: re-save the gauge")
+    for name, info in (config.get("spaces") or {}).items():
+        size = info.get("size") if isinstance(info, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 40:
+            raise GaugeError(f"{where}: space {name!r} has size {size!r}; expected a positive integer")
+    for key, kind in (config.get("confidence_arrays") or {}).items():
+        if kind not in ("torch", "numpy"):
+            raise GaugeError(f"{where}: confidence array {key!r} has kind {kind!r}; expected 'torch' or 'numpy'")
+
+
+_JSON_NAMES = {dict: "object", str: "string", list: "array"}
+
+
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     from safetensors.torch import load
 
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GaugeError(f"{where}/{CONFIG_NAME} is not valid JSON ({e}); the file is corrupt: re-save the gauge") from None
+    config = read_json(config_bytes, f"{where}/{CONFIG_NAME}", "the file is corrupt: re-save the gauge")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise GaugeError(f"{where}/{CONFIG_NAME} is not an hf_gauge gauge config (format != {FORMAT!r})")
     version = config.get("format_version")
@@ -255,8 +279,9 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     if meta.get("format") != FORMAT or meta.get("format_version") != str(version):
         raise GaugeError(f"{where}/{WEIGHTS_NAME} metadata says format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}, but {CONFIG_NAME} says {FORMAT!r} version {version}")
+    _check_config_types(config, f"{where}/{CONFIG_NAME}")
     spaces_cfg = config.get("spaces")
-    if not isinstance(spaces_cfg, dict) or not spaces_cfg:
+    if not spaces_cfg:
         raise GaugeError(f"{where}/{CONFIG_NAME} lists no gauge spaces")
     spaces: dict[str, SignedPermutation] = {}
     for name, info in spaces_cfg.items():
@@ -280,7 +305,10 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
         t = tensors.pop(f"{key}.margin" if key in spaces else f"confidence.{key}", None)
         if t is None:
             raise GaugeError(f"{where}: confidence array {key!r} is listed in {CONFIG_NAME} but missing")
-        confidence[key] = t if kind == "torch" else t.numpy()
+        try:
+            confidence[key] = t if kind == "torch" else t.numpy()
+        except TypeError:                    # e.g. bfloat16 has no numpy dtype
+            raise GaugeError(f"{where}: confidence array {key!r} has dtype {t.dtype}, which numpy cannot hold") from None
     if tensors:
         raise GaugeError(f"{where}/{WEIGHTS_NAME} holds unexpected tensors {sorted(tensors)[:5]} that "
                          f"{CONFIG_NAME} does not list; the files do not belong together")

@@ -347,3 +347,51 @@ def test_saved_files_honour_umask(tmp_path: Path) -> None:
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
     for f in (WEIGHTS_NAME, CONFIG_NAME):
         assert (tmp_path / "new" / f).stat().st_mode & 0o777 == 0o640
+
+
+# ------------------------------------------------------------------------------------------------ field types (item 8)
+def _deep(n: int):
+    v: object = 1
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("key,value", [
+    ("source", "org/model"), ("target", 7), ("metrics", [0.5]), ("method", {"x": 1}), ("confidence", "high"),
+    ("confidence_arrays", ["residual"]), ("spaces", ["residual"]), ("metrics", {"deep": _deep(200)}),
+    ("source", {"deep": _deep(5000)}), ("spaces", {"residual": {"size": "8"}}), ("spaces", {"residual": {"size": True}}),
+    ("spaces", {"residual": 8}), ("confidence_arrays", {"residual": "pickle"}),
+])
+def test_config_fields_type_checked_after_checksum(saved: Path, key: str, value) -> None:
+    """Issue 11 item 8: a config whose checksum matches but whose fields have the wrong JSON type (or nest absurdly
+    deep) is a one-line GaugeError, never TypeError/ValueError/RecursionError."""
+    cfg = _config(saved)
+    if key == "spaces" and isinstance(value, dict) and "residual" in value:
+        cfg["spaces"] = {**cfg["spaces"], **value}
+    else:
+        cfg[key] = value
+    cfg["weights_sha256"] = hashlib.sha256((saved / WEIGHTS_NAME).read_bytes()).hexdigest()
+    import sys
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 20000))       # json.dumps of the hostile file needs it; json.loads may not
+    try:
+        (saved / CONFIG_NAME).write_text(json.dumps(cfg))
+    finally:
+        sys.setrecursionlimit(old)
+    with pytest.raises(GaugeError) as e:
+        load_gauge(saved)
+    assert "\n" not in str(e.value)
+
+
+def test_config_huge_integer_and_non_utf8(saved: Path) -> None:
+    digest = hashlib.sha256((saved / WEIGHTS_NAME).read_bytes()).hexdigest()
+    text = (saved / CONFIG_NAME).read_text()
+    huge = text.replace('"weights_sha256"', '"n": ' + "9" * 5000 + ', "weights_sha256"', 1)
+    (saved / CONFIG_NAME).write_text(huge)
+    with pytest.raises(GaugeError, match="not valid JSON"):
+        load_gauge(saved)
+    (saved / CONFIG_NAME).write_bytes(b'{"format": "\xff"}')
+    with pytest.raises(GaugeError, match="not valid JSON"):
+        load_gauge(saved)
+    assert digest

@@ -17,7 +17,6 @@ a folder in, a folder out (``transport_adapter_folder``).
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -27,8 +26,8 @@ import torch
 from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
-from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, read_safetensors, spec_and_config,
-                  write_record)
+from ._io import (atomic_dir, copy_other_files, move_named, moves_for_names, read_json, read_safetensors,
+                  spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -140,9 +139,13 @@ def is_adapter_folder(path: Path) -> bool:
 
 def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     base = cfg.get("base_model_name_or_path")
-    if base and (Path(base) / "config.json").is_file():
+    if isinstance(base, str) and base and "\0" not in base and (Path(base) / "config.json").is_file():
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
+        try:
+            return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise GaugeError(f"cannot read the base model config {base}/config.json named by the adapter: "
+                             f"{str(e).splitlines()[0]}; pass model_type= or config=") from None
     return None
 
 
@@ -163,7 +166,10 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, model_t
             raise GaugeError(f"{src} holds adapter_model.bin (a pickle); hf_gauge reads safetensors only. Re-save "
                              "the adapter with save_pretrained(..., safe_serialization=True)")
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
-    cfg = json.loads((src / ADAPTER_CFG).read_text())
+    cfg = read_json(src / ADAPTER_CFG, str(src / ADAPTER_CFG), "re-save the adapter with save_pretrained")
+    if not isinstance(cfg, dict):
+        raise GaugeError(f"{src / ADAPTER_CFG} must hold a JSON object (the adapter config), got a "
+                         f"{type(cfg).__name__}")
     _check_peft_type(cfg, str(src))
     if spec is None and model_type is None and config is None and model is None and not gauge.source.get("model_type"):
         config = _local_base_config(cfg)

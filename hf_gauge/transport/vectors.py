@@ -38,7 +38,15 @@ def _tensor(gauge, v: torch.Tensor, **_: Any) -> torch.Tensor:
 
 @register(lambda o: isinstance(o, np.ndarray), "numpy.ndarray [..., d]")
 def _ndarray(gauge, v: np.ndarray, **_: Any) -> np.ndarray:
-    return move_vector(gauge, torch.from_numpy(np.ascontiguousarray(v))).numpy().copy()
+    return move_vector(gauge, as_tensor(v)).numpy().copy()
+
+
+def as_tensor(v: np.ndarray, what: str = "array") -> torch.Tensor:
+    """A float numpy array as a tensor (object, string and other non-numeric arrays are a ``GaugeError``)."""
+    if v.dtype.kind not in "biufc":
+        raise GaugeError(f"{what} has numpy dtype {v.dtype}; a residual-stream vector must be a float array: convert "
+                         "it with arr.astype(np.float32)")
+    return torch.from_numpy(np.ascontiguousarray(v))
 
 
 @register(lambda o: isinstance(o, dict) and o and all(isinstance(k, int) for k in o)
