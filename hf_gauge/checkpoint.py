@@ -427,6 +427,12 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         config = AutoConfig.from_pretrained(src, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise GaugeError(f"{src} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
+                         "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
+                         "result again")
     spec = get_spec(config)
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
