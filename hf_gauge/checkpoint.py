@@ -28,6 +28,7 @@ from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
 from .specs import get_spec
+from .transport._io import read_json
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
 
@@ -176,11 +177,11 @@ def shard_name(name: Any, where: str) -> str:
 def _shards(src: Path) -> list[str]:
     index = src / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            items = list(weight_map.items())
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
-            raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
+        doc = read_json(index, str(index), "re-download the checkpoint")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint")
+        items = list(weight_map.items())
         for key, _ in items:
             if not isinstance(key, str):
                 raise GaugeError(f"{index} is corrupt: tensor name {key!r} is not a string")
