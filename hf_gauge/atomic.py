@@ -168,19 +168,22 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Path]:
-    """Remove staging folders of ``out`` left by killed runs; returns the removed paths.
+    """Remove staging folders left by killed runs beside ``out``; returns the removed paths.
 
-    Only folders named exactly ``.{out.name}.<8 tempfile chars>.partial`` (not symlinks) whose marker names a dead
-    process, or that are older than ``max_age_s``, are removed; anything else in the parent is never touched.
+    Only real folders (not symlinks) named exactly ``.NAME.<8 tempfile chars>.partial`` are considered. One whose
+    marker names a process of this machine is removed when that process is dead (kept while it runs, whatever its
+    age). One without a readable marker (or from another machine) is removed only if it is ``out``'s own
+    (``NAME == out.name``) and older than ``max_age_s``. Anything else in the parent is never touched.
     """
     removed: list[Path] = []
     parent = out.parent
     if not parent.is_dir():
         return removed
-    pattern = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}" + re.escape(_STAGING_SUFFIX))
+    any_name = re.compile(r"\..+\.[a-z0-9_]{8}" + re.escape(_STAGING_SUFFIX))
+    own_name = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}" + re.escape(_STAGING_SUFFIX))
     now = time.time()
     for p in parent.iterdir():
-        if not pattern.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
+        if not any_name.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
             continue
         marker = p / STAGING_MARKER
         try:
@@ -189,12 +192,13 @@ def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Pa
             pid = info.get("pid") if info.get("host") == socket.gethostname() else None   # a PID of this machine
         except (OSError, ValueError):
             pid = None
-        try:
-            age = now - p.stat().st_mtime
-        except OSError:
-            continue
-        stale = (isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and pid != os.getpid()
-                 and not _pid_alive(pid)) or age > max_age_s
+        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
+            stale = pid != os.getpid() and not _pid_alive(pid)
+        else:
+            try:
+                stale = bool(own_name.fullmatch(p.name)) and now - p.stat().st_mtime > max_age_s
+            except OSError:
+                continue
         if stale:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)

@@ -73,11 +73,20 @@ def test_clean_stale_staging_only_removes_ours(tmp_path: Path) -> None:
     unmarked_old.mkdir()
     old = time.time() - 2 * 24 * 3600
     os.utime(unmarked_old, (old, old))
-    keep = [tmp_path / ".out.abc.partial", tmp_path / "out.abcd1234.partial", tmp_path / ".outx.abcd1234.partial",
-            tmp_path / ".other.abcd1234.partial", tmp_path / ".out.abcd1234.partial.bak", tmp_path / "out"]
+    other_dead = tmp_path / ".other.abcd1234.partial"         # another output's staging, owner dead: removed
+    other_dead.mkdir()
+    (other_dead / STAGING_MARKER).write_text(json.dumps(marker))
+    other_unmarked = tmp_path / ".other.efgh5678.partial"     # another output's, no marker, old: kept (not ours)
+    other_unmarked.mkdir()
+    os.utime(other_unmarked, (old, old))
+    alive_old = staging_dir(out)                              # a live owner: kept whatever its age
+    os.utime(alive_old, (old, old))
+    keep = [tmp_path / ".out.abc.partial", tmp_path / "out.abcd1234.partial", tmp_path / ".out.abcd1234.partial.bak",
+            tmp_path / "out", tmp_path / ".out.abcd12345.partial", other_unmarked, alive_old]
     for k in keep:
-        k.mkdir()
-        (k / STAGING_MARKER).write_text(json.dumps(marker))   # even with a dead owner: not our exact name
+        k.mkdir(exist_ok=True)
+        if k not in (other_unmarked, alive_old):
+            (k / STAGING_MARKER).write_text(json.dumps(marker))   # even with a dead owner: not our exact name
         os.utime(k, (old, old))
     file_like = tmp_path / ".out.zzzz9999.partial"            # our name, but a file: kept
     file_like.write_text("user file")
@@ -87,7 +96,7 @@ def test_clean_stale_staging_only_removes_ours(tmp_path: Path) -> None:
     os.utime(target, (old, old))
     link.symlink_to(target)
     removed = clean_stale_staging(out)
-    assert sorted(removed) == sorted([dead, unmarked_old])
+    assert sorted(removed) == sorted([dead, unmarked_old, other_dead])
     assert not dead.exists() and not unmarked_old.exists()
     assert alive.is_dir() and other_host.is_dir() and file_like.is_file() and link.is_symlink() and target.is_dir()
     assert all(k.is_dir() for k in keep)
