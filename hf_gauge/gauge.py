@@ -6,6 +6,7 @@ the gauge does not mention is the identity there. ``(g2 @ g1)`` applies ``g1`` f
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, Iterator, Mapping
 
 from .errors import GaugeError
@@ -14,13 +15,16 @@ from .group import SignedPermutation
 __all__ = ["Gauge"]
 
 
-def _check_space_name(name: str) -> str:
-    head, _, tail = name.partition(".")
-    if head == "residual" and not tail:
+_SPACE_NAME = re.compile(r"residual|(?:mlp|attn)\.(?:0|[1-9][0-9]{0,8})")
+
+
+def _check_space_name(name: Any) -> str:
+    """``name`` if canonical (``residual``, ``mlp.<layer>``, ``attn.<layer>``, layer without sign, spaces or leading
+    zeros), else ``GaugeError``: ``mlp.01`` or ``attn.+1`` would otherwise name no space and act as the identity."""
+    if isinstance(name, str) and _SPACE_NAME.fullmatch(name):
         return name
-    if head in ("mlp", "attn") and tail.isdigit():
-        return name
-    raise GaugeError(f"unknown gauge space {name!r}: use 'residual', 'mlp.<layer>' or 'attn.<layer>'")
+    raise GaugeError(f"unknown gauge space {name!r}: use 'residual', 'mlp.<layer>' or 'attn.<layer>' (layer a "
+                     "non-negative integer without leading zeros, signs or spaces)")
 
 
 class Gauge:
@@ -45,13 +49,14 @@ class Gauge:
                  confidence: Mapping[str, Any] | None = None) -> None:
         sp: dict[str, SignedPermutation] = {}
         for name, el in (spaces or {}).items():
-            sp[_check_space_name(name)] = el
+            sp[name] = el
         if residual is not None:
             sp["residual"] = residual
         for prefix, table in (("mlp", mlp), ("attn", attn)):
             for layer, el in (table or {}).items():
                 sp[f"{prefix}.{int(layer)}"] = el
         for name, el in sp.items():
+            _check_space_name(name)
             if not isinstance(el, SignedPermutation):
                 raise GaugeError(f"space {name!r} must be a SignedPermutation, got {type(el).__name__}")
         if not sp:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from typing import Any, Iterable
 
@@ -17,7 +18,8 @@ from .specs import SPECS, ArchSpec, get_spec
 
 logger = logging.get_logger("hf_gauge")
 
-__all__ = ["unwrap", "ModelView", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
+__all__ = ["unwrap", "ModelView", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint",
+           "gauge_spaces", "quantization"]
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -130,6 +132,33 @@ def gauge_spaces(model: Any) -> dict[str, int]:
     return space_sizes(get_spec(m), m.config)
 
 
+_QUANT_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized", "bitsandbytes",
+                  "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao", "compressed_tensors")
+_QUANT_CLASSES = re.compile(r"Linear8bitLt|Linear4bit|Params4bit|Int8Params|QuantLinear|WQLinear|HQQLinear|"
+                            r"QLinear|FP8Linear|MarlinLinear|ExllamaLinear|Quantized")
+
+
+def quantization(model: torch.nn.Module) -> str | None:
+    """What quantizes ``model`` (``None`` for a float model): a ``quantization_config``/``hf_quantizer``, a module
+    or parameter class of a quantization library, or packed non-float weights (``qweight``, quantized tensors)."""
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if cfg is not None or getattr(model, "hf_quantizer", None) is not None:
+        method = cfg.get("quant_method") if isinstance(cfg, dict) else getattr(cfg, "quant_method", None)
+        return f"{getattr(method, 'value', method) or 'unknown method'} (config.quantization_config)"
+    for name, mod in model.named_modules():
+        t = type(mod)
+        if t.__module__.startswith(_QUANT_MODULES) or _QUANT_CLASSES.search(t.__name__):
+            return f"{t.__module__}.{t.__name__} at {name or 'the top level'}"
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        t = type(p)
+        if _QUANT_CLASSES.search(t.__name__) or p.is_quantized:
+            return f"{t.__name__} {name}"
+        if not (p.is_floating_point() or p.is_complex()) and name.rsplit(".", 1)[-1] in (
+                "weight", "qweight", "qzeros", "g_idx", "weight_packed", "weight_scale", "SCB"):
+            return f"packed {p.dtype} weight {name}"
+    return None
+
+
 @torch.no_grad()
 def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     """Move every parameter of ``model`` into the gauge's target chart, in place; returns ``model``.
@@ -143,6 +172,12 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
         from .orthogonal import refuse_apply  # issue 3: explain why orthogonal maps / dense matrices are refused
         refuse_apply(gauge)
     m = unwrap(model)
+    quant = quantization(model if isinstance(model, torch.nn.Module) else m)
+    if quant is not None:
+        raise GaugeError(f"this model is quantized ({quant}): a gauge moves float weights by index and would leave "
+                         "packed/quantized weights in the old chart. Dequantize it first (e.g. model.dequantize()), "
+                         "or apply the gauge to the float checkpoint (apply_gauge_to_checkpoint) and quantize the "
+                         "result again")
     spec = get_spec(m)
     if gauge.source.get("model_type") not in (None, m.config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "

@@ -40,6 +40,8 @@ logger = logging.get_logger("hf_gauge")
 
 __all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
 
+MIN_SITE_TOKENS = 3      # fewer tokens at a site: its correlations carry no information (2 points correlate ±1)
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The accumulator
@@ -147,7 +149,10 @@ class PairStats:
         return torch.where(tiny, torch.zeros_like(sd), 1.0 / sd.clamp_min(1e-300))
 
     def site_correlation(self, s: int) -> torch.Tensor:
-        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``."""
+        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``, and 0 everywhere
+        when the site saw fewer than 3 tokens (the correlation of two points is ±1 whatever the data)."""
+        if float(self.count[s]) < MIN_SITE_TOKENS:
+            return torch.zeros(self.d, self.d, dtype=torch.float64, device=self.count.device)
         var_a, var_b, cov = self._site_moments(s)
         return cov.mul_(self._inv_sd(var_a)[:, None]).mul_(self._inv_sd(var_b)[None, :]).clamp_(-1.0, 1.0)
 

@@ -41,8 +41,9 @@ def smollm2_path() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = _gguf_folder()
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32,
+                                                 trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE, trust_remote_code=False)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -67,6 +68,7 @@ def load_smollm2(dtype=None, **kwargs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **kwargs).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32,
+                                                 **{"trust_remote_code": False, **kwargs}).eval()
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return model, tok

@@ -6,9 +6,8 @@ Convention (gauge-math.md): a gauge ``g`` maps the source chart to the target ch
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -16,6 +15,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..configs import gauge_config
+from ..atomic import atomic_path
 from ..engine import Move, moves_for
 from ..errors import GaugeError
 from ..group import SignedPermutation
@@ -159,6 +159,42 @@ def read_safetensors(path: Path, hint: str = "re-save or re-download it") -> tup
         raise GaugeError(f"{path} is not a valid safetensors file ({e}); {hint}") from None
 
 
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def read_json(src: Path | bytes, what: str, hint: str = "re-save or re-download it") -> Any:
+    """The JSON value in a file (or bytes) that may be hostile; anything unreadable is a one-line ``GaugeError``.
+
+    Refused: unreadable paths (missing, a folder, a symlink loop, no permission), files over 64 MB, invalid UTF-8,
+    invalid JSON, integers beyond Python's digit limit and nesting deeper than 64 levels (so later code never
+    hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
+    """
+    if isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+    else:
+        try:
+            if Path(src).stat().st_size > MAX_JSON_BYTES:
+                raise GaugeError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; {hint}")
+            data = Path(src).read_bytes()
+        except OSError as e:
+            raise GaugeError(f"cannot read {what}: {e.strerror or e}; {hint}") from None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError, as is int size
+        raise GaugeError(f"{what} is not valid JSON ({str(e).splitlines()[0][:200]}); {hint}") from None
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise GaugeError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; {hint}")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
 def check_out(src: Path | None, out: Path) -> Path:
     """Refuse writing onto the input or into an existing non-empty path."""
     out = Path(out)
@@ -173,34 +209,20 @@ def check_out(src: Path | None, out: Path) -> Path:
 
 @contextmanager
 def atomic_dir(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``)."""
+    """Yield a temporary sibling folder; on success fsync it and rename it to ``out`` (never a half-written ``out``)."""
     out = check_out(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with atomic_path(out, directory=True) as tmp:
         yield tmp
-        if out.exists():          # an empty directory (checked above)
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextmanager
 def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling file path; on success rename it onto ``out``."""
+    """Yield a temporary sibling file path; on success fsync it and rename it onto ``out``."""
     out = check_out(src, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    with atomic_path(out) as tmp:
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".gguf")
@@ -229,5 +251,4 @@ def copy_other_files(src: Path, dst: Path, skip: Iterable[str], chart_free: Iter
 
 def write_record(dst: Path, gauge, **extra: Any) -> None:
     """Write the gauge provenance sidecar (``hf_gauge_transport.json``) into an output folder."""
-    import json
     (dst / GAUGE_RECORD_FILE).write_text(json.dumps(gauge_record(gauge, **extra), indent=2) + "\n")

@@ -17,7 +17,6 @@ a folder in, a folder out (``transport_adapter_folder``).
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -28,7 +27,7 @@ from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
 from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
-                  read_safetensors, spec_and_config, write_record)
+                  read_json, read_safetensors, spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -141,9 +140,13 @@ def is_adapter_folder(path: Path) -> bool:
 
 def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     base = cfg.get("base_model_name_or_path")
-    if base and (Path(base) / "config.json").is_file():
+    if isinstance(base, str) and base and "\0" not in base and (Path(base) / "config.json").is_file():
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(base, local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise GaugeError(f"cannot read the base model config {base}/config.json named by the adapter: "
+                             f"{str(e).splitlines()[0]}; pass model_type= or config=") from None
     return None
 
 
@@ -152,10 +155,7 @@ def _read_record(src: Path) -> dict[str, Any] | None:
     p = src / GAUGE_RECORD_FILE
     if not p.is_file():
         return None
-    try:
-        rec = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GaugeError(f"{p} is not valid JSON; remove it or re-transport the original adapter") from None
+    rec = read_json(p, str(p), "remove it or re-transport the original adapter")
     if not isinstance(rec, dict) or not all(isinstance(rec.get(k, {}), dict) for k in ("source", "target")):
         raise GaugeError(f"{p} is not an hf_gauge provenance record; remove it or re-transport the original adapter")
     return rec
@@ -260,12 +260,10 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
             raise GaugeError(f"{src} holds adapter_model.bin (a pickle); hf_gauge reads safetensors only. Re-save "
                              "the adapter with save_pretrained(..., safe_serialization=True)")
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
-    try:
-        cfg = json.loads((src / ADAPTER_CFG).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise GaugeError(f"{src / ADAPTER_CFG} is not valid JSON") from None
+    cfg = read_json(src / ADAPTER_CFG, str(src / ADAPTER_CFG), "re-save the adapter with save_pretrained")
     if not isinstance(cfg, dict):
-        raise GaugeError(f"{src / ADAPTER_CFG} must hold a JSON object")
+        raise GaugeError(f"{src / ADAPTER_CFG} must hold a JSON object (the adapter config), got a "
+                         f"{type(cfg).__name__}")
     _check_peft_type(cfg, str(src))
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
     rec = _read_record(src)
