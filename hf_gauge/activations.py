@@ -18,7 +18,9 @@ import torch
 
 from .errors import GaugeError
 
-__all__ = ["iter_batches", "token_batches", "Stop", "capture_inputs", "forward", "logits", "input_device", "default_stats_device",
+MIN_SITE_TOKENS = 3      # fewer tokens at a site: its correlations carry no information (2 points correlate ±1)
+
+__all__ = ["MIN_SITE_TOKENS", "iter_batches", "token_batches", "Stop", "capture_inputs", "forward", "logits", "input_device", "default_stats_device",
            "PairStats", "reduce_sums"]
 
 
@@ -325,7 +327,11 @@ class PairStats:
         return torch.where(tiny, torch.zeros_like(sd), 1.0 / sd.clamp_min(1e-300))
 
     def site_correlation(self, s: int) -> torch.Tensor:
-        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``."""
+        """``C_s[i, j] = corr_s(A_i, B_j)`` ``[d, d]``; 0 where a coordinate is constant at site ``s``, and 0 everywhere
+        when the site saw fewer than 3 tokens (the correlation of two points is ±1 whatever the data)."""
+        if float(self.count[s]) < MIN_SITE_TOKENS:
+            n = self.d if self.blocks is None else self.blocks
+            return torch.zeros(n, n, dtype=torch.float64, device=self.count.device)
         var_a, var_b, cov = self._site_moments(s)
         if self.blocks is not None:                 # per-dimension correlations, averaged within block pairs
             h = self.blocks

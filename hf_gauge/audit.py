@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
+from .atomic import atomic_path, atomic_write_bytes
 from .errors import GaugeError
 from .activations import Stop, forward, logits, token_batches
 from .models import apply_gauge, gauge_spaces, random_gauge
@@ -161,7 +163,8 @@ class AuditReport:
             ax.legend(loc="upper right", fontsize=8)
         fig.tight_layout()
         if path is not None:
-            fig.savefig(path, dpi=110)
+            with atomic_path(Path(path)) as tmp:          # temp name keeps the suffix: savefig picks the format
+                fig.savefig(tmp, dpi=110, format=Path(path).suffix[1:].lower() or None)
             plt.close(fig)
         return fig
 
@@ -351,10 +354,10 @@ def _cmd_audit(args) -> int:
         path = str(smollm2_path())
     else:
         path = args.model
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).eval()
     text = open(args.text_file).read() if args.text_file else _default_text()
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
         ids = tok(text, return_tensors="pt").input_ids[0]
     except (OSError, ValueError, TypeError, KeyError):   # no tokenizer saved with the model: random ids
         ids = torch.randint(0, model.config.vocab_size, (args.tokens,), generator=torch.Generator().manual_seed(0))
@@ -369,8 +372,7 @@ def _cmd_audit(args) -> int:
         report.plot(args.figure)
         print(f"figure written to {args.figure}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=1)
+        atomic_write_bytes(Path(args.json), (json.dumps(report.to_dict(), indent=1) + "\n").encode())
     return 0 if report.passed() else 1
 
 

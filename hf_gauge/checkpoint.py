@@ -16,20 +16,22 @@ import mmap
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 import torch
 
+from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, publish_mode, staging_dir
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
-from .fileio import atomic_dir, read_json
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .models import hash_gain
 from .specs import get_spec
 from .view import ConfigView
+from .transport._io import read_json
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
 
@@ -54,8 +56,29 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), (
 # ----------------------------------------------------------------------------------------------------------------
 # safetensors header
 # ----------------------------------------------------------------------------------------------------------------
+# bits per element of every dtype the safetensors format defines (F4/F6 are packed below a byte)
+_BITS: dict[str, int] = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+                         "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
+                         "U64": 64, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+_MAX_HEADER = 100_000_000           # safetensors' MAX_HEADER_SIZE
+
+
+def _no_constant(c: str) -> Any:
+    raise ValueError(f"{c} is not JSON")
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 64
+
+
 def read_header(path: str | os.PathLike) -> tuple[bytes, dict[str, dict[str, Any]], int]:
-    """``(raw 8-byte length + JSON header, {name: {dtype, shape, data_offsets}}, data start)`` of a shard."""
+    """``(raw 8-byte length + JSON header, {name: {dtype, shape, data_offsets}}, data start)`` of a shard.
+
+    The header is validated as the safetensors library does (any file it would refuse is a ``GaugeError`` here,
+    before anything is written): length within the file and at most 100 MB, a UTF-8 JSON object, string-to-string
+    ``__metadata__``, known dtypes, integer shapes and offsets, tensors that tile the data section exactly (sorted by
+    offset: no gap, no overlap, nothing after the last) and ``end - begin == numel * dtype size`` for each.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -63,23 +86,52 @@ def read_header(path: str | os.PathLike) -> tuple[bytes, dict[str, dict[str, Any
         if len(head) < 8:
             raise GaugeError(f"{path} is not a safetensors file (shorter than 8 bytes)")
         n = int.from_bytes(head, "little")
-        if n > min(size - 8, 100 << 20):
-            raise GaugeError(f"{path} is not a valid safetensors file (header length {n} exceeds the file)")
+        if n > min(size - 8, _MAX_HEADER):
+            raise GaugeError(f"{path} is not a valid safetensors file (header length {n} exceeds the file or 100 MB)")
         raw = f.read(n)
+
+    def bad(what: str) -> GaugeError:
+        return GaugeError(f"{path} is not a valid safetensors file ({what}); the shard is corrupt or hostile: "
+                          "re-download the checkpoint")
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise GaugeError(f"{path} has a corrupt safetensors header (not JSON)") from None
-    header.pop("__metadata__", None)
+        text = raw.decode("utf-8")
+        if not text.startswith("{"):
+            raise bad("the header is not a JSON object")
+        header = json.loads(text, parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise bad("the header is not UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise bad("__metadata__ must map strings to strings")
     start = 8 + n
+    entries = []
     for name, info in header.items():
-        try:
-            b, e = info["data_offsets"]
-            info["dtype"], info["shape"]
-        except (KeyError, TypeError, ValueError):
-            raise GaugeError(f"{path}: corrupt safetensors header entry for {name!r}") from None
-        if not 0 <= b <= e <= size - start:
-            raise GaugeError(f"{path}: tensor {name!r} lies outside the file (truncated shard?)")
+        if not isinstance(info, dict):
+            raise bad(f"entry {name!r} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _BITS:
+            raise bad(f"tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_is_index(x) for x in shape):
+            raise bad(f"tensor {name!r} has shape {shape!r}; a shape is a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(x) for x in offsets)):
+            raise bad(f"tensor {name!r} has data_offsets {offsets!r}; expected [begin, end] integers")
+        entries.append((offsets[0], offsets[1], name, dtype, shape))
+    end = 0
+    for b, e, name, dtype, shape in sorted(entries, key=lambda t: (t[0], t[1])):
+        if b != end or e < b:
+            raise bad(f"tensor {name!r} at bytes [{b}, {e}) leaves a gap or overlaps the previous tensor (ends at {end})")
+        numel = 1
+        for x in shape:
+            numel *= x
+        nbits = numel * _BITS[dtype]
+        if nbits % 8 or nbits // 8 != e - b:
+            raise bad(f"tensor {name!r} is {dtype} of shape {shape} ({nbits / 8:g} bytes) but spans {e - b} bytes")
+        end = e
+    if start + end != size:
+        raise bad(f"the tensors end at byte {start + end} but the file has {size} bytes "
+                  f"({'truncated' if start + end > size else 'trailing bytes'})")
     return head + raw, header, start
 
 
@@ -128,11 +180,11 @@ def shard_name(name: Any, where: str) -> str:
 def _shards(src: Path) -> list[str]:
     index = src / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = read_json(index, "checkpoint index")["weight_map"]
-            items = list(weight_map.items())
-        except (GaugeError, KeyError, TypeError, AttributeError, RecursionError):
-            raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
+        doc = read_json(index, str(index), "re-download the checkpoint")
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint")
+        items = list(weight_map.items())
         for key, _ in items:
             if not isinstance(key, str):
                 raise GaugeError(f"{index} is corrupt: tensor name {key!r} is not a string")
@@ -327,8 +379,11 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
         if key in header:
             info = header[key]
             b, e = info["data_offsets"]
+            dtype = _DTYPES.get(info["dtype"])
+            if dtype is None:
+                raise GaugeError(f"{src / s}: {key} has dtype {info['dtype']}, which hf_gauge cannot read")
             with open(src / s, "rb") as f:
-                gain = _read_tensor(f, start + b, e - b, _DTYPES[info["dtype"]], info["shape"])
+                gain = _read_tensor(f, start + b, e - b, dtype, info["shape"])
             have = hash_gain(gain)
             if have != want:
                 msg = (f"the gauge expects a source chart with fingerprint {want} but the checkpoint's is {have}; "
@@ -372,10 +427,15 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         if _inside(src_r, out_r):
             raise GaugeError(f"refusing to replace {out}: the source checkpoint {src} lies inside it")
     try:
-        config = AutoConfig.from_pretrained(src)
+        config = ConfigView(AutoConfig.from_pretrained(src, trust_remote_code=False))
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
-    config = ConfigView(config)
+    quant = getattr(config, "quantization_config", None)
+    if quant is not None:
+        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+        raise GaugeError(f"{src} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
+                         "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
+                         "result again")
     spec = get_spec(config.model_type)
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
@@ -390,7 +450,10 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
 
     headers = {s: read_header(src / s) for s in shards}
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
-    with atomic_dir(out, replace=True, suffix=".partial") as tmp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(out)                  # staging folders of killed runs into the same output
+    tmp = staging_dir(out)
+    try:
         plans = {}
         for s, (_, header, _) in headers.items():
             plans[s] = moves_for(spec, config, gauge, list(header), strict=True, files=True)
@@ -418,4 +481,19 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             card = checkpoint_card(gauge, str(src_dir), (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
                                    if (src / CARD_NAME).is_file() else None)
             card.save(str(tmp / CARD_NAME))
+        (tmp / STAGING_MARKER).unlink()
+        if durable:
+            fsync_tree(tmp)
+        publish_mode(tmp, directory=True)     # mkdtemp made it 0700
+        if out.exists() and any(out.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out

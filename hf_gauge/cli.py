@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,7 +44,8 @@ def _load_model(spec: str, revision: str | None = None):
 
     _check_model_arg(spec)
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32,
+                                                    trust_remote_code=False).eval()
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
 
@@ -52,14 +54,17 @@ def _load_config(spec: str):
     """A model config from a local ``config.json`` file or a model folder holding one (never the Hub)."""
     from transformers import AutoConfig
 
+    from .transport._io import read_json
+
     path = Path(spec)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise GaugeError(f"no config.json at {spec}: give the base model's folder or its config.json")
     try:
-        json.loads(path.read_text())
-        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True)
+        read_json(path, str(path), "give the base model's folder or its config.json")
+        return AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path, local_files_only=True,
+                                          trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read the model config {path}: {str(e).splitlines()[0]}") from None
 
@@ -68,7 +73,7 @@ def _load_tokenizer(spec: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(spec)
+        return AutoTokenizer.from_pretrained(spec, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot load a tokenizer from {spec!r} (needed for text data): {str(e).splitlines()[0]}") \
             from None
@@ -459,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("audit", help=AUDIT_HELP, add_help=False)   # its options: audit_parser() (imports torch)
     s.add_argument("audit_args", nargs=argparse.REMAINDER)
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     _finish_subparsers(sub)
     return p
 
@@ -499,10 +505,22 @@ def _finish_subparsers(sub: Any) -> None:
         if name != "demo" and "--token" not in sp._option_string_actions:
             sp.add_argument("--token", help="Hugging Face token for private or gated repos (default: HF_TOKEN or "
                             "the saved login)")
+        if name != "demo" and "--debug" not in sp._option_string_actions:   # also after the command
+            sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help="show the Python traceback of an error")
+
+
+# user errors: refused input, files that cannot be read or written (disk full, permissions), malformed JSON/values
+_USER_ERRORS = (GaugeError, OSError, ImportError, ValueError, json.JSONDecodeError, UnicodeError, RecursionError,
+                pickle.UnpicklingError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``hf-gauge`` console script; returns the exit status."""
+    """Entry point of the ``hf-gauge`` console script; returns the exit status.
+
+    Every error exits with status 2 and one line ``error: ...`` on stderr (an unexpected one adds a hint);
+    ``--debug`` prints the traceback as well.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
         from .demo import main as demo_main
@@ -513,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return 2
+    debug = bool(getattr(args, "debug", False))
     if getattr(args, "token", None):
         import os
         os.environ["HF_TOKEN"] = args.token        # read by huggingface_hub and transformers on every request
@@ -523,8 +542,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    except (GaugeError, OSError, ImportError) as e:
+    except Exception as e:  # noqa: BLE001  (the console script never shows a traceback unless --debug)
+        if debug:
+            import traceback
+            traceback.print_exc()
         msg = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, _USER_ERRORS):
+            msg = f"{type(e).__name__}: {msg}" + ("" if debug else " (run with --debug for the traceback)")
         print(f"error: {msg}", file=sys.stderr)
         return 2
 

@@ -15,10 +15,12 @@ from .specs import SPECS
 __all__ = ["Gauge", "check_space_name"]
 
 
-def check_space_name(name: str) -> str:
+def check_space_name(name: Any) -> str:
     """``name`` if it instantiates a space template of a registered spec (canonical integers: ``"mlp.3"``, never
     ``"mlp.03"``), else ``GaugeError``."""
     templates: list[str] = []
+    if not isinstance(name, str):
+        raise GaugeError(f"unknown gauge space {name!r}: space names are strings such as 'residual', 'mlp.3', 'attn.0'")
     for spec in {id(s): s for s in SPECS.values()}.values():
         try:
             spec.parse_space(name)
@@ -51,13 +53,14 @@ class Gauge:
                  confidence: Mapping[str, Any] | None = None) -> None:
         sp: dict[str, SignedPermutation] = {}
         for name, el in (spaces or {}).items():
-            sp[check_space_name(name)] = el
+            sp[name] = el
         if residual is not None:
             sp["residual"] = residual
         for prefix, table in (("mlp", mlp), ("attn", attn)):
             for layer, el in (table or {}).items():
                 sp[f"{prefix}.{int(layer)}"] = el
         for name, el in sp.items():
+            check_space_name(name)
             if not isinstance(el, SignedPermutation):
                 raise GaugeError(f"space {name!r} must be a SignedPermutation, got {type(el).__name__}")
         if not sp:

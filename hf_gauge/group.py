@@ -75,12 +75,16 @@ class SignedPermutation:
         d = p.numel()
         if d == 0:
             raise GaugeError("a signed permutation needs at least one coordinate (perm is empty)")
-        if int(p.min()) < 0 or int(p.max()) >= d or torch.bincount(p, minlength=d).max().item() != 1:
-            dup = torch.nonzero(torch.bincount(p.clamp(0, d - 1), minlength=d) > 1).flatten()[:5].tolist()
-            raise GaugeError(
-                f"perm is not a permutation of range({d}): values must be distinct and in [0, {d})"
-                + (f"; duplicated indices include {dup}" if dup else "")
-            )
+        out = torch.nonzero((p < 0) | (p >= d)).flatten()
+        if out.numel():
+            k = int(out[0])
+            raise GaugeError(f"perm is not a permutation of range({d}): perm[{k}] = {int(p[k])} is out of range "
+                             f"[0, {d}) ({out.numel()} entries are outside)")
+        counts = torch.bincount(p, minlength=d)
+        if counts.max().item() != 1:
+            dup = torch.nonzero(counts > 1).flatten()[:5].tolist()
+            raise GaugeError(f"perm is not a permutation of range({d}): values must be distinct; duplicated indices "
+                             f"include {dup}")
         if sign is None:
             s = torch.ones(d, dtype=torch.int64)
         else:

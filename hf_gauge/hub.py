@@ -18,12 +18,13 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
-from .fileio import atomic_dir, atomic_write_bytes
 from .gauge import Gauge
 from .group import SignedPermutation
 from .specs import get_spec
 from .version import __version__
+from .transport._io import read_json
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
            "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
@@ -139,26 +140,30 @@ def _serialize(gauge: Gauge) -> tuple[bytes, bytes]:
 def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     """Write ``gauge`` to ``save_directory`` (``gauge.safetensors`` + ``gauge_config.json``); returns the folder.
 
-    A new folder appears whole (written beside it, then renamed). In an existing folder only the two gauge files
-    are replaced (each atomically, weights first; the config records the weights' sha256, so a torn pair is
-    detected on load). Other files, a checkpoint's ``config.json`` in particular, are never touched.
+    A new folder appears whole (written beside it, fsynced, then renamed). In an existing folder the two gauge files
+    are replaced as one unit: each atomically (weights first; the config records the weights' sha256), under an
+    exclusive lock on the folder that ``load_gauge`` takes shared, so concurrent saves never leave a mixed pair
+    and a concurrent load sees the old pair or the new one. Other files (a model card, a checkpoint's
+    ``config.json``) are never touched.
     """
     weights, config = _serialize(gauge)
     target = Path(save_directory)
     if target.exists() and not target.is_dir():
         raise GaugeError(f"{target} exists and is not a folder; choose a folder path such as gauges/<name>/")
     if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with atomic_dir(target) as tmp:
+            with atomic_path(target, directory=True) as tmp:
                 (tmp / WEIGHTS_NAME).write_bytes(weights)
                 (tmp / CONFIG_NAME).write_bytes(config)
             return target
-        except (OSError, GaugeError):
-            if not target.exists():
+        except OSError:
+            if not target.is_dir():
                 raise
-            # lost a race with another writer that created the folder: fall through to file-wise replacement
-    atomic_write_bytes(target / WEIGHTS_NAME, weights)
-    atomic_write_bytes(target / CONFIG_NAME, config)
+            # lost a race with another writer that created the folder: fall through to the locked replacement
+    with folder_lock(target, exclusive=True):
+        atomic_write_bytes(target / WEIGHTS_NAME, weights)
+        atomic_write_bytes(target / CONFIG_NAME, config)
     return target
 
 
@@ -223,20 +228,45 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
         where = f"{path_or_repo_id}/{subfolder}" if subfolder else str(path_or_repo_id)
     else:
         raise GaugeError(f"no gauge folder at {local} (and it is not a Hub repository id)")
-    for p in (weights_path, config_path):
-        if not p.is_file():
-            raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
-                             "(save one with Gauge.save_pretrained)")
-    return _parse(weights_path.read_bytes(), config_path.read_bytes(), where)
+    with folder_lock(weights_path.parent, exclusive=False):      # a concurrent save_gauge replaces both files
+        for p in (weights_path, config_path):
+            if not p.is_file():
+                raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
+                                 "(save one with Gauge.save_pretrained)")
+        weights, config = weights_path.read_bytes(), config_path.read_bytes()
+    return _parse(weights, config, where)
+
+
+# the JSON type of every gauge_config.json field the loader reads (None: the field may be null or absent)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "spaces": (dict,), "source": (dict, type(None)), "target": (dict, type(None)), "method": (str, type(None)),
+    "metrics": (dict, type(None)), "confidence": (dict, type(None)), "confidence_arrays": (dict, type(None)),
+}
+
+
+def _check_config_types(config: dict, where: str) -> None:
+    """Refuse fields of the wrong JSON type (the checksum only proves the two files belong together)."""
+    for key, types in _FIELD_TYPES.items():
+        if key in config and not isinstance(config[key], types):
+            raise GaugeError(f"{where}: field {key!r} is a {type(config[key]).__name__}, expected "
+                             f"{' or '.join('null' if t is type(None) else _JSON_NAMES[t] for t in types)}; "
+                             "the file is corrupt or hostile: re-save the gauge")
+    for name, info in (config.get("spaces") or {}).items():
+        size = info.get("size") if isinstance(info, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 40:
+            raise GaugeError(f"{where}: space {name!r} has size {size!r}; expected a positive integer")
+    for key, kind in (config.get("confidence_arrays") or {}).items():
+        if kind not in ("torch", "numpy"):
+            raise GaugeError(f"{where}: confidence array {key!r} has kind {kind!r}; expected 'torch' or 'numpy'")
+
+
+_JSON_NAMES = {dict: "object", str: "string", list: "array"}
 
 
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     from safetensors.torch import load
 
-    try:
-        config = json.loads(config_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GaugeError(f"{where}/{CONFIG_NAME} is not valid JSON ({e}); the file is corrupt: re-save the gauge") from None
+    config = read_json(config_bytes, f"{where}/{CONFIG_NAME}", "the file is corrupt: re-save the gauge")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise GaugeError(f"{where}/{CONFIG_NAME} is not an hf_gauge gauge config (format != {FORMAT!r})")
     version = config.get("format_version")
@@ -256,8 +286,9 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     if meta.get("format") != FORMAT or meta.get("format_version") != str(version):
         raise GaugeError(f"{where}/{WEIGHTS_NAME} metadata says format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}, but {CONFIG_NAME} says {FORMAT!r} version {version}")
+    _check_config_types(config, f"{where}/{CONFIG_NAME}")
     spaces_cfg = config.get("spaces")
-    if not isinstance(spaces_cfg, dict) or not spaces_cfg:
+    if not spaces_cfg:
         raise GaugeError(f"{where}/{CONFIG_NAME} lists no gauge spaces")
     spaces: dict[str, SignedPermutation] = {}
     for name, info in spaces_cfg.items():
@@ -281,7 +312,10 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
         t = tensors.pop(f"{key}.margin" if key in spaces else f"confidence.{key}", None)
         if t is None:
             raise GaugeError(f"{where}: confidence array {key!r} is listed in {CONFIG_NAME} but missing")
-        confidence[key] = t if kind == "torch" else t.numpy()
+        try:
+            confidence[key] = t if kind == "torch" else t.numpy()
+        except TypeError:                    # e.g. bfloat16 has no numpy dtype
+            raise GaugeError(f"{where}: confidence array {key!r} has dtype {t.dtype}, which numpy cannot hold") from None
     if tensors:
         raise GaugeError(f"{where}/{WEIGHTS_NAME} holds unexpected tensors {sorted(tensors)[:5]} that "
                          f"{CONFIG_NAME} does not list; the files do not belong together")

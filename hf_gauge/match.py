@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -88,7 +89,9 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
 
     Returns a ``Gauge`` with ``residual`` set, ``confidence["residual"]`` (per B coordinate: matched score minus the
     best competitor in its row and column) and ``metrics`` (mean matched |C|, min margin, low-confidence count,
-    n_tokens, method, data_free). LayerNorm models with ``method="signed"`` are checked against S_d x {±1}: a
+    n_tokens, min_tokens, method, data_free). Fewer than ``min_tokens(d) = d`` tokens warn; a site that saw fewer
+    than 3 tokens carries no correlation (two points always correlate ±1), so 1-2 tokens give margins 0 and every
+    coordinate low-confidence rather than a confident-looking match. LayerNorm models with ``method="signed"`` are checked against S_d x {±1}: a
     mixed-sign result raises ``GaugeError``.
     """
     if method not in FIND_METHODS:
@@ -126,7 +129,12 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
                                    **stats_kw)
         if stats.n_tokens == 0:
             raise GaugeError("data is empty: no non-padding token was seen; pass at least one token")
-        metrics.update(n_tokens=stats.n_tokens, n_sites=len(stats.sites))
+        metrics.update(n_tokens=stats.n_tokens, n_sites=len(stats.sites), min_tokens=min_tokens(stats.d))
+        if stats.n_tokens < min_tokens(stats.d):
+            warnings.warn(f"find_gauge saw {stats.n_tokens} token(s) for a residual width of {stats.d}: below "
+                          f"{min_tokens(stats.d)} tokens the sample correlation of the d coordinates is rank-deficient "
+                          "and the match can be chance (check gauge.metrics['n_low_confidence'] and the margins); "
+                          "pass more data", stacklevel=2)
         if method == "procrustes":
             R = procrustes_from_cross(stats.cross_covariance())
             return OrthogonalMap(R, source=describe(ma), target=describe(mb), metrics=metrics, check=False)
@@ -145,6 +153,13 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
         confidence.update(inner.confidence)
     return Gauge(spaces={"residual": m.element, **extra}, source=describe(ma), target=describe(mb), method=label,
                  metrics=metrics, confidence=confidence)
+
+
+def min_tokens(d: int) -> int:
+    """The documented minimum number of tokens for a data-based match of width ``d``: ``d``. With ``n`` tokens the
+    centred activations span at most ``n - 1`` dimensions, so below ``d`` tokens the sample correlation matrix is
+    rank-deficient and a correspondence can arise by chance (with 2 tokens every correlation is ±1)."""
+    return int(d)
 
 
 def _spaces(v: ModelView, spaces: str | Sequence[str]) -> tuple[str, ...]:

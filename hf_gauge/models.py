@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import warnings
 from typing import Any, Iterable
 
 import torch
 from transformers.utils import logging
 
+from . import hub  # noqa: F401  (attaches Gauge.save_pretrained / from_pretrained / push_to_hub: every gauge made here)
 from .engine import Scratch, check_gauge, check_moves, move_tensor_, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
@@ -19,7 +21,7 @@ from .view import ModelView, unwrap
 logger = logging.get_logger("hf_gauge")
 
 __all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces",
-           "hash_gain"]
+           "hash_gain", "quantization"]
 
 
 def hash_gain(gain: torch.Tensor) -> str:
@@ -73,6 +75,33 @@ def gauge_spaces(model: Any) -> dict[str, int]:
     return ModelView.of(model).space_sizes()
 
 
+_QUANT_MODULES = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized", "bitsandbytes",
+                  "auto_gptq", "gptqmodel", "awq", "optimum.quanto", "hqq", "torchao", "compressed_tensors")
+_QUANT_CLASSES = re.compile(r"Linear8bitLt|Linear4bit|Params4bit|Int8Params|QuantLinear|WQLinear|HQQLinear|"
+                            r"QLinear|FP8Linear|MarlinLinear|ExllamaLinear|Quantized")
+
+
+def quantization(model: torch.nn.Module) -> str | None:
+    """What quantizes ``model`` (``None`` for a float model): a ``quantization_config``/``hf_quantizer``, a module
+    or parameter class of a quantization library, or packed non-float weights (``qweight``, quantized tensors)."""
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    if cfg is not None or getattr(model, "hf_quantizer", None) is not None:
+        method = cfg.get("quant_method") if isinstance(cfg, dict) else getattr(cfg, "quant_method", None)
+        return f"{getattr(method, 'value', method) or 'unknown method'} (config.quantization_config)"
+    for name, mod in model.named_modules():
+        t = type(mod)
+        if t.__module__.startswith(_QUANT_MODULES) or _QUANT_CLASSES.search(t.__name__):
+            return f"{t.__module__}.{t.__name__} at {name or 'the top level'}"
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        t = type(p)
+        if _QUANT_CLASSES.search(t.__name__) or p.is_quantized:
+            return f"{t.__name__} {name}"
+        if not (p.is_floating_point() or p.is_complex()) and name.rsplit(".", 1)[-1] in (
+                "weight", "qweight", "qzeros", "g_idx", "weight_packed", "weight_scale", "SCB"):
+            return f"packed {p.dtype} weight {name}"
+    return None
+
+
 @torch.no_grad()
 def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     """Move every parameter of ``model`` into the gauge's target chart, in place; returns ``model``.
@@ -85,6 +114,12 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     if not isinstance(gauge, Gauge):
         refuse_apply(gauge)            # explains why orthogonal maps / dense matrices are refused
     v = ModelView.of(model)
+    quant = quantization(model if isinstance(model, torch.nn.Module) else v.module)
+    if quant is not None:
+        raise GaugeError(f"this model is quantized ({quant}): a gauge moves float weights by index and would leave "
+                         "packed/quantized weights in the old chart. Dequantize it first (e.g. model.dequantize()), "
+                         "or apply the gauge to the float checkpoint (apply_gauge_to_checkpoint) and quantize the "
+                         "result again")
     spec, cfg = v.spec, v.config
     if gauge.source.get("model_type") not in (None, cfg.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "

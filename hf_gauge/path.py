@@ -36,8 +36,8 @@ def _load(ckpt: Any, load_kwargs: dict[str, Any]) -> Any:
         from transformers import AutoModelForCausalLM
         if isinstance(ckpt, str) and not os.path.isdir(ckpt) and os.path.sep in ckpt:
             raise GaugeError(f"checkpoint folder {ckpt!r} does not exist")
-        kw = {"dtype": torch.float32, **load_kwargs}
-        return AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            ckpt, **{"dtype": torch.float32, "trust_remote_code": False, **load_kwargs}).eval()
     if isinstance(ckpt, torch.nn.Module):
         return ckpt
     raise GaugeError(f"a checkpoint must be a model or a local path, got {type(ckpt).__name__}")

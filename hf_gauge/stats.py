@@ -37,6 +37,8 @@ logger = logging.get_logger("hf_gauge")
 
 __all__ = ["PairStats", "collect_pair_stats", "iter_batches", "residual_sites"]
 
+MIN_SITE_TOKENS = 3      # fewer tokens at a site: its correlations carry no information (2 points correlate ±1)
+
 
 
 # ----------------------------------------------------------------------------------------------------------------

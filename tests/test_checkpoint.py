@@ -260,3 +260,154 @@ def test_hostile_shard_name_through_cli(tmp_path: Path) -> None:
     random_gauge(model, seed=2).save_pretrained(tmp_path / "g")
     assert main(["apply", str(src), "--gauge", str(tmp_path / "g"), "-o", str(tmp_path / "out")]) == 2
     assert not list(tmp_path.parent.glob("pwned*")) and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ header validation
+def _st_file(header: dict, data: bytes, pad: str = "") -> bytes:
+    raw = (json.dumps(header) + pad).encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def _raw_header(text: str, data: bytes) -> bytes:
+    raw = text.encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+def _valid_parts() -> tuple[dict, bytes]:
+    from safetensors.torch import save
+    blob = save({"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.int8),
+                 "c": torch.zeros(2, dtype=torch.float16)}, metadata={"format": "pt"})
+    n = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8:8 + n]), blob[8 + n:]
+
+
+def _mutations() -> dict[str, bytes]:
+    h, data = _valid_parts()
+
+    def with_(name: str, key: str, value) -> dict:
+        g = json.loads(json.dumps(h))
+        g[name][key] = value
+        return g
+    a0, a1 = h["a"]["data_offsets"]
+    b0, b1 = h["b"]["data_offsets"]
+    c0, c1 = h["c"]["data_offsets"]
+    gap = json.loads(json.dumps(h))
+    for k in "abc":
+        if gap[k]["data_offsets"][0] >= b0:
+            gap[k]["data_offsets"] = [x + 4 for x in gap[k]["data_offsets"]]
+    first = sorted("abc", key=lambda k: h[k]["data_offsets"][0])
+    return {
+        "valid": _st_file(h, data),
+        "valid padded": _st_file(h, data, pad="    "),
+        "gap": _st_file(gap, data[:b0] + b"\0" * 4 + data[b0:]),
+        "overlap": _st_file(with_("b", "data_offsets", [b0 - 2, b1 - 2]), data),
+        "shape disagrees with bytes": _st_file(with_("a", "shape", [3, 3]), data),
+        "dtype disagrees with bytes": _st_file(with_("a", "dtype", "F16"), data),
+        "unknown dtype": _st_file(with_("a", "dtype", "Q7"), data),
+        "dtype not a string": _st_file(with_("a", "dtype", 5), data),
+        "float offsets": _st_file(with_(first[0], "data_offsets", [0.0, h[first[0]]["data_offsets"][1]]), data),
+        "string offsets": _st_file(with_("a", "data_offsets", [str(a0), str(a1)]), data),
+        "bool offsets": _st_file(with_(first[0], "data_offsets", [False, h[first[0]]["data_offsets"][1]]), data),
+        "three offsets": _st_file(with_("a", "data_offsets", [a0, a1, a1]), data),
+        "negative shape": _st_file(with_("a", "shape", [-2, -3]), data),
+        "float shape": _st_file(with_("a", "shape", [2.0, 3]), data),
+        "entry not an object": _st_file({**h, "a": [1, 2]}, data),
+        "header a list": _st_file([1, 2], b""),           # type: ignore[arg-type]
+        "metadata not strings": _st_file({**h, "__metadata__": {"format": 1}}, data),
+        "trailing bytes": _st_file(h, data + b"\0" * 8),
+        "truncated": _st_file(h, data[:-1]),
+        "not starting at 0": _st_file({k: {**v, "data_offsets": [x + 2 for x in v["data_offsets"]]}
+                                       if k != "__metadata__" else v for k, v in h.items()}, b"\0\0" + data),
+        "header length beyond file": (10 ** 6).to_bytes(8, "little") + b"{}",
+        "not utf-8": (4).to_bytes(8, "little") + b"{\xff\xfe}",
+        "NaN": _raw_header(json.dumps(h).replace('"dtype"', '"x": NaN, "dtype"', 1), data),
+        "valid with an extra field": _raw_header(json.dumps(h).replace('"dtype"', '"x": 1, "dtype"', 1), data),
+        "empty": b"",
+        "last tensor missing": _st_file({k: v for k, v in h.items() if k != first[-1]}, data),
+    } | {"c end": _st_file(with_("c", "data_offsets", [c0, c1 + 1]), data + b"\0")}
+
+
+@pytest.mark.parametrize("case", list(_mutations()))
+def test_header_validation_agrees_with_safetensors(tmp_path: Path, case: str) -> None:
+    """Issue 11 item 7: for every mutated shard, safetensors' own loader refuses it <=> read_header refuses it
+    (with GaugeError, never another exception)."""
+    from safetensors import safe_open
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_mutations()[case])
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for k in f.keys():
+                f.get_tensor(k)
+        safe_ok = True
+    except Exception:
+        safe_ok = False
+    try:
+        read_header(path)
+        ours_ok = True
+    except GaugeError:
+        ours_ok = False
+    assert ours_ok == safe_ok, (case, safe_ok)
+    assert safe_ok == case.startswith("valid"), case
+
+
+@pytest.mark.parametrize("case", ["gap", "overlap", "shape disagrees with bytes", "trailing bytes"])
+def test_invalid_shard_refused_before_any_write(tmp_path: Path, case: str) -> None:
+    """A shard safetensors would refuse is a GaugeError before the output or a staging folder is created."""
+    model = tiny_model("llama")
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    from safetensors.torch import load_file
+    raw = (src / "model.safetensors").read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    h, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    order = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+    k = order[1]
+    b, e = h[k]["data_offsets"]
+    if case == "gap":
+        for name in order[1:]:
+            h[name]["data_offsets"] = [x + 4 for x in h[name]["data_offsets"]]
+        data = data[:b] + b"\0" * 4 + data[b:]
+    elif case == "overlap":
+        h[k]["data_offsets"] = [b - 4, e - 4]
+    elif case == "shape disagrees with bytes":
+        h[k]["shape"] = [h[k]["shape"][0] + 1] + h[k]["shape"][1:]
+    else:
+        data = data + b"\0" * 16
+    (src / "model.safetensors").write_bytes(_st_file(h, data))
+    with pytest.raises(Exception):
+        load_file(src / "model.safetensors")                          # safetensors refuses it too
+    with pytest.raises(GaugeError, match="not a valid safetensors file"):
+        apply_gauge_to_checkpoint(src, random_gauge(model, seed=1), tmp_path / "out", progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["src"]
+
+
+def test_killed_apply_staging_cleaned_next_time_and_umask(tmp_path: Path) -> None:
+    """Hygiene (issue 11): a streaming apply killed mid-run leaves its hidden staging folder; the next apply into the
+    same parent removes it (its marker names a dead process) and nothing else; outputs honour the umask."""
+    import subprocess
+    import sys
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    random_gauge(model, seed=1).save_pretrained(tmp_path / "g")
+    code = ("import os, sys, hf_gauge, hf_gauge.checkpoint as c\n"
+            "real = c.move_tensor\n"
+            "def die(*a, **k):\n    os._exit(9)\n"
+            "c.move_tensor = die\n"
+            "hf_gauge.apply_gauge_to_checkpoint(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "g"), str(tmp_path / "out")],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 9, r.stderr
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".partial")]
+    assert len(left) == 1 and any(left[0].glob("*.safetensors"))
+    (tmp_path / ".out.notours.partial").mkdir()                       # similar names are never touched
+    (tmp_path / "out.partial").write_text("a user's file")
+    old = os.umask(0o027)
+    try:
+        out = apply_gauge_to_checkpoint(src, tmp_path / "g", tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert not left[0].exists()
+    assert (tmp_path / ".out.notours.partial").is_dir() and (tmp_path / "out.partial").read_text() == "a user's file"
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert all(p.stat().st_mode & 0o777 == 0o640 for p in out.glob("*.safetensors"))
+    assert not list(out.rglob(".hf_gauge-staging*"))                # the marker is not published

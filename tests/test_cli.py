@@ -420,3 +420,103 @@ def test_audit_help_through_main(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as e:
         main(["audit", "--help"])
     assert e.value.code == 0 and "--n-gauges" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ user errors (issue 11)
+def _one_line(err: str) -> str:
+    """The single ``error:`` line (progress bars of model loads may precede it; no traceback)."""
+    lines = [ln for ln in err.strip().splitlines() if "Loading weights" not in ln]
+    assert "Traceback (most recent call last)" not in err and len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+def test_user_errors_one_line_status_2(setup, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bad JSON data, disk full while writing, a pickled pytorch_model.bin and a plain ValueError: one line, exit 2."""
+    import errno
+    import pickle
+
+    tmp, a, b, g = setup
+    (tmp / "bad.json").write_text("[[1, 2], [3")
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "bad.json"), "-o", str(tmp / "f")]) == 2
+    assert "JSON" in _one_line(capsys.readouterr().err)
+
+    torch.save(torch.randn(a.config.hidden_size), tmp / "v.pt")
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full)      # the vector file's write fails: disk full
+    assert main(["transport", str(tmp / "v.pt"), "--gauge", str(tmp / "gauges" / "a2b"), "-o", str(tmp / "w.pt")]) == 2
+    assert "No space left on device" in _one_line(capsys.readouterr().err)
+    monkeypatch.undo()
+    assert not list(tmp.glob("*w.pt*"))            # no output, no temp file left
+
+    class Evil:          # a pickle that is not a plain state dict (weights_only loading refuses it)
+        def __reduce__(self):
+            return (print, ("unpickled!",))
+    bad = tmp / "pickled"
+    shutil.copytree(tmp / "B", bad)
+    for f in bad.glob("*.safetensors"):
+        f.unlink()
+    (bad / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Evil()}))
+    assert main(["verify", str(tmp / "A"), str(bad), "--gauge", str(tmp / "gauges" / "a2b")]) == 2
+    out = capsys.readouterr()
+    assert "unpickled!" not in out.out
+    assert "--debug" not in _one_line(out.err)      # a user error: no hint about a traceback
+
+    import hf_gauge.cli as cli
+
+    def boom(args):
+        raise ValueError("invalid literal for int() with base 10: 'x'")
+    monkeypatch.setattr(cli, "cmd_show", boom)
+    assert main(["show", str(tmp / "gauges" / "a2b")]) == 2
+    assert "invalid literal" in _one_line(capsys.readouterr().err)
+
+
+def test_unexpected_error_hint_and_debug_traceback(setup, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import hf_gauge.cli as cli
+    tmp, *_ = setup
+
+    def bug(args):
+        raise KeyError("internal")
+    monkeypatch.setattr(cli, "cmd_show", bug)
+    assert main(["show", str(tmp / "gauges" / "a2b")]) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "KeyError" in line and "--debug" in line
+    for argv in (["--debug", "show", str(tmp / "gauges" / "a2b")], ["show", str(tmp / "gauges" / "a2b"), "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_model_loads_never_trust_remote_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every from_pretrained in the package passes trust_remote_code=False explicitly (transformers would otherwise
+    ask on stdin for a repository with custom code)."""
+    import ast
+
+    import hf_gauge
+    import hf_gauge.cli as cli
+    seen = {}
+
+    def fake(cls, name, **kw):
+        seen.update(kw)
+        raise OSError("stop")
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(fake))
+    with pytest.raises(Exception):
+        cli._load_model("org/model")
+    assert seen.get("trust_remote_code") is False
+    missing = []
+    for py in Path(hf_gauge.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(py.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id.startswith("Auto")):
+                kws = {k.arg: k.value for k in node.keywords if k.arg}
+                for k in node.keywords:
+                    if k.arg is None and isinstance(k.value, ast.Dict):
+                        kws.update({getattr(kk, "value", None): v for kk, v in zip(k.value.keys, k.value.values)})
+                v = kws.get("trust_remote_code")
+                if not (isinstance(v, ast.Constant) and v.value is False):
+                    missing.append(f"{py.name}:{node.lineno}")
+    assert not missing, missing

@@ -114,6 +114,15 @@ def test_duplicate_indices_named():
         SignedPermutation([2, 2, 0])
 
 
+@pytest.mark.parametrize("perm,bad", [([0, 1, 3], "perm[2] = 3"), ([0, 1, 2, 3, 9], "perm[4] = 9"),
+                                      ([0, -1, 1], "perm[1] = -1")])
+def test_out_of_range_index_named_not_called_duplicated(perm, bad):
+    """An index outside range(d) is reported as out of range (it used to read 'duplicated indices include [d-1]')."""
+    with pytest.raises(GaugeError, match="out of range") as e:
+        SignedPermutation(perm)
+    assert bad in str(e.value) and "duplicat" not in str(e.value)
+
+
 def test_accepts_numpy_and_lists():
     assert SignedPermutation(np.array([1, 0]), np.array([-1, 1])) == SignedPermutation([1, 0], [-1, 1])
 
@@ -127,6 +136,19 @@ def test_gauge_group_law_and_spaces():
     assert (ab @ ab.inverse()) == Gauge(residual=SignedPermutation.identity(8))
     x = torch.randn(8)
     assert torch.equal(ab.transport(x), b.transport(a.transport(x)))
+
+
+@pytest.mark.parametrize("name", ["mlp.01", "attn.+1", "mlp. 3", "mlp.3 ", " residual", "residual\n", "mlp.-1",
+                                  "attn.1_0", "mlp.\u0663", "mlp.", "residual.0", 3])
+def test_gauge_refuses_non_canonical_space_names(name):
+    """'mlp.01' used to be accepted and then matched no layer (acting as the identity)."""
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        Gauge(spaces={name: SignedPermutation.identity(3)})
+
+
+def test_gauge_refuses_negative_layer_keys():
+    with pytest.raises(GaugeError, match="unknown gauge space 'mlp.-1'"):
+        Gauge(mlp={-1: SignedPermutation.identity(3)})
 
 
 def test_gauge_refuses_bad_spaces():

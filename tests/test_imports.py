@@ -102,9 +102,3 @@ def test_no_private_names_across_modules():
     _, private = import_graph()
     assert private == []
 
-
-def test_one_atomic_write_helper():
-    """Only hf_gauge.fileio creates temporary files or folders for atomic writes."""
-    offenders = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
-                 if p.name != "fileio.py" and ("mkstemp(" in p.read_text() or "mkdtemp(" in p.read_text())]
-    assert offenders == []

@@ -280,7 +280,118 @@ def test_refuses_bad_space_name_and_pairs_from_two_gauges(saved: Path, tmp_path:
         load_gauge(other)
 
 
+@pytest.mark.parametrize("name", ["mlp.01", "attn.+0", "mlp. 0", "mlp.0 "])
+def test_load_refuses_non_canonical_space_name(saved: Path, name: str) -> None:
+    t = _tensors(saved)
+    t[f"{name}.perm"], t[f"{name}.sign"] = t.pop("mlp.0.perm"), t.pop("mlp.0.sign")
+    cfg = _config(saved)
+    cfg["spaces"][name] = cfg["spaces"].pop("mlp.0")
+    _rewrite(saved, tensors=t, config=cfg)
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        load_gauge(saved)
+
+
 def test_hub_module_never_unpickles() -> None:
     src = Path(hub.__file__).read_text() + Path(hub.__file__).with_name("checkpoint.py").read_text()
     assert "pickle" not in src.replace("never pickle", "").replace("pickled weights", "").replace("(never pickle)", "")
     assert "torch.load" not in src
+
+
+# ------------------------------------------------------------------------------------------------ concurrent saves
+def _writer(folder: str, seed: int, n: int) -> None:
+    g = make_gauge(seed)
+    for _ in range(n):
+        save_gauge(g, folder)
+
+
+def test_concurrent_saves_and_loads_see_whole_pairs(tmp_path: Path) -> None:
+    """Issue 11 item 6: 2 writer processes x 60 saves of different gauges into one existing folder (which also holds
+    a README card) and a reader loading all the while: every load returns one of the two gauges (never a mixed
+    pair), the final pair is consistent and the card is kept."""
+    import multiprocessing as mp
+
+    folder = tmp_path / "g"
+    save_gauge(make_gauge(5), folder)
+    (folder / "README.md").write_text("card")
+    ctx = mp.get_context("fork")
+    writers = [ctx.Process(target=_writer, args=(str(folder), seed, 60)) for seed in (5, 6)]
+    for w in writers:
+        w.start()
+    want = {5: make_gauge(5), 6: make_gauge(6)}
+    loads, errors = 0, []
+    while any(w.is_alive() for w in writers) or loads < 20:
+        try:
+            g = load_gauge(folder)
+            assert any(g == w for w in want.values())
+        except GaugeError as e:
+            errors.append(str(e))
+        loads += 1
+    for w in writers:
+        w.join()
+        assert w.exitcode == 0
+    assert not errors, (len(errors), loads, errors[:1])
+    final = load_gauge(folder)
+    assert final == want[5] or final == want[6]
+    assert (folder / "README.md").read_text() == "card"
+    assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])   # no temp files left
+
+
+def test_saved_files_honour_umask(tmp_path: Path) -> None:
+    """mkdtemp/mkstemp create 0700/0600; published gauge folders and files get 0777/0666 minus the umask."""
+    old = os.umask(0o027)
+    try:
+        save_gauge(make_gauge(), tmp_path / "new")
+        save_gauge(make_gauge(1), tmp_path / "new")          # replacement in an existing folder
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
+    for f in (WEIGHTS_NAME, CONFIG_NAME):
+        assert (tmp_path / "new" / f).stat().st_mode & 0o777 == 0o640
+
+
+# ------------------------------------------------------------------------------------------------ field types (item 8)
+def _deep(n: int):
+    v: object = 1
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+@pytest.mark.parametrize("key,value", [
+    ("source", "org/model"), ("target", 7), ("metrics", [0.5]), ("method", {"x": 1}), ("confidence", "high"),
+    ("confidence_arrays", ["residual"]), ("spaces", ["residual"]), ("metrics", {"deep": _deep(200)}),
+    ("source", {"deep": _deep(5000)}), ("spaces", {"residual": {"size": "8"}}), ("spaces", {"residual": {"size": True}}),
+    ("spaces", {"residual": 8}), ("confidence_arrays", {"residual": "pickle"}),
+])
+def test_config_fields_type_checked_after_checksum(saved: Path, key: str, value) -> None:
+    """Issue 11 item 8: a config whose checksum matches but whose fields have the wrong JSON type (or nest absurdly
+    deep) is a one-line GaugeError, never TypeError/ValueError/RecursionError."""
+    cfg = _config(saved)
+    if key == "spaces" and isinstance(value, dict) and "residual" in value:
+        cfg["spaces"] = {**cfg["spaces"], **value}
+    else:
+        cfg[key] = value
+    cfg["weights_sha256"] = hashlib.sha256((saved / WEIGHTS_NAME).read_bytes()).hexdigest()
+    import sys
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, 20000))       # json.dumps of the hostile file needs it; json.loads may not
+    try:
+        (saved / CONFIG_NAME).write_text(json.dumps(cfg))
+    finally:
+        sys.setrecursionlimit(old)
+    with pytest.raises(GaugeError) as e:
+        load_gauge(saved)
+    assert "\n" not in str(e.value)
+
+
+def test_config_huge_integer_and_non_utf8(saved: Path) -> None:
+    digest = hashlib.sha256((saved / WEIGHTS_NAME).read_bytes()).hexdigest()
+    text = (saved / CONFIG_NAME).read_text()
+    huge = text.replace('"weights_sha256"', '"n": ' + "9" * 5000 + ', "weights_sha256"', 1)
+    (saved / CONFIG_NAME).write_text(huge)
+    with pytest.raises(GaugeError, match="not valid JSON"):
+        load_gauge(saved)
+    (saved / CONFIG_NAME).write_bytes(b'{"format": "\xff"}')
+    with pytest.raises(GaugeError, match="not valid JSON"):
+        load_gauge(saved)
+    assert digest

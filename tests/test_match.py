@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, assert_state_equal, state, tiny_model
+from conftest import FAMILIES, VOCAB, assert_state_equal, state, tiny_model
 import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, find_gauge
 from hf_gauge.engine import move_tensor, moves_for
@@ -205,3 +205,34 @@ def test_model_transport_cache_is_keyed_by_target_and_fit_arguments(ids, monkeyp
     B2, _ = _gauged_copy(A, seed=9)
     A.transport(v, to=B2)
     assert len(fits) == 4
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_one_or_two_tokens_warn_and_report_no_confidence(n):
+    """Issue 11 item 3: 1-2 tokens used to give identity or a gauge whose mean_matched read 1.0 (two points always
+    correlate ±1). Now: token count recorded, a warning below min_tokens(d) = d, margins 0, every coordinate
+    low-confidence, mean_matched 0."""
+    A = tiny_model("llama")
+    B, _ = _gauged_copy(A, seed=11)
+    d = A.config.hidden_size
+    ids = torch.tensor([[5, 9][:n]])
+    with pytest.warns(UserWarning, match=rf"saw {n} token\(s\) for a residual width of {d}"):
+        g = A.gauge_to(B, data=ids, progress=False)
+    assert g.metrics["n_tokens"] == n and g.metrics["min_tokens"] == d
+    assert g.metrics["mean_matched"] == 0.0 and g.metrics["min_margin"] == 0.0
+    assert g.metrics["n_low_confidence"] == d
+    assert float(torch.as_tensor(g.confidence["residual"]).abs().max()) == 0.0
+
+
+def test_enough_tokens_no_warning(ids):
+    import warnings
+    A = tiny_model("llama")
+    B, hidden = _gauged_copy(A, seed=11)
+    many = torch.randint(0, VOCAB, (4, 20), generator=torch.Generator().manual_seed(1))     # 80 >= d = 64
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        g = A.gauge_to(B, data=many, progress=False)
+    assert not [x for x in w if "token(s)" in str(x.message)]
+    assert g == hidden and g.metrics["n_tokens"] == 80 and g.metrics["n_low_confidence"] == 0
+    with pytest.warns(UserWarning, match="rank-deficient"):             # 22 tokens < d: still found, but warned
+        assert A.gauge_to(B, data=ids, progress=False) == hidden

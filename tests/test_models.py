@@ -324,3 +324,60 @@ print("OK")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"})
     assert r.stdout.strip().endswith("OK"), r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ quantized (issue 11)
+def _snapshot(m):
+    return {k: v.clone() for k, v in m.state_dict().items() if isinstance(v, torch.Tensor) and not v.is_quantized}
+
+
+def test_torch_dynamic_int8_model_refused_untouched():
+    """Issue 11 item 2: apply_gauge on a torch dynamic-quantized model used to move only the float tensors (norms,
+    embeddings) and leave the packed int8 Linear weights behind, breaking the model. Now refused, nothing moved."""
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+    m = tiny_model("llama")
+    g = hf_gauge.random_gauge(m, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q = quantize_dynamic(m, {torch.nn.Linear}, dtype=torch.qint8)
+    before = _snapshot(q)
+    with pytest.raises(GaugeError, match=r"quantized \(torch\.ao\.nn\.quantized\.dynamic.*dequantize.*float checkpoint"):
+        hf_gauge.apply_gauge(q, g)
+    assert all(torch.equal(before[k], v) for k, v in _snapshot(q).items())
+
+
+def test_quantization_config_refused():
+    m = tiny_model("llama")
+    m.config.quantization_config = {"quant_method": "gptq", "bits": 4}
+    with pytest.raises(GaugeError, match=r"quantized \(gptq"):
+        hf_gauge.apply_gauge(m, hf_gauge.random_gauge(tiny_model("llama"), seed=1))
+
+
+def test_quantization_library_modules_and_packed_weights_refused():
+    """bitsandbytes / GPTQ / AWQ are not installed here: modules named like theirs, and a packed int32 qweight."""
+    class Linear4bit(torch.nn.Linear):          # bitsandbytes.nn.Linear4bit's class name
+        pass
+
+    class Packed(torch.nn.Module):              # GPTQ/AWQ-style: int32 packed weights, no float weight
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("qweight", torch.zeros(8, 64, dtype=torch.int32))
+
+    for make, what in ((lambda m: Linear4bit(64, 64), "Linear4bit"), (lambda m: Packed(), "qweight")):
+        m = tiny_model("llama")
+        m.model.layers[0].mlp.down_proj = make(m)
+        with pytest.raises(GaugeError, match=what):
+            hf_gauge.apply_gauge(m, hf_gauge.random_gauge(tiny_model("llama"), seed=1))
+    assert hf_gauge.models.quantization(tiny_model("llama")) is None
+
+
+def test_quantized_checkpoint_refused(tmp_path):
+    m = tiny_model("llama")
+    m.config.quantization_config = {"quant_method": "awq"}
+    m.save_pretrained(tmp_path / "q")
+    with pytest.raises(GaugeError, match="quantized checkpoint \\(awq"):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "q", hf_gauge.random_gauge(tiny_model("llama")), tmp_path / "o",
+                                           progress=False)
+    assert not (tmp_path / "o").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -127,3 +128,40 @@ def test_corrupt_weights_in_a_folder_refused(g, tmp_path, kind):
         transport_path(g, src, tmp_path / "out")
     assert str(weights) in str(e.value)
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ hostile JSON (item 8)
+@pytest.mark.parametrize("kind", ["sae", "peft"])
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe", b"[1, 2]", b'{"hook_name": 5}',
+                                     b'{"peft_type": "LORA", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                     b'{"n": ' + b"9" * 5000 + b"}", "loop"])
+def test_hostile_sae_and_adapter_configs_are_gauge_errors(tmp_path, kind, content) -> None:
+    """SAE cfg.json / adapter_config.json that are not valid JSON, not an object, wrongly typed, absurdly deep or a
+    symlink loop: GaugeError (one line), never JSONDecodeError/TypeError/RecursionError; nothing written."""
+    from safetensors.torch import save_file
+
+    from hf_gauge import Gauge, GaugeError, SignedPermutation
+    from hf_gauge.transport.files import transport_path
+    g = Gauge(SignedPermutation.random(8, 0), source={"model_type": "llama"})
+    src = tmp_path / kind
+    src.mkdir()
+    cfg_name, w_name = (("cfg.json", "sae_weights.safetensors") if kind == "sae"
+                        else ("adapter_config.json", "adapter_model.safetensors"))
+    save_file({"W_dec": torch.zeros(4, 8)}, str(src / w_name))
+    if content == "loop":
+        (src / cfg_name).symlink_to(src / cfg_name)
+    else:
+        (src / cfg_name).write_bytes(content)
+    with pytest.raises(GaugeError) as e:
+        transport_path(g, src, tmp_path / "out")
+    assert "\n" not in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [kind]
+
+
+@pytest.mark.parametrize("arr", [np.array([object(), 1, 2, 3], dtype=object), np.array(["a", "b", "c", "d"])])
+def test_numpy_object_and_string_arrays_refused(arr) -> None:
+    from hf_gauge import Gauge, GaugeError, SignedPermutation
+    g = Gauge(SignedPermutation.random(4, 0))
+    for obj in (arr, {3: arr}):
+        with pytest.raises(GaugeError, match="numpy dtype"):
+            g.transport(obj)

@@ -168,3 +168,16 @@ def test_repeng_control_vector(pair, ids):
     assert (2 * cv_b).directions[LAYER].shape == (64,)               # still a working repeng object
     with pytest.raises(GaugeError, match="width mismatch"):
         g.transport(repeng.ControlVector(model_type="llama", directions={0: np.zeros(10, np.float32)}))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.bool, torch.int16, torch.int32, torch.int64])
+def test_integer_and_bool_vectors_refused(dtype):
+    """A sign flip wraps int8 -128 and is lost in uint8/bool: integer vectors are refused with a hint to cast."""
+    from hf_gauge import Gauge, SignedPermutation
+    g = Gauge(SignedPermutation(torch.arange(4).flip(0), torch.tensor([-1, 1, -1, 1])))
+    v = torch.tensor([-128, 1, 2, 3]).to(dtype)
+    for obj in (v, v.numpy(), {0: v}, {2: v.numpy()}):
+        with pytest.raises(GaugeError, match="floating point.*cast it to float"):
+            g.transport(obj)
+    x = torch.tensor([-128.0, 1.0, 2.0, 3.0])
+    assert torch.equal(g.transport(x), torch.tensor([-3.0, 2.0, -1.0, -128.0]))   # y[j] = sign[j] * x[perm[j]]

@@ -6,6 +6,7 @@ Convention (gauge-math.md): a gauge ``g`` maps the source chart to the target ch
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from .. import fileio
+from ..atomic import atomic_path
 from ..engine import Move, move_tensor, moves_for
 from ..errors import GaugeError
 from ..gauge import Gauge, check_space_name
@@ -152,6 +153,42 @@ def read_safetensors(path: Path, hint: str = "re-save or re-download it") -> tup
         raise GaugeError(f"{path} is not a valid safetensors file ({e}); {hint}") from None
 
 
+MAX_JSON_BYTES = 64 << 20
+MAX_JSON_DEPTH = 64
+
+
+def read_json(src: Path | bytes, what: str, hint: str = "re-save or re-download it") -> Any:
+    """The JSON value in a file (or bytes) that may be hostile; anything unreadable is a one-line ``GaugeError``.
+
+    Refused: unreadable paths (missing, a folder, a symlink loop, no permission), files over 64 MB, invalid UTF-8,
+    invalid JSON, integers beyond Python's digit limit and nesting deeper than 64 levels (so later code never
+    hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
+    """
+    if isinstance(src, (bytes, bytearray)):
+        data = bytes(src)
+    else:
+        try:
+            if Path(src).stat().st_size > MAX_JSON_BYTES:
+                raise GaugeError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; {hint}")
+            data = Path(src).read_bytes()
+        except OSError as e:
+            raise GaugeError(f"cannot read {what}: {e.strerror or e}; {hint}") from None
+    try:
+        value = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError, as is int size
+        raise GaugeError(f"{what} is not valid JSON ({str(e).splitlines()[0][:200]}); {hint}") from None
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise GaugeError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; {hint}")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
 def check_out(src: Path | None, out: Path) -> Path:
     """Refuse writing onto the input or into an existing non-empty path."""
     out = Path(out)
@@ -166,16 +203,19 @@ def check_out(src: Path | None, out: Path) -> Path:
 
 @contextmanager
 def atomic_dir(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success rename it to ``out`` (never leaves a half-written ``out``);
-    ``out`` may not be the input or a non-empty path."""
-    with fileio.atomic_dir(check_out(src, out)) as tmp:
+    """Yield a temporary sibling folder; on success fsync it and rename it to ``out`` (never a half-written ``out``)."""
+    out = check_out(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out, directory=True) as tmp:
         yield tmp
 
 
 @contextmanager
 def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
-    """Yield a temporary sibling file path; on success rename it onto ``out`` (not the input, not a non-empty path)."""
-    with fileio.atomic_file(check_out(src, out)) as tmp:
+    """Yield a temporary sibling file path; on success fsync it and rename it onto ``out``."""
+    out = check_out(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
         yield tmp
 
 
@@ -205,5 +245,4 @@ def copy_other_files(src: Path, dst: Path, skip: Iterable[str], chart_free: Iter
 
 def write_record(dst: Path, gauge, **extra: Any) -> None:
     """Write the gauge provenance sidecar (``hf_gauge_transport.json``) into an output folder."""
-    import json
     (dst / GAUGE_RECORD_FILE).write_text(json.dumps(gauge_record(gauge, **extra), indent=2) + "\n")

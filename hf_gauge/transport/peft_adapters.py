@@ -25,11 +25,10 @@ import torch
 
 from ..engine import check_gauge
 from ..errors import GaugeError
-from ..fileio import read_json
 from ..specs import ArchSpec
 from . import register
 from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
-                  moves_heads, read_safetensors, spec_and_config, write_record)
+                  moves_heads, read_json, read_safetensors, spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -141,9 +140,13 @@ def is_adapter_folder(path: Path) -> bool:
 
 def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     base = cfg.get("base_model_name_or_path")
-    if base and (Path(base) / "config.json").is_file():
+    if isinstance(base, str) and base and "\0" not in base and (Path(base) / "config.json").is_file():
         from transformers import AutoConfig
-        return AutoConfig.from_pretrained(base, local_files_only=True)
+        try:
+            return AutoConfig.from_pretrained(base, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise GaugeError(f"cannot read the base model config {base}/config.json named by the adapter: "
+                             f"{str(e).splitlines()[0]}; pass model_type= or config=") from None
     return None
 
 
@@ -152,11 +155,8 @@ def _read_record(src: Path) -> dict[str, Any] | None:
     p = src / GAUGE_RECORD_FILE
     if not p.is_file():
         return None
-    try:
-        rec = read_json(p, "hf_gauge provenance record")
-    except GaugeError as e:
-        raise GaugeError(f"{e}; remove it or re-transport the original adapter") from None
-    if not all(isinstance(rec.get(k, {}), dict) for k in ("source", "target")):
+    rec = read_json(p, str(p), "remove it or re-transport the original adapter")
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k, {}), dict) for k in ("source", "target")):
         raise GaugeError(f"{p} is not an hf_gauge provenance record; remove it or re-transport the original adapter")
     return rec
 
@@ -260,7 +260,10 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
             raise GaugeError(f"{src} holds adapter_model.bin (a pickle); hf_gauge reads safetensors only. Re-save "
                              "the adapter with save_pretrained(..., safe_serialization=True)")
         raise GaugeError(f"{src} has no {ADAPTER_WEIGHTS}")
-    cfg = read_json(src / ADAPTER_CFG, "adapter config")
+    cfg = read_json(src / ADAPTER_CFG, str(src / ADAPTER_CFG), "re-save the adapter with save_pretrained")
+    if not isinstance(cfg, dict):
+        raise GaugeError(f"{src / ADAPTER_CFG} must hold a JSON object (the adapter config), got a "
+                         f"{type(cfg).__name__}")
     _check_peft_type(cfg, str(src))
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
     rec = _read_record(src)

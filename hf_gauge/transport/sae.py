@@ -20,9 +20,9 @@ import torch
 
 from ..engine import Move
 from ..errors import GaugeError
-from ..fileio import read_json
 from . import register
-from ._io import atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record
+from ._io import (atomic_dir, copy_other_files, element, gauge_record, move_of, read_json, read_safetensors,
+                  write_record)
 
 SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
@@ -176,8 +176,18 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     src, out = Path(src), Path(out)
     if not is_sae_folder(src):
         raise GaugeError(f"{src} is not a SAELens folder (needs {SAE_CFG} and {SAE_WEIGHTS})")
-    cfg = read_json(src / SAE_CFG, "SAE config")
+    cfg = read_json(src / SAE_CFG, str(src / SAE_CFG), "re-save the SAE with SAE.save_model")
+    if not isinstance(cfg, dict):
+        raise GaugeError(f"{src / SAE_CFG} must hold a JSON object (the SAE config), got a {type(cfg).__name__}")
     md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
+    for key in ("hook_name", "hook_name_out", "normalize_activations"):
+        for v in (md.get(key), cfg.get(key)):
+            if v is not None and not isinstance(v, str):
+                raise GaugeError(f"{src / SAE_CFG}: {key} is a {type(v).__name__}, expected a string; the file is "
+                                 "corrupt: re-save the SAE")
+    for v in (md.get("hf_gauge"), cfg.get("hf_gauge")):
+        if v is not None and not isinstance(v, list):
+            raise GaugeError(f"{src / SAE_CFG}: hf_gauge is a {type(v).__name__}, expected a list of records")
     hook = md.get("hook_name") or cfg.get("hook_name")
     space = space or space_for_hook(hook)
     hook_out = md.get("hook_name_out") or cfg.get("hook_name_out")

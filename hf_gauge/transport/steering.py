@@ -15,7 +15,7 @@ import torch
 
 from ..errors import GaugeError
 from . import register
-from .vectors import move_vector
+from .vectors import as_tensor, move_vector
 
 
 def _is(o: Any, module: str, name: str) -> bool:
@@ -48,7 +48,7 @@ def _control_vector(gauge, cv: Any, **_: Any) -> Any:
     for layer, v in dirs.items():
         arr = np.asarray(v)
         try:
-            moved = move_vector(gauge, torch.from_numpy(np.ascontiguousarray(arr)), what=f"control direction {layer}")
+            moved = move_vector(gauge, as_tensor(arr, f"control direction {layer}"), what=f"control direction {layer}")
         except GaugeError as e:
             raise GaugeError(f"layer {layer}: {e}") from None
         out[layer] = moved.numpy().copy()

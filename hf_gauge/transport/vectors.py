@@ -21,6 +21,10 @@ def residual_of(gauge):
 
 def move_vector(gauge, v: torch.Tensor, what: str = "vector") -> torch.Tensor:
     q = residual_of(gauge)
+    if not v.is_floating_point():
+        raise GaugeError(f"{what} has dtype {v.dtype}: a residual-stream vector must be floating point (a sign flip "
+                         "wraps int8 -128 and is lost in unsigned or bool dtypes); cast it to float first, e.g. "
+                         "v.float() or arr.astype(np.float32)")
     if v.dim() == 0 or v.shape[-1] != q.size:
         raise GaugeError(f"width mismatch: {what} has shape {tuple(v.shape)} but the gauge's residual width is {q.size}; "
                          "the last axis of a residual-stream object must be the model's hidden size")
@@ -34,7 +38,15 @@ def _tensor(gauge, v: torch.Tensor, **_: Any) -> torch.Tensor:
 
 @register(lambda o: isinstance(o, np.ndarray), "numpy.ndarray [..., d]")
 def _ndarray(gauge, v: np.ndarray, **_: Any) -> np.ndarray:
-    return move_vector(gauge, torch.from_numpy(np.ascontiguousarray(v))).numpy().copy()
+    return move_vector(gauge, as_tensor(v)).numpy().copy()
+
+
+def as_tensor(v: np.ndarray, what: str = "array") -> torch.Tensor:
+    """A float numpy array as a tensor (object, string and other non-numeric arrays are a ``GaugeError``)."""
+    if v.dtype.kind not in "biufc":
+        raise GaugeError(f"{what} has numpy dtype {v.dtype}; a residual-stream vector must be a float array: convert "
+                         "it with arr.astype(np.float32)")
+    return torch.from_numpy(np.ascontiguousarray(v))
 
 
 @register(lambda o: isinstance(o, dict) and o and all(isinstance(k, int) for k in o)
