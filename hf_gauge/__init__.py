@@ -34,7 +34,7 @@ _EXPORTS = {
     "merge": "merge", "IndexSet": "objects", "Attribution": "objects", "transport_path": "transport.files",
     "transport_peft_model": "transport.peft_adapters",
     # hub / checkpoint / verify (issue 5)
-    "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub",
+    "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub", "GaugeConfig": "gauge_config",
     "apply_gauge_to_checkpoint": "checkpoint", "verify": "verify",
     # inner spaces / canonical / audit (issue 6)
     "InnerMatch": "inner", "match_inner": "inner", "find_full_gauge": "inner", "canonical_gauge": "canonical",
