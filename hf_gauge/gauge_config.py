@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .errors import GaugeError
 from .transport._io import read_json
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "SpaceConfig", "GaugeConfig"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "GaugeConfig", "SpaceConfig"]
 
 FORMAT = "hf_gauge.gauge"
 FORMAT_VERSION = 1

@@ -21,8 +21,8 @@ import torch
 from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
 from .gauge import Gauge
-from .group import SignedPermutation
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
+from .group import SignedPermutation
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
            "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]

@@ -21,13 +21,13 @@ OLD_KEYS = ["format", "format_version", "library", "library_version", "group", "
 
 
 def make_config(**kw) -> GaugeConfig:
-    base = dict(library_version="0.1.0", group="B_d", method="signed",
-                spaces={"residual": SpaceConfig(size=8, negative_signs=3), "mlp.0": SpaceConfig(size=6,
-                                                                                                negative_signs=0)},
-                source={"model_id": "org/a", "model_type": "llama", "revision": None}, target={"model_id": "org/b"},
-                metrics={"mean_matched": 0.9, "per_layer": [0.5, 0.25], "nan": float("nan")},
-                confidence={"threshold": 0.05}, confidence_arrays={"residual": "torch", "extra": "numpy"},
-                weights_sha256="ab" * 32)
+    base: dict = {
+        "library_version": "0.1.0", "group": "B_d", "method": "signed",
+        "spaces": {"residual": SpaceConfig(size=8, negative_signs=3), "mlp.0": SpaceConfig(size=6, negative_signs=0)},
+        "source": {"model_id": "org/a", "model_type": "llama", "revision": None}, "target": {"model_id": "org/b"},
+        "metrics": {"mean_matched": 0.9, "per_layer": [0.5, 0.25], "nan": float("nan")},
+        "confidence": {"threshold": 0.05}, "confidence_arrays": {"residual": "torch", "extra": "numpy"},
+        "weights_sha256": "ab" * 32}
     base.update(kw)
     return GaugeConfig(**base)
 
