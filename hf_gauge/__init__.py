@@ -33,7 +33,7 @@ _EXPORTS = {
     "merge": "merge", "IndexSet": "objects", "Attribution": "objects", "transport_path": "transport.files",
     "transport_peft_model": "transport.peft_adapters",
     # hub / checkpoint / verify
-    "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub",
+    "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub", "GaugeConfig": "gauge_config",
     "apply_gauge_to_checkpoint": "checkpoint", "verify": "verify",
     # inner spaces / canonical / audit
     "InnerMatch": "inner", "match_inner": "inner", "find_full_gauge": "match", "canonical_gauge": "canonical",

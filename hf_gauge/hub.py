@@ -21,16 +21,14 @@ import torch
 from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
 from .gauge import Gauge
+from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
 from .group import SignedPermutation
 from .specs import get_spec
 from .version import __version__
-from .transport._io import read_json
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
            "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
 
-FORMAT = "hf_gauge.gauge"
-FORMAT_VERSION = 1
 WEIGHTS_NAME = "gauge.safetensors"
 CONFIG_NAME = "gauge_config.json"
 CARD_NAME = "README.md"
@@ -119,22 +117,14 @@ def _serialize(gauge: Gauge) -> tuple[bytes, bytes]:
     tensors, conf_json, conf_kinds = _tensors_and_meta(gauge)
     meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "group": group_name(gauge)}
     weights = save(tensors, metadata=meta)
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "library": "hf_gauge",
-        "library_version": _version(),
-        "group": meta["group"],
-        "method": gauge.method,
-        "spaces": {n: {"size": el.size, "negative_signs": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()},
-        "source": _jsonable(gauge.source),
-        "target": _jsonable(gauge.target),
-        "metrics": _jsonable(gauge.metrics),
-        "confidence": conf_json,
-        "confidence_arrays": conf_kinds,
-        "weights_sha256": hashlib.sha256(weights).hexdigest(),
-    }
-    return weights, (json.dumps(config, indent=2, sort_keys=False, allow_nan=True) + "\n").encode()
+    config = GaugeConfig(
+        format=FORMAT, format_version=FORMAT_VERSION, library="hf_gauge", library_version=_version(),
+        group=meta["group"], method=gauge.method,
+        spaces={n: SpaceConfig(size=el.size, negative_signs=int((el.sign < 0).sum()))
+                for n, el in gauge.spaces.items()},
+        source=_jsonable(gauge.source), target=_jsonable(gauge.target), metrics=_jsonable(gauge.metrics),
+        confidence=conf_json, confidence_arrays=conf_kinds, weights_sha256=hashlib.sha256(weights).hexdigest())
+    return weights, config.to_json()
 
 
 def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
@@ -237,44 +227,13 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     return _parse(weights, config, where)
 
 
-# the JSON type of every gauge_config.json field the loader reads (None: the field may be null or absent)
-_FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "spaces": (dict,), "source": (dict, type(None)), "target": (dict, type(None)), "method": (str, type(None)),
-    "metrics": (dict, type(None)), "confidence": (dict, type(None)), "confidence_arrays": (dict, type(None)),
-}
-
-
-def _check_config_types(config: dict, where: str) -> None:
-    """Refuse fields of the wrong JSON type (the checksum only proves the two files belong together)."""
-    for key, types in _FIELD_TYPES.items():
-        if key in config and not isinstance(config[key], types):
-            raise GaugeError(f"{where}: field {key!r} is a {type(config[key]).__name__}, expected "
-                             f"{' or '.join('null' if t is type(None) else _JSON_NAMES[t] for t in types)}; "
-                             "the file is corrupt or hostile: re-save the gauge")
-    for name, info in (config.get("spaces") or {}).items():
-        size = info.get("size") if isinstance(info, dict) else None
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 < size < 1 << 40:
-            raise GaugeError(f"{where}: space {name!r} has size {size!r}; expected a positive integer")
-    for key, kind in (config.get("confidence_arrays") or {}).items():
-        if kind not in ("torch", "numpy"):
-            raise GaugeError(f"{where}: confidence array {key!r} has kind {kind!r}; expected 'torch' or 'numpy'")
-
-
-_JSON_NAMES = {dict: "object", str: "string", list: "array"}
-
-
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     from safetensors.torch import load
 
-    config = read_json(config_bytes, f"{where}/{CONFIG_NAME}", "the file is corrupt: re-save the gauge")
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise GaugeError(f"{where}/{CONFIG_NAME} is not an hf_gauge gauge config (format != {FORMAT!r})")
-    version = config.get("format_version")
-    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
-        raise GaugeError(f"{where}: unknown gauge format version {version!r}; this hf_gauge {_version()} reads "
-                         f"versions 1..{FORMAT_VERSION}. Upgrade hf_gauge to load it.")
+    config = GaugeConfig.from_json(config_bytes, f"{where}/{CONFIG_NAME}")
+    version = config.format_version
     digest = hashlib.sha256(weights).hexdigest()
-    if config.get("weights_sha256") != digest:
+    if config.weights_sha256 != digest:
         raise GaugeError(f"{where}/{WEIGHTS_NAME} does not match {CONFIG_NAME} (sha256 differs): the folder is "
                          "corrupt or half-written. Re-save or re-download the gauge.")
     try:
@@ -286,13 +245,9 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
     if meta.get("format") != FORMAT or meta.get("format_version") != str(version):
         raise GaugeError(f"{where}/{WEIGHTS_NAME} metadata says format {meta.get('format')!r} version "
                          f"{meta.get('format_version')!r}, but {CONFIG_NAME} says {FORMAT!r} version {version}")
-    _check_config_types(config, f"{where}/{CONFIG_NAME}")
-    spaces_cfg = config.get("spaces")
-    if not spaces_cfg:
-        raise GaugeError(f"{where}/{CONFIG_NAME} lists no gauge spaces")
     spaces: dict[str, SignedPermutation] = {}
-    for name, info in spaces_cfg.items():
-        size = info.get("size") if isinstance(info, dict) else None
+    for name, space in config.spaces.items():
+        size = space.size
         perm, sign = tensors.pop(f"{name}.perm", None), tensors.pop(f"{name}.sign", None)
         if perm is None or sign is None:
             raise GaugeError(f"{where}: space {name!r} is missing its {'perm' if perm is None else 'sign'} tensor")
@@ -306,9 +261,8 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
             spaces[name] = SignedPermutation(perm, sign)
         except GaugeError as e:
             raise GaugeError(f"{where}: space {name!r}: {e}") from None
-    kinds = config.get("confidence_arrays") or {}
-    confidence: dict[str, Any] = dict(config.get("confidence") or {})
-    for key, kind in kinds.items():
+    confidence: dict[str, Any] = dict(config.confidence)
+    for key, kind in config.confidence_arrays.items():
         t = tensors.pop(f"{key}.margin" if key in spaces else f"confidence.{key}", None)
         if t is None:
             raise GaugeError(f"{where}: confidence array {key!r} is listed in {CONFIG_NAME} but missing")
@@ -320,8 +274,8 @@ def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
         raise GaugeError(f"{where}/{WEIGHTS_NAME} holds unexpected tensors {sorted(tensors)[:5]} that "
                          f"{CONFIG_NAME} does not list; the files do not belong together")
     try:
-        return Gauge(spaces=spaces, source=config.get("source"), target=config.get("target"),
-                     method=config.get("method"), metrics=config.get("metrics"), confidence=confidence)
+        return Gauge(spaces=spaces, source=config.source, target=config.target, method=config.method,
+                     metrics=config.metrics, confidence=confidence)
     except GaugeError as e:
         raise GaugeError(f"{where}: {e}") from None
 

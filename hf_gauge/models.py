@@ -128,7 +128,9 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
     params = dict(v.named_parameters())
     for n, p in params.items():
         if p.device.type == "meta":
-            raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a gauge")
+            raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a "
+                             "gauge, or gauge the checkpoint on disk without loading it: "
+                             "hf_gauge.apply_gauge_to_checkpoint(src, gauge, out) or `hf-gauge apply`")
     want = gauge.source.get("fingerprint")
     if want:
         have = fingerprint(v)
