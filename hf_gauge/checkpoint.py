@@ -28,7 +28,7 @@ from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
 from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
-from .models import hash_gain
+from .models import gain_fingerprint
 from .specs import get_spec
 from .view import ConfigView
 from .transport._io import read_json
@@ -384,7 +384,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
                 raise GaugeError(f"{src / s}: {key} has dtype {info['dtype']}, which hf_gauge cannot read")
             with open(src / s, "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, dtype, info["shape"])
-            have = hash_gain(gain)
+            have = gain_fingerprint(gain)
             if have != want:
                 msg = (f"the gauge expects a source chart with fingerprint {want} but the checkpoint's is {have}; "
                        "it may be a fine-tune of the source (fine) or already gauged or another model")

@@ -36,9 +36,10 @@ from .group import SignedPermutation
 from .kinds import get_kind
 from .specs import ArchSpec
 from .specs.base import Axis, fill
-from .view import ModelView
+from .view import ConfigView, ModelView
 
-__all__ = ["InnerMatch", "match_inner", "residual_from_embeddings", "unit_slices", "tensor_axes", "site_of"]
+__all__ = ["InnerMatch", "match_inner", "residual_from_embeddings", "unit_slices", "slices_from", "match_slices",
+           "tensor_axes", "site_of"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,9 +60,9 @@ class InnerMatch(dict):
         return Gauge(spaces=sp, confidence=self.confidence, **kw)
 
 
-def tensor_axes(v: ModelView, name: str, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple[Axis, ...]]]:
+def tensor_axes(spec: ArchSpec, name: str, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple[Axis, ...]]]:
     """``(tensor, axes)`` of a spec-named tensor; a tensor with a stacked axis yields each slice with its axes."""
-    axes = axes_for(v.spec, name)
+    axes = axes_for(spec, name)
     if not axes:
         return
     st = next((a for a in axes if a.stack), None)
@@ -84,13 +85,19 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
     chart-dependent).
     """
     v = ModelView.of(model)
-    spec = v.spec
-    dims = spec.dims(v.config)
+    return slices_from(v.spec, v.config, space, params if params is not None else v.params(), residual)
+
+
+def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, torch.Tensor],
+                residual: SignedPermutation | None = None) -> list[UnitSlice]:
+    """``unit_slices`` from a spec, a config and ``{name: tensor}`` (no model needed: tensors read from files)."""
+    config = ConfigView.of(config)
+    dims = spec.dims(config)
     rule = spec.space(space).signs
-    sizes = v.space_sizes()
+    sizes = spec.space_sizes(config)
     out: list[UnitSlice] = []
-    for name, full in (params if params is not None else v.params()).items():
-        for t, axes in tensor_axes(v, name, full):
+    for name, full in params.items():
+        for t, axes in tensor_axes(spec, name, full):
             unit = [(a, part) for a in axes for part in a.parts() if part.space == space]
             if not unit:
                 continue
@@ -112,14 +119,14 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
             for a, part in unit:
                 y = x
                 if a.segments:
-                    start, n = next((s0, n0) for s0, n0, p0 in segment_spans(spec, v.config, a, sizes) if p0 is part)
+                    start, n = next((s0, n0) for s0, n0, p0 in segment_spans(spec, config, a, sizes) if p0 is part)
                     y = y.narrow(a.axis, start, n)
                 y = y.movedim(a.axis, 0)
                 n = y.shape[0] // (dims[part.block] if part.block else 1)
                 out.append(UnitSlice(name, y.reshape(n, -1).contiguous(), signed=part.signed and rule == "any",
                                      kv=part.kv))
     if not out:
-        raise GaugeError(f"no tensor of this {v.config.model_type} model carries an axis in space {space!r}")
+        raise GaugeError(f"no tensor of this {config.model_type} model carries an axis in space {space!r}")
     return out
 
 
@@ -164,11 +171,16 @@ def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residua
     for space in wanted:
         sa = unit_slices(va, space, residual, params=pa)
         sb = unit_slices(vb, space, None, params=pb)
-        sp = va.spec.space(space)
-        el, conf = get_kind(sp.kind).match_weights(sa, sb, sp.signs == "any", method, va.config)
-        out[space] = el
-        out.confidence[space] = conf
+        out[space], out.confidence[space] = match_slices(va.spec, va.config, space, sa, sb, method)
     return out
+
+
+def match_slices(spec: ArchSpec, config: Any, space: str, sa: list[UnitSlice], sb: list[UnitSlice],
+                 method: str = "signed") -> tuple[SignedPermutation, dict]:
+    """Data-free match of one inner space from both models' unit slices (A's already in B's residual chart), by the
+    space's kind."""
+    sp = spec.space(space)
+    return get_kind(sp.kind).match_weights(sa, sb, sp.signs == "any", method, ConfigView.of(config))
 
 
 # ----------------------------------------------------------------------------------------------------------------

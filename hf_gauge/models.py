@@ -21,10 +21,11 @@ from .view import ModelView, unwrap
 logger = logging.get_logger("hf_gauge")
 
 __all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces",
-           "hash_gain", "quantization"]
+           "gain_fingerprint", "quantization"]
 
 
-def hash_gain(gain: torch.Tensor) -> str:
+def gain_fingerprint(gain: torch.Tensor) -> str:
+    """The chart fingerprint of a final-norm gain (``fingerprint`` of a model whose final norm has this gain)."""
     return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -53,7 +54,7 @@ def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
     gain = offloaded_value(v.submodule(v.spec.sites.final_norm), "weight")
     if gauge is not None and gauge.residual is not None:
         gain = gain.cpu()[gauge.residual.perm]
-    return hash_gain(gain)
+    return gain_fingerprint(gain)
 
 
 def describe(model: Any) -> dict[str, Any]:
