@@ -22,7 +22,8 @@ __all__ = [
 ]
 
 # --- matching (issue 3) exports ---
-from .match import find_gauge, match_correlation  # noqa: E402
+from .match import match_correlation  # noqa: E402
+from .filefind import find_gauge  # noqa: E402  (live models, or checkpoint folders / Hub ids read from files)
 from .orthogonal import OrthogonalMap  # noqa: E402
 from .path import compose_path  # noqa: E402
 from .stats import PairStats, collect_pair_stats  # noqa: E402

@@ -318,7 +318,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
     want = gauge.source.get("fingerprint")
     if not want:
         return
-    from .models import _hash_gain
+    from .models import gain_fingerprint
     key = spec.sites.final_norm + ".weight"
     for s in shards:
         raw, header, start = read_header(src / s)
@@ -327,7 +327,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
             b, e = info["data_offsets"]
             with open(src / s, "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, _DTYPES[info["dtype"]], info["shape"])
-            have = _hash_gain(gain)
+            have = gain_fingerprint(gain)
             if have != want:
                 msg = (f"the gauge expects a source chart with fingerprint {want} but the checkpoint's is {have}; "
                        "it may be a fine-tune of the source (fine) or already gauged or another model")

@@ -16,7 +16,8 @@ from .specs import ArchSpec, get_spec
 
 logger = logging.get_logger("hf_gauge")
 
-__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces"]
+__all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces",
+           "gain_fingerprint"]
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -37,7 +38,8 @@ def unwrap(model: Any) -> torch.nn.Module:
     return model
 
 
-def _hash_gain(gain: torch.Tensor) -> str:
+def gain_fingerprint(gain: torch.Tensor) -> str:
+    """The chart fingerprint of a final-norm gain (``fingerprint`` of a model whose final norm has this gain)."""
     return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -50,7 +52,7 @@ def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
     gain = m.get_submodule(get_spec(m).sites.final_norm).weight
     if gauge is not None and gauge.residual is not None:
         gain = gain.detach().cpu()[gauge.residual.perm]
-    return _hash_gain(gain)
+    return gain_fingerprint(gain)
 
 
 def describe(model: Any) -> dict[str, Any]:
