@@ -36,7 +36,8 @@ __all__ = ["CheckpointFiles", "residual_correlation", "layer_tensors", "BLOCK_BY
 BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
 _SINGLE = "model.safetensors"
 _DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                                   "BF16": torch.bfloat16}
+                                   "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                                   "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 class CheckpointFiles:
@@ -96,8 +97,8 @@ class CheckpointFiles:
     def dtype(self, name: str) -> torch.dtype:
         code = self.entries[name][2]["dtype"]
         if code not in _DTYPES:
-            raise GaugeError(f"{self.label}: tensor {name!r} has dtype {code}; data-free matching reads float tensors "
-                             f"({', '.join(_DTYPES)})")
+            raise GaugeError(f"{self.label}: tensor {name!r} has dtype {code}, which hf_gauge does not read from "
+                             f"files ({', '.join(_DTYPES)})")
         return _DTYPES[code]
 
     def nbytes(self, name: str) -> int:
