@@ -44,12 +44,13 @@ class CheckpointFiles:
     """Tensor locations of one checkpoint folder (or Hub id) and block reads of them; see the module docstring."""
 
     def __init__(self, src: str | os.PathLike, *, revision: str | None = None, label: str = "",
-                 block_bytes: int = BLOCK_BYTES) -> None:
+                 block_bytes: int = BLOCK_BYTES, **hub: Any) -> None:
+        """``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for a Hub id (``resolve_checkpoint``)."""
         from transformers import AutoConfig
 
         if sys.byteorder != "little":
             raise GaugeError("reading safetensors from files needs a little-endian machine")
-        self.folder = resolve_checkpoint(src, revision=revision)
+        self.folder = resolve_checkpoint(src, revision=revision, **hub)
         self.label = label or str(src)
         try:
             self.config = AutoConfig.from_pretrained(self.folder)

@@ -85,17 +85,18 @@ def _describe(files: CheckpointFiles, ref: Any, revision: str | None) -> dict[st
 def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: str = "signed",
                           spaces: str | Sequence[str] = ("residual",), low_confidence: float = 0.05,
                           max_rows: int | None = None, revision_a: str | None = None,
-                          revision_b: str | None = None) -> Gauge:
+                          revision_b: str | None = None, hub: dict[str, Any] | None = None) -> Gauge:
     """Data-free gauge A -> B from two checkpoint folders or Hub ids, reading only the tensors the features need.
 
     Same result as ``match.find_gauge(model_a, model_b, method=method, spaces=spaces)`` on the loaded models.
+    ``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for Hub ids.
     """
     if method not in ("signed", "permutation"):
         raise GaugeError(f"method {method!r}: matching from checkpoint files supports 'signed' and 'permutation' "
                          "(procrustes fits activations: load the models and pass data=)")
     wanted = _spaces(spaces)
-    with CheckpointFiles(a, revision=revision_a, label="checkpoint A") as fa, \
-            CheckpointFiles(b, revision=revision_b, label="checkpoint B") as fb:
+    with CheckpointFiles(a, revision=revision_a, label="checkpoint A", **(hub or {})) as fa, \
+            CheckpointFiles(b, revision=revision_b, label="checkpoint B", **(hub or {})) as fb:
         sizes = _check_files(fa, fb)
         C, counts = residual_correlation(fa, fb, max_rows=max_rows)
         if counts["n_signed"] == 0 and method == "signed":
