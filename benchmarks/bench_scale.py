@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, write_result  # noqa: E402
+from _common import write_result  # noqa: E402
 
 FULL = dict(d=4096, ff=14336, vocab=128256, heads=32, kv=8, head_dim=128, layers=8, full_layers=32)
 QUICK = dict(d=64, ff=96, vocab=512, heads=4, kv=2, head_dim=16, layers=2, full_layers=4)

@@ -33,7 +33,7 @@ def is_checkpoint_ref(x: Any) -> bool:
     return isinstance(x, (str, os.PathLike))
 
 
-def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "signed", **kw: Any):
+def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "signed", *args: Any, **kw: Any):
     """The gauge from ``model_a``'s residual chart to ``model_b``'s (``x_B = g(x_A)``).
 
     Live models: ``match.find_gauge`` (data-free from weights, or from activations with ``data``). Two checkpoint
@@ -42,13 +42,17 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
     """
     ra, rb = is_checkpoint_ref(model_a), is_checkpoint_ref(model_b)
     if not (ra or rb):
-        return find_gauge_models(model_a, model_b, data=data, method=method, **kw)
+        return find_gauge_models(model_a, model_b, data, method, *args, **kw)
     if not (ra and rb):
         raise GaugeError("give both models as live models or both as checkpoint folders / Hub ids, not one of each")
-    if data is not None:
+    if data is not None or args:
         raise GaugeError("matching from activations needs live models: load both with "
                          "AutoModelForCausalLM.from_pretrained (dtype=, device_map= for large models) and pass them; "
                          "checkpoint folders are matched data-free (data=None)")
+    extra = sorted(set(kw) - {"spaces", "low_confidence", "max_rows", "revision_a", "revision_b", "hub"})
+    if extra:
+        raise GaugeError(f"{extra} only apply to live models; checkpoint folders accept spaces, low_confidence, "
+                         "max_rows, revision_a, revision_b and hub")
     return find_gauge_from_files(model_a, model_b, method=method, **kw)
 
 

@@ -79,6 +79,8 @@ def test_refusals(tmp_path: Path) -> None:
         hf_gauge.find_gauge(str(tmp_path / "A"), b)
     with pytest.raises(GaugeError, match="live models"):
         hf_gauge.find_gauge(str(tmp_path / "A"), str(tmp_path / "B"), data=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(GaugeError, match="only apply to live models"):
+        hf_gauge.find_gauge(str(tmp_path / "A"), str(tmp_path / "B"), batch_size=4)
     with pytest.raises(GaugeError, match="procrustes"):
         hf_gauge.find_gauge(str(tmp_path / "A"), str(tmp_path / "B"), method="procrustes")
     with pytest.raises(GaugeError, match="no checkpoint folder"):
