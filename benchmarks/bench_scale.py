@@ -6,7 +6,7 @@ Llama-3-8B's shapes (d=4096, d_ff=14336, vocab 128256, 32 query / 8 KV heads of 
 safetensors (no model is built); then its gauged copy with the streaming apply. A 4-layer view of both (config with 4
 layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
 
-Measured in one run, each in a fresh subprocess (peak RSS = ``ru_maxrss``), rounds interleaved:
+Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved:
 - ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free) against the I/O floor: reading every tensor the
   features need once, from both checkpoints, with the same block reads. Exact recovery of the hidden gauge is checked.
 - ``verify``: ``verify_files(A, B, g)`` against reading both checkpoints once.
@@ -126,6 +126,17 @@ def _read_once(folders: list[str], needed_only: bool) -> int:
     return n
 
 
+def _peak_rss() -> int:
+    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would carry the parent's RSS at fork across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def worker(args: list[str]) -> dict:
     mode, a, b, gdir = args
     import hf_gauge
@@ -149,7 +160,7 @@ def worker(args: list[str]) -> dict:
     else:
         raise SystemExit(f"unknown worker mode {mode}")
     out["seconds"] = time.perf_counter() - t0
-    out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    out["max_rss_bytes"] = _peak_rss()
     return out
 
 

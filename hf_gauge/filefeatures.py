@@ -126,10 +126,12 @@ class CheckpointFiles:
                 raise GaugeError(f"{self.label}: unexpected end of file (truncated shard?)")
             got += n
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole tensor, in its stored dtype (a new tensor)."""
+    def read(self, name: str, reuse: str | None = None) -> torch.Tensor:
+        """The whole tensor, in its stored dtype: a new tensor, or with ``reuse`` a view of this reader's buffer of
+        that name (valid until the next read into it)."""
         fd, dtype, shape, off = self._checked(name)
-        buf = torch.empty(self.nbytes(name), dtype=torch.uint8)
+        n = self.nbytes(name)
+        buf = torch.empty(n, dtype=torch.uint8) if reuse is None else self._scratch.bytes(n, ("whole", reuse))
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
@@ -206,11 +208,24 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
+def _widen(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
+    """``x`` converted to its block arithmetic dtype in ``work``'s buffer ``key`` (reused block after block: fresh
+    memory costs a page fault per page), valid until the next call with ``key``."""
+    buf = work.bytes(x.numel() * _acc(x.dtype).itemsize, key).view(_acc(x.dtype)).view(x.shape)
+    return buf.copy_(x)
+
+
+def _squares(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
+    """``x * x`` in a reused buffer."""
+    buf = work.bytes(x.numel() * x.element_size(), key).view(x.dtype).view(x.shape)
+    return torch.mul(x, x, out=buf)
+
+
 class _Signed:
     """Running signed Gram ``sum_t X_A,t^T X_B,t / scale_t^2`` and per-coordinate squared norms (float64)."""
 
-    def __init__(self, d: int) -> None:
-        self.d, self.n = d, 0
+    def __init__(self, d: int, work: Scratch) -> None:
+        self.d, self.n, self.work = d, 0, work
         self.cross = torch.zeros(d, d, dtype=torch.float64)
         self.sqa = torch.zeros(d, dtype=torch.float64)
         self.sqb = torch.zeros(d, dtype=torch.float64)
@@ -221,11 +236,12 @@ class _Signed:
         sqa = torch.zeros(d, dtype=torch.float64)
         sqb = torch.zeros(d, dtype=torch.float64)
         for xa, xb in blocks:                               # [k, d] each
-            acc = _acc(xa.dtype)
-            xa, xb = xa.to(acc), xb.to(acc)
-            cross += xa.T @ xb
-            sqa += (xa * xa).sum(0)
-            sqb += (xb * xb).sum(0)
+            w = self.work
+            xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
+            prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
+            cross += torch.mm(xa.T, xb, out=prod)
+            sqa += _squares(xa, w, "sq").sum(0)
+            sqb += _squares(xb, w, "sq").sum(0)
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
         if scale > 0:
             s2 = scale * scale
@@ -256,7 +272,8 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
     cap = max_rows or max(2048, 8 * d)
-    signed = _Signed(d)
+    work = Scratch()
+    signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
     for name in _feature_tensors(fa, fb):
@@ -285,13 +302,13 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
             ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
         else:                                            # slice norms: blind to inner gauges and signs
-            ua.append(_slice_norms(fa, name, res.axis)[:, None])
-            ub.append(_slice_norms(fb, name, res.axis)[:, None])
+            ua.append(_slice_norms(fa, name, res.axis, work)[:, None])
+            ub.append(_slice_norms(fb, name, res.axis, work)[:, None])
     if signed.n:
         cos = signed.cosine()
     else:
         cos = torch.ones(d, d, dtype=torch.float64)
-    del signed.cross
+    del signed.cross, work
     empty = torch.zeros(d, 0, dtype=torch.float64)
     inv_a = torch.cat(ua, 1) if ua else empty
     inv_b = torch.cat(ub, 1) if ub else empty
@@ -305,7 +322,7 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=acc).to(torch.float64)
 
 
-def _slice_norms(files: CheckpointFiles, name: str, axis: int) -> torch.Tensor:
+def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) -> torch.Tensor:
     """``[d]``: L2 norm of every slice along ``axis`` (the residual axis), squared sums in float64 over row blocks."""
     shape = files.shape(name)
     if len(shape) != 2:
@@ -315,7 +332,7 @@ def _slice_norms(files: CheckpointFiles, name: str, axis: int) -> torch.Tensor:
     sq = torch.zeros(shape[axis], dtype=torch.float64)
     r0 = 0
     for x in files.row_blocks(name):
-        x = x.to(_acc(x.dtype))                          # a copy, or the reused block buffer itself (float64)
+        x = _widen(x, work, "a")
         x.mul_(x)
         if axis == 1:                                    # reader columns: sum over the rows of every block
             sq += x.sum(0)

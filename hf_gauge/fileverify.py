@@ -48,8 +48,8 @@ class _Group:
         """Fold one block in; True when it is bit-identical."""
         same = torch.equal(_bits(moved), _bits(b))
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        if b.numel():
-            self.max_abs_b = max(self.max_abs_b, float(b.abs().max().to(wide)))
+        if b.numel():                                   # max |b| without a |b| temporary
+            self.max_abs_b = max(self.max_abs_b, float(b.max().to(wide)), -float(b.min().to(wide)))
         if not same:
             diff = (moved.to(wide) - b.to(wide)).abs().max()
             self.max_abs_diff = max(self.max_abs_diff, float(diff) if torch.isfinite(diff) else float("inf"))
@@ -107,8 +107,8 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
                     y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
                     same &= g.add(y, xb)
             else:
-                xa, xb = fa.read(name), fb.read(name)
-                y = move_tensor(xa, moves) if moves else xa
+                xa, xb = fa.read(name, reuse="t"), fb.read(name, reuse="t")
+                y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
                 same = g.add(y, xb)
                 if name == final:
                     fp_moved, fp_b = gain_fingerprint(y), gain_fingerprint(xb)
