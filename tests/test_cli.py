@@ -215,7 +215,8 @@ def test_all_subcommands_registered() -> None:
 def test_find_loading_options(setup, capsys: pytest.CaptureFixture) -> None:
     """--dtype / --device-map (accelerate) apply when models are loaded for data; refused where nothing is loaded."""
     tmp, a, b, g = setup
-    (tmp / "ids.json").write_text(json.dumps(torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1)).tolist()))
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
     assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--dtype", "bfloat16",
                  "--device-map", "cpu", "-o", str(tmp / "Gd")]) == 0, capsys.readouterr().err
     assert load_gauge(tmp / "Gd").residual == g.residual
