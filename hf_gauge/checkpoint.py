@@ -373,7 +373,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
     want = gauge.source.get("fingerprint")
     if not want:
         return
-    from .models import _hash_gain
+    from .models import gain_fingerprint
     key = spec.sites.final_norm + ".weight"
     for s in shards:
         raw, header, start = read_header(src / s)
@@ -385,7 +385,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
                 raise GaugeError(f"{src / s}: {key} has dtype {info['dtype']}, which hf_gauge cannot read")
             with open(src / s, "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, dtype, info["shape"])
-            have = _hash_gain(gain)
+            have = gain_fingerprint(gain)
             if have != want:
                 msg = (f"the gauge expects a source chart with fingerprint {want} but the checkpoint's is {have}; "
                        "it may be a fine-tune of the source (fine) or already gauged or another model")

@@ -38,7 +38,8 @@ from .match import match_correlation
 from .models import describe, unwrap
 from .specs import ArchSpec, get_spec
 
-__all__ = ["InnerMatch", "match_inner", "find_full_gauge", "residual_from_embeddings", "unit_slices", "n_kv_heads"]
+__all__ = ["InnerMatch", "match_inner", "find_full_gauge", "residual_from_embeddings", "unit_slices", "slices_from",
+           "match_slices", "n_kv_heads"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,11 +102,16 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
     are refused (the spec would make their slices chart-dependent).
     """
     m = unwrap(model)
-    spec = get_spec(m)
-    dims = spec.dims(m.config)
+    return slices_from(get_spec(m), m.config, space, params if params is not None else _params(m), residual)
+
+
+def slices_from(spec: ArchSpec, config, space: str, params: Mapping[str, torch.Tensor],
+                residual: SignedPermutation | None = None) -> list[UnitSlice]:
+    """``unit_slices`` from a spec, a config and ``{name: tensor}`` (no model needed: tensors read from files)."""
+    dims = spec.dims(config)
     rule = _sign_rule(spec, space)
     out: list[UnitSlice] = []
-    for name, t in (params if params is not None else _params(m)).items():
+    for name, t in params.items():
         axes = axes_for(spec, name)
         if not axes:
             continue
@@ -131,7 +137,7 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
         n = x.shape[0] // (dims[a.block] if a.block else 1)
         out.append(UnitSlice(name, x.reshape(n, -1).contiguous(), signed=a.signed and rule == "any", kv=a.kv))
     if not out:
-        raise GaugeError(f"no tensor of this {m.config.model_type} model carries an axis in space {space!r}")
+        raise GaugeError(f"no tensor of this {config.model_type} model carries an axis in space {space!r}")
     return out
 
 
@@ -262,27 +268,28 @@ def _head_assignment(H: np.ndarray, n_kv: int, kv_score: np.ndarray | None = Non
 def _inner_from_weights(ma, mb, spec: ArchSpec, wanted: list[str], residual: SignedPermutation | None,
                         method: str) -> InnerMatch:
     pa, pb = _params(ma), _params(mb)
-    n_kv = n_kv_heads(ma.config)
     out = InnerMatch(source="weights")
     for space in wanted:
         sa = unit_slices(ma, space, residual, params=pa)
         sb = unit_slices(mb, space, None, params=pb)
-        if space.startswith("mlp."):
-            score, cs, plain = _slice_similarity(sa, sb)
-            if method == "signed":
-                el, conf = _match_units(score, cs, _sign_rule(spec, space) == "any")
-            else:
-                el, conf = _match_units(plain, None, False)
-        else:
-            qa, qb = [s for s in sa if not s.kv], [s for s in sb if not s.kv]
-            ka, kb = [s for s in sa if s.kv], [s for s in sb if s.kv]
-            H = _slice_similarity(qa, qb)[0]
-            K = _slice_similarity(ka, kb)[0] if ka else None
-            w = len(ka) / (len(ka) + len(qa)) if ka else 0.0
-            el, conf = _head_assignment(H, n_kv, K, w)
-        out[space] = el
-        out.confidence[space] = conf
+        out[space], out.confidence[space] = match_slices(spec, ma.config, space, sa, sb, method)
     return out
+
+
+def match_slices(spec: ArchSpec, config, space: str, sa: list[UnitSlice], sb: list[UnitSlice],
+                 method: str = "signed") -> tuple[SignedPermutation, dict]:
+    """Data-free match of one inner space from both models' unit slices (A's already in B's residual chart)."""
+    if space.startswith("mlp."):
+        score, cs, plain = _slice_similarity(sa, sb)
+        if method == "signed":
+            return _match_units(score, cs, _sign_rule(spec, space) == "any")
+        return _match_units(plain, None, False)
+    qa, qb = [s for s in sa if not s.kv], [s for s in sb if not s.kv]
+    ka, kb = [s for s in sa if s.kv], [s for s in sb if s.kv]
+    H = _slice_similarity(qa, qb)[0]
+    K = _slice_similarity(ka, kb)[0] if ka else None
+    w = len(ka) / (len(ka) + len(qa)) if ka else 0.0
+    return _head_assignment(H, n_kv_heads(config), K, w)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -49,27 +49,34 @@ class Match:
         }
 
 
-def _runner_up(S: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """Best competitor of each matched entry (rows[k], cols[k]) in its row and its column."""
-    d = S.shape[0]
-    masked = S.copy()
-    masked[rows, cols] = -np.inf
-    row_best = masked.max(axis=1)   # per A coordinate
-    col_best = masked.max(axis=0)   # per B coordinate
-    return np.maximum(row_best[rows], col_best[cols]) if d > 1 else np.full(len(rows), -np.inf)
+def _runner_up(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Best competitor (as a score, ``-cost``) of each matched entry (rows[k], cols[k]) in its row and its column.
+
+    Masks the matched entries of ``cost`` (the caller's scratch, minimised) in place: no d×d copy.
+    """
+    if cost.shape[0] <= 1:
+        return np.full(len(rows), -np.inf)
+    cost[rows, cols] = np.inf
+    row_best = cost.min(axis=1)     # per A coordinate
+    col_best = cost.min(axis=0)     # per B coordinate
+    return -np.minimum(row_best[rows], col_best[cols])
 
 
 def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> Match:
-    """Solve the assignment for ``C [d_A, d_B]`` (square) with scipy's ``linear_sum_assignment``."""
+    """Solve the assignment for ``C [d_A, d_B]`` (square) with scipy's ``linear_sum_assignment``.
+
+    Memory: one d×d float64 scratch (the cost ``-|C|`` or ``-C``) besides ``C``; the margins reuse it.
+    """
     if method not in METHODS:
         raise GaugeError(f"unknown matching method {method!r}; use one of {METHODS} (or 'procrustes' for orthogonal maps)")
     C = C.detach().cpu().double().numpy() if isinstance(C, torch.Tensor) else np.asarray(C, dtype=np.float64)
     if C.ndim != 2 or C.shape[0] != C.shape[1] or C.shape[0] == 0:
         raise GaugeError(f"the correlation matrix must be square and non-empty, got shape {C.shape}")
-    if not np.all(np.isfinite(C)):
+    if not (np.isfinite(C.min()) and np.isfinite(C.max())):       # NaN propagates through min/max: no d×d mask
         raise GaugeError("the correlation matrix has NaN or inf entries (constant coordinates or empty data?)")
-    S = np.abs(C) if method == "signed" else C
-    rows, cols = linear_sum_assignment(S, maximize=True)   # rows = A coordinates, cols = B coordinates
+    cost = np.abs(C) if method == "signed" else np.array(C, dtype=np.float64, order="C")
+    np.negative(cost, out=cost)                                    # maximise S = |C| (or C): minimise -S
+    rows, cols = linear_sum_assignment(cost)                       # rows = A coordinates, cols = B coordinates
     d = C.shape[0]
     perm = np.empty(d, dtype=np.int64)
     perm[cols] = rows
@@ -77,10 +84,11 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> M
         sign = np.where(C[perm, np.arange(d)] < 0, -1, 1)
     else:
         sign = np.ones(d, dtype=np.int64)
+    matched = -cost[rows, cols]
     score = np.empty(d)
     margin = np.empty(d)
-    score[cols] = S[rows, cols]
-    margin[cols] = S[rows, cols] - _runner_up(S, rows, cols)
+    score[cols] = matched
+    margin[cols] = matched - _runner_up(cost, rows, cols)
     return Match(SignedPermutation(torch.from_numpy(perm), torch.from_numpy(sign)), score, margin)
 
 

@@ -19,7 +19,7 @@ from .specs import SPECS, ArchSpec, get_spec
 logger = logging.get_logger("hf_gauge")
 
 __all__ = ["unwrap", "ModelView", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint",
-           "gauge_spaces", "quantization"]
+           "gauge_spaces", "quantization", "gain_fingerprint"]
 
 
 def unwrap(model: Any) -> torch.nn.Module:
@@ -80,7 +80,8 @@ class ModelView(torch.nn.Module):
         return self.view_of.get_input_embeddings()
 
 
-def _hash_gain(gain: torch.Tensor) -> str:
+def gain_fingerprint(gain: torch.Tensor) -> str:
+    """The chart fingerprint of a final-norm gain (``fingerprint`` of a model whose final norm has this gain)."""
     return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
@@ -108,8 +109,8 @@ def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
     m = unwrap(model)
     gain = _offloaded_value(m.get_submodule(get_spec(m).sites.final_norm), "weight")
     if gauge is not None and gauge.residual is not None:
-        gain = gain.cpu()[gauge.residual.perm]
-    return _hash_gain(gain)
+        gain = gain.detach().cpu()[gauge.residual.perm]
+    return gain_fingerprint(gain)
 
 
 def describe(model: Any) -> dict[str, Any]:
