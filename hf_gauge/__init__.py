@@ -27,7 +27,7 @@ _EXPORTS = {
     "random_gauge": "models", "symmetry_group": "models", "unwrap": "models",
     "get_spec": "specs", "supported_model_types": "specs",
     # matching
-    "find_gauge": "match", "match_correlation": "match", "OrthogonalMap": "orthogonal", "compose_path": "path",
+    "find_gauge": "filefind", "match_correlation": "match", "OrthogonalMap": "orthogonal", "compose_path": "path",
     "PairStats": "stats", "collect_pair_stats": "stats",
     # transport
     "merge": "merge", "IndexSet": "objects", "Attribution": "objects", "transport_path": "transport.files",

@@ -38,14 +38,23 @@ def _check_model_arg(spec: str) -> None:
         raise GaugeError(f"no model folder at {spec}")
 
 
-def _load_model(spec: str, revision: str | None = None):
+def _load_model(spec: str, revision: str | None = None, dtype: str = "float32", device_map: str | None = None,
+                offload_folder: str | None = None):
+    """``AutoModelForCausalLM.from_pretrained`` in ``dtype`` (``"auto"``: the checkpoint's), optionally spread by
+    accelerate over ``device_map`` (``"auto"``: GPUs, then CPU, then ``offload_folder`` on disk)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     _check_model_arg(spec)
+    kw: dict[str, Any] = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if device_map:
+        kw["device_map"] = device_map
+        if offload_folder:
+            kw["offload_folder"] = offload_folder
+    elif offload_folder:
+        raise GaugeError("--offload-folder needs --device-map (e.g. --device-map auto)")
     try:
-        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, dtype=torch.float32,
-                                                    trust_remote_code=False).eval()
+        return AutoModelForCausalLM.from_pretrained(spec, revision=revision, trust_remote_code=False, **kw).eval()
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
 
@@ -67,6 +76,20 @@ def _load_config(spec: str):
                                           trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise GaugeError(f"cannot read the model config {path}: {str(e).splitlines()[0]}") from None
+
+
+def _load_pair(args: argparse.Namespace, revision_a: str | None = None, revision_b: str | None = None):
+    kw = {"dtype": args.dtype, "device_map": args.device_map, "offload_folder": args.offload_folder}
+    return _load_model(args.model_a, revision_a, **kw), _load_model(args.model_b, revision_b, **kw)
+
+
+def _add_loading(s: argparse.ArgumentParser) -> None:
+    """Options for loading both models (activation statistics stay float64 whatever the weights' dtype)."""
+    s.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16", "auto"),
+                   help="weights dtype when models are loaded (default float32; auto: as stored)")
+    s.add_argument("--device-map", metavar="MAP",
+                   help="accelerate device map for loading (e.g. auto: GPUs, then CPU, then --offload-folder)")
+    s.add_argument("--offload-folder", metavar="DIR", help="where accelerate offloads weights that do not fit")
 
 
 def _load_tokenizer(spec: str):
@@ -155,22 +178,30 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     data = _read_data(args)
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
-    a, b = _load_model(args.model_a, args.revision_a), _load_model(args.model_b, args.revision_b)
-    ctx = _context(a)
-    if args.max_length is not None and ctx and args.max_length > ctx:
-        raise GaugeError(f"--max-length {args.max_length} is past the model's context ({ctx} positions)")
-    max_length = args.max_length or min(ctx or 512, 512)
     spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
-    kwargs: dict[str, Any] = {"data": data, "method": args.method, "spaces": spaces}
-    if data is not None:
-        kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
-        if args.layers:
-            kwargs["layers"] = args.layers
-    if isinstance(data, list):
-        kwargs["data"] = text_windows(data, _load_tokenizer(args.tokenizer or args.model_a), max_length)
-    elif data is not None and ctx and data.shape[-1] > ctx:
-        raise GaugeError(f"--data rows have {data.shape[-1]} tokens, past the model's context ({ctx} positions)")
-    gauge = find_gauge(a, b, **kwargs)
+    if data is None and args.method != "procrustes":   # data-free: straight from the checkpoint files, no model built
+        if args.device_map or args.offload_folder:
+            raise GaugeError("--device-map/--offload-folder only apply when models are loaded (--data/--text); "
+                             "data-free find reads the checkpoint files block by block")
+        from .filefind import find_gauge_from_files
+        gauge = find_gauge_from_files(args.model_a, args.model_b, method=args.method, spaces=spaces,
+                                      revision_a=args.revision_a, revision_b=args.revision_b)
+    else:
+        a, b = _load_pair(args, args.revision_a, args.revision_b)
+        ctx = _context(a)
+        if args.max_length is not None and ctx and args.max_length > ctx:
+            raise GaugeError(f"--max-length {args.max_length} is past the model's context ({ctx} positions)")
+        max_length = args.max_length or min(ctx or 512, 512)
+        kwargs: dict[str, Any] = {"data": data, "method": args.method, "spaces": spaces}
+        if data is not None:
+            kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
+            if args.layers:
+                kwargs["layers"] = args.layers
+        if isinstance(data, list):
+            kwargs["data"] = text_windows(data, _load_tokenizer(args.tokenizer or args.model_a), max_length)
+        elif data is not None and ctx and data.shape[-1] > ctx:
+            raise GaugeError(f"--data rows have {data.shape[-1]} tokens, past the model's context ({ctx} positions)")
+        gauge = find_gauge(a, b, **kwargs)
     if not is_main_process():
         return 0
     if args.method == "procrustes":
@@ -264,12 +295,32 @@ def cmd_transport(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from .verify import verify
-
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
     gauge = _load_gauge(args.gauge, args.gauge_revision)
-    a, b = _load_model(args.model_a), _load_model(args.model_b)
-    res = verify(a, b, gauge)
+    data = _read_data(args)
+    if data is None:           # stream both checkpoints tensor by tensor
+        from .fileverify import verify_files
+        rep = verify_files(args.model_a, args.model_b, gauge, atol=args.weight_atol)
+        if args.json:
+            print(json.dumps(rep))
+        else:
+            print(f"{'tensor group':58s} {'tensors':>7s} {'exact':>6s} {'max|gA-B|':>10s} {'max|B|':>10s}")
+            for k, v in rep["groups"].items():
+                print(f"{k:58s} {v['tensors']:7d} {v['bit_exact']:6d} {v['max_abs_diff']:10.3g} {v['max_abs_b']:10.3g}")
+            for k in ("missing_in_a", "missing_in_b", "mismatched"):
+                if rep[k]:
+                    print(f"{k}: {', '.join(rep[k][:5])}{' ...' if len(rep[k]) > 5 else ''}")
+            print(f"{'result':58s} {'OK' if rep['ok'] else 'FAIL'} (weight atol {args.weight_atol})")
+        return 0 if rep["ok"] else 1
+    from .verify import verify
+
+    if isinstance(data, list):
+        tok = _load_tokenizer(args.tokenizer or args.model_a)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        data = tok(data, return_tensors="pt", padding=True)["input_ids"]
+    a, b = _load_pair(args)
+    res = verify(a, b, gauge, data=data)
     # logits check the gauge is a symmetry; weights check it is the right one (bit-exact, or closer than without)
     ok = res["symmetry_logit_diff"] <= args.atol and (
         res["weights_bit_exact"]
@@ -382,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="gauge spaces to fit (default: residual; 'all' adds every MLP layer and head space)")
     s.add_argument("--revision-a")
     s.add_argument("--revision-b")
+    _add_loading(s)
     s.add_argument("-o", "--output", required=True, metavar="GAUGE", help="gauge folder to write")
     s.set_defaults(func=cmd_find)
 
@@ -412,13 +464,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_transport)
 
     s = sub.add_parser("verify", help="check that A moved through the gauge reproduces B", description=
-                       "Moves a copy of A through the gauge and compares it with B. OK (exit 0) when the gauge "
-                       "preserves A's logits within --atol and moved A's weights equal B's bit for bit or are "
-                       "much closer to B's than A's are (--max-weight-ratio); exit 1 otherwise.")
+                       "Without --data/--text: streams both checkpoints tensor by tensor, moves A's tensors through "
+                       "the gauge on the fly and reports the largest difference per tensor group; OK (exit 0) when "
+                       "every difference is at most --weight-atol (default 0: bit-exact), exit 1 otherwise. With "
+                       "--data/--text: loads both models, moves a copy of A and compares logits on that data too: "
+                       "OK when the gauge preserves A's logits within --atol and moved A's weights equal B's bit for "
+                       "bit or are much closer to B's than A's are (--max-weight-ratio). Errors exit 2.")
     s.add_argument("model_a", metavar="A")
     s.add_argument("model_b", metavar="B")
     s.add_argument("--gauge", required=True, metavar="G")
     s.add_argument("--gauge-revision")
+    s.add_argument("--weight-atol", type=float, default=0.0,
+                   help="streaming check: largest accepted |moved A - B| per tensor (default 0: bit-exact)")
+    s.add_argument("--data", metavar="FILE", help="check logits on this data (loads both models): .txt text, or "
+                   "token ids in .safetensors (input_ids) / .json")
+    s.add_argument("--text", nargs="+", metavar="TEXT", help="check logits on this text (loads both models)")
+    s.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
+    _add_loading(s)
     s.add_argument("--atol", type=float, default=1e-3, help="max |logit change| of A under the gauge (default 1e-3)")
     s.add_argument("--max-weight-ratio", type=float, default=0.5,
                    help="when weights are not bit-exact (a fine-tune), accept if ||gA - B|| <= RATIO * ||A - B|| "

@@ -168,3 +168,14 @@ def test_speed_benchmarks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     stream = json.loads((tmp_path / "stream.json").read_text())
     assert set(stream["results"]) == {"plain", "stream", "stream-warm", "stream-durable"}
     assert sorted(p.name for p in (BENCH / "results").glob("bench_*.json")) == tracked
+
+
+def test_bench_scale_quick(tmp_path: Path) -> None:
+    """bench_scale's whole path on tiny shapes: checkpoint written tensor by tensor, streamed gauged copy, find and
+    verify from files in subprocesses (exact), matching alone; the files are deleted afterwards."""
+    import bench_scale
+    res = bench_scale.main(["--quick", "--workdir", str(tmp_path / "work"), "--output", str(tmp_path / "scale.json")])
+    assert res["find_exact"] and res["verify_ok"] and res["matching"]["exact"]
+    assert res["find_peak_rss_bytes"] > 0 and res["find_over_io_floor"] > 0 and res["commit"]
+    assert json.loads((tmp_path / "scale.json").read_text())["script_sha256"] == res["script_sha256"]
+    assert not (tmp_path / "work").exists()

@@ -520,3 +520,18 @@ def test_model_loads_never_trust_remote_code(monkeypatch: pytest.MonkeyPatch) ->
                 if not (isinstance(v, ast.Constant) and v.value is False):
                     missing.append(f"{py.name}:{node.lineno}")
     assert not missing, missing
+
+
+def test_find_loading_options(setup, capsys: pytest.CaptureFixture) -> None:
+    """--dtype / --device-map (accelerate) apply when models are loaded for data; refused where nothing is loaded."""
+    tmp, a, b, g = setup
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--dtype", "bfloat16",
+                 "--device-map", "cpu", "-o", str(tmp / "Gd")]) == 0, capsys.readouterr().err
+    assert load_gauge(tmp / "Gd").residual == g.residual
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--device-map", "auto", "-o", str(tmp / "Gx")]) == 2
+    assert "only apply when models are loaded" in capsys.readouterr().err
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--offload-folder",
+                 str(tmp / "off"), "-o", str(tmp / "Gy")]) == 2
+    assert "needs --device-map" in capsys.readouterr().err

@@ -236,3 +236,21 @@ def test_enough_tokens_no_warning(ids):
     assert g == hidden and g.metrics["n_tokens"] == 80 and g.metrics["n_low_confidence"] == 0
     with pytest.warns(UserWarning, match="rank-deficient"):             # 22 tokens < d: still found, but warned
         assert A.gauge_to(B, data=ids, progress=False) == hidden
+
+
+def test_margins_against_brute_force_and_input_untouched() -> None:
+    """Scores and margins (matched minus the best other entry in its row and column), by brute force; C unchanged."""
+    import numpy as np
+    from hf_gauge.match import match_correlation
+    rng = np.random.default_rng(4)
+    for method in ("signed", "permutation"):
+        C = rng.uniform(-1, 1, (9, 9))
+        before = C.copy()
+        m = match_correlation(C, method)
+        assert np.array_equal(C, before)
+        S = np.abs(C) if method == "signed" else C
+        perm = m.element.perm.numpy()
+        for j in range(9):
+            i = perm[j]
+            others = [S[i, k] for k in range(9) if k != j] + [S[k, j] for k in range(9) if k != i]
+            assert m.score[j] == S[i, j] and np.isclose(m.margin[j], S[i, j] - max(others))

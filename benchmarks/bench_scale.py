@@ -1,0 +1,282 @@
+"""Models that do not fit in memory: data-free find and verify straight from checkpoint files, at Llama-3-8B width.
+
+Writes once (to --workdir, default a temporary folder under /tmp, deleted at the end) a random bf16 checkpoint with
+Llama-3-8B's shapes (d=4096, d_ff=14336, vocab 128256, 32 query / 8 KV heads of 128) but 8 of its 32 layers, sharded
+(embeddings + final norm; layers 0-3; layers 4-7) with an index json and config.json, written tensor by tensor with
+safetensors (no model is built); then its gauged copy with the streaming apply. A 4-layer view of both (config with 4
+layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
+
+Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved:
+- ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free) against the I/O floor: reading every tensor the
+  features need once, from both checkpoints, with the same block reads. Exact recovery of the hidden gauge is checked.
+- ``verify``: ``verify_files(A, B, g)`` against reading both checkpoints once.
+- the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width).
+Usage: python benchmarks/bench_scale.py [--quick] [--workdir DIR] [--rounds N] [--output FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result  # noqa: E402
+
+FULL = dict(d=4096, ff=14336, vocab=128256, heads=32, kv=8, head_dim=128, layers=8, full_layers=32)
+QUICK = dict(d=64, ff=96, vocab=512, heads=4, kv=2, head_dim=16, layers=2, full_layers=4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing the checkpoint (no model is built)
+# ----------------------------------------------------------------------------------------------------------------
+def _tensors(s: dict, layers: range) -> dict[str, tuple[int, ...]]:
+    d, ff, hd = s["d"], s["ff"], s["head_dim"]
+    out = {}
+    for i in layers:
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": (s["heads"] * hd, d), p + "self_attn.k_proj.weight": (s["kv"] * hd, d),
+                    p + "self_attn.v_proj.weight": (s["kv"] * hd, d), p + "self_attn.o_proj.weight": (d, s["heads"] * hd),
+                    p + "mlp.gate_proj.weight": (ff, d), p + "mlp.up_proj.weight": (ff, d),
+                    p + "mlp.down_proj.weight": (d, ff), p + "input_layernorm.weight": (d,),
+                    p + "post_attention_layernorm.weight": (d,)})
+    return out
+
+
+def _random_bf16(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """Weights ~ N(0, 0.02) (gains ~ N(1, 0.3): generic, the B_d regime), drawn in chunks of rows."""
+    out = torch.empty(shape, dtype=torch.bfloat16)
+    flat = out.view(shape[0], -1)
+    step = max(1, (16 << 20) // max(1, flat.shape[1]))
+    for r0 in range(0, flat.shape[0], step):
+        x = torch.randn(flat[r0:r0 + step].shape, generator=gen)
+        flat[r0:r0 + step] = (x * 0.3 + 1.0) if len(shape) == 1 else x * 0.02
+    return out
+
+
+def write_checkpoint(folder: Path, s: dict, seed: int = 0) -> int:
+    """Random bf16 Llama checkpoint of shapes ``s``: three shards, index json, config.json. Returns bytes written."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(seed)
+    half = s["layers"] // 2
+    shards = [{"model.embed_tokens.weight": (s["vocab"], s["d"]), "model.norm.weight": (s["d"],),
+               "lm_head.weight": (s["vocab"], s["d"])},
+              _tensors(s, range(half)), _tensors(s, range(half, s["layers"]))]
+    weight_map, total = {}, 0
+    for k, spec in enumerate(shards):
+        name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {n: _random_bf16(shape, gen) for n, shape in spec.items()}
+        total += sum(t.numel() * 2 for t in tensors.values())
+        save_file(tensors, folder / name, metadata={"format": "pt"})
+        del tensors
+        weight_map.update({n: name for n in spec})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}, indent=1))
+    LlamaConfig(hidden_size=s["d"], intermediate_size=s["ff"], num_hidden_layers=s["layers"],
+                num_attention_heads=s["heads"], num_key_value_heads=s["kv"], head_dim=s["head_dim"],
+                vocab_size=s["vocab"], tie_word_embeddings=False, dtype="bfloat16").save_pretrained(folder)
+    return total
+
+
+def half_view(src: Path, dst: Path) -> None:
+    """A checkpoint of the first half of the layers: config with half the depth, the first two shards symlinked."""
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    cfg = json.loads((src / "config.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[:2]
+    dst.mkdir(parents=True)
+    for name in first:
+        os.symlink(src / name, dst / name)
+    cfg["num_hidden_layers"] //= 2
+    (dst / "config.json").write_text(json.dumps(cfg))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v in first}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# workers (run in fresh subprocesses: peak RSS is the worker's)
+# ----------------------------------------------------------------------------------------------------------------
+def _read_once(folders: list[str], needed_only: bool) -> int:
+    """The I/O floor: every (needed) tensor of each checkpoint read once, with the same block reads."""
+    from hf_gauge.engine import axes_for
+    from hf_gauge.filefeatures import CheckpointFiles
+
+    n = 0
+    for folder in folders:
+        with CheckpointFiles(folder) as f:
+            for name in f.names():
+                axes = axes_for(f.spec, name)
+                if needed_only and not (axes and any(a.space == "residual" for a in axes)):
+                    continue
+                for blk in f.row_blocks(name):
+                    n += blk.numel() * blk.element_size()
+    return n
+
+
+def _peak_rss() -> int:
+    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would carry the parent's RSS at fork across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(args: list[str]) -> dict:
+    mode, a, b, gdir = args
+    import hf_gauge
+
+    t0 = time.perf_counter()
+    out: dict = {}
+    if mode == "floor_find":
+        out["bytes"] = _read_once([a, b], needed_only=True)
+    elif mode == "floor_all":
+        out["bytes"] = _read_once([a, b], needed_only=False)
+    elif mode in ("find", "find_rows_d"):          # default vocabulary row cap max(2048, 8 d), or d rows
+        kw = {"max_rows": int(json.loads((Path(a) / "config.json").read_text())["hidden_size"])} \
+            if mode == "find_rows_d" else {}
+        g = hf_gauge.find_gauge(a, b, **kw)
+        out["exact"] = bool(g.residual == hf_gauge.load_gauge(gdir).residual)
+        out["min_margin"] = float(g.metrics["min_margin"])
+    elif mode == "verify":
+        from hf_gauge.fileverify import verify_files
+        rep = verify_files(a, b, hf_gauge.load_gauge(gdir))
+        out["ok"], out["bytes"] = rep["ok"] and rep["weights_bit_exact"], rep["bytes"]
+    else:
+        raise SystemExit(f"unknown worker mode {mode}")
+    out["seconds"] = time.perf_counter() - t0
+    out["max_rss_bytes"] = _peak_rss()
+    return out
+
+
+def run_worker(mode: str, a: Path, b: Path, gdir: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    r = subprocess.run([sys.executable, __file__, "--worker", mode, str(a), str(b), str(gdir)], env=env,
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        raise RuntimeError(f"worker {mode} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the matching step alone
+# ----------------------------------------------------------------------------------------------------------------
+def bench_matching(d: int, reps: int) -> dict:
+    """``match_correlation`` on ``C = noise + a planted signed permutation`` (the matched |C| in [0.5, 1])."""
+    from hf_gauge.group import SignedPermutation
+    from hf_gauge.match import match_correlation
+
+    g = SignedPermutation.random(d, 0)
+    rng = np.random.default_rng(0)
+    C = rng.standard_normal((d, d)) * 0.05
+    C[g.perm.numpy(), np.arange(d)] = g.sign.numpy() * rng.uniform(0.5, 1.0, d)
+    times, exact = [], True
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        m = match_correlation(C)
+        times.append(time.perf_counter() - t0)
+        exact &= m.element == g
+    return {"d": d, "seconds_all": times, "seconds_first": times[0], "seconds_median": statistics.median(times),
+            "exact": bool(exact)}
+
+
+def _provenance() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"commit": commit, "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+            "load_average": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (the test suite's smoke run)")
+    ap.add_argument("--workdir", help="where the checkpoints are written (default: a new folder under /tmp)")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of each measurement (default 2)")
+    ap.add_argument("--match-d", type=int, default=None, help="width of the matching benchmark (default 8192)")
+    ap.add_argument("--output", help="result file (default results/bench_scale[_quick].json)")
+    ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    args = ap.parse_args(argv)
+    s = QUICK if args.quick else FULL
+    rounds = args.rounds or (1 if args.quick else 2)
+    match_d = args.match_d or (256 if args.quick else 8192)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hf_gauge_bench_scale."))
+    res: dict = {"shapes": s, "rounds": rounds, **_provenance()}
+    try:
+        import hf_gauge
+        from hf_gauge import Gauge, SignedPermutation
+
+        A, B, G = work / "A", work / "B", work / "G"
+        t0 = time.perf_counter()
+        res["checkpoint_bytes"] = write_checkpoint(A, s)
+        res["write_s"] = time.perf_counter() - t0
+        g = Gauge(spaces={"residual": SignedPermutation.random(s["d"], 1)},
+                  source={"model_type": "llama", "hidden_size": s["d"]})
+        g.save_pretrained(G)
+        t0 = time.perf_counter()
+        hf_gauge.apply_gauge_to_checkpoint(A, g, B, progress=False, durable=False)
+        res["stream_apply_s"] = time.perf_counter() - t0
+        half_view(A, work / "A_half"), half_view(B, work / "B_half")
+        times: dict[str, list[dict]] = {k: [] for k in ("floor_find", "find", "find_rows_d", "floor_find_half",
+                                                         "find_half", "floor_all", "verify")}
+        for _ in range(rounds):                              # interleaved: drift in the machine's speed hits all
+            for key, mode, a, b in (("floor_find", "floor_find", A, B), ("find", "find", A, B),
+                                    ("find_rows_d", "find_rows_d", A, B),
+                                    ("floor_find_half", "floor_find", work / "A_half", work / "B_half"),
+                                    ("find_half", "find", work / "A_half", work / "B_half"),
+                                    ("floor_all", "floor_all", A, B), ("verify", "verify", A, B)):
+                times[key].append(run_worker(mode, a, b, G))
+        med = {k: statistics.median(r["seconds"] for r in v) for k, v in times.items()}
+        find_ratio = statistics.median(f["seconds"] / fl["seconds"] for f, fl in zip(times["find"], times["floor_find"]))
+        verify_ratio = statistics.median(v["seconds"] / fl["seconds"] for v, fl in zip(times["verify"], times["floor_all"]))
+        per_layer = (med["find"] - med["find_half"]) / (s["layers"] - s["layers"] // 2)
+        fixed = med["find"] - per_layer * s["layers"]
+        res.update({
+            "runs": times, "median_s": med,
+            "find_exact": all(r["exact"] for r in times["find"] + times["find_half"] + times["find_rows_d"]),
+            "find_over_io_floor": find_ratio, "goal_find_over_io_floor": 1.5,
+            "find_rows_d_over_io_floor": statistics.median(
+                f["seconds"] / fl["seconds"] for f, fl in zip(times["find_rows_d"], times["floor_find"])),
+            "find_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["find"]), "goal_find_peak_rss_bytes": 3 << 30,
+            "floor_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["floor_find"]),
+            "find_per_layer_s": per_layer, "find_fixed_s": fixed,
+            "find_full_depth_extrapolated_s": fixed + per_layer * s["full_layers"],
+            "verify_ok": all(r["ok"] for r in times["verify"]),
+            "verify_over_read_both": verify_ratio, "goal_verify_over_read_both": 1.3,
+            "matching": bench_matching(match_d, 3), "goal_matching_s": 3.0,
+            "load_average_after": os.getloadavg(),
+        })
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    if args.output:
+        Path(args.output).write_text(json.dumps(res, indent=2))
+    else:
+        write_result("bench_scale" + ("_quick" if args.quick else ""), res)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("runs",)}, indent=1, default=str))
+    return res
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        print(json.dumps(worker(sys.argv[2:])))
+    else:
+        main()

@@ -1,0 +1,352 @@
+"""Data-free matching features read straight from safetensors checkpoint files: no model is built.
+
+``CheckpointFiles`` maps tensor names to their bytes in a checkpoint folder's shards (names, dtypes, shapes and
+offsets from the validated headers; shard names from an index file validated by ``checkpoint.shard_name``) and reads
+rows of one tensor at a time with positional reads into a reused buffer, in the stored dtype. Nothing is mapped, so
+the process holds one block per model, not the pages of the files it has read.
+
+``residual_correlation`` builds the same similarity ``C [d, d]`` as ``features.feature_correlation(
+*features.paired_weight_features(a, b))`` (the in-memory data-free matcher; see ``hf_gauge.features`` for the
+convention), from the same tensors and the same vocabulary rows, with the signed part accumulated as a Gram matrix:
+``sum_t (X_A,t^T X_B,t) / scale_t^2`` over the signed tensors ``t`` (rows of ``X``: vocabulary entries etc., columns:
+residual coordinates; ``scale_t = (||X_A,t|| + ||X_B,t||) / 2``), so memory is ``O(d^2 + one block)`` whatever the
+vocabulary or depth. Block products run in float32 for 16-bit weights (every product of two bf16/fp16 numbers is
+exact in float32) and float64 otherwise; block results are summed in float64. Invariant features (norm gains, and
+slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
+from .engine import Scratch, axes_for, resolve_name
+from .errors import GaugeError
+from .features import WeightFeatures, feature_correlation
+from .specs import ArchSpec, get_spec
+
+__all__ = ["CheckpointFiles", "residual_correlation", "layer_tensors", "BLOCK_BYTES"]
+
+BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
+_SINGLE = "model.safetensors"
+_DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                                   "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                                   "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class CheckpointFiles:
+    """Tensor locations of one checkpoint folder (or Hub id) and block reads of them; see the module docstring."""
+
+    def __init__(self, src: str | os.PathLike, *, revision: str | None = None, label: str = "",
+                 block_bytes: int = BLOCK_BYTES, **hub: Any) -> None:
+        """``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for a Hub id (``resolve_checkpoint``)."""
+        from transformers import AutoConfig
+
+        if sys.byteorder != "little":
+            raise GaugeError("reading safetensors from files needs a little-endian machine")
+        self.folder = resolve_checkpoint(src, revision=revision, **hub)
+        self.label = label or str(src)
+        try:
+            self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
+        except (OSError, ValueError) as e:
+            raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
+        self.spec: ArchSpec = get_spec(self.config)
+        self.block_bytes = block_bytes
+        self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        for shard in self._shards():
+            path = self.folder / shard
+            _, header, start = read_header(path)
+            for name, info in header.items():
+                if name in self.entries:
+                    raise GaugeError(f"tensor {name!r} appears in two shards of {self.folder}; the checkpoint is corrupt")
+                self.entries[name] = (path, start, info)
+        self._scratch = Scratch()
+        self._fds: dict[Path, int] = {}
+
+    def _shards(self) -> list[str]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            try:
+                values = list(json.loads(index.read_text())["weight_map"].values())
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
+                raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
+            shards = sorted({shard_name(v, str(index)) for v in values})
+            missing = [s for s in shards if not (self.folder / s).is_file()]
+            if missing:
+                raise GaugeError(f"{self.folder} lacks shard(s) {missing[:3]} listed in {INDEX_NAME}; the download "
+                                 "is incomplete")
+            return shards
+        if (self.folder / _SINGLE).is_file():
+            return [_SINGLE]
+        raise GaugeError(f"{self.folder} holds no {_SINGLE} or {INDEX_NAME} (hf_gauge reads safetensors only); is it "
+                         "a transformers checkpoint folder?")
+
+    # -- tensor metadata -------------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        """Every tensor name, in storage order (shard, then offset): reading in this order is sequential I/O."""
+        return sorted(self.entries, key=lambda n: (str(self.entries[n][0]), self.entries[n][2]["data_offsets"][0]))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in self.entries[name][2]["shape"])
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.entries[name][2]["dtype"]
+        if code not in _DTYPES:
+            raise GaugeError(f"{self.label}: tensor {name!r} has dtype {code}, which hf_gauge does not read from "
+                             f"files ({', '.join(_DTYPES)})")
+        return _DTYPES[code]
+
+    def nbytes(self, name: str) -> int:
+        b, e = self.entries[name][2]["data_offsets"]
+        return int(e) - int(b)
+
+    def _checked(self, name: str) -> tuple[int, torch.dtype, tuple[int, ...], int]:
+        path, start, info = self.entries[name]
+        dtype, shape = self.dtype(name), self.shape(name)
+        if math.prod(shape) * dtype.itemsize != self.nbytes(name):
+            raise GaugeError(f"{path}: tensor {name!r} has {self.nbytes(name)} bytes but shape {list(shape)} of "
+                             f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}; the shard is corrupt")
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd, dtype, shape, start + int(info["data_offsets"][0])
+
+    # -- reads -----------------------------------------------------------------------------------------------------
+    def _pread(self, fd: int, buf: torch.Tensor, offset: int) -> None:
+        view, got = memoryview(buf.numpy()), 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n <= 0:
+                raise GaugeError(f"{self.label}: unexpected end of file (truncated shard?)")
+            got += n
+
+    def read(self, name: str, reuse: str | None = None) -> torch.Tensor:
+        """The whole tensor, in its stored dtype: a new tensor, or with ``reuse`` a view of this reader's buffer of
+        that name (valid until the next read into it)."""
+        fd, dtype, shape, off = self._checked(name)
+        n = self.nbytes(name)
+        buf = torch.empty(n, dtype=torch.uint8) if reuse is None else self._scratch.bytes(n, ("whole", reuse))
+        self._pread(fd, buf, off)
+        return buf.view(dtype).reshape(shape)
+
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
+
+        Each block lives in a reused buffer: it is valid until the next block is requested.
+        """
+        fd, dtype, shape, off = self._checked(name)
+        n = shape[0] if shape else 1
+        row = max(1, math.prod(shape[1:]) * dtype.itemsize)
+        step = max(1, self.block_bytes // row)
+        tail = list(shape[1:])
+        if rows is None:
+            for r0 in range(0, n, step):
+                k = min(n, r0 + step) - r0
+                buf = self._scratch.bytes(k * row, "block")
+                self._pread(fd, buf, off + r0 * row)
+                yield buf.view(dtype).reshape([k] + tail)
+            return
+        rows = rows.tolist()
+        for i0 in range(0, len(rows), step):
+            part = rows[i0:i0 + step]
+            buf = self._scratch.bytes(len(part) * row, "block")
+            j = 0
+            while j < len(part):                      # one read per run of consecutive rows
+                k = j + 1
+                while k < len(part) and part[k] == part[k - 1] + 1:
+                    k += 1
+                self._pread(fd, buf[j * row:k * row], off + part[j] * row)
+                j = k
+            yield buf.view(dtype).reshape([len(part)] + tail)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "CheckpointFiles":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _tied_copy(files: CheckpointFiles, name: str) -> bool:
+    """A stored output embedding that the config ties to the input embedding (one parameter in a live model)."""
+    if not getattr(files.config, "tie_word_embeddings", False):
+        return False
+    embed = files.spec.sites.embed + ".weight"
+    return (name != embed and embed in files.entries and not any(c.isdigit() for c in name)
+            and files.shape(name) == files.shape(embed))
+
+
+def _feature_tensors(fa: CheckpointFiles, fb: CheckpointFiles) -> list[str]:
+    """A's tensors that carry a residual axis (as ``paired_weight_features`` selects them), checked against B's."""
+    out = []
+    for name in fa.names():
+        if resolve_name(name)[1] != "weight" or _tied_copy(fa, name):
+            continue
+        axes = axes_for(fa.spec, name)
+        if not axes or not any(a.space == "residual" for a in axes):
+            continue
+        if name not in fb.entries or fb.shape(name) != fa.shape(name):
+            have = "is missing" if name not in fb.entries else str(fb.shape(name))
+            raise GaugeError(f"tensor {name!r} has shape {fa.shape(name)} in checkpoint A but {have} in checkpoint "
+                             "B; the two checkpoints do not share an architecture")
+        out.append(name)
+    return out
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Block arithmetic: float32 is exact for products of 16-bit floats; wider inputs keep float64."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+def _widen(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
+    """``x`` converted to its block arithmetic dtype in ``work``'s buffer ``key`` (reused block after block: fresh
+    memory costs a page fault per page), valid until the next call with ``key``."""
+    buf = work.bytes(x.numel() * _acc(x.dtype).itemsize, key).view(_acc(x.dtype)).view(x.shape)
+    return buf.copy_(x)
+
+
+def _squares(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
+    """``x * x`` in a reused buffer."""
+    buf = work.bytes(x.numel() * x.element_size(), key).view(x.dtype).view(x.shape)
+    return torch.mul(x, x, out=buf)
+
+
+class _Signed:
+    """Running signed Gram ``sum_t X_A,t^T X_B,t / scale_t^2`` and per-coordinate squared norms (float64)."""
+
+    def __init__(self, d: int, work: Scratch) -> None:
+        self.d, self.n, self.work = d, 0, work
+        self.cross = torch.zeros(d, d, dtype=torch.float64)
+        self.sqa = torch.zeros(d, dtype=torch.float64)
+        self.sqb = torch.zeros(d, dtype=torch.float64)
+
+    def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        d = self.d
+        cross = torch.zeros(d, d, dtype=torch.float64)
+        sqa = torch.zeros(d, dtype=torch.float64)
+        sqb = torch.zeros(d, dtype=torch.float64)
+        for xa, xb in blocks:                               # [k, d] each
+            w = self.work
+            xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
+            prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
+            cross += torch.mm(xa.T, xb, out=prod)
+            sqa += _squares(xa, w, "sq").sum(0)
+            sqb += _squares(xb, w, "sq").sum(0)
+        scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
+        if scale > 0:
+            s2 = scale * scale
+            self.cross += cross / s2
+            self.sqa += sqa / s2
+            self.sqb += sqb / s2
+            self.n += 1
+
+    def cosine(self) -> torch.Tensor:
+        """``cos(s_A[i], s_B[j])`` exactly as ``feature_correlation`` forms it."""
+        na, nb = self.sqa.sqrt(), self.sqb.sqrt()
+        cos = self.cross / (na[:, None] * nb[None, :]).clamp_min(1e-300)
+        return torch.where((na[:, None] > 0) & (nb[None, :] > 0), cos, torch.zeros_like(cos)).clamp_(-1.0, 1.0)
+
+
+def _paired_blocks(fa: CheckpointFiles, fb: CheckpointFiles, name: str, rows: torch.Tensor | None = None):
+    for xa, xb in zip(fa.row_blocks(name, rows), fb.row_blocks(name, rows)):
+        yield xa, xb
+
+
+def _moved(x: torch.Tensor, axis: int) -> torch.Tensor:
+    return x.movedim(axis, -1)
+
+
+def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int | None = None
+                         ) -> tuple[torch.Tensor, dict[str, int]]:
+    """``(C [d, d] float64, counts)`` for A's residual coordinates (rows) against B's (columns); see the module
+    docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
+    d = int(fa.config.hidden_size)
+    cap = max_rows or max(2048, 8 * d)
+    work = Scratch()
+    signed = _Signed(d, work)
+    ua: list[torch.Tensor] = []
+    ub: list[torch.Tensor] = []
+    for name in _feature_tensors(fa, fb):
+        axes = axes_for(fa.spec, name)
+        res = next(a for a in axes if a.space == "residual")
+        others = [a for a in axes if a is not res]
+        shape = fa.shape(name)
+        if shape[res.axis] != d:
+            raise GaugeError(f"tensor {name!r} has {shape[res.axis]} entries on its residual axis but hidden_size is {d}")
+        if not others and res.signed:
+            if len(shape) == 2 and res.axis == 1:        # [free, d]: embedding, lm_head
+                rows = None
+                if shape[0] > cap:                       # the rows with the largest ||A_v|| + ||B_v||, in both
+                    score = torch.cat([_row_norms(xa) + _row_norms(xb) for xa, xb in _paired_blocks(fa, fb, name)])
+                    rows = torch.topk(score, cap).indices.sort().values
+                signed.add(_paired_blocks(fa, fb, name, rows))
+            else:                                        # biases and other small tensors: whole
+                xa = _moved(fa.read(name), res.axis).reshape(-1, d)
+                xb = _moved(fb.read(name), res.axis).reshape(-1, d)
+                if xa.shape[0] > cap:
+                    score = _row_norms(xa) + _row_norms(xb)
+                    rows = torch.topk(score, cap).indices.sort().values
+                    xa, xb = xa[rows], xb[rows]
+                signed.add(iter([(xa, xb)]))
+        elif not others:                                 # norm gains: the values themselves
+            ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
+            ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
+        else:                                            # slice norms: blind to inner gauges and signs
+            ua.append(_slice_norms(fa, name, res.axis, work)[:, None])
+            ub.append(_slice_norms(fb, name, res.axis, work)[:, None])
+    if signed.n:
+        cos = signed.cosine()
+    else:
+        cos = torch.ones(d, d, dtype=torch.float64)
+    del signed.cross, work
+    empty = torch.zeros(d, 0, dtype=torch.float64)
+    inv_a = torch.cat(ua, 1) if ua else empty
+    inv_b = torch.cat(ub, 1) if ub else empty
+    agree = feature_correlation(WeightFeatures(empty, inv_a), WeightFeatures(empty, inv_b))   # ones * agreement
+    return cos.mul_(agree), {"n_signed": signed.n, "n_invariant": int(inv_a.shape[1])}
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """Row L2 norms accumulated in at least float32 (as ``features`` selects rows), as float64."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=acc).to(torch.float64)
+
+
+def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) -> torch.Tensor:
+    """``[d]``: L2 norm of every slice along ``axis`` (the residual axis), squared sums in float64 over row blocks."""
+    shape = files.shape(name)
+    if len(shape) != 2:
+        x = files.read(name).movedim(axis, 0)
+        x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
+        return (x * x).sum(1, dtype=torch.float64).sqrt()
+    sq = torch.zeros(shape[axis], dtype=torch.float64)
+    r0 = 0
+    for x in files.row_blocks(name):
+        x = _widen(x, work, "a")
+        x.mul_(x)
+        if axis == 1:                                    # reader columns: sum over the rows of every block
+            sq += x.sum(0)
+        else:                                            # writer rows: this block's rows are whole slices
+            sq[r0:r0 + x.shape[0]] += x.sum(1)
+        r0 += x.shape[0]
+    return sq.sqrt()
+
+
+def layer_tensors(files: CheckpointFiles, spaces: set[str]) -> dict[str, torch.Tensor]:
+    """Every tensor with an axis in one of ``spaces`` (e.g. ``{"mlp.3", "attn.3"}``), read whole, stored dtype."""
+    out = {}
+    for name in sorted(files.entries):                   # one order for both checkpoints, whatever their sharding
+        axes = axes_for(files.spec, name)
+        if axes and any(a.space in spaces for a in axes):
+            out[name] = files.read(name)
+    return out

@@ -1,0 +1,135 @@
+"""``hf_gauge.find_gauge``: live models, or checkpoint folders / Hub ids matched data-free straight from their files.
+
+With two checkpoint references (folder paths or Hub ids) and no data, the gauge ``x_B = g(x_A)`` is found without
+building either model: the residual similarity ``C`` is read from the safetensors shards block by block
+(``hf_gauge.filefeatures``, the same features as the in-memory data-free matcher, so the same gauge), matched with
+``match.match_correlation``; inner spaces (``"mlp.<i>"``, ``"attn.<i>"``) are matched one layer at a time from that
+layer's tensors, with A's residual axes brought into B's chart (``inner.slices_from`` / ``inner.match_slices``, as
+``inner.match_inner`` does data-free). Peak memory: the ``[d, d]`` similarity and one block, or one layer's tensors
+for inner spaces; never a whole model. Live models (or ``data=``) go to ``match.find_gauge``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import torch
+
+from .engine import check_gauge, space_sizes
+from .errors import GaugeError
+from .filefeatures import CheckpointFiles, layer_tensors, residual_correlation
+from .gauge import Gauge
+from .group import SignedPermutation
+from .inner import match_slices, slices_from
+from .match import find_gauge as find_gauge_models
+from .match import match_correlation
+from .models import gain_fingerprint
+
+__all__ = ["find_gauge", "find_gauge_from_files", "is_checkpoint_ref"]
+
+
+def is_checkpoint_ref(x: Any) -> bool:
+    """A checkpoint given by reference (folder path or Hub id) rather than as a live model."""
+    return isinstance(x, (str, os.PathLike))
+
+
+def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "signed", *args: Any, **kw: Any):
+    """The gauge from ``model_a``'s residual chart to ``model_b``'s (``x_B = g(x_A)``).
+
+    Live models: ``match.find_gauge`` (data-free from weights, or from activations with ``data``). Two checkpoint
+    folders or Hub ids with ``data=None``: ``find_gauge_from_files`` (data-free, no model is built; accepts
+    ``spaces``, ``low_confidence``, ``max_rows``, ``revision_a``, ``revision_b``).
+    """
+    ra, rb = is_checkpoint_ref(model_a), is_checkpoint_ref(model_b)
+    if not (ra or rb):
+        return find_gauge_models(model_a, model_b, data, method, *args, **kw)
+    if not (ra and rb):
+        raise GaugeError("give both models as live models or both as checkpoint folders / Hub ids, not one of each")
+    if data is not None or args:
+        raise GaugeError("matching from activations needs live models: load both with "
+                         "AutoModelForCausalLM.from_pretrained (dtype=, device_map= for large models) and pass them; "
+                         "checkpoint folders are matched data-free (data=None)")
+    extra = sorted(set(kw) - {"spaces", "low_confidence", "max_rows", "revision_a", "revision_b", "hub"})
+    if extra:
+        raise GaugeError(f"{extra} only apply to live models; checkpoint folders accept spaces, low_confidence, "
+                         "max_rows, revision_a, revision_b and hub")
+    return find_gauge_from_files(model_a, model_b, method=method, **kw)
+
+
+def _spaces(spaces: str | Sequence[str]) -> tuple[str, ...]:
+    got = ("residual", "mlp", "attn") if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
+    if any(sp not in ("residual", "mlp", "attn") for sp in got) or "residual" not in got:
+        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of ('residual', 'mlp', 'attn') that includes "
+                         "'residual' (the inner spaces are matched relative to it)")
+    return ("residual",) + tuple(sp for sp in ("mlp", "attn") if sp in got)
+
+
+def _check_files(fa: CheckpointFiles, fb: CheckpointFiles) -> dict[str, int]:
+    ca, cb = fa.config, fb.config
+    if ca.model_type != cb.model_type or fa.spec is not fb.spec:
+        raise GaugeError(f"different architectures: checkpoint A is {ca.model_type!r} but B is {cb.model_type!r}; a "
+                         "gauge relates two checkpoints of one architecture")
+    sa, sb = space_sizes(fa.spec, ca), space_sizes(fb.spec, cb)
+    if sa != sb:
+        diff = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))[:4]
+        raise GaugeError(f"the two checkpoints have different widths or depths (e.g. spaces {diff}); a gauge relates "
+                         "checkpoints of one shape")
+    return sa
+
+
+def _describe(files: CheckpointFiles, ref: Any, revision: str | None) -> dict[str, Any]:
+    """``models.describe`` of the model the checkpoint holds, read from its files."""
+    cfg = files.config
+    key = files.spec.sites.final_norm + ".weight"
+    return {"model_id": str(ref), "revision": revision, "model_type": cfg.model_type,
+            "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
+            "fingerprint": gain_fingerprint(files.read(key)) if key in files.entries else None}
+
+
+def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: str = "signed",
+                          spaces: str | Sequence[str] = ("residual",), low_confidence: float = 0.05,
+                          max_rows: int | None = None, revision_a: str | None = None,
+                          revision_b: str | None = None, hub: dict[str, Any] | None = None) -> Gauge:
+    """Data-free gauge A -> B from two checkpoint folders or Hub ids, reading only the tensors the features need.
+
+    Same result as ``match.find_gauge(model_a, model_b, method=method, spaces=spaces)`` on the loaded models.
+    ``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for Hub ids.
+    """
+    if method not in ("signed", "permutation"):
+        raise GaugeError(f"method {method!r}: matching from checkpoint files supports 'signed' and 'permutation' "
+                         "(procrustes fits activations: load the models and pass data=)")
+    wanted = _spaces(spaces)
+    with CheckpointFiles(a, revision=revision_a, label="checkpoint A", **(hub or {})) as fa, \
+            CheckpointFiles(b, revision=revision_b, label="checkpoint B", **(hub or {})) as fb:
+        sizes = _check_files(fa, fb)
+        C, counts = residual_correlation(fa, fb, max_rows=max_rows)
+        if counts["n_signed"] == 0 and method == "signed":
+            raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
+                             "architecture spec, so signs cannot be determined; load the models and pass data=")
+        m = match_correlation(C, method)
+        del C
+        residual = Gauge(spaces={"residual": m.element})
+        check_gauge(fa.spec, fa.config, residual)          # LayerNorm models: S_d x {±1} only
+        metrics: dict[str, Any] = {"method": method, "data_free": True, "from_files": True, "n_tokens": 0,
+                                   "n_signed_tensors": counts["n_signed"],
+                                   "n_invariant_features": counts["n_invariant"]}
+        metrics.update(m.summary(low_confidence))
+        metrics["low_confidence_threshold"] = low_confidence
+        confidence: dict[str, Any] = {"residual": torch.from_numpy(m.margin)}
+        extra: dict[str, SignedPermutation] = {}
+        label = f"data-free/{method}"
+        kinds = wanted[1:]
+        if kinds:
+            label += "+inner"
+            for i in range(int(fa.config.num_hidden_layers)):
+                layer = [f"{k}.{i}" for k in kinds if f"{k}.{i}" in sizes]
+                if not layer:
+                    continue
+                pa, pb = layer_tensors(fa, set(layer)), layer_tensors(fb, set(layer))
+                for space in layer:
+                    sa = slices_from(fa.spec, fa.config, space, pa, m.element)
+                    sb = slices_from(fb.spec, fb.config, space, pb, None)
+                    extra[space], confidence[space] = match_slices(fa.spec, fa.config, space, sa, sb, method)
+                del pa, pb
+        return Gauge(spaces={"residual": m.element, **extra}, source=_describe(fa, a, revision_a),
+                     target=_describe(fb, b, revision_b), method=label, metrics=metrics, confidence=confidence)

@@ -1,0 +1,61 @@
+"""Reading features from checkpoint files: the same similarity as the in-memory features, block by block."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from hf_gauge import GaugeError, apply_gauge, random_gauge
+from hf_gauge.features import feature_correlation, paired_weight_features
+from hf_gauge.filefeatures import CheckpointFiles, layer_tensors, residual_correlation
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    a = tiny_model("qwen2", tie=False)
+    b = apply_gauge(copy.deepcopy(a), random_gauge(a, seed=5, spaces=("residual", "mlp", "attn")))
+    a.save_pretrained(tmp_path / "A", max_shard_size="30KB")
+    b.save_pretrained(tmp_path / "B")
+    return tmp_path, a, b
+
+
+@pytest.mark.parametrize("block_bytes", [1, 300, 1 << 20])
+@pytest.mark.parametrize("max_rows", [None, 50])
+def test_correlation_matches_in_memory(pair, block_bytes: int, max_rows) -> None:
+    tmp, a, b = pair
+    # float64 copies of the saved float32 weights: the in-memory features then accumulate in float64 as the reader does
+    want = feature_correlation(*paired_weight_features(copy.deepcopy(a).double(), copy.deepcopy(b).double(),
+                                                       max_rows=max_rows))
+    with CheckpointFiles(tmp / "A", block_bytes=block_bytes) as fa, CheckpointFiles(tmp / "B", block_bytes=block_bytes) as fb:
+        got, counts = residual_correlation(fa, fb, max_rows=max_rows)
+    assert counts["n_signed"] == 2                          # embedding and lm_head (no writer biases in qwen2)
+    assert torch.allclose(got, want, atol=1e-13, rtol=0)
+
+
+def test_row_blocks_and_selected_rows(pair) -> None:
+    tmp, a, _ = pair
+    emb = a.model.embed_tokens.weight.detach()
+    with CheckpointFiles(tmp / "A", block_bytes=5 * 64 * 4) as f:
+        blocks = [x.clone() for x in f.row_blocks("model.embed_tokens.weight")]
+        assert {x.shape[0] for x in blocks[:-1]} == {5}       # blocks of the requested size
+        assert torch.equal(torch.cat(blocks), emb)
+        rows = torch.tensor([0, 1, 2, 7, 9, 10, 50, 127])
+        got = torch.cat([x.clone() for x in f.row_blocks("model.embed_tokens.weight", rows)])
+        assert torch.equal(got, emb[rows])
+        layer = layer_tensors(f, {"mlp.1"})
+        assert set(layer) == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+
+
+def test_corrupt_shards_refused(pair) -> None:
+    tmp, *_ = pair
+    shard = tmp / "B" / "model.safetensors"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2])                  # truncated
+    with pytest.raises(GaugeError, match="truncated"):
+        CheckpointFiles(tmp / "B")
+    (tmp / "B" / "model.safetensors").unlink()
+    with pytest.raises(GaugeError, match="holds no model.safetensors"):
+        CheckpointFiles(tmp / "B")

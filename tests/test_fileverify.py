@@ -1,0 +1,81 @@
+"""Verify from checkpoint files: A's tensors moved on the fly equal B's for the right gauge, per-group report."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import tiny_model
+from hf_gauge import GaugeError, apply_gauge, random_gauge
+from hf_gauge.cli import main
+from hf_gauge.fileverify import tensor_group, verify_files
+
+
+@pytest.fixture
+def pair(tmp_path: Path):
+    a = tiny_model("llama", tie=True, dtype=torch.bfloat16)
+    g = random_gauge(a, seed=2, spaces=("residual", "mlp", "attn"))
+    b = apply_gauge(copy.deepcopy(a), g)
+    a.save_pretrained(tmp_path / "A", max_shard_size="20KB")
+    b.save_pretrained(tmp_path / "B")
+    g.save_pretrained(tmp_path / "G")
+    random_gauge(a, seed=9, spaces=("residual",)).save_pretrained(tmp_path / "W")
+    return tmp_path, a, b, g
+
+
+def test_right_gauge_bit_exact(pair) -> None:
+    tmp, a, b, g = pair
+    rep = verify_files(tmp / "A", tmp / "B", g)
+    assert rep["ok"] and rep["weights_bit_exact"] and rep["fingerprint_match"] and rep["max_abs_diff"] == 0
+    assert rep["n_tensors"] == len(a.state_dict()) - 1 and rep["bytes"] > 0      # the tied lm_head is not stored
+    grp = rep["groups"]["model.layers.{i}.mlp.up_proj.weight"]
+    assert grp["tensors"] == 2 and grp["bit_exact"] == 2 and grp["max_abs_b"] > 0
+
+
+def test_wrong_gauge_and_small_change(pair) -> None:
+    tmp, a, b, g = pair
+    from hf_gauge import load_gauge
+    rep = verify_files(tmp / "A", tmp / "B", load_gauge(tmp / "W"))
+    assert not rep["ok"] and not rep["weights_bit_exact"] and rep["max_abs_diff"] > 0.01
+    # one entry of one tensor of B changed: only its group reports a difference, within a tolerance it passes
+    shard = tmp / "B" / "model.safetensors"
+    t = load_file(shard)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    t[name][3, 4] += 0.125
+    save_file(t, shard, metadata={"format": "pt"})
+    rep = verify_files(tmp / "A", tmp / "B", g)
+    bad = {k for k, v in rep["groups"].items() if v["max_abs_diff"] > 0}
+    assert bad == {tensor_group(name)} and not rep["ok"] and rep["groups"][tensor_group(name)]["bit_exact"] == 1
+    assert verify_files(tmp / "A", tmp / "B", g, atol=0.2)["ok"]
+    del t["model.norm.weight"]
+    save_file(t, shard, metadata={"format": "pt"})
+    rep = verify_files(tmp / "A", tmp / "B", g, atol=1.0)
+    assert not rep["ok"] and rep["missing_in_b"] == ["model.norm.weight"]
+
+
+def test_cli_exit_codes(pair, capsys: pytest.CaptureFixture) -> None:
+    tmp, *_ = pair
+    assert main(["verify", str(tmp / "A"), str(tmp / "B"), "--gauge", str(tmp / "G")]) == 0
+    out = capsys.readouterr().out
+    assert "model.layers.{i}.self_attn.q_proj.weight" in out and out.strip().endswith("OK (weight atol 0.0)")
+    assert main(["verify", str(tmp / "A"), str(tmp / "B"), "--gauge", str(tmp / "W"), "--json"]) == 1
+    rep = json.loads(capsys.readouterr().out)
+    assert not rep["ok"] and rep["groups"]
+    assert main(["verify", str(tmp / "A"), str(tmp / "nope"), "--gauge", str(tmp / "G")]) == 2
+    tiny_model("llama", hidden_size=32).save_pretrained(tmp / "narrow")
+    assert main(["verify", str(tmp / "A"), str(tmp / "narrow"), "--gauge", str(tmp / "G")]) == 2
+    # with data: the in-memory check (loads both models, compares logits too)
+    (tmp / "ids.json").write_text(json.dumps([[1, 2, 3, 4]]))
+    assert main(["verify", str(tmp / "A"), str(tmp / "B"), "--gauge", str(tmp / "G"), "--data", str(tmp / "ids.json"),
+                 "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["symmetry_logit_diff"] == 0.0
+
+
+def test_refuses_non_gauge(pair) -> None:
+    tmp, *_ = pair
+    with pytest.raises(GaugeError, match="Gauge"):
+        verify_files(tmp / "A", tmp / "B", "not a gauge")
