@@ -80,56 +80,7 @@ def notes(row: dict[str, Any]) -> str:
                 + ("Agrees with the paper." if m.get("signed_min_accuracy") == 1.0 and
                    (m.get("permutation_only_max_excess_over_f") or 0) <= 0.02 else "**Disagrees with the paper.**"))
     if c == "trajectory":
-        settings = row.get("settings") or {"smollm2": {"curve": row.get("curve", []), "measured": m, "setup": s}}
-        parts = []
-        for name, res in sorted(settings.items(), key=lambda kv: ("smollm2", "tiny").index(kv[0])
-                                if kv[0] in ("smollm2", "tiny") else 9):
-            mm, ss, cur = res.get("measured", {}), res.get("setup", {}), res.get("curve", [])
-            pts = "; ".join(f"step {r['step']}: path {_f(r['path']['signed_accuracy'])}, via base "
-                            f"{_f(r['via_base']['signed_accuracy'])}, endpoint {_f(r['endpoint']['signed_accuracy'])}"
-                            f", data-free endpoint {_f(r['endpoint_data_free']['signed_accuracy'])}"
-                            + (f" / via base {_f(r['via_base_data_free']['signed_accuracy'])} / path "
-                               f"{_f(r['path_data_free']['signed_accuracy'])}" if "path_data_free" in r else "")
-                            for r in cur)
-            free_gap = ((mm.get("path_data_free_signed_accuracy") or 0) - (mm.get("endpoint_data_free_signed_accuracy")
-                                                                           or 0)) if "path_data_free_signed_accuracy" in mm else None
-            what = ("real SmolLM2-135M, full fine-tuning" if name == "smollm2" else
-                    f"a tiny Llama (d=128, 4 layers, bytes) pretrained {ss.get('pretrain')} steps on both texts, then "
-                    "fine-tuned (a high-drift regime: early training)")
-            gap = (mm.get("path_signed_accuracy") or 0) - (mm.get("endpoint_signed_accuracy") or 0)
-            if gap > 0.02:
-                verdict = "Path composition beats endpoint matching here, as in the paper."
-            elif gap < -0.02:
-                verdict = ("**Here path composition is WORSE than endpoint matching**, the opposite of the paper: "
-                           "each local hop's errors compound along the path (the hops of this under-trained model "
-                           "are not reliable either), while the endpoints still share enough structure.")
-            else:
-                verdict = ("**No gap between path and endpoint matching here**, unlike the paper: the drift is too "
-                           "small for endpoint matching to fail.")
-            if free_gap is not None and free_gap > 0.02:
-                verdict += (" **With data-free matching the paper's effect does appear**: the data-free endpoint "
-                            f"degrades to {_f(mm.get('endpoint_data_free_signed_accuracy'))} at step {mm.get('final_step')}"
-                            f", routing through the base gives {_f(mm.get('via_base_data_free_signed_accuracy'))}, and "
-                            f"composing every local data-free gauge recovers "
-                            f"{_f(mm.get('path_data_free_signed_accuracy'))}.")
-            parts.append(
-                f"*{name}*: {what}; runs on Botchan (novel) and pydoc_data.topics (Python docs), AdamW lr "
-                f"{ss.get('lr')} (wd 0, clip 1.0, {ss.get('warmup')}-step warmup), batch {ss.get('batch')}x{ss.get('T')} "
-                f"tokens, {ss.get('steps')} steps, a checkpoint every {ss.get('every')} steps, each exported in a fresh "
-                f"random B_d gauge; training loss novel {_f(mm.get('train_loss_first_novel'))} -> "
-                f"{_f(mm.get('train_loss_last_novel'))}, pydoc {_f(mm.get('train_loss_first_pydoc'))} -> "
-                f"{_f(mm.get('train_loss_last_pydoc'))}; matching from {ss.get('matching_tokens')} held-out tokens. "
-                f"Curve: {pts}. Permutation-only endpoint (index): "
-                f"{_f(mm.get('endpoint_permutation_only_index_accuracy'))}. compose_path over the saved folders "
-                f"equals the hop-by-hop composition: {bool(mm.get('compose_path_agrees_with_hop_composition'))}. "
-                + verdict)
-        return " ".join(parts) + (
-            " Why the SmolLM2 setting cannot show the paper's endpoint failure on this budget: 100 CPU steps (even at "
-            "lr 1e-3, 10-50x a usual fine-tuning lr) leave SmolLM2's residual coordinates highly distinctive (massive-"
-            "activation coordinates, per-coordinate gains), so each coordinate's cross-run correlation with itself "
-            "stays far above its competitors; the paper's 60.3% endpoint figure is after 1500 GPU steps on larger "
-            "models. Activation matching is the stronger matcher in our hands; the weight-only (data-free) matcher "
-            "is where drift shows.")
+        return trajectory_notes(row)
     if c == "sae":
         return (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. Within-model NMSE "
                 f"{_f(m.get('within_model_nmse'), '.4f')}. Gauged model: B_d {_f(m.get('gauged_bd_nmse'), '.4f')} "
@@ -260,6 +211,54 @@ def notes(row: dict[str, Any]) -> str:
     return ""
 
 
+
+def trajectory_notes(row: dict[str, Any]) -> str:
+    """Every cell of the pre-registered grid (mean and min-max over seeds), the endpoint margins and the finding
+    (``claim_trajectory.finding``: a rule over the cells)."""
+    import claim_trajectory as ct
+    settings = row.get("settings", {})
+    if not all("cells" in v for v in settings.values()):
+        return "This row predates the pre-registered grid; rerun `claim_trajectory.py`."
+    parts = [f"Pre-registered grid: residual sites {{pooled: all, few: 3 layer outputs, one: the input of the "
+             f"middle layer}} x matching tokens {list(ct.GRID['tokens'])}; in every cell path, via base and endpoint "
+             f"with the same matcher (paired activation statistics -> pooled correlation -> Hungarian, as "
+             f"`find_gauge(data=..., layers=...)`); a cell's verdict is path_better / path_worse / same by the mean "
+             f"over seeds of path - endpoint against {ct.GAP}."]
+    for name in [s for s in ct.SETTINGS if s in settings]:
+        res = settings[name]
+        su = res["setup"]
+        what = ("real SmolLM2-135M, full fine-tuning" if name == "smollm2" else
+                f"a tiny Llama (d=128, 4 layers, bytes) pretrained {su.get('pretrain')} steps on both texts, then "
+                "fine-tuned")
+        cells = "; ".join(
+            f"{k}: path {_f(c['path']['mean'])} [{_f(c['path']['min'])}-{_f(c['path']['max'])}], via base "
+            f"{_f(c['via_base']['mean'])} [{_f(c['via_base']['min'])}-{_f(c['via_base']['max'])}], endpoint "
+            f"{_f(c['endpoint']['mean'])} [{_f(c['endpoint']['min'])}-{_f(c['endpoint']['max'])}] (endpoint min "
+            f"margin {_f(c['endpoint_min_margin']['mean'], '+.3f')}, low-confidence coordinates "
+            f"{_f(c['endpoint_n_low_confidence']['mean'], '.1f')}) -> {c['verdict']}"
+            for k, c in res["cells"].items())
+        ps = list(res["per_seed"].values())
+        free = {m: sum(r["data_free"][m]["signed_accuracy"] for r in ps) / len(ps) for m in ct.METHODS}
+        losses = "; ".join(f"seed {sd}: novel {_f(r['train_loss']['novel']['first'])} -> "
+                           f"{_f(r['train_loss']['novel']['last'])}, pydoc {_f(r['train_loss']['pydoc']['first'])} -> "
+                           f"{_f(r['train_loss']['pydoc']['last'])}" for sd, r in res["per_seed"].items())
+        cp = [r["compose_path_agrees_with_hop_composition"] for r in ps if "compose_path_agrees_with_hop_composition"
+              in r]
+        parts.append(
+            f"*{name}* ({what}; seeds {su['seeds']}; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
+            f"warmup, batch {su.get('batch')}x{su.get('T')} tokens, {su.get('steps')} steps, a checkpoint every "
+            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}). Cells at "
+            f"step {su.get('steps')} (mean [min-max] over seeds): {cells}. Data-free (weights only): path "
+            f"{_f(free['path'])}, via base {_f(free['via_base'])}, endpoint {_f(free['endpoint'])}. Endpoint S_d "
+            f"(pooled, index): {_f(sum(r['endpoint_permutation_only_index'] for r in ps) / len(ps))}. The cells' "
+            f"matcher equals find_gauge: {all(r['same_matcher_as_find_gauge'] for r in ps)}"
+            + (f"; compose_path over the saved folders equals the hop composition: {all(cp)}" if cp else "")
+            + f". **Finding (rule):** {ct.finding(res['cells'])}")
+    if "smollm2" not in settings:
+        parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
+                     "left for fine-tuning SmolLM2 twice); the finding above is for the tiny protocol only.")
+    return " ".join(parts)
+
 def report(out: Path | None = None) -> Path:
     """Write RESULTS.md (or ``out``) from claims.json / claims_quick.json; returns the path."""
     full = {r["claim"]: r for r in cc.read_claims(False)}
@@ -290,12 +289,6 @@ def report(out: Path | None = None) -> Path:
         paper = row["paper"].get("text", "") if isinstance(row["paper"], dict) else str(row["paper"])
         cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
         ours_bd = row.get("ours_bd", "")
-        mm = row.get("measured", {})
-        for pre, lab in (("", "SmolLM2"), ("tiny_", "tiny")):
-            if f"{pre}path_data_free_signed_accuracy" in mm:
-                ours_bd += (f"; data-free ({lab}): path {mm[pre + 'path_data_free_signed_accuracy']:.3f}, via base "
-                            f"{mm[pre + 'via_base_data_free_signed_accuracy']:.3f}, endpoint "
-                            f"{mm[pre + 'endpoint_data_free_signed_accuracy']:.3f}")
         lines.append(f"| {c} | {cell(paper)} | {cell(ours_bd)} | {cell(row.get('ours_baseline', ''))} | "
                      f"{re.sub(r'[(][^)]*[)]', '', row.get('model', '')).replace('  ', ' ').strip()} | {kind} | `{row['command']}` |")
     traj = full.get("trajectory", {}).get("runtime_s", {}).get("total")

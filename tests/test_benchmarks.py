@@ -58,8 +58,11 @@ def _(m):
 
 @check("trajectory")
 def _(m):
-    assert m["compose_path_agrees_with_hop_composition"] == 1.0
-    assert 0.0 <= m["endpoint_signed_accuracy"] <= 1.0 and 0.0 <= m["path_signed_accuracy"] <= 1.0
+    assert m["tiny_compose_path_agrees_with_hop_composition"] == 1.0
+    assert m["tiny_same_matcher_as_find_gauge"] == 1.0
+    for k, v in m.items():
+        if k.endswith(("_path_mean", "_via_base_mean", "_endpoint_mean")):
+            assert 0.0 <= v <= 1.0, k
 
 
 @check("sae")
