@@ -305,6 +305,35 @@ def _spread(xs: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "values": a.tolist()}
 
 
+def score_cells(hop1: dict[int, dict[str, Any]], hop2: dict[int, dict[str, Any]], to_base: dict[str, Any],
+                from_base: dict[str, Any], end: dict[str, Any], steps: Sequence[int],
+                truth: SignedPermutation) -> tuple[dict[str, Any], dict[str, SignedPermutation]]:
+    """Score path / via base / endpoint in every cell against ``truth``; also returns each cell's path element.
+
+    ``hop1[s]``: run1 step s -> step s-1 (step 0 = base); ``hop2[s]``: run2 step s-1 -> step s; ``to_base``:
+    run1_T -> base; ``from_base``: base -> run2_T; ``end``: run1_T -> run2_T (each ``{cell: Match}``).
+    """
+    cells: dict[str, Any] = {}
+    path_el: dict[str, SignedPermutation] = {}
+    for key in end:
+        p1 = hop1[steps[0]][key].element
+        for s2 in steps[1:]:
+            p1 = p1 @ hop1[s2][key].element                       # run1_T -> ... -> base
+        p2 = hop2[steps[0]][key].element
+        for s2 in steps[1:]:
+            p2 = hop2[s2][key].element @ p2                       # base -> ... -> run2_T
+        path_el[key] = p2 @ p1
+        wrong = (end[key].element.perm != truth.perm).numpy()
+        cells[key] = {"path": cc.recovery(path_el[key], truth),
+                      "via_base": cc.recovery(from_base[key].element @ to_base[key].element, truth),
+                      "endpoint": cc.recovery(end[key].element, truth),
+                      "endpoint_margins": end[key].summary(),
+                      "endpoint_wrong_min_margin": float(end[key].margin[wrong].min()) if wrong.any() else None,
+                      "path_hops_min_margin": min(min(float(hop1[s2][key].margin.min()),
+                                                      float(hop2[s2][key].margin.min())) for s2 in steps)}
+    return cells, path_el
+
+
 def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
     """Train (if needed) one seed's two runs and score path / via base / endpoint in every grid cell at step T."""
     cfg = config(quick, setting)
@@ -345,25 +374,7 @@ def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -
     end = match_cells(a, b, datasets, sets)
     end_sd = match_cells(a, b, {max(tokens): datasets[max(tokens)]}, {"pooled": sets["pooled"]}, "permutation")
     truth = true_gauge(ref, "novel", T_last, "pydoc", T_last, seed).residual
-    cells: dict[str, Any] = {}
-    path_el: dict[str, SignedPermutation] = {}
-    for key in end:
-        p1 = hop1[steps[0]][key].element
-        for s2 in steps[1:]:
-            p1 = p1 @ hop1[s2][key].element                       # run1_T -> ... -> base
-        p2 = hop2[steps[0]][key].element
-        for s2 in steps[1:]:
-            p2 = hop2[s2][key].element @ p2                       # base -> ... -> run2_T
-        path_el[key] = p2 @ p1
-        hop_margin = min(min(float(hop1[s2][key].margin.min()), float(hop2[s2][key].margin.min())) for s2 in steps)
-        cells[key] = {"path": cc.recovery(path_el[key], truth),
-                      "via_base": cc.recovery(from_base[key].element @ to_base[key].element, truth),
-                      "endpoint": cc.recovery(end[key].element, truth),
-                      "endpoint_margins": end[key].summary(),
-                      "endpoint_wrong_min_margin": (float(end[key].margin[(end[key].element.perm != truth.perm).numpy()
-                                                                           ].min())
-                                                    if bool((end[key].element.perm != truth.perm).any()) else None),
-                      "path_hops_min_margin": hop_margin}
+    cells, path_el = score_cells(hop1, hop2, to_base, from_base, end, steps, truth)
     # the data-free matcher (weights only) at the same step, for reference
     fp1 = free1[steps[0]]
     for s2 in steps[1:]:
@@ -413,10 +424,27 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return cells
 
 
+def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
+    """``evaluate_seed``, cached next to the checkpoints (keyed by the training config, the grid and the SHA-256 of
+    this script) so that seeds can be evaluated as soon as each one is trained."""
+    key = {"config": config(quick, setting), "tokens": list(tokens), "grid": GRID, "gap": GAP,
+           "script": cc.file_sha256(Path(__file__))}
+    path = ckpt_root(quick, setting, seed) / "grid_eval.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    res = cc.jsonable(evaluate_seed(setting, quick, seed, tokens))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "result": res}))
+    os.replace(tmp, path)
+    return res
+
+
 def evaluate(setting: str, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
     tokens = grid_tokens(quick, setting)
     t0 = time.perf_counter()
-    per_seed = {s: evaluate_seed(setting, quick, s, tokens) for s in seeds}
+    per_seed = {s: cached_eval(setting, quick, s, tokens) for s in seeds}
     cells = aggregate(per_seed)
     return {"setup": {**config(quick, setting), "seeds": list(seeds), "tokens": list(tokens),
                       "sites": {k: v for k, v in site_sets(
