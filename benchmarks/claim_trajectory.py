@@ -92,7 +92,7 @@ def finding(cells: dict[str, dict[str, Any]]) -> str:
     def endpoint_exact(key: str) -> bool:
         return cells[key]["endpoint"]["mean"] >= EXACT
 
-    big = max(GRID["tokens"])
+    big = max(int(k.split("/")[1]) for k in cells)        # the largest matching budget that was run
     pooled, one = f"pooled/{big}", f"one/{big}"
     better = sorted(k for k, c in cells.items() if c["verdict"] == "path_better")
     worse = sorted(k for k, c in cells.items() if c["verdict"] == "path_worse")

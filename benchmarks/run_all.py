@@ -94,9 +94,19 @@ def notes(row: dict[str, Any]) -> str:
                 + (f" (majority class {_f(m.get('acc_majority_class'))})" if "acc_majority_class" in m else "")
                 + f", LoRA {_f(m.get('acc_lora'))}, transported B_d {_f(m.get('acc_bd'))}"
                 + (f", S_d matched {_f(m.get('acc_sd_matched'))}" if has_matched else "")
-                + f", S_d oracle {_f(m.get('acc_sd'))}. The base is not at chance on this task (its accuracy is "
-                "above one half); the gain measured is the adapter's improvement over it. "
-                + _verdict(V.agrees(ch), ch) + " Our task is synthetic, not SST-2. A negative S_d number means the "
+                + f", S_d oracle {_f(m.get('acc_sd'))}. "
+                + ("The base is above the majority-class rate on this task, so the gain measured is the adapter's "
+                   "improvement over a base that already prefers the right label word. "
+                   if (m.get("acc_base") or 0) > (m.get("acc_majority_class") or 0.5) + V.CEILING_TOL else
+                   "The base is at the majority-class rate on this task. ")
+                + _verdict(V.agrees(ch), ch)
+                + (" The two S_d baselines disagree: the adapter moved with permutation-only matching as a user would "
+                   "run it keeps the gain while the oracle permutation without signs loses it (hypothesis, not "
+                   "tested here: the oracle maps every negative-sign coordinate onto its exact negation, which "
+                   "reverses that half of the adapter, while the matched permutation maps it to unrelated "
+                   "coordinates, i.e. noise, and this saturated task tolerates half an adapter)."
+                   if has_matched and ch["sd_oracle_lost"] and not ch["sd_matched_lost"] else "")
+                + " Our task is synthetic, not SST-2. A negative S_d number means the "
                 "sign-scrambled adapter makes the label cross-entropy worse than the gauged base without it.")
     if c == "adamw":
         ch = V.adamw(m)
@@ -225,7 +235,8 @@ def steering_notes(row: dict[str, Any]) -> str:
     ch = V.steering(m)
     flip = V.refusal_sign_flip(m)
     flip_text = {"not_specific": "**The sign-flip claim cannot be judged here**: the refusal direction's own effect "
-                                 f"is not specific (|z| < {V.Z_SPECIFIC} against random directions of the same norm).",
+                                 f"is not specific (z {_f(m.get('refusal_z_original'), '+.1f')} < {V.Z_SPECIFIC} "
+                                 "against random directions of the same norm, which move this metric too).",
                  "reversed": "S_d reverses the refusal effect with a specific effect, as in the paper.",
                  "lost": "Under S_d the refusal effect is lost (not distinguishable from a random direction); it is "
                          "not reversed.",
@@ -236,7 +247,11 @@ def steering_notes(row: dict[str, Any]) -> str:
             f"({d.get('sentiment', {}).get('n_pairs')} pairs, {d.get('sentiment', {}).get('n_eval_prompts')} neutral "
             f"prompts): {fmt(d.get('sentiment', {}).get('rows', []))}. Refusal (harmful vs harmless chat requests; "
             f"refusal openers vs compliance openers on held-out harmless requests): "
-            f"{fmt(d.get('refusal', {}).get('rows', []))}. " + _verdict(V.agrees(ch), ch) + " " + flip_text
+            f"{fmt(d.get('refusal', {}).get('rows', []))}. Specific part preserved at the headline alpha (effect minus "
+            f"the mean random-direction effect, relative to the original's; verdicts.specific_preserved): sentiment "
+            + ", ".join(f"{lab} {_p(V.specific_preserved(m, 'sentiment', lab))}" for lab in ("bd", "sd_matched", "sd",
+                                                                                           "none"))
+            + ". " + _verdict(V.agrees(ch), ch) + " " + flip_text
             + " B_d transport here targets a gauged copy of the same model, so 100% is expected; the paper's target "
             "is a different checkpoint.")
 

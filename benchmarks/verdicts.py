@@ -65,11 +65,17 @@ def steering(m: dict[str, Any]) -> dict[str, bool]:
             "sentiment_sd_matched_lost": abs(_g(m, "sentiment_preserved_sd_matched")) < LOST}
 
 
+def specific_preserved(m: dict[str, Any], name: str, lab: str) -> float:
+    """The part of an effect a random direction of the same norm does not produce, as a fraction of the original's:
+    ``(e_lab - mean_random) / (e_original - mean_random) = z_lab / z_original``."""
+    return _g(m, f"{name}_z_{lab}") / _g(m, f"{name}_z_original")
+
+
 def refusal_sign_flip(m: dict[str, Any]) -> str:
     """The judgement of the paper's "S_d reverses the refusal effect": only when the refusal direction's effect is
-    specific (|z| >= Z_SPECIFIC against same-norm random directions), and a reversal only when the S_d effect is
-    negative AND itself specific."""
-    if abs(_g(m, "refusal_z_original", 0.0)) < Z_SPECIFIC:
+    specific (z >= Z_SPECIFIC above same-norm random directions, in the refusal direction), and a reversal only when
+    an S_d effect is specifically below the random directions' (z <= -Z_SPECIFIC)."""
+    if _g(m, "refusal_z_original", 0.0) < Z_SPECIFIC:
         return "not_specific"
     z_sd = [_g(m, f"refusal_z_{k}", 0.0) for k in ("sd", "sd_matched")]
     if any(z <= -Z_SPECIFIC for z in z_sd):

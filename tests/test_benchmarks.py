@@ -93,7 +93,8 @@ def _(row):
 
 @check("lora")
 def _(row):
-    _holds(V.lora(row["measured"]), "bd_kept", "sd_oracle_lost", "sd_matched_lost")
+    _holds(V.lora(row["measured"]), "bd_kept", "sd_oracle_lost")   # S_d matched keeps the gain here (measured)
+    assert "sd_matched_lost" in V.lora(row["measured"])
 
 
 @check("adamw")
@@ -227,6 +228,7 @@ def test_trajectory_rules() -> None:
 
 def test_verdict_rules_fail_when_they_should() -> None:
     assert V.refusal_sign_flip({"refusal_z_original": 1.0, "refusal_z_sd": -5.0}) == "not_specific"
+    assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
     assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": -3.0, "refusal_z_sd_matched": 0.0}) \
         == "reversed"
     assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": 0.5, "refusal_z_sd_matched": 3.0}) \
