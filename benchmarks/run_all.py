@@ -336,6 +336,14 @@ def trajectory_notes(row: dict[str, Any]) -> str:
                      "left for fine-tuning SmolLM2 twice); the finding above is for the tiny protocol only.")
     return " ".join(parts)
 
+
+def model_cell(row: dict[str, Any]) -> str:
+    """The table's model column (for the trajectory claim: only the settings the row actually holds)."""
+    if row["claim"] == "trajectory" and "settings" in row:
+        names = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny Llama d=128, 4 layers, bytes"}
+        return " + ".join(names.get(k, k) for k in row["settings"])
+    return re.sub(r"[(][^)]*[)]", "", row.get("model", "")).replace("  ", " ").strip()
+
 def report(out: Path | None = None) -> Path:
     """Write RESULTS.md (or ``out``) from claims.json / claims_quick.json; returns the path."""
     full = {r["claim"]: r for r in cc.read_claims(False)}
@@ -369,7 +377,7 @@ def report(out: Path | None = None) -> Path:
         cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
         ours_bd = row.get("ours_bd", "")
         lines.append(f"| {c} | {cell(paper)} | {cell(ours_bd)} | {cell(row.get('ours_baseline', ''))} | "
-                     f"{re.sub(r'[(][^)]*[)]', '', row.get('model', '')).replace('  ', ' ').strip()} | {kind} | `{row['command']}` |")
+                     f"{model_cell(row)} | {kind} | `{row['command']}` |")
     lines += ["", f"Total runtime of the full runs recorded in claims.json: {total_full / 60:.1f} min of wall clock "
               "(sum of the per-claim times in the table, each measured on the shared CPU while other jobs ran: "
               "upper bounds). Quick modes run in the test suite via `tests/test_benchmarks.py`.", ""]
