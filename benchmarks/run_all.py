@@ -310,8 +310,9 @@ def trajectory_notes(row: dict[str, Any]) -> str:
         cells = "; ".join(
             f"{k}: path {_f(c['path']['mean'])} [{_f(c['path']['min'])}-{_f(c['path']['max'])}], via base "
             f"{_f(c['via_base']['mean'])} [{_f(c['via_base']['min'])}-{_f(c['via_base']['max'])}], endpoint "
-            f"{_f(c['endpoint']['mean'])} [{_f(c['endpoint']['min'])}-{_f(c['endpoint']['max'])}] (endpoint min "
-            f"margin {_f(c['endpoint_min_margin']['mean'], '+.3f')}, low-confidence coordinates "
+            f"{_f(c['endpoint']['mean'])} [{_f(c['endpoint']['min'])}-{_f(c['endpoint']['max'])}] (endpoint mean matched "
+            f"|corr| {_f(c['endpoint_mean_matched']['mean'])}, min margin {_f(c['endpoint_min_margin']['mean'], '+.3f')}"
+            f", low-confidence coordinates "
             f"{_f(c['endpoint_n_low_confidence']['mean'], '.1f')}) -> {c['verdict']}"
             for k, c in res["cells"].items())
         ps = list(res["per_seed"].values())

@@ -1,7 +1,9 @@
 """Every paper-claim benchmark's ``--quick`` mode runs and writes a finite row (and, where the quick mode is strong
 enough, the qualitative claim holds). Rows go to a temporary copy of ``claims_quick.json``; tracked results are untouched.
 
-These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly), about 3-6 minutes in total on 2 cores.
+These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly); all are marked slow. The claims'
+qualitative checks are the verdict rules of ``benchmarks/verdicts.py`` (and ``claim_trajectory.cell_verdict`` /
+``finding``), imported, not copied, so a threshold changed there changes the tests too.
 """
 from __future__ import annotations
 
