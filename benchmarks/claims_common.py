@@ -266,7 +266,8 @@ def provenance(claim: str) -> dict[str, Any]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return {"git_commit": git("rev-parse", "HEAD") or None,
-            "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge")),
+            "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge",
+                                                ":!benchmarks/results")),
             "script": script.relative_to(REPO).as_posix(), "script_sha256": file_sha256(script),
             "claims_common_sha256": file_sha256(Path(__file__)), "packages": versions,
             "python": sys.version.split()[0]}
