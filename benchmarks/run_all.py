@@ -323,7 +323,10 @@ def trajectory_notes(row: dict[str, Any]) -> str:
         cp = [r["compose_path_agrees_with_hop_composition"] for r in ps if "compose_path_agrees_with_hop_composition"
               in r]
         parts.append(
-            f"*{name}* ({what}; seeds {su['seeds']}; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
+            f"*{name}* ({what}; seeds {su['seeds']}; matching tokens run {su.get('tokens')}"
+            + ("" if list(su.get("tokens", [])) == list(ct.GRID["tokens"]) else
+               " (fewer than pre-registered, for compute)")
+            + f"; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
             f"warmup, batch {su.get('batch')}x{su.get('T')} tokens, {su.get('steps')} steps, a checkpoint every "
             f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}). Cells at "
             f"step {su.get('steps')} (mean [min-max] over seeds): {cells}. Data-free (weights only): path "
