@@ -334,6 +334,8 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             f"(pooled, index): {_f(sum(r['endpoint_permutation_only_index'] for r in ps) / len(ps))}. The cells' "
             f"matcher equals find_gauge: {all(r['same_matcher_as_find_gauge'] for r in ps)}"
             + (f"; compose_path over the saved folders equals the hop composition: {all(cp)}" if cp else "")
+            + f". Evaluation time per seed (measured when each seed was first evaluated; later runs read the per-seed "
+            f"cache): {', '.join(format(r['eval_s'] / 60, '.1f') + ' min' for r in ps)}"
             + f". **Finding (rule):** {ct.finding(res['cells'])}")
     if "smollm2" not in settings:
         parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
