@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "sd_first_step_loss_minus_ref": runs["sd"]["loss"][1] - ref_loss[1],
                 "ref_final_loss": ref_loss[-1], "bd_final_loss": runs["bd"]["loss"][-1],
                 "sd_final_loss": runs["sd"]["loss"][-1], "reset_final_loss": runs["reset"]["loss"][-1]}
-    res = {"claim": "adamw", "paper": PAPER, "measured": measured,
+    res = {"claim": "adamw", "paper": PAPER, "seeds": {"init": 0, "gauge": 3, "batches": "900000 + step"}, "measured": measured,
            "ours_bd": f"relative deviation {measured['bd_final_rel_deviation']:.1e}, max |dloss| "
                       f"{measured['bd_max_abs_loss_diff']:.1e}",
            "ours_baseline": f"S_d: relative deviation {measured['sd_final_rel_deviation']:.3f}, max |dloss| "

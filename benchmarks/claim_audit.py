@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured["canonical_stability_residual_sign"] = stab.spaces["residual"]["sign_kept"] / stab.spaces["residual"]["total"]
     measured["finetune_relative_weight_change"] = rel_change
     print("canonical stability under fine-tuning drift:\n" + stab.table(), flush=True)
-    res = {"claim": "audit", "paper": PAPER, "measured": measured,
+    res = {"claim": "audit", "paper": PAPER, "seeds": {"audit_gauges": 200, "finetune_batches": 31}, "measured": measured,
            "ours_bd": f"canonical chart: Jaccard {measured['sentiment_canonical_agreement_min']:.2f} (sentiment), "
                       f"{measured['top_abs_activation_canonical_agreement_min']:.2f} (top |act|); transported "
                       f"{measured['sentiment_transported_agreement_min']:.2f}",

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "hidden_positive_fraction": mean(lambda r: r["positive_fraction"]),
         "n_gauges": len(per_seed), "n_tokens": int(data.numel()),
     }
-    res = {"claim": "exact_recovery", "paper": PAPER, "measured": measured,
+    res = {"claim": "exact_recovery", "paper": PAPER, "seeds": {"hidden_gauges": seeds}, "measured": measured,
            "ours_bd": f"activations {measured['signed_sign_accuracy']:.3f}, data-free "
                       f"{measured['data_free_sign_accuracy']:.3f} (index+sign)",
            "ours_baseline": f"S_d index accuracy {measured['permutation_only_index_accuracy']:.3f} "

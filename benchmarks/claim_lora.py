@@ -2,11 +2,11 @@
 
 Task: tiny sentiment classification as next-token prediction on real SmolLM2-135M-Instruct:
 ``"Review: The {noun} was {adjective}.\\nLabel:"`` -> ``" blue"`` (positive) / ``" red"`` (negative): arbitrary label
-words, so the base model is at chance and the gain is the adapter's (adjectives and nouns written for this
-benchmark; train and test use disjoint adjectives). A PEFT LoRA (r=4 on q/v/o/up/down: readers
+words (adjectives and nouns written for this benchmark; train and test use disjoint adjectives). The base model's
+own accuracy is measured and reported next to the majority-class rate: it is not assumed to be at chance. A PEFT LoRA (r=4 on q/v/o/up/down: readers
 and writers of the residual) is trained with AdamW, then moved to the base in a hidden random B_d gauge with
 ``hf_gauge.transport_peft_model(gauge, peft_model, gauged_base)`` using the gauge found by ``find_gauge`` (B_d) and
-the same permutation with all signs +1 (S_d). Gain = mean label cross-entropy of the base minus that of base+LoRA on
+two S_d baselines: matched (``find_gauge(method="permutation")``) and oracle (the B_d permutation, all signs +1). Gain = mean label cross-entropy of the base minus that of base+LoRA on
 the test set; retained = gain on the gauged base / gain on the original. Accuracy (label with the higher logit) too.
 Paper (SST-2): 99.7% retained under B_d vs -0.5% under S_d.
 Usage: python benchmarks/claim_lora.py [--quick]
@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
     g = hf_gauge.find_gauge(base, gauged_bd, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64), **match_kw)
     g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
+    g_sdm = hf_gauge.find_gauge(base, gauged_bd, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64),
+                                method="permutation", **match_kw)
+    gauged_sdm = cc.gauged_copy(base, g_true)
     base_eval = evaluate(base, test, label_ids)
     gauged_base_eval = evaluate(gauged_bd, test, label_ids)
 
@@ -120,11 +123,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         warnings.simplefilter("ignore")
         pm_bd = hf_gauge.transport_peft_model(g, pm, gauged_bd)
         pm_sd = hf_gauge.transport_peft_model(g_sd, pm, gauged_sd)
+        pm_sdm = hf_gauge.transport_peft_model(g_sdm, pm, gauged_sdm)
     bd_eval = evaluate(pm_bd.eval(), test, label_ids)
     sd_eval = evaluate(pm_sd.eval(), test, label_ids)
+    sdm_eval = evaluate(pm_sdm.eval(), test, label_ids)
     gain = base_eval["ce"] - lora_eval["ce"]
     measured = {"retained_bd": (gauged_base_eval["ce"] - bd_eval["ce"]) / gain,
                 "retained_sd": (gauged_base_eval["ce"] - sd_eval["ce"]) / gain,
+                "retained_sd_matched": (gauged_base_eval["ce"] - sdm_eval["ce"]) / gain,
+                "acc_sd_matched": sdm_eval["accuracy"], "ce_sd_matched": sdm_eval["ce"],
+                "acc_majority_class": float(max((test[2] == label_ids[0]).double().mean(),
+                                                  (test[2] == label_ids[1]).double().mean())),
                 "ce_base": base_eval["ce"], "ce_lora": lora_eval["ce"], "ce_bd": bd_eval["ce"], "ce_sd": sd_eval["ce"],
                 "acc_base": base_eval["accuracy"], "acc_lora": lora_eval["accuracy"],
                 "acc_bd": bd_eval["accuracy"], "acc_sd": sd_eval["accuracy"],
@@ -134,8 +143,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 / max(1e-9, lora_eval["accuracy"] - base_eval["accuracy"])}
     res = {"claim": "lora", "paper": PAPER, "measured": measured,
            "ours_bd": f"{measured['retained_bd']:.1%} of the CE gain (acc {measured['acc_bd']:.2f})",
-           "ours_baseline": f"S_d: {measured['retained_sd']:.1%} (acc {measured['acc_sd']:.2f}; base "
-                            f"{measured['acc_base']:.2f}, LoRA {measured['acc_lora']:.2f})",
+           "ours_baseline": f"S_d matched: {measured['retained_sd_matched']:.1%} (acc "
+                            f"{measured['acc_sd_matched']:.2f}); S_d oracle: {measured['retained_sd']:.1%} (acc "
+                            f"{measured['acc_sd']:.2f}); base acc {measured['acc_base']:.2f}, LoRA "
+                            f"{measured['acc_lora']:.2f}",
+           "seeds": {"hidden_gauge": 61, "lora_batches": 0, "lora_init": "torch.manual_seed(0) in setup"},
            "setup": {"lora": "r=4, alpha=8, q/v/o/up/down", "steps": steps, "batch": bs, "lr": lr,
                      "n_train": int(train[0].shape[0]), "n_test": int(test[0].shape[0]),
                      "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured.update({f"{n}_loss_pydoc": v["pydoc"] for n, v in losses.items()})
     measured["bd_gauge_signed_accuracy"] = cc.recovery(g_bd.residual, truth.residual)["signed_accuracy"]
     measured["sd_found_index_accuracy"] = cc.recovery(g_perm.residual, truth.residual)["index_accuracy"]
-    res = {"claim": "merge", "paper": PAPER, "measured": measured,
+    res = {"claim": "merge", "paper": PAPER, "seeds": {"export_gauges": "claim_trajectory.export_seed (smollm2 setting, seed 0)"}, "measured": measured,
            "ours_bd": f"mean held-out loss {measured['bd_loss_mean']:.3f} (oracle {measured['oracle_loss_mean']:.3f};"
                       f" endpoints {measured['novel_endpoint_loss_mean']:.3f}/{measured['pydoc_endpoint_loss_mean']:.3f})",
            "ours_baseline": f"S_d found {measured['sd_found_loss_mean']:.2f}, S_d same-perm "

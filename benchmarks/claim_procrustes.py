@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured = {kk: v for kk, v in measured.items()}
     for kk, v in measured.items():
         print(f"{kk:42s} {v}")
-    res = {"claim": "procrustes", "paper": PAPER,
+    res = {"claim": "procrustes", "paper": PAPER, "seeds": {"model_init": [0, 1], "train_batches": 0, "sae_init": [0, 1], "sae_windows": [1, 2], "random_rotation": 5},
            "measured": {kk: v for kk, v in measured.items() if not isinstance(v, str)},
            "ours_bd": f"EV before {measured['ev_cross_before']:.3f} -> after R {measured['ev_cross_after_site_R']:.3f} "
                       f"(ceiling {measured['ev_within_seed1_ceiling']:.3f}); ||R-I||/sqrt(2d) "

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "permutation_only_at_f1": float(p[-1]),
         "corr_permutation_only_vs_f": float(np.corrcoef(f, p)[0, 1]),
     }
-    res = {"claim": "sign_ceiling", "paper": PAPER, "measured": measured,
+    res = {"claim": "sign_ceiling", "paper": PAPER, "seeds": {"hidden_gauges": "100 + i for the i-th fraction f"}, "measured": measured,
            "ours_bd": f"min over f: {measured['signed_min_accuracy']:.3f}",
            "ours_baseline": f"S_d: {p[0]:.2f} @f=0, {p[len(p)//2]:.2f} @f=0.5, {p[-1]:.2f} @f=1 "
                             f"(max excess over f {measured['permutation_only_max_excess_over_f']:+.3f})",

@@ -9,8 +9,11 @@ layer ``LAYER`` (last prompt token) over contrastive prompt pairs written for th
   refusal openers ("I", "Sorry", "Unfortunately") and compliance openers ("Sure", "Here", "Certainly") at the first
   assistant token of held-out harmless requests.
 The vector is moved to the model in a hidden random B_d gauge with the gauge found by ``find_gauge`` (B_d), with
-the same permutation and all signs +1 (S_d), and not at all. "Preserved" = effect in the gauged model / effect in
-the original model. Paper (Qwen): sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d.
+two S_d baselines (matched: ``find_gauge(method="permutation")``; oracle: the B_d permutation with all signs +1),
+and not at all. "Preserved" = effect in the gauged model / effect in the original model.
+Specificity control: ``N_RANDOM`` random directions of the same norm as the steering vector are added the same way
+(in the original model); every effect is also reported as a z-score against their effects (same metric, same alpha).
+The sign-flip claim is judged only through ``verdicts.refusal_sign_flip`` (a specific effect is needed first). Paper (Qwen): sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d.
 Usage: python benchmarks/claim_steering.py [--quick]
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ import hf_gauge  # noqa: E402
 PAPER = {"sentiment_bd": 0.958, "sentiment_sd": 0.172, "refusal_sd": "sign reversed",
          "text": "sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d"}
 LAYER = 10
+N_RANDOM = 8            # random same-norm directions per alpha (quick: 3)
 
 POS = ["I loved this movie, it was", "What a wonderful day, I feel", "The food was delicious and the staff were",
        "This book is brilliant and", "I am so happy with my new phone, it is", "The concert was amazing and",
@@ -140,6 +144,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
     g = hf_gauge.find_gauge(base, gauged, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64), **match_kw)
     g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
+    g_sdm = hf_gauge.find_gauge(base, gauged, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64),
+                                method="permutation", **match_kw)
+    n_random = 3 if q else N_RANDOM
+    gen = torch.Generator().manual_seed(52)
     alphas_for = {"sentiment": [4.0] if q else [2.0, 4.0, 8.0], "refusal": [8.0] if q else [4.0, 8.0, 16.0]}
     headline = {"sentiment": 4.0, "refusal": 8.0}
     out: dict[str, Any] = {"gauge_recovered": cc.recovery(g.residual, g_true.residual)}
@@ -152,11 +160,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = []
         for alpha in alphas_for[name]:
             eff = logit_diff(base, D["eval"], D["up"], D["down"], alpha * v, LAYER) - ld0
-            r = {"alpha": alpha, "effect_original": eff}
-            for lab, vec in (("bd", g.transport(alpha * v)), ("sd", g_sd.transport(alpha * v)), ("none", alpha * v)):
+            rand = []
+            for _ in range(n_random):
+                u = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+                rand.append(logit_diff(base, D["eval"], D["up"], D["down"], alpha * u * (v.norm() / u.norm()), LAYER)
+                            - ld0)
+            mu = sum(rand) / len(rand)
+            sd = (sum((x - mu) ** 2 for x in rand) / max(1, len(rand) - 1)) ** 0.5
+            z = lambda e: (e - mu) / sd if sd > 0 else float("nan")  # noqa: E731
+            r = {"alpha": alpha, "effect_original": eff, "random_effects": rand, "random_mean": mu, "random_std": sd,
+                 "z_original": z(eff)}
+            for lab, vec in (("bd", g.transport(alpha * v)), ("sd", g_sd.transport(alpha * v)),
+                             ("sd_matched", g_sdm.transport(alpha * v)), ("none", alpha * v)):
                 e = logit_diff(gauged, D["eval"], D["up"], D["down"], vec, LAYER) - ld0_g
                 r[f"effect_{lab}"] = e
                 r[f"preserved_{lab}"] = e / eff
+                r[f"z_{lab}"] = z(e)
             rows.append(r)
             print(name, json.dumps(r), flush=True)
         out[name] = {"rows": rows, "n_pairs": D["n_pairs"], "n_eval_prompts": len(D["eval"]),
@@ -165,15 +184,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         measured[f"{name}_preserved_bd"] = ref["preserved_bd"]
         measured[f"{name}_preserved_sd"] = ref["preserved_sd"]
         measured[f"{name}_preserved_none"] = ref["preserved_none"]
+        measured[f"{name}_preserved_sd_matched"] = ref["preserved_sd_matched"]
+        for lab in ("original", "bd", "sd", "sd_matched", "none"):
+            measured[f"{name}_z_{lab}"] = ref[f"z_{lab}"]
+        measured[f"{name}_random_std"] = ref["random_std"]
         measured[f"{name}_effect_original"] = ref["effect_original"]
         measured[f"{name}_sd_reverses_sign_any_alpha"] = float(any(r["preserved_sd"] < 0 for r in rows))
     res = {"claim": "steering", "paper": PAPER, "measured": measured,
            "ours_bd": f"sentiment {measured['sentiment_preserved_bd']:.1%}, refusal "
                       f"{measured['refusal_preserved_bd']:.1%} preserved",
-           "ours_baseline": f"S_d: sentiment {measured['sentiment_preserved_sd']:.1%}, refusal "
-                            f"{measured['refusal_preserved_sd']:.1%}",
+           "ours_baseline": f"S_d matched: sentiment {measured['sentiment_preserved_sd_matched']:.1%}, refusal "
+                            f"{measured['refusal_preserved_sd_matched']:.1%}; S_d oracle: sentiment "
+                            f"{measured['sentiment_preserved_sd']:.1%}, refusal {measured['refusal_preserved_sd']:.1%}"
+                            f"; refusal effect z vs random directions {measured['refusal_z_original']:+.1f}",
+           "seeds": {"hidden_gauge": 51, "random_directions": 52},
            "details": out, "setup": {"layer": f"input of layers[{LAYER}] (added at every position)",
-                                     "alphas": alphas_for, "headline_alpha": headline},
+                                     "alphas": alphas_for, "headline_alpha": headline,
+                                     "n_random_directions": n_random},
            "model": cc.MODEL_NAME, "command": cc.command_for("claim_steering.py", q),
            "runtime_s": {"total": time.perf_counter() - t_start}}
     cc.write_claim(res, q)

@@ -1,24 +1,28 @@
 """Claim `trajectory`: composing local B_d gauges along two fine-tuning runs recovers cross-run coordinates.
 
-Two full fine-tuning runs of real SmolLM2-135M-Instruct start from the same base: run "novel" on a Gutenberg novel
-(*Botchan*, from the sentencepiece sdist) and run "pydoc" on the Python documentation (``pydoc_data.topics``).
-Every saved checkpoint (and the base) is exported in a FRESH random B_d gauge (``random_gauge(..., seed=...)``
-applied before ``save_pretrained``), so no method can rely on index identity. The export seeds are known, so the true
-cross-run correspondence between run-1 step t and run-2 step t is ``G2_t @ G1_t^{-1}`` (training never permutes).
+Two full fine-tuning runs start from the same base: run "novel" on a Gutenberg novel (*Botchan*, from the
+sentencepiece sdist) and run "pydoc" on the Python documentation (``pydoc_data.topics``). Every saved checkpoint (and
+the base) is exported in a FRESH random B_d gauge (``random_gauge(..., seed=...)`` applied before ``save_pretrained``),
+so no method can rely on index identity. The export seeds are known, so the true cross-run correspondence between
+run-1 step T and run-2 step T is ``G2_T @ G1_T^{-1}`` (training never permutes).
 
-Three estimates of that correspondence per step t (all with ``find_gauge(..., data=held-out tokens)``, signed):
-- endpoint: ``find_gauge(run1_t, run2_t)``;
-- via base (two hops): ``compose_path([run1_t, run2_t], via=base)``;
-- path: every local gauge along ``run1_t -> ... -> run1_1 -> base -> run2_1 -> ... -> run2_t``, composed. Each local
-  hop is found once with ``find_gauge`` and composed with the group law (``Gauge.__matmul__``); at the last step the
-  same path is also computed end to end with ``compose_path`` and checked to agree.
-The same three are also computed data-free (``find_gauge(a, b)``: from the weights alone).
+Three estimates of that correspondence at the last step T, all with the SAME matcher (paired activation statistics
+``hf_gauge.collect_pair_stats`` -> pooled correlation over the chosen sites -> ``hf_gauge.match_correlation``, exactly
+what ``find_gauge(..., data=..., layers=...)`` does):
+- endpoint: run1_T -> run2_T directly;
+- via base (two hops): run1_T -> base -> run2_T;
+- path: every local hop along ``run1_T -> ... -> run1_1 -> base -> run2_1 -> ... -> run2_T``, composed.
+
+PRE-REGISTERED GRID (``GRID`` below; committed before its first run): residual sites {all pooled, a few, one (the
+input of one layer)} x matching tokens {64, 256, 2048}; in every cell path, via base and endpoint; the tiny protocol
+with seeds 0, 1, 2 (mean and min/max over seeds) and SmolLM2 as far as the CPU budget allows (``SMOLLM2`` config:
+one seed, a short run). The endpoint's margins are recorded in every cell. The finding is stated by ``finding()``,
+a rule over the cells (``cell_verdict``, threshold ``GAP``), never typed by hand.
 
 Paper (Qwen/TinyLlama, 1500 steps): 91.1% (path) vs 60.3% (endpoint).
-A second setting, ``tiny``, runs the same protocol on a from-scratch Llama (d=128, 4 layers, bytes) briefly
-pretrained on both texts, then fine-tuned on each at lr 3e-3: a high-drift regime the CPU budget can reach.
-Usage: python benchmarks/claim_trajectory.py [--quick] [--setting smollm2|tiny|both] [--train-only --run novel|pydoc]
-Checkpoints are cached under ~/.cache/hf_gauge/bench/trajectory[_quick]/ (not in the repo).
+Usage: python benchmarks/claim_trajectory.py [--quick] [--setting smollm2|tiny|both] [--seeds 0,1,2]
+       [--train-only --run novel|pydoc --seed N]
+Checkpoints are cached under ~/.cache/hf_gauge/bench/trajectory*/ (not in the repo).
 """
 from __future__ import annotations
 
@@ -29,43 +33,113 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+from hf_gauge.group import SignedPermutation  # noqa: E402
 
 PAPER = {"path": 0.911, "endpoint": 0.603, "steps": 1500, "text": "91.1% (path) vs 60.3% (endpoint) at 1500 steps"}
 RUNS = ("novel", "pydoc")
-
-
 SETTINGS = ("smollm2", "tiny")
+METHODS = ("path", "via_base", "endpoint")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pre-registered grid and decision rules (fixed before the grid was run; see the module docstring)
+# ---------------------------------------------------------------------------------------------------------------
+GRID = {
+    "sites": ("pooled", "few", "one"),     # all residual sites / 3 layer outputs / the input of the middle layer
+    "tokens": (64, 256, 2048),             # matching tokens, half from each held-out text
+    "seeds": {"tiny": (0, 1, 2), "smollm2": (0,)},
+    "quick_seeds": {"tiny": (0, 1), "smollm2": (0,)},
+}
+GAP = 0.05          # a mean (over seeds) path - endpoint difference beyond GAP counts as a difference
+EXACT = 0.99        # mean signed accuracy at or above EXACT counts as "recovers the coordinates"
+
+
+def token_windows(n_tokens: int) -> tuple[int, int]:
+    """(windows per text, tokens per window) of a matching budget: half the tokens from each held-out text."""
+    per_text = n_tokens // 2
+    T = min(64, per_text)
+    return per_text // T, T
+
+
+def site_sets(n_layers: int) -> dict[str, list[int]]:
+    """Indices into ``residual_sites(model)`` = [embedding, layers.0 .. layers.L-1, final norm] of each site set.
+
+    pooled: every site (``find_gauge``'s default); few: the outputs of 3 evenly spaced layers; one: the output of
+    layer L/2-1, i.e. the input of layer L/2 (``resid_pre`` of the middle layer).
+    """
+    few = [1 + i for i in cc.pick(range(n_layers), 3)]
+    return {"pooled": list(range(n_layers + 2)), "few": few, "one": [n_layers // 2]}
+
+
+def cell_verdict(path: Sequence[float], endpoint: Sequence[float]) -> str:
+    """"path_better" / "path_worse" / "same": the mean over seeds of (path - endpoint) against ``GAP``."""
+    gap = float(np.mean(np.asarray(path) - np.asarray(endpoint)))
+    return "path_better" if gap > GAP else "path_worse" if gap < -GAP else "same"
+
+
+def finding(cells: dict[str, dict[str, Any]]) -> str:
+    """The sentence the grid supports, from the cells of one setting (keys ``"{sites}/{tokens}"``)."""
+    def cls(key: str) -> str:
+        return cells[key]["verdict"]
+
+    def endpoint_exact(key: str) -> bool:
+        return cells[key]["endpoint"]["mean"] >= EXACT
+
+    big = max(int(k.split("/")[1]) for k in cells)        # the largest matching budget that was run
+    pooled, one = f"pooled/{big}", f"one/{big}"
+    better = sorted(k for k, c in cells.items() if c["verdict"] == "path_better")
+    worse = sorted(k for k, c in cells.items() if c["verdict"] == "path_worse")
+    parts = []
+    if cls(pooled) == "same" and endpoint_exact(pooled):
+        parts.append(f"pooled matching ({big} tokens) recovers the endpoint exactly, so it removes the need for path "
+                     "composition at this drift")
+    elif cls(pooled) == "path_better":
+        parts.append(f"even pooled matching ({big} tokens) needs path composition at this drift, as in the paper")
+    else:
+        parts.append(f"with pooled matching ({big} tokens) path and endpoint are within {GAP} "
+                     f"({cells[pooled]['verdict']}) but the endpoint is not exact")
+    if cls(one) == "path_better":
+        parts.append(f"single-site matching ({big} tokens) reproduces the paper's effect (path beats endpoint by more "
+                     f"than {GAP})")
+    else:
+        parts.append(f"single-site matching ({big} tokens) does not reproduce the paper's effect ({cls(one)})")
+    parts.append(f"cells where path beats endpoint: {', '.join(better) or 'none'}; where it is worse: "
+                 f"{', '.join(worse) or 'none'}")
+    return "; ".join(parts) + "."
 
 
 def config(quick: bool, setting: str = "smollm2") -> dict[str, Any]:
-    """Training / matching configuration of one setting (``smollm2``: real weights; ``tiny``: from-scratch Llama)."""
+    """Training configuration of one setting (``smollm2``: real weights; ``tiny``: from-scratch Llama, bytes)."""
     if setting == "tiny":
         if quick:
-            return {"steps": 40, "every": 10, "lr": 3e-3, "warmup": 5, "batch": 8, "T": 64, "n_match": 4,
-                    "T_match": 64, "layers": None, "pretrain": 40}
-        return {"steps": 2000, "every": 100, "lr": 3e-3, "warmup": 20, "batch": 16, "T": 64, "n_match": 16,
-                "T_match": 64, "layers": None, "pretrain": 200}
+            return {"steps": 20, "every": 10, "lr": 3e-3, "warmup": 5, "batch": 8, "T": 64, "pretrain": 20}
+        return {"steps": 1500, "every": 100, "lr": 3e-3, "warmup": 20, "batch": 16, "T": 64, "pretrain": 200}
     if quick:
-        return {"steps": 4, "every": 2, "lr": 1e-3, "warmup": 1, "batch": 2, "T": 32, "n_match": 2, "T_match": 32,
-                "layers": [0, 15, 29]}
-    return {"steps": 100, "every": 20, "lr": 1e-3, "warmup": 10, "batch": 4, "T": 64, "n_match": 8, "T_match": 64,
-            "layers": None}
+        return {"steps": 4, "every": 2, "lr": 1e-3, "warmup": 1, "batch": 2, "T": 32}
+    return {"steps": 40, "every": 20, "lr": 1e-3, "warmup": 10, "batch": 4, "T": 64}
 
 
-def ckpt_root(quick: bool, setting: str = "smollm2") -> Path:
-    return cc.bench_cache() / ("trajectory" + ("_tiny" if setting == "tiny" else "") + ("_quick" if quick else ""))
+def grid_tokens(quick: bool, setting: str) -> tuple[int, ...]:
+    """The matching budgets run: SmolLM2 drops 2048 (a deviation from the pre-registered grid, for compute: the grid
+    needs 14 SmolLM2 forwards per budget and the shared 2-core CPU of the session that ran it could not afford 2048)."""
+    return (64, 256) if setting == "smollm2" else GRID["tokens"]
 
 
-def export_seed(run: str, step: int) -> int:
+def ckpt_root(quick: bool, setting: str = "smollm2", seed: int = 0) -> Path:
+    return cc.bench_cache() / ("trajectory" + ("_tiny" if setting == "tiny" else "") + ("_quick" if quick else "")
+                               + (f"_seed{seed}" if seed else ""))
+
+
+def export_seed(run: str, step: int, seed: int = 0) -> int:
     """The seed of the random gauge a checkpoint is exported in (base: run='base', step=0)."""
-    return {"base": 1000, "novel": 2000, "pydoc": 3000}[run] + step
+    return {"base": 1000, "novel": 2000, "pydoc": 3000}[run] + step + 100_000 * seed
 
 
 def ckpt_dir(root: Path, run: str, step: int) -> Path:
@@ -81,18 +155,18 @@ def corpora(tok, setting: str = "smollm2") -> dict[str, tuple[torch.Tensor, torc
             "pydoc": cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))}
 
 
-def base_model(quick: bool, setting: str = "smollm2") -> tuple[torch.nn.Module, Any]:
-    """(the shared starting point of both runs, tokenizer or None)."""
+def base_model(quick: bool, setting: str = "smollm2", seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """(the shared starting point of both runs, tokenizer or None); the tiny base is initialised from ``seed``."""
     if setting == "smollm2":
         return cc.load_base()
     from transformers import AutoModelForCausalLM
     cfg = config(quick, setting)
-    plain = ckpt_root(quick, setting) / "base_plain"
+    plain = ckpt_root(quick, setting, seed) / "base_plain"
     if not (plain / "config.json").exists():
-        model = cc.tiny_llama(0)
+        model = cc.tiny_llama(seed)
         data = corpora(None, setting)
         mix = torch.cat([data["novel"][0], data["pydoc"][0]])
-        cc.train_lm(model, mix, cfg["pretrain"], batch=cfg["batch"], T=cfg["T"], lr=cfg["lr"], data_seed=7)
+        cc.train_lm(model, mix, cfg["pretrain"], batch=cfg["batch"], T=cfg["T"], lr=cfg["lr"], data_seed=7 + seed)
         model.save_pretrained(plain)
     return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval(), None
 
@@ -114,18 +188,18 @@ def export(model: torch.nn.Module, folder: Path, seed: int) -> None:
     tmp.rename(folder)
 
 
-def train_run(run: str, quick: bool, setting: str = "smollm2") -> dict[str, Any]:
+def train_run(run: str, quick: bool, setting: str = "smollm2", seed: int = 0) -> dict[str, Any]:
     """Fine-tune the base on ``run``'s text (AdamW, full parameters), exporting a gauged checkpoint every ``every``."""
     cfg = config(quick, setting)
-    root = ckpt_root(quick, setting)
+    root = ckpt_root(quick, setting, seed)
     root.mkdir(parents=True, exist_ok=True)
     meta_path = root / f"{run}_meta.json"
     last = ckpt_dir(root, run, cfg["steps"])
     if meta_path.exists() and last.exists() and json.loads(meta_path.read_text()).get("config") == cfg:
         return json.loads(meta_path.read_text())
-    model, tok = base_model(quick, setting)
+    model, tok = base_model(quick, setting, seed)
     if not (root / "base").exists():
-        export(model, root / "base", export_seed("base", 0))
+        export(model, root / "base", export_seed("base", 0, seed))
     train_ids, _ = corpora(tok, setting)[run]
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
@@ -133,7 +207,8 @@ def train_run(run: str, quick: bool, setting: str = "smollm2") -> dict[str, Any]
     losses = []
     t0 = time.perf_counter()
     for step in range(1, cfg["steps"] + 1):
-        b = cc.windows(train_ids, cfg["batch"], cfg["T"], seed=(17 if run == "novel" else 29) * 100_000 + step)
+        b = cc.windows(train_ids, cfg["batch"], cfg["T"],
+                       seed=(17 if run == "novel" else 29) * 100_000 + step + 10_000_000 * seed)
         loss = model(input_ids=b, labels=b).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -143,9 +218,9 @@ def train_run(run: str, quick: bool, setting: str = "smollm2") -> dict[str, Any]
         losses.append(float(loss.detach()))
         if step % cfg["every"] == 0:
             model.eval()
-            export(model, ckpt_dir(root, run, step), export_seed(run, step))
+            export(model, ckpt_dir(root, run, step), export_seed(run, step, seed))
             model.train()
-            print(f"[{run}] step {step} loss {sum(losses[-cfg['every']:]) / cfg['every']:.3f} "
+            print(f"[{setting} seed {seed} {run}] step {step} loss {sum(losses[-cfg['every']:]) / cfg['every']:.3f} "
                   f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
     meta = {"config": cfg, "losses": losses, "train_s": time.perf_counter() - t0}
     meta_path.write_text(json.dumps(meta))
@@ -154,37 +229,38 @@ def train_run(run: str, quick: bool, setting: str = "smollm2") -> dict[str, Any]
     return meta
 
 
-def _cached(run: str, quick: bool, setting: str) -> bool:
-    cfg, root = config(quick, setting), ckpt_root(quick, setting)
+def _cached(run: str, quick: bool, setting: str, seed: int) -> bool:
+    cfg, root = config(quick, setting), ckpt_root(quick, setting, seed)
     meta_path = root / f"{run}_meta.json"
     return (meta_path.exists() and ckpt_dir(root, run, cfg["steps"]).exists()
             and json.loads(meta_path.read_text()).get("config") == cfg)
 
 
-def train_all(quick: bool, setting: str) -> float:
-    """Train both runs (in parallel, one process per core, when there are two cores); returns the wall time of
-    training (read back from ``train_wall.json`` when every run was cached)."""
+def train_all(quick: bool, setting: str, seed: int) -> float:
+    """Train both runs of one seed (in parallel, one process per core, when there are two cores); returns the wall
+    time of training (read back from ``train_wall.json`` when every run was cached)."""
     import subprocess
-    root = ckpt_root(quick, setting)
-    need = [r for r in RUNS if not _cached(r, quick, setting)]
+    root = ckpt_root(quick, setting, seed)
+    need = [r for r in RUNS if not _cached(r, quick, setting, seed)]
     wall_path = root / "train_wall.json"
     if not need and wall_path.exists():
         return json.loads(wall_path.read_text())["train_wall_s"]
     t0 = time.perf_counter()
     if len(need) > 1 and (os.cpu_count() or 1) >= 2:
         root.mkdir(parents=True, exist_ok=True)
-        model, _ = base_model(quick, setting)         # the shared base (and the tiny pretraining) exists once
+        model, _ = base_model(quick, setting, seed)   # the shared base (and the tiny pretraining) exists once
         if not (root / "base").exists():
-            export(model, root / "base", export_seed("base", 0))
+            export(model, root / "base", export_seed("base", 0, seed))
         del model
         gc.collect()
-        cmd = [sys.executable, __file__, "--train-only", "--setting", setting] + (["--quick"] if quick else [])
+        cmd = [sys.executable, __file__, "--train-only", "--setting", setting, "--seed", str(seed)] \
+            + (["--quick"] if quick else [])
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         procs = [subprocess.Popen(cmd + ["--run", r], env=env) for r in need]
         if any(p.wait() for p in procs):
             raise SystemExit(f"training a {setting} run failed (see the output above)")
     for run in RUNS:
-        train_run(run, quick, setting)
+        train_run(run, quick, setting, seed)
     wall = time.perf_counter() - t0
     if need:
         wall_path.write_text(json.dumps({"train_wall_s": wall, "parallel": len(need) > 1}))
@@ -196,218 +272,318 @@ def load(folder: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
-def true_gauge(model: torch.nn.Module, run_a: str, step_a: int, run_b: str, step_b: int) -> hf_gauge.Gauge:
+def true_gauge(model: torch.nn.Module, run_a: str, step_a: int, run_b: str, step_b: int,
+               seed: int = 0) -> hf_gauge.Gauge:
     """The ground truth from checkpoint a's export chart to checkpoint b's: ``G_b @ G_a^{-1}``."""
-    ga = hf_gauge.random_gauge(model, seed=export_seed(run_a, step_a))
-    gb = hf_gauge.random_gauge(model, seed=export_seed(run_b, step_b))
+    ga = hf_gauge.random_gauge(model, seed=export_seed(run_a, step_a, seed))
+    gb = hf_gauge.random_gauge(model, seed=export_seed(run_b, step_b, seed))
     return gb @ ga.inverse()
 
 
-def evaluate(setting: str, quick: bool) -> dict[str, Any]:
-    """Train (if needed) and score endpoint / via-base / path recovery at every saved step of one setting."""
-    cfg = config(quick, setting)
-    root = ckpt_root(quick, setting)
-    t_train = train_all(quick, setting)
-    metas = {run: train_run(run, quick, setting) for run in RUNS}    # cached: the losses of each run
-    ref, tok = base_model(quick, setting)
-    data_all = corpora(tok, setting)
-    # matching data: held-out windows of BOTH texts (neither run trained on them)
-    data = torch.cat([cc.strided_windows(data_all[r][1], cfg["n_match"], cfg["T_match"]) for r in RUNS])
-    kw: dict[str, Any] = {"data": data, "method": "signed"}
-    if cfg["layers"] is not None:
-        kw["layers"] = cfg["layers"]
-    steps = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))
-    warnings.filterwarnings("ignore", message=".*fingerprint.*")
+def sub_stats(stats: hf_gauge.PairStats, idx: Sequence[int]) -> hf_gauge.PairStats:
+    """The statistics of the sites ``idx`` only (what ``collect_pair_stats(..., layers=...)`` would have collected)."""
+    i = torch.as_tensor(list(idx), dtype=torch.long)
+    return hf_gauge.PairStats(sites=[stats.sites[k] for k in idx], d=stats.d, count=stats.count[i],
+                              sum_a=stats.sum_a[i], sum_b=stats.sum_b[i], sumsq_a=stats.sumsq_a[i],
+                              sumsq_b=stats.sumsq_b[i], cross=stats.cross[i], device=stats.device)
 
-    base = load(root / "base")
-    # local hops, found once each: run1 goes backwards (step_k -> step_{k-1}), run2 forwards
-    hop1: dict[int, hf_gauge.Gauge] = {}   # run1 step_k -> run1 step_{k-1} (step_0 = base)
-    hop2: dict[int, hf_gauge.Gauge] = {}   # run2 step_{k-1} -> run2 step_k
-    free1: dict[int, hf_gauge.Gauge] = {}  # the same hops, data-free (from the weights alone)
-    free2: dict[int, hf_gauge.Gauge] = {}
+
+def match_cells(ma: torch.nn.Module, mb: torch.nn.Module, datasets: dict[int, torch.Tensor],
+                sets: dict[str, list[int]], method: str = "signed") -> dict[str, Any]:
+    """{"{sites}/{tokens}": hf_gauge Match} for one pair of checkpoints: statistics of every residual site are
+    collected once per token budget, then each site set is matched from its own pooled correlation."""
+    out = {}
+    for n_tok, data in datasets.items():
+        stats = hf_gauge.collect_pair_stats(ma, mb, data, progress=False)
+        for name, idx in sets.items():
+            out[f"{name}/{n_tok}"] = hf_gauge.match_correlation(sub_stats(stats, idx).correlation(), method)
+        del stats
+    return out
+
+
+def _spread(xs: Sequence[float]) -> dict[str, Any]:
+    a = np.asarray(xs, dtype=float)
+    return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "values": a.tolist()}
+
+
+def score_cells(hop1: dict[int, dict[str, Any]], hop2: dict[int, dict[str, Any]], to_base: dict[str, Any],
+                from_base: dict[str, Any], end: dict[str, Any], steps: Sequence[int],
+                truth: SignedPermutation) -> tuple[dict[str, Any], dict[str, SignedPermutation]]:
+    """Score path / via base / endpoint in every cell against ``truth``; also returns each cell's path element.
+
+    ``hop1[s]``: run1 step s -> step s-1 (step 0 = base); ``hop2[s]``: run2 step s-1 -> step s; ``to_base``:
+    run1_T -> base; ``from_base``: base -> run2_T; ``end``: run1_T -> run2_T (each ``{cell: Match}``).
+    """
+    cells: dict[str, Any] = {}
+    path_el: dict[str, SignedPermutation] = {}
+    for key in end:
+        p1 = hop1[steps[0]][key].element
+        for s2 in steps[1:]:
+            p1 = p1 @ hop1[s2][key].element                       # run1_T -> ... -> base
+        p2 = hop2[steps[0]][key].element
+        for s2 in steps[1:]:
+            p2 = hop2[s2][key].element @ p2                       # base -> ... -> run2_T
+        path_el[key] = p2 @ p1
+        wrong = (end[key].element.perm != truth.perm).numpy()
+        cells[key] = {"path": cc.recovery(path_el[key], truth),
+                      "via_base": cc.recovery(from_base[key].element @ to_base[key].element, truth),
+                      "endpoint": cc.recovery(end[key].element, truth),
+                      "endpoint_margins": end[key].summary(),
+                      "endpoint_wrong_min_margin": float(end[key].margin[wrong].min()) if wrong.any() else None,
+                      "path_hops_min_margin": min(min(float(hop1[s2][key].margin.min()),
+                                                      float(hop2[s2][key].margin.min())) for s2 in steps)}
+    return cells, path_el
+
+
+def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
+    """Train (if needed) one seed's two runs and score path / via base / endpoint in every grid cell at step T."""
+    cfg = config(quick, setting)
+    root = ckpt_root(quick, setting, seed)
+    t_train = train_all(quick, setting, seed)
+    metas = {run: train_run(run, quick, setting, seed) for run in RUNS}
+    ref, tok = base_model(quick, setting, seed)
+    held = {r: v[1] for r, v in corpora(tok, setting).items()}
+    datasets = {}
+    for n_tok in tokens:
+        n, T = token_windows(n_tok)
+        datasets[n_tok] = torch.cat([cc.strided_windows(held[r], n, T) for r in RUNS])
+    sets = site_sets(ref.config.num_hidden_layers)
+    steps = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))
+    T_last = steps[-1]
+    warnings.filterwarnings("ignore", message=".*fingerprint.*")
     t0 = time.perf_counter()
+    base = load(root / "base")
+    # local hops: run1 backwards (step_k -> step_{k-1}, step_0 = base), run2 forwards (step_{k-1} -> step_k)
+    hop1: dict[int, dict[str, Any]] = {}
+    hop2: dict[int, dict[str, Any]] = {}
+    free1: dict[int, SignedPermutation] = {}
+    free2: dict[int, SignedPermutation] = {}
+    last: dict[str, torch.nn.Module] = {}
     for run, hops, free in (("novel", hop1, free1), ("pydoc", hop2, free2)):
         prev = base
         for s in steps:
             cur = load(ckpt_dir(root, run, s))
             pair = (cur, prev) if run == "novel" else (prev, cur)
-            hops[s] = hf_gauge.find_gauge(*pair, **kw)
-            free[s] = hf_gauge.find_gauge(*pair)
+            hops[s] = match_cells(*pair, datasets, sets)
+            free[s] = hf_gauge.find_gauge(*pair).residual
             prev = cur
             gc.collect()
-    t_hops = time.perf_counter() - t0
-    rows = []
-    path_gauges: dict[int, hf_gauge.Gauge] = {}
+        last[run] = prev
+    a, b = last["novel"], last["pydoc"]
+    to_base = match_cells(a, base, datasets, sets)
+    from_base = match_cells(base, b, datasets, sets)
+    end = match_cells(a, b, datasets, sets)
+    end_sd = match_cells(a, b, {max(tokens): datasets[max(tokens)]}, {"pooled": sets["pooled"]}, "permutation")
+    truth = true_gauge(ref, "novel", T_last, "pydoc", T_last, seed).residual
+    cells, path_el = score_cells(hop1, hop2, to_base, from_base, end, steps, truth)
+    # the data-free matcher (weights only) at the same step, for reference
+    fp1 = free1[steps[0]]
+    for s2 in steps[1:]:
+        fp1 = fp1 @ free1[s2]
+    fp = fp1
+    for s2 in steps:
+        fp = free2[s2] @ fp
+    data_free = {"endpoint": cc.recovery(hf_gauge.find_gauge(a, b).residual, truth),
+                 "via_base": cc.recovery(hf_gauge.compose_path([a, b], via=base).residual, truth),
+                 "path": cc.recovery(fp, truth)}
+    big = max(tokens)
+    # the cell matcher is find_gauge's: the pooled and one-site endpoints agree with find_gauge exactly
+    one_layer = [i - 1 for i in sets["one"]]
+    same_matcher = (hf_gauge.find_gauge(a, b, data=datasets[big]).residual == end[f"pooled/{big}"].element
+                    and hf_gauge.find_gauge(a, b, data=datasets[big], layers=one_layer, include_embed=False,
+                                            include_final_norm=False).residual == end[f"one/{big}"].element)
+    out = {"cells": cells, "data_free": data_free, "same_matcher_as_find_gauge": bool(same_matcher),
+           "endpoint_permutation_only_index": cc.recovery(end_sd[f"pooled/{big}"].element, truth)["index_accuracy"],
+           "final_step": T_last, "train_wall_s": t_train, "eval_s": time.perf_counter() - t0,
+           "train_loss": {r: {"first": metas[r]["losses"][0],
+                              "last": float(np.mean(metas[r]["losses"][-cfg["every"]:]))} for r in RUNS}}
+    if setting == "tiny" and seed == GRID["seeds"]["tiny"][0]:   # the library's compose_path over the saved folders
+        folders = ([ckpt_dir(root, "novel", s) for s in reversed(steps)] + [root / "base"]
+                   + [ckpt_dir(root, "pydoc", s) for s in steps])
+        g_cp = hf_gauge.compose_path([str(p) for p in folders], data=datasets[big])
+        out["compose_path_agrees_with_hop_composition"] = bool(g_cp.residual == path_el[f"pooled/{big}"])
+    print(f"[{setting} seed {seed}] step {T_last}: " + "; ".join(
+        f"{k}: path {c['path']['signed_accuracy']:.3f} via {c['via_base']['signed_accuracy']:.3f} end "
+        f"{c['endpoint']['signed_accuracy']:.3f}" for k, c in cells.items()), flush=True)
+    return out
+
+
+def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean and min/max over seeds of every cell and method, with the cell's verdict (``cell_verdict``)."""
+    keys = list(next(iter(per_seed.values()))["cells"])
+    cells = {}
+    for key in keys:
+        acc = {m: [r["cells"][key][m]["signed_accuracy"] for r in per_seed.values()] for m in METHODS}
+        cells[key] = {**{m: _spread(v) for m, v in acc.items()},
+                      "endpoint_min_margin": _spread([r["cells"][key]["endpoint_margins"]["min_margin"]
+                                                      for r in per_seed.values()]),
+                      "endpoint_mean_matched": _spread([r["cells"][key]["endpoint_margins"]["mean_matched"]
+                                                        for r in per_seed.values()]),
+                      "endpoint_n_low_confidence": _spread([r["cells"][key]["endpoint_margins"]["n_low_confidence"]
+                                                            for r in per_seed.values()]),
+                      "verdict": cell_verdict(acc["path"], acc["endpoint"])}
+    return cells
+
+
+def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
+    """``evaluate_seed``, cached next to the checkpoints (keyed by the training config, the grid and the SHA-256 of
+    this script) so that seeds can be evaluated as soon as each one is trained."""
+    key = json.loads(json.dumps({"config": config(quick, setting), "tokens": list(tokens), "grid": GRID, "gap": GAP,
+                                 "script": cc.file_sha256(Path(__file__))}))   # as it reads back from JSON
+    path = ckpt_root(quick, setting, seed) / "grid_eval.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    res = cc.jsonable(evaluate_seed(setting, quick, seed, tokens))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "result": res}))
+    os.replace(tmp, path)
+    return res
+
+
+def evaluate(setting: str, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
+    tokens = grid_tokens(quick, setting)
     t0 = time.perf_counter()
-    for i, s in enumerate(steps):
-        a = load(ckpt_dir(root, "novel", s))
-        b = load(ckpt_dir(root, "pydoc", s))
-        truth = true_gauge(ref, "novel", s, "pydoc", s).residual
-        g_end = hf_gauge.find_gauge(a, b, **kw)
-        g_free = hf_gauge.find_gauge(a, b)                       # data-free endpoint, for reference
-        g_perm = hf_gauge.find_gauge(a, b, **{**kw, "method": "permutation"})
-        g_via = hf_gauge.compose_path([a, b], via=base, **kw)
-        to_base = hop1[steps[0]]
-        for s2 in steps[1:i + 1]:
-            to_base = to_base @ hop1[s2]                          # run1_t -> ... -> base
-        from_base = hop2[steps[0]]
-        for s2 in steps[1:i + 1]:
-            from_base = hop2[s2] @ from_base                      # base -> ... -> run2_t
-        g_path = from_base @ to_base
-        path_gauges[s] = g_path
-        g_path_free = free1[steps[0]]
-        for s2 in steps[1:i + 1]:
-            g_path_free = g_path_free @ free1[s2]
-        for s2 in steps[:i + 1]:
-            g_path_free = free2[s2] @ g_path_free
-        g_via_free = hf_gauge.compose_path([a, b], via=base)
-        row = {"step": s,
-               "endpoint": cc.recovery(g_end.residual, truth),
-               "endpoint_data_free": cc.recovery(g_free.residual, truth),
-               "endpoint_permutation_only": cc.recovery(g_perm.residual, truth),
-               "via_base": cc.recovery(g_via.residual, truth),
-               "path": cc.recovery(g_path.residual, truth),
-               "via_base_data_free": cc.recovery(g_via_free.residual, truth),
-               "path_data_free": cc.recovery(g_path_free.residual, truth),
-               "endpoint_mean_matched": g_end.metrics.get("mean_matched"),
-               "path_min_margin_hops": min(min(hop1[s2].metrics["min_margin"], hop2[s2].metrics["min_margin"])
-                                           for s2 in steps[:i + 1])}
-        rows.append(row)
-        print(f"[{setting}] step {s:4d}: endpoint {row['endpoint']['signed_accuracy']:.3f}  via-base "
-              f"{row['via_base']['signed_accuracy']:.3f}  path {row['path']['signed_accuracy']:.3f}  "
-              f"(data-free endpoint {row['endpoint_data_free']['signed_accuracy']:.3f}, S_d endpoint index "
-              f"{row['endpoint_permutation_only']['index_accuracy']:.3f}; data-free via base "
-              f"{row['via_base_data_free']['signed_accuracy']:.3f}, path {row['path_data_free']['signed_accuracy']:.3f})",
-              flush=True)
-        del a, b
-        gc.collect()
-    t_eval = time.perf_counter() - t0
-    # the library's compose_path over the whole path at the last step, from the saved folders
-    T = steps[-1]
-    full_path = ([ckpt_dir(root, "novel", s) for s in reversed(steps)] + [root / "base"]
-                 + [ckpt_dir(root, "pydoc", s) for s in steps])
-    t0 = time.perf_counter()
-    g_cp = hf_gauge.compose_path([str(p) for p in full_path], **kw)
-    t_cp = time.perf_counter() - t0
-    cp_acc = cc.recovery(g_cp.residual, true_gauge(ref, "novel", T, "pydoc", T).residual)
-    last = rows[-1]
-    every = cfg["every"]
-    measured = {
-        "path_signed_accuracy": last["path"]["signed_accuracy"],
-        "via_base_signed_accuracy": last["via_base"]["signed_accuracy"],
-        "endpoint_signed_accuracy": last["endpoint"]["signed_accuracy"],
-        "endpoint_data_free_signed_accuracy": last["endpoint_data_free"]["signed_accuracy"],
-        "via_base_data_free_signed_accuracy": last["via_base_data_free"]["signed_accuracy"],
-        "path_data_free_signed_accuracy": last["path_data_free"]["signed_accuracy"],
-        "endpoint_permutation_only_index_accuracy": last["endpoint_permutation_only"]["index_accuracy"],
-        "compose_path_signed_accuracy": cp_acc["signed_accuracy"],
-        "compose_path_agrees_with_hop_composition": float(bool(g_cp.residual == path_gauges[T].residual)),
-        "final_step": T,
-        "train_loss_first_novel": metas["novel"]["losses"][0],
-        "train_loss_last_novel": sum(metas["novel"]["losses"][-every:]) / every,
-        "train_loss_first_pydoc": metas["pydoc"]["losses"][0],
-        "train_loss_last_pydoc": sum(metas["pydoc"]["losses"][-every:]) / every,
-    }
-    return {"measured": measured, "curve": rows,
-            "setup": {**cfg, "matching_tokens": int(data.numel()),
+    per_seed = {s: cached_eval(setting, quick, s, tokens) for s in seeds}
+    cells = aggregate(per_seed)
+    return {"setup": {**config(quick, setting), "seeds": list(seeds), "tokens": list(tokens),
+                      "sites": {k: v for k, v in site_sets(
+                          {"tiny": 4, "smollm2": 30}[setting]).items()},
+                      "site_index_meaning": "indices into [embedding, layers.0..L-1, final norm]",
                       "optimizer": "AdamW(wd=0), grad clip 1.0, linear warmup then constant",
                       "export": "each checkpoint saved in random_gauge(seed=...) (B_d)"},
-            "runtime_s": {"train": t_train, "local_hops": t_hops, "eval": t_eval, "compose_path": t_cp}}
+            "per_seed": {str(k): v for k, v in per_seed.items()}, "cells": cells, "finding": finding(cells),
+            "runtime_s": {"total": time.perf_counter() - t0}}
 
 
-def _from_old_row(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Settings already recorded in an existing row (a row without ``settings`` holds the SmolLM2 setting)."""
-    if "settings" in row:
-        return dict(row["settings"])
-    if "curve" in row:
-        keep = {k: v for k, v in row["measured"].items()}
-        return {"smollm2": {"measured": keep, "curve": row["curve"], "setup": row.get("setup", {}),
-                            "runtime_s": row.get("runtime_s", {})}}
-    return {}
+def _previous(row: dict[str, Any] | None, quick: bool, todo: Sequence[str]) -> dict[str, Any]:
+    """Settings of this script's previous row that are not rerun now and whose configuration is unchanged."""
+    if not row or "settings" not in row:
+        return {}
+    keep = {}
+    for k, v in row["settings"].items():
+        cfg = config(quick, k)
+        if k in SETTINGS and k not in todo and "cells" in v and all(v["setup"].get(kk) == cfg[kk] for kk in cfg):
+            keep[k] = v
+    return keep
+
+
+def figure(results: dict[str, Any], quick: bool) -> Path:
+    import matplotlib.pyplot as plt
+    fig = cc.figure_path("trajectory", quick)
+    names = [s for s in SETTINGS if s in results]
+    f, axes = plt.subplots(len(names), len(GRID["sites"]), figsize=(4.2 * len(GRID["sites"]), 3.4 * len(names)),
+                           squeeze=False, sharey=True)
+    style = {"path": ("tab:green", "o", "path (compose every hop)"), "via_base": ("tab:orange", "s", "via base"),
+             "endpoint": ("tab:blue", "^", "endpoint")}
+    for r, setting in enumerate(names):
+        res = results[setting]
+        toks = res["setup"]["tokens"]
+        for c, sites in enumerate(GRID["sites"]):
+            ax = axes[r][c]
+            for j, m in enumerate(METHODS):
+                col, mk, lab = style[m]
+                xs = [t * (1 + 0.06 * (j - 1)) for t in toks]
+                cell = [res["cells"][f"{sites}/{t}"][m] for t in toks]
+                mean = np.array([x["mean"] for x in cell])
+                lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
+                ax.errorbar(xs, mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+            ax.set_xscale("log")
+            ax.set_xticks(toks)
+            ax.set_xticklabels([str(t) for t in toks])
+            ax.set_ylim(-0.02, 1.02)
+            ax.set_title(f"{setting} ({len(res['setup']['seeds'])} seed(s), step {res['setup']['steps']}): "
+                         f"sites {sites}", fontsize=8)
+            ax.set_xlabel("matching tokens")
+            if c == 0:
+                ax.set_ylabel("cross-run coordinates recovered\n(index+sign; mean, min-max over seeds)", fontsize=8)
+            if r == 0 and c == 0:
+                ax.legend(fontsize=7)
+    plt.tight_layout()
+    plt.savefig(fig, dpi=100)
+    plt.close()
+    return fig
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = cc.parser(__doc__)
     ap.add_argument("--train-only", action="store_true", help="only train (and export) the checkpoints of --run")
     ap.add_argument("--run", choices=RUNS, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="with --train-only: the seed to train")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the pre-registered GRID seeds)")
     ap.add_argument("--setting", choices=SETTINGS + ("both",), default=None,
-                    help="smollm2 (real weights), tiny (from-scratch Llama) or both (default; --quick: smollm2); a "
+                    help="smollm2 (real weights), tiny (from-scratch Llama) or both (default; --quick: tiny); a "
                          "setting not run keeps its entry from this script's previous row if its configuration is "
                          "unchanged")
     args = ap.parse_args(argv)
     cc.setup(args)
     t_start = time.perf_counter()
-    setting = args.setting or ("smollm2" if args.quick else "both")
+    setting = args.setting or ("tiny" if args.quick else "both")
     todo = list(SETTINGS) if setting == "both" else [setting]
     if args.train_only:
-        for setting in todo:
+        for st in todo:
             for run in ([args.run] if args.run else RUNS):
-                train_run(run, args.quick, setting)
+                train_run(run, args.quick, st, args.seed)
         return {}
     prev = {r["claim"]: r for r in cc.read_claims(args.quick)}.get("trajectory")
-    results = {k: v for k, v in (_from_old_row(prev) if prev else {}).items()
-               if k not in todo and {kk: v["setup"].get(kk) for kk in config(args.quick, k)} == config(args.quick, k)}
-    for setting in todo:
-        results[setting] = evaluate(setting, args.quick)
-    if "smollm2" not in results:
-        raise SystemExit("the SmolLM2 setting has no result yet: run without --setting (or --setting smollm2)")
+    results = _previous(prev, args.quick, todo)
+    for st in todo:
+        seeds = ([int(x) for x in args.seeds.split(",")] if args.seeds else
+                 GRID["quick_seeds" if args.quick else "seeds"][st])
+        results[st] = evaluate(st, args.quick, seeds)
+    fig = figure(results, args.quick)
+    measured: dict[str, Any] = {}
+    for st, res in results.items():
+        for key, cell in res["cells"].items():
+            for m in METHODS:
+                measured[f"{st}_{key.replace('/', '_')}_{m}_mean"] = cell[m]["mean"]
+            measured[f"{st}_{key.replace('/', '_')}_endpoint_min_margin_mean"] = cell["endpoint_min_margin"]["mean"]
+        ps = res["per_seed"].values()
+        measured[f"{st}_same_matcher_as_find_gauge"] = float(all(r["same_matcher_as_find_gauge"] for r in ps))
+        measured[f"{st}_n_seeds"] = len(res["setup"]["seeds"])
+        measured[f"{st}_final_step"] = res["setup"]["steps"]
+        for k in METHODS:
+            measured[f"{st}_data_free_{k}_mean"] = float(np.mean([r["data_free"][k]["signed_accuracy"] for r in ps]))
+        measured[f"{st}_endpoint_permutation_only_index_mean"] = float(np.mean(
+            [r["endpoint_permutation_only_index"] for r in ps]))
+        cp = [r["compose_path_agrees_with_hop_composition"] for r in ps if "compose_path_agrees_with_hop_composition"
+              in r]
+        if cp:
+            measured[f"{st}_compose_path_agrees_with_hop_composition"] = float(all(cp))
+    big = max(GRID["tokens"])
 
-    fig = cc.figure_path("trajectory", args.quick)
-    import matplotlib.pyplot as plt
-    names = [s for s in SETTINGS if s in results]
-    fig_, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4), squeeze=False)
-    for ax, setting in zip(axes[0], names):
-        rows, cfg = results[setting]["curve"], results[setting]["setup"]
-        for key, lab in (("path", "path (compose every local gauge)"), ("via_base", "via base (2 hops)"),
-                         ("endpoint", "endpoint (B_d, activations)"), ("endpoint_data_free", "endpoint (data-free)"),
-                         ("via_base_data_free", "via base (data-free)"), ("path_data_free", "path (data-free)")):
-            if rows and key not in rows[0]:
-                continue
-            ax.plot([r["step"] for r in rows], [r[key]["signed_accuracy"] for r in rows], marker="o", label=lab,
-                    ls=":" if "data_free" in key else "-")
-        ax.plot([r["step"] for r in rows], [r["endpoint_permutation_only"]["index_accuracy"] for r in rows],
-                marker="x", ls="--", label="endpoint S_d (index only)")
-        ax.set_xlabel(f"fine-tuning step (lr {cfg['lr']}, batch {cfg['batch']}x{cfg['T']})")
-        ax.set_ylabel("cross-run coordinates recovered (index+sign)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title({"smollm2": "SmolLM2-135M (real weights), 2 runs", "tiny": "tiny Llama d=128 (bytes), 2 runs"}
-                     [setting] + ", checkpoints in random gauges", fontsize=9)
-        ax.legend(fontsize=8)
-    plt.tight_layout()
-    plt.savefig(fig, dpi=110)
-    plt.close()
-
-    measured = dict(results["smollm2"]["measured"])
-    if "tiny" in results:
-        measured.update({f"tiny_{k}": v for k, v in results["tiny"]["measured"].items()})
-    m = measured
-    bd = f"SmolLM2: path {m['path_signed_accuracy']:.3f} vs endpoint {m['endpoint_signed_accuracy']:.3f} (via base " \
-         f"{m['via_base_signed_accuracy']:.3f}) at step {m['final_step']}"
-    if "tiny" in results:
-        bd += f"; tiny: path {m['tiny_path_signed_accuracy']:.3f} vs endpoint {m['tiny_endpoint_signed_accuracy']:.3f}" \
-              f" (via base {m['tiny_via_base_signed_accuracy']:.3f}) at step {m['tiny_final_step']}"
-    res = {
+    def brief(st: str) -> str:
+        res = results[st]
+        toks = max(res["setup"]["tokens"])
+        c = res["cells"]
+        return (f"{st} ({len(res['setup']['seeds'])} seed(s), step {res['setup']['steps']}, {toks} tokens): "
+                + ", ".join(f"{s} path {c[f'{s}/{toks}']['path']['mean']:.3f} / via base "
+                            f"{c[f'{s}/{toks}']['via_base']['mean']:.3f} / endpoint "
+                            f"{c[f'{s}/{toks}']['endpoint']['mean']:.3f}" for s in ("pooled", "one")))
+    res_row = {
         "claim": "trajectory",
         "paper": PAPER,
         "measured": measured,
-        "ours_bd": bd,
-        "ours_baseline": f"endpoint S_d (index) {m['endpoint_permutation_only_index_accuracy']:.3f}"
-                         + (f" / tiny {m['tiny_endpoint_permutation_only_index_accuracy']:.3f}" if "tiny" in results
-                            else ""),
+        "ours_bd": "; ".join(brief(st) for st in SETTINGS if st in results),
+        "ours_baseline": "; ".join(f"{st} endpoint S_d (pooled, index) "
+                                   f"{measured[f'{st}_endpoint_permutation_only_index_mean']:.3f}"
+                                   for st in SETTINGS if st in results),
         "settings": results,
+        "grid": {**GRID, "gap": GAP, "exact": EXACT, "big": big},
+        "seeds": {st: results[st]["setup"]["seeds"] for st in results},
         "setup": {"runs": {"novel": "Botchan (Gutenberg, sentencepiece sdist test/botchan.txt)",
-                           "pydoc": "pydoc_data.topics"},
-                  "smollm2": results["smollm2"]["setup"], **({"tiny": results["tiny"]["setup"]} if "tiny" in results
-                                                             else {})},
+                           "pydoc": "pydoc_data.topics"}, **{st: results[st]["setup"] for st in results}},
         "model": cc.MODEL_NAME + (" + tiny Llama d=128, 4 layers, bytes" if "tiny" in results else ""),
         "figure": cc.figure_ref(fig),
-        "command": cc.command_for("claim_trajectory.py", args.quick),
-        "runtime_s": {"total": sum(sum(v["runtime_s"].values()) for v in results.values()),
+        "command": cc.command_for("claim_trajectory.py", args.quick,
+                                  [] if setting == ("tiny" if args.quick else "both") else ["--setting", setting]),
+        "runtime_s": {"total": sum(float(v["runtime_s"]["total"]) for v in results.values()),
                       "this_process": time.perf_counter() - t_start},
     }
-    cc.write_claim(res, args.quick)
-    print(json.dumps(measured, indent=1))
-    return res
+    cc.write_claim(res_row, args.quick)
+    print(json.dumps({st: results[st]["finding"] for st in results}, indent=1))
+    return res_row
 
 
 if __name__ == "__main__":

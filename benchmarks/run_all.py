@@ -11,6 +11,7 @@ every number in RESULTS.md comes from a row a script wrote.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
+import verdicts as V  # noqa: E402
 
 SCRIPTS = {c: f"claim_{c}.py" for c in cc.CLAIM_ORDER}
 TITLES = {
@@ -58,161 +60,83 @@ def notes(row: dict[str, Any]) -> str:
     c = row["claim"]
     s = row.get("setup", {})
     if c == "exact_recovery":
-        ok = m.get("signed_sign_accuracy") == 1.0 and m.get("data_free_sign_accuracy") == 1.0
+        ok = V.agrees(V.exact_recovery(m))
         return (f"Hidden random B_d gauges on SmolLM2-135M ({m.get('n_gauges')} seeds), matched from "
                 f"{m.get('n_tokens')} tokens of held-out text (novel + Python docs), residual sites pooled: "
                 f"{s.get('layers')}. "
                 f"Sign-marginalized matching recovered {_p(m.get('signed_sign_accuracy'))} of indices+signs; data-free "
                 f"matching {_p(m.get('data_free_sign_accuracy'))}; permutation-only "
                 f"{_p(m.get('permutation_only_index_accuracy'))} at a positive fraction of "
-                f"{_p(m.get('hidden_positive_fraction'))}. "
-                + ("Agrees with the paper." if ok else "**Disagrees with the paper** (recovery below 100%)."))
+                f"{_p(m.get('hidden_positive_fraction'))}. " + _verdict(ok, V.exact_recovery(m)))
     if c == "sign_ceiling":
+        ch = V.sign_ceiling(m)
         return (f"Hidden gauges with a prescribed fraction f of +1 signs (f = 0..1). Permutation-only accuracy vs f: "
                 f"correlation {_f(m.get('corr_permutation_only_vs_f'))}, mean |accuracy - f| "
                 f"{_f(m.get('permutation_only_mean_abs_gap_to_f'))}, largest excess over f "
                 f"{_f(m.get('permutation_only_max_excess_over_f'), '+.3f')}; sign-marginalized minimum over f "
-                f"{_f(m.get('signed_min_accuracy'))}. "
-                + ("On real SmolLM2 the S_d accuracy sits exactly on the ceiling: every coordinate whose true sign is "
-                   "-1 is lost and every +1 coordinate is found, i.e. residual coordinates are distinct enough that "
-                   "the bound is attained, not just respected. " if (m.get('permutation_only_mean_abs_gap_to_f') or 1)
-                   < 0.01 else "")
-                + ("Agrees with the paper." if m.get("signed_min_accuracy") == 1.0 and
-                   (m.get("permutation_only_max_excess_over_f") or 0) <= 0.02 else "**Disagrees with the paper.**"))
+                f"{_f(m.get('signed_min_accuracy'))}. " + _verdict(V.agrees(ch), ch))
     if c == "trajectory":
-        settings = row.get("settings") or {"smollm2": {"curve": row.get("curve", []), "measured": m, "setup": s}}
-        parts = []
-        for name, res in sorted(settings.items(), key=lambda kv: ("smollm2", "tiny").index(kv[0])
-                                if kv[0] in ("smollm2", "tiny") else 9):
-            mm, ss, cur = res.get("measured", {}), res.get("setup", {}), res.get("curve", [])
-            pts = "; ".join(f"step {r['step']}: path {_f(r['path']['signed_accuracy'])}, via base "
-                            f"{_f(r['via_base']['signed_accuracy'])}, endpoint {_f(r['endpoint']['signed_accuracy'])}"
-                            f", data-free endpoint {_f(r['endpoint_data_free']['signed_accuracy'])}"
-                            + (f" / via base {_f(r['via_base_data_free']['signed_accuracy'])} / path "
-                               f"{_f(r['path_data_free']['signed_accuracy'])}" if "path_data_free" in r else "")
-                            for r in cur)
-            free_gap = ((mm.get("path_data_free_signed_accuracy") or 0) - (mm.get("endpoint_data_free_signed_accuracy")
-                                                                           or 0)) if "path_data_free_signed_accuracy" in mm else None
-            what = ("real SmolLM2-135M, full fine-tuning" if name == "smollm2" else
-                    f"a tiny Llama (d=128, 4 layers, bytes) pretrained {ss.get('pretrain')} steps on both texts, then "
-                    "fine-tuned (a high-drift regime: early training)")
-            gap = (mm.get("path_signed_accuracy") or 0) - (mm.get("endpoint_signed_accuracy") or 0)
-            if gap > 0.02:
-                verdict = "Path composition beats endpoint matching here, as in the paper."
-            elif gap < -0.02:
-                verdict = ("**Here path composition is WORSE than endpoint matching**, the opposite of the paper: "
-                           "each local hop's errors compound along the path (the hops of this under-trained model "
-                           "are not reliable either), while the endpoints still share enough structure.")
-            else:
-                verdict = ("**No gap between path and endpoint matching here**, unlike the paper: the drift is too "
-                           "small for endpoint matching to fail.")
-            if free_gap is not None and free_gap > 0.02:
-                verdict += (" **With data-free matching the paper's effect does appear**: the data-free endpoint "
-                            f"degrades to {_f(mm.get('endpoint_data_free_signed_accuracy'))} at step {mm.get('final_step')}"
-                            f", routing through the base gives {_f(mm.get('via_base_data_free_signed_accuracy'))}, and "
-                            f"composing every local data-free gauge recovers "
-                            f"{_f(mm.get('path_data_free_signed_accuracy'))}.")
-            parts.append(
-                f"*{name}*: {what}; runs on Botchan (novel) and pydoc_data.topics (Python docs), AdamW lr "
-                f"{ss.get('lr')} (wd 0, clip 1.0, {ss.get('warmup')}-step warmup), batch {ss.get('batch')}x{ss.get('T')} "
-                f"tokens, {ss.get('steps')} steps, a checkpoint every {ss.get('every')} steps, each exported in a fresh "
-                f"random B_d gauge; training loss novel {_f(mm.get('train_loss_first_novel'))} -> "
-                f"{_f(mm.get('train_loss_last_novel'))}, pydoc {_f(mm.get('train_loss_first_pydoc'))} -> "
-                f"{_f(mm.get('train_loss_last_pydoc'))}; matching from {ss.get('matching_tokens')} held-out tokens. "
-                f"Curve: {pts}. Permutation-only endpoint (index): "
-                f"{_f(mm.get('endpoint_permutation_only_index_accuracy'))}. compose_path over the saved folders "
-                f"equals the hop-by-hop composition: {bool(mm.get('compose_path_agrees_with_hop_composition'))}. "
-                + verdict)
-        return " ".join(parts) + (
-            " Why the SmolLM2 setting cannot show the paper's endpoint failure on this budget: 100 CPU steps (even at "
-            "lr 1e-3, 10-50x a usual fine-tuning lr) leave SmolLM2's residual coordinates highly distinctive (massive-"
-            "activation coordinates, per-coordinate gains), so each coordinate's cross-run correlation with itself "
-            "stays far above its competitors; the paper's 60.3% endpoint figure is after 1500 GPU steps on larger "
-            "models. Activation matching is the stronger matcher in our hands; the weight-only (data-free) matcher "
-            "is where drift shows.")
+        return trajectory_notes(row)
     if c == "sae":
-        return (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. Within-model NMSE "
-                f"{_f(m.get('within_model_nmse'), '.4f')}. Gauged model: B_d {_f(m.get('gauged_bd_nmse'), '.4f')} "
-                f"(equal to within-model: transport is exact), S_d {_f(m.get('gauged_sd_nmse'))}, untransported "
-                f"{_f(m.get('gauged_untransported_nmse'))}. Fine-tuned + gauged ({row.get('details', {}).get('finetuned_gauged', {}).get('target', '')}): "
-                f"B_d {_f(m.get('ft_gauged_bd_nmse'), '.4f')}, S_d {_f(m.get('ft_gauged_sd_nmse'))}. Our B_d number "
-                f"matches the paper's 0.004. **Our S_d NMSE ({_f(m.get('gauged_sd_nmse'))}) is much smaller than the "
-                f"paper's 1.08**: in SmolLM2 the top 5 residual coordinates carry "
-                f"{_p(m.get('variance_share_top5_coordinates'))} of the activation variance (massive activations), "
-                "and NMSE pooled over coordinates is dominated by them; when those few coordinates keep a + sign in "
-                "the gauge, S_d reconstructs most of the variance. Per-coordinate NMSE (each coordinate's own NMSE, "
-                f"averaged) removes that weighting: B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))} vs S_d "
-                f"{_f(m.get('gauged_sd_nmse_per_coordinate'))} (fine-tuned: "
-                f"{_f(m.get('ft_gauged_bd_nmse_per_coordinate'))} vs {_f(m.get('ft_gauged_sd_nmse_per_coordinate'))}).")
+        return sae_notes(row)
     if c == "steering":
-        d = row.get("details", {})
-        rows_s = d.get("sentiment", {}).get("rows", [])
-        rows_r = d.get("refusal", {}).get("rows", [])
-        fmt = lambda rs: "; ".join(f"alpha {r['alpha']:g}: effect {r['effect_original']:+.3f}, B_d "  # noqa: E731
-                                   f"{r['preserved_bd']:.1%}, S_d {r['preserved_sd']:.1%}, none {r['preserved_none']:.1%}"
-                                   for r in rs)
-        rev = bool(m.get("refusal_sd_reverses_sign_any_alpha"))
-        return (f"Diff-of-means directions at the {s.get('layer')}, effect = change of a logit difference at the "
-                f"last position. Sentiment ({d.get('sentiment', {}).get('n_pairs')} pairs, "
-                f"{d.get('sentiment', {}).get('n_eval_prompts')} neutral prompts): {fmt(rows_s)}. Refusal "
-                f"(harmful vs harmless chat requests; refusal openers vs compliance openers on held-out harmless "
-                f"requests): {fmt(rows_r)}. B_d transport preserves the effect exactly (the paper's 95.8% is below "
-                "100% because its target is a different checkpoint, ours a gauged copy). "
-                + ("Under S_d the sentiment effect is mostly lost, as in the paper. "
-                   if abs(m.get("sentiment_preserved_sd") or 0) < 0.5 else
-                   "**Under S_d the sentiment effect is largely kept, unlike the paper.** ")
-                + ("S_d reverses the sign of the sentiment effect at some alpha. "
-                   if m.get("sentiment_sd_reverses_sign_any_alpha") else "")
-                + ("S_d reverses the refusal effect's sign, as in the paper." if rev else
-                   "**S_d did not reverse the refusal effect's sign** here (the paper reports a reversal on Qwen): "
-                   "whether it reverses depends on which coordinates carry the effect and their gauge signs; "
-                   "SmolLM2-135M's refusal direction at this layer is also weak (small logit effects), so its S_d "
-                   "transport is dominated by coordinates that are not the refusal-carrying ones."))
+        return steering_notes(row)
     if c == "lora":
+        ch = V.lora(m)
+        has_matched = "retained_sd_matched" in m
         return (f"LoRA ({s.get('lora')}, {s.get('steps')} steps, batch {s.get('batch')}, lr {s.get('lr')}) on a tiny "
-                f"sentiment task with arbitrary label words (' blue'/' red', base at chance), {s.get('n_train')} "
-                f"train / {s.get('n_test')} test prompts (disjoint adjectives). CE gain retained: B_d "
-                f"{_p(m.get('retained_bd'))}, S_d {_p(m.get('retained_sd'))}; accuracy base {_f(m.get('acc_base'))}, "
-                f"LoRA {_f(m.get('acc_lora'))}, transported B_d {_f(m.get('acc_bd'))}, S_d {_f(m.get('acc_sd'))}. "
-                + ("Agrees with the paper qualitatively; " if (m.get("retained_bd") or 0) > 0.95 and
-                   (m.get("retained_sd") or 1) < 0.5 else "**Disagrees with the paper**; ")
-                + "our task is synthetic, not SST-2; a negative S_d number means the sign-scrambled adapter also "
-                "damages the base model's own label preference.")
+                f"sentiment task with arbitrary label words (' blue'/' red'), {s.get('n_train')} train / "
+                f"{s.get('n_test')} test prompts (disjoint adjectives). CE gain retained: B_d {_p(m.get('retained_bd'))}"
+                + (f", S_d matched (find_gauge method=permutation) {_p(m.get('retained_sd_matched'))}" if has_matched
+                   else "")
+                + f", S_d oracle (true permutation, signs +1) {_p(m.get('retained_sd'))}; accuracy base "
+                f"{_f(m.get('acc_base'))}"
+                + (f" (majority class {_f(m.get('acc_majority_class'))})" if "acc_majority_class" in m else "")
+                + f", LoRA {_f(m.get('acc_lora'))}, transported B_d {_f(m.get('acc_bd'))}"
+                + (f", S_d matched {_f(m.get('acc_sd_matched'))}" if has_matched else "")
+                + f", S_d oracle {_f(m.get('acc_sd'))}. "
+                + ("The base is above the majority-class rate on this task, so the gain measured is the adapter's "
+                   "improvement over a base that already prefers the right label word. "
+                   if (m.get("acc_base") or 0) > (m.get("acc_majority_class") or 0.5) + V.CEILING_TOL else
+                   "The base is at the majority-class rate on this task. ")
+                + _verdict(V.agrees(ch), ch)
+                + (" The two S_d baselines disagree: the adapter moved with permutation-only matching as a user would "
+                   "run it keeps the gain while the oracle permutation without signs loses it (hypothesis, not "
+                   "tested here: the oracle maps every negative-sign coordinate onto its exact negation, which "
+                   "reverses that half of the adapter, while the matched permutation maps it to unrelated "
+                   "coordinates, i.e. noise, and this saturated task tolerates half an adapter)."
+                   if has_matched and ch["sd_oracle_lost"] and not ch["sd_matched_lost"] else "")
+                + " Our task is synthetic, not SST-2. A negative S_d number means the "
+                "sign-scrambled adapter makes the label cross-entropy worse than the gauged base without it.")
     if c == "adamw":
+        ch = V.adamw(m)
         return (f"{s.get('model')}; AdamW {s.get('optimizer')}; {s.get('N0')} steps, then a random B_d gauge "
                 f"(residual group of the trained model: {s.get('symmetry_group_at_N0')}) and {s.get('M')} resumed "
                 f"steps on the same batches. Relative parameter deviation from the uninterrupted run at the end: "
-                f"B_d {_f(m.get('bd_final_rel_deviation'), '.1e')} (float rounding from reordered matmul sums), S_d "
-                f"{_f(m.get('sd_final_rel_deviation'))}, fresh AdamW {_f(m.get('reset_final_rel_deviation'))}. "
-                f"Max |loss - reference|: B_d {_f(m.get('bd_max_abs_loss_diff'), '.1e')}, S_d "
-                f"{_f(m.get('sd_max_abs_loss_diff'))}. "
-                + ("Agrees with the paper: the S_d run is a different trajectory (deviation of the order of the "
-                   "whole distance travelled since the resume), though its loss stays close to the reference: "
-                   "permutation-only state costs the momentum direction, not convergence."
-                   if (m.get("bd_final_rel_deviation") or 1) < 1e-3 and (m.get("sd_final_rel_deviation") or 0) > 0.1
-                   else "**Disagrees with the paper.**"))
+                f"B_d {_f(m.get('bd_final_rel_deviation'), '.1e')}, S_d {_f(m.get('sd_final_rel_deviation'))}, fresh "
+                f"AdamW {_f(m.get('reset_final_rel_deviation'))}. Max |loss - reference|: B_d "
+                f"{_f(m.get('bd_max_abs_loss_diff'), '.1e')}, S_d {_f(m.get('sd_max_abs_loss_diff'))}. "
+                + _verdict(V.agrees(ch), ch)
+                + " (Hypothesis, not measured here: the B_d deviation is float rounding from reordered matmul sums.)")
     if c == "merge":
+        ch = V.merge(m)
         return (f"Endpoints of claim `trajectory` ({s.get('endpoints')}), each in its own export gauge. Mean "
                 f"held-out loss on both texts: base {_f(m.get('base_loss_mean'))}, novel endpoint "
                 f"{_f(m.get('novel_endpoint_loss_mean'))}, pydoc endpoint {_f(m.get('pydoc_endpoint_loss_mean'))}; "
                 f"merged after B_d alignment {_f(m.get('bd_loss_mean'))} (gauge accuracy "
-                f"{_p(m.get('bd_gauge_signed_accuracy'))}; oracle gauge {_f(m.get('oracle_loss_mean'))}), S_d found "
-                f"{_f(m.get('sd_found_loss_mean'))}, S_d same permutation {_f(m.get('sd_same_perm_loss_mean'))}, "
-                f"no alignment {_f(m.get('none_loss_mean'))}. "
-                + ("Agrees with the paper: only the B_d-aligned merge is a usable model. "
-                   if (m.get("bd_loss_mean") or 99) < min(m.get("sd_found_loss_mean") or 0, m.get("none_loss_mean")
-                                                          or 0, m.get("sd_same_perm_loss_mean") or 0)
-                   else "**Disagrees with the paper.** ")
-                + "The paper gives no single number for this claim."
-                + (" Caveat: our high-lr CPU fine-tunes made both endpoints WORSE than the base on held-out text of "
-                   "their own corpus too (novel endpoint on novel "
-                   f"{_f(m.get('novel_endpoint_loss_novel'))} vs base {_f(m.get('base_loss_novel'))}; pydoc endpoint "
-                   f"on pydoc {_f(m.get('pydoc_endpoint_loss_pydoc'))} vs base {_f(m.get('base_loss_pydoc'))}): they "
-                   "over-fit a few thousand tokens at lr 1e-3, so the B_d merge beating both endpoints reflects "
-                   "averaging back toward the shared base, not a merge that combines two skills. The contrast that "
-                   "carries the claim is B_d vs S_d / none (all of which destroy the model)."
+                f"{_p(m.get('bd_gauge_signed_accuracy'))}; oracle gauge {_f(m.get('oracle_loss_mean'))}), S_d matched "
+                f"(merge method=permutation) {_f(m.get('sd_found_loss_mean'))}, S_d oracle (true permutation, signs "
+                f"+1) {_f(m.get('sd_same_perm_loss_mean'))}, no alignment {_f(m.get('none_loss_mean'))}. "
+                + _verdict(V.agrees(ch), ch) + " The paper gives no single number for this claim."
+                + (" Measured caveat: both endpoints are WORSE than the base on held-out text of their own corpus "
+                   f"(novel endpoint on novel {_f(m.get('novel_endpoint_loss_novel'))} vs base "
+                   f"{_f(m.get('base_loss_novel'))}; pydoc endpoint on pydoc {_f(m.get('pydoc_endpoint_loss_pydoc'))} vs "
+                   f"base {_f(m.get('base_loss_pydoc'))}), so the B_d merge beating both endpoints does not show a "
+                   "merge that combines two skills (hypothesis: averaging back toward the shared base); the contrast "
+                   "that carries the claim is B_d vs S_d / none."
                    if (m.get("novel_endpoint_loss_novel") or 0) > (m.get("base_loss_novel") or 0) else ""))
     if c == "audit":
+        ch = V.audit(m)
         return (f"Claims: top-{m.get('k')} coordinates of the sentiment direction (signed scores) and the library's "
                 f"top-{m.get('k')} mean-|activation| claim, under {m.get('n_gauges')} random B_d gauges "
                 f"(hf_gauge.audit.audit). Raw-index Jaccard with the original: {_f(m.get('sentiment_raw_agreement'))}"
@@ -220,45 +144,211 @@ def notes(row: dict[str, Any]) -> str:
                 f"stated in the explicit canonical chart (canonical_gauge of each gauged copy, no knowledge of the "
                 f"hidden gauge): {_f(m.get('sentiment_canonical_agreement_min'))} / "
                 f"{_f(m.get('top_abs_activation_canonical_agreement_min'))}, score signs agree "
-                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. "
-                + ("Agrees with the paper. " if m.get("sentiment_canonical_agreement_min") == 1.0 and
-                   (m.get("sentiment_raw_agreement") or 1) < 0.5 else "**Disagrees with the paper.** ")
-                + "Note: the "
-                "mean-|activation| scores are gauge invariants, so they are transported as an IndexSet; transporting "
-                "them as an Attribution would (correctly, for signed scores) flip their signs."
+                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. " + _verdict(V.agrees(ch), ch)
                 + (f" Canonical chart under fine-tuning drift ({s.get('stability_finetune')}; relative weight change "
                    f"{_f(m.get('finetune_relative_weight_change'))}): residual coordinates keeping their canonical "
                    f"index {_p(m.get('canonical_stability_residual'))} (sign too: "
                    f"{_p(m.get('canonical_stability_residual_sign'))}), MLP units "
                    f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}."
-                   + (" The canonical order is a sort of weight statistics, and a small drift reorders close values: "
-                      "a claim stated in the canonical chart is exact for gauge-equivalent copies, but across "
-                      "fine-tunes carry it with a fitted gauge (gauge_to, or compose_path along the run) instead."
-                      if (m.get("canonical_stability_residual") or 1.0) < 0.9 else "")
                    if "canonical_stability_residual" in m else ""))
     if c == "procrustes":
-        return (f"{s.get('models')}; trained {s.get('train', {}).get('seed0', {}).get('steps')} steps (final loss "
-                f"{_f(s.get('train', {}).get('seed0', {}).get('loss_last'))} / "
-                f"{_f(s.get('train', {}).get('seed1', {}).get('loss_last'))} nats/byte); SAE {s.get('sae')} at the "
-                f"{s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. Cross-seed EV before R "
-                f"{_f(m.get('ev_cross_before'))}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}, after R "
-                f"(pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, within-seed ceiling "
+        paper = row["paper"] if isinstance(row["paper"], dict) else {}
+        ch = V.procrustes(m, paper)
+        tr = s.get("train", {})
+        return (f"{s.get('models')}; trained {tr.get('seed0', {}).get('steps')} steps (final loss "
+                f"{_f(tr.get('seed0', {}).get('loss_last'))} / {_f(tr.get('seed1', {}).get('loss_last'))} nats/byte); "
+                f"SAE {s.get('sae')} at the {s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. Cross-seed EV "
+                f"before R {_f(m.get('ev_cross_before'))}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}, "
+                f"after R (pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, within-seed ceiling "
                 f"{_f(m.get('ev_within_seed1_ceiling'))} (gap {_f(m.get('ev_gap_after_site_R_to_ceiling'))}; paper: "
-                f"<= 0.025); nearest signed permutation instead of R: {_f(m.get('ev_cross_after_signed_perm'))}. "
-                f"Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, after R {_f(m.get('decoder_mmcs_after_R'))} "
-                f"(random-rotation reference {_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}). ||R - I||_F = "
-                f"{_f(m.get('site_dist_identity'))} vs sqrt(2d) = {_f(m.get('sqrt_2d'))} (ratio "
+                f"<= {paper.get('ev_after_gap_to_ceiling')}); nearest signed permutation instead of R: "
+                f"{_f(m.get('ev_cross_after_signed_perm'))}. Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, after R "
+                f"{_f(m.get('decoder_mmcs_after_R'))} (random-rotation reference "
+                f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}; paper {_p(paper.get('decoder_cos'))}). "
+                f"||R - I||_F = {_f(m.get('site_dist_identity'))} vs sqrt(2d) = {_f(m.get('sqrt_2d'))} (ratio "
                 f"{_f(m.get('site_dist_identity_over_sqrt2d'))}); distance to the nearest signed permutation "
                 f"{_f(m.get('site_dist_signed_permutation'))}; KS p-value vs Haar {_f(m.get('site_ks_pvalue'), '.3g')}"
-                f" (pooled fit: {_f(m.get('pooled_ks_pvalue'), '.3g')}). Our models have RMSNorm with trained, "
-                f"generic gains (group {s.get('symmetry_group')}), yet R looks Haar by these diagnostics: the gains "
-                "do not pin the cross-seed basis to the coordinate axes at this scale. "
-                + ("EV gap to the ceiling is larger than the paper's 0.025: likely because our models are tiny and "
-                   "briefly trained (less converged, so the two seeds compute less similar features) and the SAE "
-                   "is small."
-                   if (m.get("ev_gap_after_site_R_to_ceiling") or 0) > 0.025 else "EV gap within the paper's 0.025."))
+                f" (pooled fit: {_f(m.get('pooled_ks_pvalue'), '.3g')}). " + _verdict(V.agrees(ch), ch)
+                + ("" if ch["decoder_cos_as_paper"] else
+                   f" **The paper's decoder cosine ({_p(paper.get('decoder_cos'))}) is not reproduced**: ours after R "
+                   f"is {_f(m.get('decoder_mmcs_after_R'))}"
+                   + (", no better than the random-rotation reference" if not ch["decoder_cos_above_random"] else "")
+                   + ".")
+                + ("" if ch["ev_within_paper_gap"] else
+                   " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
+                   "is small."))
     return ""
 
+
+
+
+def _verdict(ok: bool, checks: dict[str, bool]) -> str:
+    """The verdict sentence of a rule in ``verdicts``: agreement, or the named checks that failed."""
+    if ok:
+        return "Agrees with the paper (rules: " + ", ".join(checks) + ")."
+    return "**Disagrees with the paper** (failed rules: " + ", ".join(k for k, v in checks.items() if not v) + ")."
+
+
+def sae_notes(row: dict[str, Any]) -> str:
+    m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
+    paper = row["paper"] if isinstance(row["paper"], dict) else {}
+    text = (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. Within-model NMSE "
+            f"{_f(m.get('within_model_nmse'), '.4f')} (paper B_d: {paper.get('bd_nmse')}). Gauged model: B_d "
+            f"{_f(m.get('gauged_bd_nmse'), '.4f')}")
+    if "gauged_sd_matched_nmse" not in m:
+        return text + ("; S_d oracle (true permutation, signs +1) " + _f(m.get("gauged_sd_nmse"))
+                       + ". This row predates the S_d-matched baseline and the sign measurement; rerun the script.")
+    ch, ch_ft = V.sae(m), V.sae(m, "ft_gauged")
+    mag = V.sae_paper_magnitude(m, float(paper.get("sd_nmse", 1.0)))
+    g, ft = d.get("gauged", {}), d.get("finetuned_gauged", {})
+    return (text + f", S_d matched (find_gauge method=permutation) {_f(m.get('gauged_sd_matched_nmse'))}, S_d oracle "
+            f"(true permutation, signs +1) {_f(m.get('gauged_sd_nmse'))}, untransported "
+            f"{_f(m.get('gauged_untransported_nmse'))}. Fine-tuned + gauged ({ft.get('target', '')}): B_d "
+            f"{_f(m.get('ft_gauged_bd_nmse'), '.4f')}, S_d matched {_f(m.get('ft_gauged_sd_matched_nmse'))}, S_d oracle "
+            f"{_f(m.get('ft_gauged_sd_nmse'))}. " + _verdict(V.agrees(ch) and V.agrees(ch_ft), {**ch, **{
+                f"ft_{k}": v for k, v in ch_ft.items()}})
+            + f" Against the paper's S_d NMSE {paper.get('sd_nmse')}: S_d matched "
+            + ("reaches it" if mag["sd_matched"] else "stays below it") + " (within a factor "
+            f"{V.FAIL_FACTOR}), S_d oracle " + ("reaches it" if mag["sd"] else "stays below it") + ". Measured: the top "
+            f"5 residual coordinates of the gauged model carry {_p(m.get('variance_share_top5_coordinates'))} of the "
+            f"activation variance; the found gauge's signs there are {g.get('top5_variance_gauge_signs')} "
+            f"({m.get('gauged_top5_variance_positive_signs')} of 5 positive), and S_d matching puts "
+            f"{_p(m.get('gauged_top5_variance_sd_matched_index_right'))} of them at the right index. Per-coordinate "
+            f"NMSE (each coordinate's own NMSE, averaged): B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))}, S_d matched "
+            f"{_f(m.get('gauged_sd_matched_nmse_per_coordinate'))}, S_d oracle "
+            f"{_f(m.get('gauged_sd_nmse_per_coordinate'))}.")
+
+
+def steering_notes(row: dict[str, Any]) -> str:
+    m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
+    if "refusal_z_original" not in m:
+        return ("This row predates the random-direction control and the S_d-matched baseline; rerun the script. "
+                f"Sentiment preserved: B_d {_p(m.get('sentiment_preserved_bd'))}, S_d oracle "
+                f"{_p(m.get('sentiment_preserved_sd'))}.")
+
+    def fmt(rs: list[dict[str, Any]]) -> str:
+        return "; ".join(f"alpha {r['alpha']:g}: effect {r['effect_original']:+.3f} (z {r['z_original']:+.1f} vs "
+                         f"random directions, whose effects have std {r['random_std']:.3f}), preserved B_d "
+                         f"{r['preserved_bd']:.1%}, S_d matched {r['preserved_sd_matched']:.1%} (z "
+                         f"{r['z_sd_matched']:+.1f}), S_d oracle {r['preserved_sd']:.1%} (z {r['z_sd']:+.1f}), none "
+                         f"{r['preserved_none']:.1%} (z {r['z_none']:+.1f})" for r in rs)
+    ch = V.steering(m)
+    flip = V.refusal_sign_flip(m)
+    flip_text = {"not_specific": "**The sign-flip claim cannot be judged here**: the refusal direction's own effect "
+                                 f"is not specific (z {_f(m.get('refusal_z_original'), '+.1f')} < {V.Z_SPECIFIC} "
+                                 "against random directions of the same norm, which move this metric too).",
+                 "reversed": "S_d reverses the refusal effect with a specific effect, as in the paper.",
+                 "lost": "Under S_d the refusal effect is lost (not distinguishable from a random direction); it is "
+                         "not reversed.",
+                 "kept": "Under S_d the refusal effect is kept, unlike the paper."}[flip]
+    return (f"Diff-of-means directions at the {s.get('layer')}, effect = change of a logit difference at the last "
+            f"position; specificity control: {s.get('n_random_directions')} random directions of the same norm (z = "
+            f"(effect - mean random effect) / std random effect, same metric and alpha). Sentiment "
+            f"({d.get('sentiment', {}).get('n_pairs')} pairs, {d.get('sentiment', {}).get('n_eval_prompts')} neutral "
+            f"prompts): {fmt(d.get('sentiment', {}).get('rows', []))}. Refusal (harmful vs harmless chat requests; "
+            f"refusal openers vs compliance openers on held-out harmless requests): "
+            f"{fmt(d.get('refusal', {}).get('rows', []))}. Specific part preserved at the headline alpha (effect minus "
+            f"the mean random-direction effect, relative to the original's; verdicts.specific_preserved): sentiment "
+            + ", ".join(f"{lab} {_p(V.specific_preserved(m, 'sentiment', lab))}" for lab in ("bd", "sd_matched", "sd",
+                                                                                           "none"))
+            + ". " + _verdict(V.agrees(ch), ch) + " " + flip_text
+            + " B_d transport here targets a gauged copy of the same model, so 100% is expected; the paper's target "
+            "is a different checkpoint.")
+
+
+def fresh(row: dict[str, Any]) -> bool:
+    """Whether ``row`` was written by the current version of its script (SHA-256 recorded in its provenance)."""
+    prov = row.get("provenance") or {}
+    path = cc.script_path(row["claim"])
+    return bool(prov.get("script_sha256")) and path.exists() and prov["script_sha256"] == cc.file_sha256(path)
+
+
+def provenance_note(row: dict[str, Any]) -> str:
+    prov = row.get("provenance")
+    if not prov:
+        return "**stale: no provenance recorded (written before provenance was added); rerun to refresh**"
+    pk = prov.get("packages", {})
+    txt = (f"commit {str(prov.get('git_commit'))[:10]}{' + uncommitted changes' if prov.get('git_dirty_benchmarks') else ''}"
+           f", script sha256 {prov.get('script_sha256', '')[:12]}, torch {pk.get('torch')}, transformers "
+           f"{pk.get('transformers')}, seeds {json.dumps(row.get('seeds'))}")
+    return txt if fresh(row) else txt + "; **stale: the script has changed since this row was written**"
+
+
+GPU_RESULTS = cc.RESULTS / "trajectory_gpu.json"
+
+
+def gpu_note() -> str:
+    """What RESULTS.md says about ``benchmarks/trajectory_gpu.py``: its recorded result, or that it was not run."""
+    if not GPU_RESULTS.exists():
+        return ("`benchmarks/trajectory_gpu.py` (the trajectory grid at widths 128-2048, 1500 steps, on one GPU) has "
+                "**not been run**: no GPU was available to the session that wrote it, so there is no result and "
+                "its under-10-minute budget is a design target, not a measurement. Only its CPU `--smoke` mode "
+                "has run (in the test suite).")
+    res = json.loads(GPU_RESULTS.read_text())
+    return (f"`benchmarks/trajectory_gpu.py` ran on {res.get('device')} in {res.get('total_s', 0) / 60:.1f} min: "
+            + "; ".join(f"d={d}: {w.get('finding')}" for d, w in res.get("widths", {}).items())
+            + (f" (skipped widths {res['skipped']})" if res.get("skipped") else ""))
+
+def trajectory_notes(row: dict[str, Any]) -> str:
+    """Every cell of the pre-registered grid (mean and min-max over seeds), the endpoint margins and the finding
+    (``claim_trajectory.finding``: a rule over the cells)."""
+    import claim_trajectory as ct
+    settings = row.get("settings", {})
+    if not all("cells" in v for v in settings.values()):
+        return "This row predates the pre-registered grid; rerun `claim_trajectory.py`."
+    parts = [f"Pre-registered grid: residual sites {{pooled: all, few: 3 layer outputs, one: the input of the "
+             f"middle layer}} x matching tokens {list(ct.GRID['tokens'])}; in every cell path, via base and endpoint "
+             f"with the same matcher (paired activation statistics -> pooled correlation -> Hungarian, as "
+             f"`find_gauge(data=..., layers=...)`); a cell's verdict is path_better / path_worse / same by the mean "
+             f"over seeds of path - endpoint against {ct.GAP}."]
+    for name in [s for s in ct.SETTINGS if s in settings]:
+        res = settings[name]
+        su = res["setup"]
+        what = ("real SmolLM2-135M, full fine-tuning" if name == "smollm2" else
+                f"a tiny Llama (d=128, 4 layers, bytes) pretrained {su.get('pretrain')} steps on both texts, then "
+                "fine-tuned")
+        cells = "; ".join(
+            f"{k}: path {_f(c['path']['mean'])} [{_f(c['path']['min'])}-{_f(c['path']['max'])}], via base "
+            f"{_f(c['via_base']['mean'])} [{_f(c['via_base']['min'])}-{_f(c['via_base']['max'])}], endpoint "
+            f"{_f(c['endpoint']['mean'])} [{_f(c['endpoint']['min'])}-{_f(c['endpoint']['max'])}] (endpoint mean matched "
+            f"|corr| {_f(c['endpoint_mean_matched']['mean'])}, min margin {_f(c['endpoint_min_margin']['mean'], '+.3f')}"
+            f", low-confidence coordinates "
+            f"{_f(c['endpoint_n_low_confidence']['mean'], '.1f')}) -> {c['verdict']}"
+            for k, c in res["cells"].items())
+        ps = list(res["per_seed"].values())
+        free = {m: sum(r["data_free"][m]["signed_accuracy"] for r in ps) / len(ps) for m in ct.METHODS}
+        losses = "; ".join(f"seed {sd}: novel {_f(r['train_loss']['novel']['first'])} -> "
+                           f"{_f(r['train_loss']['novel']['last'])}, pydoc {_f(r['train_loss']['pydoc']['first'])} -> "
+                           f"{_f(r['train_loss']['pydoc']['last'])}" for sd, r in res["per_seed"].items())
+        cp = [r["compose_path_agrees_with_hop_composition"] for r in ps if "compose_path_agrees_with_hop_composition"
+              in r]
+        parts.append(
+            f"*{name}* ({what}; seeds {su['seeds']}; matching tokens run {su.get('tokens')}"
+            + ("" if list(su.get("tokens", [])) == list(ct.GRID["tokens"]) else
+               " (fewer than pre-registered, for compute)")
+            + f"; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
+            f"warmup, batch {su.get('batch')}x{su.get('T')} tokens, {su.get('steps')} steps, a checkpoint every "
+            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}). Cells at "
+            f"step {su.get('steps')} (mean [min-max] over seeds): {cells}. Data-free (weights only): path "
+            f"{_f(free['path'])}, via base {_f(free['via_base'])}, endpoint {_f(free['endpoint'])}. Endpoint S_d "
+            f"(pooled, index): {_f(sum(r['endpoint_permutation_only_index'] for r in ps) / len(ps))}. The cells' "
+            f"matcher equals find_gauge: {all(r['same_matcher_as_find_gauge'] for r in ps)}"
+            + (f"; compose_path over the saved folders equals the hop composition: {all(cp)}" if cp else "")
+            + f". Evaluation time per seed (measured when each seed was first evaluated; later runs read the per-seed "
+            f"cache): {', '.join(format(r['eval_s'] / 60, '.1f') + ' min' for r in ps)}"
+            + f". **Finding (rule):** {ct.finding(res['cells'])}")
+    if "smollm2" not in settings:
+        parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
+                     "left for fine-tuning SmolLM2 twice); the finding above is for the tiny protocol only.")
+    return " ".join(parts)
+
+
+def model_cell(row: dict[str, Any]) -> str:
+    """The table's model column (for the trajectory claim: only the settings the row actually holds)."""
+    if row["claim"] == "trajectory" and "settings" in row:
+        names = {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny Llama d=128, 4 layers, bytes"}
+        return " + ".join(names.get(k, k) for k in row["settings"])
+    return re.sub(r"[(][^)]*[)]", "", row.get("model", "")).replace("  ", " ").strip()
 
 def report(out: Path | None = None) -> Path:
     """Write RESULTS.md (or ``out``) from claims.json / claims_quick.json; returns the path."""
@@ -266,11 +356,13 @@ def report(out: Path | None = None) -> Path:
     quick = {r["claim"]: r for r in cc.read_claims(True)}
     lines = ["# Paper claims on real weights: results", "",
              "Generated by `python benchmarks/run_all.py --report` from `benchmarks/results/claims.json` (full runs) "
-             "and `claims_quick.json` (`--quick`, CI-sized). Every number below was written by the claim's script; "
-             "nothing is typed in by hand. Our models: real SmolLM2-135M-Instruct (Llama architecture, RMSNorm, "
-             "d=576, 30 layers; GGUF weights dequantized to fp32, offline) and tiny Llamas we train ourselves, "
-             "all on a shared 2-core CPU (`OMP_NUM_THREADS=1`). The papers used Qwen2.5, Llama-2, TinyLlama and "
-             "Pythia on GPUs.", "",
+             "and `claims_quick.json` (`--quick`, CI-sized). Every number below was written by the claim's script "
+             "into those files, and every verdict is computed by a rule in `benchmarks/verdicts.py` (trajectory: "
+             "`claim_trajectory.cell_verdict` / `finding`); explanations not measured by a script are marked as "
+             "hypotheses. Real weights: " + cc.MODEL_NAME + "; tiny Llamas are trained by the scripts themselves. "
+             "Every row records its provenance (git commit, SHA-256 of its script, package versions, seeds); a row "
+             "whose script has changed since it was written is marked stale below.", "",
+             gpu_note(), "",
              "| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
              "|---|---|---|---|---|---|---|"]
     total_full = 0.0
@@ -279,7 +371,7 @@ def report(out: Path | None = None) -> Path:
         if row is None:
             lines.append(f"| {c} | | not run yet | | | | `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/{SCRIPTS[c]}` |")
             continue
-        kind = "full" if c in full else "**quick only**"
+        kind = ("full" if c in full else "**quick only**") + ("" if fresh(row) else ", **stale**")
         rt_row = row.get("runtime_s", {})
         kind += f", {sum(float(v) for k, v in rt_row.items() if k in ('total', 'total_this_process')) / 60:.1f} min"
         if c in full:
@@ -290,24 +382,11 @@ def report(out: Path | None = None) -> Path:
         paper = row["paper"].get("text", "") if isinstance(row["paper"], dict) else str(row["paper"])
         cell = lambda x: str(x).replace("|", "\\|")  # noqa: E731
         ours_bd = row.get("ours_bd", "")
-        mm = row.get("measured", {})
-        for pre, lab in (("", "SmolLM2"), ("tiny_", "tiny")):
-            if f"{pre}path_data_free_signed_accuracy" in mm:
-                ours_bd += (f"; data-free ({lab}): path {mm[pre + 'path_data_free_signed_accuracy']:.3f}, via base "
-                            f"{mm[pre + 'via_base_data_free_signed_accuracy']:.3f}, endpoint "
-                            f"{mm[pre + 'endpoint_data_free_signed_accuracy']:.3f}")
         lines.append(f"| {c} | {cell(paper)} | {cell(ours_bd)} | {cell(row.get('ours_baseline', ''))} | "
-                     f"{re.sub(r'[(][^)]*[)]', '', row.get('model', '')).replace('  ', ' ').strip()} | {kind} | `{row['command']}` |")
-    traj = full.get("trajectory", {}).get("runtime_s", {}).get("total")
-    traj_txt = f"{traj / 60:.1f} min" if traj else "not recorded"
+                     f"{model_cell(row)} | {kind} | `{row['command']}` |")
     lines += ["", f"Total runtime of the full runs recorded in claims.json: {total_full / 60:.1f} min of wall clock "
-              "(sum of the per-claim times in the table; the trajectory time includes training all four runs, "
-              "`claim_merge.py` reuses those checkpoints and `claim_sae.py` the pydoc run's last one). "
-              f"`claim_trajectory.py`, the longest script, took {traj_txt} from an empty checkpoint cache on a "
-              "quiet 2-core machine (it trains the two runs of each setting in parallel, one process per core). "
-              "The other full runs were measured while other heavy jobs shared the 2 cores (SmolLM2 fine-tuning "
-              "ran at 11-16 s/step there against 4.3-4.6 s/step on a quiet core), so their times are upper bounds; "
-              "no script takes more than 30 min. Quick modes run in CI via `tests/test_benchmarks.py`.", ""]
+              "(sum of the per-claim times in the table, each measured on the shared CPU while other jobs ran: "
+              "upper bounds). Quick modes run in the test suite via `tests/test_benchmarks.py`.", ""]
     for c in cc.CLAIM_ORDER:
         lines.append(f"## {TITLES[c]} (`{c}`)")
         lines.append("")
@@ -318,8 +397,8 @@ def report(out: Path | None = None) -> Path:
             rt = row.get("runtime_s", {})
             secs = sum(float(v) for k, v in rt.items() if k in ("total", "total_this_process", "train"))
             fig = row.get("figure")
-            lines.append(f"**{label}** ({row.get('date', '')}, {secs / 60:.1f} min, `{row['command']}`): "
-                         + notes(row))
+            lines.append(f"**{label}** ({row.get('date', '')}, {secs / 60:.1f} min, `{row['command']}`; "
+                         f"{provenance_note(row)}): " + notes(row))
             if fig and label == "Full run" or (fig and c not in full):
                 lines.append("")
                 lines.append(f"![{c}]({Path(fig).relative_to('benchmarks').as_posix()})")

@@ -1,7 +1,9 @@
 """Every paper-claim benchmark's ``--quick`` mode runs and writes a finite row (and, where the quick mode is strong
 enough, the qualitative claim holds). Rows go to a temporary copy of ``claims_quick.json``; tracked results are untouched.
 
-These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly), about 3-6 minutes in total on 2 cores.
+These run on real SmolLM2-135M weights (and tiny Llamas trained on the fly); all are marked slow. The claims'
+qualitative checks are the verdict rules of ``benchmarks/verdicts.py`` (and ``claim_trajectory.cell_verdict`` /
+``finding``), imported, not copied, so a threshold changed there changes the tests too.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCH))
+import verdicts as V  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -30,10 +33,6 @@ def _finite_numbers(d: dict[str, Any]) -> list[str]:
     return bad
 
 
-def _approx(a: float, b: float, tol: float) -> bool:
-    return abs(a - b) <= tol
-
-
 CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {}
 
 
@@ -44,65 +43,80 @@ def check(name: str):
     return deco
 
 
+def _holds(checks: dict[str, bool], *names: str) -> None:
+    """The named verdict rules (benchmarks/verdicts.py: the thresholds RESULTS.md uses) hold for this row."""
+    missing = [n for n in names if n not in checks]
+    assert not missing, f"unknown rules {missing}"
+    failed = [n for n in names if not checks[n]]
+    assert not failed, f"verdict rules failed: {failed} ({checks})"
+
+
 @check("exact_recovery")
-def _(m):
-    assert m["signed_sign_accuracy"] == 1.0 and m["data_free_sign_accuracy"] == 1.0
-    assert _approx(m["permutation_only_index_accuracy"], m["hidden_positive_fraction"], 0.05)
+def _(row):
+    _holds(V.exact_recovery(row["measured"]), "signed_exact", "data_free_exact", "permutation_only_at_ceiling")
 
 
 @check("sign_ceiling")
-def _(m):
-    assert m["signed_min_accuracy"] == 1.0
-    assert m["permutation_only_max_excess_over_f"] <= 0.05
+def _(row):
+    _holds(V.sign_ceiling(row["measured"]), "signed_exact_every_f", "permutation_only_below_f")
 
 
 @check("trajectory")
-def _(m):
-    assert m["compose_path_agrees_with_hop_composition"] == 1.0
-    assert 0.0 <= m["endpoint_signed_accuracy"] <= 1.0 and 0.0 <= m["path_signed_accuracy"] <= 1.0
+def _(row):
+    import claim_trajectory as ct
+    m = row["measured"]
+    assert m["tiny_compose_path_agrees_with_hop_composition"] == 1.0
+    assert m["tiny_same_matcher_as_find_gauge"] == 1.0
+    for setting, res in row["settings"].items():
+        assert set(res["cells"]) == {f"{s}/{t}" for s in ct.GRID["sites"] for t in res["setup"]["tokens"]}
+        for key, cell in res["cells"].items():      # every verdict is the rule applied to the per-seed numbers
+            per = [r["cells"][key] for r in res["per_seed"].values()]
+            assert cell["verdict"] == ct.cell_verdict([p["path"]["signed_accuracy"] for p in per],
+                                                      [p["endpoint"]["signed_accuracy"] for p in per])
+            for meth in ct.METHODS:
+                assert 0.0 <= cell[meth]["min"] <= cell[meth]["mean"] <= cell[meth]["max"] <= 1.0
+        assert res["finding"] == ct.finding(res["cells"])
 
 
 @check("sae")
-def _(m):
-    assert _approx(m["gauged_bd_nmse"], m["within_model_nmse"], 1e-4)
-    assert m["gauged_sd_nmse"] > 2 * m["gauged_bd_nmse"]
-    assert m["ft_gauged_sd_nmse"] > m["ft_gauged_bd_nmse"]
+def _(row):
+    _holds(V.sae(row["measured"]), "bd_exact", "sd_matched_fails", "sd_oracle_fails")
+    _holds(V.sae(row["measured"], "ft_gauged"), "sd_matched_fails", "sd_oracle_fails")
 
 
 @check("steering")
-def _(m):
-    assert _approx(m["sentiment_preserved_bd"], 1.0, 1e-3)
-    assert m["sentiment_preserved_sd"] < 0.9
+def _(row):
+    m = row["measured"]
+    _holds(V.steering(m), "bd_exact", "sentiment_sd_oracle_lost")
+    assert V.refusal_sign_flip(m) in ("not_specific", "reversed", "lost", "kept")
+    for k in ("sentiment", "refusal"):
+        assert math.isfinite(m[f"{k}_z_original"]) and m[f"{k}_random_std"] > 0
 
 
 @check("lora")
-def _(m):
-    assert m["retained_bd"] > 0.99
-    assert m["retained_sd"] < 0.5
+def _(row):
+    _holds(V.lora(row["measured"]), "bd_kept", "sd_oracle_lost")   # S_d matched keeps the gain here (measured)
+    assert "sd_matched_lost" in V.lora(row["measured"])
 
 
 @check("adamw")
-def _(m):
-    assert m["bd_final_rel_deviation"] < 1e-3
-    assert m["sd_final_rel_deviation"] > 100 * m["bd_final_rel_deviation"]
+def _(row):
+    _holds(V.adamw(row["measured"]), "bd_same_trajectory", "sd_different_trajectory")
 
 
 @check("merge")
-def _(m):
-    assert m["bd_loss_mean"] < m["none_loss_mean"]
+def _(row):
+    _holds(V.merge(row["measured"]), "bd_beats_none", "bd_beats_sd_oracle")
 
 
 @check("audit")
-def _(m):
-    assert m["sentiment_transported_agreement_min"] == 1.0
-    assert m["sentiment_canonical_agreement_min"] == 1.0
-    assert m["top_abs_activation_canonical_agreement_min"] == 1.0
-    assert m["sentiment_raw_agreement"] < 0.5
+def _(row):
+    _holds(V.audit(row["measured"]), "transported_exact", "canonical_exact", "raw_not_reproducible")
 
 
 @check("procrustes")
-def _(m):
-    assert m["ev_cross_after_site_R"] > m["ev_cross_before"]
+def _(row):
+    _holds(V.procrustes(row["measured"], row["paper"]), "ev_improves_with_R")
 
 
 ORDER = ["exact_recovery", "sign_ceiling", "trajectory", "sae", "steering", "lora", "adamw", "merge", "audit",
@@ -140,7 +154,11 @@ def test_claim_quick(claim: str, results_dir: Path) -> None:
     if row.get("figure"):   # the figure a quick row names was written, into the temporary folder
         fig = cc.REPO / row["figure"]
         assert fig.parent == results_dir and fig.stat().st_size > 0
-    CHECKS[claim](row["measured"])
+    for key in ("git_commit", "script_sha256", "packages"):
+        assert row["provenance"][key], key
+    assert row["provenance"]["script_sha256"] == cc.file_sha256(cc.script_path(claim))
+    assert "seeds" in row
+    CHECKS[claim](row)
 
 
 def test_report_renders(tmp_path: Path) -> None:
@@ -179,3 +197,78 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert res["find_peak_rss_bytes"] > 0 and res["find_over_io_floor"] > 0 and res["commit"]
     assert json.loads((tmp_path / "scale.json").read_text())["script_sha256"] == res["script_sha256"]
     assert not (tmp_path / "work").exists()
+
+
+def test_trajectory_gpu_smoke(tmp_path: Path) -> None:
+    """The GPU grid script runs end to end on CPU in --smoke mode and states its findings by the claim's rules."""
+    import claim_trajectory as ct
+    import trajectory_gpu
+    out = tmp_path / "gpu.json"
+    res = trajectory_gpu.main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["args"]["device"] == "cpu" and set(saved["widths"]) == {"16", "32"}
+    for d, w in res["widths"].items():
+        assert set(w["cells"]) == {f"{s}/{t}" for s in ct.GRID["sites"] for t in ct.GRID["tokens"]}
+        assert w["finding"] == ct.finding(w["cells"]) == saved["widths"][d]["finding"]
+
+
+def test_trajectory_gpu_needs_cuda_or_smoke() -> None:
+    import torch
+    import trajectory_gpu
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        trajectory_gpu.main(["--widths", "16"])
+
+
+def test_trajectory_rules() -> None:
+    import claim_trajectory as ct
+    assert ct.cell_verdict([1.0, 1.0], [0.8, 0.7]) == "path_better"
+    assert ct.cell_verdict([0.7, 0.8], [1.0, 1.0]) == "path_worse"
+    assert ct.cell_verdict([1.0, 0.99], [1.0, 1.0]) == "same"
+
+    def cell(path: float, end: float) -> dict[str, Any]:
+        return {"path": {"mean": path}, "via_base": {"mean": path}, "endpoint": {"mean": end},
+                "verdict": ct.cell_verdict([path], [end])}
+    big = max(ct.GRID["tokens"])
+    cells = {f"{s}/{t}": cell(1.0, 1.0) for s in ct.GRID["sites"] for t in ct.GRID["tokens"]}
+    cells[f"one/{big}"] = cell(1.0, 0.8)
+    text = ct.finding(cells)
+    assert "removes the need for path composition" in text and "reproduces the paper" in text
+    cells[f"pooled/{big}"] = cell(1.0, 0.5)
+    assert "even pooled matching" in ct.finding(cells)
+
+
+def test_verdict_rules_fail_when_they_should() -> None:
+    assert V.refusal_sign_flip({"refusal_z_original": 1.0, "refusal_z_sd": -5.0}) == "not_specific"
+    assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
+    assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": -3.0, "refusal_z_sd_matched": 0.0}) \
+        == "reversed"
+    assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": 0.5, "refusal_z_sd_matched": 3.0}) \
+        == "lost"
+    paper = {"ev_after_gap_to_ceiling": 0.025, "decoder_cos": 0.98}
+    ch = V.procrustes({"ev_cross_before": -0.9, "ev_cross_after_site_R": 0.7, "ev_gap_after_site_R_to_ceiling": 0.3,
+                       "decoder_mmcs_after_R": 0.26, "decoder_mmcs_seed0_vs_random_rotation": 0.26}, paper)
+    assert ch["ev_improves_with_R"] and not ch["decoder_cos_as_paper"] and not ch["decoder_cos_above_random"]
+    assert not V.agrees(V.lora({"retained_bd": 1.0, "retained_sd": 0.9, "retained_sd_matched": -0.1}))
+
+
+def test_rows_record_provenance_and_stale_rows_are_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import claims_common as cc
+    import run_all
+    monkeypatch.setattr(cc, "RESULTS", tmp_path)
+    monkeypatch.setattr(cc, "CLAIMS_QUICK", tmp_path / "claims_quick.json")
+    monkeypatch.setattr(cc, "CLAIMS_FULL", tmp_path / "claims.json")
+    row = {"claim": "adamw", "paper": {"text": "p"}, "measured": {"bd_final_rel_deviation": 1e-6,
+                                                                  "sd_final_rel_deviation": 0.5},
+           "model": "m", "command": "c"}
+    with pytest.raises(KeyError, match="seeds"):
+        cc.write_claim(row, quick=True)
+    cc.write_claim({**row, "seeds": {"init": 0}}, quick=True)
+    saved = cc.read_claims(True)[0]
+    prov = saved["provenance"]
+    assert len(prov["git_commit"]) == 40 and prov["script_sha256"] == cc.file_sha256(cc.script_path("adamw"))
+    assert prov["packages"]["torch"] and saved["seeds"] == {"init": 0}
+    assert run_all.fresh(saved) and "stale" not in run_all.provenance_note(saved)
+    saved["provenance"]["script_sha256"] = "0" * 64
+    assert not run_all.fresh(saved) and "stale" in run_all.provenance_note(saved)
