@@ -14,7 +14,7 @@ import torch
 
 from .errors import GaugeError
 from .gauge import Gauge
-from .group import SignedPermutation, as_bits, flip_, moves_as_bits, sign_operand
+from .group import as_bits, flip_, moves_as_bits, sign_operand
 from .kinds import get_kind
 from .specs import ArchSpec
 from .specs.base import Axis

@@ -17,7 +17,7 @@ import torch
 from ..atomic import atomic_path
 from ..engine import Move, move_tensor, moves_for
 from ..errors import GaugeError
-from ..gauge import Gauge, check_space_name
+from ..gauge import check_space_name
 from ..group import SignedPermutation
 from ..kinds import get_kind
 from ..specs import SPECS, ArchSpec, get_spec

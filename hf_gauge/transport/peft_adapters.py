@@ -28,7 +28,7 @@ from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
 from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
-                  moves_heads, read_json, read_safetensors, spec_and_config, write_record)
+                  read_json, read_safetensors, spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
