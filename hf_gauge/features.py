@@ -14,6 +14,9 @@ The similarity of A's coordinate ``i`` and B's coordinate ``j`` is
 ``C[i, j] = cos(s_A[i], s_B[j]) * exp(-mean_k (u_A[i, k] - u_B[j, k])**2)``
 (``s``: signed features, ``u``: invariant features z-scored per feature). For gauge-equivalent checkpoints the matched
 entries are exactly ``±1`` and every other entry is smaller, so sign-marginalized matching is exact.
+
+``match_residual_from_weights`` is the one data-free residual matcher: ``find_gauge(data=None)`` and
+``match_inner`` without a residual both call it.
 """
 from __future__ import annotations
 
@@ -22,11 +25,12 @@ from typing import Any
 
 import torch
 
+from .assign import Match, match_correlation
 from .engine import axes_for, resolve_name
 from .errors import GaugeError
 from .view import ModelView
 
-__all__ = ["WeightFeatures", "paired_weight_features", "feature_correlation"]
+__all__ = ["WeightFeatures", "paired_weight_features", "feature_correlation", "match_residual_from_weights"]
 
 
 @dataclass
@@ -130,3 +134,21 @@ def feature_correlation(fa: WeightFeatures, fb: WeightFeatures) -> torch.Tensor:
     else:
         agree = torch.ones(d, d, dtype=torch.float64)
     return cos * agree
+
+
+def match_residual_from_weights(model_a: Any, model_b: Any, method: str = "signed",
+                                max_rows: int | None = None) -> tuple[Match, dict[str, int]]:
+    """The data-free residual match A -> B: ``match_correlation(feature_correlation(*paired_weight_features(...)))``.
+
+    Returns the ``Match`` (``x_B[j] = sign[j] * x_A[perm[j]]``) and the feature counts (``n_tokens=0``,
+    ``n_signed_features``, ``n_invariant_features``). ``method="signed"`` needs a sign-carrying tensor (token
+    embedding / lm_head) in the spec, else ``GaugeError``. Group admissibility (LayerNorm: S_d x {±1}) is the
+    caller's check.
+    """
+    fa, fb = paired_weight_features(model_a, model_b, max_rows=max_rows)
+    if fa.signed.shape[1] == 0 and method == "signed":
+        raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
+                         "architecture spec, so signs cannot be determined; pass data= to match from activations")
+    info = {"n_tokens": 0, "n_signed_features": int(fa.signed.shape[1]),
+            "n_invariant_features": int(fa.invariant.shape[1])}
+    return match_correlation(feature_correlation(fa, fb), method), info

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from .activations import PairStats, capture_inputs, token_batches
-from .assign import Match, UnitSlice, match_correlation
+from .assign import UnitSlice
 from .engine import axes_for, segment_spans
 from .errors import GaugeError
+from .features import match_residual_from_weights
 from .gauge import Gauge
 from .group import SignedPermutation
 from .kinds import get_kind
@@ -38,7 +39,7 @@ from .specs import ArchSpec
 from .specs.base import Axis, fill
 from .view import ConfigView, ModelView
 
-__all__ = ["InnerMatch", "match_inner", "residual_from_embeddings", "unit_slices", "slices_from", "match_slices",
+__all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices",
            "tensor_axes", "site_of"]
 
 
@@ -274,8 +275,8 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
 
     With ``data`` (token ids or a tokenizer output), from activation correlations (residual not needed). Without,
     data-free from weights; the residual gauge A -> B (a SignedPermutation, Gauge or Match) aligns the residual axes
-    of the unit slices; when it is None, it is found data-free from the input embeddings
-    (``residual_from_embeddings``). ``method="permutation"`` is the S_d baseline: MLP units matched on the signed
+    of the unit slices; when it is None, it is found by the data-free residual matcher ``find_gauge`` uses
+    (``features.match_residual_from_weights``, signed). ``method="permutation"`` is the S_d baseline: MLP units matched on the signed
     similarity itself (Hungarian on ``-C``), all signs +1; a flipped unit's true partner then looks anti-correlated.
     ``layers`` restricts to some layers; ``max_stat_bytes`` bounds the float64 statistics held at once (several
     passes over ``data`` when needed). The result carries ``.confidence[space]``.
@@ -294,31 +295,7 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     else:
         res = _as_residual(residual)
         if res is None:
-            res = residual_from_embeddings(va, vb).element
+            res = match_residual_from_weights(va, vb)[0].element
         out = _inner_from_weights(va, vb, wanted, res, method)
     return out
 
-
-def residual_from_embeddings(model_a: Any, model_b: Any, chunk: int = 4096) -> Match:
-    """Data-free residual match: correlation of the input-embedding columns (``C [d, d]``, float64 sums) -> Match.
-
-    On LayerNorm models (group S_d x {±1}) the signs are forced to one global sign (the majority).
-    """
-    va, vb = ModelView.of(model_a), ModelView.of(model_b)
-    spec = _check_pair(va, vb)
-    ea = va.submodule(spec.sites.embed).weight.detach()
-    eb = vb.submodule(spec.sites.embed).weight.detach()
-    if ea.shape != eb.shape:
-        raise GaugeError(f"embedding shapes differ: {tuple(ea.shape)} vs {tuple(eb.shape)}")
-    v, d = ea.shape
-    s = PairStats(sites=[spec.sites.embed], d=d)
-    for r0 in range(0, v, chunk):                         # embedding rows are the "tokens"
-        s.update(0, ea[r0:r0 + chunk].cpu(), eb[r0:r0 + chunk].cpu())
-    res = match_correlation(_correlation(s), method="signed")
-    rule = spec.space("residual").signs
-    if rule == "global":
-        g = 1 if res.element.positive_fraction >= 0.5 else -1
-        res.element = SignedPermutation(res.element.perm, torch.full((d,), g, dtype=torch.int64))
-    elif rule == "none":
-        res.element = SignedPermutation(res.element.perm)
-    return res

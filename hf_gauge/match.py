@@ -20,7 +20,7 @@ import torch
 
 from .assign import METHODS, Match, match_correlation
 from .errors import GaugeError
-from .features import feature_correlation, paired_weight_features
+from .features import match_residual_from_weights
 from .gauge import Gauge
 from .group import SignedPermutation
 from .inner import match_inner
@@ -115,13 +115,8 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
             raise GaugeError("method='procrustes' fits an orthogonal map from activations: pass data=token ids or texts")
         if stats_kw:
             raise GaugeError(f"{sorted(stats_kw)} only apply when matching from data; pass data=...")
-        fa, fb = paired_weight_features(ma, mb, max_rows=max_rows)
-        if fa.signed.shape[1] == 0 and method == "signed":
-            raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
-                             "architecture spec, so signs cannot be determined; pass data= to match from activations")
-        C = feature_correlation(fa, fb)
-        metrics.update(n_tokens=0, n_signed_features=int(fa.signed.shape[1]),
-                       n_invariant_features=int(fa.invariant.shape[1]))
+        m, counts = match_residual_from_weights(ma, mb, method=method, max_rows=max_rows)
+        metrics.update(counts)
     else:
         if max_rows is not None:
             raise GaugeError("max_rows only applies to data-free matching (data=None)")
@@ -138,8 +133,7 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
         if method == "procrustes":
             R = procrustes_from_cross(stats.cross_covariance())
             return OrthogonalMap(R, source=describe(ma), target=describe(mb), metrics=metrics, check=False)
-        C = stats.correlation()
-    m = match_correlation(C, method)
+        m = match_correlation(stats.correlation(), method)
     _check_group(m.element, ma, method)
     metrics.update(m.summary(low_confidence))
     metrics["low_confidence_threshold"] = low_confidence

@@ -8,8 +8,9 @@ import torch
 
 from conftest import VOCAB, tiny_model
 from hf_gauge import GaugeError, SignedPermutation, apply_gauge, random_gauge
-from hf_gauge.inner import match_inner, residual_from_embeddings
-from hf_gauge.match import find_full_gauge
+from hf_gauge.features import match_residual_from_weights
+from hf_gauge.inner import match_inner
+from hf_gauge.match import find_full_gauge, find_gauge
 
 FULL = ("residual", "mlp", "attn")
 RMS_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
@@ -49,8 +50,8 @@ def test_data_free_matching_recovers_hidden_inner_gauges(model_type):
     a, b, g = _pair(model_type, heads=8, kv_heads=2 if model_type != "gpt_neox" else 8, tie=True)
     with_res = match_inner(a, b, residual=g.residual)
     assert dict(with_res) == _inner_of(g)
-    # no residual given: found from the embedding columns first
-    assert residual_from_embeddings(a, b).element == g.residual
+    # no residual given: found first by the data-free residual matcher that find_gauge(data=None) uses
+    assert match_residual_from_weights(a, b)[0].element == find_gauge(a, b).residual == g.residual
     assert dict(match_inner(a, b)) == _inner_of(g)
     assert min(c["min_margin"] for c in with_res.confidence.values()) > 0.05
     # a wrong residual gauge scrambles the slices: the data-free MLP match must fail then (not a tautology)
