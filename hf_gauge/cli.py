@@ -170,6 +170,22 @@ def fit_summary(gauge: Any) -> str:
             f"{m.get('low_confidence_threshold', 0.05)})")
 
 
+def _add_spaces(s: argparse.ArgumentParser, default: str) -> None:
+    """``--spaces``: 'all', 'residual' or space families declared by the specs (checked against the model's spec once
+    it is known, since families are data; the registry is read without importing torch)."""
+    from .specs import space_families
+
+    s.add_argument("--spaces", nargs="+", default=[default], metavar="FAMILY",
+                   help=f"gauge spaces to fit (default: {default}): 'all', or space families of the model's spec "
+                        f"({', '.join(space_families())} across the supported architectures); 'residual' is always "
+                        "included")
+
+
+def _spaces_arg(args: argparse.Namespace) -> str | tuple[str, ...]:
+    """``--spaces`` as ``find_gauge``'s ``spaces=``: ``"all"`` or the families with ``"residual"`` first."""
+    return "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # commands
 # ----------------------------------------------------------------------------------------------------------------
@@ -178,7 +194,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 
     data = _read_data(args)
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
-    spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
+    spaces = _spaces_arg(args)
     if data is None and args.method != "procrustes":   # data-free: straight from the checkpoint files, no model built
         if args.device_map or args.offload_folder:
             raise GaugeError("--device-map/--offload-folder only apply when models are loaded (--data/--text); "
@@ -346,7 +362,9 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .match import select_families
     from .merge import merge
+    from .specs import get_spec
     from .transport._io import atomic_dir
 
     _check_model_arg(args.model_a), _check_model_arg(args.model_b)
@@ -354,7 +372,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise GaugeError(f"--weight must lie in [0, 1], got {args.weight}")
     gauge = _load_gauge(args.gauge, args.gauge_revision) if args.gauge else None
     a, b = _load_model(args.model_a, args.revision_a), _load_model(args.model_b, args.revision_b)
-    spaces = "all" if "all" in args.spaces else tuple(dict.fromkeys(["residual"] + list(args.spaces)))
+    spaces = select_families(get_spec(a), _spaces_arg(args))      # refused before any fit, also when unused
     kw: dict[str, Any] = {} if gauge is not None or args.method == "none" else {"spaces": spaces}
     merged = merge(a, b, weight=args.weight, gauge=gauge, method=args.method, **kw)
     with atomic_dir(Path(args.output)) as tmp:
@@ -429,8 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "every block)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown on stderr otherwise, "
                    "also when stderr is not a terminal)")
-    s.add_argument("--spaces", nargs="+", default=["residual"], choices=("residual", "mlp", "attn", "all"),
-                   help="gauge spaces to fit (default: residual; 'all' adds every MLP layer and head space)")
+    _add_spaces(s, "residual")
     s.add_argument("--revision-a")
     s.add_argument("--revision-b")
     _add_loading(s)
@@ -517,8 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gauge-revision")
     s.add_argument("--method", default="signed", choices=("signed", "permutation", "none"),
                    help="fit signed (default), permutation (S_d baseline) or none (no alignment)")
-    s.add_argument("--spaces", nargs="+", default=["all"], choices=("residual", "mlp", "attn", "all"),
-                   help="gauge spaces to fit (default: all)")
+    _add_spaces(s, "all")
     s.add_argument("--revision-a")
     s.add_argument("--revision-b")
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="new output folder")

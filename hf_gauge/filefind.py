@@ -22,7 +22,7 @@ from .gauge import Gauge
 from .group import SignedPermutation
 from .inner import match_slices, slices_from
 from .match import find_gauge as find_gauge_models
-from .match import match_correlation
+from .match import match_correlation, select_families
 from .models import gain_fingerprint
 
 __all__ = ["find_gauge", "find_gauge_from_files", "is_checkpoint_ref"]
@@ -54,14 +54,6 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
         raise GaugeError(f"{extra} only apply to live models; checkpoint folders accept spaces, low_confidence, "
                          "max_rows, revision_a, revision_b and hub")
     return find_gauge_from_files(model_a, model_b, method=method, **kw)
-
-
-def _spaces(spaces: str | Sequence[str]) -> tuple[str, ...]:
-    got = ("residual", "mlp", "attn") if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
-    if any(sp not in ("residual", "mlp", "attn") for sp in got) or "residual" not in got:
-        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of ('residual', 'mlp', 'attn') that includes "
-                         "'residual' (the inner spaces are matched relative to it)")
-    return ("residual",) + tuple(sp for sp in ("mlp", "attn") if sp in got)
 
 
 def _check_files(fa: CheckpointFiles, fb: CheckpointFiles) -> dict[str, int]:
@@ -98,10 +90,10 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
     if method not in ("signed", "permutation"):
         raise GaugeError(f"method {method!r}: matching from checkpoint files supports 'signed' and 'permutation' "
                          "(procrustes fits activations: load the models and pass data=)")
-    wanted = _spaces(spaces)
     with CheckpointFiles(a, revision=revision_a, label="checkpoint A", **(hub or {})) as fa, \
             CheckpointFiles(b, revision=revision_b, label="checkpoint B", **(hub or {})) as fb:
         sizes = _check_files(fa, fb)
+        wanted = select_families(fa.spec, spaces)
         C, counts = residual_correlation(fa, fb, max_rows=max_rows)
         if counts["n_signed"] == 0 and method == "signed":
             raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
@@ -122,7 +114,7 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
         if kinds:
             label += "+inner"
             for i in range(int(fa.config.num_hidden_layers)):
-                layer = [f"{k}.{i}" for k in kinds if f"{k}.{i}" in sizes]
+                layer = [sp for sp in sizes if sp.split(".")[0] in kinds and sp.split(".")[1:2] == [str(i)]]
                 if not layer:
                     continue
                 pa, pb = layer_tensors(fa, set(layer)), layer_tensors(fb, set(layer))
@@ -131,5 +123,9 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
                     sb = slices_from(fb.spec, fb.config, space, pb, None)
                     extra[space], confidence[space] = match_slices(fa.spec, fa.config, space, sa, sb, method)
                 del pa, pb
+            missed = [sp for sp in sizes if sp.split(".")[0] in kinds and sp not in extra]
+            if missed:
+                raise GaugeError(f"spaces {missed[:4]} are not per-layer, so matching from checkpoint files cannot "
+                                 "reach them; load the models and pass them to find_gauge")
         return Gauge(spaces={"residual": m.element, **extra}, source=_describe(fa, a, revision_a),
                      target=_describe(fb, b, revision_b), method=label, metrics=metrics, confidence=confidence)

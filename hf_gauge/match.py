@@ -26,10 +26,11 @@ from .group import SignedPermutation
 from .inner import match_inner
 from .models import describe
 from .orthogonal import OrthogonalMap, procrustes_from_cross
+from .specs import ArchSpec
 from .stats import collect_pair_stats, iter_batches
 from .view import ModelView
 
-__all__ = ["Match", "match_correlation", "METHODS", "find_gauge", "find_full_gauge", "check_pair"]
+__all__ = ["Match", "match_correlation", "METHODS", "find_gauge", "find_full_gauge", "check_pair", "select_families"]
 
 # ----------------------------------------------------------------------------------------------------------------
 # find_gauge: model A -> model B
@@ -97,7 +98,7 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
     if method not in FIND_METHODS:
         raise GaugeError(f"unknown method {method!r}; use one of {FIND_METHODS}")
     ma, mb = check_pair(model_a, model_b)
-    wanted = _spaces(ma, spaces)
+    wanted = select_families(ma.spec, spaces)
     if wanted != ("residual",) and method == "procrustes":
         raise GaugeError("method='procrustes' fits the residual stream only; pass spaces=('residual',)")
     data_free = data is None
@@ -156,14 +157,15 @@ def min_tokens(d: int) -> int:
     return int(d)
 
 
-def _spaces(v: ModelView, spaces: str | Sequence[str]) -> tuple[str, ...]:
-    """Normalise ``spaces=`` to a tuple of space families that starts with ``"residual"``."""
-    fams = tuple(dict.fromkeys(t.split(".")[0] for t in v.spec.spaces))      # ("residual", "mlp", "attn", ...)
+def select_families(spec: ArchSpec, spaces: str | Sequence[str]) -> tuple[str, ...]:
+    """Normalise ``spaces=`` to a tuple of the spec's space families (``spec.families``) that starts with
+    ``"residual"``; ``"all"`` selects every family. Anything else raises ``GaugeError`` listing the valid families."""
+    fams = spec.families                                                  # ("residual", "mlp", "attn", ...)
     got = fams if spaces == "all" else ((spaces,) if isinstance(spaces, str) else tuple(spaces))
     bad = [sp for sp in got if sp not in fams]
     if bad or "residual" not in got:
-        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of {fams} that includes "
-                         "'residual' (the inner spaces are matched relative to it)")
+        raise GaugeError(f"spaces={spaces!r}: choose 'all' or a subset of {fams} (the space families of "
+                         f"{spec.name}) that includes 'residual' (the inner spaces are matched relative to it)")
     return ("residual",) + tuple(sp for sp in fams if sp in got and sp != "residual")
 
 

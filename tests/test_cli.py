@@ -535,3 +535,24 @@ def test_find_loading_options(setup, capsys: pytest.CaptureFixture) -> None:
     assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--offload-folder",
                  str(tmp / "off"), "-o", str(tmp / "Gy")]) == 2
     assert "needs --device-map" in capsys.readouterr().err
+
+
+def test_spaces_are_the_spec_families(setup, capsys: pytest.CaptureFixture) -> None:
+    """``--spaces`` takes the families the specs declare (no hard-coded list): help lists the registry's families, a
+    family the model's spec lacks is refused with the model's own families named, for find (from files) and merge."""
+    from hf_gauge.specs import SPECS, space_families
+
+    tmp, a, b, g = setup
+    assert set(space_families()) == {t.split(".")[0] for s in SPECS.values() for t in s.spaces}
+    parser = build_parser()
+    find_help = next(p for n, p in parser._subparsers._group_actions[0].choices.items() if n == "find").format_help()
+    assert all(f in find_help for f in space_families())
+    for cmd in (["find", str(tmp / "A"), str(tmp / "B")], ["merge", str(tmp / "A"), str(tmp / "B")]):
+        assert main([*cmd, "--spaces", "mlp", "experts", "-o", str(tmp / "x")]) == 2
+        err = capsys.readouterr().err
+        line = err.strip().splitlines()[-1]                 # merge loads the models first (progress bars before it)
+        assert "Traceback" not in err and line.startswith("error: spaces=")
+        assert "'experts'" in line and str(SPECS["llama"].families) in line, line
+        assert not (tmp / "x").exists()
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--spaces", "mlp", "-o", str(tmp / "x")]) == 0
+    assert load_gauge(tmp / "x") == g

@@ -19,6 +19,11 @@ def supported_model_types() -> list[str]:
     return sorted(SPECS)
 
 
+def space_families() -> list[str]:
+    """Every space family declared by a registered spec (``ArchSpec.families``), sorted; torch-free."""
+    return sorted({f for spec in SPECS.values() for f in spec.families})
+
+
 def get_spec(model_or_config_or_type) -> ArchSpec:
     """The spec for a model, a config, or a ``model_type`` string; ``GaugeError`` if unsupported."""
     mt = model_or_config_or_type
@@ -33,4 +38,4 @@ def get_spec(model_or_config_or_type) -> ArchSpec:
     return SPECS[mt]
 
 
-__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "get_spec", "supported_model_types"]
+__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "get_spec", "space_families", "supported_model_types"]

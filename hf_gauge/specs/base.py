@@ -176,6 +176,11 @@ class ArchSpec:
         object.__setattr__(self, "spaces", spaces)
 
     @property
+    def families(self) -> tuple[str, ...]:
+        """The space families (template prefixes: ``"residual"``, ``"mlp"``, ``"attn"``, ...) in template order."""
+        return tuple(dict.fromkeys(t.split(".")[0] for t in self.spaces))
+
+    @property
     def group(self) -> str:
         return "B_d" if self.spaces["residual"].signs == "any" else "S_d x {±1}"
 
