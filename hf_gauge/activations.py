@@ -48,7 +48,7 @@ def _check_ids(ids: torch.Tensor, what: str) -> torch.Tensor:
     if ids.dim() == 1:
         ids = ids[None]
     if ids.dim() != 2:
-        raise GaugeError(f"{what} must have shape [n, T] or [T], got {tuple(ids.shape)}")
+        raise GaugeError(f"{what} must be token ids of shape [n, T] or [T], got {tuple(ids.shape)}")
     return ids.long()
 
 
@@ -63,7 +63,8 @@ def _pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def iter_batches(data: Any, *, tokenizer: Any = None, batch_size: int = 8, max_length: int | None = None,
-                 shard: bool | None = None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+                 shard: bool | None = None,
+                 vocab_size: int | None = None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
     """Normalize ``data`` into ``(input_ids [b, T], attention_mask [b, T])`` batches; returns (iterator, n_batches).
 
     Accepts a LongTensor ``[n, T]`` / ``[T]``, a list of strings (with ``tokenizer``; right-padded), or an iterable of
@@ -71,7 +72,24 @@ def iter_batches(data: Any, *, tokenizer: Any = None, batch_size: int = 8, max_l
     Under several ``accelerate`` processes, tensors and string lists are split by rows between processes
     (``shard=None`` or True); an iterable is taken to be this process's shard already (as
     ``accelerator.prepare(dataloader)`` yields) unless ``shard=True``.
+    With ``vocab_size``, ids outside ``[0, vocab_size)`` raise ``GaugeError`` (as each batch is produced).
     """
+    it, n_b = _normalised(data, tokenizer, batch_size, max_length, shard)
+    return (it if vocab_size is None else _in_vocab(it, vocab_size)), n_b
+
+
+def _in_vocab(it: Iterator[tuple[torch.Tensor, torch.Tensor]],
+              vocab: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for k, (ids, mask) in enumerate(it):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise GaugeError(f"batch {k}: token ids must lie in [0, {vocab}) for these models, got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+        yield ids, mask
+
+
+def _normalised(data: Any, tokenizer: Any, batch_size: int, max_length: int | None,
+                shard: bool | None) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int | None]:
+    """``iter_batches`` without the vocabulary check."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GaugeError(f"batch_size must be a positive integer, got {batch_size!r}")
     from accelerate import PartialState

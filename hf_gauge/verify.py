@@ -9,7 +9,7 @@ import torch
 
 from .errors import GaugeError
 from .gauge import Gauge
-from .activations import logits
+from .activations import iter_batches, logits
 from .models import apply_gauge, fingerprint
 from .view import ModelView
 
@@ -22,24 +22,26 @@ def default_batch(vocab_size: int, batch: int = 2, length: int = 16, seed: int =
     return torch.randint(0, vocab_size, (batch, length), generator=gen)
 
 
-def _ids(data: Any, vocab: int) -> torch.Tensor:
+def _batches(data: Any, vocab: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(input_ids, attention_mask)`` batches of ``data`` through the shared normaliser (ids checked against the
+    vocabulary before any model runs); ``None`` gives ``default_batch``."""
     if data is None:
-        return default_batch(vocab)
-    if isinstance(data, dict) or hasattr(data, "input_ids"):
-        data = data["input_ids"]
-    ids = torch.as_tensor(data)
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.dim() != 2 or ids.is_floating_point() or ids.numel() == 0:
-        raise GaugeError(f"data must be token ids of shape [batch, length], got shape {tuple(ids.shape)} "
-                         f"dtype {ids.dtype}")
-    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise GaugeError(f"token ids must lie in [0, {vocab}) for these models")
-    return ids.long()
+        ids = default_batch(vocab)
+        return [(ids, torch.ones_like(ids))]
+    it, _ = iter_batches(data, shard=False, vocab_size=vocab)
+    batches = [(ids, mask) for ids, mask in it if mask.any()]
+    if not batches:
+        raise GaugeError("data has no non-padding token ids: pass at least one token")
+    return batches
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return logits(model, ids).cpu()
+def _logits(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Float32 logits at the non-padding positions of each batch, ``[n_tokens, vocab]`` on the CPU."""
+    return [logits(model, ids, mask).cpu()[mask.bool()] for ids, mask in batches]
+
+
+def _max_diff(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
+    return max(float((p - q).abs().max()) for p, q in zip(x, y))
 
 
 def _weight_diff(x: dict, y: dict) -> tuple[int, float, float]:
@@ -69,8 +71,9 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     computes) and how far B is from A functionally; the weight numbers check the gauge itself (a right gauge makes
     moved A equal B bit for bit for a gauged copy, and closer to B than A is for a fine-tune).
 
-    Returns ``max_abs_logit_diff`` (moved A vs B on ``data``: token ids, a tokenizer output, or by default a fixed
-    batch of random ids), ``max_abs_logit_diff_a_b`` (A vs B), ``symmetry_logit_diff`` (moved A vs A),
+    Returns ``max_abs_logit_diff`` (moved A vs B on ``data``: anything ``activations.iter_batches`` takes
+    without a tokenizer (token ids, a tokenizer output, batch dicts; padding excluded), or by default a fixed batch
+    of random ids), ``max_abs_logit_diff_a_b`` (A vs B), ``symmetry_logit_diff`` (moved A vs A),
     ``max_abs_logit`` (B's largest |logit|), ``weights_bit_exact``, ``n_tensors_differ``, ``max_abs_weight_diff``,
     ``relative_weight_diff`` (||moved A - B|| / ||B||), ``relative_weight_diff_without_gauge`` (||A - B|| / ||B||),
     ``fingerprint_match`` and ``tokens``.
@@ -83,27 +86,27 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
         raise GaugeError(f"models differ in architecture: {ca.model_type}/{ca.hidden} vs "
                          f"{cb.model_type}/{cb.hidden}; a gauge relates two models of one shape")
     vocab = min(ca.vocab_size, cb.vocab_size)
-    ids = _ids(data, vocab)
+    batches = _batches(data, vocab)
     moved = copy.deepcopy(a)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")        # a fingerprint warning is expected when A is a fine-tune
         apply_gauge(moved, gauge)
-    la, lb, lm = _logits(a, ids), _logits(b, ids), _logits(moved, ids)
+    la, lb, lm = _logits(a, batches), _logits(b, batches), _logits(moved, batches)
     sb = b.state_dict()
     differ, max_w, rel = _weight_diff(moved.state_dict(), sb)
     _, _, rel0 = _weight_diff(a.state_dict(), sb)
     result = {
-        "max_abs_logit_diff": float((lm - lb).abs().max()),
-        "max_abs_logit_diff_a_b": float((la - lb).abs().max()),
-        "symmetry_logit_diff": float((lm - la).abs().max()),
-        "max_abs_logit": float(lb.abs().max()),
+        "max_abs_logit_diff": _max_diff(lm, lb),
+        "max_abs_logit_diff_a_b": _max_diff(la, lb),
+        "symmetry_logit_diff": _max_diff(lm, la),
+        "max_abs_logit": max(float(x.abs().max()) for x in lb),
         "weights_bit_exact": differ == 0,
         "n_tensors_differ": differ,
         "max_abs_weight_diff": max_w,
         "relative_weight_diff": rel,
         "relative_weight_diff_without_gauge": rel0,
         "fingerprint_match": fingerprint(moved) == fingerprint(b),
-        "tokens": int(ids.numel()),
+        "tokens": sum(int(mask.sum()) for _, mask in batches),
     }
     del moved
     return result

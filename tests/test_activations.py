@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_gauge import GaugeError
-from hf_gauge.activations import PairStats, capture_inputs, token_batches
+from hf_gauge.activations import PairStats, capture_inputs, iter_batches, token_batches
 
 from conftest import tiny_model
 
@@ -52,3 +52,15 @@ def test_left_padding_is_exact_through_the_pipeline():
     assert seen[1].tolist() == [[0, 0, 0, 0, 1, 2, 3, 4, 5]]          # from the mask, not 0..8
     assert plain.shape == left.shape == (6, 96)
     assert torch.allclose(plain, left, atol=1e-5)
+
+
+def test_iter_batches_checks_ids_against_the_vocabulary() -> None:
+    ok = torch.tensor([[0, 4, 9]])
+    it, n = iter_batches(ok, vocab_size=10)
+    assert n == 1 and torch.equal(next(it)[0], ok)
+    for bad in (torch.tensor([[0, 10]]), [{"input_ids": torch.tensor([[3, -1]])}]):
+        it, _ = iter_batches(bad, vocab_size=10)
+        with pytest.raises(GaugeError, match=r"token ids must lie in \[0, 10\)"):
+            next(it)
+    it, _ = iter_batches(torch.tensor([[0, 10]]))          # no vocab_size: ids are not range-checked
+    assert int(next(it)[0].max()) == 10

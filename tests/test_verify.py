@@ -87,3 +87,21 @@ def test_apply_refuses_width_and_model_type() -> None:
         apply_gauge(a, random_gauge(tiny_model("llama", hidden_size=32), seed=0))
     with pytest.raises(GaugeError, match="model_type"):
         apply_gauge(a, random_gauge(tiny_model("qwen2"), seed=0))
+
+
+def test_verify_takes_batches_like_the_activation_pipeline(pair) -> None:
+    """``verify`` normalises ``data`` with ``activations.iter_batches``: batch dicts with padding masks (padding
+    excluded from the counts and the logits), ids checked against the vocabulary in every batch, strings refused."""
+    a, b, g = pair
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    r = verify(a, b, g, data=[{"input_ids": ids, "attention_mask": mask}, ids[0]])
+    assert r["tokens"] == 10 + 6 and r["weights_bit_exact"]
+    assert r["max_abs_logit_diff"] <= 1e-4
+    with pytest.raises(GaugeError, match=r"token ids must lie in \[0, "):
+        verify(a, b, g, data=[ids, torch.tensor([[VOCAB]])])
+    with pytest.raises(GaugeError, match="tokenizer"):
+        verify(a, b, g, data=["some text"])
+    with pytest.raises(GaugeError, match="non-padding"):
+        verify(a, b, g, data=[{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
