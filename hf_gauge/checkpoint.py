@@ -31,7 +31,7 @@ from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .models import gain_fingerprint
 from .specs import get_spec
 from .view import ConfigView
-from .transport._io import read_json
+from .jsonio import read_json
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
 

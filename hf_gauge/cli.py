@@ -63,7 +63,7 @@ def _load_config(spec: str):
     """A model config from a local ``config.json`` file or a model folder holding one (never the Hub)."""
     from transformers import AutoConfig
 
-    from .transport._io import read_json
+    from .jsonio import read_json
 
     path = Path(spec)
     if path.is_dir():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import GaugeError
-from .transport._io import read_json
+from .jsonio import read_json
 from .version import __version__
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "GaugeConfig", "SpaceConfig"]

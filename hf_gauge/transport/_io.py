@@ -153,42 +153,6 @@ def read_safetensors(path: Path, hint: str = "re-save or re-download it") -> tup
         raise GaugeError(f"{path} is not a valid safetensors file ({e}); {hint}") from None
 
 
-MAX_JSON_BYTES = 64 << 20
-MAX_JSON_DEPTH = 64
-
-
-def read_json(src: Path | bytes, what: str, hint: str = "re-save or re-download it") -> Any:
-    """The JSON value in a file (or bytes) that may be hostile; anything unreadable is a one-line ``GaugeError``.
-
-    Refused: unreadable paths (missing, a folder, a symlink loop, no permission), files over 64 MB, invalid UTF-8,
-    invalid JSON, integers beyond Python's digit limit and nesting deeper than 64 levels (so later code never
-    hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
-    """
-    if isinstance(src, (bytes, bytearray)):
-        data = bytes(src)
-    else:
-        try:
-            if Path(src).stat().st_size > MAX_JSON_BYTES:
-                raise GaugeError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; {hint}")
-            data = Path(src).read_bytes()
-        except OSError as e:
-            raise GaugeError(f"cannot read {what}: {e.strerror or e}; {hint}") from None
-    try:
-        value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError, as is int size
-        raise GaugeError(f"{what} is not valid JSON ({str(e).splitlines()[0][:200]}); {hint}") from None
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise GaugeError(f"{what} nests deeper than {MAX_JSON_DEPTH} levels; {hint}")
-        if isinstance(v, dict):
-            stack.extend((x, depth + 1) for x in v.values())
-        elif isinstance(v, list):
-            stack.extend((x, depth + 1) for x in v)
-    return value
-
-
 def check_out(src: Path | None, out: Path) -> Path:
     """Refuse writing onto the input or into an existing non-empty path."""
     out = Path(out)

@@ -25,10 +25,11 @@ import torch
 
 from ..engine import check_gauge
 from ..errors import GaugeError
+from ..jsonio import read_json
 from ..specs import ArchSpec
 from . import register
 from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
-                  read_json, read_safetensors, spec_and_config, write_record)
+                  read_safetensors, spec_and_config, write_record)
 
 ADAPTER_CFG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,6 +100,7 @@ def transport_peft_model(gauge, peft_model: Any, base_model: Any, *, adapter_nam
     ``strict=True`` refuses a base whose chart fingerprint differs from ``gauge.target['fingerprint']``.
     """
     from peft import get_peft_model, set_peft_model_state_dict
+
     from ..models import fingerprint, unwrap
     if _is_peft_model(base_model):
         raise GaugeError("base_model must be a plain transformers model in the target chart, not a PeftModel")

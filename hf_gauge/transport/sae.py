@@ -20,9 +20,9 @@ import torch
 
 from ..engine import Move
 from ..errors import GaugeError
+from ..jsonio import read_json
 from . import register
-from ._io import (atomic_dir, copy_other_files, element, gauge_record, move_of, read_json, read_safetensors,
-                  write_record)
+from ._io import (atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record)
 
 SAE_CFG = "cfg.json"
 SAE_WEIGHTS = "sae_weights.safetensors"
