@@ -33,7 +33,7 @@ from .errors import GaugeError
 from .features import WeightFeatures, feature_correlation
 from .specs import ArchSpec, get_spec
 
-__all__ = ["CheckpointFiles", "residual_correlation", "layer_tensors", "prefetched", "BLOCK_BYTES", "AHEAD"]
+__all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
 BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
 AHEAD = 1                       # blocks read ahead of the computation by ``prefetched``
@@ -209,7 +209,7 @@ def prefetched(items: Iterator[_T], ahead: int = AHEAD) -> Iterator[_T]:
                 if not put(x):
                     return
             put(_DONE)
-        except BaseException as e:                        # handed to the consumer, raised there
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             put(e)
 
     worker = threading.Thread(target=produce, name="hf_gauge-prefetch", daemon=True)

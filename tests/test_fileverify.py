@@ -86,7 +86,7 @@ def test_read_ahead_in_small_blocks(pair, monkeypatch: pytest.MonkeyPatch) -> No
     live at once) the right gauge is still bit-exact, and one changed entry in a middle block is found in its group."""
     from hf_gauge.filefeatures import CheckpointFiles
 
-    tmp, a, b, g = pair
+    tmp, a, _, g = pair
     monkeypatch.setitem(CheckpointFiles.__init__.__kwdefaults__, "block_bytes", 1)
     rep = verify_files(tmp / "A", tmp / "B", g)
     assert rep["ok"] and rep["weights_bit_exact"] and rep["fingerprint_match"]
