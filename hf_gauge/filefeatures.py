@@ -138,12 +138,10 @@ class CheckpointFiles:
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
-    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1, first: int = 0
-                   ) -> Iterator[torch.Tensor]:
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1) -> Iterator[torch.Tensor]:
         """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
 
-        Blocks live in ``slots`` reused buffers, taken in turn from buffer ``first``: a block is valid until ``slots``
-        more are requested.
+        Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
         """
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
@@ -153,14 +151,14 @@ class CheckpointFiles:
         if rows is None:
             for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
-                buf = self._scratch.bytes(k * row, ("block", (first + j) % slots))
+                buf = self._scratch.bytes(k * row, ("block", j % slots))
                 self._pread(fd, buf, off + r0 * row)
                 yield buf.view(dtype).reshape([k] + tail)
             return
         rows = rows.tolist()
         for i, i0 in enumerate(range(0, len(rows), step)):
             part = rows[i0:i0 + step]
-            buf = self._scratch.bytes(len(part) * row, ("block", (first + i) % slots))
+            buf = self._scratch.bytes(len(part) * row, ("block", i % slots))
             j = 0
             while j < len(part):                      # one read per run of consecutive rows
                 k = j + 1

@@ -20,7 +20,7 @@ import torch
 
 from .engine import Scratch, check_gauge, move_tensor, moves_for
 from .errors import GaugeError
-from .filefeatures import AHEAD, CheckpointFiles, prefetched
+from .filefeatures import CheckpointFiles
 from .gauge import Gauge
 from .models import gain_fingerprint
 
@@ -60,13 +60,6 @@ class _Group:
                 "max_abs_b": self.max_abs_b}
 
 
-def _close(groups: dict[str, _Group], name: str, same: bool) -> None:
-    """Count tensor ``name`` (all its blocks compared) in its group."""
-    g = groups[tensor_group(name)]
-    g.tensors += 1
-    g.bit_exact += int(same)
-
-
 def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, atol: float = 0.0,
                  revision_a: str | None = None, revision_b: str | None = None) -> dict[str, Any]:
     """Stream checkpoints ``a`` and ``b`` (folders or Hub ids) and check ``gauge`` (A -> B) tensor by tensor.
@@ -100,48 +93,28 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         fp_moved = fp_b = None
         scratch = Scratch()
         n_bytes = 0
-        todo: list[tuple[str, bool]] = []
         for name in names:
             if name in missing_in_b:
                 continue
             if fa.shape(name) != fb.shape(name) or fa.dtype(name) != fb.dtype(name):
                 mismatched.append(name)
                 continue
-            # column-only moves keep rows put: stream blocks; a tensor whose rows move is read whole
-            shape = fa.shape(name)
-            todo.append((name, len(shape) == 2 and shape[0] > 0 and all(m.axis == 1 for m in plan[name])))
-        slots = AHEAD + 2                               # buffers taken in turn by every item read ahead
-
-        def pairs():
-            """``(name, A's block, B's block)`` of every tensor to compare, in order (read ahead of the comparison)."""
-            n = 0
-            for name, streamed in todo:
-                if streamed:
-                    for xa, xb in zip(fa.row_blocks(name, slots=slots, first=n),
-                                      fb.row_blocks(name, slots=slots, first=n)):
-                        n += 1
-                        yield name, xa, xb
-                else:
-                    key = n % slots
-                    n += 1
-                    yield name, fa.read(name, reuse=key), fb.read(name, reuse=key)
-
-        current: str | None = None
-        same = True
-        for name, xa, xb in prefetched(pairs()):
-            if name != current:
-                if current is not None:
-                    _close(groups, current, same)
-                    n_bytes += fa.nbytes(current)
-                current, same = name, True
+            g = groups.setdefault(tensor_group(name), _Group())
             moves = plan[name]
-            y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
-            same &= groups.setdefault(tensor_group(name), _Group()).add(y, xb)
-            if name == final:
-                fp_moved, fp_b = gain_fingerprint(y), gain_fingerprint(xb)
-        if current is not None:
-            _close(groups, current, same)
-            n_bytes += fa.nbytes(current)
+            same = True
+            if len(fa.shape(name)) == 2 and all(m.axis == 1 for m in moves):
+                for xa, xb in zip(fa.row_blocks(name), fb.row_blocks(name)):     # rows stay put: stream blocks
+                    y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
+                    same &= g.add(y, xb)
+            else:
+                xa, xb = fa.read(name, reuse="t"), fb.read(name, reuse="t")
+                y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
+                same = g.add(y, xb)
+                if name == final:
+                    fp_moved, fp_b = gain_fingerprint(y), gain_fingerprint(xb)
+            g.tensors += 1
+            g.bit_exact += int(same)
+            n_bytes += fa.nbytes(name)
     rep = {k: v.report() for k, v in sorted(groups.items())}
     max_diff = max((v["max_abs_diff"] for v in rep.values()), default=0.0)
     complete = not (missing_in_a or missing_in_b or mismatched)
