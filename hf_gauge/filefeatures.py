@@ -19,9 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeVar
 
 import torch
 
@@ -31,9 +33,10 @@ from .errors import GaugeError
 from .features import WeightFeatures, feature_correlation
 from .specs import ArchSpec, get_spec
 
-__all__ = ["CheckpointFiles", "residual_correlation", "layer_tensors", "BLOCK_BYTES"]
+__all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
 BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
+AHEAD = 1                       # blocks read ahead of the computation by ``prefetched``
 _SINGLE = "model.safetensors"
 _DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
                                    "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
@@ -135,10 +138,10 @@ class CheckpointFiles:
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
-    def row_blocks(self, name: str, rows: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1) -> Iterator[torch.Tensor]:
         """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
 
-        Each block lives in a reused buffer: it is valid until the next block is requested.
+        Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
         """
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
@@ -146,16 +149,16 @@ class CheckpointFiles:
         step = max(1, self.block_bytes // row)
         tail = list(shape[1:])
         if rows is None:
-            for r0 in range(0, n, step):
+            for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
-                buf = self._scratch.bytes(k * row, "block")
+                buf = self._scratch.bytes(k * row, ("block", j % slots))
                 self._pread(fd, buf, off + r0 * row)
                 yield buf.view(dtype).reshape([k] + tail)
             return
         rows = rows.tolist()
-        for i0 in range(0, len(rows), step):
+        for i, i0 in enumerate(range(0, len(rows), step)):
             part = rows[i0:i0 + step]
-            buf = self._scratch.bytes(len(part) * row, "block")
+            buf = self._scratch.bytes(len(part) * row, ("block", i % slots))
             j = 0
             while j < len(part):                      # one read per run of consecutive rows
                 k = j + 1
@@ -175,6 +178,51 @@ class CheckpointFiles:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_T = TypeVar("_T")
+_DONE = object()
+
+
+def prefetched(items: Iterator[_T], ahead: int = AHEAD) -> Iterator[_T]:
+    """``items``, produced by a background thread up to ``ahead`` items before the consumer asks for them, so file
+    reads overlap the computation (``os.preadv`` and torch kernels release the GIL). Items held in reused buffers must
+    stay valid for ``ahead + 2`` items (``row_blocks(..., slots=ahead + 2)``). The producer has stopped when this
+    generator ends or is closed, so the caller may use the files again."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    stop = threading.Event()
+
+    def put(x: Any) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(x):
+                    return
+            put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put(e)
+
+    worker = threading.Thread(target=produce, name="hf_gauge-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            x = q.get()
+            if x is _DONE:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        worker.join()
 
 
 def _tied_copy(files: CheckpointFiles, name: str) -> bool:
@@ -258,8 +306,9 @@ class _Signed:
 
 
 def _paired_blocks(fa: CheckpointFiles, fb: CheckpointFiles, name: str, rows: torch.Tensor | None = None):
-    for xa, xb in zip(fa.row_blocks(name, rows), fb.row_blocks(name, rows)):
-        yield xa, xb
+    """Both checkpoints' blocks of ``name``, read ahead of the computation."""
+    slots = AHEAD + 2
+    return prefetched(zip(fa.row_blocks(name, rows, slots), fb.row_blocks(name, rows, slots)))
 
 
 def _moved(x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -287,14 +336,15 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             if len(shape) == 2 and res.axis == 1:        # [free, d]: embedding, lm_head
                 rows = None
                 if shape[0] > cap:                       # the rows with the largest ||A_v|| + ||B_v||, in both
-                    score = torch.cat([_row_norms(xa) + _row_norms(xb) for xa, xb in _paired_blocks(fa, fb, name)])
+                    score = torch.cat([_row_norms(xa, work) + _row_norms(xb, work)
+                                       for xa, xb in _paired_blocks(fa, fb, name)])
                     rows = torch.topk(score, cap).indices.sort().values
                 signed.add(_paired_blocks(fa, fb, name, rows))
             else:                                        # biases and other small tensors: whole
                 xa = _moved(fa.read(name), res.axis).reshape(-1, d)
                 xb = _moved(fb.read(name), res.axis).reshape(-1, d)
                 if xa.shape[0] > cap:
-                    score = _row_norms(xa) + _row_norms(xb)
+                    score = _row_norms(xa, work) + _row_norms(xb, work)
                     rows = torch.topk(score, cap).indices.sort().values
                     xa, xb = xa[rows], xb[rows]
                 signed.add(iter([(xa, xb)]))
@@ -316,10 +366,15 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     return cos.mul_(agree), {"n_signed": signed.n, "n_invariant": int(inv_a.shape[1])}
 
 
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """Row L2 norms accumulated in at least float32 (as ``features`` selects rows), as float64."""
+def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
+    """Row L2 norms accumulated in at least float32 (as ``features`` selects rows), as float64. 16-bit rows are
+    widened to float32 first (into a reused buffer): the same norms bit for bit as ``vector_norm(x, dtype=float32)``,
+    which reduces 16-bit inputs several times slower."""
+    x = x.reshape(x.shape[0], -1)
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = _widen(x, work, "rows")
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1, dtype=acc).to(torch.float64)
+    return torch.linalg.vector_norm(x, dim=1, dtype=acc).to(torch.float64)
 
 
 def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) -> torch.Tensor:
@@ -331,7 +386,7 @@ def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) ->
         return (x * x).sum(1, dtype=torch.float64).sqrt()
     sq = torch.zeros(shape[axis], dtype=torch.float64)
     r0 = 0
-    for x in files.row_blocks(name):
+    for x in prefetched(files.row_blocks(name, slots=AHEAD + 2)):
         x = _widen(x, work, "a")
         x.mul_(x)
         if axis == 1:                                    # reader columns: sum over the rows of every block

@@ -59,3 +59,28 @@ def test_corrupt_shards_refused(pair) -> None:
     (tmp / "B" / "model.safetensors").unlink()
     with pytest.raises(GaugeError, match="holds no model.safetensors"):
         CheckpointFiles(tmp / "B")
+
+
+def test_prefetched_blocks_in_turn(pair) -> None:
+    """Read-ahead blocks come in order, each in its own slot while the next ones are read; errors reach the consumer."""
+    from hf_gauge.filefeatures import prefetched
+
+    tmp, a, _ = pair
+    emb = a.model.embed_tokens.weight.detach()
+    with CheckpointFiles(tmp / "A", block_bytes=5 * emb.shape[1] * 4) as fa:
+        held = list(prefetched(fa.row_blocks("model.embed_tokens.weight", slots=3)))
+        assert len(held) > 3
+        assert all(torch.equal(x, emb[5 * i:5 * i + 5]) for i, x in enumerate(held[-3:], len(held) - 3))
+        blocks = [x.clone() for x in prefetched(fa.row_blocks("model.embed_tokens.weight", slots=3))]
+        assert torch.equal(torch.cat(blocks), emb)
+        it = prefetched(fa.row_blocks("model.embed_tokens.weight", slots=3))
+        assert torch.equal(next(it), emb[:5])
+        it.close()                                          # the reader stops; the files can be used again
+        assert torch.equal(fa.read("model.embed_tokens.weight"), emb)
+
+    def failing():
+        yield 1
+        raise GaugeError("truncated shard")
+
+    with pytest.raises(GaugeError, match="truncated"):
+        list(prefetched(failing()))
