@@ -90,3 +90,13 @@ def smollm2_ids(smollm2_tokenizer):
     text = " ".join(topics[k] for k in sorted(topics)[:40])
     ids = smollm2_tokenizer(text, return_tensors="pt").input_ids[0]
     return ids[: 4 * 64].reshape(4, 64)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: one thread beats two contended ones on a shared 2-core
+    machine); the count is restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -118,12 +118,7 @@ def ids():
     return torch.randint(0, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(7))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_spec_has_a_tiny_config():

@@ -13,12 +13,7 @@ import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _max_param_diff(m1, m2) -> float:

@@ -21,13 +21,7 @@ OPTS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many tiny steps: one thread beats two contended ones on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _step(model, opt, ids):
