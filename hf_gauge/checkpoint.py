@@ -11,6 +11,7 @@ half-written checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import os
@@ -19,12 +20,12 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
 
 from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, publish_mode, staging_dir
-from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for
+from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, source_names
 from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
@@ -310,8 +311,11 @@ def _row_chunks(t: torch.Tensor, moves: tuple, chunk_bytes: int) -> Iterable[tup
 
 def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, raw: bytes, start: int,
                   bar: Any, durable: bool = True, buffers: Scratch | None = None,
-                  chunk_bytes: int | None = None) -> None:
+                  chunk_bytes: int | None = None, sources: Mapping[str, tuple[Path, str, dict, int]] | None = None) -> None:
     """Write ``dst``: ``src``'s header, then every tensor moved (or copied raw) at its original offset.
+
+    ``sources`` maps a tensor renamed by the gauge (per-expert tensors under a permutation of the experts) to where
+    its source tensor lies (shard path, tensor name, header entry, data start); it is read from there, moved, and written here.
 
     The source shard is memory-mapped, so a tensor is moved straight out of the page cache into one of two output
     chunk buffers; a writer thread writes chunk k while chunk k + 1 is computed. Untouched tensors are written
@@ -320,8 +324,10 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
     buffers = buffers or Scratch()
     chunk_bytes = chunk_bytes or _CHUNK_BYTES
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    sources = sources or {}
+    with open(src, "rb") as fin, open(dst, "wb") as fout, contextlib.ExitStack() as others:
         shard, writer = _MappedShard(fin), _Writer()
+        opened: dict[Path, BinaryIO] = {}
         try:
             writer.submit(fout.write, raw)
             run: list[int] | None = None       # a run of untouched tensors, copied as one byte range
@@ -330,7 +336,7 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                 info = header[name]
                 b, e = info["data_offsets"]
                 moves = plan.get(name, ())
-                if not moves:
+                if not moves and name not in sources:
                     run = [run[0], e] if run else [b, e]
                     bar.update(e - b)
                     continue
@@ -340,7 +346,18 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                 dtype = _DTYPES.get(info["dtype"])
                 if dtype is None:
                     raise GaugeError(f"{src.name}: tensor {name!r} has dtype {info['dtype']} that hf_gauge cannot move")
-                t = shard.tensor(start + b, e - b, dtype, info["shape"])
+                if name in sources:            # renamed: the moved tensor comes from another name
+                    path, sname, sinfo, sstart = sources[name]
+                    if sinfo["dtype"] != info["dtype"] or list(sinfo["shape"]) != list(info["shape"]):
+                        raise GaugeError(f"{src.name}: {name!r} ({info['dtype']} {info['shape']}) takes the place of "
+                                         f"{sname!r}, which has another dtype or shape; the checkpoint's "
+                                         "experts differ in shape and cannot be permuted")
+                    if path not in opened:
+                        opened[path] = others.enter_context(open(path, "rb"))
+                    sb, se = sinfo["data_offsets"]
+                    t = _read_tensor(opened[path], sstart + sb, se - sb, dtype, info["shape"])
+                else:
+                    t = shard.tensor(start + b, e - b, dtype, info["shape"])
                 chunks = _row_chunks(t, moves, chunk_bytes)
                 whole = len(chunks) == 1
                 for r0, r1 in chunks:
@@ -454,9 +471,17 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     clean_stale_staging(out)                  # staging folders of killed runs into the same output
     tmp = staging_dir(out)
     try:
-        plans = {}
+        plans, sources = {}, {}
+        where = {n: s for s, (_, header, _) in headers.items() for n in header}
         for s, (_, header, _) in headers.items():
-            plans[s] = moves_for(spec, config, gauge, list(header), strict=True, files=True)
+            renamed = source_names(spec, gauge, header, files=True)
+            for n, sn in renamed.items():
+                if sn not in where:
+                    raise GaugeError(f"{s}: {n!r} takes the place of {sn!r}, which the checkpoint lacks")
+                raw_s, h_s, start_s = headers[where[sn]]
+                sources[n] = (src / where[sn], sn, h_s[sn], start_s)
+            moves = moves_for(spec, config, gauge, [renamed.get(n, n) for n in header], strict=True, files=True)
+            plans[s] = {n: moves[renamed.get(n, n)] for n in header}
         buffers = Scratch()
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
                   disable=not progress) as bar:
@@ -464,7 +489,8 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                 raw, header, start = headers[s]
                 (tmp / s).parent.mkdir(parents=True, exist_ok=True)
                 bar.set_postfix_str(s)
-                _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, durable, buffers)
+                _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, durable, buffers,
+                              sources=sources)
         written = set(shards)
         hub_src = not Path(src_dir).is_dir()           # downloaded: its card and gauges/ describe the source repo
         for root, dirs, files in os.walk(src):

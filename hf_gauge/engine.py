@@ -17,11 +17,11 @@ from .gauge import Gauge
 from .group import as_bits, flip_, moves_as_bits, sign_operand
 from .kinds import get_kind
 from .specs import ArchSpec
-from .specs.base import Axis
+from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
-           "check_moves", "check_gauge", "segment_spans", "stack_count", "space_sizes"]
+           "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -37,9 +37,25 @@ def _unsigned(a: Axis) -> Axis:
     return dataclasses.replace(a, signed=False, segments=tuple(_unsigned(p) for p in a.segments))
 
 
+def _stacked_factor(axes: tuple[Axis, ...], role: str) -> tuple[Axis, ...] | None:
+    """LoRA factors of a stacked parameter ``W [E, out, in]`` (PEFT's ``ParamWrapper`` on fused experts), seen as
+    ``lora_A [E, r, in]`` (its ``[E * r, in]`` reshaped) and ``lora_B [out, r, E]`` (its ``[out, r * E]``): each
+    expert's slice moves by the parameter's own axes, and the experts move as the stacked axis does."""
+    st = next(a for a in axes if a.stack)
+    if st.axis != 0 or role not in ("lora_A", "lora_B"):
+        return None
+    if role == "lora_A":
+        return (st,) + tuple(a for a in axes if a.axis == 2)
+    return tuple(a.on(0) for a in axes if a.axis == 1) + (st.on(2),)
+
+
 def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | None:
     base, role = resolve_name(name)
     axes = spec.match(base, files=files)
+    if axes is None and role != "weight" and base.endswith(".weight"):
+        bare = spec.match(base[: -len(".weight")], files=files)      # a bare parameter (fused experts)
+        if bare is not None and any(a.stack for a in bare):
+            return _stacked_factor(bare, role)
     if axes is None and role == "weight" and base.endswith(".bias"):
         return None
     if axes is None or role == "weight":
@@ -67,14 +83,16 @@ def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | 
 class Move:
     """Gather ``axis`` by ``index`` (int64), then multiply by ``sign`` (int8, or None for +1 everywhere).
 
-    A stacked move (``slices`` given, ``index`` the identity) applies ``slices[k]`` to slice ``k`` of ``axis``
-    (``t.select(axis, k)``; their axes are numbered in the slice): per-expert moves of fused expert tensors."""
+    A stacked move (``slices`` given) applies ``slices[k]`` to slice ``k`` of ``axis`` (``t.select(axis, k)``; their
+    axes are numbered in the slice), then, when ``permutes``, re-indexes the slices by ``index`` (output slice ``j``
+    is moved source slice ``index[j]``): per-expert moves of fused expert tensors and the permutation of experts."""
 
     axis: int
     index: torch.Tensor
     sign: torch.Tensor | None
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
     slices: tuple | None = None
+    permutes: bool = False
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         """``index`` on ``device`` (cached: a move is applied to many tensors)."""
@@ -97,7 +115,7 @@ class Move:
         """The same re-indexing with every sign +1 (second moments of optimizers)."""
         if self.slices is not None:
             return Move(self.axis, self.index, None, slices=tuple(tuple(m.without_signs() for m in s)
-                                                                   for s in self.slices))
+                                                                   for s in self.slices), permutes=self.permutes)
         return Move(self.axis, self.index, None)
 
 
@@ -177,7 +195,9 @@ class _Expander:
         return mv
 
     def stacked(self, axes: tuple[Axis, ...]) -> tuple[Move, ...] | None:
-        """Moves of a tensor with a stacked axis (``Axis(stack="e")``), or None if it has none."""
+        """Moves of a tensor with a stacked axis (``Axis(stack="e")``), or None if it has none. Slice ``k`` of the
+        source moves by its own axes (``{e}`` = k, the source chart), then the slices are re-indexed by the stacked
+        axis' space (the permutation of the experts), if the gauge has it."""
         st = next((a for a in axes if a.stack), None)
         if st is None:
             return None
@@ -187,9 +207,11 @@ class _Expander:
             tuple(m for m in (self(b.filled({st.stack: k}).on(b.axis - (b.axis > st.axis))) for b in others)
                   if m is not None)
             for k in range(n))
-        if not any(slices):
+        order = self(dataclasses.replace(st, stack=None)) if st.space else None
+        if not any(slices) and order is None:
             return ()
-        return (Move(st.axis, torch.arange(n), None, slices=slices),)
+        return (Move(st.axis, order.index if order is not None else torch.arange(n), None, slices=slices,
+                     permutes=order is not None),)
 
 
 def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
@@ -199,6 +221,28 @@ def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
         if placeholder in sp.ranges:
             return int(sp.ranges[placeholder](cfg))
     raise GaugeError(f"spec {spec.name!r}: no space gives a range for the stacked placeholder {{{placeholder}}}")
+
+
+def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool = False) -> dict[str, str]:
+    """``{name: source name}`` of the tensors a gauge renames: names with a carried placeholder (``{e}`` of
+    ``experts.{i}.{e}.up_proj.weight`` in checkpoint files) under a carrier permutation ``sigma`` (``moe.{i}``) hold,
+    at ``e = k``, the moved tensor of ``e = sigma.perm[k]``. Names kept are absent."""
+    carriers = spec.carriers
+    out: dict[str, str] = {}
+    if not carriers:
+        return out
+    for n in names:
+        hit = spec.rule_for(n, files)
+        if hit is None:
+            continue
+        rule, values = hit
+        for ph, tmpl in carriers.items():
+            el = gauge.spaces.get(fill(tmpl, values)) if ph in values else None
+            if el is not None and not el.is_identity:
+                src = fill(rule.pattern, {**values, ph: int(el.perm[int(values[ph])])})
+                if src != n:
+                    out[n] = src
+    return out
 
 
 def moves_for(spec: ArchSpec, config, gauge: Gauge, names: Iterable[str], *, strict: bool = True,
@@ -335,9 +379,10 @@ def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | 
     if _is_rows_cols(src, moves):
         return _RowKernel(src, moves, scratch).rows(0, src.shape[0], out)
     st = _stack(moves)
-    if st is not None:                # fused per-expert tensors: each slice moves on its own
-        for k, sub in enumerate(st.slices):
-            move_tensor(src.select(st.axis, k), sub, out=out.select(st.axis, k), scratch=scratch)
+    if st is not None:                # fused per-expert tensors: each slice moves on its own, to its new place
+        for j in range(len(st.slices)):
+            k = int(st.index[j]) if st.permutes else j
+            move_tensor(src.select(st.axis, k), st.slices[k], out=out.select(st.axis, j), scratch=scratch)
         return out
     # general N-d path (1-D gains and biases, rare higher-rank tensors); index_select always returns a new tensor
     float_bits = moves_as_bits(src)
@@ -392,6 +437,11 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
     if st is not None:                # fused per-expert tensors: each slice (a view) moves in place
         for k, sub in enumerate(st.slices):
             move_tensor_(t.select(st.axis, k), sub, scratch)
+        if st.permutes:               # then whole slices change places (one gather through a scratch copy)
+            bits = as_bits(t)
+            tmp = scratch.like(bits, key="whole")
+            torch.index_select(bits, st.axis, st.index_on(t.device), out=tmp)
+            bits.copy_(tmp)
         return t
     if not _is_rows_cols(t, moves):
         as_bits(t).copy_(as_bits(move_tensor(t, moves, out=scratch.like(t, key="whole"))))

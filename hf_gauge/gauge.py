@@ -1,7 +1,12 @@
 """``Gauge``: one signed permutation per gauge space of a model, mapping model A's chart to model B's.
 
-``x_B = g(x_A)`` on every space. Spaces are named ``"residual"``, ``"mlp.{layer}"`` and ``"attn.{layer}"``; a space
-the gauge does not mention is the identity there. ``(g2 @ g1)`` applies ``g1`` first.
+``x_B = g(x_A)`` on every space. Spaces are named ``"residual"``, ``"mlp.{layer}"``, ``"attn.{layer}"`` and so on
+(the specs' templates); a space the gauge does not mention is the identity there. ``(g2 @ g1)`` applies ``g1`` first.
+
+Carried spaces (``Space.carried_by``: an expert's units ``"experts.{i}.{e}"`` under the permutation of the experts
+``"moe.{i}"``) are indexed in the source chart, so the group is a wreath product: with ``sigma = g["moe.i"]``,
+``g.inverse()["experts.i.k"] = g["experts.i.<sigma.perm[k]>"].inverse()`` and
+``(g2 @ g1)["experts.i.a"] = g2["experts.i.<sigma1^-1(a)>"] @ g1["experts.i.a"]``.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ from typing import Any, Iterator, Mapping
 
 from .errors import GaugeError
 from .group import SignedPermutation
-from .specs import SPECS
+from .specs import SPECS, carried
 
 __all__ = ["Gauge", "check_space_name"]
 
@@ -109,15 +114,43 @@ class Gauge:
 
     # ----------------------------------------------------------------- group law
     def inverse(self) -> "Gauge":
-        return Gauge(spaces={k: v.inverse() for k, v in self.spaces.items()}, source=self.target,
-                     target=self.source, method=self.method, metrics=self.metrics)
+        out: dict[str, SignedPermutation] = {}
+        for name, el in self.spaces.items():
+            c = carried(name)
+            if c is None:
+                out[name] = el.inverse()
+                continue
+            carrier, a, at = c
+            sigma = self.spaces.get(carrier)
+            out[at(a if sigma is None else int(sigma.inverse().perm[a]))] = el.inverse()   # B's slot of A's a
+        return Gauge(spaces=out, source=self.target, target=self.source, method=self.method, metrics=self.metrics)
 
     def __matmul__(self, other: "Gauge") -> "Gauge":
         """``(self @ other)`` applies ``other`` first, then ``self``; missing spaces are the identity."""
         if not isinstance(other, Gauge):
             return NotImplemented
         out: dict[str, SignedPermutation] = {}
+        used: set[str] = set()
+        for name, a in other.spaces.items():           # other's carried spaces meet self's at the moved index
+            c = carried(name)
+            if c is None:
+                continue
+            carrier, idx, at = c
+            s1 = other.spaces.get(carrier)
+            partner = at(idx if s1 is None else int(s1.inverse().perm[idx]))
+            b = self.spaces.get(partner)
+            out[name] = a if b is None else b @ a
+            used.add(partner)
+        for name, b in self.spaces.items():
+            c = carried(name)
+            if c is None or name in used:
+                continue
+            carrier, j, at = c
+            s1 = other.spaces.get(carrier)
+            out[at(j if s1 is None else int(s1.perm[j]))] = b
         for name in set(self.spaces) | set(other.spaces):
+            if name in out or carried(name) is not None:
+                continue
             a, b = other.spaces.get(name), self.spaces.get(name)
             out[name] = b @ a if (a is not None and b is not None) else (b if a is None else a)
         return Gauge(spaces=out, source=other.source, target=self.target, method="composed")

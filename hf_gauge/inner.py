@@ -35,12 +35,12 @@ from .features import match_residual_from_weights
 from .gauge import Gauge
 from .group import SignedPermutation
 from .kinds import get_kind
-from .specs import ArchSpec
+from .specs import ArchSpec, carried
 from .specs.base import Axis, fill
 from .view import ConfigView, ModelView
 
 __all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices",
-           "tensor_axes", "site_of"]
+           "tensor_axes", "has_site", "site_of"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,6 +153,9 @@ def _wanted(v: ModelView, spaces: Iterable[str], layers: Iterable[int] | None) -
             raise GaugeError(f"match_inner matches {', '.join(repr(f) for f in fams)} or single spaces like "
                              f"{inner[0]!r}; got {s!r}")
     out = [s for s in inner if s in spaces or s.split(".")[0] in spaces]
+    carriers = {c[0] for c in map(carried, out) if c is not None}
+    out = [s for s in inner if s in carriers and s not in out] + out     # a carried space needs its carrier
+    out.sort(key=lambda s: s not in carriers)                              # carriers first (stable)
     if layers is not None:
         keep = set(int(i) for i in layers)
         bad = sorted(keep - set(range(v.config.n_layers)))
@@ -166,12 +169,20 @@ def _wanted(v: ModelView, spaces: Iterable[str], layers: Iterable[int] | None) -
 # Data-free
 # ----------------------------------------------------------------------------------------------------------------
 def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residual: SignedPermutation | None,
-                        method: str) -> InnerMatch:
+                        method: str, known: Mapping[str, SignedPermutation] | None = None) -> InnerMatch:
+    """Carriers (``moe.<i>``) are matched before the spaces they carry: A's expert ``a`` is compared with the slot
+    of B that the matched carrier gives it (``Space.carried_by``: carried spaces are indexed in A's chart)."""
     pa, pb = va.params(), vb.params()
     out = InnerMatch(source="weights")
     for space in wanted:
+        other = space
+        c = carried(space)
+        if c is not None:
+            carrier, a, at = c
+            sigma = out.get(carrier, (known or {}).get(carrier))
+            other = at(a if sigma is None else int(sigma.inverse().perm[a]))
         sa = unit_slices(va, space, residual, params=pa)
-        sb = unit_slices(vb, space, None, params=pb)
+        sb = unit_slices(vb, other, None, params=pb)
         out[space], out.confidence[space] = match_slices(va.spec, va.config, space, sa, sb, method)
     return out
 
@@ -242,6 +253,11 @@ def _correlation(stats: PairStats) -> np.ndarray:
     return stats.site_correlation(0).cpu().numpy()
 
 
+def has_site(v: ModelView, space: str) -> bool:
+    """Whether the spec names a module whose input is ``space``'s activation."""
+    return v.spec.parse_space(space)[0] in v.spec.sites.inputs
+
+
 def site_of(v: ModelView, space: str) -> str:
     """The spec path of the module whose input is ``space``'s activation (``Sites.inputs``)."""
     tmpl, values = v.spec.parse_space(space)
@@ -290,12 +306,21 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     wanted = _wanted(va, spaces, layers)
     if not wanted:
         raise GaugeError(f"no inner space selected by spaces={tuple(spaces)} and layers={layers}")
-    if data is not None:
-        out = _inner_from_activations(va, vb, wanted, data, max_stat_bytes, method)
-    else:
+    observed = [s for s in wanted if data is not None and has_site(va, s)]
+    unobserved = [s for s in wanted if s not in observed]
+    out = InnerMatch(source="activations" if observed else "weights")
+    if observed:
+        got = _inner_from_activations(va, vb, observed, data, max_stat_bytes, method)
+        out.update(got)
+        out.confidence.update(got.confidence)
+    if unobserved:          # data-free, or spaces no module's input shows (MoE experts): from the weights
         res = _as_residual(residual)
         if res is None:
             res = match_residual_from_weights(va, vb)[0].element
-        out = _inner_from_weights(va, vb, wanted, res, method)
+        got = _inner_from_weights(va, vb, unobserved, res, method, known=out)
+        for s in unobserved:
+            out[s] = got[s]
+            out.confidence[s] = {**got.confidence[s], "source": "weights"}
+    out = InnerMatch({s: out[s] for s in wanted}, confidence=out.confidence, source=out.source)
     return out
 

@@ -8,6 +8,9 @@ two models' units are assigned from a similarity, and how activation statistics 
 - ``units``: independent hidden units (SwiGLU / GELU MLP units, an expert's units): any permutation, signs per the
   spec's sign rule.
 - ``heads``: attention query heads: permutations that move KV groups as wholes (``grouped``).
+- ``experts``: the experts of a mixture-of-experts layer as wholes (router rows with every tensor of the expert):
+  permutations only (the router's softmax is not odd). An expert's own units form a space carried by it
+  (``Space.carried_by``). Matched from the router rows, which read the residual.
 
 A new architecture with another kind registers a ``Kind`` (``register_kind``) and names it in its spec.
 """
@@ -22,7 +25,7 @@ from .assign import UnitSlice, head_assignment, match_correlation, match_units, 
 from .errors import GaugeError
 from .group import SignedPermutation
 
-__all__ = ["Kind", "ResidualKind", "UnitsKind", "HeadsKind", "KINDS", "register_kind", "get_kind"]
+__all__ = ["Kind", "ResidualKind", "UnitsKind", "HeadsKind", "ExpertsKind", "KINDS", "register_kind", "get_kind"]
 
 
 class Kind:
@@ -155,6 +158,18 @@ class HeadsKind(Kind):
         return head_assignment(C, n // self.group_size(n, cfg))
 
 
+class ExpertsKind(UnitsKind):
+    """The experts of one MoE layer: ``perm[k]`` is the expert that slot ``k`` takes (router row k with it)."""
+
+    name = "experts"
+
+    def check(self, name: str, el: SignedPermutation, rule: str, cfg: Any) -> None:
+        if not el.is_permutation:
+            raise GaugeError(f"space {name!r} permutes whole experts: the router's softmax admits no sign flip of an "
+                             f"expert, but the gauge has {int((el.sign < 0).sum())} negative signs")
+        super().check(name, el, rule, cfg)
+
+
 KINDS: dict[str, Kind] = {}
 
 
@@ -173,5 +188,5 @@ def get_kind(name: str) -> Kind:
         raise GaugeError(f"unknown gauge-space kind {name!r}; registered kinds: {', '.join(KINDS)}") from None
 
 
-for _k in (ResidualKind(), UnitsKind(), HeadsKind()):
+for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind()):
     register_kind(_k)

@@ -181,7 +181,7 @@ def random_gauge(model: Any, seed: int = 0, group: str = "signed",
     """A reproducible random gauge of ``model``'s symmetry group.
 
     ``group="signed"`` draws from the full group (B_d on RMSNorm residuals; on LayerNorm, a permutation and one
-    random global sign), ``"permutation"`` from S_d. ``spaces`` picks concrete spaces (``"residual"``,
+    random global sign), ``"permutation"`` from S_d. ``spaces`` (``"all"`` for every space) picks concrete spaces (``"residual"``,
     ``"mlp.3"``) or every space of a template's family by its first name part (``"mlp"``, ``"attn"``).
     """
     if group not in ("signed", "permutation"):
@@ -203,9 +203,11 @@ def random_gauge(model: Any, seed: int = 0, group: str = "signed",
 
 def select_spaces(spec, sizes: dict[str, int], spaces: Iterable[str]) -> list[str]:
     """Concrete spaces selected by ``spaces``: names (``"mlp.3"``) or families (``"mlp"``: every space whose
-    template starts with ``mlp.``); ``GaugeError`` for a selector that selects nothing."""
+    template starts with ``mlp.``), or ``"all"``; ``GaugeError`` for a selector that selects nothing."""
     spaces = (spaces,) if isinstance(spaces, str) else tuple(spaces)
     fams = {t.split(".")[0] for t in spec.spaces}
+    if spaces == ("all",):
+        return list(sizes)
     unknown = [s for s in spaces if s not in sizes and s not in fams]
     wanted = [s for s in sizes if s in spaces or s.split(".")[0] in spaces]
     if unknown or not wanted:

@@ -14,10 +14,11 @@ import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
 from hf_gauge.engine import axes_for, move_tensor_, moves_for
 from hf_gauge.specs import SPECS, Rule, get_spec
+from hf_gauge.view import ConfigView
 
 TINY = json.loads((Path(__file__).parent / "tiny_configs.json").read_text())
 MODEL_TYPES = sorted(SPECS)
-FULL = ("residual", "mlp", "attn")
+FULL = "all"          # random_gauge: every space family of the model's spec
 VOCAB = TINY["_common"]["vocab_size"]
 
 
@@ -206,8 +207,19 @@ def _apply_by_hand(model, spec, gauge):
         move_tensor_(params[n].data, mv)
 
 
-@pytest.mark.parametrize("space", ["residual", "mlp.0", "attn.1"])
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def _one_space_per_template() -> list[tuple[str, str]]:
+    """(model_type, space): for every space template of every spec, one instance (layer 1 where the template has a
+    layer, every other placeholder 1 where it exists)."""
+    out = []
+    for mt in MODEL_TYPES:
+        sizes = get_spec(mt).space_sizes(ConfigView(tiny_config(mt)))
+        for tmpl in get_spec(mt).spaces:
+            names = [n for n in sizes if get_spec(mt).parse_space(n)[0] == tmpl]
+            out.append((mt, names[min(1, len(names) - 1)]))
+    return out
+
+
+@pytest.mark.parametrize("model_type,space", _one_space_per_template())
 def test_refused_signs_would_break_the_function(model_type, space, ids):
     """Where the spec admits no sign (LayerNorm residuals, GELU MLP units, heads, norm gains, gate rows), signs
     applied anyway change the logits; where the spec admits signs, the admitted gauge preserves them."""

@@ -1,8 +1,8 @@
 """Extending hf_gauge without touching library code: a spec with a new space kind registered inside this test.
 
-The model is a tiny transformers ``qwen3_moe`` (not a supported architecture of the library): its experts live fused
+The model is a tiny transformers ``olmoe`` (not a supported architecture of the library): its experts live fused
 in memory (``gate_up_proj [E, 2*ff, d]``, ``down_proj [E, d, ff]``) but per expert on disk
-(``experts.{e}.gate_proj.weight``, ...). The spec declares per-expert unit spaces ``experts.{i}.{e}`` of a new kind,
+(``experts.{e}.gate_proj.weight``, ...). The spec declares per-expert unit spaces ``units.{i}.{e}`` of a new kind,
 a stacked axis over ``{e}``, a segmented ``[gate | up]`` axis, and checkpoint-file rules for the on-disk names.
 """
 from __future__ import annotations
@@ -20,20 +20,20 @@ L = "model.layers.{i}."
 Q = Axis(0, "attn.{i}", signed=False, block="head_dim")
 KV = Axis(0, "attn.{i}", signed=False, block="head_dim", kv=True)
 O = Axis(1, "attn.{i}", signed=False, block="head_dim")
-E_GATE = Axis(0, "experts.{i}.{e}", signed=False)      # SiLU gate rows: permuted only
-E_UP = Axis(0, "experts.{i}.{e}")                      # up rows: signed
-E_DOWN = Axis(1, "experts.{i}.{e}")                    # down columns: signed
+E_GATE = Axis(0, "units.{i}.{e}", signed=False)      # SiLU gate rows: permuted only
+E_UP = Axis(0, "units.{i}.{e}")                      # up rows: signed
+E_DOWN = Axis(1, "units.{i}.{e}")                    # down columns: signed
 
 
 def moe_spec() -> ArchSpec:
     return ArchSpec(
-        name="toy_qwen3_moe",
-        model_types=("qwen3_moe",),
+        name="toy_olmoe",
+        model_types=("olmoe",),
         norm="rmsnorm",
         spaces={
             "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
             "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads", kind="heads"),
-            "experts.{i}.{e}": Space(lambda c: c.moe_intermediate_size, "any", "units of expert e in layer i",
+            "units.{i}.{e}": Space(lambda c: c.intermediate_size, "any", "units of expert e in layer i",
                                      kind="expert_units", ranges={"e": lambda c: c.num_experts}),
         },
         rules=(
@@ -42,12 +42,12 @@ def moe_spec() -> ArchSpec:
             Rule(L + "self_attn.k_proj.weight", reads(KV)),
             Rule(L + "self_attn.v_proj.weight", reads(KV)),
             Rule(L + "self_attn.o_proj.weight", writes(O)),
-            Rule(L + "self_attn.q_norm.weight", ()),
-            Rule(L + "self_attn.k_norm.weight", ()),
+            Rule(L + "self_attn.q_norm.weight", (Q,)),        # OLMoE: q/k RMSNorm over the whole projection
+            Rule(L + "self_attn.k_norm.weight", (KV,)),
             Rule(L + "mlp.gate.weight", reads()),       # router [E, d]
             # fused in memory: [E, gate|up, d] and [E, d, ff], one expert per slice of axis 0
             Rule(L + "mlp.experts.gate_up_proj", (Axis(0, stack="e"), segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
-            Rule(L + "mlp.experts.down_proj", (Axis(0, stack="e"), Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
+            Rule(L + "mlp.experts.down_proj", (Axis(0, stack="e"), Axis(1, "residual"), Axis(2, "units.{i}.{e}"))),
             Rule(L + "input_layernorm.weight", gain()),
             Rule(L + "post_attention_layernorm.weight", gain()),
             Rule("model.norm.weight", gain()),
@@ -68,15 +68,14 @@ def moe_spec() -> ArchSpec:
 def toy(monkeypatch):
     """Register the kind and the spec for this test only."""
     monkeypatch.setitem(KINDS, "expert_units", UnitsKind("expert_units"))
-    monkeypatch.setitem(SPECS, "qwen3_moe", moe_spec())
+    monkeypatch.setitem(SPECS, "olmoe", moe_spec())
 
 
 def tiny_moe(seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
-                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                               num_experts=4, num_experts_per_tok=2, vocab_size=64, decoder_sparse_step=1,
-                               mlp_only_layers=[], tie_word_embeddings=False)
+    cfg = AutoConfig.for_model("olmoe", hidden_size=32, intermediate_size=16, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+                               vocab_size=64, tie_word_embeddings=False, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(seed)
     m = AutoModelForCausalLM.from_config(cfg).eval()
     with torch.no_grad():
@@ -95,10 +94,10 @@ def _logits(m):
 
 
 def test_unregistered_architecture_is_refused():
-    with pytest.raises(GaugeError, match="unsupported architecture model_type='qwen3_moe'"):
+    with pytest.raises(GaugeError, match="unsupported architecture model_type='olmoe'"):
         random_gauge(tiny_moe())
-    with pytest.raises(GaugeError, match="unknown gauge space 'experts.0.1'"):
-        Gauge(spaces={"experts.0.1": SignedPermutation.identity(16)})
+    with pytest.raises(GaugeError, match="unknown gauge space 'units.0.1'"):
+        Gauge(spaces={"units.0.1": SignedPermutation.identity(16)})
 
 
 def test_random_apply_inverse_on_new_kind(toy):
@@ -106,11 +105,11 @@ def test_random_apply_inverse_on_new_kind(toy):
     assert len(hf_gauge.gauge_spaces(m)) == 1 + 2 + 2 * 4
     before = {k: v.clone() for k, v in m.state_dict().items()}
     ref = _logits(m)
-    g = random_gauge(m, seed=3, spaces=("residual", "attn", "experts"))
-    assert "experts.1.3" in g.spaces and not g["experts.1.3"].is_permutation
+    g = random_gauge(m, seed=3, spaces=("residual", "attn", "units"))
+    assert "units.1.3" in g.spaces and not g["units.1.3"].is_permutation
     apply_gauge(m, g)
     e = m.model.layers[1].mlp.experts
-    el, ff = g["experts.1.3"], 16
+    el, ff = g["units.1.3"], 16
     up_before = before["model.layers.1.mlp.experts.gate_up_proj"][3, ff:]
     res = g.residual
     want_up = (up_before[el.perm] * el.sign[:, None].float())[:, res.perm] * res.sign.float()
@@ -120,13 +119,13 @@ def test_random_apply_inverse_on_new_kind(toy):
     for k, v in m.state_dict().items():
         assert torch.equal(v, before[k]), k
     with pytest.raises(GaugeError, match="not a gauge space|unknown gauge space"):
-        Gauge(spaces={"experts.01.3": SignedPermutation.identity(16)})
+        Gauge(spaces={"units.01.3": SignedPermutation.identity(16)})
 
 
 def test_match_recovers_expert_units_data_free(toy):
     a = tiny_moe()
     b = tiny_moe()
-    hidden = random_gauge(b, seed=4, spaces=("residual", "attn", "experts"))
+    hidden = random_gauge(b, seed=4, spaces=("residual", "attn", "units"))
     apply_gauge(b, hidden)
     found = hf_gauge.find_gauge(a, b, spaces="all")
     assert set(found.spaces) == set(hidden.spaces)
@@ -138,7 +137,7 @@ def test_stream_apply_uses_file_names(toy, tmp_path):
     from transformers import AutoModelForCausalLM
     m = tiny_moe()
     m.save_pretrained(tmp_path / "src")
-    g = random_gauge(m, seed=5, spaces=("residual", "attn", "experts"))
+    g = random_gauge(m, seed=5, spaces=("residual", "attn", "units"))
     apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
     apply_gauge(m, g)
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
@@ -149,13 +148,13 @@ def test_stream_apply_uses_file_names(toy, tmp_path):
 def test_canonical_chart_and_inner_defaults_cover_the_new_kind(toy):
     a = tiny_moe()
     b = tiny_moe()
-    apply_gauge(b, random_gauge(b, seed=6, spaces=("residual", "attn", "experts")))
+    apply_gauge(b, random_gauge(b, seed=6, spaces=("residual", "attn", "units")))
     hf_gauge.canonicalize(a)
     hf_gauge.canonicalize(b)
     for k, v in a.state_dict().items():
         assert torch.equal(b.state_dict()[k], v), k
     inner = hf_gauge.match_inner(a, b)                       # default: every non-residual family of the spec
-    assert {s.split(".")[0] for s in inner} == {"attn", "experts"}
+    assert {s.split(".")[0] for s in inner} == {"attn", "units"}
 
 
 def test_selecting_a_family_the_spec_lacks_is_refused(toy):

@@ -1,18 +1,22 @@
 """Registry of architecture specs keyed by ``config.model_type``. Adding an architecture = adding a spec file."""
 from __future__ import annotations
 
+from typing import Callable
+
 from ..errors import GaugeError
-from .base import ArchSpec, Axis, Rule, Sites, Space
+from .base import ArchSpec, Axis, Rule, Sites, Space, fill, template_regex
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
 from .gpt_neox import GPT_NEOX
 from .granite import GRANITE
 from .llama import LLAMA
+from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .phi3 import PHI3
 from .smollm3 import SMOLLM3
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
-                                                                        OLMO2, PHI3) for mt in spec.model_types}
+                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+                            for mt in spec.model_types}
 
 
 def supported_model_types() -> list[str]:
@@ -22,6 +26,20 @@ def supported_model_types() -> list[str]:
 def space_families() -> list[str]:
     """Every space family declared by a registered spec (``ArchSpec.families``), sorted; torch-free."""
     return sorted({f for spec in SPECS.values() for f in spec.families})
+
+
+def carried(space: str) -> tuple[str, int, Callable[[int], str]] | None:
+    """A space carried by another (``Space.carried_by``): ``"experts.3.5"`` -> ``("moe.3", 5, k -> "experts.3.k")``
+    (the carrier's name, the index the space has among the carrier's elements, the name at another index); None for
+    every other name. Space templates mean the same in every spec, so any spec that declares the template answers."""
+    for spec in {id(s): s for s in SPECS.values()}.values():
+        for tmpl, sp in spec.spaces.items():
+            for ph, carrier in sp.carried_by.items():
+                m = template_regex(tmpl).match(space)
+                if m:
+                    values = m.groupdict()
+                    return fill(carrier, values), int(values[ph]), lambda k, v=values, t=tmpl, p=ph: fill(t, {**v, p: k})
+    return None
 
 
 def get_spec(model_or_config_or_type) -> ArchSpec:
@@ -38,4 +56,4 @@ def get_spec(model_or_config_or_type) -> ArchSpec:
     return SPECS[mt]
 
 
-__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "get_spec", "space_families", "supported_model_types"]
+__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "carried", "get_spec", "space_families", "supported_model_types"]

@@ -93,6 +93,12 @@ def segmented(axis: int, *parts: Axis) -> Axis:
 class Space:
     """A gauge space template: its size from the config, the signs the architecture admits, and its kind.
 
+    ``carried_by`` maps a placeholder to the space whose elements it indexes: ``"experts.{i}.{e}"`` with
+    ``{"e": "moe.{i}"}`` is carried by the permutation of layer i's experts. Its elements are indexed in the SOURCE
+    chart (A's expert ``e``): under ``moe.i = sigma``, B's expert ``k`` is A's expert ``sigma.perm[k]`` moved by
+    ``experts.i.<sigma.perm[k]>``. Composition and inverse follow this wreath-product law (``Gauge.__matmul__``),
+    stacked axes over ``{e}`` move the slices, and checkpoint tensors named with ``{e}`` are renamed.
+
     ``ranges`` gives each placeholder's count from the config (default: ``{i}`` -> number of layers). ``per_layer``
     is the legacy flag (a template with ``{i}`` is per layer anyway). ``kind=None`` is filled by the spec: residual
     for ``"residual"``, units for ``"mlp.{i}"``, heads for ``"attn.{i}"`` (the legacy shorthand).
@@ -104,6 +110,7 @@ class Space:
     per_layer: bool = False
     kind: str | None = None
     ranges: Mapping[str, Callable[[object], int]] = field(default_factory=dict)
+    carried_by: Mapping[str, str] = field(default_factory=dict)
 
 
 _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
@@ -173,6 +180,14 @@ class ArchSpec:
                         raise GaugeError(f"spec {self.name!r}: space {tmpl!r} has no range for placeholder {{{ph}}}")
                     ranges[ph] = _n_layers
             spaces[tmpl] = dataclasses.replace(sp, kind=kind, ranges=ranges, per_layer="i" in ranges)
+        for tmpl, sp in spaces.items():
+            for ph, carrier in sp.carried_by.items():
+                if ph not in sp.ranges or carrier not in spaces:
+                    raise GaugeError(f"spec {self.name!r}: space {tmpl!r} is carried along {{{ph}}} by {carrier!r}, "
+                                     "which needs that placeholder and a space template of that name")
+                if spaces[carrier].signs != "none" or set(placeholders(carrier)) - set(placeholders(tmpl)):
+                    raise GaugeError(f"spec {self.name!r}: carrier {carrier!r} must be a permutation space whose "
+                                     f"placeholders all appear in {tmpl!r}")
         object.__setattr__(self, "spaces", spaces)
 
     @property
@@ -194,12 +209,8 @@ class ArchSpec:
     def match(self, name: str, files: bool = False) -> tuple[Axis, ...] | None:
         """Axes of parameter ``name`` with its placeholders filled in, or None when no rule covers it.
         ``files=True`` also consults ``file_rules`` (names as checkpoint files store them)."""
-        for rx, rule in self.compiled(files):
-            m = rx.match(name)
-            if m:
-                values = m.groupdict()
-                return tuple(a.filled(values) for a in rule.axes)
-        return None
+        hit = self.rule_for(name, files)
+        return None if hit is None else tuple(a.filled(hit[1]) for a in hit[0].axes)
 
     # ---------------------------------------------------------------- space names
     def _space_rx(self) -> list[tuple[re.Pattern, str]]:
@@ -239,6 +250,20 @@ class ArchSpec:
             for n in names:
                 out[n] = size
         return out
+
+    @property
+    def carriers(self) -> dict[str, str]:
+        """``{placeholder: carrier template}`` over every space (``{"e": "moe.{i}"}``): tensors whose names or
+        stacked axes carry that placeholder are re-indexed by the carrier's permutation."""
+        return {ph: c for sp in self.spaces.values() for ph, c in sp.carried_by.items()}
+
+    def rule_for(self, name: str, files: bool = False) -> tuple[Rule, dict[str, str]] | None:
+        """The rule covering ``name`` and its placeholder values, or None."""
+        for rx, rule in self.compiled(files):
+            m = rx.match(name)
+            if m:
+                return rule, m.groupdict()
+        return None
 
     def spaces_of_kind(self, *kinds: str) -> list[str]:
         return [t for t, sp in self.spaces.items() if sp.kind in kinds]

@@ -23,10 +23,12 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..engine import check_gauge
+from ..engine import check_gauge, move_tensor, segment_spans, stack_count
 from ..errors import GaugeError
 from ..jsonio import read_json
 from ..specs import ArchSpec
+from ..specs.base import template_regex
+from ..view import resolve_name
 from . import register
 from ._io import (GAUGE_RECORD_FILE, atomic_dir, copy_other_files, gauge_fingerprint, move_named, moves_for_names,
                   read_safetensors, spec_and_config, write_record)
@@ -64,8 +66,68 @@ def transport_adapter_state(gauge, sd: Mapping[str, torch.Tensor], *, model_type
                                    what="adapter")
     if config.known:
         check_gauge(spec, config, gauge)
-    plan = moves_for_names(spec, config, gauge, sd.keys())
-    return move_named(plan, dict(sd))
+    views = param_wrapper_views(spec, config, sd)
+    plan = moves_for_names(spec, config, gauge, [views[k][0] if k in views else k for k in sd])
+    out = move_named(plan, {k: v for k, v in sd.items() if k not in views})
+    for k, (name, shape) in views.items():
+        t = sd[k].detach()
+        try:
+            out[k] = move_tensor(t.reshape(shape), plan[name]).reshape(t.shape)
+        except GaugeError as e:
+            raise GaugeError(f"{k}: {e}") from None
+    return {k: out[k] for k in sd}
+
+
+def param_wrapper_views(spec: ArchSpec, config: Any, sd: Mapping[str, torch.Tensor]
+                        ) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """PEFT ``ParamWrapper`` factors of stacked parameters (LoRA on fused MoE experts ``[E, out, in]``):
+    ``{key: (name the spec covers, view shape)}``. PEFT names them after the experts module (``experts.lora_A``,
+    ``experts.base_layer.lora_A`` when two parameters are wrapped), so the parameter is identified by shape: the
+    wrapper's ``lora_A [E * r, in]`` and ``lora_B [out, r * E]`` must fit exactly one stacked parameter of that
+    module (``in`` and ``out`` of two experts' parameters never both agree: gate|up is ``[2 ff, d]``, down ``[d, ff]``).
+    Views: ``lora_A`` as ``[E, r, in]``, ``lora_B`` as ``[out, r, E]`` (PEFT's layout)."""
+    stacked = [r for r in spec.rules if any(a.stack for a in r.axes)]
+    groups: dict[str, list[tuple[str, str, str]]] = {}
+    if stacked:
+        for k in sd:
+            base, role = resolve_name(k)
+            if role in ("lora_A", "lora_B") and base.endswith(".weight") and spec.match(base) is None:
+                wrapper = k.replace(".lora_A", ".lora_*").replace(".lora_B", ".lora_*")
+                groups.setdefault(wrapper, []).append((k, base[: -len(".weight")], role))
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for wrapper, members in groups.items():
+        if not config.known:
+            raise GaugeError(f"{members[0][0]}: a LoRA on fused MoE experts needs the model's sizes: pass config= "
+                             "(the base model's config) or model=")
+        fits = []
+        for rule in stacked:
+            module_t, _, param = rule.pattern.rpartition(".")
+            m = template_regex(module_t).match(members[0][1])
+            if m is None:
+                continue
+            st = next(a.stack for a in rule.axes if a.stack)
+            axes = tuple(a.filled({**m.groupdict(), st: 0}) for a in rule.axes)    # every expert has one shape
+            n = stack_count(spec, config, st)
+            dims = {a.axis: sum(span for _, span, _ in segment_spans(spec, config, a)) for a in axes if not a.stack}
+            shapes = {}
+            for k, _, role in members:
+                t = sd[k]
+                ok = t.dim() == 2 and (t.shape[1] == dims.get(2) and t.shape[0] % n == 0 if role == "lora_A"
+                                       else t.shape[0] == dims.get(1) and t.shape[1] % n == 0)
+                if not ok:
+                    break
+                shapes[k] = ((n, t.shape[0] // n, t.shape[1]) if role == "lora_A"
+                             else (t.shape[0], t.shape[1] // n, n))
+            else:
+                fits.append((f"{members[0][1]}.{param}", shapes))
+        if len(fits) != 1:
+            raise GaugeError(f"{members[0][0]}: a LoRA factor on fused experts that fits "
+                             f"{'no' if not fits else 'more than one'} stacked parameter of the {spec.name!r} spec "
+                             f"(shape {tuple(sd[members[0][0]].shape)}); was the adapter made for another model?")
+        param_name, shapes = fits[0]
+        for k, _, role in members:
+            out[k] = (f"{param_name}.{role}.weight", shapes[k])
+    return out
 
 
 def _is_peft_model(o: Any) -> bool:

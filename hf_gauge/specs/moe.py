@@ -1,0 +1,136 @@
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE (pre-RMSNorm, GQA attention, top-k routed SwiGLU experts).
+
+Residual group B_d (RMSNorm), as for Llama: the router ``mlp.gate [E, d]`` reads the residual like any linear. Inside
+each MoE layer i:
+- ``moe.{i}``: the experts as wholes, permutations only. Slot ``k`` takes expert ``perm[k]``: its router row and
+  every weight of the expert move together (a sign would negate a router logit, and softmax is not odd).
+- ``experts.{i}.{e}``: the hidden units of expert ``e`` (SwiGLU: any permutation; signs on the up row / down column
+  pair, never the gate row). Carried by ``moe.{i}`` and indexed by the SOURCE expert (see ``Space.carried_by``).
+- ``shared.{i}`` (Qwen2-MoE): the always-on shared expert's units, as a dense SwiGLU MLP; its sigmoid gate
+  ``shared_expert_gate [1, d]`` reads the residual.
+- ``attn.{i}``: query heads within KV groups, KV groups as wholes (Qwen2-MoE's q/k/v biases and Qwen3-MoE's per-head
+  q_norm / k_norm live in head space).
+
+In memory (transformers >= 5) the experts are fused: ``experts.gate_up_proj [E, 2 ff, d]`` (rows ``[gate | up]``)
+and ``experts.down_proj [E, d, ff]``; checkpoint files store one tensor per expert, which ``file_rules`` name
+(Mixtral: ``block_sparse_moe.experts.{e}.w1`` gate, ``w3`` up, ``w2`` down).
+Layers with a dense MLP instead of experts (Qwen ``mlp_only_layers``, ``decoder_sparse_step > 1``) are refused.
+"""
+from __future__ import annotations
+
+from ..errors import GaugeError
+from .base import ArchSpec, Axis, Rule, Sites, Space, gain, reads, segmented, writes
+from .decoder import HEAD_RULES, attention_rules, head_dim
+
+L = "model.layers.{i}."
+ROUTER_ROWS = Axis(0, "moe.{i}", signed=False)
+EXPERT_SLICES = Axis(0, "moe.{i}", signed=False, stack="e")
+E_GATE = Axis(0, "experts.{i}.{e}", signed=False)      # SiLU gate rows: permuted only
+E_UP = Axis(0, "experts.{i}.{e}")                      # up rows: signed
+E_DOWN = Axis(1, "experts.{i}.{e}")                    # down columns: signed
+S_GATE, S_UP, S_DOWN = Axis(0, "shared.{i}", signed=False), Axis(0, "shared.{i}"), Axis(1, "shared.{i}")
+
+
+def _sparse_everywhere(config) -> None:
+    if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1) or 1) != 1:
+        raise GaugeError(f"this {config.model_type} config mixes dense and MoE layers (mlp_only_layers="
+                         f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step="
+                         f"{getattr(config, 'decoder_sparse_step', None)}); hf_gauge supports MoE models whose every "
+                         "layer routes to experts")
+
+
+def _qwen_experts(config) -> int:
+    _sparse_everywhere(config)
+    return config.num_experts
+
+
+def _spaces(n_experts, expert_size, shared: bool) -> dict[str, Space]:
+    out = {
+        "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
+        "moe.{i}": Space(n_experts, "none", "the experts of layer i, as wholes (router rows with them)",
+                         kind="experts"),
+        "experts.{i}.{e}": Space(expert_size, "any", "hidden units of expert e of layer i (source chart)",
+                                 kind="units", ranges={"e": n_experts}, carried_by={"e": "moe.{i}"}),
+    }
+    if shared:
+        out["shared.{i}"] = Space(lambda c: c.shared_expert_intermediate_size, "any",
+                                  "hidden units of layer i's shared expert", kind="units")
+    return out
+
+
+def _rules(shared: bool) -> tuple[Rule, ...]:
+    m = L + "mlp."
+    rules = (Rule("model.embed_tokens.weight", reads()),) + attention_rules(L) + (
+        Rule(m + "gate.weight", reads(ROUTER_ROWS)),
+        Rule(m + "experts.gate_up_proj", (EXPERT_SLICES, segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
+        Rule(m + "experts.down_proj", (EXPERT_SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
+    )
+    if shared:
+        rules += (
+            Rule(m + "shared_expert.gate_proj.weight", reads(S_GATE)),
+            Rule(m + "shared_expert.up_proj.weight", reads(S_UP)),
+            Rule(m + "shared_expert.down_proj.weight", writes(S_DOWN)),
+            Rule(m + "shared_expert_gate.weight", reads()),
+        )
+    return rules + (
+        Rule(L + "input_layernorm.weight", gain()),
+        Rule(L + "post_attention_layernorm.weight", gain()),
+        Rule("model.norm.weight", gain()),
+        Rule("lm_head.weight", reads()),
+        *HEAD_RULES,
+    )
+
+
+def _file_rules(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
+    """Per-expert checkpoint names (``{e}`` renamed under ``moe.{i}``) and the router's on-disk name."""
+    e = L + block + ".experts.{e}."
+    return (
+        Rule(L + block + ".gate.weight", reads(ROUTER_ROWS)),
+        Rule(e + gate + ".weight", reads(E_GATE)),
+        Rule(e + up + ".weight", reads(E_UP)),
+        Rule(e + down + ".weight", writes(E_DOWN)),
+    )
+
+
+def _sites(shared: bool) -> Sites:
+    inputs = {"attn.{i}": L + "self_attn.o_proj"}
+    if shared:
+        inputs["shared.{i}"] = L + "mlp.shared_expert.down_proj"
+    # moe.{i} and experts.{i}.{e} have no module whose input is their activation (the fused experts loop over
+    # slices functionally): they are matched from weights, also when activations are given
+    return Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens", inputs=inputs)
+
+
+MIXTRAL = ArchSpec(
+    name="mixtral",
+    model_types=("mixtral",),
+    norm="rmsnorm",
+    spaces=_spaces(lambda c: c.num_local_experts, lambda c: c.intermediate_size, shared=False),
+    rules=_rules(shared=False),
+    file_rules=_file_rules("block_sparse_moe", "w1", "w3", "w2"),
+    dims=head_dim,
+    sites=_sites(shared=False),
+)
+
+QWEN2_MOE = ArchSpec(
+    name="qwen2_moe",
+    model_types=("qwen2_moe",),
+    norm="rmsnorm",
+    spaces=_spaces(_qwen_experts, lambda c: c.moe_intermediate_size, shared=True),
+    rules=_rules(shared=True),
+    file_rules=_file_rules("mlp", "gate_proj", "up_proj", "down_proj"),
+    dims=head_dim,
+    sites=_sites(shared=True),
+)
+
+QWEN3_MOE = ArchSpec(
+    name="qwen3_moe",
+    model_types=("qwen3_moe",),
+    norm="rmsnorm",
+    spaces=_spaces(_qwen_experts, lambda c: c.moe_intermediate_size, shared=False),
+    rules=_rules(shared=False),
+    file_rules=_file_rules("mlp", "gate_proj", "up_proj", "down_proj"),
+    dims=head_dim,
+    sites=_sites(shared=False),
+)
