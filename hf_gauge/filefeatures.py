@@ -32,6 +32,8 @@ from .engine import Scratch, axes_for, resolve_name
 from .errors import GaugeError
 from .features import WeightFeatures, feature_correlation
 from .specs import ArchSpec, get_spec
+from .specs.base import fill
+from .view import ConfigView
 
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
@@ -56,7 +58,7 @@ class CheckpointFiles:
         self.folder = resolve_checkpoint(src, revision=revision, **hub)
         self.label = label or str(src)
         try:
-            self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=False)
+            self.config = ConfigView(AutoConfig.from_pretrained(self.folder, trust_remote_code=False))
         except (OSError, ValueError) as e:
             raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
         self.spec: ArchSpec = get_spec(self.config)
@@ -240,7 +242,7 @@ def _feature_tensors(fa: CheckpointFiles, fb: CheckpointFiles) -> list[str]:
     for name in fa.names():
         if resolve_name(name)[1] != "weight" or _tied_copy(fa, name):
             continue
-        axes = axes_for(fa.spec, name)
+        axes = axes_for(fa.spec, name, files=True)
         if not axes or not any(a.space == "residual" for a in axes):
             continue
         if name not in fb.entries or fb.shape(name) != fa.shape(name):
@@ -325,8 +327,9 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
+    carried: dict[str, list[torch.Tensor]] = {}        # per-expert tensors: one feature per expert family
     for name in _feature_tensors(fa, fb):
-        axes = axes_for(fa.spec, name)
+        axes = axes_for(fa.spec, name, files=True)
         res = next(a for a in axes if a.space == "residual")
         others = [a for a in axes if a is not res]
         shape = fa.shape(name)
@@ -352,8 +355,18 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
             ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
         else:                                            # slice norms: blind to inner gauges and signs
-            ua.append(_slice_norms(fa, name, res.axis, work)[:, None])
-            ub.append(_slice_norms(fb, name, res.axis, work)[:, None])
+            na, nb = _slice_norms(fa, name, res.axis, work), _slice_norms(fb, name, res.axis, work)
+            key = _expert_family(fa.spec, name)
+            if key is None:
+                ua.append(na[:, None])
+                ub.append(nb[:, None])
+            else:                                        # A's expert e may be B's expert k: pool the experts
+                acc = carried.setdefault(key, [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)])
+                acc[0] += na * na
+                acc[1] += nb * nb
+    for sq_a, sq_b in carried.values():
+        ua.append(sq_a.sqrt()[:, None])
+        ub.append(sq_b.sqrt()[:, None])
     if signed.n:
         cos = signed.cosine()
     else:
@@ -364,6 +377,17 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     inv_b = torch.cat(ub, 1) if ub else empty
     agree = feature_correlation(WeightFeatures(empty, inv_a), WeightFeatures(empty, inv_b))   # ones * agreement
     return cos.mul_(agree), {"n_signed": signed.n, "n_invariant": int(inv_a.shape[1])}
+
+
+def _expert_family(spec: ArchSpec, name: str) -> str | None:
+    """For a tensor stored once per expert (a name with a carried placeholder, ``experts.{e}.w1``): the name with
+    that placeholder left open, so that one feature pools every expert (their order differs between charts)."""
+    hit = spec.rule_for(name, files=True)
+    if hit is None:
+        return None
+    rule, values = hit
+    open_ = [ph for ph in spec.carriers if ph in values]
+    return fill(rule.pattern, {k: v for k, v in values.items() if k not in open_}) if open_ else None
 
 
 def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
@@ -401,7 +425,7 @@ def layer_tensors(files: CheckpointFiles, spaces: set[str]) -> dict[str, torch.T
     """Every tensor with an axis in one of ``spaces`` (e.g. ``{"mlp.3", "attn.3"}``), read whole, stored dtype."""
     out = {}
     for name in sorted(files.entries):                   # one order for both checkpoints, whatever their sharding
-        axes = axes_for(files.spec, name)
-        if axes and any(a.space in spaces for a in axes):
+        axes = axes_for(files.spec, name, files=True)
+        if axes and any(sp in spaces for a in axes for sp in (a.space, *a.spaces)):
             out[name] = files.read(name)
     return out

@@ -10,6 +10,8 @@ for inner spaces; never a whole model. Live models (or ``data=``) go to ``match.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 from typing import Any, Sequence
 
@@ -21,6 +23,7 @@ from .filefeatures import CheckpointFiles, layer_tensors, residual_correlation
 from .gauge import Gauge
 from .group import SignedPermutation
 from .inner import match_slices, slices_from
+from .specs import carried
 from .match import find_gauge as find_gauge_models
 from .match import match_correlation, select_families
 from .models import gain_fingerprint
@@ -118,9 +121,17 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
                 if not layer:
                     continue
                 pa, pb = layer_tensors(fa, set(layer)), layer_tensors(fb, set(layer))
-                for space in layer:
-                    sa = slices_from(fa.spec, fa.config, space, pa, m.element)
-                    sb = slices_from(fb.spec, fb.config, space, pb, None)
+                for space in sorted(layer, key=lambda sp: carried(sp) is not None):    # carriers first
+                    other = space
+                    c = carried(space)
+                    if c is not None:           # A's expert a is B's slot sigma^-1(a) (Space.carried_by)
+                        carrier, a, at = c
+                        sigma = extra.get(carrier)
+                        other = at(a if sigma is None else int(sigma.inverse().perm[a]))
+                    sa = slices_from(fa.spec, fa.config, space, pa, m.element, files=True)
+                    sb = slices_from(fb.spec, fb.config, other, pb, None, files=True)
+                    if other != space:          # B's tensors of slot k stand for A's expert a: name them so
+                        sb = [dataclasses.replace(x, name=y.name) for x, y in zip(sb, sa)] if len(sb) == len(sa) else sb
                     extra[space], confidence[space] = match_slices(fa.spec, fa.config, space, sa, sb, method)
                 del pa, pb
             missed = [sp for sp in sizes if sp.split(".")[0] in kinds and sp not in extra]

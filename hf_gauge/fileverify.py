@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .engine import Scratch, check_gauge, move_tensor, moves_for
+from .engine import Scratch, check_gauge, move_tensor, moves_for, source_names
 from .errors import GaugeError
 from .filefeatures import CheckpointFiles
 from .gauge import Gauge
@@ -84,7 +84,8 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
                              f"{ca.model_type!r}")
         check_gauge(fa.spec, ca, gauge)
         names = fa.names()
-        plan = moves_for(fa.spec, ca, gauge, names, strict=True)
+        src = source_names(fa.spec, gauge, names, files=True)    # per-expert tensors under a permutation of experts
+        plan = moves_for(fa.spec, ca, gauge, names, strict=True, files=True)
         missing_in_b = sorted(n for n in names if n not in fb.entries)
         missing_in_a = sorted(n for n in fb.entries if n not in fa.entries)
         mismatched: list[str] = []
@@ -100,14 +101,15 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
                 mismatched.append(name)
                 continue
             g = groups.setdefault(tensor_group(name), _Group())
-            moves = plan[name]
+            a_name = src.get(name, name)                     # B's tensor `name` is A's `a_name`, moved
+            moves = plan[a_name]
             same = True
             if len(fa.shape(name)) == 2 and all(m.axis == 1 for m in moves):
-                for xa, xb in zip(fa.row_blocks(name), fb.row_blocks(name)):     # rows stay put: stream blocks
+                for xa, xb in zip(fa.row_blocks(a_name), fb.row_blocks(name)):   # rows stay put: stream blocks
                     y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
                     same &= g.add(y, xb)
             else:
-                xa, xb = fa.read(name, reuse="t"), fb.read(name, reuse="t")
+                xa, xb = fa.read(a_name, reuse="t"), fb.read(name, reuse="t")
                 y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
                 same = g.add(y, xb)
                 if name == final:

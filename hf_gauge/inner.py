@@ -61,9 +61,11 @@ class InnerMatch(dict):
         return Gauge(spaces=sp, confidence=self.confidence, **kw)
 
 
-def tensor_axes(spec: ArchSpec, name: str, t: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple[Axis, ...]]]:
-    """``(tensor, axes)`` of a spec-named tensor; a tensor with a stacked axis yields each slice with its axes."""
-    axes = axes_for(spec, name)
+def tensor_axes(spec: ArchSpec, name: str, t: torch.Tensor, files: bool = False
+                ) -> Iterator[tuple[torch.Tensor, tuple[Axis, ...]]]:
+    """``(tensor, axes)`` of a spec-named tensor (``files``: a checkpoint file's name); a tensor with a stacked axis
+    yields each slice with its axes."""
+    axes = axes_for(spec, name, files)
     if not axes:
         return
     st = next((a for a in axes if a.stack), None)
@@ -90,15 +92,16 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
 
 
 def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, torch.Tensor],
-                residual: SignedPermutation | None = None) -> list[UnitSlice]:
-    """``unit_slices`` from a spec, a config and ``{name: tensor}`` (no model needed: tensors read from files)."""
+                residual: SignedPermutation | None = None, files: bool = False) -> list[UnitSlice]:
+    """``unit_slices`` from a spec, a config and ``{name: tensor}`` (no model needed: tensors read from files, named
+    as checkpoint files name them when ``files``)."""
     config = ConfigView.of(config)
     dims = spec.dims(config)
     rule = spec.space(space).signs
     sizes = spec.space_sizes(config)
     out: list[UnitSlice] = []
     for name, full in params.items():
-        for t, axes in tensor_axes(spec, name, full):
+        for t, axes in tensor_axes(spec, name, full, files):
             unit = [(a, part) for a in axes for part in a.parts() if part.space == space]
             if not unit:
                 continue

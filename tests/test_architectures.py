@@ -400,3 +400,103 @@ def test_unsupported_model_methods_raise_gauge_error():
                      lambda: m.symmetry_group()):
             with pytest.raises(GaugeError, match="model_type='gpt2'.*gemma.*llama.*olmo2"):
                 call()
+
+
+# --------------------------------------------------------------------------------------------- mixtures of experts
+MOE_TYPES = [mt for mt in MODEL_TYPES if get_spec(mt).spaces_of_kind("experts")]
+
+
+def _moe_gauge(model, seed: int) -> Gauge:
+    """A random gauge on every space, with every expert permutation a derangement (so every expert moves)."""
+    g = random_gauge(model, seed=seed, spaces="all")
+    sp = dict(g.spaces)
+    for name in sp:
+        if get_spec(model).space(name).kind == "experts":
+            n = sp[name].size
+            sp[name] = SignedPermutation(torch.roll(torch.arange(n), 1 + seed % (n - 1)))
+    return Gauge(spaces=sp)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_expert_permutation_needs_router_rows_and_expert_weights_together(model_type, ids):
+    """The permutation of experts is exact only when each router row moves with its expert's weights; moving either
+    alone (router rows, or the fused expert slices) changes the logits."""
+    model = build(model_type)
+    spec = get_spec(model)
+    ref = logits(model, ids)
+    g = Gauge(spaces={f"moe.{i}": SignedPermutation(torch.roll(torch.arange(4), 1)) for i in range(2)})
+    ok = apply_gauge(copy.deepcopy(model), g)
+    assert close(logits(ok, ids), ref)
+    experts_space = lambda a: a.space.startswith("moe.")               # noqa: E731
+    for drop in (lambda a: dataclasses.replace(a, space="") if experts_space(a) and a.stack else a,  # router only
+                 lambda a: None if experts_space(a) and not a.stack else a):       # expert weights only
+        bad = copy.deepcopy(model)
+        _apply_by_hand(bad, _with_axes(spec, drop), g)
+        assert not close(logits(bad, ids), ref, 1e-3)
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_carried_expert_spaces_compose_as_a_wreath_product(model_type):
+    """Per-expert unit gauges are indexed by the source expert: ``g2 @ g1`` applied once equals ``g1`` then ``g2``,
+    ``g.inverse() @ g`` is the identity on every space, and composition is associative, bit for bit."""
+    model = build(model_type)
+    g1, g2, g3 = (_moe_gauge(model, s) for s in (1, 2, 3))
+    seq = apply_gauge(apply_gauge(copy.deepcopy(model), g1), g2)
+    once = apply_gauge(copy.deepcopy(model), g2 @ g1)
+    assert_bit_equal(state(seq), state(once))
+    assert all(el.is_identity for el in (g1.inverse() @ g1).spaces.values())
+    assert all(el.is_identity for el in (g1 @ g1.inverse()).spaces.values())
+    assert (g3 @ g2) @ g1 == g3 @ (g2 @ g1)
+    # a per-space (direct-product) composition would be wrong: B's slot k holds A's expert perm[k]
+    naive = Gauge(spaces={n: g2.spaces[n] @ g1.spaces[n] for n in g1.spaces})
+    assert naive != g2 @ g1
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
+    """Checkpoint files store one tensor per expert: under a permutation of experts, each output tensor is read
+    from its source expert's name, in whichever shard that lies."""
+    from safetensors.torch import load_file
+    a = build(model_type)
+    a.save_pretrained(tmp_path / "src", max_shard_size="24KB")
+    shards = sorted((tmp_path / "src").glob("*.safetensors"))
+    assert len(shards) > 3
+    g = _moe_gauge(a, 4)
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    live = state(apply_gauge(a, g))
+    loaded = state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32))
+    assert_bit_equal(loaded, live)
+    out = {k: v for s in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(str(s)).items()}
+    src = {k: v for s in shards for k, v in load_file(str(s)).items()}
+    moved = [k for k in src if ".experts.0." in k and "layers.0." in k]
+    assert moved and all(not torch.equal(src[k], out[k]) for k in moved)
+
+
+@pytest.mark.parametrize("model_type", [mt for mt in MOE_TYPES if "mlp_only_layers" in tiny_config(mt).to_dict()])
+def test_dense_layers_inside_a_moe_model_are_refused(model_type):
+    model = build(model_type, mlp_only_layers=[1])
+    with pytest.raises(GaugeError, match="mixes dense and MoE layers"):
+        random_gauge(model)
+
+
+def test_expert_signs_are_refused():
+    model = build(MOE_TYPES[0])
+    with pytest.raises(GaugeError, match="permutes whole experts"):
+        apply_gauge(model, Gauge(spaces={"moe.0": SignedPermutation([1, 0, 2, 3], [1, -1, 1, 1])}))
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_find_and_verify_from_checkpoint_files(model_type, tmp_path):
+    """Data-free find and verify straight from files written by ``save_pretrained`` (names as files store them:
+    per-expert tensors of MoE models), without loading a model: the hidden gauge is recovered exactly, verify passes
+    bit-exactly with it and fails with another."""
+    from hf_gauge.fileverify import verify_files
+    a, b, g = _pair(model_type)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    found = hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all")
+    _same_gauge(found, g)
+    rep = verify_files(tmp_path / "a", tmp_path / "b", g)
+    assert rep["ok"] and rep["weights_bit_exact"]
+    wrong = random_gauge(a, seed=99, spaces=FULL)
+    assert not verify_files(tmp_path / "a", tmp_path / "b", wrong)["ok"]
