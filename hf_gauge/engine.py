@@ -51,6 +51,9 @@ def _stacked_factor(axes: tuple[Axis, ...], role: str) -> tuple[Axis, ...] | Non
 
 def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | None:
     base, role = resolve_name(name)
+    if files:                     # a base model's or QA head's checkpoint names its body differently
+        old, new = spec.file_alias(base)
+        base = new + base[len(old):]
     axes = spec.match(base, files=files)
     if axes is None and role != "weight" and base.endswith(".weight"):
         bare = spec.match(base[: -len(".weight")], files=files)      # a bare parameter (fused experts)
@@ -232,14 +235,15 @@ def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool
     if not carriers:
         return out
     for n in names:
-        hit = spec.rule_for(n, files)
+        old, new = spec.file_alias(n) if files else ("", "")
+        hit = spec.rule_for(new + n[len(old):], files)
         if hit is None:
             continue
         rule, values = hit
         for ph, tmpl in carriers.items():
             el = gauge.spaces.get(fill(tmpl, values)) if ph in values else None
             if el is not None and not el.is_identity:
-                src = fill(rule.pattern, {**values, ph: int(el.perm[int(values[ph])])})
+                src = old + fill(rule.pattern, {**values, ph: int(el.perm[int(values[ph])])})[len(new):]
                 if src != n:
                     out[n] = src
     return out

@@ -500,3 +500,16 @@ def test_find_and_verify_from_checkpoint_files(model_type, tmp_path):
     assert rep["ok"] and rep["weights_bit_exact"]
     wrong = random_gauge(a, seed=99, spaces=FULL)
     assert not verify_files(tmp_path / "a", tmp_path / "b", wrong)["ok"]
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_streaming_apply_of_every_head_class_checkpoint(model_type, tmp_path):
+    """Checkpoints of base models (``layers.0...``, no ``model.`` prefix) and QA heads (``transformer.``) are applied
+    from files exactly as the live model is."""
+    for _, cls in head_classes(model_type):
+        m = build_class(model_type, cls)
+        g = random_gauge(m, seed=1, spaces=FULL)
+        m.save_pretrained(tmp_path / cls / "src")
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / cls / "src", g, tmp_path / cls / "out", progress=False)
+        live = state(apply_gauge(m, g))
+        assert_bit_equal(state(type(m).from_pretrained(tmp_path / cls / "out", dtype=torch.float32)), live)

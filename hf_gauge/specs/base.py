@@ -257,6 +257,20 @@ class ArchSpec:
         stacked axes carry that placeholder are re-indexed by the carrier's permutation."""
         return {ph: c for sp in self.spaces.values() for ph, c in sp.carried_by.items()}
 
+    def file_alias(self, name: str) -> tuple[str, str]:
+        """``(old, new)`` name prefixes such that ``new + name[len(old):]`` is the spec's name of a checkpoint-file
+        tensor: a bare base model (``AutoModel``) saves ``layers.0...`` for ``model.layers.0...``, a
+        ``*ForQuestionAnswering`` saves its body as ``transformer.``; ``("", "")`` when the name is the spec's own
+        or no alias is covered by a rule."""
+        if self.rule_for(name, files=True) is not None:
+            return "", ""
+        body = self.sites.layers.rpartition("layers")[0]           # "model." (Llama), "gpt_neox." (Pythia)
+        head, dot, rest = name.partition(".")
+        for old, new in (("", body), (head + dot, body)):
+            if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
+                return old, new
+        return "", ""
+
     def rule_for(self, name: str, files: bool = False) -> tuple[Rule, dict[str, str]] | None:
         """The rule covering ``name`` and its placeholder values, or None."""
         for rx, rule in self.compiled(files):
