@@ -237,3 +237,32 @@ def test_peft_model_transport_to_gauged_base(saved_pair, ids):
     want = g.transport(pa)
     assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
     assert (logits(_on_base(lb, kw, sd), ids) - ref).abs().max().item() < 1e-5
+
+
+def test_lora_on_fused_moe_experts_folder_and_ambiguity(tmp_path):
+    """PEFT's ``ParamWrapper`` LoRA on fused experts (``experts.lora_A``, ``experts.base_layer.lora_A``; which
+    parameter each wraps is told by shape): an adapter folder transported through a gauge that permutes experts and
+    their units reproduces the logits on the gauged base; a factor fitting no stacked parameter is refused."""
+    from test_architectures import build
+    a = build("qwen3_moe")
+    g = random_gauge(a, seed=3, spaces="all")
+    b = apply_gauge(copy.deepcopy(a), g)
+    torch.manual_seed(0)
+    pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=2, target_modules=["q_proj"],
+                                                     target_parameters=["mlp.experts.gate_up_proj",
+                                                                        "mlp.experts.down_proj"],
+                                                     init_lora_weights=False)).eval()
+    keys = [k for k in get_peft_model_state_dict(pa) if ".experts." in k]
+    assert any(".base_layer.lora_A" in k for k in keys) and any(".experts.lora_B" in k for k in keys)
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(1))
+    ref = logits(pa, ids)
+    pa.save_pretrained(tmp_path / "adapter")
+    out = hf_gauge.transport_path(g, tmp_path / "adapter", tmp_path / "adapter_b", config=a.config, base="org/b")
+    pb = PeftModel.from_pretrained(copy.deepcopy(b), out).eval()
+    assert (logits(pb, ids) - ref).abs().max().item() < 1e-5
+    untransported = PeftModel.from_pretrained(copy.deepcopy(b), tmp_path / "adapter").eval()
+    assert (logits(untransported, ids) - ref).abs().max().item() > 1e-3
+    sd = get_peft_model_state_dict(pa)
+    bad = {k: (v[:, :-1] if k.endswith("experts.lora_A.weight") else v) for k, v in sd.items()}
+    with pytest.raises(GaugeError, match="fits no stacked parameter"):
+        g.transport(bad, config=a.config)
