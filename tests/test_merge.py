@@ -95,3 +95,16 @@ def test_merge_refuses_bad_input(pair):
         hf_gauge.merge(a, tiny_model("gpt_neox"), gauge=g)
     with pytest.raises(GaugeError, match="Gauge"):
         hf_gauge.merge(a, b, gauge=g.residual)
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_merge_aligns_permuted_experts(model_type):
+    """B = A with its experts permuted and every expert's units gauged: the default merge realigns experts (router
+    rows with their weights) before averaging, so it returns A; averaging unaligned experts does not."""
+    from test_architectures import build, logits as arch_logits
+    a = build(model_type)
+    b = apply_gauge(copy.deepcopy(a), random_gauge(a, seed=2, spaces="all"))
+    ids = torch.randint(0, 120, (2, 9), generator=torch.Generator().manual_seed(4))
+    ref = arch_logits(a, ids)
+    assert _max_param_diff(hf_gauge.merge(a, b), a) < 1e-5
+    assert (arch_logits(hf_gauge.merge(a, b, spaces=("residual", "attn")), ids) - ref).abs().max().item() > 1e-3
