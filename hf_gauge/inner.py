@@ -39,7 +39,7 @@ from .specs import ArchSpec, carried
 from .specs.base import Axis, fill
 from .view import ConfigView, ModelView
 
-__all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices",
+__all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices", "counterpart",
            "tensor_axes", "has_site", "site_of"]
 
 
@@ -178,16 +178,22 @@ def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residua
     pa, pb = va.params(), vb.params()
     out = InnerMatch(source="weights")
     for space in wanted:
-        other = space
-        c = carried(space)
-        if c is not None:
-            carrier, a, at = c
-            sigma = out.get(carrier, (known or {}).get(carrier))
-            other = at(a if sigma is None else int(sigma.inverse().perm[a]))
+        other = counterpart(space, {**(known or {}), **out})
         sa = unit_slices(va, space, residual, params=pa)
         sb = unit_slices(vb, other, None, params=pb)
         out[space], out.confidence[space] = match_slices(va.spec, va.config, space, sa, sb, method)
     return out
+
+
+def counterpart(space: str, found: Mapping[str, SignedPermutation]) -> str:
+    """B's space that A's ``space`` is matched against: itself, or for a carried space (``experts.3.a``, indexed by
+    A's expert ``a``) B's slot of that expert under the carrier already ``found`` (``moe.3``: slot ``sigma^-1(a)``)."""
+    c = carried(space)
+    if c is None:
+        return space
+    carrier, a, at = c
+    sigma = found.get(carrier)
+    return at(a if sigma is None else int(sigma.inverse().perm[a]))
 
 
 def match_slices(spec: ArchSpec, config: Any, space: str, sa: list[UnitSlice], sb: list[UnitSlice],
