@@ -102,35 +102,17 @@ def _sites(shared: bool) -> Sites:
     return Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens", inputs=inputs)
 
 
-MIXTRAL = ArchSpec(
-    name="mixtral",
-    model_types=("mixtral",),
-    norm="rmsnorm",
-    spaces=_spaces(lambda c: c.num_local_experts, lambda c: c.intermediate_size, shared=False),
-    rules=_rules(shared=False),
-    file_rules=_file_rules("block_sparse_moe", "w1", "w3", "w2"),
-    dims=head_dim,
-    sites=_sites(shared=False),
-)
+def moe_spec(name: str, n_experts, expert_size, shared: bool, on_disk: tuple[str, str, str, str]) -> ArchSpec:
+    """An MoE decoder's spec: experts counted and sized by the config callables, ``shared`` expert or not, and
+    ``on_disk`` = (block, gate, up, down) names of the per-expert checkpoint tensors."""
+    return ArchSpec(name=name, model_types=(name,), norm="rmsnorm",
+                    spaces=_spaces(n_experts, expert_size, shared), rules=_rules(shared),
+                    file_rules=_file_rules(*on_disk), dims=head_dim, sites=_sites(shared))
 
-QWEN2_MOE = ArchSpec(
-    name="qwen2_moe",
-    model_types=("qwen2_moe",),
-    norm="rmsnorm",
-    spaces=_spaces(_qwen_experts, lambda c: c.moe_intermediate_size, shared=True),
-    rules=_rules(shared=True),
-    file_rules=_file_rules("mlp", "gate_proj", "up_proj", "down_proj"),
-    dims=head_dim,
-    sites=_sites(shared=True),
-)
 
-QWEN3_MOE = ArchSpec(
-    name="qwen3_moe",
-    model_types=("qwen3_moe",),
-    norm="rmsnorm",
-    spaces=_spaces(_qwen_experts, lambda c: c.moe_intermediate_size, shared=False),
-    rules=_rules(shared=False),
-    file_rules=_file_rules("mlp", "gate_proj", "up_proj", "down_proj"),
-    dims=head_dim,
-    sites=_sites(shared=False),
-)
+MIXTRAL = moe_spec("mixtral", lambda c: c.num_local_experts, lambda c: c.intermediate_size, False,
+                   ("block_sparse_moe", "w1", "w3", "w2"))
+QWEN2_MOE = moe_spec("qwen2_moe", _qwen_experts, lambda c: c.moe_intermediate_size, True,
+                     ("mlp", "gate_proj", "up_proj", "down_proj"))
+QWEN3_MOE = moe_spec("qwen3_moe", _qwen_experts, lambda c: c.moe_intermediate_size, False,
+                     ("mlp", "gate_proj", "up_proj", "down_proj"))
