@@ -212,6 +212,26 @@ def test_trajectory_gpu_smoke(tmp_path: Path) -> None:
         assert w["finding"] == ct.finding(w["cells"]) == saved["widths"][d]["finding"]
 
 
+def test_trajectory_gpu_is_the_claims_protocol(tmp_path: Path) -> None:
+    """At the claim's width (d=128) and its quick tiny configuration, trajectory_gpu on CPU gives claim_trajectory's
+    cells for seed 0: the two share the base, the training loop and the grid evaluation (hops matched in memory there,
+    from the exported folders here)."""
+    import claim_trajectory as ct
+    import trajectory_gpu
+    cfg = ct.config(True, "tiny")
+    flags = [f"--{k}={cfg[k]}" for k in ("steps", "every", "pretrain", "warmup", "batch", "lr")]
+    res = trajectory_gpu.main(["--device", "cpu", "--widths", "128", "--seeds", "0", *flags,
+                               "--out", str(tmp_path / "gpu.json")])
+    gpu = res["widths"]["128"]["per_seed"]["0"]["cells"]
+    claim = ct.cached_eval("tiny", True, 0, ct.GRID["tokens"])["cells"]
+    assert set(gpu) == set(claim)
+    for key, cell in claim.items():
+        for m in ct.METHODS:
+            assert gpu[key][m]["signed_accuracy"] == pytest.approx(cell[m]["signed_accuracy"], abs=1e-9), (key, m)
+        assert gpu[key]["endpoint_margins"]["min_margin"] == pytest.approx(cell["endpoint_margins"]["min_margin"],
+                                                                           abs=1e-4), key
+
+
 def test_trajectory_gpu_needs_cuda_or_smoke() -> None:
     import torch
     import trajectory_gpu
