@@ -282,8 +282,9 @@ def gpu_note() -> str:
     if not GPU_RESULTS.exists():
         return ("`benchmarks/trajectory_gpu.py` (the trajectory grid at widths 128-2048, 1500 steps, on one GPU) has "
                 "**not been run**: no GPU was available to the session that wrote it, so there is no result and "
-                "its under-10-minute budget is a design target, not a measurement. Only its CPU `--smoke` mode "
-                "has run (in the test suite).")
+                "its under-10-minute budget is a design target, not a measurement. It has run only on CPU, in the "
+                "test suite: its `--smoke` mode, and a short run at d=128 that reproduces the claim's quick tiny "
+                "cells exactly (it shares the claim's training loop and grid evaluation).")
     res = json.loads(GPU_RESULTS.read_text())
     return (f"`benchmarks/trajectory_gpu.py` ran on {res.get('device')} in {res.get('total_s', 0) / 60:.1f} min: "
             + "; ".join(f"d={d}: {w.get('finding')}" for d, w in res.get("widths", {}).items())
@@ -337,6 +338,17 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             + f". Evaluation time per seed (measured when each seed was first evaluated; later runs read the per-seed "
             f"cache): {', '.join(format(r['eval_s'] / 60, '.1f') + ' min' for r in ps)}"
             + f". **Finding (rule):** {ct.finding(res['cells'])}")
+    one = {name: settings[name]["cells"][f"one/{max(settings[name]['setup']['tokens'])}"]["verdict"]
+           for name in settings}
+    if len(set(one.values())) > 1:      # the settings disagree on the paper's effect: say so, and mark the why
+        parts.append(
+            "Across settings, single-site matching at the largest budget gives "
+            + "; ".join(f"{name}: {v} ({settings[name]['setup']['steps']} fine-tuning steps at lr "
+                        f"{settings[name]['setup']['lr']})" for name, v in one.items())
+            + ". (Hypothesis, not measured here: the difference comes from how far the runs drift (fine-tuning "
+            "length and learning rate) or from the model (pretrained SmolLM2, 30 layers, d=576, vs a 4-layer d=128 "
+            "byte-level Llama pretrained for a few hundred steps); this grid does not separate the two. "
+            "`trajectory_gpu.py` varies the width at the tiny protocol's length.)")
     if "smollm2" not in settings:
         parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
                      "left for fine-tuning SmolLM2 twice); the finding above is for the tiny protocol only.")

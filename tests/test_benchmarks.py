@@ -259,6 +259,25 @@ def test_trajectory_rules() -> None:
     assert "even pooled matching" in ct.finding(cells)
 
 
+def test_trajectory_notes_flag_settings_that_disagree() -> None:
+    """RESULTS.md says when the settings disagree on single-site matching (and marks the why as a hypothesis), and
+    says nothing of the kind when they agree."""
+    import copy
+
+    import claims_common as cc
+    import run_all
+    row = next((r for r in cc.read_claims(False) if r["claim"] == "trajectory"), None)
+    if row is None or not {"smollm2", "tiny"} <= set(row.get("settings", {})):
+        pytest.skip("no full trajectory row with both settings")
+    for verdicts, flagged in ((("same", "path_better"), True), (("path_better", "path_better"), False)):
+        r = copy.deepcopy(row)
+        for name, v in zip(("smollm2", "tiny"), verdicts):
+            r["settings"][name]["cells"][f"one/{max(r['settings'][name]['setup']['tokens'])}"]["verdict"] = v
+        text = run_all.trajectory_notes(r)
+        assert ("Across settings" in text) is flagged
+        assert ("Hypothesis, not measured here" in text) is flagged
+
+
 def test_verdict_rules_fail_when_they_should() -> None:
     assert V.refusal_sign_flip({"refusal_z_original": 1.0, "refusal_z_sd": -5.0}) == "not_specific"
     assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
