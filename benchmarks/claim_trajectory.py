@@ -378,15 +378,18 @@ class Trajectory:
 
 
 def grid_cells(base: torch.nn.Module, runs: dict[str, Trajectory], datasets: dict[int, torch.Tensor],
-               sets: dict[str, list[int]], steps: Sequence[int], truth: SignedPermutation
+               sets: dict[str, list[int]], steps: Sequence[int], truth: SignedPermutation,
+               ends: tuple[torch.nn.Module, torch.nn.Module] | None = None
                ) -> tuple[dict[str, Any], dict[str, SignedPermutation], dict[str, Any]]:
-    """Path / via base / endpoint in every grid cell at the last step (``score_cells``), with the same matcher for
-    all three; returns (cells, each cell's path element, each cell's endpoint Match)."""
-    a, b = runs[RUNS[0]].last, runs[RUNS[1]].last
+    """Path / via base / endpoint in every grid cell at the last of ``steps`` (``score_cells``), with the same matcher
+    for all three; ``ends``: the two runs' checkpoints at that step (default: each run's last). Returns (cells, each
+    cell's path element, each cell's endpoint Match)."""
+    a, b = ends or (runs[RUNS[0]].last, runs[RUNS[1]].last)
     to_base = match_cells(a, base, datasets, sets)
     from_base = match_cells(base, b, datasets, sets)
     end = match_cells(a, b, datasets, sets)
-    cells, path_el = score_cells(runs[RUNS[0]].hops, runs[RUNS[1]].hops, to_base, from_base, end, steps, truth)
+    hops = {r: {s: runs[r].hops[s] for s in steps} for r in RUNS}
+    cells, path_el = score_cells(hops[RUNS[0]], hops[RUNS[1]], to_base, from_base, end, steps, truth)
     return cells, path_el, end
 
 
@@ -436,6 +439,17 @@ def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -
     a, b = runs["novel"].last, runs["pydoc"].last
     truth = true_gauge(ref, "novel", T_last, "pydoc", T_last, seed).residual
     cells, path_el, end = grid_cells(base, runs, datasets, sets, steps, truth)
+    # exploratory, not pre-registered: the same grid at every earlier checkpoint step (how the verdicts move with the
+    # length of fine-tuning, i.e. with the drift)
+    by_step = {}
+    for k, s_k in enumerate(steps[:-1]):
+        ends = (load(ckpt_dir(root, "novel", s_k)), load(ckpt_dir(root, "pydoc", s_k)))
+        cells_k, _, _ = grid_cells(base, runs, datasets, sets, steps[:k + 1],
+                                   true_gauge(ref, "novel", s_k, "pydoc", s_k, seed).residual, ends)
+        by_step[str(s_k)] = {key: {m: c[m]["signed_accuracy"] for m in METHODS} for key, c in cells_k.items()}
+        del ends
+        gc.collect()
+    by_step[str(T_last)] = {key: {m: c[m]["signed_accuracy"] for m in METHODS} for key, c in cells.items()}
     end_sd = match_cells(a, b, {max(tokens): datasets[max(tokens)]}, {"pooled": sets["pooled"]}, "permutation")
     # the data-free matcher (weights only) at the same step, for reference
     fp = compose_hops(runs["novel"].free, runs["pydoc"].free, steps)
@@ -448,7 +462,7 @@ def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -
     same_matcher = (hf_gauge.find_gauge(a, b, data=datasets[big]).residual == end[f"pooled/{big}"].element
                     and hf_gauge.find_gauge(a, b, data=datasets[big], layers=one_layer, include_embed=False,
                                             include_final_norm=False).residual == end[f"one/{big}"].element)
-    out = {"cells": cells, "data_free": data_free, "same_matcher_as_find_gauge": bool(same_matcher),
+    out = {"cells": cells, "by_step": by_step, "data_free": data_free, "same_matcher_as_find_gauge": bool(same_matcher),
            "endpoint_permutation_only_index": cc.recovery(end_sd[f"pooled/{big}"].element, truth)["index_accuracy"],
            "final_step": T_last, "train_wall_s": t_train, "eval_s": time.perf_counter() - t0,
            "train_loss": {r: {"first": metas[r]["losses"][0],
@@ -481,6 +495,19 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return cells
 
 
+def aggregate_steps(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Exploratory (not pre-registered): {step: {cell: mean and min/max over seeds of each method, verdict}}."""
+    rows = list(per_seed.values())
+    out: dict[str, dict[str, Any]] = {}
+    for step, cells in rows[0]["by_step"].items():
+        out[step] = {}
+        for key in cells:
+            acc = {m: [r["by_step"][step][key][m] for r in rows] for m in METHODS}
+            out[step][key] = {**{m: _spread(v) for m, v in acc.items()},
+                              "verdict": cell_verdict(acc["path"], acc["endpoint"])}
+    return out
+
+
 def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
     """``evaluate_seed``, cached next to the checkpoints (keyed by the training config, the grid and the SHA-256 of
     this script) so that seeds can be evaluated as soon as each one is trained."""
@@ -510,6 +537,7 @@ def evaluate(setting: str, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
                       "optimizer": "AdamW(wd=0), grad clip 1.0, linear warmup then constant",
                       "export": "each checkpoint saved in random_gauge(seed=...) (B_d)"},
             "per_seed": {str(k): v for k, v in per_seed.items()}, "cells": cells, "finding": finding(cells),
+            "by_step": aggregate_steps(per_seed),
             "runtime_s": {"total": time.perf_counter() - t0}}
 
 
@@ -529,8 +557,8 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
     import matplotlib.pyplot as plt
     fig = cc.figure_path("trajectory", quick)
     names = [s for s in SETTINGS if s in results]
-    f, axes = plt.subplots(len(names), len(GRID["sites"]), figsize=(4.2 * len(GRID["sites"]), 3.4 * len(names)),
-                           squeeze=False, sharey=True)
+    ncol = len(GRID["sites"]) + 1           # the grid at the last step, then the single-site cell along the steps
+    _, axes = plt.subplots(len(names), ncol, figsize=(4.2 * ncol, 3.4 * len(names)), squeeze=False, sharey=True)
     style = {"path": ("tab:green", "o", "path (compose every hop)"), "via_base": ("tab:orange", "s", "via base"),
              "endpoint": ("tab:blue", "^", "endpoint")}
     for r, setting in enumerate(names):
@@ -556,6 +584,20 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
                 ax.set_ylabel("cross-run coordinates recovered\n(index+sign; mean, min-max over seeds)", fontsize=8)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
+        ax = axes[r][-1]
+        key = f"one/{max(toks)}"
+        if "by_step" not in res:
+            ax.set_axis_off()
+            continue
+        steps = sorted(res["by_step"], key=int)
+        for m in METHODS:
+            col, mk, lab = style[m]
+            cell = [res["by_step"][st][key][m] for st in steps]
+            mean = np.array([x["mean"] for x in cell])
+            lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
+            ax.errorbar([int(st) for st in steps], mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+        ax.set_title(f"{setting}: {key} at every checkpoint\n(exploratory, not pre-registered)", fontsize=8)
+        ax.set_xlabel("fine-tuning step")
     plt.tight_layout()
     plt.savefig(fig, dpi=100)
     plt.close()

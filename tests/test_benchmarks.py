@@ -76,6 +76,15 @@ def _(row):
             for meth in ct.METHODS:
                 assert 0.0 <= cell[meth]["min"] <= cell[meth]["mean"] <= cell[meth]["max"] <= 1.0
         assert res["finding"] == ct.finding(res["cells"])
+        steps = sorted(res["by_step"], key=int)    # exploratory: the grid at every checkpoint, by the same rule
+        assert [int(s) for s in steps] == list(range(res["setup"]["every"], res["setup"]["steps"] + 1,
+                                                     res["setup"]["every"]))
+        for step in steps:
+            for key, cell in res["by_step"][step].items():
+                per = [r["by_step"][step][key] for r in res["per_seed"].values()]
+                assert cell["verdict"] == ct.cell_verdict([p["path"] for p in per], [p["endpoint"] for p in per])
+        assert all(res["by_step"][steps[-1]][k][m]["mean"] == res["cells"][k][m]["mean"]
+                   for k in res["cells"] for m in ct.METHODS)
 
 
 @check("sae")
