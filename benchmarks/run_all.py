@@ -365,7 +365,8 @@ def trajectory_notes(row: dict[str, Any]) -> str:
                              if w and w[0][2] != w[-1][2])
             + "(Hypothesis, not measured here: the difference comes from how far the runs drift (fine-tuning "
             "length and learning rate) or from the model (pretrained SmolLM2, 30 layers, d=576, vs a 4-layer d=128 "
-            "byte-level Llama pretrained for a few hundred steps); this grid does not separate the two. "
+            "byte-level Llama pretrained for a few hundred steps); no setting varies the model at a fixed length, so "
+            "the grid does not separate the two across settings. "
             "`trajectory_gpu.py` varies the width at the tiny protocol's length.)")
     if "smollm2" not in settings:
         parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
