@@ -369,8 +369,10 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             "the grid does not separate the two across settings. "
             "`trajectory_gpu.py` varies the width at the tiny protocol's length.)")
     if "smollm2" not in settings:
-        parts.append("*smollm2*: the SmolLM2 grid was not run for this row (the shared 2-core CPU had no budget "
-                     "left for fine-tuning SmolLM2 twice); the finding above is for the tiny protocol only.")
+        why = ("the quick mode runs the tiny setting unless given `--setting smollm2`" if row.get("quick") else
+               "the row was written with `--setting tiny`")
+        parts.append(f"*smollm2*: the SmolLM2 grid was not run for this row ({why}); the finding above is for the "
+                     "tiny protocol only.")
     return " ".join(parts)
 
 
