@@ -15,8 +15,10 @@ what ``find_gauge(..., data=..., layers=...)`` does):
 
 PRE-REGISTERED GRID (``GRID`` below; committed before its first run): residual sites {all pooled, a few, one (the
 input of one layer)} x matching tokens {64, 256, 2048}; in every cell path, via base and endpoint; the tiny protocol
-with seeds 0, 1, 2 (mean and min/max over seeds) and SmolLM2 as far as the CPU budget allows (``SMOLLM2`` config:
-one seed, a short run). The endpoint's margins are recorded in every cell. The finding is stated by ``finding()``,
+with seeds 0, 1, 2 (mean and min/max over seeds) and SmolLM2 (``config(False, "smollm2")``: a short run of 40
+steps, what the CPU allows). The endpoint's margins are recorded in every cell. History: SmolLM2 was registered with
+one seed and first ran only the budgets 64 and 256 (for compute); it now runs every registered budget with seeds
+0, 1, 2 (seed 0's checkpoints are the ones trained then, evaluated again). The finding is stated by ``finding()``,
 a rule over the cells (``cell_verdict``, threshold ``GAP``), never typed by hand.
 
 Paper (Qwen/TinyLlama, 1500 steps): 91.1% (path) vs 60.3% (endpoint).
@@ -33,7 +35,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ METHODS = ("path", "via_base", "endpoint")
 GRID = {
     "sites": ("pooled", "few", "one"),     # all residual sites / 3 layer outputs / the input of the middle layer
     "tokens": (64, 256, 2048),             # matching tokens, half from each held-out text
-    "seeds": {"tiny": (0, 1, 2), "smollm2": (0,)},
+    "seeds": {"tiny": (0, 1, 2), "smollm2": (0, 1, 2)},   # smollm2 was (0,) when first registered (see above)
     "quick_seeds": {"tiny": (0, 1), "smollm2": (0,)},
 }
 GAP = 0.05          # a mean (over seeds) path - endpoint difference beyond GAP counts as a difference
@@ -126,12 +128,6 @@ def config(quick: bool, setting: str = "smollm2") -> dict[str, Any]:
     return {"steps": 40, "every": 20, "lr": 1e-3, "warmup": 10, "batch": 4, "T": 64}
 
 
-def grid_tokens(quick: bool, setting: str) -> tuple[int, ...]:
-    """The matching budgets run: SmolLM2 drops 2048 (a deviation from the pre-registered grid, for compute: the grid
-    needs 14 SmolLM2 forwards per budget and the shared 2-core CPU of the session that ran it could not afford 2048)."""
-    return (64, 256) if setting == "smollm2" else GRID["tokens"]
-
-
 def ckpt_root(quick: bool, setting: str = "smollm2", seed: int = 0) -> Path:
     return cc.bench_cache() / ("trajectory" + ("_tiny" if setting == "tiny" else "") + ("_quick" if quick else "")
                                + (f"_seed{seed}" if seed else ""))
@@ -160,15 +156,63 @@ def base_model(quick: bool, setting: str = "smollm2", seed: int = 0) -> tuple[to
     if setting == "smollm2":
         return cc.load_base()
     from transformers import AutoModelForCausalLM
-    cfg = config(quick, setting)
     plain = ckpt_root(quick, setting, seed) / "base_plain"
     if not (plain / "config.json").exists():
-        model = cc.tiny_llama(seed)
-        data = corpora(None, setting)
-        mix = torch.cat([data["novel"][0], data["pydoc"][0]])
-        cc.train_lm(model, mix, cfg["pretrain"], batch=cfg["batch"], T=cfg["T"], lr=cfg["lr"], data_seed=7 + seed)
-        model.save_pretrained(plain)
+        pretrain_tiny(config(quick, setting), seed).save_pretrained(plain)
     return AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32).eval(), None
+
+
+def pretrain_tiny(cfg: dict[str, Any], seed: int, d: int = 128, layers: int = 4,
+                  device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The tiny protocol's base: ``cc.tiny_llama(seed, d, layers)`` trained ``cfg["pretrain"]`` steps on both texts
+    (``cc.train_lm``: AdamW wd 0.01, warmup then cosine; batches from ``data_seed=7+seed``)."""
+    model = cc.tiny_llama(seed, d=d, layers=layers).to(device)
+    data = corpora(None, "tiny")
+    mix = torch.cat([data["novel"][0], data["pydoc"][0]])
+    cc.train_lm(model, mix, cfg["pretrain"], batch=cfg["batch"], T=cfg["T"], lr=cfg["lr"], data_seed=7 + seed)
+    return model
+
+
+def batch_seed(run: str, step: int, seed: int = 0) -> int:
+    """The seed of the training batch of ``run`` at ``step`` (1-based) for training seed ``seed``."""
+    return (17 if run == "novel" else 29) * 100_000 + step + 10_000_000 * seed
+
+
+def fine_tune(model: torch.nn.Module, ids: torch.Tensor, run: str, cfg: dict[str, Any], seed: int = 0,
+              on_checkpoint: Callable[[int], None] | None = None, label: str = "") -> list[float]:
+    """The fine-tuning protocol of both runs (full parameters, in place); returns the per-step losses.
+
+    AdamW (``cfg["lr"]``, weight decay 0), gradient clip 1.0, linear warmup over ``cfg["warmup"]`` steps then
+    constant; step s trains on ``cfg["batch"]`` windows of ``cfg["T"]`` tokens of ``ids`` drawn with
+    ``batch_seed(run, s, seed)``. Every ``cfg["every"]`` steps ``on_checkpoint(step)`` is called with the model in
+    eval mode (``claim_trajectory`` exports it to disk, ``trajectory_gpu`` matches the hop in memory).
+    """
+    dev = next(model.parameters()).device
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
+    model.train()
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(1, cfg["steps"] + 1):
+        b = cc.windows(ids, cfg["batch"], cfg["T"], seed=batch_seed(run, step, seed)).to(dev)
+        loss = model(input_ids=b, labels=b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if step % cfg["every"] == 0:
+            model.eval()
+            if on_checkpoint is not None:
+                on_checkpoint(step)
+            model.train()
+            if label:
+                print(f"[{label} {run}] step {step} loss {sum(losses[-cfg['every']:]) / cfg['every']:.3f} "
+                      f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+    model.eval()
+    del opt
+    return losses
 
 
 @torch.no_grad()
@@ -201,31 +245,14 @@ def train_run(run: str, quick: bool, setting: str = "smollm2", seed: int = 0) ->
     if not (root / "base").exists():
         export(model, root / "base", export_seed("base", 0, seed))
     train_ids, _ = corpora(tok, setting)[run]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg["warmup"]))
-    model.train()
-    losses = []
+
+    def save(step: int) -> None:
+        export(model, ckpt_dir(root, run, step), export_seed(run, step, seed))
+
     t0 = time.perf_counter()
-    for step in range(1, cfg["steps"] + 1):
-        b = cc.windows(train_ids, cfg["batch"], cfg["T"],
-                       seed=(17 if run == "novel" else 29) * 100_000 + step + 10_000_000 * seed)
-        loss = model(input_ids=b, labels=b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        if step % cfg["every"] == 0:
-            model.eval()
-            export(model, ckpt_dir(root, run, step), export_seed(run, step, seed))
-            model.train()
-            print(f"[{setting} seed {seed} {run}] step {step} loss {sum(losses[-cfg['every']:]) / cfg['every']:.3f} "
-                  f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+    losses = fine_tune(model, train_ids, run, cfg, seed, on_checkpoint=save, label=f"{setting} seed {seed}")
     meta = {"config": cfg, "losses": losses, "train_s": time.perf_counter() - t0}
     meta_path.write_text(json.dumps(meta))
-    del model, opt
-    gc.collect()
     return meta
 
 
@@ -306,6 +333,66 @@ def _spread(xs: Sequence[float]) -> dict[str, Any]:
     return {"mean": float(a.mean()), "min": float(a.min()), "max": float(a.max()), "values": a.tolist()}
 
 
+def compose_hops(hop1: dict[int, SignedPermutation], hop2: dict[int, SignedPermutation],
+                 steps: Sequence[int]) -> SignedPermutation:
+    """run1_T -> base -> run2_T from the local hops: ``hop1[s]`` maps run1 step s -> s-1 (step 0 = base),
+    ``hop2[s]`` maps run2 step s-1 -> s; the composition is ``hop2[T] ... hop2[1] hop1[1] ... hop1[T]``."""
+    p1 = hop1[steps[0]]
+    for s in steps[1:]:
+        p1 = p1 @ hop1[s]                                          # run1_T -> ... -> base
+    p2 = hop2[steps[0]]
+    for s in steps[1:]:
+        p2 = hop2[s] @ p2                                          # base -> ... -> run2_T
+    return p2 @ p1
+
+
+def matching_data(held: dict[str, torch.Tensor], tokens: Sequence[int]) -> dict[int, torch.Tensor]:
+    """{budget: matching windows}: each budget takes half its tokens from each run's held-out text (strided)."""
+    out = {}
+    for n_tok in tokens:
+        n, T = token_windows(n_tok)
+        out[n_tok] = torch.cat([cc.strided_windows(held[r], n, T) for r in RUNS])
+    return out
+
+
+class Trajectory:
+    """The local hops of one run, matched in every grid cell (``match_cells``) as its checkpoints arrive.
+
+    The path runs run1_T -> ... -> run1_1 -> base -> run2_1 -> ... -> run2_T, so run1's hop at step s maps step s ->
+    step s-1 and run2's maps step s-1 -> step s (step 0 = the base). ``data_free`` also records the weights-only
+    matcher's hop (``find_gauge`` without data).
+    """
+
+    def __init__(self, run: str, base: torch.nn.Module, datasets: dict[int, torch.Tensor],
+                 sets: dict[str, list[int]], data_free: bool = False) -> None:
+        self.run, self.last, self.datasets, self.sets, self.data_free = run, base, datasets, sets, data_free
+        self.hops: dict[int, dict[str, Any]] = {}
+        self.free: dict[int, SignedPermutation] = {}
+
+    def add(self, step: int, model: torch.nn.Module) -> None:
+        pair = (model, self.last) if self.run == RUNS[0] else (self.last, model)
+        self.hops[step] = match_cells(*pair, self.datasets, self.sets)
+        if self.data_free:
+            self.free[step] = hf_gauge.find_gauge(*pair).residual
+        self.last = model
+
+
+def grid_cells(base: torch.nn.Module, runs: dict[str, Trajectory], datasets: dict[int, torch.Tensor],
+               sets: dict[str, list[int]], steps: Sequence[int], truth: SignedPermutation,
+               ends: tuple[torch.nn.Module, torch.nn.Module] | None = None
+               ) -> tuple[dict[str, Any], dict[str, SignedPermutation], dict[str, Any]]:
+    """Path / via base / endpoint in every grid cell at the last of ``steps`` (``score_cells``), with the same matcher
+    for all three; ``ends``: the two runs' checkpoints at that step (default: each run's last). Returns (cells, each
+    cell's path element, each cell's endpoint Match)."""
+    a, b = ends or (runs[RUNS[0]].last, runs[RUNS[1]].last)
+    to_base = match_cells(a, base, datasets, sets)
+    from_base = match_cells(base, b, datasets, sets)
+    end = match_cells(a, b, datasets, sets)
+    hops = {r: {s: runs[r].hops[s] for s in steps} for r in RUNS}
+    cells, path_el = score_cells(hops[RUNS[0]], hops[RUNS[1]], to_base, from_base, end, steps, truth)
+    return cells, path_el, end
+
+
 def score_cells(hop1: dict[int, dict[str, Any]], hop2: dict[int, dict[str, Any]], to_base: dict[str, Any],
                 from_base: dict[str, Any], end: dict[str, Any], steps: Sequence[int],
                 truth: SignedPermutation) -> tuple[dict[str, Any], dict[str, SignedPermutation]]:
@@ -317,13 +404,8 @@ def score_cells(hop1: dict[int, dict[str, Any]], hop2: dict[int, dict[str, Any]]
     cells: dict[str, Any] = {}
     path_el: dict[str, SignedPermutation] = {}
     for key in end:
-        p1 = hop1[steps[0]][key].element
-        for s2 in steps[1:]:
-            p1 = p1 @ hop1[s2][key].element                       # run1_T -> ... -> base
-        p2 = hop2[steps[0]][key].element
-        for s2 in steps[1:]:
-            p2 = hop2[s2][key].element @ p2                       # base -> ... -> run2_T
-        path_el[key] = p2 @ p1
+        path_el[key] = compose_hops({s: h[key].element for s, h in hop1.items()},
+                                    {s: h[key].element for s, h in hop2.items()}, steps)
         wrong = (end[key].element.perm != truth.perm).numpy()
         cells[key] = {"path": cc.recovery(path_el[key], truth),
                       "via_base": cc.recovery(from_base[key].element @ to_base[key].element, truth),
@@ -342,47 +424,35 @@ def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -
     t_train = train_all(quick, setting, seed)
     metas = {run: train_run(run, quick, setting, seed) for run in RUNS}
     ref, tok = base_model(quick, setting, seed)
-    held = {r: v[1] for r, v in corpora(tok, setting).items()}
-    datasets = {}
-    for n_tok in tokens:
-        n, T = token_windows(n_tok)
-        datasets[n_tok] = torch.cat([cc.strided_windows(held[r], n, T) for r in RUNS])
+    datasets = matching_data({r: v[1] for r, v in corpora(tok, setting).items()}, tokens)
     sets = site_sets(ref.config.num_hidden_layers)
     steps = list(range(cfg["every"], cfg["steps"] + 1, cfg["every"]))
     T_last = steps[-1]
     warnings.filterwarnings("ignore", message=".*fingerprint.*")
     t0 = time.perf_counter()
     base = load(root / "base")
-    # local hops: run1 backwards (step_k -> step_{k-1}, step_0 = base), run2 forwards (step_{k-1} -> step_k)
-    hop1: dict[int, dict[str, Any]] = {}
-    hop2: dict[int, dict[str, Any]] = {}
-    free1: dict[int, SignedPermutation] = {}
-    free2: dict[int, SignedPermutation] = {}
-    last: dict[str, torch.nn.Module] = {}
-    for run, hops, free in (("novel", hop1, free1), ("pydoc", hop2, free2)):
-        prev = base
+    runs = {run: Trajectory(run, base, datasets, sets, data_free=True) for run in RUNS}
+    for run in RUNS:
         for s in steps:
-            cur = load(ckpt_dir(root, run, s))
-            pair = (cur, prev) if run == "novel" else (prev, cur)
-            hops[s] = match_cells(*pair, datasets, sets)
-            free[s] = hf_gauge.find_gauge(*pair).residual
-            prev = cur
+            runs[run].add(s, load(ckpt_dir(root, run, s)))
             gc.collect()
-        last[run] = prev
-    a, b = last["novel"], last["pydoc"]
-    to_base = match_cells(a, base, datasets, sets)
-    from_base = match_cells(base, b, datasets, sets)
-    end = match_cells(a, b, datasets, sets)
-    end_sd = match_cells(a, b, {max(tokens): datasets[max(tokens)]}, {"pooled": sets["pooled"]}, "permutation")
+    a, b = runs["novel"].last, runs["pydoc"].last
     truth = true_gauge(ref, "novel", T_last, "pydoc", T_last, seed).residual
-    cells, path_el = score_cells(hop1, hop2, to_base, from_base, end, steps, truth)
+    cells, path_el, end = grid_cells(base, runs, datasets, sets, steps, truth)
+    # exploratory, not pre-registered: the same grid at every earlier checkpoint step (how the verdicts move with the
+    # length of fine-tuning, i.e. with the drift)
+    by_step = {}
+    for k, s_k in enumerate(steps[:-1]):
+        ends = (load(ckpt_dir(root, "novel", s_k)), load(ckpt_dir(root, "pydoc", s_k)))
+        cells_k, _, _ = grid_cells(base, runs, datasets, sets, steps[:k + 1],
+                                   true_gauge(ref, "novel", s_k, "pydoc", s_k, seed).residual, ends)
+        by_step[str(s_k)] = {key: {m: c[m]["signed_accuracy"] for m in METHODS} for key, c in cells_k.items()}
+        del ends
+        gc.collect()
+    by_step[str(T_last)] = {key: {m: c[m]["signed_accuracy"] for m in METHODS} for key, c in cells.items()}
+    end_sd = match_cells(a, b, {max(tokens): datasets[max(tokens)]}, {"pooled": sets["pooled"]}, "permutation")
     # the data-free matcher (weights only) at the same step, for reference
-    fp1 = free1[steps[0]]
-    for s2 in steps[1:]:
-        fp1 = fp1 @ free1[s2]
-    fp = fp1
-    for s2 in steps:
-        fp = free2[s2] @ fp
+    fp = compose_hops(runs["novel"].free, runs["pydoc"].free, steps)
     data_free = {"endpoint": cc.recovery(hf_gauge.find_gauge(a, b).residual, truth),
                  "via_base": cc.recovery(hf_gauge.compose_path([a, b], via=base).residual, truth),
                  "path": cc.recovery(fp, truth)}
@@ -392,7 +462,7 @@ def evaluate_seed(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -
     same_matcher = (hf_gauge.find_gauge(a, b, data=datasets[big]).residual == end[f"pooled/{big}"].element
                     and hf_gauge.find_gauge(a, b, data=datasets[big], layers=one_layer, include_embed=False,
                                             include_final_norm=False).residual == end[f"one/{big}"].element)
-    out = {"cells": cells, "data_free": data_free, "same_matcher_as_find_gauge": bool(same_matcher),
+    out = {"cells": cells, "by_step": by_step, "data_free": data_free, "same_matcher_as_find_gauge": bool(same_matcher),
            "endpoint_permutation_only_index": cc.recovery(end_sd[f"pooled/{big}"].element, truth)["index_accuracy"],
            "final_step": T_last, "train_wall_s": t_train, "eval_s": time.perf_counter() - t0,
            "train_loss": {r: {"first": metas[r]["losses"][0],
@@ -425,6 +495,19 @@ def aggregate(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return cells
 
 
+def aggregate_steps(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Exploratory (not pre-registered): {step: {cell: mean and min/max over seeds of each method, verdict}}."""
+    rows = list(per_seed.values())
+    out: dict[str, dict[str, Any]] = {}
+    for step, cells in rows[0]["by_step"].items():
+        out[step] = {}
+        for key in cells:
+            acc = {m: [r["by_step"][step][key][m] for r in rows] for m in METHODS}
+            out[step][key] = {**{m: _spread(v) for m, v in acc.items()},
+                              "verdict": cell_verdict(acc["path"], acc["endpoint"])}
+    return out
+
+
 def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
     """``evaluate_seed``, cached next to the checkpoints (keyed by the training config, the grid and the SHA-256 of
     this script) so that seeds can be evaluated as soon as each one is trained."""
@@ -443,7 +526,7 @@ def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> 
 
 
 def evaluate(setting: str, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
-    tokens = grid_tokens(quick, setting)
+    tokens = GRID["tokens"]
     t0 = time.perf_counter()
     per_seed = {s: cached_eval(setting, quick, s, tokens) for s in seeds}
     cells = aggregate(per_seed)
@@ -454,6 +537,7 @@ def evaluate(setting: str, quick: bool, seeds: Sequence[int]) -> dict[str, Any]:
                       "optimizer": "AdamW(wd=0), grad clip 1.0, linear warmup then constant",
                       "export": "each checkpoint saved in random_gauge(seed=...) (B_d)"},
             "per_seed": {str(k): v for k, v in per_seed.items()}, "cells": cells, "finding": finding(cells),
+            "by_step": aggregate_steps(per_seed),
             "runtime_s": {"total": time.perf_counter() - t0}}
 
 
@@ -473,8 +557,8 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
     import matplotlib.pyplot as plt
     fig = cc.figure_path("trajectory", quick)
     names = [s for s in SETTINGS if s in results]
-    f, axes = plt.subplots(len(names), len(GRID["sites"]), figsize=(4.2 * len(GRID["sites"]), 3.4 * len(names)),
-                           squeeze=False, sharey=True)
+    ncol = len(GRID["sites"]) + 1           # the grid at the last step, then the single-site cell along the steps
+    _, axes = plt.subplots(len(names), ncol, figsize=(4.2 * ncol, 3.4 * len(names)), squeeze=False, sharey=True)
     style = {"path": ("tab:green", "o", "path (compose every hop)"), "via_base": ("tab:orange", "s", "via base"),
              "endpoint": ("tab:blue", "^", "endpoint")}
     for r, setting in enumerate(names):
@@ -500,6 +584,20 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
                 ax.set_ylabel("cross-run coordinates recovered\n(index+sign; mean, min-max over seeds)", fontsize=8)
             if r == 0 and c == 0:
                 ax.legend(fontsize=7)
+        ax = axes[r][-1]
+        key = f"one/{max(toks)}"
+        if "by_step" not in res:
+            ax.set_axis_off()
+            continue
+        steps = sorted(res["by_step"], key=int)
+        for m in METHODS:
+            col, mk, lab = style[m]
+            cell = [res["by_step"][st][key][m] for st in steps]
+            mean = np.array([x["mean"] for x in cell])
+            lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
+            ax.errorbar([int(st) for st in steps], mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+        ax.set_title(f"{setting}: {key} at every checkpoint\n(exploratory, not pre-registered)", fontsize=8)
+        ax.set_xlabel("fine-tuning step")
     plt.tight_layout()
     plt.savefig(fig, dpi=100)
     plt.close()

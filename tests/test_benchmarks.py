@@ -76,6 +76,15 @@ def _(row):
             for meth in ct.METHODS:
                 assert 0.0 <= cell[meth]["min"] <= cell[meth]["mean"] <= cell[meth]["max"] <= 1.0
         assert res["finding"] == ct.finding(res["cells"])
+        steps = sorted(res["by_step"], key=int)    # exploratory: the grid at every checkpoint, by the same rule
+        assert [int(s) for s in steps] == list(range(res["setup"]["every"], res["setup"]["steps"] + 1,
+                                                     res["setup"]["every"]))
+        for step in steps:
+            for key, cell in res["by_step"][step].items():
+                per = [r["by_step"][step][key] for r in res["per_seed"].values()]
+                assert cell["verdict"] == ct.cell_verdict([p["path"] for p in per], [p["endpoint"] for p in per])
+        assert all(res["by_step"][steps[-1]][k][m]["mean"] == res["cells"][k][m]["mean"]
+                   for k in res["cells"] for m in ct.METHODS)
 
 
 @check("sae")
@@ -212,6 +221,26 @@ def test_trajectory_gpu_smoke(tmp_path: Path) -> None:
         assert w["finding"] == ct.finding(w["cells"]) == saved["widths"][d]["finding"]
 
 
+def test_trajectory_gpu_is_the_claims_protocol(tmp_path: Path) -> None:
+    """At the claim's width (d=128) and its quick tiny configuration, trajectory_gpu on CPU gives claim_trajectory's
+    cells for seed 0: the two share the base, the training loop and the grid evaluation (hops matched in memory there,
+    from the exported folders here)."""
+    import claim_trajectory as ct
+    import trajectory_gpu
+    cfg = ct.config(True, "tiny")
+    flags = [f"--{k}={cfg[k]}" for k in ("steps", "every", "pretrain", "warmup", "batch", "lr")]
+    res = trajectory_gpu.main(["--device", "cpu", "--widths", "128", "--seeds", "0", *flags,
+                               "--out", str(tmp_path / "gpu.json")])
+    gpu = res["widths"]["128"]["per_seed"]["0"]["cells"]
+    claim = ct.cached_eval("tiny", True, 0, ct.GRID["tokens"])["cells"]
+    assert set(gpu) == set(claim)
+    for key, cell in claim.items():
+        for m in ct.METHODS:
+            assert gpu[key][m]["signed_accuracy"] == pytest.approx(cell[m]["signed_accuracy"], abs=1e-9), (key, m)
+        assert gpu[key]["endpoint_margins"]["min_margin"] == pytest.approx(cell["endpoint_margins"]["min_margin"],
+                                                                           abs=1e-4), key
+
+
 def test_trajectory_gpu_needs_cuda_or_smoke() -> None:
     import torch
     import trajectory_gpu
@@ -237,6 +266,25 @@ def test_trajectory_rules() -> None:
     assert "removes the need for path composition" in text and "reproduces the paper" in text
     cells[f"pooled/{big}"] = cell(1.0, 0.5)
     assert "even pooled matching" in ct.finding(cells)
+
+
+def test_trajectory_notes_flag_settings_that_disagree() -> None:
+    """RESULTS.md says when the settings disagree on single-site matching (and marks the why as a hypothesis), and
+    says nothing of the kind when they agree."""
+    import copy
+
+    import claims_common as cc
+    import run_all
+    row = next((r for r in cc.read_claims(False) if r["claim"] == "trajectory"), None)
+    if row is None or not {"smollm2", "tiny"} <= set(row.get("settings", {})):
+        pytest.skip("no full trajectory row with both settings")
+    for verdicts, flagged in ((("same", "path_better"), True), (("path_better", "path_better"), False)):
+        r = copy.deepcopy(row)
+        for name, v in zip(("smollm2", "tiny"), verdicts):
+            r["settings"][name]["cells"][f"one/{max(r['settings'][name]['setup']['tokens'])}"]["verdict"] = v
+        text = run_all.trajectory_notes(r)
+        assert ("Across settings" in text) is flagged
+        assert ("Hypothesis, not measured here" in text) is flagged
 
 
 def test_verdict_rules_fail_when_they_should() -> None:
