@@ -151,4 +151,4 @@ def match_residual_from_weights(model_a: Any, model_b: Any, method: str = "signe
                          "architecture spec, so signs cannot be determined; pass data= to match from activations")
     info = {"n_tokens": 0, "n_signed_features": int(fa.signed.shape[1]),
             "n_invariant_features": int(fa.invariant.shape[1])}
-    return match_correlation(feature_correlation(fa, fb), method), info
+    return match_correlation(feature_correlation(fa, fb), method, overwrite=True), info
