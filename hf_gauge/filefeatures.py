@@ -25,17 +25,19 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
+import numpy as np
 import torch
 
 from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
 from .engine import Scratch, axes_for, resolve_name
 from .errors import GaugeError
-from .features import WeightFeatures, feature_correlation
+from .features import default_max_rows, invariant_agreement, signed_cosine_
 from .specs import ArchSpec, get_spec
 
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
 BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
+CHUNK_BYTES = 1 << 20           # a block's rows are widened, squared and summed in chunks that stay in cache
 AHEAD = 1                       # blocks read ahead of the computation by ``prefetched``
 _SINGLE = "model.safetensors"
 _DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -263,10 +265,41 @@ def _widen(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
     return buf.copy_(x)
 
 
-def _squares(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
-    """``x * x`` in a reused buffer."""
-    buf = work.bytes(x.numel() * x.element_size(), key).view(x.dtype).view(x.shape)
-    return torch.mul(x, x, out=buf)
+def _widen_into(part: np.ndarray, dtype: torch.dtype, y: np.ndarray) -> None:
+    """``y`` (float32 / float64) := ``part``, the raw elements of a ``dtype`` block; bf16 is widened by moving its 16
+    bits into the high half of a 32-bit word, which is exactly its float32 value."""
+    if dtype == torch.bfloat16:
+        yi = y.view(np.int32)
+        np.copyto(yi, part)                         # int16 -> int32 (sign-extended) ...
+        np.left_shift(yi, 16, out=yi)               # ... then the bf16 bits become the float32's high half
+    else:
+        np.copyto(y, part)
+
+
+def _add_squares(x: torch.Tensor, dim: int, out: torch.Tensor, work: Scratch) -> None:
+    """``out += (x * x).sum(dim)`` for a 2-D block ``x`` (stored dtype), ``out`` float64: cache-sized chunks of rows
+    are widened to the block arithmetic dtype (``_acc``), squared and summed there (float32 for 16-bit weights, whose
+    squares are exact in float32), then added in float64, so each element crosses memory once. numpy runs these
+    element-wise passes on the calling thread: small multi-threaded torch kernels stall when the cores are busy."""
+    acc = _acc(x.dtype)
+    npacc = np.float32 if acc == torch.float32 else np.float64
+    w = x.shape[1]
+    step = max(1, CHUNK_BYTES // max(1, w * acc.itemsize))
+    raw = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    buf = work.bytes(min(step, x.shape[0]) * w * acc.itemsize, "chunk").numpy().view(npacc).reshape(-1, w)
+    o = out.numpy()
+    for r0 in range(0, x.shape[0], step):
+        part = raw[r0:r0 + step]
+        y = buf[:part.shape[0]]
+        if part.dtype == npacc:
+            np.multiply(part, part, out=y)
+        else:
+            _widen_into(part, x.dtype, y)
+            np.multiply(y, y, out=y)
+        if dim == 0:
+            o += y.sum(0)
+        else:
+            o[r0:r0 + part.shape[0]] += y.sum(1)
 
 
 class _Signed:
@@ -288,8 +321,8 @@ class _Signed:
             xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
             prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
             cross += torch.mm(xa.T, xb, out=prod)
-            sqa += _squares(xa, w, "sq").sum(0)
-            sqb += _squares(xb, w, "sq").sum(0)
+            _add_squares(xa, 0, sqa, w)
+            _add_squares(xb, 0, sqb, w)
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
         if scale > 0:
             s2 = scale * scale
@@ -298,11 +331,11 @@ class _Signed:
             self.sqb += sqb / s2
             self.n += 1
 
-    def cosine(self) -> torch.Tensor:
-        """``cos(s_A[i], s_B[j])`` exactly as ``feature_correlation`` forms it."""
-        na, nb = self.sqa.sqrt(), self.sqb.sqrt()
-        cos = self.cross / (na[:, None] * nb[None, :]).clamp_min(1e-300)
-        return torch.where((na[:, None] > 0) & (nb[None, :] > 0), cos, torch.zeros_like(cos)).clamp_(-1.0, 1.0)
+    def cosine_(self) -> torch.Tensor:
+        """``cos(s_A[i], s_B[j])`` as ``feature_correlation`` forms it (``features.signed_cosine_``), in the Gram's
+        memory (the Gram is consumed)."""
+        cos, self.cross = signed_cosine_(self.cross, self.sqa.sqrt(), self.sqb.sqrt()), None
+        return cos
 
 
 def _paired_blocks(fa: CheckpointFiles, fb: CheckpointFiles, name: str, rows: torch.Tensor | None = None):
@@ -320,7 +353,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     """``(C [d, d] float64, counts)`` for A's residual coordinates (rows) against B's (columns); see the module
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
-    cap = max_rows or max(2048, 8 * d)
+    cap = max_rows or default_max_rows(d)
     work = Scratch()
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
@@ -354,16 +387,15 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
         else:                                            # slice norms: blind to inner gauges and signs
             ua.append(_slice_norms(fa, name, res.axis, work)[:, None])
             ub.append(_slice_norms(fb, name, res.axis, work)[:, None])
-    if signed.n:
-        cos = signed.cosine()
-    else:
-        cos = torch.ones(d, d, dtype=torch.float64)
-    del signed.cross, work
-    empty = torch.zeros(d, 0, dtype=torch.float64)
-    inv_a = torch.cat(ua, 1) if ua else empty
-    inv_b = torch.cat(ub, 1) if ub else empty
-    agree = feature_correlation(WeightFeatures(empty, inv_a), WeightFeatures(empty, inv_b))   # ones * agreement
-    return cos.mul_(agree), {"n_signed": signed.n, "n_invariant": int(inv_a.shape[1])}
+    del work
+    n_signed = signed.n
+    cos = signed.cosine_() if n_signed else None
+    del signed
+    counts = {"n_signed": n_signed, "n_invariant": sum(int(u.shape[1]) for u in ua)}
+    if ua:                                               # as feature_correlation combines the two parts
+        agree = invariant_agreement(torch.cat(ua, 1), torch.cat(ub, 1))
+        return (agree if cos is None else cos.mul_(agree)), counts
+    return (cos if cos is not None else torch.ones(d, d, dtype=torch.float64)), counts
 
 
 def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
@@ -387,12 +419,10 @@ def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) ->
     sq = torch.zeros(shape[axis], dtype=torch.float64)
     r0 = 0
     for x in prefetched(files.row_blocks(name, slots=AHEAD + 2)):
-        x = _widen(x, work, "a")
-        x.mul_(x)
         if axis == 1:                                    # reader columns: sum over the rows of every block
-            sq += x.sum(0)
+            _add_squares(x, 0, sq, work)
         else:                                            # writer rows: this block's rows are whole slices
-            sq[r0:r0 + x.shape[0]] += x.sum(1)
+            _add_squares(x, 1, sq[r0:r0 + x.shape[0]], work)
         r0 += x.shape[0]
     return sq.sqrt()
 
