@@ -12,7 +12,8 @@ convention), from the same tensors and the same vocabulary rows, with the signed
 residual coordinates; ``scale_t = (||X_A,t|| + ||X_B,t||) / 2``), so memory is ``O(d^2 + one block)`` whatever the
 vocabulary or depth. Block products run in float32 for 16-bit weights (every product of two bf16/fp16 numbers is
 exact in float32) and float64 otherwise; block results are summed in float64. Invariant features (norm gains, and
-slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks.
+slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks; each
+block is squared and summed in cache-sized chunks with numpy on the calling thread while the next block is read.
 """
 from __future__ import annotations
 
@@ -312,21 +313,26 @@ class _Signed:
         self.sqb = torch.zeros(d, dtype=torch.float64)
 
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        d = self.d
-        cross = torch.zeros(d, d, dtype=torch.float64)
+        """Fold one signed tensor in (its row blocks of A and B). The tensor's Gram is summed in a reused float64
+        buffer (no fresh d×d memory per tensor), then scaled in place and added."""
+        d, w = self.d, self.work
+        acc = None
         sqa = torch.zeros(d, dtype=torch.float64)
         sqb = torch.zeros(d, dtype=torch.float64)
         for xa, xb in blocks:                               # [k, d] each
-            w = self.work
             xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
             prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
-            cross += torch.mm(xa.T, xb, out=prod)
+            torch.mm(xa.T, xb, out=prod)
+            if acc is None:
+                acc = w.bytes(d * d * 8, "gram").view(torch.float64).view(d, d).copy_(prod)
+            else:
+                acc += prod
             _add_squares(xa, 0, sqa, w)
             _add_squares(xb, 0, sqb, w)
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
-        if scale > 0:
+        if acc is not None and scale > 0:
             s2 = scale * scale
-            self.cross += cross / s2
+            self.cross += acc.div_(s2)
             self.sqa += sqa / s2
             self.sqb += sqb / s2
             self.n += 1
