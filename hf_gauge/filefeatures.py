@@ -141,10 +141,12 @@ class CheckpointFiles:
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
-    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1) -> Iterator[torch.Tensor]:
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1, start: int = 0
+                   ) -> Iterator[torch.Tensor]:
         """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
 
-        Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
+        Blocks live in ``slots`` reused buffers, taken in turn from buffer ``start``: a block is valid until ``slots``
+        more are requested (chained tensors pass ``start`` = the number of blocks read so far).
         """
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
@@ -154,14 +156,14 @@ class CheckpointFiles:
         if rows is None:
             for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
-                buf = self._scratch.bytes(k * row, ("block", j % slots))
+                buf = self._scratch.bytes(k * row, ("block", (start + j) % slots))
                 self._pread(fd, buf, off + r0 * row)
                 yield buf.view(dtype).reshape([k] + tail)
             return
         rows = rows.tolist()
         for i, i0 in enumerate(range(0, len(rows), step)):
             part = rows[i0:i0 + step]
-            buf = self._scratch.bytes(len(part) * row, ("block", i % slots))
+            buf = self._scratch.bytes(len(part) * row, ("block", (start + i) % slots))
             j = 0
             while j < len(part):                      # one read per run of consecutive rows
                 k = j + 1
@@ -364,6 +366,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
+    norms: list[tuple[int, str, int]] = []               # (feature position, tensor, residual axis)
     for name in _feature_tensors(fa, fb):
         axes = axes_for(fa.spec, name)
         res = next(a for a in axes if a.space == "residual")
@@ -391,8 +394,11 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
             ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
         else:                                            # slice norms: blind to inner gauges and signs
-            ua.append(_slice_norms(fa, name, res.axis, work)[:, None])
-            ub.append(_slice_norms(fb, name, res.axis, work)[:, None])
+            norms.append((len(ua), name, res.axis))
+            ua.append(torch.empty(0))
+            ub.append(torch.empty(0))
+    for (k, _, _), (na, nb) in zip(norms, _slice_norms(fa, fb, [(n, ax) for _, n, ax in norms], work)):
+        ua[k], ub[k] = na[:, None], nb[:, None]
     del work
     n_signed = signed.n
     cos = signed.cosine_() if n_signed else None
@@ -415,22 +421,39 @@ def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=acc).to(torch.float64)
 
 
-def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) -> torch.Tensor:
-    """``[d]``: L2 norm of every slice along ``axis`` (the residual axis), squared sums in float64 over row blocks."""
-    shape = files.shape(name)
-    if len(shape) != 2:
-        x = files.read(name).movedim(axis, 0)
-        x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
-        return (x * x).sum(1, dtype=torch.float64).sqrt()
-    sq = torch.zeros(shape[axis], dtype=torch.float64)
-    r0 = 0
-    for x in prefetched(files.row_blocks(name, slots=AHEAD + 2)):
+def _slice_norms(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, int]], work: Scratch
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[d]`` L2 norms of every slice along the residual axis of each ``(name, axis)``, in A and in B: squared sums
+    in float64 over row blocks. The blocks of every 2-D tensor of both checkpoints come from one read-ahead thread,
+    so reading never waits for the start of the next tensor."""
+    sq = {}
+    flat = []
+    for name, axis in jobs:
+        for side, f in (("a", fa), ("b", fb)):
+            shape = f.shape(name)
+            if len(shape) == 2:
+                sq[name, side] = torch.zeros(shape[axis], dtype=torch.float64)
+                flat.append((name, axis, side, f))
+            else:
+                x = f.read(name).movedim(axis, 0)
+                x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
+                sq[name, side] = (x * x).sum(1, dtype=torch.float64)
+
+    def blocks():
+        taken = {"a": 0, "b": 0}                          # blocks per reader so far: buffers rotate across tensors
+        for name, axis, side, f in flat:
+            r0 = 0
+            for x in f.row_blocks(name, slots=AHEAD + 2, start=taken[side]):
+                taken[side] += 1
+                yield name, axis, side, r0, x
+                r0 += x.shape[0]
+
+    for name, axis, side, r0, x in prefetched(blocks()):
         if axis == 1:                                    # reader columns: sum over the rows of every block
-            _add_squares(x, 0, sq, work)
+            _add_squares(x, 0, sq[name, side], work)
         else:                                            # writer rows: this block's rows are whole slices
-            _add_squares(x, 1, sq[r0:r0 + x.shape[0]], work)
-        r0 += x.shape[0]
-    return sq.sqrt()
+            _add_squares(x, 1, sq[name, side][r0:r0 + x.shape[0]], work)
+    return [(sq[n, "a"].sqrt(), sq[n, "b"].sqrt()) for n, _ in jobs]
 
 
 def layer_tensors(files: CheckpointFiles, spaces: set[str]) -> dict[str, torch.Tensor]:
