@@ -83,7 +83,8 @@ class _Group:
             self.add(torch.from_numpy(y).view(dtype), torch.from_numpy(pb).view(dtype))
             return False
         np.bitwise_and(pb, np.iinfo(pb.dtype).max, out=y)                            # |b| as bits
-        top = float(torch.from_numpy(y.reshape(-1)[y.argmax():][:1]).view(dtype).to(torch.float64)[0]) if y.size else 0.0
+        top = y.reshape(-1)[y.argmax():][:1]                                        # keeps the integer dtype
+        top = float(torch.from_numpy(top).view(dtype).to(torch.float64)[0])
         self.max_abs_b = top if top != top else max(self.max_abs_b, top)
         return True
 

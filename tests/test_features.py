@@ -67,7 +67,8 @@ def test_feature_correlation_in_place_is_the_formula():
     zero-norm coordinates (cosine 0) and constant invariant features (dropped) included."""
     gen = torch.Generator().manual_seed(0)
     d = 600                                                     # more rows than one in-place block (256)
-    sa, sb = torch.randn(d, 40, generator=gen, dtype=torch.float64), torch.randn(d, 40, generator=gen, dtype=torch.float64)
+    sa = torch.randn(d, 40, generator=gen, dtype=torch.float64)
+    sb = torch.randn(d, 40, generator=gen, dtype=torch.float64)
     sa[3] = 0
     sb[7] = 0
     ua, ub = torch.rand(d, 5, generator=gen, dtype=torch.float64), torch.rand(d, 5, generator=gen, dtype=torch.float64)
