@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Move, Scratch, check_gauge, move_tensor, moves_for
+from .engine import Move, Scratch, check_gauge, check_moves, move_tensor, moves_for
 from .errors import GaugeError
 from .filefeatures import AHEAD, CheckpointFiles, prefetched
 from .gauge import Gauge
@@ -98,6 +98,7 @@ def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, 
     output rows, folded into ``g``: the rows and columns are gathered as integer bits (``np.take``), the sign bits
     flipped (XOR, as the engine does), compared and B's magnitudes taken while the chunk is in cache. numpy runs
     on the calling thread: many small multi-threaded torch kernels stall when the cores are busy."""
+    check_moves(a, moves)                       # widths (GaugeError): the takes below clip, they do not check
     rows = next((m for m in moves if m.axis == 0), None)
     cols = next((m for m in moves if m.axis == 1), None)
     ab, bb = _bits(a), _bits(b)
@@ -112,18 +113,18 @@ def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, 
     step = max(1, CHUNK_BYTES // max(1, w * bi.itemsize))
     k = min(step, n)
     buf = work.bytes(k * w * bi.itemsize, "chunk").numpy().view(bi.dtype).reshape(k, w)
-    tmp = work.bytes(k * w * bi.itemsize, "rows").numpy().view(bi.dtype).reshape(k, w) if rows and cols else None
+    tmp = work.bytes(k * w * bi.itemsize, "rows").numpy().view(bi.dtype).reshape(k, w) if rows is not None and cols is not None else None
     same = True
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
         y = buf[:r1 - r0]
-        if ridx is not None and cidx is not None:
-            np.take(ai, ridx[r0:r1], axis=0, out=tmp[:r1 - r0])
-            np.take(tmp[:r1 - r0], cidx, axis=1, out=y)
+        if ridx is not None and cidx is not None:           # mode="clip": written straight into out (not buffered)
+            np.take(ai, ridx[r0:r1], axis=0, out=tmp[:r1 - r0], mode="clip")
+            np.take(tmp[:r1 - r0], cidx, axis=1, out=y, mode="clip")
         elif ridx is not None:
-            np.take(ai, ridx[r0:r1], axis=0, out=y)
+            np.take(ai, ridx[r0:r1], axis=0, out=y, mode="clip")
         elif cidx is not None:
-            np.take(ai[r0:r1], cidx, axis=1, out=y)
+            np.take(ai[r0:r1], cidx, axis=1, out=y, mode="clip")
         else:
             np.copyto(y, ai[r0:r1])
         if rflip is not None:

@@ -125,3 +125,18 @@ def test_chunked_compare_reports_like_the_tensors(tmp_path: Path, monkeypatch: p
         want = max(float(x.double().abs().max()) for k, x in t.items() if tensor_group(k) == grp)
         assert v["max_abs_b"] == want, grp
     assert not rep["ok"] and rep["n_tensors"] == len(t)
+
+
+def test_tensor_of_the_wrong_width_refused(tmp_path: Path) -> None:
+    """A (hostile) checkpoint whose reader has fewer residual columns than hidden_size: GaugeError, no clipped gather."""
+    a = tiny_model("llama", tie=False)
+    g = random_gauge(a, seed=1)
+    a.save_pretrained(tmp_path / "A")
+    t = load_file(tmp_path / "A" / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text((tmp_path / "A" / "config.json").read_text())
+        save_file(t, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GaugeError, match="width mismatch"):
+        verify_files(tmp_path / "A", tmp_path / "B", g)
