@@ -7,7 +7,9 @@ Usage: python benchmarks/bench_apply.py [--quick] [--dtype float32|bfloat16]
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,6 +46,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=None, help="timed rounds (default 15, quick 3)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    load_before = os.getloadavg()
     model, _ = load_smollm2(dtype=dtype)
     g = hf_gauge.random_gauge(model, seed=0)
     ginv = g.inverse()
@@ -85,6 +88,9 @@ def main(argv=None) -> dict:
         "naive_over_clone": statistics.median(a / c for a, c in zip(times["naive"], times["clone"])),
         "apply_over_clone_all_rounds": [a / c for a, c in zip(times["apply"], times["clone"])],
         "goal_apply_over_clone": 1.5,
+        "commit": subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                                 capture_output=True, text=True, timeout=30).stdout.strip(),
+        "load_average": load_before, "load_average_after": os.getloadavg(),
     }
     write_result(f"bench_apply_{args.dtype}" + ("_quick" if args.quick else ""), res)
     print(f"clone every parameter: {t_clone*1e3:8.1f} ms  ({n_bytes/2**20:.0f} MiB)")

@@ -7,11 +7,13 @@ safetensors (no model is built); then its gauged copy with the streaming apply. 
 layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
 
 Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved:
-- ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free) against the I/O floor: reading every tensor the
-  features need once, from both checkpoints, with the same block reads. Exact recovery of the hidden gauge is checked.
+- ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free; the default row cap, and the former ``8 d``)
+  against the I/O floor: reading every tensor the features need once, from both checkpoints, with the same block
+  reads. Exact recovery of the hidden gauge is checked.
 - ``verify``: ``verify_files(A, B, g)`` against reading both checkpoints once.
-- the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width).
-Usage: python benchmarks/bench_scale.py [--quick] [--workdir DIR] [--rounds N] [--output FILE]
+- the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width),
+  first call and later calls in a fresh process, with the default scratch and with ``overwrite=True`` (as find uses it).
+Usage: python benchmarks/bench_scale.py [--quick] [--workdir DIR [--keep] [--reuse]] [--rounds N] [--output FILE]
 """
 from __future__ import annotations
 
@@ -147,12 +149,14 @@ def worker(args: list[str]) -> dict:
         out["bytes"] = _read_once([a, b], needed_only=True)
     elif mode == "floor_all":
         out["bytes"] = _read_once([a, b], needed_only=False)
-    elif mode in ("find", "find_rows_d"):          # default vocabulary row cap max(2048, 8 d), or d rows
-        kw = {"max_rows": int(json.loads((Path(a) / "config.json").read_text())["hidden_size"])} \
-            if mode == "find_rows_d" else {}
+    elif mode in ("find", "find_rows_8d"):         # default vocabulary row cap max(2048, d), or the former 8 d
+        kw = {"max_rows": 8 * int(json.loads((Path(a) / "config.json").read_text())["hidden_size"])} \
+            if mode == "find_rows_8d" else {}
         g = hf_gauge.find_gauge(a, b, **kw)
         out["exact"] = bool(g.residual == hf_gauge.load_gauge(gdir).residual)
         out["min_margin"] = float(g.metrics["min_margin"])
+    elif mode in ("match", "match_overwrite"):    # the matching step alone, first call in a fresh process
+        out.update(bench_matching(int(a), 3, overwrite=mode == "match_overwrite"))
     elif mode == "verify":
         from hf_gauge.fileverify import verify_files
         rep = verify_files(a, b, hf_gauge.load_gauge(gdir))
@@ -176,8 +180,11 @@ def run_worker(mode: str, a: Path, b: Path, gdir: Path) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # the matching step alone
 # ----------------------------------------------------------------------------------------------------------------
-def bench_matching(d: int, reps: int) -> dict:
-    """``match_correlation`` on ``C = noise + a planted signed permutation`` (the matched |C| in [0.5, 1])."""
+def bench_matching(d: int, reps: int, overwrite: bool = False) -> dict:
+    """``match_correlation`` on ``C = noise + a planted signed permutation`` (the matched |C| in [0.5, 1]).
+
+    ``overwrite``: as ``find_gauge`` calls it, on a C it no longer needs (``overwrite=True``: C's memory is the
+    cost); each call gets its own copy of C, made before the clock starts (the pipeline's C is fresh too)."""
     from hf_gauge.group import SignedPermutation
     from hf_gauge.match import match_correlation
 
@@ -187,10 +194,12 @@ def bench_matching(d: int, reps: int) -> dict:
     C[g.perm.numpy(), np.arange(d)] = g.sign.numpy() * rng.uniform(0.5, 1.0, d)
     times, exact = [], True
     for _ in range(reps):
+        x = C.copy() if overwrite else C
         t0 = time.perf_counter()
-        m = match_correlation(C)
+        m = match_correlation(x, overwrite=overwrite)
         times.append(time.perf_counter() - t0)
         exact &= m.element == g
+        del x
     return {"d": d, "seconds_all": times, "seconds_first": times[0], "seconds_median": statistics.median(times),
             "exact": bool(exact)}
 
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--match-d", type=int, default=None, help="width of the matching benchmark (default 8192)")
     ap.add_argument("--output", help="result file (default results/bench_scale[_quick].json)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
+    ap.add_argument("--reuse", action="store_true", help="use the checkpoints a --keep run left in --workdir")
     args = ap.parse_args(argv)
     s = QUICK if args.quick else FULL
     rounds = args.rounds or (1 if args.quick else 2)
@@ -225,21 +235,23 @@ def main(argv: list[str] | None = None) -> dict:
         from hf_gauge import Gauge, SignedPermutation
 
         A, B, G = work / "A", work / "B", work / "G"
-        t0 = time.perf_counter()
-        res["checkpoint_bytes"] = write_checkpoint(A, s)
-        res["write_s"] = time.perf_counter() - t0
-        g = Gauge(spaces={"residual": SignedPermutation.random(s["d"], 1)},
-                  source={"model_type": "llama", "hidden_size": s["d"]})
-        g.save_pretrained(G)
-        t0 = time.perf_counter()
-        hf_gauge.apply_gauge_to_checkpoint(A, g, B, progress=False, durable=False)
-        res["stream_apply_s"] = time.perf_counter() - t0
-        half_view(A, work / "A_half"), half_view(B, work / "B_half")
-        times: dict[str, list[dict]] = {k: [] for k in ("floor_find", "find", "find_rows_d", "floor_find_half",
+        if not (args.reuse and all((work / x).is_dir() for x in ("A", "B", "G", "A_half", "B_half"))):
+            t0 = time.perf_counter()
+            write_checkpoint(A, s)
+            res["write_s"] = time.perf_counter() - t0
+            g = Gauge(spaces={"residual": SignedPermutation.random(s["d"], 1)},
+                      source={"model_type": "llama", "hidden_size": s["d"]})
+            g.save_pretrained(G)
+            t0 = time.perf_counter()
+            hf_gauge.apply_gauge_to_checkpoint(A, g, B, progress=False, durable=False)
+            res["stream_apply_s"] = time.perf_counter() - t0
+            half_view(A, work / "A_half"), half_view(B, work / "B_half")
+        res["checkpoint_bytes"] = sum(f.stat().st_size for f in A.glob("*.safetensors"))
+        times: dict[str, list[dict]] = {k: [] for k in ("floor_find", "find", "find_rows_8d", "floor_find_half",
                                                          "find_half", "floor_all", "verify")}
         for _ in range(rounds):                              # interleaved: drift in the machine's speed hits all
             for key, mode, a, b in (("floor_find", "floor_find", A, B), ("find", "find", A, B),
-                                    ("find_rows_d", "find_rows_d", A, B),
+                                    ("find_rows_8d", "find_rows_8d", A, B),
                                     ("floor_find_half", "floor_find", work / "A_half", work / "B_half"),
                                     ("find_half", "find", work / "A_half", work / "B_half"),
                                     ("floor_all", "floor_all", A, B), ("verify", "verify", A, B)):
@@ -251,17 +263,19 @@ def main(argv: list[str] | None = None) -> dict:
         fixed = med["find"] - per_layer * s["layers"]
         res.update({
             "runs": times, "median_s": med,
-            "find_exact": all(r["exact"] for r in times["find"] + times["find_half"] + times["find_rows_d"]),
+            "find_exact": all(r["exact"] for r in times["find"] + times["find_half"] + times["find_rows_8d"]),
             "find_over_io_floor": find_ratio, "goal_find_over_io_floor": 1.5,
-            "find_rows_d_over_io_floor": statistics.median(
-                f["seconds"] / fl["seconds"] for f, fl in zip(times["find_rows_d"], times["floor_find"])),
+            "find_rows_8d_over_io_floor": statistics.median(
+                f["seconds"] / fl["seconds"] for f, fl in zip(times["find_rows_8d"], times["floor_find"])),
             "find_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["find"]), "goal_find_peak_rss_bytes": 3 << 30,
             "floor_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["floor_find"]),
             "find_per_layer_s": per_layer, "find_fixed_s": fixed,
             "find_full_depth_extrapolated_s": fixed + per_layer * s["full_layers"],
             "verify_ok": all(r["ok"] for r in times["verify"]),
             "verify_over_read_both": verify_ratio, "goal_verify_over_read_both": 1.3,
-            "matching": bench_matching(match_d, 3), "goal_matching_s": 3.0,
+            "matching": run_worker("match", Path(str(match_d)), Path("-"), Path("-")),
+            "matching_overwrite": run_worker("match_overwrite", Path(str(match_d)), Path("-"), Path("-")),
+            "goal_matching_s": 3.0,
             "load_average_after": os.getloadavg(),
         })
     finally:

@@ -58,10 +58,31 @@ def _runner_up(cost: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarr
     return -np.minimum(row_best[rows], col_best[cols])
 
 
-def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> Match:
+_SIGN_ROWS = 256       # rows of C whose signs are packed per step when ``overwrite=True`` (a cache-sized temporary)
+
+
+def _cost_in_place(C: np.ndarray, method: str) -> np.ndarray | None:
+    """Turn ``C`` into the cost (``-|C|`` or ``-C``) in its own memory; for ``"signed"`` return the bit-packed
+    ``C < 0`` (d²/8 bytes) taken before the signs are lost."""
+    if method != "signed":
+        np.negative(C, out=C)
+        return None
+    d = C.shape[1]
+    neg = np.empty((C.shape[0], (d + 7) // 8), dtype=np.uint8)
+    for r0 in range(0, C.shape[0], _SIGN_ROWS):
+        blk = C[r0:r0 + _SIGN_ROWS]
+        neg[r0:r0 + _SIGN_ROWS] = np.packbits(blk < 0, axis=1)
+        np.abs(blk, out=blk)
+        np.negative(blk, out=blk)
+    return neg
+
+
+def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed", overwrite: bool = False) -> Match:
     """Solve the assignment for ``C [d_A, d_B]`` (square) with scipy's ``linear_sum_assignment``.
 
-    Memory: one d×d float64 scratch (the cost ``-|C|`` or ``-C``) besides ``C``; the margins reuse it.
+    Memory: one d×d float64 scratch (the cost ``-|C|`` or ``-C``) besides ``C``; the margins reuse it. With
+    ``overwrite=True`` a float64 C-contiguous ``C`` (numpy, or a CPU torch tensor) is that scratch: its contents are
+    destroyed, and no fresh d×d memory is touched (d²/8 bytes hold the signs); the result is the same.
     """
     if method not in METHODS:
         raise GaugeError(f"unknown matching method {method!r}; use one of {METHODS} (or 'procrustes' for orthogonal maps)")
@@ -70,14 +91,21 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed") -> M
         raise GaugeError(f"the correlation matrix must be square and non-empty, got shape {C.shape}")
     if not (np.isfinite(C.min()) and np.isfinite(C.max())):       # NaN propagates through min/max: no d×d mask
         raise GaugeError("the correlation matrix has NaN or inf entries (constant coordinates or empty data?)")
-    cost = np.abs(C) if method == "signed" else np.array(C, dtype=np.float64, order="C")
-    np.negative(cost, out=cost)                                    # maximise S = |C| (or C): minimise -S
-    rows, cols = linear_sum_assignment(cost)                       # rows = A coordinates, cols = B coordinates
     d = C.shape[0]
+    if overwrite and C.flags.c_contiguous and C.flags.writeable:
+        cost, neg = C, _cost_in_place(C, method)
+    else:
+        cost, neg = (np.abs(C) if method == "signed" else np.array(C, dtype=np.float64, order="C")), None
+        np.negative(cost, out=cost)                                # maximise S = |C| (or C): minimise -S
+    rows, cols = linear_sum_assignment(cost)                       # rows = A coordinates, cols = B coordinates
     perm = np.empty(d, dtype=np.int64)
     perm[cols] = rows
     if method == "signed":
-        sign = np.where(C[perm, np.arange(d)] < 0, -1, 1)
+        ar = np.arange(d)
+        if neg is None:
+            sign = np.where(C[perm, ar] < 0, -1, 1)
+        else:
+            sign = np.where((neg[perm, ar >> 3] >> (7 - (ar & 7))) & 1, -1, 1)
     else:
         sign = np.ones(d, dtype=np.int64)
     matched = -cost[rows, cols]

@@ -30,7 +30,8 @@ from .engine import axes_for, resolve_name
 from .errors import GaugeError
 from .view import ModelView
 
-__all__ = ["WeightFeatures", "paired_weight_features", "feature_correlation", "match_residual_from_weights"]
+__all__ = ["WeightFeatures", "default_max_rows", "paired_weight_features", "feature_correlation", "signed_cosine_",
+           "invariant_agreement", "match_residual_from_weights"]
 
 
 @dataclass
@@ -41,6 +42,14 @@ class WeightFeatures:
     invariant: torch.Tensor       # [d, k_u]: permuted only
     signed_names: list[str] = field(default_factory=list)
     invariant_names: list[str] = field(default_factory=list)
+
+
+def default_max_rows(d: int) -> int:
+    """The default cap on vocabulary rows per signed tensor: ``max(2048, d)``. The Gram of the selected rows costs
+    ``2 rows d^2`` flops per tensor, the largest step of a data-free match at 7B+ widths; gauge-equivalent pairs are
+    matched exactly with any rows, and on real SmolLM2 with every weight of the gauged copy perturbed (5-50%
+    relative noise) ``d`` rows recovered the gauge as ``8 d`` rows did, with 14-22% smaller minimum margins."""
+    return max(2048, int(d))
 
 
 def _residual_axis(axes) -> tuple[Any, tuple]:
@@ -59,13 +68,13 @@ def _norm(x: torch.Tensor, dim) -> torch.Tensor:
 def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = None) -> tuple[WeightFeatures, WeightFeatures]:
     """Features of both models, built from the same spec and the same free-axis rows.
 
-    ``max_rows`` caps the vocabulary rows used per signed tensor (default ``max(2048, 8 d)``): the rows with the
+    ``max_rows`` caps the vocabulary rows used per signed tensor (default ``default_max_rows(d)``): the rows with the
     largest ``||A_v|| + ||B_v||`` (row norms are invariant under every residual gauge), the same rows in both models.
     """
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     spec = va.spec
     d = va.config.hidden
-    cap = max_rows or max(2048, 8 * d)
+    cap = max_rows or default_max_rows(d)
     params_b = {resolve_name(n)[0]: p for n, p in vb.named_parameters()}   # PEFT-wrapped names -> plain names
     sa, sb, ua, ub, sn, un = [], [], [], [], [], []
     for name, pa in va.named_parameters():
@@ -113,27 +122,44 @@ def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = No
     return (WeightFeatures(cat(sa), cat(ua), sn, un), WeightFeatures(cat(sb), cat(ub), sn, un))
 
 
+_ROWS = 256    # rows of a d×d result finished per step (in place: no d×d temporaries)
+
+
+def signed_cosine_(cross: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> torch.Tensor:
+    """``cos = cross / (na[:, None] * nb[None, :])`` in ``cross``'s memory: 0 where a norm is 0, clamped to [-1, 1].
+    ``cross [d, d]``: ``s_A s_B^T``; ``na``, ``nb``: the rows' norms (float64)."""
+    pos_b = nb > 0
+    for r0 in range(0, cross.shape[0], _ROWS):
+        blk = cross[r0:r0 + _ROWS]
+        blk.div_((na[r0:r0 + _ROWS, None] * nb[None, :]).clamp_min_(1e-300))
+        blk.masked_fill_(~((na[r0:r0 + _ROWS, None] > 0) & pos_b[None, :]), 0.0)
+    return cross.clamp_(-1.0, 1.0)
+
+
+def invariant_agreement(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """``exp(-mean_k (z_A[i, k] - z_B[j, k])**2)`` ``[d, d]`` for invariant features ``ua``, ``ub`` ``[d, k]``, each
+    feature z-scored over both models (constant features dropped), with two d×d buffers."""
+    both = torch.cat([ua, ub], 0)
+    mu, sd = both.mean(0), both.std(0)
+    keep = sd > 1e-12 * both.abs().amax(0).clamp_min(1e-300)   # constant features carry nothing
+    za = (ua[:, keep] - mu[keep]) / sd[keep]
+    zb = (ub[:, keep] - mu[keep]) / sd[keep]
+    k = max(1, za.shape[1])
+    dist = (za * za).sum(1)[:, None] + (zb * zb).sum(1)[None, :]
+    dist.sub_(torch.mm(za, zb.T).mul_(2.0))                     # |z_A|^2 + |z_B|^2 - 2 z_A z_B^T
+    return dist.clamp_min_(0.0).div_(k).neg_().exp_()
+
+
 def feature_correlation(fa: WeightFeatures, fb: WeightFeatures) -> torch.Tensor:
     """``C [d, d]`` (see the module docstring): signed cosine times the invariant-feature agreement."""
     d = fa.signed.shape[0]
+    cos = None
     if fa.signed.shape[1]:
-        na, nb = fa.signed.norm(dim=1), fb.signed.norm(dim=1)
-        cos = (fa.signed @ fb.signed.T) / (na[:, None] * nb[None, :]).clamp_min(1e-300)
-        cos = torch.where((na[:, None] > 0) & (nb[None, :] > 0), cos, torch.zeros_like(cos)).clamp_(-1.0, 1.0)
-    else:
-        cos = torch.ones(d, d, dtype=torch.float64)
+        cos = signed_cosine_(fa.signed @ fb.signed.T, fa.signed.norm(dim=1), fb.signed.norm(dim=1))
     if fa.invariant.shape[1]:
-        both = torch.cat([fa.invariant, fb.invariant], 0)
-        mu, sd = both.mean(0), both.std(0)
-        keep = sd > 1e-12 * both.abs().amax(0).clamp_min(1e-300)   # constant features carry nothing
-        za = (fa.invariant[:, keep] - mu[keep]) / sd[keep]
-        zb = (fb.invariant[:, keep] - mu[keep]) / sd[keep]
-        k = max(1, za.shape[1])
-        dist = ((za * za).sum(1)[:, None] + (zb * zb).sum(1)[None, :] - 2.0 * za @ zb.T).clamp_min(0.0) / k
-        agree = torch.exp(-dist)
-    else:
-        agree = torch.ones(d, d, dtype=torch.float64)
-    return cos * agree
+        agree = invariant_agreement(fa.invariant, fb.invariant)
+        return agree if cos is None else cos.mul_(agree)
+    return cos if cos is not None else torch.ones(d, d, dtype=torch.float64)
 
 
 def match_residual_from_weights(model_a: Any, model_b: Any, method: str = "signed",
@@ -151,4 +177,4 @@ def match_residual_from_weights(model_a: Any, model_b: Any, method: str = "signe
                          "architecture spec, so signs cannot be determined; pass data= to match from activations")
     info = {"n_tokens": 0, "n_signed_features": int(fa.signed.shape[1]),
             "n_invariant_features": int(fa.invariant.shape[1])}
-    return match_correlation(feature_correlation(fa, fb), method), info
+    return match_correlation(feature_correlation(fa, fb), method, overwrite=True), info

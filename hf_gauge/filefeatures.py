@@ -12,7 +12,8 @@ convention), from the same tensors and the same vocabulary rows, with the signed
 residual coordinates; ``scale_t = (||X_A,t|| + ||X_B,t||) / 2``), so memory is ``O(d^2 + one block)`` whatever the
 vocabulary or depth. Block products run in float32 for 16-bit weights (every product of two bf16/fp16 numbers is
 exact in float32) and float64 otherwise; block results are summed in float64. Invariant features (norm gains, and
-slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks.
+slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks; each
+block is squared and summed in cache-sized chunks with numpy on the calling thread while the next block is read.
 """
 from __future__ import annotations
 
@@ -25,12 +26,13 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
+import numpy as np
 import torch
 
 from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
 from .engine import Scratch, axes_for, resolve_name
 from .errors import GaugeError
-from .features import WeightFeatures, feature_correlation
+from .features import default_max_rows, invariant_agreement, signed_cosine_
 from .specs import ArchSpec, get_spec
 from .specs.base import fill
 from .view import ConfigView
@@ -38,6 +40,7 @@ from .view import ConfigView
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
 BLOCK_BYTES = 32 << 20          # rows are read and reduced in blocks of about this many bytes
+CHUNK_BYTES = 1 << 20           # a block's rows are widened, squared and summed in chunks that stay in cache
 AHEAD = 1                       # blocks read ahead of the computation by ``prefetched``
 _SINGLE = "model.safetensors"
 _DTYPES: dict[str, torch.dtype] = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -140,10 +143,12 @@ class CheckpointFiles:
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
-    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1) -> Iterator[torch.Tensor]:
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1, start: int = 0
+                   ) -> Iterator[torch.Tensor]:
         """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
 
-        Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
+        Blocks live in ``slots`` reused buffers, taken in turn from buffer ``start``: a block is valid until ``slots``
+        more are requested (chained tensors pass ``start`` = the number of blocks read so far).
         """
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
@@ -153,14 +158,14 @@ class CheckpointFiles:
         if rows is None:
             for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
-                buf = self._scratch.bytes(k * row, ("block", j % slots))
+                buf = self._scratch.bytes(k * row, ("block", (start + j) % slots))
                 self._pread(fd, buf, off + r0 * row)
                 yield buf.view(dtype).reshape([k] + tail)
             return
         rows = rows.tolist()
         for i, i0 in enumerate(range(0, len(rows), step)):
             part = rows[i0:i0 + step]
-            buf = self._scratch.bytes(len(part) * row, ("block", i % slots))
+            buf = self._scratch.bytes(len(part) * row, ("block", (start + i) % slots))
             j = 0
             while j < len(part):                      # one read per run of consecutive rows
                 k = j + 1
@@ -265,10 +270,41 @@ def _widen(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
     return buf.copy_(x)
 
 
-def _squares(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
-    """``x * x`` in a reused buffer."""
-    buf = work.bytes(x.numel() * x.element_size(), key).view(x.dtype).view(x.shape)
-    return torch.mul(x, x, out=buf)
+def _widen_into(part: np.ndarray, dtype: torch.dtype, y: np.ndarray) -> None:
+    """``y`` (float32 / float64) := ``part``, the raw elements of a ``dtype`` block; bf16 is widened by moving its 16
+    bits into the high half of a 32-bit word, which is exactly its float32 value."""
+    if dtype == torch.bfloat16:
+        yi = y.view(np.int32)
+        np.copyto(yi, part)                         # int16 -> int32 (sign-extended) ...
+        np.left_shift(yi, 16, out=yi)               # ... then the bf16 bits become the float32's high half
+    else:
+        np.copyto(y, part)
+
+
+def _add_squares(x: torch.Tensor, dim: int, out: torch.Tensor, work: Scratch) -> None:
+    """``out += (x * x).sum(dim)`` for a 2-D block ``x`` (stored dtype), ``out`` float64: cache-sized chunks of rows
+    are widened to the block arithmetic dtype (``_acc``), squared and summed there (float32 for 16-bit weights, whose
+    squares are exact in float32), then added in float64, so each element crosses memory once. numpy runs these
+    element-wise passes on the calling thread: small multi-threaded torch kernels stall when the cores are busy."""
+    acc = _acc(x.dtype)
+    npacc = np.float32 if acc == torch.float32 else np.float64
+    w = x.shape[1]
+    step = max(1, CHUNK_BYTES // max(1, w * acc.itemsize))
+    raw = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+    buf = work.bytes(min(step, x.shape[0]) * w * acc.itemsize, "chunk").numpy().view(npacc).reshape(-1, w)
+    o = out.numpy()
+    for r0 in range(0, x.shape[0], step):
+        part = raw[r0:r0 + step]
+        y = buf[:part.shape[0]]
+        if part.dtype == npacc:
+            np.multiply(part, part, out=y)
+        else:
+            _widen_into(part, x.dtype, y)
+            np.multiply(y, y, out=y)
+        if dim == 0:
+            o += y.sum(0)
+        else:
+            o[r0:r0 + part.shape[0]] += y.sum(1)
 
 
 class _Signed:
@@ -281,30 +317,35 @@ class _Signed:
         self.sqb = torch.zeros(d, dtype=torch.float64)
 
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        d = self.d
-        cross = torch.zeros(d, d, dtype=torch.float64)
+        """Fold one signed tensor in (its row blocks of A and B). The tensor's Gram is summed in a reused float64
+        buffer (no fresh d×d memory per tensor), then scaled in place and added."""
+        d, w = self.d, self.work
+        acc = None
         sqa = torch.zeros(d, dtype=torch.float64)
         sqb = torch.zeros(d, dtype=torch.float64)
         for xa, xb in blocks:                               # [k, d] each
-            w = self.work
             xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
             prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
-            cross += torch.mm(xa.T, xb, out=prod)
-            sqa += _squares(xa, w, "sq").sum(0)
-            sqb += _squares(xb, w, "sq").sum(0)
+            torch.mm(xa.T, xb, out=prod)
+            if acc is None:
+                acc = w.bytes(d * d * 8, "gram").view(torch.float64).view(d, d).copy_(prod)
+            else:
+                acc += prod
+            _add_squares(xa, 0, sqa, w)
+            _add_squares(xb, 0, sqb, w)
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
-        if scale > 0:
+        if acc is not None and scale > 0:
             s2 = scale * scale
-            self.cross += cross / s2
+            self.cross += acc.div_(s2)
             self.sqa += sqa / s2
             self.sqb += sqb / s2
             self.n += 1
 
-    def cosine(self) -> torch.Tensor:
-        """``cos(s_A[i], s_B[j])`` exactly as ``feature_correlation`` forms it."""
-        na, nb = self.sqa.sqrt(), self.sqb.sqrt()
-        cos = self.cross / (na[:, None] * nb[None, :]).clamp_min(1e-300)
-        return torch.where((na[:, None] > 0) & (nb[None, :] > 0), cos, torch.zeros_like(cos)).clamp_(-1.0, 1.0)
+    def cosine_(self) -> torch.Tensor:
+        """``cos(s_A[i], s_B[j])`` as ``feature_correlation`` forms it (``features.signed_cosine_``), in the Gram's
+        memory (the Gram is consumed)."""
+        cos, self.cross = signed_cosine_(self.cross, self.sqa.sqrt(), self.sqb.sqrt()), None
+        return cos
 
 
 def _paired_blocks(fa: CheckpointFiles, fb: CheckpointFiles, name: str, rows: torch.Tensor | None = None):
@@ -322,12 +363,12 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     """``(C [d, d] float64, counts)`` for A's residual coordinates (rows) against B's (columns); see the module
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
-    cap = max_rows or max(2048, 8 * d)
+    cap = max_rows or default_max_rows(d)
     work = Scratch()
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
-    carried: dict[str, list[torch.Tensor]] = {}        # per-expert tensors: one feature per expert family
+    norms: list[tuple[int, str, int]] = []               # (feature position, tensor, residual axis)
     for name in _feature_tensors(fa, fb):
         axes = axes_for(fa.spec, name, files=True)
         res = next(a for a in axes if a.space == "residual")
@@ -355,28 +396,31 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
             ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
         else:                                            # slice norms: blind to inner gauges and signs
-            na, nb = _slice_norms(fa, name, res.axis, work), _slice_norms(fb, name, res.axis, work)
-            key = _expert_family(fa.spec, name)
-            if key is None:
-                ua.append(na[:, None])
-                ub.append(nb[:, None])
-            else:                                        # A's expert e may be B's expert k: pool the experts
-                acc = carried.setdefault(key, [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)])
-                acc[0] += na * na
-                acc[1] += nb * nb
+            norms.append((len(ua), name, res.axis))
+            ua.append(torch.empty(0))
+            ub.append(torch.empty(0))
+    carried: dict[str, list[torch.Tensor]] = {}        # per-expert tensors: one feature per expert family
+    for (k, name, _), (na, nb) in zip(norms, _slice_norms(fa, fb, [(n, ax) for _, n, ax in norms], work)):
+        key = _expert_family(fa.spec, name)
+        if key is None:
+            ua[k], ub[k] = na[:, None], nb[:, None]
+        else:                                            # A's expert e may be B's expert k: pool the experts
+            acc = carried.setdefault(key, [torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)])
+            acc[0] += na.to(torch.float64) ** 2
+            acc[1] += nb.to(torch.float64) ** 2
+    ua, ub = [u for u in ua if u.dim() == 2], [u for u in ub if u.dim() == 2]
     for sq_a, sq_b in carried.values():
         ua.append(sq_a.sqrt()[:, None])
         ub.append(sq_b.sqrt()[:, None])
-    if signed.n:
-        cos = signed.cosine()
-    else:
-        cos = torch.ones(d, d, dtype=torch.float64)
-    del signed.cross, work
-    empty = torch.zeros(d, 0, dtype=torch.float64)
-    inv_a = torch.cat(ua, 1) if ua else empty
-    inv_b = torch.cat(ub, 1) if ub else empty
-    agree = feature_correlation(WeightFeatures(empty, inv_a), WeightFeatures(empty, inv_b))   # ones * agreement
-    return cos.mul_(agree), {"n_signed": signed.n, "n_invariant": int(inv_a.shape[1])}
+    del work
+    n_signed = signed.n
+    cos = signed.cosine_() if n_signed else None
+    del signed
+    counts = {"n_signed": n_signed, "n_invariant": sum(int(u.shape[1]) for u in ua)}
+    if ua:                                               # as feature_correlation combines the two parts
+        agree = invariant_agreement(torch.cat(ua, 1), torch.cat(ub, 1))
+        return (agree if cos is None else cos.mul_(agree)), counts
+    return (cos if cos is not None else torch.ones(d, d, dtype=torch.float64)), counts
 
 
 def _expert_family(spec: ArchSpec, name: str) -> str | None:
@@ -401,24 +445,39 @@ def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=acc).to(torch.float64)
 
 
-def _slice_norms(files: CheckpointFiles, name: str, axis: int, work: Scratch) -> torch.Tensor:
-    """``[d]``: L2 norm of every slice along ``axis`` (the residual axis), squared sums in float64 over row blocks."""
-    shape = files.shape(name)
-    if len(shape) != 2:
-        x = files.read(name).movedim(axis, 0)
-        x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
-        return (x * x).sum(1, dtype=torch.float64).sqrt()
-    sq = torch.zeros(shape[axis], dtype=torch.float64)
-    r0 = 0
-    for x in prefetched(files.row_blocks(name, slots=AHEAD + 2)):
-        x = _widen(x, work, "a")
-        x.mul_(x)
+def _slice_norms(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, int]], work: Scratch
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[d]`` L2 norms of every slice along the residual axis of each ``(name, axis)``, in A and in B: squared sums
+    in float64 over row blocks. The blocks of every 2-D tensor of both checkpoints come from one read-ahead thread,
+    so reading never waits for the start of the next tensor."""
+    sq = {}
+    flat = []
+    for name, axis in jobs:
+        for side, f in (("a", fa), ("b", fb)):
+            shape = f.shape(name)
+            if len(shape) == 2:
+                sq[name, side] = torch.zeros(shape[axis], dtype=torch.float64)
+                flat.append((name, axis, side, f))
+            else:
+                x = f.read(name).movedim(axis, 0)
+                x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
+                sq[name, side] = (x * x).sum(1, dtype=torch.float64)
+
+    def blocks():
+        taken = {"a": 0, "b": 0}                          # blocks per reader so far: buffers rotate across tensors
+        for name, axis, side, f in flat:
+            r0 = 0
+            for x in f.row_blocks(name, slots=AHEAD + 2, start=taken[side]):
+                taken[side] += 1
+                yield name, axis, side, r0, x
+                r0 += x.shape[0]
+
+    for name, axis, side, r0, x in prefetched(blocks()):
         if axis == 1:                                    # reader columns: sum over the rows of every block
-            sq += x.sum(0)
+            _add_squares(x, 0, sq[name, side], work)
         else:                                            # writer rows: this block's rows are whole slices
-            sq[r0:r0 + x.shape[0]] += x.sum(1)
-        r0 += x.shape[0]
-    return sq.sqrt()
+            _add_squares(x, 1, sq[name, side][r0:r0 + x.shape[0]], work)
+    return [(sq[n, "a"].sqrt(), sq[n, "b"].sqrt()) for n, _ in jobs]
 
 
 def layer_tensors(files: CheckpointFiles, spaces: set[str]) -> dict[str, torch.Tensor]:

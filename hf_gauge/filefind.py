@@ -101,7 +101,7 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
         if counts["n_signed"] == 0 and method == "signed":
             raise GaugeError("data-free matching found no sign-carrying tensor (token embedding / lm_head) in the "
                              "architecture spec, so signs cannot be determined; load the models and pass data=")
-        m = match_correlation(C, method)
+        m = match_correlation(C, method, overwrite=True)   # C's memory becomes the cost: no fresh d×d scratch
         del C
         residual = Gauge(spaces={"residual": m.element})
         check_gauge(fa.spec, fa.config, residual)          # LayerNorm models: S_d x {±1} only

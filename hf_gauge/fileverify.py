@@ -1,9 +1,11 @@
 """Verify a gauge straight from checkpoint files: move A's tensors through it one at a time and compare with B's.
 
 For every tensor of checkpoint A (in storage order), the engine's moves for the gauge (``engine.moves_for``) are
-applied on the fly (``engine.move_tensor``: gathers and sign flips, bit-exact) and the result is compared with B's
-tensor of the same name. Column-only moves (readers, embeddings) never mix rows, so those tensors stream in row
-blocks; a tensor whose rows move (writers, gains) is read whole. Memory: one block (or one tensor) per checkpoint.
+applied on the fly (gathers and sign-bit flips as the engine does them, bit-exact) and the result is compared with
+B's tensor of the same name. Column-only moves (readers, embeddings) never mix rows, so those tensors stream in row
+blocks, read ahead by a thread; a tensor whose rows move (writers, gains) is read whole. Float tensors are moved and
+compared as integer bits in cache-sized chunks with numpy on the calling thread. Memory: one block (or one tensor)
+per checkpoint.
 
 A gauge A -> B is right for a gauged copy when moved A equals B bit for bit. The report gives, per tensor group (the
 tensor name with its layer index replaced by ``{i}``), the largest ``|moved A - B|`` and B's largest ``|value|``;
@@ -16,15 +18,17 @@ import os
 import re
 from typing import Any
 
+import numpy as np
 import torch
 
-from .engine import Scratch, check_gauge, move_tensor, moves_for, source_names
+from .engine import Move, Scratch, check_gauge, check_moves, move_tensor, moves_for, source_names
 from .errors import GaugeError
-from .filefeatures import CheckpointFiles
+from .filefeatures import AHEAD, CheckpointFiles, prefetched
 from .gauge import Gauge
+from .group import moves_as_bits
 from .models import gain_fingerprint
 
-__all__ = ["verify_files", "tensor_group"]
+__all__ = ["verify_files", "tensor_group", "max_abs"]
 
 _LAYER = re.compile(r"\.\d+\.")
 
@@ -34,8 +38,25 @@ def tensor_group(name: str) -> str:
     return _LAYER.sub(".{i}.", name)
 
 
+CHUNK_BYTES = 1 << 20      # streamed blocks are moved and compared in row chunks of about this size (cache-resident)
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()])
+    return x.view(_INT[x.element_size()])
+
+
+def max_abs(b: torch.Tensor) -> float:
+    """``max |b|`` (NaN if ``b`` holds a NaN, 0 for an empty tensor). For IEEE floats the magnitude's order is the
+    order of the bits without the sign bit, so one integer pass, no float temporary, no 16-bit float arithmetic."""
+    if not b.numel():
+        return 0.0
+    if b.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        bits = _bits(b)
+        top = int(torch.bitwise_and(bits, torch.iinfo(bits.dtype).max).max())      # clear the sign bit
+        return float(torch.tensor([top], dtype=bits.dtype).view(b.dtype)[0].to(torch.float64))
+    wide = torch.float64
+    return max(float(b.max().to(wide)), -float(b.min().to(wide)))
 
 
 class _Group:
@@ -48,16 +69,76 @@ class _Group:
         """Fold one block in; True when it is bit-identical."""
         same = torch.equal(_bits(moved), _bits(b))
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        if b.numel():                                   # max |b| without a |b| temporary
-            self.max_abs_b = max(self.max_abs_b, float(b.max().to(wide)), -float(b.min().to(wide)))
+        top = max_abs(b)
+        self.max_abs_b = top if top != top else max(self.max_abs_b, top)             # NaN sticks
         if not same:
             diff = (moved.to(wide) - b.to(wide)).abs().max()
             self.max_abs_diff = max(self.max_abs_diff, float(diff) if torch.isfinite(diff) else float("inf"))
         return same
 
+    def fold_chunk(self, y: np.ndarray, pb: np.ndarray, dtype: torch.dtype) -> bool:
+        """Fold one chunk of float bits in (``y``: moved A, a scratch this clobbers; ``pb``: B); True when equal."""
+        same = bool(np.array_equal(y, pb))
+        if not same:
+            self.add(torch.from_numpy(y).view(dtype), torch.from_numpy(pb).view(dtype))
+            return False
+        np.bitwise_and(pb, np.iinfo(pb.dtype).max, out=y)                            # |b| as bits
+        top = y.reshape(-1)[y.argmax():][:1]                                        # keeps the integer dtype
+        top = float(torch.from_numpy(top).view(dtype).to(torch.float64)[0])
+        self.max_abs_b = top if top != top else max(self.max_abs_b, top)
+        return True
+
     def report(self) -> dict[str, Any]:
         return {"tensors": self.tensors, "bit_exact": self.bit_exact, "max_abs_diff": self.max_abs_diff,
                 "max_abs_b": self.max_abs_b}
+
+
+def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, ...], work: Scratch) -> bool:
+    """``move_tensor(a, moves) == b`` for a 2-D float ``a`` whose moves act on axes 0 / 1, in cache-sized chunks of
+    output rows, folded into ``g``: the rows and columns are gathered as integer bits (``np.take``), the sign bits
+    flipped (XOR, as the engine does), compared and B's magnitudes taken while the chunk is in cache. numpy runs
+    on the calling thread: many small multi-threaded torch kernels stall when the cores are busy."""
+    check_moves(a, moves)                       # widths (GaugeError): the takes below clip, they do not check
+    rows = next((m for m in moves if m.axis == 0), None)
+    cols = next((m for m in moves if m.axis == 1), None)
+    ab, bb = _bits(a), _bits(b)
+    ai, bi = ab.numpy(), bb.numpy()
+    ridx = rows.index.numpy() if rows is not None else None
+    cidx = cols.index.numpy() if cols is not None else None
+    rflip = rows.signer(ab, True) if rows is not None else None
+    cflip = cols.signer(ab, True) if cols is not None else None
+    rflip = rflip.numpy()[:, None] if rflip is not None else None
+    cflip = cflip.numpy() if cflip is not None else None
+    n, w = bi.shape
+    step = max(1, CHUNK_BYTES // max(1, w * bi.itemsize))
+    k = min(step, n)
+    buf = work.bytes(k * w * bi.itemsize, "chunk").numpy().view(bi.dtype).reshape(k, w)
+    tmp = work.bytes(k * w * bi.itemsize, "rows").numpy().view(bi.dtype).reshape(k, w) if rows is not None and cols is not None else None
+    same = True
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        y = buf[:r1 - r0]
+        if ridx is not None and cidx is not None:           # mode="clip": written straight into out (not buffered)
+            np.take(ai, ridx[r0:r1], axis=0, out=tmp[:r1 - r0], mode="clip")
+            np.take(tmp[:r1 - r0], cidx, axis=1, out=y, mode="clip")
+        elif ridx is not None:
+            np.take(ai, ridx[r0:r1], axis=0, out=y, mode="clip")
+        elif cidx is not None:
+            np.take(ai[r0:r1], cidx, axis=1, out=y, mode="clip")
+        else:
+            np.copyto(y, ai[r0:r1])
+        if rflip is not None:
+            np.bitwise_xor(y, rflip[r0:r1], out=y)
+        if cflip is not None:
+            np.bitwise_xor(y, cflip, out=y)
+        same &= g.fold_chunk(y, bi[r0:r1], b.dtype)
+    return same
+
+
+def _chunked(x: torch.Tensor, moves: tuple[Move, ...]) -> bool:
+    """Moves ``_compare_2d`` handles: a 2-D float tensor, moves on axes 0 / 1 (no stacked slices)."""
+    return (x.dim() == 2 and moves_as_bits(x) and x.shape[1] > 0
+            and all(m.axis in (0, 1) and m.slices is None for m in moves))
 
 
 def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, atol: float = 0.0,
@@ -104,14 +185,23 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
             a_name = src.get(name, name)                     # B's tensor `name` is A's `a_name`, moved
             moves = plan[a_name]
             same = True
-            if len(fa.shape(name)) == 2 and all(m.axis == 1 for m in moves):
-                for xa, xb in zip(fa.row_blocks(a_name), fb.row_blocks(name)):   # rows stay put: stream blocks
+            streams = len(fa.shape(name)) == 2 and all(m.axis == 1 and m.slices is None for m in moves)
+            if streams and fa.dtype(name).is_floating_point and fa.dtype(name).itemsize in _INT:
+                slots = AHEAD + 2                                              # rows stay put: stream blocks,
+                for xa, xb in prefetched(zip(fa.row_blocks(a_name, slots=slots),  # read ahead in a thread
+                                             fb.row_blocks(name, slots=slots))):
+                    same &= _compare_2d(g, xa, xb, moves, scratch)
+            elif streams:
+                for xa, xb in zip(fa.row_blocks(a_name), fb.row_blocks(name)):
                     y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
                     same &= g.add(y, xb)
             else:
                 xa, xb = fa.read(a_name, reuse="t"), fb.read(name, reuse="t")
-                y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
-                same = g.add(y, xb)
+                if _chunked(xa, moves) and name != final:
+                    same = _compare_2d(g, xa, xb, moves, scratch)
+                else:
+                    y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
+                    same = g.add(y, xb)
                 if name == final:
                     fp_moved, fp_b = gain_fingerprint(y), gain_fingerprint(xb)
             g.tensors += 1

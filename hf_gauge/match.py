@@ -134,7 +134,7 @@ def find_gauge(model_a: Any, model_b: Any, data: Any = None, method: str = "sign
         if method == "procrustes":
             R = procrustes_from_cross(stats.cross_covariance())
             return OrthogonalMap(R, source=describe(ma), target=describe(mb), metrics=metrics, check=False)
-        m = match_correlation(stats.correlation(), method)
+        m = match_correlation(stats.correlation(), method, overwrite=True)     # a fresh C: its memory is the cost
     _check_group(m.element, ma, method)
     metrics.update(m.summary(low_confidence))
     metrics["low_confidence_threshold"] = low_confidence

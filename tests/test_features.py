@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 import hf_gauge
 from hf_gauge import GaugeError
-from hf_gauge.features import feature_correlation, paired_weight_features
+from hf_gauge.features import WeightFeatures, default_max_rows, feature_correlation, paired_weight_features
 
 
 def _pair(model_type="llama", tie=False, spaces=("residual", "mlp", "attn"), seed=3):
@@ -55,6 +55,37 @@ def test_row_cap_still_exact():
     fa, fb = paired_weight_features(A, B, max_rows=16)
     assert fa.signed.shape[1] < 2 * 128
     assert hf_gauge.find_gauge(A, B, max_rows=16) == hidden.restrict("residual")
+
+
+def test_default_row_cap_is_d_rows_at_least_2048():
+    """The Gram of the top rows is the costly step at 7B+ widths: d rows by default (2048 for small widths)."""
+    assert default_max_rows(4096) == 4096 and default_max_rows(8192) == 8192 and default_max_rows(576) == 2048
+
+
+def test_feature_correlation_in_place_is_the_formula():
+    """The in-place similarity (row blocks, no d×d temporaries) equals the module docstring's formula bit for bit,
+    zero-norm coordinates (cosine 0) and constant invariant features (dropped) included."""
+    gen = torch.Generator().manual_seed(0)
+    d = 600                                                     # more rows than one in-place block (256)
+    sa = torch.randn(d, 40, generator=gen, dtype=torch.float64)
+    sb = torch.randn(d, 40, generator=gen, dtype=torch.float64)
+    sa[3] = 0
+    sb[7] = 0
+    ua, ub = torch.rand(d, 5, generator=gen, dtype=torch.float64), torch.rand(d, 5, generator=gen, dtype=torch.float64)
+    ua[:, 2] = ub[:, 2] = 1.5
+    na, nb = sa.norm(dim=1), sb.norm(dim=1)
+    cos = (sa @ sb.T) / (na[:, None] * nb[None, :]).clamp_min(1e-300)
+    cos = torch.where((na[:, None] > 0) & (nb[None, :] > 0), cos, torch.zeros_like(cos)).clamp_(-1.0, 1.0)
+    both = torch.cat([ua, ub], 0)
+    keep = torch.tensor([True, True, False, True, True])
+    za = (ua[:, keep] - both.mean(0)[keep]) / both.std(0)[keep]
+    zb = (ub[:, keep] - both.mean(0)[keep]) / both.std(0)[keep]
+    dist = ((za * za).sum(1)[:, None] + (zb * zb).sum(1)[None, :] - 2.0 * za @ zb.T).clamp_min(0.0) / 4
+    empty = torch.zeros(d, 0, dtype=torch.float64)
+    assert torch.equal(feature_correlation(WeightFeatures(sa, ua), WeightFeatures(sb, ub)), cos * torch.exp(-dist))
+    assert torch.equal(feature_correlation(WeightFeatures(sa, empty), WeightFeatures(sb, empty)), cos)
+    assert torch.equal(feature_correlation(WeightFeatures(empty, ua), WeightFeatures(empty, ub)), torch.exp(-dist))
+    assert cos[3].abs().max() == 0 and cos[:, 7].abs().max() == 0
 
 
 def test_gpt_neox_features_and_refusals():

@@ -51,7 +51,7 @@ def test_bf16_tied_and_row_cap(tmp_path: Path) -> None:
 
 
 def test_real_smollm2_streamed_copy(smollm2, smollm2_dir, tmp_path: Path) -> None:
-    """Real SmolLM2-135M (vocab 49152 > the 8 d row cap): the gauged copy written by the streaming apply."""
+    """Real SmolLM2-135M (vocab 49152 > the default row cap of 2048): the gauged copy written by the streaming apply."""
     g = random_gauge(smollm2, seed=11)
     hf_gauge.apply_gauge_to_checkpoint(smollm2_dir, g, tmp_path / "B", progress=False)
     ff = hf_gauge.find_gauge(str(smollm2_dir), str(tmp_path / "B"))

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_model
 from hf_gauge import GaugeError, apply_gauge, random_gauge
 from hf_gauge.cli import main
-from hf_gauge.fileverify import tensor_group, verify_files
+from hf_gauge.fileverify import max_abs, tensor_group, verify_files
 
 
 @pytest.fixture
@@ -79,3 +79,64 @@ def test_refuses_non_gauge(pair) -> None:
     tmp, *_ = pair
     with pytest.raises(GaugeError, match="Gauge"):
         verify_files(tmp / "A", tmp / "B", "not a gauge")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_max_abs_from_bits(dtype: torch.dtype) -> None:
+    """B's largest |value| from the bits without the sign bit: the float maximum, -inf and -0.0 included; NaN sticks."""
+    x = torch.tensor([0.5, -3.25, 2.0, -0.0], dtype=dtype)
+    assert max_abs(x) == 3.25
+    assert max_abs(-x) == 3.25 and max_abs(x[3:]) == 0.0 and max_abs(x[:0]) == 0.0
+    assert max_abs(torch.tensor([1.0, float("-inf")], dtype=dtype)) == float("inf")
+    nan = max_abs(torch.tensor([1.0, float("nan")], dtype=dtype))
+    assert nan != nan
+    assert max_abs(torch.tensor([3, -7, 5], dtype=torch.int32)) == 7.0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_compare_reports_like_the_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  dtype: torch.dtype) -> None:
+    """Moved A and B compared chunk by chunk (chunks of a few rows here): streamed readers (column moves), writers
+    (row and inner column moves) and gains; a one-ulp change is found in its group only, with its exact size, and
+    every group's max |B| is the tensors' own."""
+    import hf_gauge.fileverify as fv
+
+    monkeypatch.setattr(fv, "CHUNK_BYTES", 200)
+    a = tiny_model("llama", tie=False, dtype=dtype)
+    g = random_gauge(a, seed=4, spaces=("residual", "mlp", "attn"))
+    b = apply_gauge(copy.deepcopy(a), g)
+    a.save_pretrained(tmp_path / "A")
+    t = {k: v.clone() for k, v in b.state_dict().items()}
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        x = t[name].view(torch.int16 if dtype.itemsize == 2 else torch.int32)
+        x[2, 3] ^= 1                                               # one ulp
+    save_file(t, tmp_path / "B.safetensors")
+    b.save_pretrained(tmp_path / "B")
+    (tmp_path / "B.safetensors").replace(tmp_path / "B" / "model.safetensors")
+    rep = verify_files(tmp_path / "A", tmp_path / "B", g)
+    bad = {k: v for k, v in rep["groups"].items() if v["max_abs_diff"] > 0}
+    assert set(bad) == {"model.layers.{i}.mlp.up_proj.weight", "model.layers.{i}.mlp.down_proj.weight"}
+    clean = dict(b.state_dict())
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        want = float((t[name][2, 3].double() - clean[name][2, 3].double()).abs())
+        assert want > 0 and bad[tensor_group(name)]["max_abs_diff"] == pytest.approx(want, rel=1e-6)
+        assert bad[tensor_group(name)]["bit_exact"] == 1
+    for grp, v in rep["groups"].items():
+        want = max(float(x.double().abs().max()) for k, x in t.items() if tensor_group(k) == grp)
+        assert v["max_abs_b"] == want, grp
+    assert not rep["ok"] and rep["n_tensors"] == len(t)
+
+
+def test_tensor_of_the_wrong_width_refused(tmp_path: Path) -> None:
+    """A (hostile) checkpoint whose reader has fewer residual columns than hidden_size: GaugeError, no clipped gather."""
+    a = tiny_model("llama", tie=False)
+    g = random_gauge(a, seed=1)
+    a.save_pretrained(tmp_path / "A")
+    t = load_file(tmp_path / "A" / "model.safetensors")
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"][:, :-1].contiguous()
+    for name in ("A", "B"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text((tmp_path / "A" / "config.json").read_text())
+        save_file(t, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GaugeError, match="width mismatch"):
+        verify_files(tmp_path / "A", tmp_path / "B", g)
