@@ -48,7 +48,8 @@ def default_max_rows(d: int) -> int:
     """The default cap on vocabulary rows per signed tensor: ``max(2048, d)``. The Gram of the selected rows costs
     ``2 rows d^2`` flops per tensor, the largest step of a data-free match at 7B+ widths; gauge-equivalent pairs are
     matched exactly with any rows, and on real SmolLM2 with every weight of the gauged copy perturbed (5-50%
-    relative noise) ``d`` rows recovered the gauge as ``8 d`` rows did, with 14-22% smaller minimum margins."""
+    relative noise) ``d`` rows recovered the gauge as ``8 d`` rows did, with 14-22% smaller minimum margins; on
+    real fine-tuned SmolLM2 pairs (``benchmarks/bench_row_cap.py``) both caps recover it exactly."""
     return max(2048, int(d))
 
 
