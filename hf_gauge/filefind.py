@@ -22,7 +22,8 @@ from .errors import GaugeError
 from .filefeatures import CheckpointFiles, layer_tensors, residual_correlation
 from .gauge import Gauge
 from .group import SignedPermutation
-from .inner import counterpart, match_slices, slices_from
+from .gauge import target_space
+from .inner import match_slices, slices_from
 from .specs import carried
 from .match import find_gauge as find_gauge_models
 from .match import match_correlation, select_families
@@ -122,7 +123,7 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
                     continue
                 pa, pb = layer_tensors(fa, set(layer)), layer_tensors(fb, set(layer))
                 for space in sorted(layer, key=lambda sp: carried(sp) is not None):    # carriers first
-                    other = counterpart(space, extra)      # A's expert a is B's slot sigma^-1(a)
+                    other = target_space(space, extra)      # A's expert a is B's slot sigma^-1(a)
                     sa = slices_from(fa.spec, fa.config, space, pa, m.element, files=True)
                     sb = slices_from(fb.spec, fb.config, other, pb, None, files=True)
                     if other != space:          # B's tensors of slot k stand for A's expert a: name them so

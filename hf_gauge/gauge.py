@@ -17,7 +17,7 @@ from .errors import GaugeError
 from .group import SignedPermutation
 from .specs import SPECS, carried
 
-__all__ = ["Gauge", "check_space_name"]
+__all__ = ["Gauge", "check_space_name", "target_space"]
 
 
 def check_space_name(name: Any) -> str:
@@ -34,6 +34,18 @@ def check_space_name(name: Any) -> str:
             templates += [t for t in spec.spaces if t not in templates]
     raise GaugeError(f"unknown gauge space {name!r}: use one of the space templates {', '.join(templates)} with "
                      "canonical integers (e.g. 'residual', 'mlp.3', 'attn.0')")
+
+
+def target_space(space: str, elements: Mapping[str, SignedPermutation]) -> str:
+    """The name in the target chart of the source chart's space ``space``: itself, or for a carried space
+    (``experts.3.a``, indexed by A's expert ``a``) B's slot of that expert under the carrier's element in
+    ``elements`` (``moe.3 = sigma``: slot ``sigma^-1(a)``; a missing carrier is the identity)."""
+    c = carried(space)
+    if c is None:
+        return space
+    carrier, a, at = c
+    sigma = elements.get(carrier)
+    return at(a if sigma is None else int(sigma.inverse().perm[a]))
 
 
 class Gauge:
@@ -120,9 +132,7 @@ class Gauge:
             if c is None:
                 out[name] = el.inverse()
                 continue
-            carrier, a, at = c
-            sigma = self.spaces.get(carrier)
-            out[at(a if sigma is None else int(sigma.inverse().perm[a]))] = el.inverse()   # B's slot of A's a
+            out[target_space(name, self.spaces)] = el.inverse()          # B's slot of A's expert
         return Gauge(spaces=out, source=self.target, target=self.source, method=self.method, metrics=self.metrics)
 
     def __matmul__(self, other: "Gauge") -> "Gauge":
@@ -135,9 +145,7 @@ class Gauge:
             c = carried(name)
             if c is None:
                 continue
-            carrier, idx, at = c
-            s1 = other.spaces.get(carrier)
-            partner = at(idx if s1 is None else int(s1.inverse().perm[idx]))
+            partner = target_space(name, other.spaces)       # the intermediate chart's slot of A's expert
             b = self.spaces.get(partner)
             out[name] = a if b is None else b @ a
             used.add(partner)

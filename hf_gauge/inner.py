@@ -32,14 +32,14 @@ from .assign import UnitSlice
 from .engine import axes_for, segment_spans
 from .errors import GaugeError
 from .features import match_residual_from_weights
-from .gauge import Gauge
+from .gauge import Gauge, target_space
 from .group import SignedPermutation
 from .kinds import get_kind
 from .specs import ArchSpec, carried
 from .specs.base import Axis, fill
 from .view import ConfigView, ModelView
 
-__all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices", "counterpart",
+__all__ = ["InnerMatch", "match_inner", "unit_slices", "slices_from", "match_slices",
            "tensor_axes", "has_site", "site_of"]
 
 
@@ -178,22 +178,11 @@ def _inner_from_weights(va: ModelView, vb: ModelView, wanted: list[str], residua
     pa, pb = va.params(), vb.params()
     out = InnerMatch(source="weights")
     for space in wanted:
-        other = counterpart(space, {**(known or {}), **out})
+        other = target_space(space, {**(known or {}), **out})
         sa = unit_slices(va, space, residual, params=pa)
         sb = unit_slices(vb, other, None, params=pb)
         out[space], out.confidence[space] = match_slices(va.spec, va.config, space, sa, sb, method)
     return out
-
-
-def counterpart(space: str, found: Mapping[str, SignedPermutation]) -> str:
-    """B's space that A's ``space`` is matched against: itself, or for a carried space (``experts.3.a``, indexed by
-    A's expert ``a``) B's slot of that expert under the carrier already ``found`` (``moe.3``: slot ``sigma^-1(a)``)."""
-    c = carried(space)
-    if c is None:
-        return space
-    carrier, a, at = c
-    sigma = found.get(carrier)
-    return at(a if sigma is None else int(sigma.inverse().perm[a]))
 
 
 def match_slices(spec: ArchSpec, config: Any, space: str, sa: list[UnitSlice], sb: list[UnitSlice],

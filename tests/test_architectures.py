@@ -513,3 +513,20 @@ def test_streaming_apply_of_every_head_class_checkpoint(model_type, tmp_path):
         hf_gauge.apply_gauge_to_checkpoint(tmp_path / cls / "src", g, tmp_path / cls / "out", progress=False)
         live = state(apply_gauge(m, g))
         assert_bit_equal(state(type(m).from_pretrained(tmp_path / cls / "out", dtype=torch.float32)), live)
+
+
+def test_index_sets_of_an_expert_move_with_the_expert():
+    """Neurons of A's expert a (``experts.i.a``) are, in B, neurons of the expert slot that A's expert moved to; an
+    attribution over them keeps its scores on the same units."""
+    model = build(MOE_TYPES[0])
+    g = _moe_gauge(model, 1)
+    sigma = g["moe.0"]
+    a = 2
+    k = int(sigma.inverse().perm[a])
+    assert k != a
+    idx = hf_gauge.IndexSet([0, 5, 7], space=f"experts.0.{a}")
+    moved = g.transport(idx)
+    assert moved.space == f"experts.0.{k}"
+    assert torch.equal(moved.indices, g[f"experts.0.{a}"].map_indices(idx.indices))
+    back = g.inverse().transport(moved)
+    assert back == idx
