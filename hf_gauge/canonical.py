@@ -36,7 +36,7 @@ import torch
 from .assign import UnitSlice
 from .engine import axes_for
 from .errors import GaugeError
-from .gauge import Gauge
+from .gauge import Gauge, target_space
 from .group import SignedPermutation
 from .inner import unit_slices
 from .kinds import get_kind
@@ -312,12 +312,13 @@ def canonical_stability(model_a: Any, model_b: Any, gauge: Gauge | None = None,
 
     Coordinate ``i`` of A corresponds to ``i`` of B (same chart), or to ``gauge.map_indices(i)`` when a gauge A -> B
     is given. It keeps its canonical index when both canonical charts send it to the same position; ``sign_kept``
-    also requires the same canonical sign.
+    also requires the same canonical sign. A carried space (an expert's units) is compared with its counterpart in B
+    (``gauge.target_space``: the slot A's expert moved to); the experts' own positions are reported under ``moe.<i>``.
     """
     ga, gb = canonical_gauge(model_a, spaces), canonical_gauge(model_b, spaces)
     out: dict[str, dict[str, float]] = {}
     for name, ea in ga.spaces.items():
-        eb = gb.spaces[name]
+        eb = gb.spaces[name if gauge is None else target_space(name, gauge.spaces)]
         d = ea.size
         idx = torch.arange(d)
         ib = idx if gauge is None or name not in gauge.spaces else gauge[name].map_indices(idx)

@@ -530,3 +530,13 @@ def test_index_sets_of_an_expert_move_with_the_expert():
     assert torch.equal(moved.indices, g[f"experts.0.{a}"].map_indices(idx.indices))
     back = g.inverse().transport(moved)
     assert back == idx
+
+
+@pytest.mark.parametrize("model_type", MOE_TYPES)
+def test_canonical_stability_follows_permuted_experts(model_type):
+    """A gauge-equivalent pair keeps every canonical index, expert units included (compared in the expert's new
+    slot; per-space comparison by name put 2% of them at the same place)."""
+    a = build(model_type)
+    g = _moe_gauge(a, 1)
+    report = hf_gauge.canonical_stability(a, apply_gauge(copy.deepcopy(a), g), g)
+    assert all(v == 1.0 for v in report.summary().values()), report.summary()
