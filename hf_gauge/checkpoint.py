@@ -478,7 +478,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             for n, sn in renamed.items():
                 if sn not in where:
                     raise GaugeError(f"{s}: {n!r} takes the place of {sn!r}, which the checkpoint lacks")
-                raw_s, h_s, start_s = headers[where[sn]]
+                _, h_s, start_s = headers[where[sn]]
                 sources[n] = (src / where[sn], sn, h_s[sn], start_s)
             moves = moves_for(spec, config, gauge, [renamed.get(n, n) for n in header], strict=True, files=True)
             plans[s] = {n: moves[renamed.get(n, n)] for n in header}

@@ -11,7 +11,6 @@ for inner spaces; never a whole model. Live models (or ``data=``) go to ``match.
 from __future__ import annotations
 
 import dataclasses
-
 import os
 from typing import Any, Sequence
 
@@ -20,11 +19,10 @@ import torch
 from .engine import check_gauge, space_sizes
 from .errors import GaugeError
 from .filefeatures import CheckpointFiles, layer_tensors, residual_correlation
-from .gauge import Gauge
+from .gauge import Gauge, target_space
 from .group import SignedPermutation
-from .gauge import target_space
 from .inner import match_slices, slices_from
-from .specs import carried
+from .specs import carried_last
 from .match import find_gauge as find_gauge_models
 from .match import match_correlation, select_families
 from .models import gain_fingerprint
@@ -122,7 +120,7 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
                 if not layer:
                     continue
                 pa, pb = layer_tensors(fa, set(layer)), layer_tensors(fb, set(layer))
-                for space in sorted(layer, key=lambda sp: carried(sp) is not None):    # carriers first
+                for space in carried_last(layer):                 # carriers first
                     other = target_space(space, extra)      # A's expert a is B's slot sigma^-1(a)
                     sa = slices_from(fa.spec, fa.config, space, pa, m.element, files=True)
                     sb = slices_from(fb.spec, fb.config, other, pb, None, files=True)

@@ -40,12 +40,20 @@ def target_space(space: str, elements: Mapping[str, SignedPermutation]) -> str:
     """The name in the target chart of the source chart's space ``space``: itself, or for a carried space
     (``experts.3.a``, indexed by A's expert ``a``) B's slot of that expert under the carrier's element in
     ``elements`` (``moe.3 = sigma``: slot ``sigma^-1(a)``; a missing carrier is the identity)."""
+    return _reindexed(space, elements, to_target=True)
+
+
+def _reindexed(space: str, elements: Mapping[str, SignedPermutation], to_target: bool) -> str:
+    """``target_space``, or (``to_target=False``) its inverse: the source chart's name of target slot ``k``
+    (``sigma.perm[k]``)."""
     c = carried(space)
     if c is None:
         return space
-    carrier, a, at = c
+    carrier, k, at = c
     sigma = elements.get(carrier)
-    return at(a if sigma is None else int(sigma.inverse().perm[a]))
+    if sigma is None:
+        return space
+    return at(int((sigma.inverse() if to_target else sigma).perm[k]))
 
 
 class Gauge:
@@ -126,41 +134,25 @@ class Gauge:
 
     # ----------------------------------------------------------------- group law
     def inverse(self) -> "Gauge":
-        out: dict[str, SignedPermutation] = {}
-        for name, el in self.spaces.items():
-            c = carried(name)
-            if c is None:
-                out[name] = el.inverse()
-                continue
-            out[target_space(name, self.spaces)] = el.inverse()          # B's slot of A's expert
+        out = {target_space(name, self.spaces): el.inverse() for name, el in self.spaces.items()}
         return Gauge(spaces=out, source=self.target, target=self.source, method=self.method, metrics=self.metrics)
 
     def __matmul__(self, other: "Gauge") -> "Gauge":
-        """``(self @ other)`` applies ``other`` first, then ``self``; missing spaces are the identity."""
+        """``(self @ other)`` applies ``other`` first, then ``self``; missing spaces are the identity. Each of
+        ``other``'s spaces meets ``self``'s space of the same name in the intermediate chart (``target_space``:
+        the slot an expert moved to, for carried spaces)."""
         if not isinstance(other, Gauge):
             return NotImplemented
         out: dict[str, SignedPermutation] = {}
-        used: set[str] = set()
-        for name, a in other.spaces.items():           # other's carried spaces meet self's at the moved index
-            c = carried(name)
-            if c is None:
-                continue
-            partner = target_space(name, other.spaces)       # the intermediate chart's slot of A's expert
+        met: set[str] = set()
+        for name, a in other.spaces.items():
+            partner = target_space(name, other.spaces)
             b = self.spaces.get(partner)
             out[name] = a if b is None else b @ a
-            used.add(partner)
+            met.add(partner)
         for name, b in self.spaces.items():
-            c = carried(name)
-            if c is None or name in used:
-                continue
-            carrier, j, at = c
-            s1 = other.spaces.get(carrier)
-            out[at(j if s1 is None else int(s1.perm[j]))] = b
-        for name in set(self.spaces) | set(other.spaces):
-            if name in out or carried(name) is not None:
-                continue
-            a, b = other.spaces.get(name), self.spaces.get(name)
-            out[name] = b @ a if (a is not None and b is not None) else (b if a is None else a)
+            if name not in met:                          # self alone: named back in the source chart
+                out[_reindexed(name, other.spaces, to_target=False)] = b
         return Gauge(spaces=out, source=other.source, target=self.target, method="composed")
 
     def __eq__(self, other: object) -> bool:

@@ -35,7 +35,7 @@ from .features import match_residual_from_weights
 from .gauge import Gauge, target_space
 from .group import SignedPermutation
 from .kinds import get_kind
-from .specs import ArchSpec, carried
+from .specs import ArchSpec, carried, carried_last
 from .specs.base import Axis, fill
 from .view import ConfigView, ModelView
 
@@ -157,8 +157,7 @@ def _wanted(v: ModelView, spaces: Iterable[str], layers: Iterable[int] | None) -
                              f"{inner[0]!r}; got {s!r}")
     out = [s for s in inner if s in spaces or s.split(".")[0] in spaces]
     carriers = {c[0] for c in map(carried, out) if c is not None}
-    out = [s for s in inner if s in carriers and s not in out] + out     # a carried space needs its carrier
-    out.sort(key=lambda s: s not in carriers)                              # carriers first (stable)
+    out = carried_last([s for s in inner if s in carriers and s not in out] + out)   # with, and after, its carrier
     if layers is not None:
         keep = set(int(i) for i in layers)
         bad = sorted(keep - set(range(v.config.n_layers)))

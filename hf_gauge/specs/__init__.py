@@ -42,6 +42,11 @@ def carried(space: str) -> tuple[str, int, Callable[[int], str]] | None:
     return None
 
 
+def carried_last(spaces) -> list[str]:
+    """``spaces`` with every carried space after the others (so carriers are matched first), order kept otherwise."""
+    return sorted(spaces, key=lambda s: carried(s) is not None)
+
+
 def get_spec(model_or_config_or_type) -> ArchSpec:
     """The spec for a model, a config, or a ``model_type`` string; ``GaugeError`` if unsupported."""
     mt = model_or_config_or_type
@@ -56,4 +61,4 @@ def get_spec(model_or_config_or_type) -> ArchSpec:
     return SPECS[mt]
 
 
-__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "carried", "get_spec", "space_families", "supported_model_types"]
+__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "carried", "carried_last", "get_spec", "space_families", "supported_model_types"]
