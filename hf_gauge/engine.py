@@ -7,7 +7,10 @@ disk, PEFT adapters (a LoRA factor inherits the axis of the module it wraps) and
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Iterable
 
 import torch
@@ -112,6 +115,12 @@ class Move:
         key = ("sign", like.dtype, str(like.device), float_bits)
         if key not in self._memo:
             self._memo[key] = sign_operand(self.sign, like, float_bits)
+        return self._memo[key]
+
+    def cached(self, key: object, make):
+        """``make()``, computed once per move (a move is applied to many tensors)."""
+        if key not in self._memo:
+            self._memo[key] = make()
         return self._memo[key]
 
     def without_signs(self) -> "Move":
@@ -361,10 +370,70 @@ def _is_rows_cols(src: torch.Tensor, moves: tuple[Move, ...]) -> bool:
     return src.dim() == 2 and all(m.axis in (0, 1) and m.slices is None for m in moves)
 
 
+@functools.cache
+def _compiled() -> ModuleType | None:
+    try:
+        from . import kernels            # imports numba (compiles on first call, cached on disk)
+    except ImportError:                  # no numba for this platform: torch gathers do the same moves
+        return None
+    return kernels
+
+
+_KERNEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+# below this many elements torch's gathers are as fast as a kernel call, and a short process (a tiny model, the CLI
+# on a small checkpoint) does not pay numba's import and cache load (0.3 s + 0.4 s measured on the CI machine)
+KERNEL_MIN_ELEMENTS = 1 << 16
+
+
+def _compiled_fits(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None) -> bool:
+    """Whether the compiled kernel (``kernels.take``) can move ``src`` into ``out``: numba present, not disabled
+    (``HF_GAUGE_KERNELS=torch``), contiguous CPU 2-D tensors of ``KERNEL_MIN_ELEMENTS`` or more moved on axes
+    0/1, no signs on an integer tensor. Otherwise torch gathers make the same moves."""
+    if (src.device.type != "cpu" or src.numel() < KERNEL_MIN_ELEMENTS or not src.is_contiguous()
+            or not _is_rows_cols(src, moves)
+            or as_bits(src).dtype not in _KERNEL_DTYPES or (out is not None and (
+                out.device.type != "cpu" or not out.is_contiguous() or out.dtype != src.dtype))
+            or (not moves_as_bits(src) and any(m.sign is not None for m in moves))
+            or os.environ.get("HF_GAUGE_KERNELS") == "torch"):
+        return False
+    return _compiled() is not None
+
+
+def _operands(bits: torch.Tensor, moves: tuple[Move, ...]) -> tuple:
+    """The rows' and columns' ``kernels.Operand`` (``None`` where an axis stays), made once per move and dtype."""
+    k = _compiled()
+
+    def make(m: Move):
+        mask = None if m.sign is None else torch.where(m.sign < 0, torch.iinfo(bits.dtype).min, 0).to(bits.dtype).numpy()
+        return k.Operand(m.index.numpy(), mask)
+    rows = next((m for m in moves if m.axis == 0), None)
+    cols = next((m for m in moves if m.axis == 1), None)
+    return tuple(None if m is None else m.cached(("operand", bits.dtype), lambda m=m: make(m)) for m in (rows, cols))
+
+
+def _take(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor, r0: int = 0, r1: int | None = None
+          ) -> torch.Tensor:
+    """Rows ``r0:r1`` of the moved 2-D ``src`` into ``out`` with ``kernels.take`` (see ``_compiled_fits``)."""
+    bits = as_bits(src)
+    _compiled().take(bits, as_bits(out), *_operands(bits, moves), r0, r1)
+    return out
+
+
+def _take_(t: torch.Tensor, moves: tuple[Move, ...]) -> torch.Tensor:
+    """The moved 2-D ``t`` in place with ``kernels.take_`` (rows follow their cycles: one read, one write)."""
+    bits = as_bits(t)
+    _compiled().take_(bits, *_operands(bits, moves))
+    return t
+
+
 def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out: torch.Tensor,
               scratch: Scratch | None = None) -> torch.Tensor:
     """Rows ``r0:r1`` of ``move_tensor(src, moves)`` into ``out`` (a 2-D ``src`` whose moves act on axes 0/1)."""
+    if not moves:
+        return out.copy_(src[r0:r1])
     check_moves(src, moves)
+    if _compiled_fits(src, moves, out):
+        return _take(src, moves, out, r0, r1)
     return _RowKernel(src, moves, scratch).rows(r0, r1, out)
 
 
@@ -380,6 +449,8 @@ def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | 
     if not moves:
         return out.copy_(src)
     check_moves(src, moves)
+    if _compiled_fits(src, moves, out):
+        return _take(src, moves, out)
     if _is_rows_cols(src, moves):
         return _RowKernel(src, moves, scratch).rows(0, src.shape[0], out)
     st = _stack(moves)
@@ -428,10 +499,9 @@ class Scratch:
 def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | None = None) -> torch.Tensor:
     """Apply ``moves`` to ``t`` in place (its storage is kept) and return it.
 
-    Column-only moves (readers, embeddings) never read across rows, so each cache-sized row block is gathered into
-    a small scratch block and copied straight back, signs applied during that copy: one read and one write of the
-    tensor, no allocation. A move of rows reads anywhere in the tensor, so it is gathered into a tensor-sized scratch
-    buffer, then copied back with its signs.
+    The compiled kernel (``kernels.take_``) reads and writes each row once with no scratch tensor: rows are visited
+    along the cycles of the row gather, each buffered before its column gather. Torch fallback: column-only moves
+    go through cache-sized row blocks, a move of rows through a tensor-sized scratch buffer, copied back.
     """
     if not moves:
         return t
@@ -450,6 +520,8 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
     if not _is_rows_cols(t, moves):
         as_bits(t).copy_(as_bits(move_tensor(t, moves, out=scratch.like(t, key="whole"))))
         return t
+    if _compiled_fits(t, moves):
+        return _take_(t, moves)
     k, n = _RowKernel(t, moves, scratch), t.shape[0]
     if all(m.axis == 1 for m in moves):
         buf = scratch.like(t, (min(k.step, n), t.shape[1]), key="block")

@@ -3,8 +3,8 @@
 For every tensor of checkpoint A (in storage order), the engine's moves for the gauge (``engine.moves_for``) are
 applied on the fly (gathers and sign-bit flips as the engine does them, bit-exact) and the result is compared with
 B's tensor of the same name. Column-only moves (readers, embeddings) never mix rows, so those tensors stream in row
-blocks, read ahead by a thread; a tensor whose rows move (writers, gains) is read whole. Float tensors are moved and
-compared as integer bits in cache-sized chunks with numpy on the calling thread. Memory: one block (or one tensor)
+blocks, read ahead by a thread; a tensor whose rows move (writers, gains) is read whole. Float tensors are moved (by the
+engine's kernels) and compared as integer bits in cache-sized chunks. Memory: one block (or one tensor)
 per checkpoint.
 
 A gauge A -> B is right for a gauged copy when moved A equals B bit for bit. The report gives, per tensor group (the
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Move, Scratch, check_gauge, check_moves, move_tensor, moves_for, source_names
+from .engine import Move, Scratch, check_gauge, check_moves, move_rows, move_tensor, moves_for, source_names
 from .errors import GaugeError
 from .filefeatures import AHEAD, CheckpointFiles, prefetched
 from .gauge import Gauge
@@ -95,43 +95,18 @@ class _Group:
 
 def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, ...], work: Scratch) -> bool:
     """``move_tensor(a, moves) == b`` for a 2-D float ``a`` whose moves act on axes 0 / 1, in cache-sized chunks of
-    output rows, folded into ``g``: the rows and columns are gathered as integer bits (``np.take``), the sign bits
-    flipped (XOR, as the engine does), compared and B's magnitudes taken while the chunk is in cache. numpy runs
-    on the calling thread: many small multi-threaded torch kernels stall when the cores are busy."""
-    check_moves(a, moves)                       # widths (GaugeError): the takes below clip, they do not check
-    rows = next((m for m in moves if m.axis == 0), None)
-    cols = next((m for m in moves if m.axis == 1), None)
-    ab, bb = _bits(a), _bits(b)
-    ai, bi = ab.numpy(), bb.numpy()
-    ridx = rows.index.numpy() if rows is not None else None
-    cidx = cols.index.numpy() if cols is not None else None
-    rflip = rows.signer(ab, True) if rows is not None else None
-    cflip = cols.signer(ab, True) if cols is not None else None
-    rflip = rflip.numpy()[:, None] if rflip is not None else None
-    cflip = cflip.numpy() if cflip is not None else None
-    n, w = bi.shape
-    step = max(1, CHUNK_BYTES // max(1, w * bi.itemsize))
-    k = min(step, n)
-    buf = work.bytes(k * w * bi.itemsize, "chunk").numpy().view(bi.dtype).reshape(k, w)
-    tmp = work.bytes(k * w * bi.itemsize, "rows").numpy().view(bi.dtype).reshape(k, w) if rows is not None and cols is not None else None
+    output rows, folded into ``g``: each chunk is moved by the engine (``move_rows``: gathers and sign-bit flips in
+    one pass), compared, and B's magnitudes taken while it is in cache."""
+    check_moves(a, moves)
+    n, w = b.shape
+    step = max(1, CHUNK_BYTES // max(1, w * b.element_size()))
+    buf = work.like(a, (min(step, n), w), key="chunk")
+    pb = _bits(b).numpy()
     same = True
     for r0 in range(0, n, step):
         r1 = min(n, r0 + step)
-        y = buf[:r1 - r0]
-        if ridx is not None and cidx is not None:           # mode="clip": written straight into out (not buffered)
-            np.take(ai, ridx[r0:r1], axis=0, out=tmp[:r1 - r0], mode="clip")
-            np.take(tmp[:r1 - r0], cidx, axis=1, out=y, mode="clip")
-        elif ridx is not None:
-            np.take(ai, ridx[r0:r1], axis=0, out=y, mode="clip")
-        elif cidx is not None:
-            np.take(ai[r0:r1], cidx, axis=1, out=y, mode="clip")
-        else:
-            np.copyto(y, ai[r0:r1])
-        if rflip is not None:
-            np.bitwise_xor(y, rflip[r0:r1], out=y)
-        if cflip is not None:
-            np.bitwise_xor(y, cflip, out=y)
-        same &= g.fold_chunk(y, bi[r0:r1], b.dtype)
+        y = move_rows(a, moves, r0, r1, buf[: r1 - r0], work)
+        same &= g.fold_chunk(_bits(y).numpy(), pb[r0:r1], b.dtype)
     return same
 
 

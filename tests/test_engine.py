@@ -41,9 +41,13 @@ def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["rows", "cols", "both", "unsigned"])
-@pytest.mark.parametrize("blocks", ["one", "many"])
-def test_move_tensor_equals_dense_indexing(dtype, kind, blocks, monkeypatch):
-    if blocks == "many":
+@pytest.mark.parametrize("path", ["compiled", "torch-one-block", "torch-many-blocks"])
+def test_move_tensor_equals_dense_indexing(dtype, kind, path, monkeypatch):
+    if path == "compiled":
+        monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
+    else:
+        monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
+    if path == "torch-many-blocks":
         monkeypatch.setattr(engine, "_BLOCK_BYTES", 64)
     x = (torch.randn(37, 23, dtype=torch.float64) * 100).to(dtype)
     moves = _moves(kind, 37, 23)
@@ -57,6 +61,7 @@ def test_move_tensor_equals_dense_indexing(dtype, kind, blocks, monkeypatch):
     assert torch.equal(as_bits(x), as_bits(want))
     out = torch.empty(10, 23, dtype=dtype)
     assert torch.equal(as_bits(move_rows(before, moves, 5, 15, out)), as_bits(want[5:15]))
+    assert torch.equal(as_bits(move_rows(before, (), 5, 15, out)), as_bits(before[5:15]))   # no moves: a copy
 
 
 def test_sign_flip_is_ieee_negation_for_special_values():
@@ -96,7 +101,12 @@ def test_scratch_reuses_and_grows():
     assert s.bytes(10_000, "k").numel() == 10_000
 
 
-def test_apply_gauge_keeps_parameter_storage_and_views(tiny_blocks, ids):
+@pytest.mark.parametrize("path", ["compiled", "torch"])
+def test_apply_gauge_keeps_parameter_storage_and_views(tiny_blocks, ids, path, monkeypatch):
+    if path == "torch":
+        monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
+    else:
+        monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
     m = tiny_model("llama", tie=True)
     emb = m.get_input_embeddings().weight
     ptrs = {n: p.data_ptr() for n, p in m.named_parameters()}

@@ -1,0 +1,218 @@
+"""Compiled CPU kernels for the engine's 2-D moves (numba, parallel over row ranges, GIL released).
+
+Convention, on the integer view of a row-major ``[n, m]`` tensor (``group.as_bits``), for output rows ``r0:r1``:
+
+    dst[i - r0, j] = src[r[i], c[j]] ^ rmask[i] ^ cmask[j]
+
+``r``/``c`` are uint32 gathers (``None``: identity) and the masks hold the sign bit where the sign is -1 (``None``:
+no flip), so a move stays a pure index operation: bit-exact in every dtype. Each output row is made in three
+passes over a cache-resident row: copy the source row into a buffer, gather from it (so ``dst`` may be ``src``),
+XOR the signs (the column mask, pre-flipped for rows whose sign is -1). The copy and the XOR vectorise; the gather
+is three scalar memory operations per element. Indices are unsigned throughout, so numba emits neither
+negative-index wraparound nor bounds checks. Importing this module imports numba; the engine falls back to torch
+gathers when it is missing.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange, uint64
+
+__all__ = ["Operand", "take", "take_", "cycles", "MIN_PARALLEL"]
+
+MIN_PARALLEL = 1 << 16          # elements below which one thread is faster than a parallel launch
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _row(src, sb, dst, db, c, cm, m, buf):   # pragma: no cover (compiled)
+    """dst[db:db+m] := src[sb:sb+m] gathered by c (empty: as is), XOR cm (empty: no flip)."""
+    if c.size:
+        for j in range(m):
+            buf[j] = src[sb + j]
+        for j in range(m):
+            dst[db + j] = buf[c[j]]
+        if cm.size:
+            for j in range(m):
+                dst[db + j] ^= cm[j]
+    elif cm.size:
+        for j in range(m):
+            dst[db + j] = src[sb + j] ^ cm[j]
+    else:
+        for j in range(m):
+            dst[db + j] = src[sb + j]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _take_span(src, r, c, rneg, cm0, cm1, dst, m, r0, r1, buf):   # pragma: no cover (compiled)
+    m = uint64(m)
+    r0 = uint64(r0)
+    for i in range(r0, uint64(r1)):
+        _row(src, uint64(r[i]) * m, dst, (i - r0) * m, c, cm1 if rneg[i] else cm0, m, buf)
+
+
+@njit(nogil=True, boundscheck=False, cache=True, parallel=True)
+def _take_parallel(src, r, c, rneg, cm0, cm1, dst, m, r0, r1, nt):   # pragma: no cover (compiled)
+    n = r1 - r0
+    for t in prange(nt):
+        a = r0 + t * n // nt
+        b = r0 + (t + 1) * n // nt
+        buf = np.empty(m, dst.dtype)
+        _take_span(src, r, c, rneg, cm0, cm1, dst[(a - r0) * m:], m, a, b, buf)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def cycles(r):   # pragma: no cover (compiled)
+    """The cycles of the row gather ``r`` laid end to end: ``order[p]`` is the row written at step ``p`` (its source
+    ``r[order[p]]`` is ``order[p + 1]``, or the cycle's first row at its last step), ``head[p]`` the step where
+    ``p``'s cycle starts, ``last[p]`` whether ``p`` ends it."""
+    n = r.size
+    seen = np.zeros(n, np.bool_)
+    order = np.empty(n, np.uint32)
+    head = np.empty(n, np.uint32)
+    last = np.zeros(n, np.bool_)
+    p = 0
+    for s in range(n):
+        if seen[s]:
+            continue
+        h = p
+        i = s
+        while not seen[i]:
+            seen[i] = True
+            order[p] = i
+            head[p] = h
+            p += 1
+            i = r[i]
+        last[p - 1] = True
+    return order, head, last
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _cycle_span(w, order, head, last, c, rneg, cm0, cm1, m, a, b, saved, t, buf, hb):   # pragma: no cover (compiled)
+    """Steps ``a:b`` of the in-place row gather: each row is read once, then written once. A cycle's first row is
+    kept in ``hb`` for its last step. Rows that another span writes first come from ``saved``: row ``2t``, the head
+    of the cycle this span starts in the middle of; row ``2t + 3``, the next span's first row."""
+    for p in range(a, b):
+        d = uint64(order[p])
+        h = uint64(head[p])
+        db = d * m
+        if h == p:
+            for j in range(m):
+                hb[j] = w[db + j]
+        if last[p]:
+            src, sb = (hb, uint64(0)) if h >= a else (saved, uint64(2 * t) * m)
+        elif p + 1 == b:
+            src, sb = saved, uint64(2 * t + 3) * m
+        else:
+            src, sb = w, uint64(order[p + 1]) * m
+        _row(src, sb, w, db, c, cm1 if rneg[d] else cm0, m, buf)
+
+
+@njit(nogil=True, boundscheck=False, cache=True, parallel=True)
+def _cycles_parallel(w, order, head, last, c, rneg, cm0, cm1, m, nt):   # pragma: no cover (compiled)
+    n = order.size
+    m = uint64(m)
+    saved = np.empty(uint64(2 * nt) * m, w.dtype)
+    for t in range(1, nt):          # before any write: the rows a span reads that another span writes
+        a = uint64(t * n // nt)
+        if head[a] != a:            # span t starts mid-cycle: keep that cycle's head and span t's first row
+            hs = uint64(order[head[a]]) * m
+            fs = uint64(order[a]) * m
+            for j in range(m):
+                saved[uint64(2 * t) * m + j] = w[hs + j]
+                saved[uint64(2 * t + 1) * m + j] = w[fs + j]
+    for t in prange(nt):
+        buf = np.empty(m, w.dtype)
+        hb = np.empty(m, w.dtype)
+        _cycle_span(w, order, head, last, c, rneg, cm0, cm1, m, uint64(t * n // nt), uint64((t + 1) * n // nt),
+                    saved, t, buf, hb)
+
+
+class Operand:
+    """One axis's move, ready for the kernels: a uint32 ``index``, the sign-bit XOR ``mask`` (``None``: no flips)
+    in the integer dtype of the tensors it moves; derived arrays are made once (a move serves many tensors)."""
+
+    def __init__(self, index: np.ndarray, mask: np.ndarray | None) -> None:
+        self.index = np.ascontiguousarray(index, dtype=np.uint32)
+        self.mask = mask
+        self.neg = None if mask is None else mask != 0
+        self._flipped: np.ndarray | None = None
+        self._cycles: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def flipped(self) -> np.ndarray:
+        """``mask`` XOR the sign bit: the column mask of a row whose own sign is -1."""
+        if self._flipped is None:
+            self._flipped = self.mask ^ np.array(np.iinfo(self.mask.dtype).min, dtype=self.mask.dtype)
+        return self._flipped
+
+    def cycles(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``cycles(index)``: the visiting order of an in-place row gather."""
+        if self._cycles is None:
+            self._cycles = cycles(self.index)
+        return self._cycles
+
+
+_CONST: dict[tuple, np.ndarray] = {}
+
+
+def _const(kind: str, n: int, dtype: np.dtype) -> np.ndarray:
+    """Cached operands (never written): ``arange`` (identity gather), ``false`` (no row flips), ``sign`` (all -1)."""
+    key = (kind, n, dtype)
+    a = _CONST.get(key)
+    if a is None:
+        a = (np.arange(n, dtype=dtype) if kind == "arange" else np.zeros(n, dtype=dtype) if kind == "false"
+             else np.full(n, np.iinfo(dtype).min, dtype=dtype))
+        _CONST[key] = a
+    return a
+
+
+def _operands(n: int, m: int, dt: np.dtype, rows: Operand | None, cols: Operand | None) -> tuple[np.ndarray, ...]:
+    """(c, rneg, cm0, cm1) for the compiled kernels: empty arrays stand for "none"; ``cm1`` is the column mask of
+    rows whose sign is -1."""
+    c = cols.index if cols is not None else _const("arange", 0, np.dtype(np.uint32))
+    cm0 = cols.mask if cols is not None and cols.mask is not None else _const("false", 0, dt)
+    if rows is None or rows.neg is None:
+        return c, _const("false", n, np.dtype(np.bool_)), cm0, cm0
+    cm1 = cols.flipped() if cols is not None and cols.mask is not None else _const("sign", m, dt)
+    return c, rows.neg, cm0, cm1
+
+
+def _threads(rows: int, m: int) -> int:
+    nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, rows)
+    return nt if nt > 1 and rows * m >= MIN_PARALLEL else 1
+
+
+def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Operand | None,
+         r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """``dst`` := rows ``r0:r1`` of the moved ``src`` (module docstring). ``src``/``dst``: contiguous CPU integer
+    tensors of one dtype (``dst`` of shape ``[r1 - r0, m]``), the operands' masks in that dtype. ``dst`` may be
+    ``src`` only when ``rows`` is ``None``. The caller checks widths (``engine.check_moves``)."""
+    n, m = src.shape
+    r1 = n if r1 is None else r1
+    s, d = src.numpy().reshape(-1), dst.numpy().reshape(-1)
+    c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
+    r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
+    nt = _threads(r1 - r0, m)
+    if nt > 1:
+        _take_parallel(s, r, c, rneg, cm0, cm1, d, m, r0, r1, nt)
+    else:
+        _take_span(s, r, c, rneg, cm0, cm1, d, m, r0, r1, np.empty(m if c.size else 0, s.dtype))
+    return dst
+
+
+def take_(t: torch.Tensor, rows: Operand | None, cols: Operand | None) -> torch.Tensor:
+    """``t`` := the moved ``t``, in place, each row read once and written once (rows follow the cycles of their
+    gather). ``t``: a contiguous CPU integer tensor; operands as for ``take``."""
+    if rows is None:
+        return take(t, t, None, cols)
+    n, m = t.shape
+    w = t.numpy().reshape(-1)
+    c, rneg, cm0, cm1 = _operands(n, m, w.dtype, rows, cols)
+    order, head, last = rows.cycles()
+    nt = _threads(n, m)
+    if nt > 1:
+        _cycles_parallel(w, order, head, last, c, rneg, cm0, cm1, m, nt)
+    else:
+        _cycle_span(w, order, head, last, c, rneg, cm0, cm1, np.uint64(m), np.uint64(0), np.uint64(n),
+                    np.empty(0, w.dtype), 0, np.empty(m, w.dtype), np.empty(m, w.dtype))
+    return t

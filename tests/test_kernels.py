@@ -1,0 +1,109 @@
+"""The compiled kernels equal torch's gathers bit for bit: every dtype, in place along row cycles, split over
+threads at any boundary; the engine falls back to torch where they do not apply."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import hf_gauge
+from hf_gauge import SignedPermutation, engine, kernels
+from hf_gauge.engine import Move, move_rows, move_tensor, move_tensor_
+from hf_gauge.group import as_bits
+
+from conftest import tiny_model
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn]
+
+
+def _torch(x: torch.Tensor, moves: tuple[Move, ...], monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
+    with monkeypatch.context() as mp:
+        mp.setenv("HF_GAUGE_KERNELS", "torch")
+        return move_tensor(x, moves)
+
+
+def _perm(kind: str, n: int, seed: int) -> SignedPermutation:
+    g = SignedPermutation.random(n, seed)
+    perm = {"random": g.perm, "identity": torch.arange(n), "one cycle": torch.arange(n).roll(1),
+            "swaps": torch.arange(n).view(-1, 2).flip(1).reshape(-1) if n % 2 == 0 else torch.arange(n).flip(0)}[kind]
+    return SignedPermutation(perm, g.sign)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axes", ["rows", "cols", "both"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_compiled_moves_equal_torch_moves(dtype, axes, signed, monkeypatch):
+    n, w = 64, 1200                                  # above MIN_PARALLEL: the parallel kernels run
+    x = (torch.randn(n, w, dtype=torch.float64) * 50).to(dtype)
+    r, c = SignedPermutation.random(n, 1), SignedPermutation.random(w, 2)
+    moves = tuple(Move(a, p.perm, p.sign if signed else None) for a, p in ((0, r), (1, c)) if axes in ("both", ("rows", "cols")[a]))
+    assert n * w >= kernels.MIN_PARALLEL
+    want = as_bits(_torch(x, moves, monkeypatch))
+    assert torch.equal(as_bits(move_tensor(x, moves)), want)
+    y = x.clone()
+    assert move_tensor_(y, moves) is y and torch.equal(as_bits(y), want)
+    out = torch.empty(20, w, dtype=dtype)
+    assert torch.equal(as_bits(move_rows(x, moves, 7, 27, out)), want[7:27])
+
+
+@pytest.mark.parametrize("kind", ["random", "identity", "one cycle", "swaps"])
+@pytest.mark.parametrize("spans", [1, 2, 3, 7])
+@pytest.mark.parametrize("cols", [False, True])
+def test_in_place_row_cycles_split_over_any_number_of_spans(kind, spans, cols):
+    """Each span reads rows another span may already have written only through the saved copies."""
+    n, w = 50, 9
+    rows = _perm(kind, n, 3)
+    x = torch.randint(-2**15, 2**15 - 1, (n, w), dtype=torch.int16)
+    colp = SignedPermutation.random(w, 4)
+    want = x[rows.perm][:, colp.perm] if cols else x[rows.perm]
+    sb = torch.iinfo(torch.int16).min
+    want = want ^ torch.where(rows.sign < 0, sb, 0).to(torch.int16)[:, None]
+    op_r = kernels.Operand(rows.perm.numpy(), torch.where(rows.sign < 0, sb, 0).to(torch.int16).numpy())
+    op_c = kernels.Operand(colp.perm.numpy(), None) if cols else None
+    c, rneg, cm0, cm1 = kernels._operands(n, w, np.dtype(np.int16), op_r, op_c)
+    order, head, last = op_r.cycles()
+    y = x.clone()
+    kernels._cycles_parallel(y.numpy().reshape(-1), order, head, last, c, rneg, cm0, cm1, w, spans)
+    assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cycles_visit_every_row_once_along_its_gather(seed):
+    r = torch.randperm(200, generator=torch.Generator().manual_seed(seed)).numpy().astype(np.uint32)
+    order, head, last = kernels.cycles(r)
+    assert sorted(order.tolist()) == list(range(200))
+    for p in range(200):
+        nxt = order[head[p]] if last[p] else order[p + 1]
+        assert r[order[p]] == nxt                    # the row written at step p reads the row written next
+        assert head[p] <= p and (p == head[p] or not last[p - 1])
+
+
+def test_engine_falls_back_to_torch(monkeypatch, ids):
+    """No numba (or HF_GAUGE_KERNELS=torch), a non-contiguous tensor, signs on integers: torch gathers, same bits."""
+    monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
+    m = tiny_model("llama")
+    g = hf_gauge.random_gauge(m, seed=1, spaces="all")
+    ref = m(ids).logits
+    m2 = tiny_model("llama")
+    with monkeypatch.context() as mp:
+        mp.setattr(engine, "_compiled", lambda: None)
+        m2.apply_gauge(g)
+    m.apply_gauge(g)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), m2.parameters()))
+    assert (m.apply_gauge(g.inverse())(ids).logits - ref).abs().max() < 1e-5
+    x = torch.randn(30, 40).t()                       # a transposed view: not contiguous
+    mv = (Move(1, torch.randperm(30), SignedPermutation.random(30, 0).sign),)
+    assert not engine._compiled_fits(x, mv)
+    assert torch.equal(move_tensor(x, mv), x[:, mv[0].index] * mv[0].sign)
+    xi = torch.arange(12, dtype=torch.int32).view(3, 4)
+    mi = (Move(0, torch.tensor([2, 0, 1]), torch.tensor([1, -1, 1], dtype=torch.int8)),)
+    assert not engine._compiled_fits(xi, mi)
+    assert torch.equal(move_tensor(xi, mi), xi[[2, 0, 1]] * torch.tensor([1, -1, 1], dtype=torch.int32)[:, None])
+
+
+def test_small_tensors_stay_on_torch():
+    """A short process on a small model never imports numba: tensors below KERNEL_MIN_ELEMENTS use torch."""
+    n = int(engine.KERNEL_MIN_ELEMENTS ** 0.5)
+    mv = (Move(1, torch.randperm(n), None),)
+    assert not engine._compiled_fits(torch.randn(n - 1, n), mv)
+    assert engine._compiled_fits(torch.randn(n, n), mv)
