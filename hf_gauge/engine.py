@@ -23,8 +23,9 @@ from .specs import ArchSpec
 from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
-__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_rows", "Scratch",
-           "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
+__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
+           "Scratch",
+           "kernel_mode", "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -380,21 +381,37 @@ def _compiled() -> ModuleType | None:
 
 
 _KERNEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# below this many elements torch's gathers are as fast as a kernel call, and a short process (a tiny model, the CLI
-# on a small checkpoint) does not pay numba's import and cache load (0.3 s + 0.4 s measured on the CI machine)
+# Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process about
+# 0.7 s (import 0.3 s, first call 0.4 s, measured on the CI machine) and the kernels save about 0.8 ns per element
+# moved, so with HF_GAUGE_KERNELS=auto (the default) the first tensor of KERNEL_IMPORT_ELEMENTS or more loads them
+# (a 1B-70B model's embedding), and from then on every tensor of KERNEL_MIN_ELEMENTS or more uses them.
 KERNEL_MIN_ELEMENTS = 1 << 16
+KERNEL_IMPORT_ELEMENTS = 1 << 26
+KERNEL_MODES = ("auto", "numba", "torch")
+
+
+def kernel_mode() -> str:
+    """``HF_GAUGE_KERNELS``: ``auto`` (default), ``numba`` (compiled kernels wherever they apply) or ``torch``."""
+    mode = os.environ.get("HF_GAUGE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise GaugeError(f"HF_GAUGE_KERNELS={mode!r} is not one of {', '.join(KERNEL_MODES)}; unset it for the default "
+                         "(auto)")
+    return mode
 
 
 def _compiled_fits(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None) -> bool:
-    """Whether the compiled kernel (``kernels.take``) can move ``src`` into ``out``: numba present, not disabled
-    (``HF_GAUGE_KERNELS=torch``), contiguous CPU 2-D tensors of ``KERNEL_MIN_ELEMENTS`` or more moved on axes
-    0/1, no signs on an integer tensor. Otherwise torch gathers make the same moves."""
+    """Whether the compiled kernel (``kernels.take``) moves ``src`` into ``out``: numba present and wanted
+    (``kernel_mode``), contiguous CPU 2-D tensors of ``KERNEL_MIN_ELEMENTS`` or more moved on axes 0/1, no signs on
+    an integer tensor. Otherwise torch gathers make the same moves."""
     if (src.device.type != "cpu" or src.numel() < KERNEL_MIN_ELEMENTS or not src.is_contiguous()
             or not _is_rows_cols(src, moves)
             or as_bits(src).dtype not in _KERNEL_DTYPES or (out is not None and (
                 out.device.type != "cpu" or not out.is_contiguous() or out.dtype != src.dtype))
-            or (not moves_as_bits(src) and any(m.sign is not None for m in moves))
-            or os.environ.get("HF_GAUGE_KERNELS") == "torch"):
+            or (not moves_as_bits(src) and any(m.sign is not None for m in moves))):
+        return False
+    mode = kernel_mode()
+    if mode == "torch" or (mode == "auto" and src.numel() < KERNEL_IMPORT_ELEMENTS
+                           and _compiled.cache_info().currsize == 0):
         return False
     return _compiled() is not None
 
@@ -532,6 +549,22 @@ def move_tensor_(t: torch.Tensor, moves: tuple[Move, ...], scratch: Scratch | No
         return t
     k.finish(0, k.rows(0, n, scratch.like(t, key="whole"), signs=False), t)
     return t
+
+
+def move_tensors_(items: Iterable[tuple[torch.Tensor, tuple[Move, ...]]], scratch: Scratch | None = None) -> None:
+    """``move_tensor_`` on every ``(tensor, moves)`` (distinct storages). Tensors the compiled kernels move on one
+    thread (below ``kernels.MIN_PARALLEL`` elements) are spread whole over the threads, one hand-off in all; the
+    others run one by one, each split over the threads itself."""
+    scratch = scratch if scratch is not None else Scratch()
+    spread: list[tuple[torch.Tensor, tuple[Move, ...]]] = []
+    for t, moves in items:
+        if moves and _compiled_fits(t, moves) and t.numel() < _compiled().MIN_PARALLEL:
+            check_moves(t, moves)
+            spread.append((t, moves))
+        else:
+            move_tensor_(t, moves, scratch)
+    if spread:
+        _compiled().spread([functools.partial(_take_, t, m) for t, m in spread], [t.numel() for t, _ in spread])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Compiled CPU kernels for the engine's 2-D moves (numba, parallel over row ranges, GIL released).
+"""Compiled CPU kernels for the engine's 2-D moves (numba, GIL released, row spans run on a thread pool).
 
 Convention, on the integer view of a row-major ``[n, m]`` tensor (``group.as_bits``), for output rows ``r0:r1``:
 
@@ -9,19 +9,23 @@ no flip), so a move stays a pure index operation: bit-exact in every dtype. Each
 passes over a cache-resident row: copy the source row into a buffer, gather from it (so ``dst`` may be ``src``),
 XOR the signs (the column mask, pre-flipped for rows whose sign is -1). The copy and the XOR vectorise; the gather
 is three scalar memory operations per element. Indices are unsigned throughout, so numba emits neither
-negative-index wraparound nor bounds checks. Importing this module imports numba; the engine falls back to torch
+negative-index wraparound nor bounds checks. Spans of rows run on Python threads (the kernels release the GIL), not
+on numba's OpenMP layer: a second OpenMP runtime beside torch's spins after each region and slowed torch's own
+kernels in the same process (a torch-path apply 170 ms instead of 99 ms; measured). Importing this module imports numba; the engine falls back to torch
 gathers when it is missing.
 """
 from __future__ import annotations
 
-import numba
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
-from numba import njit, prange, uint64
+from numba import njit, uint64
 
-__all__ = ["Operand", "take", "take_", "cycles", "MIN_PARALLEL"]
+__all__ = ["Operand", "take", "take_", "spread", "cycles", "MIN_PARALLEL"]
 
-MIN_PARALLEL = 1 << 16          # elements below which one thread is faster than a parallel launch
+MIN_PARALLEL = 1 << 20          # elements below which a tensor is moved on one thread (``spread`` shares them)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -49,16 +53,6 @@ def _take_span(src, r, c, rneg, cm0, cm1, dst, m, r0, r1, buf):   # pragma: no c
     r0 = uint64(r0)
     for i in range(r0, uint64(r1)):
         _row(src, uint64(r[i]) * m, dst, (i - r0) * m, c, cm1 if rneg[i] else cm0, m, buf)
-
-
-@njit(nogil=True, boundscheck=False, cache=True, parallel=True)
-def _take_parallel(src, r, c, rneg, cm0, cm1, dst, m, r0, r1, nt):   # pragma: no cover (compiled)
-    n = r1 - r0
-    for t in prange(nt):
-        a = r0 + t * n // nt
-        b = r0 + (t + 1) * n // nt
-        buf = np.empty(m, dst.dtype)
-        _take_span(src, r, c, rneg, cm0, cm1, dst[(a - r0) * m:], m, a, b, buf)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -108,24 +102,19 @@ def _cycle_span(w, order, head, last, c, rneg, cm0, cm1, m, a, b, saved, t, buf,
         _row(src, sb, w, db, c, cm1 if rneg[d] else cm0, m, buf)
 
 
-@njit(nogil=True, boundscheck=False, cache=True, parallel=True)
-def _cycles_parallel(w, order, head, last, c, rneg, cm0, cm1, m, nt):   # pragma: no cover (compiled)
-    n = order.size
+@njit(nogil=True, boundscheck=False, cache=True)
+def _cycles_save(w, order, head, m, bounds, saved):   # pragma: no cover (compiled)
+    """Before any write: for each span ``t`` (steps ``bounds[t]:bounds[t+1]``) that starts in the middle of a cycle,
+    keep that cycle's head (row ``2t`` of ``saved``) and the span's first row (row ``2t + 1``)."""
     m = uint64(m)
-    saved = np.empty(uint64(2 * nt) * m, w.dtype)
-    for t in range(1, nt):          # before any write: the rows a span reads that another span writes
-        a = uint64(t * n // nt)
-        if head[a] != a:            # span t starts mid-cycle: keep that cycle's head and span t's first row
+    for t in range(1, bounds.size - 1):
+        a = uint64(bounds[t])
+        if head[a] != a:
             hs = uint64(order[head[a]]) * m
             fs = uint64(order[a]) * m
             for j in range(m):
                 saved[uint64(2 * t) * m + j] = w[hs + j]
                 saved[uint64(2 * t + 1) * m + j] = w[fs + j]
-    for t in prange(nt):
-        buf = np.empty(m, w.dtype)
-        hb = np.empty(m, w.dtype)
-        _cycle_span(w, order, head, last, c, rneg, cm0, cm1, m, uint64(t * n // nt), uint64((t + 1) * n // nt),
-                    saved, t, buf, hb)
 
 
 class Operand:
@@ -177,9 +166,55 @@ def _operands(n: int, m: int, dt: np.dtype, rows: Operand | None, cols: Operand 
     return c, rows.neg, cm0, cm1
 
 
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
 def _threads(rows: int, m: int) -> int:
-    nt = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS, rows)
+    nt = min(torch.get_num_threads(), rows)
     return nt if nt > 1 and rows * m >= MIN_PARALLEL else 1
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < workers:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_gauge-kernels")
+        return _POOL
+
+
+def _on_threads(run, bounds: list[int]) -> None:
+    """``run(bounds[t], bounds[t + 1], t)`` for every ``t``: ``t = 0`` on this thread, the others on the pool."""
+    nt = len(bounds) - 1
+    futures = [_pool(nt - 1).submit(run, bounds[t], bounds[t + 1], t) for t in range(1, nt)]
+    run(bounds[0], bounds[1], 0)
+    for f in futures:
+        f.result()
+
+
+def _spans(run, n: int, nt: int) -> None:
+    """``run(a, b, t)`` for ``nt`` equal spans of ``range(n)``."""
+    _on_threads(run, [t * n // nt for t in range(nt + 1)])
+
+
+def spread(jobs: list, weights: list[int]) -> None:
+    """Run ``jobs`` (calls of kernels that stay on one thread) on ``torch.get_num_threads()`` threads, in
+    contiguous groups of about equal total ``weights``: many small tensors share the cores with one hand-off."""
+    nt = min(torch.get_num_threads(), len(jobs))
+    if nt <= 1:
+        for job in jobs:
+            job()
+        return
+    cum = np.cumsum([0] + list(weights))
+    bounds = [0] + [int(np.searchsorted(cum, cum[-1] * t / nt)) for t in range(1, nt)] + [len(jobs)]
+    bounds = sorted(set(bounds))
+
+    def run(a: int, b: int, t: int) -> None:
+        for job in jobs[a:b]:
+            job()
+    _on_threads(run, bounds)
 
 
 def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Operand | None,
@@ -193,10 +228,11 @@ def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Opera
     c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
     r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
     nt = _threads(r1 - r0, m)
-    if nt > 1:
-        _take_parallel(s, r, c, rneg, cm0, cm1, d, m, r0, r1, nt)
-    else:
+    if nt == 1:
         _take_span(s, r, c, rneg, cm0, cm1, d, m, r0, r1, np.empty(m if c.size else 0, s.dtype))
+    else:
+        _spans(lambda a, b, t: _take_span(s, r, c, rneg, cm0, cm1, d[a * m:], m, r0 + a, r0 + b,
+                                          np.empty(m if c.size else 0, s.dtype)), r1 - r0, nt)
     return dst
 
 
@@ -210,9 +246,17 @@ def take_(t: torch.Tensor, rows: Operand | None, cols: Operand | None) -> torch.
     c, rneg, cm0, cm1 = _operands(n, m, w.dtype, rows, cols)
     order, head, last = rows.cycles()
     nt = _threads(n, m)
+    bounds = np.array([k * n // nt for k in range(nt + 1)], dtype=np.uint64)
+    saved = np.empty(2 * nt * m, w.dtype)
     if nt > 1:
-        _cycles_parallel(w, order, head, last, c, rneg, cm0, cm1, m, nt)
+        _cycles_save(w, order, head, m, bounds, saved)
+    mm = np.uint64(m)
+
+    def run(a: int, b: int, k: int) -> None:
+        _cycle_span(w, order, head, last, c, rneg, cm0, cm1, mm, np.uint64(a), np.uint64(b), saved, k,
+                    np.empty(m, w.dtype), np.empty(m, w.dtype))
+    if nt == 1:
+        run(0, n, 0)
     else:
-        _cycle_span(w, order, head, last, c, rneg, cm0, cm1, np.uint64(m), np.uint64(0), np.uint64(n),
-                    np.empty(0, w.dtype), 0, np.empty(m, w.dtype), np.empty(m, w.dtype))
+        _spans(run, n, nt)
     return t

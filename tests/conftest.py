@@ -7,6 +7,14 @@ import torch
 
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def fresh_kernel_state():
+    """Every test starts as a fresh process would: the engine has not loaded numba (``HF_GAUGE_KERNELS=auto``)."""
+    yield
+    from hf_gauge import engine
+    engine._compiled.cache_clear()
+
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 ALL_FAMILIES = FAMILIES + ("gpt_neox",)
 VOCAB = 128

@@ -45,6 +45,7 @@ def tiny_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_move_tensor_equals_dense_indexing(dtype, kind, path, monkeypatch):
     if path == "compiled":
         monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
+        monkeypatch.setenv("HF_GAUGE_KERNELS", "numba")
     else:
         monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
     if path == "torch-many-blocks":
@@ -107,6 +108,7 @@ def test_apply_gauge_keeps_parameter_storage_and_views(tiny_blocks, ids, path, m
         monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
     else:
         monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
+        monkeypatch.setenv("HF_GAUGE_KERNELS", "numba")
     m = tiny_model("llama", tie=True)
     emb = m.get_input_embeddings().weight
     ptrs = {n: p.data_ptr() for n, p in m.named_parameters()}

@@ -2,6 +2,10 @@
 threads at any boundary; the engine falls back to torch where they do not apply."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +18,12 @@ from hf_gauge.group import as_bits
 from conftest import tiny_model
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn]
+
+
+@pytest.fixture(autouse=True)
+def numba_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels wherever they apply (the default, ``auto``, waits for a large tensor before loading numba)."""
+    monkeypatch.setenv("HF_GAUGE_KERNELS", "numba")
 
 
 def _torch(x: torch.Tensor, moves: tuple[Move, ...], monkeypatch: pytest.MonkeyPatch) -> torch.Tensor:
@@ -29,11 +39,19 @@ def _perm(kind: str, n: int, seed: int) -> SignedPermutation:
     return SignedPermutation(perm, g.sign)
 
 
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("axes", ["rows", "cols", "both"])
 @pytest.mark.parametrize("signed", [True, False])
-def test_compiled_moves_equal_torch_moves(dtype, axes, signed, monkeypatch):
-    n, w = 64, 1200                                  # above MIN_PARALLEL: the parallel kernels run
+def test_compiled_moves_equal_torch_moves(dtype, axes, signed, monkeypatch, two_threads):
+    n, w = 1024, 1100                                # above MIN_PARALLEL: with two threads the spans run in parallel
     x = (torch.randn(n, w, dtype=torch.float64) * 50).to(dtype)
     r, c = SignedPermutation.random(n, 1), SignedPermutation.random(w, 2)
     moves = tuple(Move(a, p.perm, p.sign if signed else None) for a, p in ((0, r), (1, c)) if axes in ("both", ("rows", "cols")[a]))
@@ -49,22 +67,23 @@ def test_compiled_moves_equal_torch_moves(dtype, axes, signed, monkeypatch):
 @pytest.mark.parametrize("kind", ["random", "identity", "one cycle", "swaps"])
 @pytest.mark.parametrize("spans", [1, 2, 3, 7])
 @pytest.mark.parametrize("cols", [False, True])
-def test_in_place_row_cycles_split_over_any_number_of_spans(kind, spans, cols):
+def test_in_place_row_cycles_split_over_any_number_of_spans(kind, spans, cols, monkeypatch):
     """Each span reads rows another span may already have written only through the saved copies."""
+    monkeypatch.setattr(kernels, "_threads", lambda rows, m: spans)
     n, w = 50, 9
     rows = _perm(kind, n, 3)
     x = torch.randint(-2**15, 2**15 - 1, (n, w), dtype=torch.int16)
     colp = SignedPermutation.random(w, 4)
     want = x[rows.perm][:, colp.perm] if cols else x[rows.perm]
-    sb = torch.iinfo(torch.int16).min
-    want = want ^ torch.where(rows.sign < 0, sb, 0).to(torch.int16)[:, None]
-    op_r = kernels.Operand(rows.perm.numpy(), torch.where(rows.sign < 0, sb, 0).to(torch.int16).numpy())
+    mask = torch.where(rows.sign < 0, torch.iinfo(torch.int16).min, 0).to(torch.int16)
+    want = want ^ mask[:, None]
     op_c = kernels.Operand(colp.perm.numpy(), None) if cols else None
-    c, rneg, cm0, cm1 = kernels._operands(n, w, np.dtype(np.int16), op_r, op_c)
-    order, head, last = op_r.cycles()
     y = x.clone()
-    kernels._cycles_parallel(y.numpy().reshape(-1), order, head, last, c, rneg, cm0, cm1, w, spans)
+    assert kernels.take_(y, kernels.Operand(rows.perm.numpy(), mask.numpy()), op_c) is y
     assert torch.equal(y, want)
+    z = torch.empty(n - 10, w, dtype=torch.int16)                 # out of place, rows 4:44, in spans too
+    kernels.take(x, z, kernels.Operand(rows.perm.numpy(), mask.numpy()), op_c, 4, n - 6)
+    assert torch.equal(z, want[4:n - 6])
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -102,8 +121,34 @@ def test_engine_falls_back_to_torch(monkeypatch, ids):
 
 
 def test_small_tensors_stay_on_torch():
-    """A short process on a small model never imports numba: tensors below KERNEL_MIN_ELEMENTS use torch."""
     n = int(engine.KERNEL_MIN_ELEMENTS ** 0.5)
     mv = (Move(1, torch.randperm(n), None),)
     assert not engine._compiled_fits(torch.randn(n - 1, n), mv)
     assert engine._compiled_fits(torch.randn(n, n), mv)
+
+
+def test_auto_mode_loads_numba_only_for_a_large_tensor(monkeypatch):
+    """``auto``: a fresh process gauging a small model never imports numba (0.7 s it would not win back); a tensor
+    of KERNEL_IMPORT_ELEMENTS loads the kernels, then smaller tensors use them too. Bad values are refused."""
+    code = ("import sys, torch, hf_gauge\n"
+            "from transformers import LlamaConfig, LlamaForCausalLM\n"
+            "m = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, "
+            "num_attention_heads=4, num_key_value_heads=2, vocab_size=512))\n"
+            "m.apply_gauge(hf_gauge.random_gauge(m, seed=0, spaces='all'))\n"
+            "print('numba' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_GAUGE_KERNELS"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
+    monkeypatch.setenv("HF_GAUGE_KERNELS", "auto")
+    monkeypatch.setattr(engine, "KERNEL_IMPORT_ELEMENTS", 300 * 300)
+    engine._compiled.cache_clear()
+    mv = (Move(1, torch.randperm(300), None),)
+    assert not engine._compiled_fits(torch.randn(299, 300), mv)       # numba not loaded by the engine yet
+    assert engine._compiled_fits(torch.randn(300, 300), mv)           # large: loads it
+    assert engine._compiled_fits(torch.randn(299, 300), mv)           # loaded: smaller tensors use it
+    monkeypatch.setenv("HF_GAUGE_KERNELS", "fast")
+    with pytest.raises(hf_gauge.GaugeError, match="HF_GAUGE_KERNELS='fast'"):
+        move_tensor(torch.randn(300, 300), mv)
+    monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
+    assert not engine._compiled_fits(torch.randn(300, 300), mv)
