@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Iterable, Mapping
 import torch
 
 from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, publish_mode, staging_dir
-from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, source_names
+from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, prepare_kernels, source_names
 from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
@@ -483,6 +483,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             moves = moves_for(spec, config, gauge, [renamed.get(n, n) for n in header], strict=True, files=True)
             plans[s] = {n: moves[renamed.get(n, n)] for n in header}
         buffers = Scratch()
+        prepare_kernels(total)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
                   disable=not progress) as bar:
             for s in shards:

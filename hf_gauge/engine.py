@@ -25,7 +25,7 @@ from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
            "Scratch",
-           "kernel_mode", "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
+           "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -383,10 +383,10 @@ def _compiled() -> ModuleType | None:
 _KERNEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 # Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process about
 # 0.7 s (import 0.3 s, first call 0.4 s, measured on the CI machine) and the kernels save about 0.8 ns per element
-# moved, so with HF_GAUGE_KERNELS=auto (the default) the first tensor of KERNEL_IMPORT_ELEMENTS or more loads them
-# (a 1B-70B model's embedding), and from then on every tensor of KERNEL_MIN_ELEMENTS or more uses them.
+# moved, so with HF_GAUGE_KERNELS=auto (the default) a job loads them when it moves KERNEL_IMPORT_BYTES or more
+# (``prepare_kernels``: a 1B+ model or checkpoint); once loaded, every tensor of KERNEL_MIN_ELEMENTS or more uses them.
 KERNEL_MIN_ELEMENTS = 1 << 16
-KERNEL_IMPORT_ELEMENTS = 1 << 26
+KERNEL_IMPORT_BYTES = 2 << 30
 KERNEL_MODES = ("auto", "numba", "torch")
 
 
@@ -410,10 +410,18 @@ def _compiled_fits(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor
             or (not moves_as_bits(src) and any(m.sign is not None for m in moves))):
         return False
     mode = kernel_mode()
-    if mode == "torch" or (mode == "auto" and src.numel() < KERNEL_IMPORT_ELEMENTS
-                           and _compiled.cache_info().currsize == 0):
+    if mode == "torch" or (mode == "auto" and _compiled.cache_info().currsize == 0):
         return False
     return _compiled() is not None
+
+
+def prepare_kernels(n_bytes: int) -> bool:
+    """Before a job that moves ``n_bytes``: load the compiled kernels if it is worth it (``auto``: ``n_bytes >=
+    KERNEL_IMPORT_BYTES``; ``numba``: always); returns whether they are in use."""
+    mode = kernel_mode()
+    if mode == "numba" or (mode == "auto" and n_bytes >= KERNEL_IMPORT_BYTES):
+        return _compiled() is not None
+    return mode == "auto" and _compiled.cache_info().currsize > 0 and _compiled() is not None
 
 
 def _operands(bits: torch.Tensor, moves: tuple[Move, ...]) -> tuple:

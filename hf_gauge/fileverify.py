@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .engine import Move, Scratch, check_gauge, check_moves, move_rows, move_tensor, moves_for, source_names
+from .engine import (Move, Scratch, check_gauge, check_moves, move_rows, move_tensor, moves_for, prepare_kernels,
+                     source_names)
 from .errors import GaugeError
 from .filefeatures import AHEAD, CheckpointFiles, prefetched
 from .gauge import Gauge
@@ -149,6 +150,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         final = fa.spec.sites.final_norm + ".weight"
         fp_moved = fp_b = None
         scratch = Scratch()
+        prepare_kernels(sum(fa.nbytes(n) for n in names))
         n_bytes = 0
         for name in names:
             if name in missing_in_b:

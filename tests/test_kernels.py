@@ -127,9 +127,9 @@ def test_small_tensors_stay_on_torch():
     assert engine._compiled_fits(torch.randn(n, n), mv)
 
 
-def test_auto_mode_loads_numba_only_for_a_large_tensor(monkeypatch):
-    """``auto``: a fresh process gauging a small model never imports numba (0.7 s it would not win back); a tensor
-    of KERNEL_IMPORT_ELEMENTS loads the kernels, then smaller tensors use them too. Bad values are refused."""
+def test_auto_mode_loads_numba_only_for_a_large_job(monkeypatch):
+    """``auto``: a fresh process gauging a small model never imports numba (0.7 s it would not win back); a job of
+    KERNEL_IMPORT_BYTES loads the kernels, then every tensor they fit uses them. Bad values are refused."""
     code = ("import sys, torch, hf_gauge\n"
             "from transformers import LlamaConfig, LlamaForCausalLM\n"
             "m = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, "
@@ -141,14 +141,14 @@ def test_auto_mode_loads_numba_only_for_a_large_tensor(monkeypatch):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
     monkeypatch.setenv("HF_GAUGE_KERNELS", "auto")
-    monkeypatch.setattr(engine, "KERNEL_IMPORT_ELEMENTS", 300 * 300)
     engine._compiled.cache_clear()
     mv = (Move(1, torch.randperm(300), None),)
-    assert not engine._compiled_fits(torch.randn(299, 300), mv)       # numba not loaded by the engine yet
-    assert engine._compiled_fits(torch.randn(300, 300), mv)           # large: loads it
-    assert engine._compiled_fits(torch.randn(299, 300), mv)           # loaded: smaller tensors use it
+    x = torch.randn(300, 300)
+    assert not engine.prepare_kernels(engine.KERNEL_IMPORT_BYTES - 1) and not engine._compiled_fits(x, mv)
+    assert engine.prepare_kernels(engine.KERNEL_IMPORT_BYTES)                # a large job loads them
+    assert engine._compiled_fits(x, mv) and engine.prepare_kernels(0)       # loaded: every job uses them
+    monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
+    assert not engine._compiled_fits(x, mv) and not engine.prepare_kernels(1 << 40)
     monkeypatch.setenv("HF_GAUGE_KERNELS", "fast")
     with pytest.raises(hf_gauge.GaugeError, match="HF_GAUGE_KERNELS='fast'"):
-        move_tensor(torch.randn(300, 300), mv)
-    monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
-    assert not engine._compiled_fits(torch.randn(300, 300), mv)
+        move_tensor(x, mv)
