@@ -24,8 +24,8 @@ from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
-           "Scratch",
-           "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
+           "Scratch", "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
+           "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -103,20 +103,15 @@ class Move:
 
     def index_on(self, device: torch.device) -> torch.Tensor:
         """``index`` on ``device`` (cached: a move is applied to many tensors)."""
-        key = ("index", str(device))
-        if key not in self._memo:
-            self._memo[key] = self.index.to(device)
-        return self._memo[key]
+        return self.cached(("index", str(device)), lambda: self.index.to(device))
 
     def signer(self, like: torch.Tensor, float_bits: bool) -> torch.Tensor | None:
         """What applies ``sign`` to ``like``, cached: an XOR mask of sign bits when ``like`` is a float tensor's
         integer view (``float_bits``, see ``as_bits``), otherwise ±1 to multiply by."""
         if self.sign is None:
             return None
-        key = ("sign", like.dtype, str(like.device), float_bits)
-        if key not in self._memo:
-            self._memo[key] = sign_operand(self.sign, like, float_bits)
-        return self._memo[key]
+        return self.cached(("sign", like.dtype, str(like.device), float_bits),
+                           lambda: sign_operand(self.sign, like, float_bits))
 
     def cached(self, key: object, make):
         """``make()``, computed once per move (a move is applied to many tensors)."""
@@ -429,8 +424,8 @@ def _operands(bits: torch.Tensor, moves: tuple[Move, ...]) -> tuple:
     k = _compiled()
 
     def make(m: Move):
-        mask = None if m.sign is None else torch.where(m.sign < 0, torch.iinfo(bits.dtype).min, 0).to(bits.dtype).numpy()
-        return k.Operand(m.index.numpy(), mask)
+        mask = m.signer(bits, True)              # the sign-bit XOR mask, as the torch path uses it
+        return k.Operand(m.index.numpy(), None if mask is None else mask.numpy())
     rows = next((m for m in moves if m.axis == 0), None)
     cols = next((m for m in moves if m.axis == 1), None)
     return tuple(None if m is None else m.cached(("operand", bits.dtype), lambda m=m: make(m)) for m in (rows, cols))

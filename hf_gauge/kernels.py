@@ -11,8 +11,8 @@ XOR the signs (the column mask, pre-flipped for rows whose sign is -1). The copy
 is three scalar memory operations per element. Indices are unsigned throughout, so numba emits neither
 negative-index wraparound nor bounds checks. Spans of rows run on Python threads (the kernels release the GIL), not
 on numba's OpenMP layer: a second OpenMP runtime beside torch's spins after each region and slowed torch's own
-kernels in the same process (a torch-path apply 170 ms instead of 99 ms; measured). Importing this module imports numba; the engine falls back to torch
-gathers when it is missing.
+kernels in the same process (a torch-path apply 170 ms instead of 99 ms; measured). Importing this module imports
+numba; the engine falls back to torch gathers when it is missing.
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def _on_threads(run, bounds: list[int]) -> None:
 
 
 def _spans(run, n: int, nt: int) -> None:
-    """``run(a, b, t)`` for ``nt`` equal spans of ``range(n)``."""
+    """``run(a, b, t)`` for ``nt`` equal spans of ``range(n)`` (``nt == 1``: once, on this thread)."""
     _on_threads(run, [t * n // nt for t in range(nt + 1)])
 
 
@@ -227,12 +227,8 @@ def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Opera
     s, d = src.numpy().reshape(-1), dst.numpy().reshape(-1)
     c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
     r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
-    nt = _threads(r1 - r0, m)
-    if nt == 1:
-        _take_span(s, r, c, rneg, cm0, cm1, d, m, r0, r1, np.empty(m if c.size else 0, s.dtype))
-    else:
-        _spans(lambda a, b, t: _take_span(s, r, c, rneg, cm0, cm1, d[a * m:], m, r0 + a, r0 + b,
-                                          np.empty(m if c.size else 0, s.dtype)), r1 - r0, nt)
+    _spans(lambda a, b, t: _take_span(s, r, c, rneg, cm0, cm1, d[a * m:], m, r0 + a, r0 + b,
+                                      np.empty(m if c.size else 0, s.dtype)), r1 - r0, _threads(r1 - r0, m))
     return dst
 
 
@@ -246,17 +242,14 @@ def take_(t: torch.Tensor, rows: Operand | None, cols: Operand | None) -> torch.
     c, rneg, cm0, cm1 = _operands(n, m, w.dtype, rows, cols)
     order, head, last = rows.cycles()
     nt = _threads(n, m)
-    bounds = np.array([k * n // nt for k in range(nt + 1)], dtype=np.uint64)
+    bounds = [k * n // nt for k in range(nt + 1)]
     saved = np.empty(2 * nt * m, w.dtype)
     if nt > 1:
-        _cycles_save(w, order, head, m, bounds, saved)
+        _cycles_save(w, order, head, m, np.array(bounds, dtype=np.uint64), saved)
     mm = np.uint64(m)
 
     def run(a: int, b: int, k: int) -> None:
         _cycle_span(w, order, head, last, c, rneg, cm0, cm1, mm, np.uint64(a), np.uint64(b), saved, k,
                     np.empty(m, w.dtype), np.empty(m, w.dtype))
-    if nt == 1:
-        run(0, n, 0)
-    else:
-        _spans(run, n, nt)
+    _on_threads(run, bounds)
     return t

@@ -1,11 +1,23 @@
 """Shared fixtures: tiny random models of every supported family, and real SmolLM2-135M weights."""
 from __future__ import annotations
 
+import contextlib
 
 import pytest
 import torch
 
 torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from hf_gauge import SignedPermutation, engine, kernels
 from hf_gauge.engine import Move, move_rows, move_tensor, move_tensor_
 from hf_gauge.group import as_bits
 
-from conftest import tiny_model
+from conftest import tiny_model, torch_threads
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn]
 
@@ -41,10 +41,8 @@ def _perm(kind: str, n: int, seed: int) -> SignedPermutation:
 
 @pytest.fixture
 def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(2):
+        yield
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAMILIES, VOCAB, assert_state_equal, state, tiny_model
+from conftest import FAMILIES, VOCAB, assert_state_equal, state, tiny_model, torch_threads
 import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, find_gauge
 from hf_gauge.engine import move_tensor, moves_for
@@ -18,10 +18,8 @@ from hf_gauge.match import match_correlation
 @pytest.fixture
 def one_thread():
     """SmolLM2 forwards run single-threaded: the 2 shared cores are oversubscribed and OpenMP spin-waits there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 def _gauged_copy(model, seed=1, spaces=("residual",), positive_fraction=None):
