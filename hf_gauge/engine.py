@@ -24,7 +24,7 @@ from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
-           "Scratch", "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
+           "compare_rows", "Scratch", "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
            "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
@@ -455,6 +455,18 @@ def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out:
     if _compiled_fits(src, moves, out):
         return _take(src, moves, out, r0, r1)
     return _RowKernel(src, moves, scratch).rows(r0, r1, out)
+
+
+def compare_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, other: torch.Tensor
+                 ) -> tuple[bool, int] | None:
+    """``(rows r0:r1 of move_tensor(src, moves) equal other bit for bit, the largest of other's integer view with
+    the sign bit cleared)`` in one pass by the compiled kernel (``kernels.take_equal``), nothing written; ``None``
+    where the kernel does not apply (``_compiled_fits``)."""
+    check_moves(src, moves)
+    if not _compiled_fits(src, moves, other) or tuple(other.shape) != (r1 - r0, src.shape[1]):
+        return None
+    bits = as_bits(src)
+    return _compiled().take_equal(bits, as_bits(other), *_operands(bits, moves), r0, r1)
 
 
 def move_tensor(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor | None = None,

@@ -52,7 +52,7 @@ class CheckpointFiles:
     """Tensor locations of one checkpoint folder (or Hub id) and block reads of them; see the module docstring."""
 
     def __init__(self, src: str | os.PathLike, *, revision: str | None = None, label: str = "",
-                 block_bytes: int = BLOCK_BYTES, **hub: Any) -> None:
+                 block_bytes: int | None = None, **hub: Any) -> None:
         """``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for a Hub id (``resolve_checkpoint``)."""
         from transformers import AutoConfig
 
@@ -65,7 +65,7 @@ class CheckpointFiles:
         except (OSError, ValueError) as e:
             raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
         self.spec: ArchSpec = get_spec(self.config)
-        self.block_bytes = block_bytes
+        self.block_bytes = block_bytes or BLOCK_BYTES
         self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for shard in self._shards():
             path = self.folder / shard

@@ -2,10 +2,11 @@
 
 For every tensor of checkpoint A (in storage order), the engine's moves for the gauge (``engine.moves_for``) are
 applied on the fly (gathers and sign-bit flips as the engine does them, bit-exact) and the result is compared with
-B's tensor of the same name. Column-only moves (readers, embeddings) never mix rows, so those tensors stream in row
-blocks, read ahead by a thread; a tensor whose rows move (writers, gains) is read whole. Float tensors are moved (by the
-engine's kernels) and compared as integer bits in cache-sized chunks. Memory: one block (or one tensor)
-per checkpoint.
+B's tensor of the same name. One thread reads both checkpoints ahead of the comparison, in row blocks: column-only
+moves (readers, embeddings) never mix rows, so A streams in blocks beside B; a tensor whose rows move (writers) is read
+whole from A while B streams; gains and other small tensors are read whole. Float tensors are compared as integer bits
+by the engine's compiled kernel in one pass (``engine.compare_rows``: moved rows are never written out), or moved in
+cache-sized chunks and compared. Memory: a few blocks and up to three whole tensors (read ahead) per checkpoint.
 
 A gauge A -> B is right for a gauged copy when moved A equals B bit for bit. The report gives, per tensor group (the
 tensor name with its layer index replaced by ``{i}``), the largest ``|moved A - B|`` and B's largest ``|value|``;
@@ -18,11 +19,10 @@ import os
 import re
 from typing import Any
 
-import numpy as np
 import torch
 
-from .engine import (Move, Scratch, check_gauge, check_moves, move_rows, move_tensor, moves_for, prepare_kernels,
-                     source_names)
+from .engine import (Move, Scratch, check_gauge, check_moves, compare_rows, move_rows, move_tensor, moves_for,
+                     prepare_kernels, source_names)
 from .errors import GaugeError
 from .filefeatures import AHEAD, CheckpointFiles, prefetched
 from .gauge import Gauge
@@ -47,6 +47,11 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_INT[x.element_size()])
 
 
+def _from_bits(top: int, dtype: torch.dtype) -> float:
+    """The float whose bits (integer view of ``dtype``) are ``top``, as a Python float."""
+    return float(torch.tensor([top], dtype=_INT[dtype.itemsize]).view(dtype).to(torch.float64)[0])
+
+
 def max_abs(b: torch.Tensor) -> float:
     """``max |b|`` (NaN if ``b`` holds a NaN, 0 for an empty tensor). For IEEE floats the magnitude's order is the
     order of the bits without the sign bit, so one integer pass, no float temporary, no 16-bit float arithmetic."""
@@ -54,8 +59,7 @@ def max_abs(b: torch.Tensor) -> float:
         return 0.0
     if b.dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         bits = _bits(b)
-        top = int(torch.bitwise_and(bits, torch.iinfo(bits.dtype).max).max())      # clear the sign bit
-        return float(torch.tensor([top], dtype=bits.dtype).view(b.dtype)[0].to(torch.float64))
+        return _from_bits(int(torch.bitwise_and(bits, torch.iinfo(bits.dtype).max).max()), b.dtype)  # no sign bit
     wide = torch.float64
     return max(float(b.max().to(wide)), -float(b.min().to(wide)))
 
@@ -66,55 +70,90 @@ class _Group:
         self.max_abs_diff = 0.0
         self.max_abs_b = 0.0
 
+    def add_top(self, top: float) -> None:
+        self.max_abs_b = top if top != top else max(self.max_abs_b, top)             # NaN sticks
+
     def add(self, moved: torch.Tensor, b: torch.Tensor) -> bool:
         """Fold one block in; True when it is bit-identical."""
         same = torch.equal(_bits(moved), _bits(b))
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        top = max_abs(b)
-        self.max_abs_b = top if top != top else max(self.max_abs_b, top)             # NaN sticks
+        self.add_top(max_abs(b))
         if not same:
             diff = (moved.to(wide) - b.to(wide)).abs().max()
             self.max_abs_diff = max(self.max_abs_diff, float(diff) if torch.isfinite(diff) else float("inf"))
         return same
-
-    def fold_chunk(self, y: np.ndarray, pb: np.ndarray, dtype: torch.dtype) -> bool:
-        """Fold one chunk of float bits in (``y``: moved A, a scratch this clobbers; ``pb``: B); True when equal."""
-        same = bool(np.array_equal(y, pb))
-        if not same:
-            self.add(torch.from_numpy(y).view(dtype), torch.from_numpy(pb).view(dtype))
-            return False
-        np.bitwise_and(pb, np.iinfo(pb.dtype).max, out=y)                            # |b| as bits
-        top = y.reshape(-1)[y.argmax():][:1]                                        # keeps the integer dtype
-        top = float(torch.from_numpy(top).view(dtype).to(torch.float64)[0])
-        self.max_abs_b = top if top != top else max(self.max_abs_b, top)
-        return True
 
     def report(self) -> dict[str, Any]:
         return {"tensors": self.tensors, "bit_exact": self.bit_exact, "max_abs_diff": self.max_abs_diff,
                 "max_abs_b": self.max_abs_b}
 
 
-def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, ...], work: Scratch) -> bool:
-    """``move_tensor(a, moves) == b`` for a 2-D float ``a`` whose moves act on axes 0 / 1, in cache-sized chunks of
-    output rows, folded into ``g``: each chunk is moved by the engine (``move_rows``: gathers and sign-bit flips in
-    one pass), compared, and B's magnitudes taken while it is in cache."""
-    check_moves(a, moves)
+def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, ...], r0: int, work: Scratch
+                ) -> bool:
+    """Rows ``r0:r0 + len(b)`` of ``move_tensor(a, moves)`` against ``b`` for a 2-D float ``a`` whose moves act on
+    axes 0 / 1, folded into ``g``. The compiled kernel compares in one pass and takes B's magnitudes
+    (``engine.compare_rows``); without it, or to measure a difference, cache-sized chunks of moved rows are made by
+    the engine (``move_rows``) and compared."""
     n, w = b.shape
+    fast = compare_rows(a, moves, r0, r0 + n, b)
+    if fast is not None:
+        g.add_top(_from_bits(fast[1], b.dtype))
+        if fast[0]:
+            return True
+    check_moves(a, moves)
     step = max(1, CHUNK_BYTES // max(1, w * b.element_size()))
     buf = work.like(a, (min(step, n), w), key="chunk")
-    pb = _bits(b).numpy()
     same = True
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        y = move_rows(a, moves, r0, r1, buf[: r1 - r0], work)
-        same &= g.fold_chunk(_bits(y).numpy(), pb[r0:r1], b.dtype)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        y = move_rows(a, moves, r0 + c0, r0 + c1, buf[: c1 - c0], work)
+        same &= g.add(y, b[c0:c1]) if fast is None else _fold_diff(g, y, b[c0:c1])
     return same
 
 
-def _chunked(x: torch.Tensor, moves: tuple[Move, ...]) -> bool:
-    """Moves ``_compare_2d`` handles: a 2-D float tensor, moves on axes 0 / 1 (no stacked slices)."""
-    return (x.dim() == 2 and moves_as_bits(x) and x.shape[1] > 0
-            and all(m.axis in (0, 1) and m.slices is None for m in moves))
+def _fold_diff(g: _Group, moved: torch.Tensor, b: torch.Tensor) -> bool:
+    """``g.add`` without B's magnitudes (already folded in by the kernel)."""
+    top = g.max_abs_b
+    same = g.add(moved, b)
+    g.max_abs_b = top
+    return same
+
+
+def _kind(shape: tuple[int, ...], dtype: torch.dtype, moves: tuple[Move, ...], final: bool) -> str:
+    """How a tensor is checked: ``stream`` (2-D, columns move or nothing: row blocks of A and B side by side),
+    ``rows`` (2-D float, rows move: A whole, B in row blocks), ``whole`` (both whole: gains, stacked, the rest)."""
+    if len(shape) != 2 or not shape[0] or not shape[1] or final:
+        return "whole"
+    if all(m.axis == 1 and m.slices is None for m in moves):
+        return "stream"
+    if dtype.is_floating_point and dtype.itemsize in _INT and all(m.axis in (0, 1) and m.slices is None for m in moves):
+        return "rows"
+    return "whole"
+
+
+def _pairs(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, str, tuple[Move, ...], str]]):
+    """``(job, A part, B part, r0, last)`` for every job in turn: A's block (``stream``) or whole tensor, B's block of
+    rows ``r0:`` (or whole); ``last`` marks a tensor's last item. Buffers rotate over ``AHEAD + 2`` slots per kind
+    (whole tensors per tensor, blocks per block), so an item stays valid while the next ones are read ahead."""
+    slots = AHEAD + 2
+    taken = [0, 0]                                         # blocks read so far, per checkpoint
+    for t, job in enumerate(jobs):
+        name, a_name, _, kind = job
+        if kind == "whole":
+            yield job, fa.read(a_name, reuse=t % slots), fb.read(name, reuse=t % slots), 0, True
+            continue
+        whole = fa.read(a_name, reuse=t % slots) if kind == "rows" else None
+        a_blocks = fa.row_blocks(a_name, slots=slots, start=taken[0]) if whole is None else None
+        n, r0 = fb.shape(name)[0], 0
+        for xb in fb.row_blocks(name, slots=slots, start=taken[1]):
+            taken[1] += 1
+            if a_blocks is not None:
+                xa = next(a_blocks)
+                taken[0] += 1
+            else:
+                xa = whole
+            yield job, xa, xb, r0, r0 + xb.shape[0] == n
+            r0 += xb.shape[0]
 
 
 def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, atol: float = 0.0,
@@ -151,39 +190,32 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         fp_moved = fp_b = None
         scratch = Scratch()
         prepare_kernels(sum(fa.nbytes(n) for n in names))
-        n_bytes = 0
+        jobs = []
         for name in names:
             if name in missing_in_b:
                 continue
             if fa.shape(name) != fb.shape(name) or fa.dtype(name) != fb.dtype(name):
                 mismatched.append(name)
                 continue
-            g = groups.setdefault(tensor_group(name), _Group())
             a_name = src.get(name, name)                     # B's tensor `name` is A's `a_name`, moved
-            moves = plan[a_name]
-            same = True
-            streams = len(fa.shape(name)) == 2 and all(m.axis == 1 and m.slices is None for m in moves)
-            if streams and fa.dtype(name).is_floating_point and fa.dtype(name).itemsize in _INT:
-                slots = AHEAD + 2                                              # rows stay put: stream blocks,
-                for xa, xb in prefetched(zip(fa.row_blocks(a_name, slots=slots),  # read ahead in a thread
-                                             fb.row_blocks(name, slots=slots))):
-                    same &= _compare_2d(g, xa, xb, moves, scratch)
-            elif streams:
-                for xa, xb in zip(fa.row_blocks(a_name), fb.row_blocks(name)):
-                    y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
-                    same &= g.add(y, xb)
+            jobs.append((name, a_name, plan[a_name], _kind(fa.shape(name), fa.dtype(name), plan[a_name],
+                                                           name == final)))
+        n_bytes = 0
+        same = True
+        for (name, _, moves, kind), xa, xb, r0, last in prefetched(_pairs(fa, fb, jobs)):
+            g = groups.setdefault(tensor_group(name), _Group())
+            if kind != "whole" and moves_as_bits(xa) and xa.dtype.itemsize in _INT:
+                same &= _compare_2d(g, xa, xb, moves, r0 if kind == "rows" else 0, scratch)
             else:
-                xa, xb = fa.read(a_name, reuse="t"), fb.read(name, reuse="t")
-                if _chunked(xa, moves) and name != final:
-                    same = _compare_2d(g, xa, xb, moves, scratch)
-                else:
-                    y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
-                    same = g.add(y, xb)
+                y = move_tensor(xa, moves, out=scratch.like(xa, key="moved"), scratch=scratch) if moves else xa
+                same &= g.add(y, xb)
                 if name == final:
                     fp_moved, fp_b = gain_fingerprint(y), gain_fingerprint(xb)
-            g.tensors += 1
-            g.bit_exact += int(same)
-            n_bytes += fa.nbytes(name)
+            if last:
+                g.tensors += 1
+                g.bit_exact += int(same)
+                n_bytes += fa.nbytes(name)
+                same = True
     rep = {k: v.report() for k, v in sorted(groups.items())}
     max_diff = max((v["max_abs_diff"] for v in rep.values()), default=0.0)
     complete = not (missing_in_a or missing_in_b or mismatched)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import njit, uint64
 
-__all__ = ["Operand", "take", "take_", "spread", "cycles", "MIN_PARALLEL"]
+__all__ = ["Operand", "take", "take_", "take_equal", "spread", "cycles", "MIN_PARALLEL"]
 
 MIN_PARALLEL = 1 << 20          # elements below which a tensor is moved on one thread (``spread`` shares them)
 
@@ -53,6 +53,21 @@ def _take_span(src, r, c, rneg, cm0, cm1, dst, m, r0, r1, buf):   # pragma: no c
     r0 = uint64(r0)
     for i in range(r0, uint64(r1)):
         _row(src, uint64(r[i]) * m, dst, (i - r0) * m, c, cm1 if rneg[i] else cm0, m, buf)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _equal_span(src, r, c, rneg, cm0, cm1, other, m, r0, r1, buf, row, acc, top, mag):   # pragma: no cover (compiled)
+    """Per column ``j`` over rows ``r0:r1``: ``acc[j] |= moved[i, j] ^ other[i, j]`` and ``top[j] = max(top[j],
+    other[i, j] & mag)`` (``other`` holds rows ``r0:r1``). Each moved row exists only in the cache-resident ``row``."""
+    m = uint64(m)
+    r0 = uint64(r0)
+    for i in range(r0, uint64(r1)):
+        _row(src, uint64(r[i]) * m, row, uint64(0), c, cm1 if rneg[i] else cm0, m, buf)
+        ob = (i - r0) * m
+        for j in range(m):
+            x = other[ob + j]
+            acc[j] |= row[j] ^ x
+            top[j] = max(top[j], x & mag)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -230,6 +245,28 @@ def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Opera
     _spans(lambda a, b, t: _take_span(s, r, c, rneg, cm0, cm1, d[a * m:], m, r0 + a, r0 + b,
                                       np.empty(m if c.size else 0, s.dtype)), r1 - r0, _threads(r1 - r0, m))
     return dst
+
+
+def take_equal(src: torch.Tensor, other: torch.Tensor, rows: Operand | None, cols: Operand | None,
+               r0: int = 0, r1: int | None = None) -> tuple[bool, int]:
+    """``(moved src rows r0:r1 == other bit for bit, max of other & ~sign bit)`` in one pass, the moved rows never
+    written out (for IEEE floats the second is the bits of ``max |other|``). Operands as for ``take``; ``other``:
+    ``[r1 - r0, m]``, contiguous, ``src``'s dtype."""
+    n, m = src.shape
+    r1 = n if r1 is None else r1
+    s, o = src.numpy().reshape(-1), other.numpy().reshape(-1)
+    c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
+    r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
+    mag = np.iinfo(s.dtype).max
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def run(a: int, b: int, t: int) -> None:
+        acc, top = np.zeros(m, s.dtype), np.zeros(m, s.dtype)
+        _equal_span(s, r, c, rneg, cm0, cm1, o[a * m:], m, r0 + a, r0 + b, np.empty(m if c.size else 0, s.dtype),
+                    np.empty(m, s.dtype), acc, top, mag)
+        found.append((acc, top))
+    _spans(run, r1 - r0, _threads(r1 - r0, m))
+    return (not any(acc.any() for acc, _ in found), int(max(top.max(initial=0) for _, top in found)))
 
 
 def take_(t: torch.Tensor, rows: Operand | None, cols: Operand | None) -> torch.Tensor:

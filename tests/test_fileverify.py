@@ -94,14 +94,20 @@ def test_max_abs_from_bits(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
 def test_chunked_compare_reports_like_the_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  dtype: torch.dtype) -> None:
-    """Moved A and B compared chunk by chunk (chunks of a few rows here): streamed readers (column moves), writers
-    (row and inner column moves) and gains; a one-ulp change is found in its group only, with its exact size, and
+                                                  dtype: torch.dtype, kernels: str) -> None:
+    """Moved A and B compared block by block, read ahead in small blocks and chunks here: streamed readers (column
+    moves), writers (row and inner column moves, A whole beside B's blocks) and gains; with the compiled one-pass
+    comparison and with torch's chunked moves. A one-ulp change is found in its group only, with its exact size, and
     every group's max |B| is the tensors' own."""
     import hf_gauge.fileverify as fv
+    from hf_gauge import engine, filefeatures
 
     monkeypatch.setattr(fv, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(filefeatures, "BLOCK_BYTES", 700)
+    monkeypatch.setattr(engine, "KERNEL_MIN_ELEMENTS", 0)
+    monkeypatch.setenv("HF_GAUGE_KERNELS", kernels)
     a = tiny_model("llama", tie=False, dtype=dtype)
     g = random_gauge(a, seed=4, spaces=("residual", "mlp", "attn"))
     b = apply_gauge(copy.deepcopy(a), g)

@@ -62,6 +62,31 @@ def test_compiled_moves_equal_torch_moves(dtype, axes, signed, monkeypatch, two_
     assert torch.equal(as_bits(move_rows(x, moves, 7, 27, out)), want[7:27])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spans", [1, 2, 3])
+@pytest.mark.parametrize("axes", ["rows", "cols", "both", "none"])
+def test_compare_rows_in_one_pass(dtype, spans, axes, monkeypatch):
+    """``engine.compare_rows`` (``kernels.take_equal``): moved rows ``r0:r1`` against another tensor, bit for bit,
+    and the other tensor's largest magnitude bits, split over any number of spans; one changed bit is found."""
+    monkeypatch.setattr(kernels, "_threads", lambda rows, m: spans)
+    n, w = 256, 300
+    x = (torch.randn(n, w, dtype=torch.float64) * 50).to(dtype)
+    r, c = SignedPermutation.random(n, 3), SignedPermutation.random(w, 4)
+    moves = tuple(Move(a, p.perm, p.sign) for a, p in ((0, r), (1, c)) if axes in ("both", ("rows", "cols")[a]))
+    want = as_bits(_torch(x, moves, monkeypatch))
+    mag = torch.iinfo(want.dtype).max
+    for r0, r1 in ((0, n), (5, 37), (9, 9)):
+        other = want[r0:r1].clone()
+        top = int((other & mag).max()) if r1 > r0 else 0
+        assert engine.compare_rows(x, moves, r0, r1, other.view(dtype)) == (True, top)
+        if r1 > r0:
+            other[(r1 - r0) // 2, 7] ^= 1                                    # one bit
+            assert engine.compare_rows(x, moves, r0, r1, other.view(dtype)) == (False, int((other & mag).max()))
+    with monkeypatch.context() as mp:
+        mp.setenv("HF_GAUGE_KERNELS", "torch")
+        assert engine.compare_rows(x, moves, 0, n, want.view(dtype)) is None      # the caller compares itself
+
+
 @pytest.mark.parametrize("kind", ["random", "identity", "one cycle", "swaps"])
 @pytest.mark.parametrize("spans", [1, 2, 3, 7])
 @pytest.mark.parametrize("cols", [False, True])
