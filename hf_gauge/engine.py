@@ -24,7 +24,7 @@ from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
-           "compare_rows", "Scratch", "kernel_mode", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
+           "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
            "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
@@ -404,10 +404,16 @@ def _compiled_fits(src: torch.Tensor, moves: tuple[Move, ...], out: torch.Tensor
                 out.device.type != "cpu" or not out.is_contiguous() or out.dtype != src.dtype))
             or (not moves_as_bits(src) and any(m.sign is not None for m in moves))):
         return False
+    return loaded_kernels() is not None
+
+
+def loaded_kernels() -> ModuleType | None:
+    """``hf_gauge.kernels`` when the compiled kernels are in use (``HF_GAUGE_KERNELS=numba``, or ``auto`` once a job
+    loaded them: ``prepare_kernels``), else ``None``: callers then take their torch / numpy paths."""
     mode = kernel_mode()
     if mode == "torch" or (mode == "auto" and _compiled.cache_info().currsize == 0):
-        return False
-    return _compiled() is not None
+        return None
+    return _compiled()
 
 
 def prepare_kernels(n_bytes: int) -> bool:

@@ -137,18 +137,32 @@ def signed_cosine_(cross: torch.Tensor, na: torch.Tensor, nb: torch.Tensor) -> t
     return cross.clamp_(-1.0, 1.0)
 
 
-def invariant_agreement(ua: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+_AGREE_BYTES = 1 << 20    # invariant_agreement's row blocks (cache-sized)
+
+
+def invariant_agreement(ua: torch.Tensor, ub: torch.Tensor, into: torch.Tensor | None = None) -> torch.Tensor:
     """``exp(-mean_k (z_A[i, k] - z_B[j, k])**2)`` ``[d, d]`` for invariant features ``ua``, ``ub`` ``[d, k]``, each
-    feature z-scored over both models (constant features dropped), with two d×d buffers."""
+    feature z-scored over both models (constant features dropped). Made in cache-sized row blocks; ``into`` (a
+    ``[d, d]`` float64 tensor) is multiplied by it in place and returned (no d×d temporary), else a new tensor."""
     both = torch.cat([ua, ub], 0)
     mu, sd = both.mean(0), both.std(0)
     keep = sd > 1e-12 * both.abs().amax(0).clamp_min(1e-300)   # constant features carry nothing
     za = (ua[:, keep] - mu[keep]) / sd[keep]
     zb = (ub[:, keep] - mu[keep]) / sd[keep]
     k = max(1, za.shape[1])
-    dist = (za * za).sum(1)[:, None] + (zb * zb).sum(1)[None, :]
-    dist.sub_(torch.mm(za, zb.T).mul_(2.0))                     # |z_A|^2 + |z_B|^2 - 2 z_A z_B^T
-    return dist.clamp_min_(0.0).div_(k).neg_().exp_()
+    na, nb = (za * za).sum(1), (zb * zb).sum(1)
+    out = torch.empty(ua.shape[0], ub.shape[0], dtype=torch.float64) if into is None else into
+    rows = max(1, _AGREE_BYTES // max(1, 8 * ub.shape[0]))
+    for r0 in range(0, ua.shape[0], rows):
+        r1 = min(ua.shape[0], r0 + rows)
+        dist = na[r0:r1, None] + nb[None, :]
+        dist.sub_(torch.mm(za[r0:r1], zb.T).mul_(2.0))          # |z_A|^2 + |z_B|^2 - 2 z_A z_B^T
+        dist.clamp_min_(0.0).div_(k).neg_().exp_()
+        if into is None:
+            out[r0:r1] = dist
+        else:
+            out[r0:r1].mul_(dist)
+    return out
 
 
 def feature_correlation(fa: WeightFeatures, fb: WeightFeatures) -> torch.Tensor:
@@ -158,8 +172,7 @@ def feature_correlation(fa: WeightFeatures, fb: WeightFeatures) -> torch.Tensor:
     if fa.signed.shape[1]:
         cos = signed_cosine_(fa.signed @ fb.signed.T, fa.signed.norm(dim=1), fb.signed.norm(dim=1))
     if fa.invariant.shape[1]:
-        agree = invariant_agreement(fa.invariant, fb.invariant)
-        return agree if cos is None else cos.mul_(agree)
+        return invariant_agreement(fa.invariant, fb.invariant, into=cos)
     return cos if cos is not None else torch.ones(d, d, dtype=torch.float64)
 
 

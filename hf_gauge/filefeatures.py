@@ -2,8 +2,10 @@
 
 ``CheckpointFiles`` maps tensor names to their bytes in a checkpoint folder's shards (names, dtypes, shapes and
 offsets from the validated headers; shard names from an index file validated by ``checkpoint.shard_name``) and reads
-rows of one tensor at a time with positional reads into a reused buffer, in the stored dtype. Nothing is mapped, so
-the process holds one block per model, not the pages of the files it has read.
+rows of one tensor at a time, in the stored dtype: with positional reads into reused buffers (``read``,
+``row_blocks``), or as views of a private memory map of the shard (``mapped_blocks``: no copy; each block's pages are
+released once the next one is asked for). Either way the process holds a few blocks per model, not the pages of the
+files it has read.
 
 ``residual_correlation`` builds the same similarity ``C [d, d]`` as ``features.feature_correlation(
 *features.paired_weight_features(a, b))`` (the in-memory data-free matcher; see ``hf_gauge.features`` for the
@@ -12,25 +14,29 @@ convention), from the same tensors and the same vocabulary rows, with the signed
 residual coordinates; ``scale_t = (||X_A,t|| + ||X_B,t||) / 2``), so memory is ``O(d^2 + one block)`` whatever the
 vocabulary or depth. Block products run in float32 for 16-bit weights (every product of two bf16/fp16 numbers is
 exact in float32) and float64 otherwise; block results are summed in float64. Invariant features (norm gains, and
-slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across row blocks; each
-block is squared and summed in cache-sized chunks with numpy on the calling thread while the next block is read.
+slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across memory-mapped row
+blocks, one tensor of one checkpoint per job, jobs shared over threads; the sums are made in one pass by the compiled
+kernels (``kernels.square_sums``) when they are loaded, else in cache-sized chunks with numpy. The vocabulary rows of
+capped signed tensors are ranked by norms made the same way.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import queue
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import torch
 
 from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
-from .engine import Scratch, axes_for, resolve_name
+from .engine import Scratch, axes_for, loaded_kernels, prepare_kernels, resolve_name
 from .errors import GaugeError
 from .features import default_max_rows, invariant_agreement, signed_cosine_
 from .specs import ArchSpec, get_spec
@@ -76,6 +82,8 @@ class CheckpointFiles:
                 self.entries[name] = (path, start, info)
         self._scratch = Scratch()
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._lock = threading.Lock()                   # fds and maps are opened once, from any thread
 
     def _shards(self) -> list[str]:
         index = self.folder / INDEX_NAME
@@ -120,9 +128,10 @@ class CheckpointFiles:
         if math.prod(shape) * dtype.itemsize != self.nbytes(name):
             raise GaugeError(f"{path}: tensor {name!r} has {self.nbytes(name)} bytes but shape {list(shape)} of "
                              f"{info['dtype']} needs {math.prod(shape) * dtype.itemsize}; the shard is corrupt")
-        fd = self._fds.get(path)
-        if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd, dtype, shape, start + int(info["data_offsets"][0])
 
     # -- reads -----------------------------------------------------------------------------------------------------
@@ -175,7 +184,39 @@ class CheckpointFiles:
                 j = k
             yield buf.view(dtype).reshape([len(part)] + tail)
 
+    def mapped_blocks(self, name: str) -> Iterator[torch.Tensor]:
+        """Blocks ``[k, ...]`` of the tensor's rows (about ``block_bytes`` each) as views of the memory-mapped shard:
+        no copy, and a private mapping, so nothing reaches the file. A block's pages leave this process
+        (``MADV_DONTNEED``; the page cache keeps them) when the next block is asked for: one block mapped at a time.
+        A view is valid only until then."""
+        fd, dtype, shape, off = self._checked(name)
+        n = shape[0] if shape else 1
+        row = math.prod(shape[1:]) * dtype.itemsize
+        tail = list(shape[1:])
+        if not n or not row:
+            yield torch.empty([n] + tail, dtype=dtype)
+            return
+        path = self.entries[name][0]
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        step = max(1, self.block_bytes // row)
+        for r0 in range(0, n, step):
+            k = min(n, r0 + step) - r0
+            start = off + r0 * row
+            yield torch.frombuffer(mm, dtype=dtype, count=k * row // dtype.itemsize, offset=start).view([k] + tail)
+            if hasattr(mmap, "MADV_DONTNEED"):
+                page = start - start % mmap.PAGESIZE
+                mm.madvise(mmap.MADV_DONTNEED, page, start + k * row - page)
+
     def close(self) -> None:
+        for mm in self._maps.values():
+            try:
+                mm.close()
+            except BufferError:                  # a caller still holds a view: the mapping goes with it
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -286,6 +327,9 @@ def _add_squares(x: torch.Tensor, dim: int, out: torch.Tensor, work: Scratch) ->
     are widened to the block arithmetic dtype (``_acc``), squared and summed there (float32 for 16-bit weights, whose
     squares are exact in float32), then added in float64, so each element crosses memory once. numpy runs these
     element-wise passes on the calling thread: small multi-threaded torch kernels stall when the cores are busy."""
+    kernels = loaded_kernels()
+    if kernels is not None and kernels.square_sums(x, dim, out):     # one compiled pass, float64 sums
+        return
     acc = _acc(x.dtype)
     npacc = np.float32 if acc == torch.float32 else np.float64
     w = x.shape[1]
@@ -317,26 +361,28 @@ class _Signed:
         self.sqb = torch.zeros(d, dtype=torch.float64)
 
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Fold one signed tensor in (its row blocks of A and B). The tensor's Gram is summed in a reused float64
-        buffer (no fresh d×d memory per tensor), then scaled in place and added."""
+        """Fold one signed tensor in (its row blocks of A and B). A one-block tensor's Gram (the vocabulary rows
+        ``features.default_max_rows`` keeps fit in one block at 7B+ widths) is added straight from the block product;
+        several blocks' products are first summed in a reused float64 buffer. No fresh d×d memory per tensor."""
         d, w = self.d, self.work
-        acc = None
+        acc = prod = None
         sqa = torch.zeros(d, dtype=torch.float64)
         sqb = torch.zeros(d, dtype=torch.float64)
         for xa, xb in blocks:                               # [k, d] each
             xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
+            if prod is not None and acc is None:            # a second block: sum the products in float64
+                acc = w.bytes(d * d * 8, "gram").view(torch.float64).view(d, d).copy_(prod)
             prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
             torch.mm(xa.T, xb, out=prod)
-            if acc is None:
-                acc = w.bytes(d * d * 8, "gram").view(torch.float64).view(d, d).copy_(prod)
-            else:
+            if acc is not None:
                 acc += prod
             _add_squares(xa, 0, sqa, w)
             _add_squares(xb, 0, sqb, w)
+        gram = acc if acc is not None else prod
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
-        if acc is not None and scale > 0:
-            s2 = scale * scale
-            self.cross += acc.div_(s2)
+        if gram is not None and scale > 0:
+            s2 = float(scale * scale)
+            self.cross.add_(gram, alpha=1.0 / s2)
             self.sqa += sqa / s2
             self.sqb += sqb / s2
             self.n += 1
@@ -364,12 +410,14 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
     cap = max_rows or default_max_rows(d)
+    names = _feature_tensors(fa, fb)
+    prepare_kernels(sum(fa.nbytes(n) + fb.nbytes(n) for n in names))
     work = Scratch()
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
     norms: list[tuple[int, str, int]] = []               # (feature position, tensor, residual axis)
-    for name in _feature_tensors(fa, fb):
+    for name in names:
         axes = axes_for(fa.spec, name, files=True)
         res = next(a for a in axes if a.space == "residual")
         others = [a for a in axes if a is not res]
@@ -380,15 +428,14 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             if len(shape) == 2 and res.axis == 1:        # [free, d]: embedding, lm_head
                 rows = None
                 if shape[0] > cap:                       # the rows with the largest ||A_v|| + ||B_v||, in both
-                    score = torch.cat([_row_norms(xa, work) + _row_norms(xb, work)
-                                       for xa, xb in _paired_blocks(fa, fb, name)])
-                    rows = torch.topk(score, cap).indices.sort().values
+                    sa, sb = _parallel(lambda f: _slice_squares(f, name, 0), [fa, fb])
+                    rows = torch.topk(sa.sqrt_() + sb.sqrt_(), cap).indices.sort().values
                 signed.add(_paired_blocks(fa, fb, name, rows))
             else:                                        # biases and other small tensors: whole
                 xa = _moved(fa.read(name), res.axis).reshape(-1, d)
                 xb = _moved(fb.read(name), res.axis).reshape(-1, d)
                 if xa.shape[0] > cap:
-                    score = _row_norms(xa, work) + _row_norms(xb, work)
+                    score = _row_squares(xa, work).sqrt_() + _row_squares(xb, work).sqrt_()
                     rows = torch.topk(score, cap).indices.sort().values
                     xa, xb = xa[rows], xb[rows]
                 signed.add(iter([(xa, xb)]))
@@ -400,7 +447,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
             ua.append(torch.empty(0))
             ub.append(torch.empty(0))
     carried: dict[str, list[torch.Tensor]] = {}        # per-expert tensors: one feature per expert family
-    for (k, name, _), (na, nb) in zip(norms, _slice_norms(fa, fb, [(n, ax) for _, n, ax in norms], work)):
+    for (k, name, _), (na, nb) in zip(norms, _slice_norms(fa, fb, [(n, ax) for _, n, ax in norms])):
         key = _expert_family(fa.spec, name)
         if key is None:
             ua[k], ub[k] = na[:, None], nb[:, None]
@@ -418,8 +465,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     del signed
     counts = {"n_signed": n_signed, "n_invariant": sum(int(u.shape[1]) for u in ua)}
     if ua:                                               # as feature_correlation combines the two parts
-        agree = invariant_agreement(torch.cat(ua, 1), torch.cat(ub, 1))
-        return (agree if cos is None else cos.mul_(agree)), counts
+        return invariant_agreement(torch.cat(ua, 1), torch.cat(ub, 1), into=cos), counts
     return (cos if cos is not None else torch.ones(d, d, dtype=torch.float64)), counts
 
 
@@ -434,50 +480,54 @@ def _expert_family(spec: ArchSpec, name: str) -> str | None:
     return fill(rule.pattern, {k: v for k, v in values.items() if k not in open_}) if open_ else None
 
 
-def _row_norms(x: torch.Tensor, work: Scratch) -> torch.Tensor:
-    """Row L2 norms accumulated in at least float32 (as ``features`` selects rows), as float64. 16-bit rows are
-    widened to float32 first (into a reused buffer): the same norms bit for bit as ``vector_norm(x, dtype=float32)``,
-    which reduces 16-bit inputs several times slower."""
-    x = x.reshape(x.shape[0], -1)
-    if x.dtype in (torch.bfloat16, torch.float16):
-        x = _widen(x, work, "rows")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.linalg.vector_norm(x, dim=1, dtype=acc).to(torch.float64)
+def _row_squares(x: torch.Tensor, work: Scratch) -> torch.Tensor:
+    """``[n]`` float64 sums of squares of the rows of ``x`` (any shape ``[n, ...]``), as ``_add_squares`` forms them."""
+    x = x.reshape(x.shape[0], -1).contiguous()
+    sq = torch.zeros(x.shape[0], dtype=torch.float64)
+    _add_squares(x, 1, sq, work)
+    return sq
 
 
-def _slice_norms(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, int]], work: Scratch
+def _slice_squares(f: CheckpointFiles, name: str, axis: int) -> torch.Tensor:
+    """float64 sums of squares of every slice along ``axis`` (0: rows, 1: columns) of a 2-D tensor, from its
+    memory-mapped row blocks (``CheckpointFiles.mapped_blocks``)."""
+    sq = torch.zeros(f.shape(name)[axis], dtype=torch.float64)
+    work, r0 = Scratch(), 0
+    for x in f.mapped_blocks(name):
+        _add_squares(x, 1 - axis, sq if axis == 1 else sq[r0:r0 + x.shape[0]], work)
+        r0 += x.shape[0]
+    return sq
+
+
+_J = TypeVar("_J")
+
+
+def _parallel(fn: Callable[[_J], _T], jobs: list[_J]) -> list[_T]:
+    """``[fn(job) for job in jobs]`` on ``torch.get_num_threads()`` threads (the compiled kernels and numpy's
+    reductions release the GIL; page faults on mapped files overlap the arithmetic). Each job writes only its own
+    result, so the results do not depend on the scheduling."""
+    nt = min(torch.get_num_threads(), len(jobs))
+    if nt <= 1:
+        return [fn(j) for j in jobs]
+    with ThreadPoolExecutor(nt, thread_name_prefix="hf_gauge-features") as pool:
+        return list(pool.map(fn, jobs))
+
+
+def _slice_norms(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, int]]
                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``[d]`` L2 norms of every slice along the residual axis of each ``(name, axis)``, in A and in B: squared sums
-    in float64 over row blocks. The blocks of every 2-D tensor of both checkpoints come from one read-ahead thread,
-    so reading never waits for the start of the next tensor."""
-    sq = {}
-    flat = []
-    for name, axis in jobs:
-        for side, f in (("a", fa), ("b", fb)):
-            shape = f.shape(name)
-            if len(shape) == 2:
-                sq[name, side] = torch.zeros(shape[axis], dtype=torch.float64)
-                flat.append((name, axis, side, f))
-            else:
-                x = f.read(name).movedim(axis, 0)
-                x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
-                sq[name, side] = (x * x).sum(1, dtype=torch.float64)
+    in float64 over memory-mapped row blocks, one tensor of one checkpoint per job, jobs shared over threads."""
+    tasks = [(f, name, axis) for name, axis in jobs for f in (fa, fb)]
 
-    def blocks():
-        taken = {"a": 0, "b": 0}                          # blocks per reader so far: buffers rotate across tensors
-        for name, axis, side, f in flat:
-            r0 = 0
-            for x in f.row_blocks(name, slots=AHEAD + 2, start=taken[side]):
-                taken[side] += 1
-                yield name, axis, side, r0, x
-                r0 += x.shape[0]
-
-    for name, axis, side, r0, x in prefetched(blocks()):
-        if axis == 1:                                    # reader columns: sum over the rows of every block
-            _add_squares(x, 0, sq[name, side], work)
-        else:                                            # writer rows: this block's rows are whole slices
-            _add_squares(x, 1, sq[name, side][r0:r0 + x.shape[0]], work)
-    return [(sq[n, "a"].sqrt(), sq[n, "b"].sqrt()) for n, _ in jobs]
+    def one(task: tuple[CheckpointFiles, str, int]) -> torch.Tensor:
+        f, name, axis = task
+        if len(f.shape(name)) == 2:
+            return _slice_squares(f, name, axis)
+        x = f.read(name).movedim(axis, 0)
+        x = x.reshape(x.shape[0], -1).to(_acc(x.dtype))
+        return (x * x).sum(1, dtype=torch.float64)
+    sq = _parallel(one, tasks)
+    return [(sq[2 * k].sqrt(), sq[2 * k + 1].sqrt()) for k in range(len(jobs))]
 
 
 def layer_tensors(files: CheckpointFiles, spaces: set[str]) -> dict[str, torch.Tensor]:

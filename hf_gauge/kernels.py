@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from numba import njit, uint64
 
-__all__ = ["Operand", "take", "take_", "take_equal", "spread", "cycles", "MIN_PARALLEL"]
+__all__ = ["Operand", "take", "take_", "take_equal", "square_sums", "spread", "cycles", "MIN_PARALLEL"]
 
 MIN_PARALLEL = 1 << 20          # elements below which a tensor is moved on one thread (``spread`` shares them)
 
@@ -68,6 +68,40 @@ def _equal_span(src, r, c, rneg, cm0, cm1, other, m, r0, r1, buf, row, acc, top,
             x = other[ob + j]
             acc[j] |= row[j] ^ x
             top[j] = max(top[j], x & mag)
+
+
+@njit(nogil=True, boundscheck=False, cache=True, fastmath={"reassoc", "contract"})
+def _fold_squares(row, rb, m, axis, out, i):   # pragma: no cover (compiled)
+    """Squares of ``row[rb:rb+m]`` (row ``i``) in float64: added per column (``axis`` 0) or summed into ``out[i]``."""
+    m = uint64(m)
+    if axis == 0:
+        for j in range(m):
+            v = np.float64(row[rb + j])
+            out[j] += v * v
+    else:
+        s = np.float64(0.0)
+        for j in range(m):
+            v = np.float64(row[rb + j])
+            s += v * v
+        out[i] += s
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _squares_float(x, n, m, axis, out):   # pragma: no cover (compiled)
+    m = uint64(m)
+    for i in range(uint64(n)):
+        _fold_squares(x, i * m, m, axis, out, i)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _squares_bf16(x, n, m, axis, out, wi, wf):   # pragma: no cover (compiled)
+    """bf16 rows (int16 bits) widened exactly into ``wf`` (``wi``: its int32 view): the 16 bits are a float32's high half."""
+    m = uint64(m)
+    for i in range(uint64(n)):
+        b = i * m
+        for j in range(m):
+            wi[j] = np.int32(x[b + j]) << 16
+        _fold_squares(wf, uint64(0), m, axis, out, i)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -267,6 +301,22 @@ def take_equal(src: torch.Tensor, other: torch.Tensor, rows: Operand | None, col
         found.append((acc, top))
     _spans(run, r1 - r0, _threads(r1 - r0, m))
     return (not any(acc.any() for acc, _ in found), int(max(top.max(initial=0) for _, top in found)))
+
+
+def square_sums(x: torch.Tensor, axis: int, out: torch.Tensor) -> bool:
+    """``out += (x * x).sum(axis)`` for a contiguous 2-D CPU ``x`` of bf16, float32 or float64, squares and sums in
+    float64 (``out``: float64, ``[m]`` for ``axis`` 0, ``[n]`` for 1), one pass on this thread; False (nothing done)
+    for other dtypes."""
+    if x.dtype not in (torch.bfloat16, torch.float32, torch.float64) or x.dim() != 2 or not x.is_contiguous():
+        return False
+    n, m = x.shape
+    o = out.numpy()
+    if x.dtype == torch.bfloat16:
+        wi = np.empty(m, np.int32)
+        _squares_bf16(x.view(torch.int16).numpy().reshape(-1), n, m, axis, o, wi, wi.view(np.float32))
+    else:
+        _squares_float(x.numpy().reshape(-1), n, m, axis, o)
+    return True
 
 
 def take_(t: torch.Tensor, rows: Operand | None, cols: Operand | None) -> torch.Tensor:
