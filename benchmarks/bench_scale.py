@@ -8,9 +8,11 @@ layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t
 
 Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved:
 - ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free; the default row cap, and the former ``8 d``)
-  against the I/O floor: reading every tensor the features need once, from both checkpoints, with the same block
-  reads. Exact recovery of the hidden gauge is checked.
-- ``verify``: ``verify_files(A, B, g)`` against reading both checkpoints once.
+  against the I/O floor: reading every tensor the features need once, from both checkpoints, with positional reads
+  (``os.preadv``) in the reader's 32 MB blocks, in a fresh process that imports what reading needs (torch, and
+  transformers for the config), as the find worker does. Exact recovery of the hidden gauge is checked.
+- ``verify``: ``verify_files(A, B, g)`` against reading both checkpoints once (the same reads).
+Both find and verify map the files instead of copying them (``CheckpointFiles.mapped_blocks``); the floor copies.
 - the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width),
   first call and later calls in a fresh process, with the default scratch and with ``overwrite=True`` (as find uses it).
 Usage: python benchmarks/bench_scale.py [--quick] [--workdir DIR [--keep] [--reuse]] [--rounds N] [--output FILE]

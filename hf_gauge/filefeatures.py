@@ -184,11 +184,13 @@ class CheckpointFiles:
                 j = k
             yield buf.view(dtype).reshape([len(part)] + tail)
 
-    def mapped_blocks(self, name: str) -> Iterator[torch.Tensor]:
-        """Blocks ``[k, ...]`` of the tensor's rows (about ``block_bytes`` each) as views of the memory-mapped shard:
-        no copy, and a private mapping, so nothing reaches the file. A block's pages leave this process
-        (``MADV_DONTNEED``; the page cache keeps them) when the next block is asked for: one block mapped at a time.
-        A view is valid only until then."""
+    def mapped_blocks(self, name: str, whole: bool = False) -> Iterator[torch.Tensor]:
+        """Blocks ``[k, ...]`` of the tensor's rows (about ``block_bytes`` each, or one block with ``whole``) as views
+        of the memory-mapped shard: no copy, and a private mapping, so nothing reaches the file. A block's pages leave
+        this process (``MADV_DONTNEED``; the page cache keeps them) when the next block is asked for or the iterator
+        is closed: one block mapped at a time. A view is valid only until then. The shard's size was validated when
+        it was opened; a shard truncated afterwards, while mapped, ends the process (SIGBUS), as with safetensors' own
+        memory-mapped loading."""
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
         row = math.prod(shape[1:]) * dtype.itemsize
@@ -201,22 +203,19 @@ class CheckpointFiles:
             mm = self._maps.get(path)
             if mm is None:
                 mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        step = max(1, self.block_bytes // row)
+        step = n if whole else max(1, self.block_bytes // row)
         for r0 in range(0, n, step):
             k = min(n, r0 + step) - r0
             start = off + r0 * row
-            yield torch.frombuffer(mm, dtype=dtype, count=k * row // dtype.itemsize, offset=start).view([k] + tail)
-            if hasattr(mmap, "MADV_DONTNEED"):
-                page = start - start % mmap.PAGESIZE
-                mm.madvise(mmap.MADV_DONTNEED, page, start + k * row - page)
+            try:
+                yield torch.frombuffer(mm, dtype=dtype, count=k * row // dtype.itemsize, offset=start).view([k] + tail)
+            finally:
+                if hasattr(mmap, "MADV_DONTNEED"):
+                    page = start - start % mmap.PAGESIZE
+                    mm.madvise(mmap.MADV_DONTNEED, page, start + k * row - page)
 
     def close(self) -> None:
-        for mm in self._maps.values():
-            try:
-                mm.close()
-            except BufferError:                  # a caller still holds a view: the mapping goes with it
-                pass
-        self._maps.clear()
+        self._maps.clear()                       # unmapped when the last view made from it is freed, not before
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()

@@ -2,11 +2,12 @@
 
 For every tensor of checkpoint A (in storage order), the engine's moves for the gauge (``engine.moves_for``) are
 applied on the fly (gathers and sign-bit flips as the engine does them, bit-exact) and the result is compared with
-B's tensor of the same name. One thread reads both checkpoints ahead of the comparison, in row blocks: column-only
-moves (readers, embeddings) never mix rows, so A streams in blocks beside B; a tensor whose rows move (writers) is read
-whole from A while B streams; gains and other small tensors are read whole. Float tensors are compared as integer bits
-by the engine's compiled kernel in one pass (``engine.compare_rows``: moved rows are never written out), or moved in
-cache-sized chunks and compared. Memory: a few blocks and up to three whole tensors (read ahead) per checkpoint.
+B's tensor of the same name. Both checkpoints are memory-mapped (``CheckpointFiles.mapped_blocks``: no copy, pages
+released block by block): column-only moves (readers, embeddings) never mix rows, so A's row blocks are compared with
+B's side by side; a tensor whose rows move (writers) is mapped whole from A while B's blocks stream; gains and other
+small tensors are read whole. Float tensors are compared as integer bits by the engine's compiled kernel in one pass
+(``engine.compare_rows``: moved rows are never written out; spans of rows on threads), or moved in cache-sized chunks
+and compared. Memory: a block of B and a block (or one tensor) of A mapped at a time.
 
 A gauge A -> B is right for a gauged copy when moved A equals B bit for bit. The report gives, per tensor group (the
 tensor name with its layer index replaced by ``{i}``), the largest ``|moved A - B|`` and B's largest ``|value|``;
@@ -24,7 +25,7 @@ import torch
 from .engine import (Move, Scratch, check_gauge, check_moves, compare_rows, move_rows, move_tensor, moves_for,
                      prepare_kernels, source_names)
 from .errors import GaugeError
-from .filefeatures import AHEAD, CheckpointFiles, prefetched
+from .filefeatures import CheckpointFiles
 from .gauge import Gauge
 from .group import moves_as_bits
 from .models import gain_fingerprint
@@ -133,27 +134,23 @@ def _kind(shape: tuple[int, ...], dtype: torch.dtype, moves: tuple[Move, ...], f
 
 def _pairs(fa: CheckpointFiles, fb: CheckpointFiles, jobs: list[tuple[str, str, tuple[Move, ...], str]]):
     """``(job, A part, B part, r0, last)`` for every job in turn: A's block (``stream``) or whole tensor, B's block of
-    rows ``r0:`` (or whole); ``last`` marks a tensor's last item. Buffers rotate over ``AHEAD + 2`` slots per kind
-    (whole tensors per tensor, blocks per block), so an item stays valid while the next ones are read ahead."""
-    slots = AHEAD + 2
-    taken = [0, 0]                                         # blocks read so far, per checkpoint
-    for t, job in enumerate(jobs):
+    rows ``r0:`` (or whole); ``last`` marks a tensor's last item. Blocks are views of the memory-mapped shards
+    (``CheckpointFiles.mapped_blocks``: no copy), valid until the next item; ``whole`` tensors are read."""
+    for job in jobs:
         name, a_name, _, kind = job
         if kind == "whole":
-            yield job, fa.read(a_name, reuse=t % slots), fb.read(name, reuse=t % slots), 0, True
+            yield job, fa.read(a_name), fb.read(name), 0, True
             continue
-        whole = fa.read(a_name, reuse=t % slots) if kind == "rows" else None
-        a_blocks = fa.row_blocks(a_name, slots=slots, start=taken[0]) if whole is None else None
+        a_iter = fa.mapped_blocks(a_name, whole=kind == "rows")
+        whole = next(a_iter) if kind == "rows" else None
         n, r0 = fb.shape(name)[0], 0
-        for xb in fb.row_blocks(name, slots=slots, start=taken[1]):
-            taken[1] += 1
-            if a_blocks is not None:
-                xa = next(a_blocks)
-                taken[0] += 1
-            else:
-                xa = whole
-            yield job, xa, xb, r0, r0 + xb.shape[0] == n
-            r0 += xb.shape[0]
+        try:
+            for xb in fb.mapped_blocks(name):
+                xa = whole if whole is not None else next(a_iter)
+                yield job, xa, xb, r0, r0 + xb.shape[0] == n
+                r0 += xb.shape[0]
+        finally:
+            a_iter.close()                                 # A's last pages leave the process
 
 
 def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, atol: float = 0.0,
@@ -202,7 +199,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
                                                            name == final)))
         n_bytes = 0
         same = True
-        for (name, _, moves, kind), xa, xb, r0, last in prefetched(_pairs(fa, fb, jobs)):
+        for (name, _, moves, kind), xa, xb, r0, last in _pairs(fa, fb, jobs):
             g = groups.setdefault(tensor_group(name), _Group())
             if kind != "whole" and moves_as_bits(xa) and xa.dtype.itemsize in _INT:
                 same &= _compare_2d(g, xa, xb, moves, r0 if kind == "rows" else 0, scratch)

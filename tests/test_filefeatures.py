@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,27 @@ def test_row_blocks_and_selected_rows(pair) -> None:
         assert torch.equal(got, emb[rows])
         layer = layer_tensors(f, {"mlp.1"})
         assert set(layer) == {f"model.layers.1.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+
+
+def test_mapped_blocks_are_the_rows_and_release_their_pages(pair) -> None:
+    """Memory-mapped blocks hold the same rows as positional reads, in blocks of the requested size or whole; a
+    closed iterator and a reader closed while a view is alive are fine (the mapping goes with the last view)."""
+    tmp, a, _ = pair
+    emb = a.model.embed_tokens.weight.detach()
+    with CheckpointFiles(tmp / "A", block_bytes=5 * emb.shape[1] * 4) as f:
+        blocks = [x.clone() for x in f.mapped_blocks("model.embed_tokens.weight")]
+        assert {x.shape[0] for x in blocks[:-1]} == {5} and torch.equal(torch.cat(blocks), emb)
+        (whole,) = [x.clone() for x in f.mapped_blocks("model.embed_tokens.weight", whole=True)]
+        assert torch.equal(whole, emb)
+        it = f.mapped_blocks("model.embed_tokens.weight")
+        held = next(it)
+        it.close()                                   # its pages are released; the view reads the file again
+        assert torch.equal(held, emb[:5])
+    gc.collect()
+    assert torch.equal(held, emb[:5])                # the reader is closed, the mapping lives on with the view
+    with CheckpointFiles(tmp / "A") as f:
+        gain = next(f.mapped_blocks("model.norm.weight"))
+        assert torch.equal(gain, a.model.norm.weight.detach())
 
 
 def test_corrupt_shards_refused(pair) -> None:
