@@ -6,7 +6,8 @@ Llama-3-8B's shapes (d=4096, d_ff=14336, vocab 128256, 32 query / 8 KV heads of 
 safetensors (no model is built); then its gauged copy with the streaming apply. A 4-layer view of both (config with 4
 layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
 
-Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved:
+Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved, after an untimed read of
+both checkpoints (so that no round starts with files evicted from the page cache by whatever ran before):
 - ``find``: ``find_gauge_from_files(A, B)`` (residual, data-free; the default row cap, and the former ``8 d``)
   against the I/O floor: reading every tensor the features need once, from both checkpoints, with positional reads
   (``os.preadv``) in the reader's 32 MB blocks, in a fresh process that imports what reading needs (torch, and
@@ -251,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["checkpoint_bytes"] = sum(f.stat().st_size for f in A.glob("*.safetensors"))
         times: dict[str, list[dict]] = {k: [] for k in ("floor_find", "find", "find_rows_8d", "floor_find_half",
                                                          "find_half", "floor_all", "verify")}
+        res["warm_up_s"] = run_worker("floor_all", A, B, G)["seconds"]   # untimed: the rounds start with the files cached
         for _ in range(rounds):                              # interleaved: drift in the machine's speed hits all
             for key, mode, a, b in (("floor_find", "floor_find", A, B), ("find", "find", A, B),
                                     ("find_rows_8d", "find_rows_8d", A, B),

@@ -143,21 +143,18 @@ class CheckpointFiles:
                 raise GaugeError(f"{self.label}: unexpected end of file (truncated shard?)")
             got += n
 
-    def read(self, name: str, reuse: str | None = None) -> torch.Tensor:
-        """The whole tensor, in its stored dtype: a new tensor, or with ``reuse`` a view of this reader's buffer of
-        that name (valid until the next read into it)."""
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, in its stored dtype, as a new tensor."""
         fd, dtype, shape, off = self._checked(name)
         n = self.nbytes(name)
-        buf = torch.empty(n, dtype=torch.uint8) if reuse is None else self._scratch.bytes(n, ("whole", reuse))
+        buf = torch.empty(n, dtype=torch.uint8)
         self._pread(fd, buf, off)
         return buf.view(dtype).reshape(shape)
 
-    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1, start: int = 0
-                   ) -> Iterator[torch.Tensor]:
+    def row_blocks(self, name: str, rows: torch.Tensor | None = None, slots: int = 1) -> Iterator[torch.Tensor]:
         """Blocks ``[k, ...]`` of the tensor's rows (all rows, or the sorted row indices ``rows``), in the stored dtype.
 
-        Blocks live in ``slots`` reused buffers, taken in turn from buffer ``start``: a block is valid until ``slots``
-        more are requested (chained tensors pass ``start`` = the number of blocks read so far).
+        Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
         """
         fd, dtype, shape, off = self._checked(name)
         n = shape[0] if shape else 1
@@ -167,14 +164,14 @@ class CheckpointFiles:
         if rows is None:
             for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
-                buf = self._scratch.bytes(k * row, ("block", (start + j) % slots))
+                buf = self._scratch.bytes(k * row, ("block", j % slots))
                 self._pread(fd, buf, off + r0 * row)
                 yield buf.view(dtype).reshape([k] + tail)
             return
         rows = rows.tolist()
         for i, i0 in enumerate(range(0, len(rows), step)):
             part = rows[i0:i0 + step]
-            buf = self._scratch.bytes(len(part) * row, ("block", (start + i) % slots))
+            buf = self._scratch.bytes(len(part) * row, ("block", i % slots))
             j = 0
             while j < len(part):                      # one read per run of consecutive rows
                 k = j + 1

@@ -216,6 +216,7 @@ def _operands(n: int, m: int, dt: np.dtype, rows: Operand | None, cols: Operand 
 
 
 _POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
 _POOL_LOCK = threading.Lock()
 
 
@@ -225,12 +226,12 @@ def _threads(rows: int, m: int) -> int:
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:
-    global _POOL
+    global _POOL, _POOL_SIZE
     with _POOL_LOCK:
-        if _POOL is None or _POOL._max_workers < workers:
+        if _POOL is None or _POOL_SIZE < workers:
             if _POOL is not None:
                 _POOL.shutdown(wait=False)
-            _POOL = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_gauge-kernels")
+            _POOL, _POOL_SIZE = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="hf_gauge-kernels"), workers
         return _POOL
 
 
