@@ -23,9 +23,9 @@ from .specs import ArchSpec
 from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
-__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_", "move_rows",
-           "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves", "check_gauge", "segment_spans", "source_names",
-           "stack_count", "space_sizes"]
+__all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_",
+           "move_rows", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves",
+           "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.

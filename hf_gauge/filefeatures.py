@@ -357,8 +357,9 @@ class _Signed:
         self.sqb = torch.zeros(d, dtype=torch.float64)
 
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Fold one signed tensor in (its row blocks of A and B). A one-block tensor's Gram (the vocabulary rows
-        ``features.default_max_rows`` keeps fit in one block at 7B+ widths) is added straight from the block product;
+        """Fold one signed tensor in (its row blocks of A and B). A one-block tensor's Gram (the ``d`` vocabulary rows
+        ``features.default_max_rows`` keeps fill one 32 MB block at d=4096 in 16-bit weights) is added straight from
+        the block product;
         several blocks' products are first summed in a reused float64 buffer. No fresh d×d memory per tensor."""
         d, w = self.d, self.work
         acc = prod = None
