@@ -25,7 +25,11 @@ def pair(tmp_path: Path):
 
 @pytest.mark.parametrize("block_bytes", [1, 300, 1 << 20])
 @pytest.mark.parametrize("max_rows", [None, 50])
-def test_correlation_matches_in_memory(pair, block_bytes: int, max_rows) -> None:
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
+def test_correlation_matches_in_memory(pair, block_bytes: int, max_rows, kernels: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same similarity as the in-memory features, with the compiled sums of squares and with numpy's."""
+    monkeypatch.setenv("HF_GAUGE_KERNELS", kernels)
     tmp, a, b = pair
     # float64 copies of the saved float32 weights: the in-memory features then accumulate in float64 as the reader does
     want = feature_correlation(*paired_weight_features(copy.deepcopy(a).double(), copy.deepcopy(b).double(),

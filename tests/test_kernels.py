@@ -87,6 +87,20 @@ def test_compare_rows_in_one_pass(dtype, spans, axes, monkeypatch):
         assert engine.compare_rows(x, moves, 0, n, want.view(dtype)) is None      # the caller compares itself
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_square_sums_in_float64(dtype, axis):
+    """``kernels.square_sums`` adds the float64 sums of squares along ``axis`` (bf16 widened exactly from its bits);
+    other dtypes and non-contiguous tensors are left to the caller."""
+    x = (torch.randn(37, 300, dtype=torch.float64) * 3).to(dtype)
+    x[5, 7] = 0.0
+    out = torch.full((x.shape[1 - axis],), 0.5, dtype=torch.float64)
+    assert kernels.square_sums(x, axis, out)
+    want = 0.5 + (x.double() ** 2).sum(axis)
+    assert torch.allclose(out, want, rtol=1e-14, atol=0)
+    assert not kernels.square_sums(x.half(), axis, out) and not kernels.square_sums(x.T, axis, out)
+
+
 @pytest.mark.parametrize("kind", ["random", "identity", "one cycle", "swaps"])
 @pytest.mark.parametrize("spans", [1, 2, 3, 7])
 @pytest.mark.parametrize("cols", [False, True])
