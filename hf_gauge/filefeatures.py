@@ -359,8 +359,8 @@ class _Signed:
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fold one signed tensor in (its row blocks of A and B). A one-block tensor's Gram (the ``d`` vocabulary rows
         ``features.default_max_rows`` keeps fill one 32 MB block at d=4096 in 16-bit weights) is added straight from
-        the block product;
-        several blocks' products are first summed in a reused float64 buffer. No fresh d×d memory per tensor."""
+        the block product; several blocks' products are first summed in a reused float64 buffer. No fresh d×d memory
+        per tensor."""
         d, w = self.d, self.work
         acc = prod = None
         sqa = torch.zeros(d, dtype=torch.float64)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .engine import (Move, Scratch, check_gauge, check_moves, compare_rows, move_rows, move_tensor, moves_for,
+from .engine import (Move, Scratch, check_gauge, compare_rows, move_rows, move_tensor, moves_for,
                      prepare_kernels, source_names)
 from .errors import GaugeError
 from .filefeatures import CheckpointFiles
@@ -75,10 +75,14 @@ class _Group:
         self.max_abs_b = top if top != top else max(self.max_abs_b, top)             # NaN sticks
 
     def add(self, moved: torch.Tensor, b: torch.Tensor) -> bool:
-        """Fold one block in; True when it is bit-identical."""
+        """Fold one block in (B's magnitudes and the difference); True when it is bit-identical."""
+        self.add_top(max_abs(b))
+        return self.add_diff(moved, b)
+
+    def add_diff(self, moved: torch.Tensor, b: torch.Tensor) -> bool:
+        """Fold one block's largest ``|moved - b|`` in; True when it is bit-identical."""
         same = torch.equal(_bits(moved), _bits(b))
         wide = torch.float64 if b.dtype == torch.float64 else torch.float32
-        self.add_top(max_abs(b))
         if not same:
             diff = (moved.to(wide) - b.to(wide)).abs().max()
             self.max_abs_diff = max(self.max_abs_diff, float(diff) if torch.isfinite(diff) else float("inf"))
@@ -101,22 +105,13 @@ def _compare_2d(g: _Group, a: torch.Tensor, b: torch.Tensor, moves: tuple[Move, 
         g.add_top(_from_bits(fast[1], b.dtype))
         if fast[0]:
             return True
-    check_moves(a, moves)
     step = max(1, CHUNK_BYTES // max(1, w * b.element_size()))
     buf = work.like(a, (min(step, n), w), key="chunk")
     same = True
     for c0 in range(0, n, step):
         c1 = min(n, c0 + step)
         y = move_rows(a, moves, r0 + c0, r0 + c1, buf[: c1 - c0], work)
-        same &= g.add(y, b[c0:c1]) if fast is None else _fold_diff(g, y, b[c0:c1])
-    return same
-
-
-def _fold_diff(g: _Group, moved: torch.Tensor, b: torch.Tensor) -> bool:
-    """``g.add`` without B's magnitudes (already folded in by the kernel)."""
-    top = g.max_abs_b
-    same = g.add(moved, b)
-    g.max_abs_b = top
+        same &= g.add(y, b[c0:c1]) if fast is None else g.add_diff(y, b[c0:c1])    # the kernel took B's magnitudes
     return same
 
 

@@ -272,14 +272,22 @@ def take(src: torch.Tensor, dst: torch.Tensor, rows: Operand | None, cols: Opera
     """``dst`` := rows ``r0:r1`` of the moved ``src`` (module docstring). ``src``/``dst``: contiguous CPU integer
     tensors of one dtype (``dst`` of shape ``[r1 - r0, m]``), the operands' masks in that dtype. ``dst`` may be
     ``src`` only when ``rows`` is ``None``. The caller checks widths (``engine.check_moves``)."""
+    s, m, r1, ops = _gather_operands(src, rows, cols, r1)
+    d = dst.numpy().reshape(-1)
+    _spans(lambda a, b, t: _take_span(s, *ops, d[a * m:], m, r0 + a, r0 + b,
+                                      np.empty(m if ops[1].size else 0, s.dtype)), r1 - r0, _threads(r1 - r0, m))
+    return dst
+
+
+def _gather_operands(src: torch.Tensor, rows: Operand | None, cols: Operand | None, r1: int | None
+                     ) -> tuple[np.ndarray, int, int, tuple[np.ndarray, ...]]:
+    """``(flat src, m, r1, (r, c, rneg, cm0, cm1))`` for the row kernels: ``r`` the row gather (identity when
+    ``rows`` is ``None``), ``r1`` defaulted to the row count."""
     n, m = src.shape
-    r1 = n if r1 is None else r1
-    s, d = src.numpy().reshape(-1), dst.numpy().reshape(-1)
+    s = src.numpy().reshape(-1)
     c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
     r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
-    _spans(lambda a, b, t: _take_span(s, r, c, rneg, cm0, cm1, d[a * m:], m, r0 + a, r0 + b,
-                                      np.empty(m if c.size else 0, s.dtype)), r1 - r0, _threads(r1 - r0, m))
-    return dst
+    return s, m, n if r1 is None else r1, (r, c, rneg, cm0, cm1)
 
 
 def take_equal(src: torch.Tensor, other: torch.Tensor, rows: Operand | None, cols: Operand | None,
@@ -287,17 +295,14 @@ def take_equal(src: torch.Tensor, other: torch.Tensor, rows: Operand | None, col
     """``(moved src rows r0:r1 == other bit for bit, max of other & ~sign bit)`` in one pass, the moved rows never
     written out (for IEEE floats the second is the bits of ``max |other|``). Operands as for ``take``; ``other``:
     ``[r1 - r0, m]``, contiguous, ``src``'s dtype."""
-    n, m = src.shape
-    r1 = n if r1 is None else r1
-    s, o = src.numpy().reshape(-1), other.numpy().reshape(-1)
-    c, rneg, cm0, cm1 = _operands(n, m, s.dtype, rows, cols)
-    r = rows.index if rows is not None else _const("arange", n, np.dtype(np.uint32))
+    s, m, r1, ops = _gather_operands(src, rows, cols, r1)
+    o = other.numpy().reshape(-1)
     mag = np.iinfo(s.dtype).max
     found: list[tuple[np.ndarray, np.ndarray]] = []
 
     def run(a: int, b: int, t: int) -> None:
         acc, top = np.zeros(m, s.dtype), np.zeros(m, s.dtype)
-        _equal_span(s, r, c, rneg, cm0, cm1, o[a * m:], m, r0 + a, r0 + b, np.empty(m if c.size else 0, s.dtype),
+        _equal_span(s, *ops, o[a * m:], m, r0 + a, r0 + b, np.empty(m if ops[1].size else 0, s.dtype),
                     np.empty(m, s.dtype), acc, top, mag)
         found.append((acc, top))
     _spans(run, r1 - r0, _threads(r1 - r0, m))
