@@ -40,6 +40,22 @@ def test_correlation_matches_in_memory(pair, block_bytes: int, max_rows, kernels
     assert torch.allclose(got, want, atol=1e-13, rtol=0)
 
 
+def test_bf16_correlation_sums_in_float32(tmp_path: Path) -> None:
+    """bf16 shards: block products may take bf16 operands (on CPUs with bf16 dot products), but every product is
+    exact and the sums stay float32, so the similarity is the float64 one to float32 precision (bf16 sums would be
+    off by about 1e-3); the process's matmul precision setting is left as it was."""
+    a = tiny_model("qwen2", tie=False, dtype=torch.bfloat16, hidden_size=128, intermediate=192)
+    b = apply_gauge(copy.deepcopy(a), random_gauge(a, seed=5, spaces=("residual",)))
+    a.save_pretrained(tmp_path / "A")
+    b.save_pretrained(tmp_path / "B")
+    want = feature_correlation(*paired_weight_features(copy.deepcopy(a).double(), copy.deepcopy(b).double()))
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    with CheckpointFiles(tmp_path / "A") as fa, CheckpointFiles(tmp_path / "B") as fb:
+        got, _ = residual_correlation(fa, fb)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert (got - want).abs().max() < 1e-6
+
+
 def test_row_blocks_and_selected_rows(pair) -> None:
     tmp, a, _ = pair
     emb = a.model.embed_tokens.weight.detach()
