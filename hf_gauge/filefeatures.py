@@ -135,6 +135,13 @@ class CheckpointFiles:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd, dtype, shape, start + int(info["data_offsets"][0])
 
+    def _by_rows(self, name: str) -> tuple[int, torch.dtype, int, int, list[int], int, int]:
+        """``(fd, dtype, rows, bytes per row, shape of a row, offset, rows per block)`` of a tensor read in row
+        blocks of about ``block_bytes`` (a 0-d tensor is one row)."""
+        fd, dtype, shape, off = self._checked(name)
+        row = math.prod(shape[1:]) * dtype.itemsize
+        return fd, dtype, shape[0] if shape else 1, row, list(shape[1:]), off, max(1, self.block_bytes // max(1, row))
+
     # -- reads -----------------------------------------------------------------------------------------------------
     def _pread(self, fd: int, buf: torch.Tensor, offset: int) -> None:
         view, got = memoryview(buf.numpy()), 0
@@ -157,11 +164,7 @@ class CheckpointFiles:
 
         Blocks live in ``slots`` reused buffers, taken in turn: a block is valid until ``slots`` more are requested.
         """
-        fd, dtype, shape, off = self._checked(name)
-        n = shape[0] if shape else 1
-        row = max(1, math.prod(shape[1:]) * dtype.itemsize)
-        step = max(1, self.block_bytes // row)
-        tail = list(shape[1:])
+        fd, dtype, n, row, tail, off, step = self._by_rows(name)
         if rows is None:
             for j, r0 in enumerate(range(0, n, step)):
                 k = min(n, r0 + step) - r0
@@ -189,10 +192,7 @@ class CheckpointFiles:
         is closed: one block mapped at a time. A view is valid only until then. The shard's size was validated when
         it was opened; a shard truncated afterwards, while mapped, ends the process (SIGBUS), as with safetensors' own
         memory-mapped loading."""
-        fd, dtype, shape, off = self._checked(name)
-        n = shape[0] if shape else 1
-        row = math.prod(shape[1:]) * dtype.itemsize
-        tail = list(shape[1:])
+        fd, dtype, n, row, tail, off, step = self._by_rows(name)
         if not n or not row:
             yield torch.empty([n] + tail, dtype=dtype)
             return
@@ -201,7 +201,7 @@ class CheckpointFiles:
             mm = self._maps.get(path)
             if mm is None:
                 mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        step = n if whole else max(1, self.block_bytes // row)
+        step = n if whole else step
         for r0 in range(0, n, step):
             k = min(n, r0 + step) - r0
             start = off + r0 * row
