@@ -25,3 +25,52 @@ def test_walkthrough_notebook_is_committed_valid_and_executed() -> None:
             assert o.output_type == "stream" and o.name == "stdout", (o.output_type, o.get("name"), c.source[:80])
     text = json.dumps([c.outputs for c in code])
     assert not re.search(r"/(root|home|tmp|work|Users)/", text)
+
+
+def _pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_no_line_over_400_characters() -> None:
+    """README and docs/ are read as text too (terminals, diffs): long narrative belongs in lists, not table cells."""
+    long = [f"{p.relative_to(ROOT)}:{i}: {len(ln)}" for p in _pages()
+            for i, ln in enumerate(p.read_text().splitlines(), 1) if len(ln) > 400]
+    assert long == []
+
+
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def relative_links(text: str) -> list[str]:
+    """The targets of markdown links and images that are not URLs or in-page anchors (code spans skipped)."""
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"`[^`\n]*`", "", text)
+    return [t for t in _LINK.findall(text) if not re.match(r"[a-z][a-z0-9+.-]*:|#", t)]
+
+
+def test_relative_links_point_to_files() -> None:
+    broken = []
+    for page in _pages():
+        for target in relative_links(page.read_text()):
+            path = (page.parent / target.split("#", 1)[0]).resolve()
+            if not path.exists() or ROOT not in path.parents:
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert broken == []
+
+
+def test_link_finder_sees_links_and_skips_code() -> None:
+    text = "[a](docs/x.md) ![f](img.png) [u](https://hf.co) [s](#top) `[c](no.md)`\n```\n[d](no2.md)\n```"
+    assert relative_links(text) == ["docs/x.md", "img.png"]
+
+
+def test_performance_tables_match_the_result_files() -> None:
+    """docs/performance.md's generated tables equal what benchmarks/tables.py makes from benchmarks/results/."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_tables", ROOT / "benchmarks" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    page = (ROOT / "docs" / "performance.md").read_text()
+    assert tables.render(page) == page, "run: python benchmarks/tables.py"
+    stale = page.replace("| **1.20×** |", "| **1.10×** |", 1)          # a hand-edited number is caught
+    assert stale != page and tables.render(stale) == page
