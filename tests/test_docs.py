@@ -74,3 +74,37 @@ def test_performance_tables_match_the_result_files() -> None:
     assert tables.render(page) == page, "run: python benchmarks/tables.py"
     stale = page.replace("| **1.20×** |", "| **1.10×** |", 1)          # a hand-edited number is caught
     assert stale != page and tables.render(stale) == page
+
+
+def _code_block(text: str, after: str, lang: str) -> str:
+    i = text.index(after)
+    start = text.index(f"```{lang}\n", i) + len(lang) + 4
+    return text[start:text.index("```", start)]
+
+
+def test_readme_quickstart_runs(tmp_path: Path, monkeypatch) -> None:
+    """README's Python quickstart, as written, on two tiny gauge-equivalent models named like Hub checkpoints, the
+    push going to the local Hub."""
+    import copy
+    import warnings
+
+    import torch
+    from conftest import VOCAB, tiny_model
+
+    import hf_gauge
+    from hf_gauge.testing import local_hub
+
+    block = _code_block((ROOT / "README.md").read_text(), "## Quickstart", "python")
+    a = tiny_model("llama", seed=0)
+    b = copy.deepcopy(a).apply_gauge(hidden := hf_gauge.random_gauge(a, seed=1))
+    a.config._name_or_path, b.config._name_or_path = "org/base", "org/finetune"
+    v_a = torch.randn(a.config.hidden_size)
+    ns = {"model_a": a, "model_b": b, "input_ids": torch.randint(0, VOCAB, (4, 32)), "v_a": v_a}
+    monkeypatch.chdir(tmp_path)
+    with local_hub() as hub, warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)                     # 128 tokens >= d = 64: no fit warning
+        exec(compile(block, "README.md quickstart", "exec"), ns)
+        assert "org/my-model" in hub.repos
+    assert ns["g"].residual == hidden.residual
+    assert torch.equal(ns["v_b"], v_a)                       # A now lives in B's chart: the last fit is the identity
+    assert (tmp_path / "gauges" / "a2b" / "gauge.safetensors").is_file()
