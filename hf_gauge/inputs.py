@@ -70,7 +70,8 @@ def _resolve_link(path: Path, rel: str, folder: Path, roots: tuple[Path, ...], s
     if not _inside(target, roots) or (inner and inner[0] in skip_dirs):
         raise GaugeError(f"{where} to {target}, outside what hf_gauge reads of the folder; it never reads through "
                          "links that leave an input folder or point into its .git or .cache (a downloaded or cloned "
-                         "folder may hold one to a secret). Replace the link with the file itself, or remove it")
+                         "folder may hold one to a secret). Replace the link with the file itself (a copy or a hard "
+                         "link), or remove it")
     mode = target.stat().st_mode
     if stat.S_ISDIR(mode):
         raise GaugeError(f"{where} to a folder; hf_gauge does not follow links to folders: replace it with the folder")
