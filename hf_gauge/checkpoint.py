@@ -389,10 +389,10 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
     want = gauge.source.get("fingerprint")
     if not want:
         return
-    key = spec.sites.final_norm + ".weight"
     for s in shards:
         raw, header, start = read_header(src / s)
-        if key in header:
+        key = spec.final_norm_key(header)
+        if key is not None:
             info = header[key]
             b, e = info["data_offsets"]
             dtype = _DTYPES.get(info["dtype"])

@@ -496,8 +496,10 @@ def test_find_and_verify_from_checkpoint_files(model_type, tmp_path):
     b.save_pretrained(tmp_path / "b")
     found = hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all")
     _same_gauge(found, g)
+    # the final-norm gain is found under its on-disk name too (EXAONE's transformer.ln_f)
+    assert (found.source["fingerprint"], found.target["fingerprint"]) == (hf_gauge.fingerprint(a), hf_gauge.fingerprint(b))
     rep = verify_files(tmp_path / "a", tmp_path / "b", g)
-    assert rep["ok"] and rep["weights_bit_exact"]
+    assert rep["ok"] and rep["weights_bit_exact"] and rep["fingerprint_match"]
     wrong = random_gauge(a, seed=99, spaces=FULL)
     assert not verify_files(tmp_path / "a", tmp_path / "b", wrong)["ok"]
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 from ..errors import GaugeError
 
@@ -173,6 +173,7 @@ class Sites:
     mlp_in: str | None = None
     attn_out_in: str | None = None
     inputs: Mapping[str, str] = field(default_factory=dict)
+    final_norm_files: tuple[str, ...] = ()   # other names of the final norm's gain in checkpoint files
 
     def __post_init__(self) -> None:
         merged = dict(self.inputs)
@@ -316,6 +317,21 @@ class ArchSpec:
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
                 return old, new
         return "", ""
+
+    def final_norm_key(self, names: Iterable[str]) -> str | None:
+        """The checkpoint tensor among ``names`` that holds the final norm's gain (the fingerprint): the spec's name,
+        one of ``Sites.final_norm_files`` (EXAONE's ``transformer.ln_f.weight``), or either under a bare base
+        model's prefix (``file_alias``); None when absent."""
+        names = list(names)
+        want = {self.sites.final_norm + ".weight", *self.sites.final_norm_files}
+        hit = next((n for n in names if n in want), None)
+        if hit is not None:
+            return hit
+        for n in names:
+            old, new = self.file_alias(n)
+            if (old or new) and new + n[len(old):] in want:
+                return n
+        return None
 
     def rule_for(self, name: str, files: bool = False) -> tuple[Rule, dict[str, str]] | None:
         """The rule covering ``name`` and its placeholder values, or None."""

@@ -15,6 +15,8 @@ scores and need no declaration.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space
 from .decoder import RMSNORM, decoder_rules, gelu_gate, head_dim
 
@@ -107,5 +109,5 @@ GEMMA3 = ArchSpec(
            + _projector("") + _vision_untouched("vision_tower.") + _vision_untouched("vision_tower.vision_model.")),
     dims=head_dim,
     requires=_SANDWICH_REQUIRES,
-    sites=_sites("model.language_model."),
+    sites=replace(_sites("model.language_model."), final_norm_files=("language_model.model.norm.weight",)),
 )
