@@ -4,18 +4,21 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import GaugeError
-from .base import ArchSpec, Axis, Rule, Sites, Space, fill, template_regex
-from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
+from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, fill, template_regex
+from .arcee import ARCEE
+from .cohere import COHERE
+from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt_neox import GPT_NEOX
 from .granite import GRANITE
-from .llama import LLAMA
+from .llama import EXAONE, LLAMA
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .phi3 import PHI3
 from .smollm3 import SMOLLM3
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
-                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                        EXAONE, VAULTGEMMA, ARCEE, COHERE)
                             for mt in spec.model_types}
 
 
@@ -61,4 +64,4 @@ def get_spec(model_or_config_or_type) -> ArchSpec:
     return SPECS[mt]
 
 
-__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "carried", "carried_last", "get_spec", "space_families", "supported_model_types"]
+__all__ = ["ArchSpec", "Axis", "Requires", "Rule", "Sites", "Space", "SPECS", "carried", "carried_last", "get_spec", "space_families", "supported_model_types"]

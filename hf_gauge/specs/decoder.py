@@ -6,7 +6,7 @@ activation is not odd), query heads permute within KV groups and KV groups as wh
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, Axis, Rule, gain, reads, writes
+from .base import UNTOUCHED, Axis, Requires, Rule, gain, reads, writes
 
 MLP = Axis(0, "mlp.{i}")                       # up_proj rows (and bias): signed
 MLP_GATE = Axis(0, "mlp.{i}", signed=False)    # gate_proj rows (and bias): permute only
@@ -14,6 +14,24 @@ MLP_IN = Axis(1, "mlp.{i}")                    # down_proj columns: signed
 Q_ROWS = Axis(0, "attn.{i}", signed=False, block="head_dim")
 KV_ROWS = Axis(0, "attn.{i}", signed=False, block="head_dim", kv=True)
 O_COLS = Axis(1, "attn.{i}", signed=False, block="head_dim")
+
+# Declared config fields (``ArchSpec.requires``), read against each modeling file's MLP and norm.
+SILU_GATE = Requires("hidden_act", ("silu", "swish"),
+                     "the MLP is act(gate_proj x) * up_proj x with the SiLU gate this layout was derived and tested "
+                     "for: unit signs ride on the linear up/down pair only; another activation means another MLP "
+                     "(arcee's relu2 has no gate, and relu2 is not odd, so a unit's sign is no symmetry there)")
+RMSNORM = Requires("rms_norm_eps", (float,),
+                   "RMSNorm does not mean-centre, so every residual sign commutes with it (B_d); a config without "
+                   "rms_norm_eps normalises otherwise (cohere, gpt_neox: a mean-centring LayerNorm, global sign only)")
+
+
+def gelu_gate(field: str) -> Requires:
+    """Gemma's GeGLU: ``field`` names the activation of ``gate_proj`` (``hidden_act`` in Gemma, ``hidden_activation``
+    in Gemma 2/3)."""
+    return Requires(field, ("gelu_pytorch_tanh", "gelu", "gelu_new"),
+                    "the MLP is gelu(gate_proj x) * up_proj x as derived and tested: unit signs ride on the linear "
+                    "up/down pair only; another activation means another MLP")
+
 
 # Task heads on the final residual (``*ForSequenceClassification`` ``score``, ``*ForTokenClassification``
 # ``score``/``classifier``, ``*ForQuestionAnswering`` ``qa_outputs``): linears that read the residual.
@@ -49,6 +67,18 @@ def attention_rules(layer: str, qk_norm: tuple[Axis, ...] | None = None) -> tupl
     )
 
 
+def plain_mlp_rules(layer: str) -> tuple[Rule, ...]:
+    """``down_proj(act(up_proj x))`` without a gate: units permute, never signed (the act is not assumed odd)."""
+    m = layer + "mlp."
+    rows, cols = Axis(0, "mlp.{i}", signed=False), Axis(1, "mlp.{i}", signed=False)
+    return (
+        Rule(m + "up_proj.weight", reads(rows)),
+        Rule(m + "up_proj.bias", (rows,)),
+        Rule(m + "down_proj.weight", writes(cols)),
+        Rule(m + "down_proj.bias", writes()),
+    )
+
+
 def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
     """``act(gate_proj x) * up_proj x`` then ``down_proj``: the act (SiLU, GELU-tanh) is not odd."""
     m = layer + "mlp."
@@ -63,13 +93,13 @@ def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
 
 
 def decoder_rules(prefix: str, norms: tuple[str, ...], qk_norm: tuple[Axis, ...] | None = None,
-                  lm_head: str | None = "lm_head", heads: bool = True) -> tuple[Rule, ...]:
+                  lm_head: str | None = "lm_head", heads: bool = True, gated: bool = True) -> tuple[Rule, ...]:
     """Every rule of a decoder whose body lives under ``prefix`` (``"model."``): embedding, layers with the
-    residual RMSNorm gains ``norms`` (permuted only), final norm, the LM head named ``lm_head`` and (``heads``)
-    the task heads."""
+    residual norm gains ``norms`` (permuted only), final norm, the LM head named ``lm_head`` and (``heads``)
+    the task heads; the MLP is gated (``gated_mlp_rules``) or not (``plain_mlp_rules``)."""
     layer = prefix + "layers.{i}."
     rules = (Rule(prefix + "embed_tokens.weight", reads()),)
-    rules += attention_rules(layer, qk_norm) + gated_mlp_rules(layer)
+    rules += attention_rules(layer, qk_norm) + (gated_mlp_rules(layer) if gated else plain_mlp_rules(layer))
     rules += tuple(Rule(layer + n + ".weight", gain()) for n in norms)
     rules += (Rule(prefix + "norm.weight", gain()),)
     if lm_head:
