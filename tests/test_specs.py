@@ -31,11 +31,12 @@ def test_smollm2_every_parameter_classified(smollm2):
 
 def test_unsupported_model_type_lists_supported():
     from transformers import AutoConfig, AutoModelForCausalLM
-    m = AutoModelForCausalLM.from_config(AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50))
-    with pytest.raises(GaugeError, match="unsupported architecture model_type='gpt2'.*llama.*qwen3"):
+    m = AutoModelForCausalLM.from_config(AutoConfig.for_model("xglm", d_model=32, num_layers=1, attention_heads=2,
+                                                                   vocab_size=50, ffn_dim=64))
+    with pytest.raises(GaugeError, match="unsupported architecture model_type='xglm'.*llama.*qwen3"):
         hf_gauge.random_gauge(m)
     assert "llama" in supported_model_types() and "gpt_neox" in supported_model_types()
-    with pytest.raises(GaugeError, match="unsupported architecture model_type='gpt2'"):
+    with pytest.raises(GaugeError, match="unsupported architecture model_type='xglm'"):
         m.apply_gauge(hf_gauge.Gauge(residual=SignedPermutation.identity(32)))   # the method exists and refuses
 
 
@@ -152,3 +153,47 @@ def test_phi3_fused_projections_move_by_segments():
     kv = h.perm.view(2, 2)[:, 0] // 2
     want = torch.cat([qkv[:4][h.perm], qkv[4:6][kv], qkv[6:][kv]]).reshape(64, 32)
     assert torch.equal(m.state_dict()["model.layers.0.self_attn.qkv_proj.weight"], want)
+
+
+def test_gpt2_conv1d_moves_by_hand():
+    """Conv1D weights are [in, out]: readers' residual rows and writers' residual columns, c_attn's [q | k | v]
+    columns by head blocks, LayerNorm gains permuted and biases signed by the one global sign (checked by hand)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=4, n_inner=24, vocab_size=64, n_positions=16)
+    m = AutoModelForCausalLM.from_config(cfg)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    g = hf_gauge.random_gauge(m, seed=2, spaces="all")
+    r, u, h = g.residual, g["mlp.0"], g["attn.0"]
+    p, s = r.perm, r.sign.float()
+    assert abs(int(r.sign.sum())) == 32                             # S_d x {±1}: one global sign
+    hf_gauge.apply_gauge(m, g)
+    after, L = m.state_dict(), "transformer.h.0."
+    for emb in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(after[emb], before[emb][:, p] * s), emb
+    qkv = before[L + "attn.c_attn.weight"][p] * s[:, None]
+    heads = (h.perm[:, None] * 8 + torch.arange(8)).reshape(-1)
+    assert torch.equal(after[L + "attn.c_attn.weight"], torch.cat([qkv[:, k * 32:(k + 1) * 32][:, heads]
+                                                                   for k in range(3)], 1))
+    assert torch.equal(after[L + "attn.c_proj.weight"], before[L + "attn.c_proj.weight"][heads][:, p] * s)
+    assert torch.equal(after[L + "mlp.c_fc.weight"], before[L + "mlp.c_fc.weight"][p][:, u.perm] * s[:, None])
+    assert torch.equal(after[L + "mlp.c_fc.bias"], before[L + "mlp.c_fc.bias"][u.perm])
+    assert torch.equal(after[L + "mlp.c_proj.weight"], before[L + "mlp.c_proj.weight"][u.perm][:, p] * s)
+    for ln in (L + "ln_1", L + "ln_2", "transformer.ln_f"):
+        assert torch.equal(after[ln + ".weight"], before[ln + ".weight"][p])
+        assert torch.equal(after[ln + ".bias"], before[ln + ".bias"][p] * s)
+
+
+def test_transposed_rules_give_lora_factors_the_conv1d_axes():
+    """PEFT keeps lora_A [r, in] and lora_B [out, r] on a Conv1D ([in, out]): A inherits the weight's axis 0, B its
+    axis 1, a DoRA magnitude [out] the output axis."""
+    spec = SPECS["gpt2"]
+    L = "base_model.model.transformer.h.0."
+    a = axes_for(spec, L + "mlp.c_fc.lora_A.default.weight")
+    assert [(x.axis, x.space, x.signed) for x in a] == [(1, "residual", True)]
+    b = axes_for(spec, L + "mlp.c_fc.lora_B.default.weight")
+    assert [(x.axis, x.space, x.signed) for x in b] == [(0, "mlp.0", False)]
+    b = axes_for(spec, L + "attn.c_proj.lora_B.default.weight")
+    assert [(x.axis, x.space) for x in b] == [(0, "residual")]
+    assert [p.space for p in axes_for(spec, L + "attn.c_attn.lora_B.default.weight")[0].parts()] == ["attn.0"] * 3
+    mag = axes_for(spec, L + "attn.c_proj.lora_magnitude_vector.default.weight")
+    assert [(x.axis, x.space, x.signed) for x in mag] == [(0, "residual", False)]

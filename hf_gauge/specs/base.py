@@ -118,8 +118,13 @@ _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"
 
 @dataclass(frozen=True)
 class Rule:
+    """``pattern``'s tensor and its moving axes. ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``)
+    rather than ``nn.Linear``'s ``[out, in]``; its axes say so already (a reader's residual axis is 0), and the flag
+    tells the LoRA roles which axis PEFT's ``lora_A [r, in]`` and ``lora_B [out, r]`` inherit."""
+
     pattern: str
     axes: tuple[Axis, ...] = ()
+    transposed: bool = False
 
     def compile(self) -> re.Pattern:
         return template_regex(self.pattern)
@@ -264,7 +269,7 @@ class ArchSpec:
         or no alias is covered by a rule."""
         if self.rule_for(name, files=True) is not None:
             return "", ""
-        body = self.sites.layers.rpartition("layers")[0]           # "model." (Llama), "gpt_neox." (Pythia)
+        body = self.sites.layers.split(".")[0] + "."               # "model." (Llama, OPT), "transformer." (GPT-2)
         head, dot, rest = name.partition(".")
         for old, new in (("", body), (head + dot, body)):
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:

@@ -23,6 +23,13 @@ HEAD_RULES: tuple[Rule, ...] = tuple(
 )
 
 
+def layernorm_rules(*paths: str) -> tuple[Rule, ...]:
+    """A LayerNorm ``g * (x - mean x) / std + b`` on the residual at each module path: ``LN(s P x) = s P LN(x)``
+    holds with gain ``P g`` (permuted, never signed) and bias ``s P b`` (signed: only the global flip ``s`` of the
+    residual's S_d x {±1} reaches it)."""
+    return tuple(r for p in paths for r in (Rule(p + ".weight", gain()), Rule(p + ".bias", writes())))
+
+
 def head_dim(config) -> dict[str, int]:
     """``dims`` of a decoder: ``head_dim`` from the config, else hidden_size / num_attention_heads."""
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
