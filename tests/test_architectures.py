@@ -172,7 +172,9 @@ def test_bf16_inverse_bit_exact(model_type):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_every_moved_tensor_is_needed(model_type, ids):
-    """No rule is decorative: leaving any one moved tensor in the old chart changes the logits."""
+    """No rule is decorative: leaving any one moved tensor in the old chart changes the logits, unless the function
+    ignores that tensor's value altogether (a key bias without rotary adds ``q . b_k`` to every score of a row,
+    which softmax drops: OPT)."""
     model = build(model_type)
     ref, before = logits(model, ids), state(model)
     g = random_gauge(model, seed=3, spaces=FULL)
@@ -184,7 +186,9 @@ def test_every_moved_tensor_is_needed(model_type, ids):
     for n in moved:
         with torch.no_grad():
             params[n].copy_(before[n])
-            assert not close(logits(model, ids), ref, 1e-3), f"{n}: its move is not needed?"
+            if close(logits(model, ids), ref, 1e-3):
+                params[n].normal_(generator=torch.Generator().manual_seed(0))
+                assert close(logits(model, ids), ref, 1e-3), f"{n}: its move is not needed?"
             params[n].copy_(after[n])
 
 

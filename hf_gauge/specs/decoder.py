@@ -6,7 +6,9 @@ activation is not odd), query heads permute within KV groups and KV groups as wh
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, Axis, Rule, gain, reads, writes
+from typing import Callable
+
+from .base import UNTOUCHED, Axis, Rule, Space, gain, reads, writes
 
 MLP = Axis(0, "mlp.{i}")                       # up_proj rows (and bias): signed
 MLP_GATE = Axis(0, "mlp.{i}", signed=False)    # gate_proj rows (and bias): permute only
@@ -28,6 +30,17 @@ def layernorm_rules(*paths: str) -> tuple[Rule, ...]:
     holds with gain ``P g`` (permuted, never signed) and bias ``s P b`` (signed: only the global flip ``s`` of the
     residual's S_d x {±1} reaches it)."""
     return tuple(r for p in paths for r in (Rule(p + ".weight", gain()), Rule(p + ".bias", writes())))
+
+
+def layernorm_spaces(mlp_size: Callable[[object], int], mlp_doc: str) -> dict[str, Space]:
+    """The spaces of a LayerNorm decoder with a non-gated MLP ``W2 act(W1 x)`` and heads without KV sharing:
+    residual S_d x {±1}; MLP units permute with no signs (an activation that is not odd, such as GELU or ReLU);
+    heads permute as wholes."""
+    return {
+        "residual": Space(lambda c: c.hidden_size, "global", "residual stream (LayerNorm)", kind="residual"),
+        "mlp.{i}": Space(mlp_size, "none", mlp_doc, kind="units"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
+    }
 
 
 def head_dim(config) -> dict[str, int]:

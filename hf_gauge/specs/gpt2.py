@@ -18,8 +18,8 @@ another chart).
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, reads, segmented, writes
-from .decoder import HEAD_RULES, head_dim, layernorm_rules
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, reads, segmented, writes
+from .decoder import HEAD_RULES, head_dim, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."
@@ -32,19 +32,11 @@ def _inner(c) -> int:
     return c.n_inner or 4 * c.hidden_size
 
 
-def _unit_spaces(mlp: str) -> dict[str, Space]:
-    return {
-        "residual": Space(lambda c: c.hidden_size, "global", "residual stream (LayerNorm)", kind="residual"),
-        "mlp.{i}": Space(_inner, "none", mlp, kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
-    }
-
-
 GPT2 = ArchSpec(
     name="gpt2",
     model_types=("gpt2",),
     norm="layernorm",
-    spaces=_unit_spaces("MLP hidden units of layer i (elementwise activation: no signs)"),
+    spaces=layernorm_spaces(_inner, "MLP hidden units of layer i (GELU: no signs)"),
     rules=(
         Rule(T + "wte.weight", reads()),
         Rule(T + "wpe.weight", reads()),                                   # [n_positions, d]: added to the residual
