@@ -80,7 +80,7 @@ def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | 
     if role == "magnitude":       # DoRA norms: permuted with what they normalise, never signed
         # nn.Linear [out, in]: one norm per output row (axis 0; Conv1D [in, out]: axis 1). nn.Embedding [vocab, d]:
         # PEFT normalises per residual column, so the [d] magnitude follows the embedding's axis 1.
-        src = 1 if base == spec.sites.embed + ".weight" else out
+        src = 1 if base == spec.sites.embed + ".weight" and all(a.axis == 1 for a in axes) else out
         return tuple(_unsigned(a).on(0) for a in axes if a.axis == src)
     raise AssertionError(role)
 

@@ -23,6 +23,9 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
 run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
 
+``ArchSpec.variant`` maps a config to the spec of its layout where one model type has several (OPT with
+``project_in``/``project_out``, or post-LayerNorm blocks); configs without a config (a bare model type) get the base.
+
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
@@ -202,6 +205,9 @@ class ArchSpec:
     sites: Sites
     file_rules: tuple[Rule, ...] = ()
     requires: tuple[Requires, ...] = ()
+    # a config whose layout differs (OPT's projected embeddings, post-LayerNorm blocks) gets the spec this returns
+    # (``hf_gauge.view.spec_for`` resolves it on every path that has a config); None: one layout for every config
+    variant: Callable[[object], "ArchSpec"] | None = None
     # caches, fresh in every instance (also after ``dataclasses.replace``)
     _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for

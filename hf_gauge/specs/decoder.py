@@ -27,6 +27,11 @@ RMSNORM = Requires("rms_norm_eps", (float,),
                    "rms_norm_eps normalises otherwise (cohere, gpt_neox: a mean-centring LayerNorm, global sign only)")
 
 
+LAYERNORM = Requires("layer_norm_epsilon", (float,),
+                     "the blocks' nn.LayerNorm mean-centres, which the S_d x {±1} group and the signed LayerNorm "
+                     "biases are derived for (GPT-2, GPT-Neo, GPT-J configs name its epsilon layer_norm_epsilon)")
+
+
 def gelu_gate(field: str) -> Requires:
     """Gemma's GeGLU: ``field`` names the activation of ``gate_proj`` (``hidden_act`` in Gemma, ``hidden_activation``
     in Gemma 2/3)."""

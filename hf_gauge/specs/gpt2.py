@@ -13,13 +13,15 @@ of ``head_dim`` columns. Heads permute as wholes (no rotary, no KV sharing); the
 every gauge leaves unchanged. MLP ``c_proj(act(c_fc x))``: an elementwise activation (GELU is not odd) admits
 permutations of the units, no signs.
 
-Refused (``requires``): cross-attention (``add_cross_attention``: its keys and values read an encoder's stream,
-another chart).
+Declared fields: ``layer_norm_epsilon`` (the mean-centring ``nn.LayerNorm``) and ``add_cross_attention`` (False:
+cross-attention's keys and values read an encoder's stream, another chart). ``activation_function`` needs no
+declaration (unsigned unit permutations commute with every elementwise activation), nor do the attention-scale
+flags (scores are unchanged by every gauge).
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, reads, segmented, writes
-from .decoder import HEAD_RULES, head_dim, layernorm_rules, layernorm_spaces
+from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, reads, segmented, writes
+from .decoder import HEAD_RULES, LAYERNORM, head_dim, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."
@@ -57,6 +59,9 @@ GPT2 = ArchSpec(
     # older checkpoints store the causal-mask buffers, which transformers ignores on load
     file_rules=(Rule(L + "attn.bias", UNTOUCHED), Rule(L + "attn.masked_bias", UNTOUCHED)),
     dims=head_dim,
+    requires=(LAYERNORM,
+              Requires("add_cross_attention", (False,), "cross-attention's keys and values read an encoder's "
+                       "stream, a chart of another model")),
     sites=Sites(
         layers=T + "h",
         final_norm=T + "ln_f",

@@ -5,11 +5,13 @@ Residual group S_d x {±1} (LayerNorm ``ln_1``, ``ln_2``, ``ln_f``: gains permut
 in every layer: a local layer's sliding window masks positions, the same for every head, so the per-layer attention
 type changes nothing. No attention scale (GPT-Neo omits ``1 / sqrt(head_dim)``): scores are unchanged by every
 gauge either way. MLP ``c_proj(act(c_fc x))``: units permute, no signs (GELU is not odd).
+Declared field: ``layer_norm_epsilon`` (the mean-centring ``nn.LayerNorm``); ``activation_function``,
+``attention_types`` and ``window_size`` need no declaration (elementwise activation, masks shared by every head).
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, reads, writes
-from .decoder import HEAD_RULES, head_dim, layernorm_rules, layernorm_spaces
+from .decoder import HEAD_RULES, LAYERNORM, head_dim, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."
@@ -48,6 +50,7 @@ GPT_NEO = ArchSpec(
     # older checkpoints store the (local / global) causal-mask buffers, which transformers rebuilds on load
     file_rules=(Rule(A + "bias", UNTOUCHED), Rule(A + "masked_bias", UNTOUCHED)),
     dims=head_dim,
+    requires=(LAYERNORM,),
     sites=Sites(layers=T + "h", final_norm=T + "ln_f", embed=T + "wte",
                 inputs={"mlp.{i}": L + "mlp.c_proj", "attn.{i}": A + "out_proj"}),
 )

@@ -5,11 +5,13 @@ biases signed by the global sign). Rotary acts on the first ``rotary_dim`` entri
 pairs (``rotate_every_two``): the pairs lie inside a head, so heads permute as wholes and never inside. No position
 table: ``wte`` is the only embedding. MLP ``fc_out(act(fc_in x))``: units permute, no signs (GELU is not odd).
 ``lm_head.bias`` is indexed by the vocabulary (untouched).
+Declared field: ``layer_norm_epsilon`` (the mean-centring ``nn.LayerNorm``); ``rotary_dim`` (None: the whole head)
+and ``activation_function`` need no declaration (rotary stays inside heads; elementwise activation).
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, reads, writes
-from .decoder import HEAD_RULES, head_dim, layernorm_rules, layernorm_spaces
+from .decoder import HEAD_RULES, LAYERNORM, head_dim, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."
@@ -46,6 +48,7 @@ GPTJ = ArchSpec(
     # older checkpoints store the causal-mask buffers, which transformers ignores on load
     file_rules=(Rule(L + "attn.bias", UNTOUCHED), Rule(L + "attn.masked_bias", UNTOUCHED)),
     dims=head_dim,
+    requires=(LAYERNORM,),
     sites=Sites(layers=T + "h", final_norm=T + "ln_f", embed=T + "wte",
                 inputs={"mlp.{i}": L + "mlp.fc_out", "attn.{i}": L + "attn.out_proj"}),
 )
