@@ -282,3 +282,75 @@ def test_an_omitted_field_takes_the_transformers_class_default():
     assert spec_for(llama) is LLAMA                                   # LlamaConfig's default: silu
     with pytest.raises(GaugeError, match="hidden_act='relu2'"):      # ArceeConfig's default: relu2
         spec_for(arcee, LLAMA)
+
+
+@pytest.mark.parametrize("model_type, buffers", [
+    ("gpt2", ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")),
+    ("gpt_neo", ("h.{i}.attn.attention.bias", "h.{i}.attn.attention.masked_bias")),
+    ("gptj", ("h.{i}.attn.bias", "h.{i}.attn.masked_bias")),
+])
+def test_released_checkpoint_layout_with_mask_buffers(model_type, buffers, tmp_path):
+    """Released GPT-2 / GPT-Neo / GPT-J checkpoints store the base model's names (``h.0...``, no ``transformer.``)
+    and the causal-mask buffers that transformers ignores on load: streaming apply moves the weights as the live
+    model does and copies the buffers unchanged (without their file rules the buffers are refused, never guessed)."""
+    import dataclasses
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+    from test_architectures import build
+    causal = build(model_type)
+    body = getattr(causal, causal.base_model_prefix)
+    tensors = {k: v.contiguous() for k, v in body.state_dict().items()}
+    for i in range(2):
+        tensors[buffers[0].format(i=i)] = torch.tril(torch.ones(1, 1, 32, 32, dtype=torch.bool)).to(torch.uint8)
+        tensors[buffers[1].format(i=i)] = torch.tensor(-1e4)
+    (tmp_path / "src").mkdir()
+    body.config.save_pretrained(tmp_path / "src")
+    save_file(tensors, str(tmp_path / "src" / "model.safetensors"), metadata={"format": "pt"})
+    g = hf_gauge.random_gauge(causal, seed=3, spaces="all")
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for i in range(2):
+        for b in buffers:
+            assert torch.equal(out[b.format(i=i)], tensors[b.format(i=i)])
+    hf_gauge.apply_gauge(body, g)
+    loaded = AutoModel.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    for k, v in body.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    spec = SPECS[model_type]
+    bare = dataclasses.replace(spec, file_rules=())
+    from hf_gauge.engine import moves_for
+    with pytest.raises(GaugeError, match="not covered"):
+        moves_for(bare, causal.config, g, {("transformer." + buffers[0]).format(i=0): 0}, strict=True, files=True)
+
+
+def test_gpt2_double_heads_keep_their_outputs():
+    """GPT2DoubleHeadsModel's multiple-choice head reads the final residual (its summary Linear moves like a task
+    head): LM and multiple-choice logits are preserved; without moving the summary weight they are not."""
+    from transformers import GPT2DoubleHeadsModel
+    from test_architectures import randomize, tiny_config
+    torch.manual_seed(0)
+    m = randomize(GPT2DoubleHeadsModel._from_config(tiny_config("gpt2"), attn_implementation="eager")).eval()
+    ids = torch.randint(0, 127, (2, 3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(ids)
+    g = hf_gauge.random_gauge(m, seed=2, spaces="all")
+    summary = m.multiple_choice_head.summary.weight.detach().clone()
+    hf_gauge.apply_gauge(m, g)
+    with torch.no_grad():
+        out = m(ids)
+        assert (out.logits - ref.logits).abs().max() <= 1e-5 * ref.logits.abs().max()
+        assert (out.mc_logits - ref.mc_logits).abs().max() <= 1e-5 * ref.mc_logits.abs().max()
+        m.multiple_choice_head.summary.weight.copy_(summary)
+        assert (m(ids).mc_logits - ref.mc_logits).abs().max() > 1e-3 * ref.mc_logits.abs().max()
+
+
+@pytest.mark.parametrize("model_type, over, match", [
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention=True.*encoder"),
+    ("opt", {"layer_norm_elementwise_affine": False}, "layer_norm_elementwise_affine=False"),
+    ("opt", {"_remove_final_layer_norm": True}, "_remove_final_layer_norm=True"),
+])
+def test_classic_configs_outside_the_declared_fields_are_refused(model_type, over, match):
+    from test_architectures import build
+    m = build(model_type, **over)
+    with pytest.raises(GaugeError, match=match):
+        hf_gauge.random_gauge(m)
