@@ -321,7 +321,7 @@ class ArchSpec:
         or no alias is covered by a rule."""
         if self.rule_for(name, files=True) is not None:
             return "", ""
-        body = self.sites.layers.split(".")[0] + "."               # "model." (Llama, OPT), "transformer." (GPT-2)
+        body = "".join(self.sites.layers.rpartition(".")[:2])     # "model." (Llama), "transformer." (Falcon)
         head, dot, rest = name.partition(".")
         for old, new in (("", body), (head + dot, body)):
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
