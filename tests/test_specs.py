@@ -376,3 +376,23 @@ def test_tied_classic_families_live_and_from_files(model_type, over, tmp_path, i
     assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
     _same_gauge(hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all"), g)
     assert verify_files(tmp_path / "a", tmp_path / "b", g)["ok"]
+
+
+@pytest.mark.parametrize("model_type, over", [
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True, "reorder_and_upcast_attn": True, "activation_function": "relu"}),
+    ("gpt2", {"scale_attn_weights": False, "n_inner": None}),
+    ("gpt_neo", {"attention_types": [[["local"], 2]], "window_size": 2, "activation_function": "gelu"}),
+    ("gptj", {"rotary_dim": 8}),
+    ("opt", {"enable_bias": False, "activation_function": "gelu"}),
+])
+def test_classic_config_options_the_rules_cover(model_type, over, ids):
+    """Options the specs' docstrings say need no declaration (attention scales, other elementwise activations, the
+    default MLP width, local-only attention, rotary over the whole head, no biases): the function is preserved under
+    a random full gauge and the gauge is recovered from the weights."""
+    import copy
+    from test_architectures import _same_gauge, build, close, logits
+    a = build(model_type, **over)
+    g = hf_gauge.random_gauge(a, seed=6, spaces="all")
+    b = hf_gauge.apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), logits(a, ids))
+    _same_gauge(hf_gauge.find_full_gauge(a, b), g)

@@ -5,7 +5,7 @@ biases signed by the global sign). Rotary acts on the first ``rotary_dim`` entri
 pairs (``rotate_every_two``): the pairs lie inside a head, so heads permute as wholes and never inside. No position
 table: ``wte`` is the only embedding. MLP ``fc_out(act(fc_in x))``: units permute, no signs (GELU is not odd).
 ``lm_head.bias`` is indexed by the vocabulary (untouched).
-Declared field: ``layer_norm_epsilon`` (the mean-centring ``nn.LayerNorm``); ``rotary_dim`` (None: the whole head)
+Declared field: ``layer_norm_epsilon`` (the mean-centring ``nn.LayerNorm``); ``rotary_dim`` (up to the whole head)
 and ``activation_function`` need no declaration (rotary stays inside heads; elementwise activation).
 """
 from __future__ import annotations
