@@ -159,8 +159,10 @@ def test_gpt2_conv1d_moves_by_hand():
     """Conv1D weights are [in, out]: readers' residual rows and writers' residual columns, c_attn's [q | k | v]
     columns by head blocks, LayerNorm gains permuted and biases signed by the one global sign (checked by hand)."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from test_architectures import randomize
     cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=4, n_inner=24, vocab_size=64, n_positions=16)
-    m = AutoModelForCausalLM.from_config(cfg)
+    m = randomize(AutoModelForCausalLM.from_config(cfg))            # random gains and biases: no vacuous check
+    assert all(p.std() > 0 for p in m.parameters())
     before = {k: v.clone() for k, v in m.state_dict().items()}
     g = hf_gauge.random_gauge(m, seed=2, spaces="all")
     r, u, h = g.residual, g["mlp.0"], g["attn.0"]
@@ -174,7 +176,11 @@ def test_gpt2_conv1d_moves_by_hand():
     heads = (h.perm[:, None] * 8 + torch.arange(8)).reshape(-1)
     assert torch.equal(after[L + "attn.c_attn.weight"], torch.cat([qkv[:, k * 32:(k + 1) * 32][:, heads]
                                                                    for k in range(3)], 1))
+    cb = before[L + "attn.c_attn.bias"]
+    assert torch.equal(after[L + "attn.c_attn.bias"], torch.cat([cb[k * 32:(k + 1) * 32][heads] for k in range(3)]))
     assert torch.equal(after[L + "attn.c_proj.weight"], before[L + "attn.c_proj.weight"][heads][:, p] * s)
+    for writer_bias in (L + "attn.c_proj.bias", L + "mlp.c_proj.bias"):
+        assert torch.equal(after[writer_bias], before[writer_bias][p] * s), writer_bias
     assert torch.equal(after[L + "mlp.c_fc.weight"], before[L + "mlp.c_fc.weight"][p][:, u.perm] * s[:, None])
     assert torch.equal(after[L + "mlp.c_fc.bias"], before[L + "mlp.c_fc.bias"][u.perm])
     assert torch.equal(after[L + "mlp.c_proj.weight"], before[L + "mlp.c_proj.weight"][u.perm][:, p] * s)
