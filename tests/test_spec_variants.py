@@ -13,6 +13,7 @@ import torch
 
 import hf_gauge
 from hf_gauge import GaugeError, apply_gauge, random_gauge
+from hf_gauge.engine import move_tensor, moves_for
 from hf_gauge.specs import get_spec
 from hf_gauge.view import ModelView, spec_for
 
@@ -46,10 +47,9 @@ def test_variant_is_resolved_per_config(layout):
     if "projected" in layout:
         assert spec.sites.embed == "model.decoder.project_in"
         with pytest.raises(GaugeError, match="width mismatch"):   # the base layout cannot move p-space tensors
-            hf_gauge.engine.move_tensor(a.model.decoder.embed_tokens.weight.detach(),
-                                        hf_gauge.engine.moves_for(base, a.config, random_gauge(a, seed=1),
-                                                                  {"model.decoder.embed_tokens.weight": 0})
-                                        ["model.decoder.embed_tokens.weight"])
+            name = "model.decoder.embed_tokens.weight"
+            move_tensor(a.model.decoder.embed_tokens.weight.detach(),
+                        moves_for(base, a.config, random_gauge(a, seed=1), {name: 0})[name])
 
 
 def test_logits_preserved_and_inverse_bit_exact(layout, ids):
