@@ -23,6 +23,9 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
 run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
 
+``ArchSpec.variant`` maps a config to the spec of its layout where one model type has several (OPT with
+``project_in``/``project_out``, or post-LayerNorm blocks); configs without a config (a bare model type) get the base.
+
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
@@ -151,8 +154,13 @@ _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"
 
 @dataclass(frozen=True)
 class Rule:
+    """``pattern``'s tensor and its moving axes. ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``)
+    rather than ``nn.Linear``'s ``[out, in]``; its axes say so already (a reader's residual axis is 0), and the flag
+    tells the LoRA roles which axis PEFT's ``lora_A [r, in]`` and ``lora_B [out, r]`` inherit."""
+
     pattern: str
     axes: tuple[Axis, ...] = ()
+    transposed: bool = False
 
     def compile(self) -> re.Pattern:
         return template_regex(self.pattern)
@@ -198,6 +206,9 @@ class ArchSpec:
     sites: Sites
     file_rules: tuple[Rule, ...] = ()
     requires: tuple[Requires, ...] = ()
+    # a config whose layout differs (OPT's projected embeddings, post-LayerNorm blocks) gets the spec this returns
+    # (``hf_gauge.view.spec_for`` resolves it on every path that has a config); None: one layout for every config
+    variant: Callable[[object], "ArchSpec"] | None = None
     # caches, fresh in every instance (also after ``dataclasses.replace``)
     _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for
@@ -311,7 +322,7 @@ class ArchSpec:
         or no alias is covered by a rule."""
         if self.rule_for(name, files=True) is not None:
             return "", ""
-        body = self.sites.layers.rpartition("layers")[0]           # "model." (Llama), "gpt_neox." (Pythia)
+        body = "".join(self.sites.layers.rpartition(".")[:2])     # "model." (Llama), "transformer." (Falcon)
         head, dot, rest = name.partition(".")
         for old, new in (("", body), (head + dot, body)):
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
