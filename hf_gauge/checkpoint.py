@@ -30,8 +30,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .models import gain_fingerprint
-from .specs import get_spec
-from .view import ConfigView
+from .fileconfig import checkpoint_config
 from .jsonio import read_json
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
@@ -425,8 +424,6 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     source fingerprint differs from the checkpoint's (otherwise a warning). ``durable`` fsyncs each shard before
     the final rename (crash-safe on power loss; costs about a third of the time on slow disks).
     """
-    from transformers import AutoConfig
-
     if not isinstance(gauge, Gauge):
         gauge = load_gauge(gauge)
     src = resolve_checkpoint(src_dir, revision=revision, token=token, cache_dir=cache_dir,
@@ -443,29 +440,19 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             raise GaugeError(f"{out} already exists and is not empty; choose a new folder or pass overwrite=True")
         if _inside(src_r, out_r):
             raise GaugeError(f"refusing to replace {out}: the source checkpoint {src} lies inside it")
-    try:
-        config = ConfigView(AutoConfig.from_pretrained(src, trust_remote_code=False))
-    except (OSError, ValueError) as e:
-        raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        raise GaugeError(f"{src} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
-                         "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
-                         "result again")
-    spec = get_spec(config.model_type)
+    if sys.byteorder != "little":
+        raise GaugeError("streaming apply needs a little-endian machine (safetensors stores little-endian data)")
+    shards = _shards(src)
+    headers = {s: read_header(src / s) for s in shards}
+    config, spec = checkpoint_config(src, {n: i for _, h, _ in headers.values() for n, i in h.items()})
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
                          f"{config.model_type!r}")
     check_gauge(spec, config, gauge)
-    if sys.byteorder != "little":
-        raise GaugeError("streaming apply needs a little-endian machine (safetensors stores little-endian data)")
-    shards = _shards(src)
     _check_fingerprint(src, shards, spec, gauge, strict)
 
     from tqdm.auto import tqdm
 
-    headers = {s: read_header(src / s) for s in shards}
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(out)                  # staging folders of killed runs into the same output

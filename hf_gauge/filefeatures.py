@@ -40,9 +40,9 @@ from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
 from .engine import Scratch, axes_for, loaded_kernels, prepare_kernels, resolve_name
 from .errors import GaugeError
 from .features import default_max_rows, invariant_agreement, signed_cosine_
-from .specs import ArchSpec, get_spec
+from .fileconfig import checkpoint_config
+from .specs import ArchSpec
 from .specs.base import fill
-from .view import ConfigView
 
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
@@ -61,17 +61,10 @@ class CheckpointFiles:
     def __init__(self, src: str | os.PathLike, *, revision: str | None = None, label: str = "",
                  block_bytes: int | None = None, **hub: Any) -> None:
         """``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for a Hub id (``resolve_checkpoint``)."""
-        from transformers import AutoConfig
-
         if sys.byteorder != "little":
             raise GaugeError("reading safetensors from files needs a little-endian machine")
         self.folder = resolve_checkpoint(src, revision=revision, **hub)
         self.label = label or str(src)
-        try:
-            self.config = ConfigView(AutoConfig.from_pretrained(self.folder, trust_remote_code=False))
-        except (OSError, ValueError) as e:
-            raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
-        self.spec: ArchSpec = get_spec(self.config)
         self.block_bytes = block_bytes or BLOCK_BYTES
         self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for shard in self._shards():
@@ -81,6 +74,7 @@ class CheckpointFiles:
                 if name in self.entries:
                     raise GaugeError(f"tensor {name!r} appears in two shards of {self.folder}; the checkpoint is corrupt")
                 self.entries[name] = (path, start, info)
+        self.config, self.spec = checkpoint_config(self.folder, {n: e[2] for n, e in self.entries.items()})
         self._scratch = Scratch()
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
