@@ -33,7 +33,7 @@ from .models import gain_fingerprint
 from .fileconfig import checkpoint_config
 from .jsonio import read_json
 
-__all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
+__all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "open_shard", "shard_size", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -209,6 +209,30 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
+def shard_size(header: Mapping[str, dict], start: int) -> int:
+    """The byte size of a shard whose validated header is ``header`` with data starting at ``start``."""
+    return start + max((int(i["data_offsets"][1]) for i in header.values()), default=0)
+
+
+def open_shard(path: Path, size: int | None = None) -> int:
+    """A read-only fd of a shard validated earlier (``read_header``), still ``size`` bytes long (when given).
+
+    A shard deleted, replaced or truncated after validation is a one-line ``GaugeError`` naming it here, before it
+    is read or mapped (a mapped file cut short would end the process with SIGBUS)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise GaugeError(f"cannot open {path}: {e.strerror or e}; the shard was removed or changed after it was "
+                         "validated: re-download the checkpoint") from None
+    have = os.fstat(fd).st_size
+    if size is not None and have != size:
+        os.close(fd)
+        raise GaugeError(f"{path} has {have} bytes but its header was validated for {size}: the shard was "
+                         f"{'truncated' if have < size else 'changed'} after it was validated; re-download the "
+                         "checkpoint")
+    return fd
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the streaming kernel
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,9 +240,13 @@ def _pread_into(fd: int, buf: memoryview, offset: int, name: str) -> None:
     """Fill ``buf`` from ``fd`` at ``offset`` (positional reads: safe beside the writer thread's reads)."""
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as e:
+            raise GaugeError(f"reading {name} failed: {e.strerror or e}; re-download the checkpoint") from None
         if n <= 0:
-            raise GaugeError(f"unexpected end of file in {name}")
+            raise GaugeError(f"unexpected end of file in {name}: the shard was truncated after it was validated; "
+                             "re-download the checkpoint")
         got += n
 
 
@@ -324,7 +352,8 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
     chunk_bytes = chunk_bytes or _CHUNK_BYTES
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     sources = sources or {}
-    with open(src, "rb") as fin, open(dst, "wb") as fout, contextlib.ExitStack() as others:
+    fd = open_shard(src, shard_size(header, start))
+    with open(fd, "rb") as fin, open(dst, "wb") as fout, contextlib.ExitStack() as others:
         shard, writer = _MappedShard(fin), _Writer()
         opened: dict[Path, BinaryIO] = {}
         try:
@@ -352,7 +381,7 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                                          f"{sname!r}, which has another dtype or shape; the checkpoint's "
                                          "experts differ in shape and cannot be permuted")
                     if path not in opened:
-                        opened[path] = others.enter_context(open(path, "rb"))
+                        opened[path] = others.enter_context(open(open_shard(path), "rb"))
                     sb, se = sinfo["data_offsets"]
                     t = _read_tensor(opened[path], sstart + sb, se - sb, dtype, info["shape"])
                 else:
@@ -398,7 +427,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise GaugeError(f"{src / s}: {key} has dtype {info['dtype']}, which hf_gauge cannot read")
-            with open(src / s, "rb") as f:
+            with open(open_shard(src / s, shard_size(header, start)), "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, dtype, info["shape"])
             have = gain_fingerprint(gain)
             if have != want:
