@@ -30,8 +30,8 @@ from .engine import axes_for, resolve_name
 from .errors import GaugeError
 from .view import ModelView
 
-__all__ = ["WeightFeatures", "default_max_rows", "rows_cap", "paired_weight_features", "feature_correlation", "signed_cosine_",
-           "invariant_agreement", "match_residual_from_weights"]
+__all__ = ["WeightFeatures", "default_max_rows", "rows_cap", "paired_weight_features", "feature_correlation",
+           "signed_cosine_", "invariant_agreement", "match_residual_from_weights"]
 
 
 @dataclass

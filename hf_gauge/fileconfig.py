@@ -54,24 +54,26 @@ class _Fields:
 class _Reads(ConfigView):
     """A ``ConfigView`` that records the config fields each computation reads (for the error message)."""
 
-    log: dict[str, Any]
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.log: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:
             value = super().__getattr__(name)
         except AttributeError:
-            self.__dict__.setdefault("log", {})[name] = "<missing>"
+            self.log[name] = "<missing>"
             raise
-        self.__dict__.setdefault("log", {})[name] = value
+        self.log[name] = value
         return value
 
     def get(self, name: str, default: Any = None) -> Any:
         value = super().get(name, default)
-        self.__dict__.setdefault("log", {})[name] = value
+        self.log[name] = value
         return value
 
     def fields(self) -> str:
-        return ", ".join(f"{k}={v!r}"[:80] for k, v in self.__dict__.get("log", {}).items()) or "no field"
+        return ", ".join(f"{k}={v!r}"[:80] for k, v in self.log.items()) or "no field"
 
 
 _DEFERRED = object()
@@ -79,7 +81,7 @@ _DEFERRED = object()
 
 def _call(view: _Reads, fn: Callable[[Any], Any], what: str, where: str, deferred: bool) -> Any:
     """``fn(view)``; ``_DEFERRED`` when a field is missing and ``deferred`` (transformers fills it in step 2)."""
-    view.__dict__["log"] = {}
+    view.log = {}
     try:
         return fn(view)
     except GaugeError as e:
@@ -208,9 +210,9 @@ def _check_axis(spec: ArchSpec, view: _Reads, sizes: dict[str, int], name: str, 
                                                for p in a.parts()) if k in known)
         if any(p.kv for p in a.parts()):
             src += f"; grouped by num_key_value_heads={view.get('num_key_value_heads')!r}"
-        raise GaugeError(f"{where}: width mismatch: tensor {name!r} has shape {shape}, but the config makes its axis {a.axis} "
-                         f"{want} entries ({src or 'spaces ' + ', '.join(a.spaces)}); the config does not describe "
-                         "these weights: re-download the checkpoint")
+        raise GaugeError(f"{where}: width mismatch: tensor {name!r} has shape {shape}, but the config makes its "
+                         f"axis {a.axis} {want} entries ({src or 'spaces ' + ', '.join(a.spaces)}); the config does "
+                         "not describe these weights: re-download the checkpoint")
 
 
 def check_config_sizes(spec: ArchSpec, config: Any, tensors: Mapping[str, Mapping[str, Any]], where: str) -> None:

@@ -43,7 +43,8 @@ def read_json(src: Path | bytes, what: str, hint: str = "re-save or re-download 
 
     Refused: unreadable paths (missing, a folder, a symlink loop, no permission, not a regular file), files or bytes
     over 64 MB (files before they are read: ``read_bounded``), invalid UTF-8, invalid JSON, integers beyond Python's
-    digit limit and nesting deeper than 64 levels (so later code never hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
+    digit limit and nesting deeper than 64 levels (so later code never hits ``RecursionError``). ``what`` names the
+    file in the message; ``hint`` says what to do.
     """
     data = bytes(src) if isinstance(src, (bytes, bytearray)) else read_bounded(Path(src), what, hint)
     if len(data) > MAX_JSON_BYTES:
