@@ -29,7 +29,7 @@ import torch
 
 from .activations import PairStats, capture_inputs, token_batches
 from .assign import UnitSlice
-from .engine import axes_for, segment_spans
+from .engine import axes_for, segment_positions
 from .errors import GaugeError
 from .features import match_residual_from_weights
 from .gauge import Gauge, target_space
@@ -98,7 +98,6 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
     config = ConfigView.of(config)
     dims = spec.dims(config)
     rule = spec.space(space).signs
-    sizes = spec.space_sizes(config)
     out: list[UnitSlice] = []
     for name, full in params.items():
         for t, axes in tensor_axes(spec, name, full, files):
@@ -123,8 +122,7 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
             for a, part in unit:
                 y = x
                 if a.segments:
-                    start, n = next((s0, n0) for s0, n0, p0 in segment_spans(spec, config, a, sizes) if p0 is part)
-                    y = y.narrow(a.axis, start, n)
+                    y = y.index_select(a.axis, segment_positions(spec, config, a, part).to(y.device))
                 y = y.movedim(a.axis, 0)
                 n = y.shape[0] // (dims[part.block] if part.block else 1)
                 out.append(UnitSlice(name, y.reshape(n, -1).contiguous(), signed=part.signed and rule == "any",

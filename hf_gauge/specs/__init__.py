@@ -5,17 +5,23 @@ from typing import Callable
 
 from ..errors import GaugeError
 from .base import ArchSpec, Axis, Rule, Sites, Space, fill, template_regex
+from .bloom import BLOOM
+from .falcon import FALCON
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
 from .gpt_neox import GPT_NEOX
 from .granite import GRANITE
 from .llama import LLAMA
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
+from .phi import PHI
 from .phi3 import PHI3
 from .smollm3 import SMOLLM3
+from .stablelm import STABLELM
+from .starcoder2 import STARCODER2
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
-                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE)
+                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM)
                             for mt in spec.model_types}
 
 

@@ -18,6 +18,9 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 - ``segments``: a fused axis made of consecutive parts, each its own ``Axis`` (space, sign rule, block, kv); a part
   with ``space=""`` is never moved and spans ``dims[block]`` entries. Fused ``qkv_proj = [q|k|v]``,
   ``gate_up_proj = [gate|up]``.
+- ``groups``: a fused axis whose parts are interleaved over groups (``segmented(..., groups="kv_heads")``): the axis
+  is ``[group, (part0 chunk | part1 chunk | ...)]``, each part split into ``dims[groups]`` equal consecutive chunks
+  (Falcon's grouped ``query_key_value``: per KV group its query heads, then its key and its value head).
 
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
@@ -66,6 +69,7 @@ class Axis:
     kv: bool = False
     segments: tuple["Axis", ...] = ()
     stack: str | None = None
+    groups: str | None = None
 
     def filled(self, values: Mapping[str, str | int]) -> "Axis":
         return dataclasses.replace(self, space=fill(self.space, values),
@@ -84,9 +88,10 @@ class Axis:
         return tuple(dict.fromkeys(p.space for p in self.parts() if p.space))
 
 
-def segmented(axis: int, *parts: Axis) -> Axis:
-    """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored)."""
-    return Axis(axis, segments=tuple(p.on(axis) for p in parts))
+def segmented(axis: int, *parts: Axis, groups: str | None = None) -> Axis:
+    """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored); with ``groups``
+    (a ``dims`` key) the parts are interleaved over that many groups: ``[group, (part0 | part1 | ...) chunk]``."""
+    return Axis(axis, segments=tuple(p.on(axis) for p in parts), groups=groups)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,9 @@ class Space:
     chart (A's expert ``e``): under ``moe.i = sigma``, B's expert ``k`` is A's expert ``sigma.perm[k]`` moved by
     ``experts.i.<sigma.perm[k]>``. Composition and inverse follow this wreath-product law (``Gauge.__matmul__``),
     stacked axes over ``{e}`` move the slices, and checkpoint tensors named with ``{e}`` are renamed.
+
+    ``when`` (config -> bool): the space exists only for configs where it holds; elsewhere the model has no such
+    space (its axes never move): Falcon's heads under ALiBi, whose slopes are fixed by head index.
 
     ``ranges`` gives each placeholder's count from the config (default: ``{i}`` -> number of layers). ``per_layer``
     is the legacy flag (a template with ``{i}`` is per layer anyway). ``kind=None`` is filled by the spec: residual
@@ -111,6 +119,7 @@ class Space:
     kind: str | None = None
     ranges: Mapping[str, Callable[[object], int]] = field(default_factory=dict)
     carried_by: Mapping[str, str] = field(default_factory=dict)
+    when: Callable[[object], bool] | None = None
 
 
 _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
@@ -243,6 +252,8 @@ class ArchSpec:
         """Every concrete space (placeholders over their config ranges, in declaration order) and its size."""
         out: dict[str, int] = {}
         for tmpl, sp in self.spaces.items():
+            if sp.when is not None and not sp.when(config):
+                continue
             names = [tmpl]
             for ph, count in sp.ranges.items():
                 names = [fill(n, {ph: k}) for n in names for k in range(int(count(config)))]
@@ -264,7 +275,7 @@ class ArchSpec:
         or no alias is covered by a rule."""
         if self.rule_for(name, files=True) is not None:
             return "", ""
-        body = self.sites.layers.rpartition("layers")[0]           # "model." (Llama), "gpt_neox." (Pythia)
+        body = "".join(self.sites.layers.rpartition(".")[:2])     # "model." (Llama), "transformer." (Falcon)
         head, dot, rest = name.partition(".")
         for old, new in (("", body), (head + dot, body)):
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
