@@ -30,8 +30,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .models import gain_fingerprint
-from .specs import get_spec
-from .view import ConfigView
+from .view import ConfigView, spec_for
 from .jsonio import read_json
 
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
@@ -453,7 +452,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         raise GaugeError(f"{src} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
                          "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
                          "result again")
-    spec = get_spec(config.model_type)
+    spec = spec_for(config)
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
                          f"{config.model_type!r}")

@@ -40,9 +40,9 @@ from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
 from .engine import Scratch, axes_for, loaded_kernels, prepare_kernels, resolve_name
 from .errors import GaugeError
 from .features import default_max_rows, invariant_agreement, signed_cosine_
-from .specs import ArchSpec, get_spec
+from .specs import ArchSpec
 from .specs.base import fill
-from .view import ConfigView
+from .view import ConfigView, spec_for
 
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
@@ -71,7 +71,7 @@ class CheckpointFiles:
             self.config = ConfigView(AutoConfig.from_pretrained(self.folder, trust_remote_code=False))
         except (OSError, ValueError) as e:
             raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
-        self.spec: ArchSpec = get_spec(self.config)
+        self.spec: ArchSpec = spec_for(self.config)
         self.block_bytes = block_bytes or BLOCK_BYTES
         self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
         for shard in self._shards():

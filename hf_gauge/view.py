@@ -12,7 +12,7 @@ prefix, ``*ForQuestionAnswering`` keeps its body under ``transformer``) or has a
 from __future__ import annotations
 
 import re
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Iterator
 
 import torch
@@ -20,7 +20,7 @@ import torch
 from .errors import GaugeError
 from .specs import SPECS, ArchSpec, get_spec
 
-__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "unwrap", "resolve_name"]
+__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "spec_for", "unwrap", "resolve_name"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -125,6 +125,45 @@ class ConfigView:
         return int(self.intermediate_size)
 
 
+_UNSET = object()
+
+
+@cache
+def _class_default(model_type: str | None, field: str) -> Any:
+    """The value the transformers config class of ``model_type`` gives ``field`` when a config omits it (its text
+    config for a composite model); None when the class has no such field or transformers has no such model type."""
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        return None
+    try:
+        view = ConfigView(CONFIG_MAPPING[model_type]())
+    except Exception:                          # a config class that cannot be built bare: no default known
+        return None
+    return getattr(view.text, field, None)
+
+
+def spec_for(config: Any, spec: ArchSpec | None = None) -> ArchSpec:
+    """The spec of ``config`` (``spec``, or the one registered for its model type) after checking the config
+    against the spec's ``requires``: every path that has a config (live models through ``ModelView``, checkpoint
+    folders, transported objects) resolves its spec here. Fields are read through ``ConfigView`` (a composite config
+    reads its text config); a field the config omits takes its transformers class default. ``GaugeError`` names
+    the field, its value and what the spec supports."""
+    cfg = ConfigView.of(config)
+    spec = spec or get_spec(cfg.model_type)
+    if not cfg.known or not spec.requires:
+        return spec
+
+    def read(field: str) -> Any:
+        value = getattr(cfg.text, field, _UNSET)
+        return _class_default(cfg.model_type, field) if value is _UNSET else value
+
+    reason = spec.refusal(read, cfg.model_type)
+    if reason is not None:
+        raise GaugeError(reason)
+    return spec
+
+
 def unwrap(model: Any) -> torch.nn.Module:
     """The transformers model under PEFT, torch.compile, DDP/accelerate wrappers."""
     if isinstance(model, ModelView):
@@ -189,7 +228,7 @@ class ModelView:
     def __init__(self, module: torch.nn.Module, spec: ArchSpec | None = None) -> None:
         self.module = module                       # parameter and module names are the spec's (see ``unwrap``)
         self.config = ConfigView(module.config)
-        self.spec = spec or get_spec(self.config.model_type)
+        self.spec = spec_for(self.config, spec)
 
     @classmethod
     def of(cls, model: Any) -> "ModelView":

@@ -152,3 +152,88 @@ def test_phi3_fused_projections_move_by_segments():
     kv = h.perm.view(2, 2)[:, 0] // 2
     want = torch.cat([qkv[:4][h.perm], qkv[4:6][kv], qkv[6:][kv]]).reshape(64, 32)
     assert torch.equal(m.state_dict()["model.layers.0.self_attn.qkv_proj.weight"], want)
+
+
+# --------------------------------------------------------------------------------------------- declared config fields
+def _tiny(model_type: str, **over):
+    """A tiny random model of a transformers family, registered or not (llama-sized, see tiny_configs.json)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from test_architectures import TINY, randomize
+    kw = dict(TINY["_common"])
+    torch.manual_seed(0)
+    cfg = AutoConfig.for_model(model_type, **{**kw, **over})
+    return randomize(AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")).eval()
+
+
+def test_requires_admits_values_types_and_absence():
+    from hf_gauge.specs import Requires
+    flag = Requires("mlp_bias", (False,), "why")
+    assert flag.admits(False) and not flag.admits(0) and not flag.admits(True) and not flag.admits(None)
+    eps = Requires("rms_norm_eps", (float,), "why")
+    assert eps.admits(1e-6) and not eps.admits(None) and not eps.admits(True) and not eps.admits("1e-6")
+    layers = Requires("mlp_only_layers", ([], None), "why")
+    assert layers.admits([]) and layers.admits(None) and not layers.admits([1])
+    assert eps.describe() == "any float" and layers.describe() == "[] or absent"
+
+
+@pytest.mark.parametrize("model_type", sorted(SPECS))
+def test_every_spec_declares_fields_its_tiny_config_meets(model_type):
+    from hf_gauge.view import spec_for
+    from test_architectures import tiny_config
+    spec = SPECS[model_type]
+    assert spec.requires, f"{model_type}: declare the config fields the group depends on (ArchSpec.requires)"
+    assert spec_for(tiny_config(model_type)) is spec
+
+
+@pytest.mark.parametrize("model_type, field, shown", [("arcee", "hidden_act", "'relu2'"),
+                                                      ("cohere", "rms_norm_eps", "absent")])
+def test_llama_spec_forced_on_another_mlp_or_norm_is_refused(model_type, field, shown, monkeypatch, ids):
+    """arcee (gateless ReLU² MLP) and cohere (mean-centring LayerNorm) use llama's parameter names: every name is
+    covered, so only the declared fields can tell. Without them the gauge is silently wrong; with them, refused."""
+    from dataclasses import replace
+    from hf_gauge.specs.llama import LLAMA
+    model = _tiny(model_type)
+    ref = model(ids).logits
+    monkeypatch.setitem(SPECS, model_type, replace(LLAMA, model_types=(model_type,), requires=()))
+    hf_gauge.apply_gauge(model, hf_gauge.random_gauge(model, seed=3, spaces="all"))
+    err = (model(ids).logits - ref).abs().max() / ref.abs().max()
+    assert err > 0.1, err                                             # what the declaration prevents
+    monkeypatch.setitem(SPECS, model_type, replace(LLAMA, model_types=(model_type,)))
+    with pytest.raises(GaugeError, match=rf"model_type='{model_type}' has {field}={shown}, but the 'llama' spec "):
+        hf_gauge.random_gauge(model)
+    from hf_gauge.view import ModelView, unwrap
+    with pytest.raises(GaugeError, match=field):
+        ModelView(unwrap(model), spec=LLAMA)
+
+
+def test_llama_named_checkpoint_with_a_gateless_mlp_is_refused(tmp_path):
+    """An arcee checkpoint whose config.json says model_type llama: refused from files too (streaming apply, reading
+    checkpoint files, transport with the config), naming the field."""
+    import json
+    from hf_gauge.filefeatures import CheckpointFiles
+    from hf_gauge.transport._io import spec_and_config
+    from transformers import AutoConfig
+    model = _tiny("arcee")
+    model.save_pretrained(tmp_path / "src")
+    cfg_path = tmp_path / "src" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    g = hf_gauge.Gauge(residual=SignedPermutation.identity(32), source={"model_type": "llama"})
+    with pytest.raises(GaugeError, match="hidden_act='relu2'.*'llama' spec supports hidden_act = 'silu' or 'swish'"):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(GaugeError, match="hidden_act='relu2'"):
+        CheckpointFiles(tmp_path / "src")
+    with pytest.raises(GaugeError, match="hidden_act='relu2'"):
+        spec_and_config(g, config=AutoConfig.from_pretrained(tmp_path / "src"))
+
+
+def test_an_omitted_field_takes_the_transformers_class_default():
+    from transformers import AutoConfig
+    from hf_gauge.specs.llama import LLAMA
+    from hf_gauge.view import spec_for
+    llama, arcee = AutoConfig.for_model("llama"), AutoConfig.for_model("arcee")
+    del llama.hidden_act, arcee.hidden_act
+    assert spec_for(llama) is LLAMA                                   # LlamaConfig's default: silu
+    with pytest.raises(GaugeError, match="hidden_act='relu2'"):      # ArceeConfig's default: relu2
+        spec_for(arcee, LLAMA)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..errors import GaugeError
-from .base import ArchSpec, Axis, Rule, Sites, Space, fill, template_regex
+from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, fill, template_regex
 from .bloom import BLOOM
 from .falcon import FALCON
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
@@ -67,4 +67,4 @@ def get_spec(model_or_config_or_type) -> ArchSpec:
     return SPECS[mt]
 
 
-__all__ = ["ArchSpec", "Axis", "Rule", "Sites", "Space", "SPECS", "carried", "carried_last", "get_spec", "space_families", "supported_model_types"]
+__all__ = ["ArchSpec", "Axis", "Requires", "Rule", "Sites", "Space", "SPECS", "carried", "carried_last", "get_spec", "space_families", "supported_model_types"]

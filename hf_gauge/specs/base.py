@@ -22,6 +22,10 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
   is ``[group, (part0 chunk | part1 chunk | ...)]``, each part split into ``dims[groups]`` equal consecutive chunks
   (Falcon's grouped ``query_key_value``: per KV group its query heads, then its key and its value head).
 
+``ArchSpec.requires`` declares the config fields the spec's group depends on (activation, norm kind, MoE layout):
+``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
+run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
+
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
@@ -122,6 +126,35 @@ class Space:
     when: Callable[[object], bool] | None = None
 
 
+@dataclass(frozen=True)
+class Requires:
+    """A config field the spec's group depends on, the values it supports and why.
+
+    ``allowed`` holds values (compared by ``==``; a bool matches only a bool, so ``0`` is not ``False``) and/or types
+    (any instance admitted: ``(float,)`` for "present, any value"). ``None`` stands for a field that is absent from
+    the config and from its transformers class (or set to None): list it where absence is supported."""
+
+    field: str
+    allowed: tuple
+    why: str
+
+    def admits(self, value: object) -> bool:
+        for a in self.allowed:
+            if isinstance(a, type):
+                if isinstance(value, a) and (a is bool or not isinstance(value, bool)):
+                    return True
+            elif (isinstance(a, bool) or isinstance(value, bool)) and type(a) is not type(value):
+                continue
+            elif value == a:
+                return True
+        return False
+
+    def describe(self) -> str:
+        """``'silu' or 'swish'``; a type reads as ``any float``."""
+        return " or ".join("absent" if a is None else f"any {a.__name__}" if isinstance(a, type) else repr(a)
+                           for a in self.allowed)
+
+
 _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
 
 
@@ -172,6 +205,7 @@ class ArchSpec:
     dims: Callable[[object], dict[str, int]]
     sites: Sites
     file_rules: tuple[Rule, ...] = ()
+    requires: tuple[Requires, ...] = ()
     # caches, fresh in every instance (also after ``dataclasses.replace``)
     _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for
@@ -198,6 +232,18 @@ class ArchSpec:
                     raise GaugeError(f"spec {self.name!r}: carrier {carrier!r} must be a permutation space whose "
                                      f"placeholders all appear in {tmpl!r}")
         object.__setattr__(self, "spaces", spaces)
+
+    def refusal(self, read: Callable[[str], object], model_type: str | None) -> str | None:
+        """The one-line reason a config lies outside ``requires`` (``read(field)`` gives its value, None when
+        absent), or None when every declared field has a supported value."""
+        for req in self.requires:
+            value = read(req.field)
+            if not req.admits(value):
+                shown = "absent" if value is None else repr(value)
+                return (f"model_type={model_type!r} has {req.field}={shown}, but the {self.name!r} spec supports "
+                        f"{req.field} = {req.describe()} only ({req.why}); hf_gauge cannot gauge this config exactly: "
+                        "add a spec for it under hf_gauge/specs/ (docs/adding-an-architecture.md)")
+        return None
 
     @property
     def families(self) -> tuple[str, ...]:

@@ -9,11 +9,14 @@ Attention and final-logit soft-capping act on scores and logits, which every gau
 MLP: GeGLU ``gelu_tanh(gate) * up``; GELU is not odd, so signs act on (up row, down column) only, as for SwiGLU.
 Heads permute within KV groups and KV groups as wholes. Gemma 3's ``q_norm``/``k_norm`` gains are ``[head_dim]``
 vectors shared by every head: untouched by residual and head gauges alike.
+Declared fields: the GeGLU gate's activation (``hidden_act`` in Gemma, ``hidden_activation`` in Gemma 2/3, the field
+each modeling file reads) and ``rms_norm_eps``; soft-capping, ``query_pre_attn_scalar`` and sliding windows act on
+scores and need no declaration.
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space
-from .decoder import decoder_rules, head_dim
+from .decoder import RMSNORM, decoder_rules, gelu_gate, head_dim
 
 _SPACES = {
     "residual": Space(lambda c: c.hidden_size, "any", "residual stream"),
@@ -34,10 +37,12 @@ GEMMA = ArchSpec(
     spaces=_SPACES,
     rules=decoder_rules("model.", ("input_layernorm", "post_attention_layernorm")),
     dims=head_dim,
+    requires=(gelu_gate("hidden_act"), RMSNORM),             # GemmaMLP reads config.hidden_act
     sites=_sites("model."),
 )
 
 _SANDWICH = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+_SANDWICH_REQUIRES = (gelu_gate("hidden_activation"), RMSNORM)   # Gemma2MLP / Gemma3MLP read hidden_activation
 
 GEMMA2 = ArchSpec(
     name="gemma2",
@@ -46,6 +51,7 @@ GEMMA2 = ArchSpec(
     spaces=_SPACES,
     rules=decoder_rules("model.", _SANDWICH),
     dims=head_dim,
+    requires=_SANDWICH_REQUIRES,
     sites=_sites("model."),
 )
 
@@ -56,6 +62,7 @@ GEMMA3_TEXT = ArchSpec(
     spaces=_SPACES,
     rules=decoder_rules("model.", _SANDWICH, qk_norm=None),     # q_norm/k_norm [head_dim]: head space, untouched
     dims=head_dim,
+    requires=_SANDWICH_REQUIRES,
     sites=_sites("model."),
 )
 
@@ -99,5 +106,6 @@ GEMMA3 = ArchSpec(
                            lm_head="language_model.lm_head", heads=False)
            + _projector("") + _vision_untouched("vision_tower.") + _vision_untouched("vision_tower.vision_model.")),
     dims=head_dim,
+    requires=_SANDWICH_REQUIRES,
     sites=_sites("model.language_model."),
 )

@@ -4,10 +4,14 @@ LayerNorm's mean-centring admits only ``Q 1 = ±1``: residual group S_d x {±1} 
 sign flip that also flips every LayerNorm bias: ``LN(s P x) = s P LN(x)`` needs gain ``P g``, bias ``s P b``).
 GELU is not odd: MLP units permute only. The fused query_key_value rows are laid out per head as
 ``[head, (q|k|v), head_dim]``, so a head is a block of ``3 * head_dim`` rows.
+Declared field: ``layer_norm_eps`` (``nn.LayerNorm`` with bias: the mean-centring norm the global-sign group is
+derived for). ``hidden_act`` needs no declaration: unsigned unit permutations commute with every elementwise
+activation. ``use_parallel_residual`` neither: both ``x + attn(ln1 x) + mlp(ln2 x)`` and the sequential form read
+and write the residual through the same rules. ``rotary_pct`` rotates within heads, which permute as wholes.
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, reads, writes
+from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, Space, reads, writes
 from .decoder import HEAD_RULES
 
 L = "gpt_neox.layers.{i}."
@@ -55,6 +59,9 @@ GPT_NEOX = ArchSpec(
         *HEAD_RULES,
     ),
     dims=_dims,
+    requires=(Requires("layer_norm_eps", (float,),
+                       "GPTNeoXLayer's nn.LayerNorm mean-centres, which this spec's S_d x {±1} group and signed "
+                       "LayerNorm biases are derived for"),),
     sites=Sites(
         layers="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",

@@ -14,13 +14,13 @@ each MoE layer i:
 In memory (transformers >= 5) the experts are fused: ``experts.gate_up_proj [E, 2 ff, d]`` (rows ``[gate | up]``)
 and ``experts.down_proj [E, d, ff]``; checkpoint files store one tensor per expert, which ``file_rules`` name
 (Mixtral: ``block_sparse_moe.experts.{e}.w1`` gate, ``w3`` up, ``w2`` down).
-Layers with a dense MLP instead of experts (Qwen ``mlp_only_layers``, ``decoder_sparse_step > 1``) are refused.
+Declared fields: ``hidden_act`` (each expert is ``act(gate) * up``, SiLU) and ``rms_norm_eps``; Qwen's
+``mlp_only_layers`` and ``decoder_sparse_step``, since layers with a dense MLP instead of experts are refused.
 """
 from __future__ import annotations
 
-from ..errors import GaugeError
-from .base import ArchSpec, Axis, Rule, Sites, Space, gain, reads, segmented, writes
-from .decoder import HEAD_RULES, attention_rules, head_dim
+from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, gain, reads, segmented, writes
+from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules, head_dim
 
 L = "model.layers.{i}."
 ROUTER_ROWS = Axis(0, "moe.{i}", signed=False)
@@ -31,17 +31,9 @@ E_DOWN = Axis(1, "experts.{i}.{e}")                    # down columns: signed
 S_GATE, S_UP, S_DOWN = Axis(0, "shared.{i}", signed=False), Axis(0, "shared.{i}"), Axis(1, "shared.{i}")
 
 
-def _sparse_everywhere(config) -> None:
-    if list(getattr(config, "mlp_only_layers", None) or []) or int(getattr(config, "decoder_sparse_step", 1) or 1) != 1:
-        raise GaugeError(f"this {config.model_type} config mixes dense and MoE layers (mlp_only_layers="
-                         f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step="
-                         f"{getattr(config, 'decoder_sparse_step', None)}); hf_gauge supports MoE models whose every "
-                         "layer routes to experts")
-
-
-def _qwen_experts(config) -> int:
-    _sparse_everywhere(config)
-    return config.num_experts
+_EVERY_LAYER_SPARSE = "this config mixes dense and MoE layers; hf_gauge supports MoE models whose every layer routes to experts"
+QWEN_SPARSE = (Requires("mlp_only_layers", ([], (), None), _EVERY_LAYER_SPARSE),
+               Requires("decoder_sparse_step", (1,), _EVERY_LAYER_SPARSE))
 
 
 def _spaces(n_experts, expert_size, shared: bool) -> dict[str, Space]:
@@ -102,17 +94,20 @@ def _sites(shared: bool) -> Sites:
     return Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens", inputs=inputs)
 
 
-def moe_spec(name: str, n_experts, expert_size, shared: bool, on_disk: tuple[str, str, str, str]) -> ArchSpec:
-    """An MoE decoder's spec: experts counted and sized by the config callables, ``shared`` expert or not, and
-    ``on_disk`` = (block, gate, up, down) names of the per-expert checkpoint tensors."""
+def moe_spec(name: str, n_experts, expert_size, shared: bool, on_disk: tuple[str, str, str, str],
+             requires: tuple[Requires, ...] = ()) -> ArchSpec:
+    """An MoE decoder's spec: experts counted and sized by the config callables, ``shared`` expert or not,
+    ``on_disk`` = (block, gate, up, down) names of the per-expert checkpoint tensors, and ``requires`` beyond the
+    SiLU gate and RMSNorm."""
     return ArchSpec(name=name, model_types=(name,), norm="rmsnorm",
                     spaces=_spaces(n_experts, expert_size, shared), rules=_rules(shared),
-                    file_rules=_file_rules(*on_disk), dims=head_dim, sites=_sites(shared))
+                    file_rules=_file_rules(*on_disk), dims=head_dim, sites=_sites(shared),
+                    requires=(SILU_GATE, RMSNORM) + requires)
 
 
 MIXTRAL = moe_spec("mixtral", lambda c: c.num_local_experts, lambda c: c.intermediate_size, False,
                    ("block_sparse_moe", "w1", "w3", "w2"))
-QWEN2_MOE = moe_spec("qwen2_moe", _qwen_experts, lambda c: c.moe_intermediate_size, True,
-                     ("mlp", "gate_proj", "up_proj", "down_proj"))
-QWEN3_MOE = moe_spec("qwen3_moe", _qwen_experts, lambda c: c.moe_intermediate_size, False,
-                     ("mlp", "gate_proj", "up_proj", "down_proj"))
+QWEN2_MOE = moe_spec("qwen2_moe", lambda c: c.num_experts, lambda c: c.moe_intermediate_size, True,
+                     ("mlp", "gate_proj", "up_proj", "down_proj"), QWEN_SPARSE)
+QWEN3_MOE = moe_spec("qwen3_moe", lambda c: c.num_experts, lambda c: c.moe_intermediate_size, False,
+                     ("mlp", "gate_proj", "up_proj", "down_proj"), QWEN_SPARSE)

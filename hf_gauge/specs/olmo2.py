@@ -9,11 +9,12 @@ permuted, never signed. The final norm likewise. Residual group B_d.
 heads jointly: the rms over the whole vector is invariant under a permutation of head blocks, and the gain moves
 with its head block. Heads therefore permute (within KV groups, KV groups as wholes) carrying their q/k norm
 blocks; no sign or in-head map is admitted. MLP units (SwiGLU): signed on the (up, down) pair, gate rows permuted.
+Declared fields: ``hidden_act`` (``Olmo2MLP``'s SiLU gate) and ``rms_norm_eps``.
 """
 from __future__ import annotations
 
 from .base import ArchSpec, Axis, Sites, Space
-from .decoder import decoder_rules, head_dim
+from .decoder import RMSNORM, SILU_GATE, decoder_rules, head_dim
 
 OLMO2 = ArchSpec(
     name="olmo2",
@@ -27,6 +28,7 @@ OLMO2 = ArchSpec(
     rules=decoder_rules("model.", ("post_attention_layernorm", "post_feedforward_layernorm"),
                         qk_norm=(Axis(0, "attn.{i}", signed=False, block="head_dim"),)),
     dims=head_dim,
+    requires=(SILU_GATE, RMSNORM),
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 mlp_in="model.layers.{i}.mlp.down_proj", attn_out_in="model.layers.{i}.self_attn.o_proj"),
 )

@@ -3,12 +3,13 @@
 ``qkv_proj`` rows are ``[q (n_heads * head_dim) | k (n_kv * head_dim) | v (n_kv * head_dim)]``: the query segment
 moves with the query-head permutation, the key and value segments with its KV-group reduction. ``gate_up_proj`` rows
 are ``[gate (d_ff) | up (d_ff)]``: both segments move with the MLP-unit permutation, only the up segment is signed
-(SiLU is not odd). Residual group B_d (RMSNorm), as for Llama.
+(SiLU is not odd). Residual group B_d (RMSNorm), as for Llama. Declared fields: ``hidden_act`` (``Phi3MLP``:
+``up * act(gate)`` after splitting ``gate_up_proj``) and ``rms_norm_eps``.
 """
 from __future__ import annotations
 
 from .base import ArchSpec, Axis, Rule, Sites, Space, gain, reads, segmented, writes
-from .decoder import HEAD_RULES
+from .decoder import HEAD_RULES, RMSNORM, SILU_GATE
 
 L = "model.layers.{i}."
 QKV_ROWS = segmented(0,
@@ -51,6 +52,7 @@ PHI3 = ArchSpec(
         *HEAD_RULES,
     ),
     dims=_dims,
+    requires=(SILU_GATE, RMSNORM),
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"mlp.{i}": "model.layers.{i}.mlp.down_proj", "attn.{i}": "model.layers.{i}.self_attn.o_proj"}),
 )

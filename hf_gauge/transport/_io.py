@@ -21,7 +21,7 @@ from ..gauge import check_space_name
 from ..group import SignedPermutation
 from ..kinds import get_kind
 from ..specs import SPECS, ArchSpec, get_spec
-from ..view import ConfigView, unwrap
+from ..view import ConfigView, spec_for, unwrap
 
 GAUGE_RECORD_FILE = "hf_gauge_transport.json"
 
@@ -127,7 +127,7 @@ def spec_and_config(gauge, *, model=None, config=None, model_type: str | None = 
                              "model's head geometry: pass config= (the base model's config) or model= (on the command "
                              "line: --config BASE_FOLDER_OR_CONFIG_JSON)")
         return spec, ConfigView(None, model_type=spec.model_types[0])
-    return spec, ConfigView.of(config)
+    return spec_for(config, spec), ConfigView.of(config)
 
 
 def move_named(moves: dict[str, tuple[Move, ...]], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
