@@ -297,7 +297,8 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     _check_pair(va, vb)
     if spaces is None:
-        spaces = tuple(dict.fromkeys(t.split(".")[0] for t, sp in va.spec.spaces.items() if sp.kind != "residual"))
+        spaces = tuple(dict.fromkeys(s.split(".")[0] for s in va.space_sizes()               # this config's spaces
+                                     if va.spec.space(s).kind != "residual"))
     wanted = _wanted(va, spaces, layers)
     if not wanted:
         raise GaugeError(f"no inner space selected by spaces={tuple(spaces)} and layers={layers}")

@@ -15,12 +15,14 @@ share a slope, for any head count, and a head moved to another index would get a
 ``pretraining_tp > 1`` with ``slow_but_exact`` computes the same sums in slices (the gauge is exact up to float
 order) but calls ``dense_4h_to_h`` through ``F.linear``: its forward hook never fires, so MLP units are then matched
 from weights only.
+Declared field: ``layer_norm_epsilon``. ``apply_residual_connection_post_layernorm``, ``pretraining_tp`` and
+``slow_but_exact`` need no declaration (same chart, same group).
 """
 from __future__ import annotations
 
 from .base import ArchSpec, Rule, Sites, Space, reads, writes
 from .decoder import HEAD_RULES
-from .layernorm import layernorm_rules, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
 
 T = "transformer."
 L = T + "h.{i}."
@@ -48,6 +50,7 @@ BLOOM = ArchSpec(
         *HEAD_RULES,
     ),
     dims=lambda c: {},
+    requires=(layernorm_eps("layer_norm_epsilon"),),
     sites=Sites(layers=T + "h", final_norm=T + "ln_f", embed=T + "word_embeddings",
                 inputs={"mlp.{i}": L + "mlp.dense_4h_to_h"}),
 )

@@ -13,12 +13,16 @@ layouts: ``new_decoder_architecture`` (``num_kv_heads`` groups), multi-query (on
 classic per-head ``[q | k | v]`` (one group per head) — one segmented axis interleaved over
 ``num_key_value_heads`` groups. With ``alibi`` the slopes are fixed by head index and all distinct (see ``bloom.py``),
 so no head permutation is a symmetry: the heads space exists only without ALiBi (``Space.when``).
+Declared field: ``layer_norm_epsilon``. ``new_decoder_architecture``, ``multi_query``, ``num_kv_heads``,
+``parallel_attn``, ``num_ln_in_parallel_attn``, ``bias`` and ``activation`` need no declaration: every combination
+transformers builds is covered by the rules above (tests/test_ln_families.py runs each), and ``alibi`` selects whether
+the heads space exists.
 """
 from __future__ import annotations
 
 from .base import ArchSpec, Rule, Sites, Space, reads, segmented, writes
 from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS
-from .layernorm import layernorm_rules, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
 
 T = "transformer."
 L = T + "h.{i}."
@@ -53,6 +57,7 @@ FALCON = ArchSpec(
         *HEAD_RULES,
     ),
     dims=_dims,
+    requires=(layernorm_eps("layer_norm_epsilon"),),
     sites=Sites(layers=T + "h", final_norm=T + "ln_f", embed=T + "word_embeddings",
                 inputs={"mlp.{i}": L + "mlp.dense_4h_to_h", "attn.{i}": L + "self_attention.dense"}),
 )

@@ -7,12 +7,19 @@ permute only, rows of the up projection (and its bias) with the columns of the d
 """
 from __future__ import annotations
 
-from .base import Axis, Rule, reads, writes
+from .base import Axis, Requires, Rule, reads, writes
 
 LN_GAIN = (Axis(0, "residual", signed=False),)
 LN_BIAS = (Axis(0, "residual"),)              # signed: only a global flip is admitted, and it flips the bias
 UNIT_ROWS = Axis(0, "mlp.{i}", signed=False)
 UNIT_COLS = Axis(1, "mlp.{i}", signed=False)
+
+
+def layernorm_eps(field: str) -> Requires:
+    """The declared field of a family whose residual norms are ``nn.LayerNorm`` with bias (``field`` names its eps):
+    present in every config of the family; a config without it is another model."""
+    return Requires(field, (float,), "the residual norms are nn.LayerNorm with bias, which mean-centre: the "
+                                     "S_d x {±1} group and the signed LayerNorm biases are derived for them")
 
 
 def layernorm_rules(module: str) -> tuple[Rule, ...]:

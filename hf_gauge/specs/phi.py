@@ -6,12 +6,14 @@ by the global sign); the attention ``dense`` and MLP ``fc2`` outputs, both with 
 dimensions of each head: heads permute as wholes (within KV groups, groups as wholes), never inside. The optional
 ``qk_layernorm`` LayerNorms are ``[head_dim]`` gains shared by every head: head space, untouched. ``lm_head`` has a
 bias over the vocabulary: untouched.
+Declared field: ``layer_norm_eps``. ``hidden_act``, ``qk_layernorm`` and ``partial_rotary_factor`` need no declaration:
+units are unsigned, the q/k norms and the rotary part act inside heads, which permute as wholes, for every value.
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads, writes
 from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, head_dim
-from .layernorm import layernorm_rules, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
 
 L = "model.layers.{i}."
 A = L + "self_attn."
@@ -40,6 +42,7 @@ PHI = ArchSpec(
         *HEAD_RULES,
     ),
     dims=head_dim,
+    requires=(layernorm_eps("layer_norm_eps"),),
     sites=Sites(layers="model.layers", final_norm="model.final_layernorm", embed="model.embed_tokens",
                 inputs={"mlp.{i}": L + "mlp.fc2", "attn.{i}": A + "dense"}),
 )

@@ -11,12 +11,15 @@ wholes; the optional q/k/v biases (``use_qkv_bias``) move with their head blocks
 a module per head). A head permutation would have to carry each head's norm module to the head's new index (a
 rename of parameters, which the live engine does not do), so under ``qk_layernorm`` the heads space is not declared
 (``Space.when``): the residual and MLP spaces stay exact, the norms live in head space and never move.
+Declared field: ``layer_norm_eps``. ``hidden_act`` (the gate's activation: unit signs ride on the linear up/down pair
+for any gate activation), ``use_parallel_residual``, ``use_qkv_bias``, ``partial_rotary_factor`` need no declaration;
+``qk_layernorm`` selects whether the heads space exists.
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads
 from .decoder import HEAD_RULES, attention_rules, gated_mlp_rules
-from .layernorm import layernorm_rules
+from .layernorm import layernorm_eps, layernorm_rules
 
 L = "model.layers.{i}."
 A = L + "self_attn."
@@ -49,6 +52,7 @@ STABLELM = ArchSpec(
         *HEAD_RULES,
     ),
     dims=_dims,
+    requires=(layernorm_eps("layer_norm_eps"),),
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"mlp.{i}": L + "mlp.down_proj", "attn.{i}": A + "o_proj"}),
 )

@@ -6,12 +6,14 @@ only: ``act`` is elementwise and not odd, and no gate carries a sign (any elemen
 permutations exact, so the group does not depend on it). Heads permute as wholes (rotary acts inside a head) within
 KV groups, KV groups as wholes. ``use_bias`` only adds biases: q/k/v biases live in head space (moved with the head
 blocks), ``o_proj``/``c_proj`` biases write the residual.
+Declared field: ``norm_epsilon`` (the LayerNorms). ``hidden_act`` and ``use_bias`` need no declaration: unsigned unit
+permutations commute with any elementwise activation, and biases only add tensors that have rules.
 """
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads
 from .decoder import HEAD_RULES, attention_rules, head_dim
-from .layernorm import layernorm_rules, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
 
 L = "model.layers.{i}."
 
@@ -36,6 +38,7 @@ STARCODER2 = ArchSpec(
         *HEAD_RULES,
     ),
     dims=head_dim,
+    requires=(layernorm_eps("norm_epsilon"),),
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"mlp.{i}": L + "mlp.c_proj", "attn.{i}": L + "self_attn.o_proj"}),
 )
