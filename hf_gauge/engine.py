@@ -266,13 +266,15 @@ def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
     raise GaugeError(f"spec {spec.name!r}: no space gives a range for the stacked placeholder {{{placeholder}}}")
 
 
-def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool = False) -> dict[str, str]:
+def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool = False, config=None
+                 ) -> dict[str, str]:
     """``{name: source name}`` of the tensors a gauge renames: names with a carried placeholder (``{e}`` of
-    ``experts.{i}.{e}.up_proj.weight`` in checkpoint files) under a carrier permutation ``sigma`` (``moe.{i}``) hold,
-    at ``e = k``, the moved tensor of ``e = sigma.perm[k]``. Names kept are absent."""
-    carriers = spec.carriers
+    ``experts.{i}.{e}.up_proj.weight`` in checkpoint files under a carrier permutation ``sigma`` (``moe.{i}``); ``{h}``
+    of a rule's ``carried`` axis) hold, at ``e = k``, the moved tensor of ``e = sigma.perm[k]``. Names kept are
+    absent. ``config`` is needed where a carried axis is ``kv`` (its space's reduction)."""
+    carriers = {ph: Axis(0, tmpl) for ph, tmpl in spec.carriers.items()}
     out: dict[str, str] = {}
-    if not carriers:
+    if not carriers and not any(r.carried for _, r in spec.compiled(files)):
         return out
     for n in names:
         old, new = spec.file_alias(n) if files else ("", "")
@@ -280,12 +282,21 @@ def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool
         if hit is None:
             continue
         rule, values = hit
-        for ph, tmpl in carriers.items():
-            el = gauge.spaces.get(fill(tmpl, values)) if ph in values else None
-            if el is not None and not el.is_identity:
-                src = old + fill(rule.pattern, {**values, ph: int(el.perm[int(values[ph])])})[len(new):]
-                if src != n:
-                    out[n] = src
+        src_values = dict(values)
+        for ph, a in {**carriers, **rule.carried}.items():
+            space = fill(a.space, values) if ph in values else None
+            el = gauge.spaces.get(space) if space else None
+            if el is None or el.is_identity:
+                continue
+            perm = el.perm
+            if a.kv:
+                if config is None:
+                    raise GaugeError(f"renaming {n!r} by a KV-head permutation needs the model's config")
+                perm = get_kind(spec.space(space).kind).reduce(el, ConfigView.of(config))
+            src_values[ph] = str(int(perm[int(values[ph])]))
+        src = old + fill(rule.pattern, src_values)[len(new):]
+        if src != n:
+            out[n] = src
     return out
 
 

@@ -27,8 +27,8 @@ VARIANTS = [
                     parallel_attn=False, bias=False)),                                       # sequential, no bias
     ("falcon", dict(new_decoder_architecture=False, alibi=True)),                            # ALiBi: no heads space
     ("falcon", dict(num_ln_in_parallel_attn=1)),                                             # one LN, grouped qkv
-    ("stablelm", dict(use_parallel_residual=True, num_key_value_heads=2, use_qkv_bias=False)),
-    ("stablelm", dict(qk_layernorm=True)),                                                   # per-head q/k norms
+    ("stablelm", dict(use_parallel_residual=True, qk_layernorm=False, use_qkv_bias=False)),
+    ("stablelm", dict(num_key_value_heads=1)),                                               # MQA: one k norm
     ("phi", dict(qk_layernorm=False)),
     ("bloom", dict(apply_residual_connection_post_layernorm=True, num_attention_heads=4, hidden_size=32)),
     ("starcoder2", dict(use_bias=False)),
@@ -108,12 +108,10 @@ def _head_swap_by_hand(model, spec, layer: int = 0) -> None:
 
 
 @pytest.mark.parametrize("model_type,over", [("falcon", dict(new_decoder_architecture=False, alibi=True)),
-                                             ("bloom", {}), ("stablelm", dict(qk_layernorm=True))],
-                         ids=["falcon-alibi", "bloom", "stablelm-qk_layernorm"])
-def test_pinned_heads_have_no_space_and_moving_them_breaks(model_type, over, ids):
-    """ALiBi (fixed slope per head index) and StableLM's per-head q/k LayerNorm modules pin the heads: the model has
-    no heads space (a gauge naming one is refused), and swapping two heads' projection blocks anyway changes the
-    logits."""
+                                             ("bloom", {})], ids=["falcon-alibi", "bloom"])
+def test_alibi_heads_have_no_space_and_moving_them_breaks(model_type, over, ids):
+    """ALiBi (a fixed slope per head index) pins the heads: the model has no heads space (a gauge naming one is
+    refused), and swapping two heads' projection blocks anyway changes the logits."""
     model = build(model_type, **over)
     assert not any(s.startswith("attn.") for s in hf_gauge.gauge_spaces(model))
     with pytest.raises(GaugeError, match="lacks"):
@@ -136,12 +134,44 @@ def test_pinned_heads_have_no_space_and_moving_them_breaks(model_type, over, ids
     assert not close(logits(model, ids), ref, 1e-3)
 
 
-def test_stablelm_heads_without_per_head_norms_permute(ids):
-    """The same swap without ``qk_layernorm`` is a symmetry (what the pinned test's failure is due to)."""
-    model = build("stablelm", num_key_value_heads=4)
-    ref = logits(model, ids)
-    apply_gauge(model, Gauge(spaces={"attn.0": SignedPermutation([1, 0, 2, 3])}))
+def _qk_norms(model, layer: int = 0) -> dict[str, list[torch.Tensor]]:
+    a = model.model.layers[layer].self_attn
+    return {qk: [n.weight.detach().clone() for n in getattr(a, f"{qk}_layernorm").norms] for qk in "qk"}
+
+
+def test_stablelm_per_head_norms_follow_their_heads(ids):
+    """``qk_layernorm``: a module per head. Under a head permutation query norm ``k`` becomes the source's norm
+    ``perm[k]`` and key norm ``k`` the source's ``kv[k]`` (the KV-group reduction); the function is kept, and leaving
+    the norms in place breaks it."""
+    model = build("stablelm")
+    before, ref = _qk_norms(model), logits(model, ids)
+    perm = [3, 2, 0, 1]                                # KV group 1 -> 0 (its two heads swapped), group 0 -> 1
+    g = Gauge(spaces={"attn.0": SignedPermutation(perm)})
+    apply_gauge(model, g)
+    after = _qk_norms(model)
+    assert all(torch.equal(after["q"][k], before["q"][perm[k]]) for k in range(4))
+    assert torch.equal(after["k"][0], before["k"][1]) and torch.equal(after["k"][1], before["k"][0])
     assert close(logits(model, ids), ref)
+    unrenamed = build("stablelm")
+    _apply_by_hand(unrenamed, get_spec("stablelm"), g)                 # the moves without the renames
+    assert not close(logits(unrenamed, ids), ref, 1e-3)
+
+
+def test_stablelm_optimizer_state_of_per_head_norms_follows_them():
+    """Adam's state of a per-head norm moves with its module: state of query norm ``k`` is the source's ``perm[k]``."""
+    model = build("stablelm")
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.arange(8)[None]).logits.sum().backward()
+    opt.step()
+    sd = opt.state_dict()
+    pid = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    g = Gauge(spaces={"attn.0": SignedPermutation([3, 2, 0, 1])})
+    out = g.transport(sd, model=model)
+    q = "model.layers.0.self_attn.q_layernorm.norms.{}.weight"
+    for k, src in enumerate([3, 2, 0, 1]):
+        assert torch.equal(out["state"][pid[q.format(k)]]["exp_avg"], sd["state"][pid[q.format(src)]]["exp_avg"])
+    kn = "model.layers.0.self_attn.k_layernorm.norms.{}.weight"
+    assert torch.equal(out["state"][pid[kn.format(0)]]["exp_avg_sq"], sd["state"][pid[kn.format(1)]]["exp_avg_sq"])
 
 
 # --------------------------------------------------------------------------------------------- spec format

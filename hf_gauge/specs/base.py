@@ -160,8 +160,16 @@ _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"
 
 @dataclass(frozen=True)
 class Rule:
+    """A parameter-name pattern and the axes of that tensor that move.
+
+    ``carried`` maps a placeholder of the pattern to an ``Axis`` whose space (``kv=True``: its reduced space, KV
+    heads) indexes tensors by name: one module per head (StableLM's ``q_layernorm.norms.{h}``). Under an element
+    ``perm`` of that space the tensor named with ``h = k`` takes the source tensor named with ``h = perm[k]`` (the
+    source chart, as for ``Space.carried_by``); live models, checkpoint files and optimizer states are renamed so."""
+
     pattern: str
     axes: tuple[Axis, ...] = ()
+    carried: Mapping[str, Axis] = field(default_factory=dict, compare=False)
 
     def compile(self) -> re.Pattern:
         return template_regex(self.pattern)

@@ -7,17 +7,17 @@ the (up row, down column) pair, gate rows are permuted only, as for Llama. Rotar
 ``partial_rotary_factor * head_dim`` dimensions of each head: heads permute as wholes within KV groups, KV groups as
 wholes; the optional q/k/v biases (``use_qkv_bias``) move with their head blocks.
 
-``qk_layernorm``: one LayerNorm per head (``q_layernorm.norms.{h}``, ``k_layernorm.norms.{h}`` over ``head_dim``,
-a module per head). A head permutation would have to carry each head's norm module to the head's new index (a
-rename of parameters, which the live engine does not do), so under ``qk_layernorm`` the heads space is not declared
-(``Space.when``): the residual and MLP spaces stay exact, the norms live in head space and never move.
+``qk_layernorm``: one LayerNorm per head (``q_layernorm.norms.{h}``, ``k_layernorm.norms.{h}``, each a
+``[head_dim]`` gain with its own module). Inside a head they act in head space (untouched); a head permutation
+carries each head's norm module to the head's new index (``Rule.carried``: query norms by the query-head
+permutation, key norms by its KV-group reduction), renaming the tensors in live models, files and optimizer states.
 Declared field: ``layer_norm_eps``. ``hidden_act`` (the gate's activation: unit signs ride on the linear up/down pair
 for any gate activation), ``use_parallel_residual``, ``use_qkv_bias``, ``partial_rotary_factor`` need no declaration;
-``qk_layernorm`` selects whether the heads space exists.
+``qk_layernorm`` only adds the per-head norms.
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, reads
 from .decoder import HEAD_RULES, attention_rules, gated_mlp_rules
 from .layernorm import layernorm_eps, layernorm_rules
 
@@ -36,13 +36,13 @@ STABLELM = ArchSpec(
     spaces={
         "residual": Space(lambda c: c.hidden_size, "global", "residual stream", kind="residual"),
         "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU hidden units of layer i", kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads",
-                          when=lambda c: not c.qk_layernorm),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
     },
     rules=(
         Rule("model.embed_tokens.weight", reads()),
         *attention_rules(L),
-        *(Rule(A + f"{qk}_layernorm.norms.{{h}}.{w}", UNTOUCHED) for qk in "qk" for w in ("weight", "bias")),
+        *(Rule(A + f"{qk}_layernorm.norms.{{h}}.{w}", UNTOUCHED, carried={"h": head})
+          for qk, head in (("q", Axis(0, "attn.{i}")), ("k", Axis(0, "attn.{i}", kv=True))) for w in ("weight", "bias")),
         *gated_mlp_rules(L),
         *layernorm_rules(L + "input_layernorm"),
         *layernorm_rules(L + "post_attention_layernorm"),
