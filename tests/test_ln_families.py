@@ -203,3 +203,23 @@ def test_space_when_drops_the_space_for_that_config_only():
                    for a in (False, True))
     assert "attn.1" in spec.space_sizes(rope) and "attn.1" not in spec.space_sizes(alibi)
     assert set(spec.space_sizes(alibi)) == {"residual", "mlp.0", "mlp.1"}
+
+
+def test_stablelm_adapter_saving_per_head_norms_follows_them(ids):
+    """A LoRA adapter that also saves the per-head norm modules (``modules_to_save``): transported, each saved norm
+    takes its source head's place, and the adapter reproduces the logits on the gauged base."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    a = build("stablelm")
+    g = Gauge(spaces={"attn.0": SignedPermutation([3, 2, 0, 1])})
+    b = apply_gauge(copy.deepcopy(a), g)
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["q_layernorm", "k_layernorm"],
+                     init_lora_weights=False)
+    pa = get_peft_model(copy.deepcopy(a), cfg)
+    with torch.no_grad():
+        for n, p in pa.named_parameters():
+            if "modules_to_save" in n:              # saved norms that differ from the base's
+                p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    ref = logits(pa.eval(), ids)
+    pb = get_peft_model(copy.deepcopy(b), copy.deepcopy(cfg))
+    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert close(logits(pb.eval(), ids), ref)
