@@ -231,6 +231,10 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
             acts_a = capture_inputs(va.module, live, ids, mask, stop_at=last)
             acts_b = capture_inputs(vb.module, live, ids, mask, stop_at=last)
             for s in group:
+                if s not in acts_a or s not in acts_b:
+                    raise GaugeError(f"the forward pass never called {live[s]!r}, where space {s!r} is observed (this "
+                                     f"{cfg.model_type} config computes it without that module); match {s!r} from "
+                                     "the weights: leave out data=")
                 stats[s].update(0, acts_a.pop(s), acts_b.pop(s))
         for s in group:
             C = _correlation(stats[s].reduce())

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (model_type, overrides of its tiny config): every layout branch of the modeling files not in the tiny config
 VARIANTS = [
-    ("falcon", dict(new_decoder_architecture=False, multi_query=True)),                      # MQA: [q | k | v]
+    ("falcon", dict(new_decoder_architecture=False, multi_query=True, tie_word_embeddings=True)),  # MQA [q|k|v]
     ("falcon", dict(new_decoder_architecture=False, multi_query=False, num_kv_heads=4,       # per head [q|k|v],
                     parallel_attn=False, bias=False)),                                       # sequential, no bias
     ("falcon", dict(new_decoder_architecture=False, alibi=True)),                            # ALiBi: no heads space
@@ -30,7 +30,8 @@ VARIANTS = [
     ("stablelm", dict(use_parallel_residual=True, qk_layernorm=False, use_qkv_bias=False)),
     ("stablelm", dict(num_key_value_heads=1)),                                               # MQA: one k norm
     ("phi", dict(qk_layernorm=False)),
-    ("bloom", dict(apply_residual_connection_post_layernorm=True, num_attention_heads=4, hidden_size=32)),
+    ("bloom", dict(apply_residual_connection_post_layernorm=True, num_attention_heads=4, hidden_size=32,
+                   tie_word_embeddings=True)),
     ("starcoder2", dict(use_bias=False)),
 ]
 IDS = [f"{mt}-{'-'.join(f'{k}={v}' for k, v in over.items())}" for mt, over in VARIANTS]
@@ -223,3 +224,15 @@ def test_stablelm_adapter_saving_per_head_norms_follows_them(ids):
     pb = get_peft_model(copy.deepcopy(b), copy.deepcopy(cfg))
     assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
+
+
+def test_bloom_sliced_mlp_is_matched_from_weights_not_from_unseen_activations():
+    """``pretraining_tp > 1`` with ``slow_but_exact`` never calls ``dense_4h_to_h`` (it slices its weight): matching
+    MLP units from activations is refused with the site named (it was a KeyError), from the weights it is exact."""
+    a = build("bloom", pretraining_tp=2, slow_but_exact=True)
+    g = random_gauge(a, seed=3, spaces=FULL)
+    b = apply_gauge(copy.deepcopy(a), g)
+    data = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(3))
+    with pytest.raises(GaugeError, match=r"never called 'transformer\.h\.0\.mlp\.dense_4h_to_h'.*leave out data="):
+        hf_gauge.find_full_gauge(a, b, data=data)
+    _same_gauge(hf_gauge.find_full_gauge(a, b), g)

@@ -13,8 +13,8 @@ share a slope, for any head count, and a head moved to another index would get a
 ``query_key_value`` rows (per head ``[q | k | v]``) and ``dense`` columns therefore never move.
 
 ``pretraining_tp > 1`` with ``slow_but_exact`` computes the same sums in slices (the gauge is exact up to float
-order) but calls ``dense_4h_to_h`` through ``F.linear``: its forward hook never fires, so MLP units are then matched
-from weights only.
+order) but calls ``dense_4h_to_h`` through ``F.linear``: its forward hook never fires, so matching MLP units from
+activations is refused (naming the site); they are matched from the weights.
 Declared field: ``layer_norm_epsilon``. ``apply_residual_connection_post_layernorm``, ``pretraining_tp`` and
 ``slow_but_exact`` need no declaration (same chart, same group).
 """
