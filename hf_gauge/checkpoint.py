@@ -29,6 +29,7 @@ from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, pre
 from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
+from .inputs import UNREAD_DIRS, audit_folder
 from .models import gain_fingerprint
 from .view import ConfigView, spec_for
 from .jsonio import read_json
@@ -37,7 +38,6 @@ __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "IN
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_SKIP_DIRS = {".cache", ".git"}
 _GAUGES_DIR = "gauges"        # a source repo's own gauges start from the source's chart: not copied to the output
 _COPY_CHUNK = 16 << 20
 _CHUNK_BYTES = 16 << 20      # large 2-D tensors are moved and written in row chunks of about this size
@@ -389,10 +389,10 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
     want = gauge.source.get("fingerprint")
     if not want:
         return
-    key = spec.sites.final_norm + ".weight"
     for s in shards:
         raw, header, start = read_header(src / s)
-        if key in header:
+        key = spec.final_norm_key(header)
+        if key is not None:
             info = header[key]
             b, e = info["data_offsets"]
             dtype = _DTYPES.get(info["dtype"])
@@ -430,6 +430,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         gauge = load_gauge(gauge)
     src = resolve_checkpoint(src_dir, revision=revision, token=token, cache_dir=cache_dir,
                              local_files_only=local_files_only, endpoint=endpoint)
+    files = audit_folder(src, UNREAD_DIRS | {_GAUGES_DIR})   # links and special files, before anything is read
     out = Path(out_dir)
     src_r, out_r = src.resolve(), out.resolve()
     if out_r == src_r or _inside(out_r, src_r):
@@ -493,16 +494,11 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                               sources=sources)
         written = set(shards)
         hub_src = not Path(src_dir).is_dir()           # downloaded: its card and gauges/ describe the source repo
-        for root, dirs, files in os.walk(src):
-            rel_root = Path(root).relative_to(src)
-            if rel_root == Path("."):
-                dirs[:] = [d for d in dirs if d not in _SKIP_DIRS and d != _GAUGES_DIR]
-            for fn in files:
-                rel = (rel_root / fn).as_posix()
-                if rel in written or (hub_src and rel == CARD_NAME):   # a Hub card describes the source repo
-                    continue
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(Path(root) / fn, tmp / rel)   # follows symlinks (Hub cache snapshots)
+        for rel, path in files.items():
+            if rel in written or (hub_src and rel == CARD_NAME):   # a Hub card describes the source repo
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / rel)           # a new regular file (links resolved inside the folder)
         if hub_src:
             card = checkpoint_card(gauge, str(src_dir), (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
                                    if (src / CARD_NAME).is_file() else None)

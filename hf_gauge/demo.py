@@ -1,8 +1,9 @@
 """``hf-gauge demo``: the whole story on real SmolLM2-135M weights, on a CPU, in about a minute.
 
 1. Hide a random B_d gauge in a copy of the model: the logits do not change, every weight does.
-2. Find the gauge again, data-free from the weights and from activations; the S_d (permutation-only)
-   baseline lands at the positive-sign fraction.
+2. Find the gauge again, data-free from the weights and from activations (1024 tokens of real text: more than the
+   residual width, so the sample correlation has full rank); the S_d (permutation-only) baseline lands at the
+   positive-sign fraction.
 3. Transport a steering vector; its effect is the same in the gauged model.
 4. Save the gauge (safetensors + JSON) and load it back.
 5. Apply the inverse: the weights come back bit for bit.
@@ -33,7 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hf-gauge demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seed", type=int, default=0, help="seed of the hidden gauge")
-    ap.add_argument("--tokens", type=int, default=512, help="tokens of real text used for activation matching")
+    ap.add_argument("--tokens", type=int, default=1024,
+                    help="tokens of real text used for activation matching (default 1024; fewer than the residual "
+                         "width, 576, make find_gauge warn that the match can be chance)")
     args = ap.parse_args(argv)
 
     import hf_gauge
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     _row(rows, "find the gauge from weights (data-free)", accuracy(g_free), t0)
     check(g_free.residual == hidden.residual, "data-free matching recovers the hidden gauge")
     g_act, t0 = _timed(lambda: a.gauge_to(b, data=ids, progress=False))
-    _row(rows, "find it from activations (sign-marginalized)", accuracy(g_act), t0)
+    _row(rows, "find it from activations (sign-marginalized)",
+         accuracy(g_act) + f" ({g_act.metrics['n_tokens']} tokens)", t0)
     check(g_act.residual == hidden.residual, "activation matching recovers the hidden gauge")
     g_perm, t0 = _timed(lambda: a.gauge_to(b, data=ids, method="permutation", progress=False))
     _row(rows, "permutation-only baseline (S_d)",

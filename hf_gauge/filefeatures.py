@@ -39,6 +39,7 @@ import torch
 from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
 from .engine import Scratch, axes_for, loaded_kernels, prepare_kernels, resolve_name
 from .errors import GaugeError
+from .inputs import audit_folder
 from .features import default_max_rows, invariant_agreement, signed_cosine_
 from .specs import ArchSpec
 from .specs.base import fill
@@ -66,6 +67,7 @@ class CheckpointFiles:
         if sys.byteorder != "little":
             raise GaugeError("reading safetensors from files needs a little-endian machine")
         self.folder = resolve_checkpoint(src, revision=revision, **hub)
+        audit_folder(self.folder)   # links and special files, before anything is read
         self.label = label or str(src)
         try:
             self.config = ConfigView(AutoConfig.from_pretrained(self.folder, trust_remote_code=False))

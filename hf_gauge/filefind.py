@@ -74,10 +74,10 @@ def _check_files(fa: CheckpointFiles, fb: CheckpointFiles) -> dict[str, int]:
 def _describe(files: CheckpointFiles, ref: Any, revision: str | None) -> dict[str, Any]:
     """``models.describe`` of the model the checkpoint holds, read from its files."""
     cfg = files.config
-    key = files.spec.sites.final_norm + ".weight"
+    key = files.spec.final_norm_key(files.entries)
     return {"model_id": str(ref), "revision": revision, "model_type": cfg.model_type,
             "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
-            "fingerprint": gain_fingerprint(files.read(key)) if key in files.entries else None}
+            "fingerprint": gain_fingerprint(files.read(key)) if key is not None else None}
 
 
 def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: str = "signed",

@@ -178,7 +178,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         missing_in_a = sorted(n for n in fb.entries if n not in fa.entries)
         mismatched: list[str] = []
         groups: dict[str, _Group] = {}
-        final = fa.spec.sites.final_norm + ".weight"
+        final = fa.spec.final_norm_key(names)
         fp_moved = fp_b = None
         scratch = Scratch()
         prepare_kernels(sum(fa.nbytes(n) for n in names))

@@ -12,6 +12,8 @@ Generic over the spec: ``engine.axes_for`` says which tensors carry an axis in a
   concatenated head outputs), streamed into float64 running sums (never an n×d store);
   padding is excluded through ``attention_mask``. These spaces are invariant under the residual gauge, so no
   residual gauge is needed.
+  Units the data cannot tell apart (no margin over a competitor: a ReLU-family unit never active, or two units
+  active on the same few tokens) are assigned from the weights among themselves (``_fill_ties``).
 - weights (data-free): a unit is described by every tensor slice on its axis (gate row, up row, down column, biases;
   a head by its q/o blocks, a KV group by its k/v blocks), after bringing A's residual axes into B's chart with the
   residual gauge. Unit similarity is the mean over tensors of the cosine of the slices, with the unit's sign chosen
@@ -194,7 +196,8 @@ def match_slices(spec: ArchSpec, config: Any, space: str, sa: list[UnitSlice], s
 # Activations
 # ----------------------------------------------------------------------------------------------------------------
 def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], data: Any,
-                            max_stat_bytes: int, method: str) -> InnerMatch:
+                            max_stat_bytes: int, method: str) -> tuple[InnerMatch, dict[str, np.ndarray]]:
+    """The activation match of each space, and for each space whose match has ties the B units without margin."""
     spec, cfg = va.spec, va.config
     sizes = va.space_sizes()
     sites = {s: site_of(va, s) for s in wanted}
@@ -223,6 +226,7 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
         used += c
     batches = list(token_batches(data))
     out = InnerMatch(source="activations")
+    ties: dict[str, np.ndarray] = {}
     for group in passes:
         stats = {s: PairStats(sites=[sites[s]], d=width(s), blocks=blocks(s)) for s in group}
         live = {s: sites[s] for s in group}
@@ -240,10 +244,28 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
             C = _correlation(stats[s].reduce())
             sp = spec.space(s)
             el, conf = get_kind(sp.kind).match_activations(C, sp.signs == "any", method, cfg)
+            margin = conf.pop("_margin", None)
             conf["n_tokens"] = stats[s].n_tokens
             out[s] = el
             out.confidence[s] = conf
-    return out
+            if margin is not None and (margin <= TIE).any():
+                ties[s] = np.flatnonzero(margin <= TIE)
+    return out, ties
+
+
+TIE = 1e-9      # a correlation margin at rounding level: the data does not single out the unit's partner
+
+
+def _fill_ties(act: SignedPermutation, wts: SignedPermutation, tied: np.ndarray) -> tuple[SignedPermutation, str]:
+    """Combine an activation match with a weight match of the same space: B's ``tied`` units (no activation margin)
+    take the weight match, provided it maps them onto the same A units as the activation match (a reshuffle within
+    the tie); otherwise the weight match is taken whole. Returns the element and its source."""
+    j = torch.as_tensor(tied, dtype=torch.long)
+    if set(act.perm[j].tolist()) != set(wts.perm[j].tolist()):
+        return wts, "weights"
+    perm, sign = act.perm.clone(), act.sign.clone()
+    perm[j], sign[j] = wts.perm[j], wts.sign[j]
+    return SignedPermutation(perm, sign), "activations+weights"
 
 
 def _correlation(stats: PairStats) -> np.ndarray:
@@ -309,14 +331,20 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     observed = [s for s in wanted if data is not None and has_site(va, s)]
     unobserved = [s for s in wanted if s not in observed]
     out = InnerMatch(source="activations" if observed else "weights")
+    ties: dict[str, np.ndarray] = {}
     if observed:
-        got = _inner_from_activations(va, vb, observed, data, max_stat_bytes, method)
+        got, ties = _inner_from_activations(va, vb, observed, data, max_stat_bytes, method)
         out.update(got)
         out.confidence.update(got.confidence)
+    res = _as_residual(residual)
+    if (unobserved or ties) and res is None:
+        res = match_residual_from_weights(va, vb)[0].element
+    if ties:                # units the data cannot tell apart: assigned from the weights
+        got = _inner_from_weights(va, vb, list(ties), res, method, known=out)
+        for s, tied in ties.items():
+            out[s], source = _fill_ties(out[s], got[s], tied)
+            out.confidence[s] = {**out.confidence[s], "source": source, "tied_units": int(len(tied))}
     if unobserved:          # data-free, or spaces no module's input shows (MoE experts): from the weights
-        res = _as_residual(residual)
-        if res is None:
-            res = match_residual_from_weights(va, vb)[0].element
         got = _inner_from_weights(va, vb, unobserved, res, method, known=out)
         for s in unobserved:
             out[s] = got[s]

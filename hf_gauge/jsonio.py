@@ -6,6 +6,7 @@ to make later code hit ``RecursionError``: each of those is a one-line ``GaugeEr
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +21,18 @@ MAX_JSON_DEPTH = 64
 def read_json(src: Path | bytes, what: str, hint: str = "re-save or re-download it") -> Any:
     """The JSON value in a file (or bytes) that may be hostile; anything unreadable is a one-line ``GaugeError``.
 
-    Refused: unreadable paths (missing, a folder, a symlink loop, no permission), files over 64 MB, invalid UTF-8,
-    invalid JSON, integers beyond Python's digit limit and nesting deeper than 64 levels (so later code never
-    hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
+    Refused: unreadable paths (missing, a folder, a FIFO or device, a symlink loop, no permission), files over
+    64 MB, invalid UTF-8, invalid JSON, integers beyond Python's digit limit and nesting deeper than 64 levels (so
+    later code never hits ``RecursionError``). ``what`` names the file in the message; ``hint`` says what to do.
     """
     if isinstance(src, (bytes, bytearray)):
         data = bytes(src)
     else:
         try:
-            if Path(src).stat().st_size > MAX_JSON_BYTES:
+            st = Path(src).stat()
+            if not stat.S_ISREG(st.st_mode):        # a FIFO would block the read forever, a device never end
+                raise GaugeError(f"{what} is not a regular file; {hint}")
+            if st.st_size > MAX_JSON_BYTES:
                 raise GaugeError(f"{what} is larger than {MAX_JSON_BYTES >> 20} MB; {hint}")
             data = Path(src).read_bytes()
         except OSError as e:

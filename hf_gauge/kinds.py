@@ -102,10 +102,12 @@ class Kind:
         return match_units(plain, None, False)
 
     def match_activations(self, C: np.ndarray, signed: bool, method: str, cfg: Any) -> tuple[SignedPermutation, dict]:
-        """Assign from an activation correlation ``C [n_A, n_B]``."""
+        """Assign from an activation correlation ``C [n_A, n_B]``. ``conf["_margin"]`` (popped by the caller) holds
+        each B coordinate's margin over its best competitor: ~0 where the data cannot tell units apart."""
         res = match_correlation(C, method="signed" if (signed and method == "signed") else "permutation")
         conf = res.summary()
         conf["mean_score"] = conf["mean_matched"]
+        conf["_margin"] = res.margin
         return res.element, conf
 
 

@@ -502,8 +502,10 @@ def test_find_and_verify_from_checkpoint_files(model_type, tmp_path):
     b.save_pretrained(tmp_path / "b")
     found = hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all")
     _same_gauge(found, g)
+    # the final-norm gain is found under its on-disk name too (EXAONE's transformer.ln_f)
+    assert (found.source["fingerprint"], found.target["fingerprint"]) == (hf_gauge.fingerprint(a), hf_gauge.fingerprint(b))
     rep = verify_files(tmp_path / "a", tmp_path / "b", g)
-    assert rep["ok"] and rep["weights_bit_exact"]
+    assert rep["ok"] and rep["weights_bit_exact"] and rep["fingerprint_match"]
     wrong = random_gauge(a, seed=99, spaces=FULL)
     assert not verify_files(tmp_path / "a", tmp_path / "b", wrong)["ok"]
 
@@ -546,3 +548,28 @@ def test_canonical_stability_follows_permuted_experts(model_type):
     g = _moe_gauge(a, 1)
     report = hf_gauge.canonical_stability(a, apply_gauge(copy.deepcopy(a), g), g)
     assert all(v == 1.0 for v in report.summary().values()), report.summary()
+
+
+# --------------------------------------------------------------------------------------------- cohere
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
+def test_cohere_admits_the_global_residual_sign(qk_norm, ids):
+    """CohereLayerNorm is weight-only but mean-centring: LN(-x) = -LN(x) with no bias to flip, so the residual admits
+    exactly S_d x {±1}. The global -1 (with random unit/head gauges) preserves the logits, with and without the
+    per-head q/k LayerNorm, and is recovered data-free; one coordinate's sign alone is refused and breaks them."""
+    model = build("cohere", use_qk_norm=qk_norm)
+    assert hf_gauge.symmetry_group(model) == "S_d x {±1}"
+    ref = logits(model, ids)
+    g = random_gauge(model, seed=5, spaces=FULL)
+    d = g.residual.perm.numel()
+    flipped = Gauge(spaces={**g.spaces, "residual": SignedPermutation(g.residual.perm, -torch.ones(d, dtype=torch.long))})
+    b = apply_gauge(copy.deepcopy(model), flipped)
+    assert torch.equal(state(b)["model.embed_tokens.weight"], -state(model)["model.embed_tokens.weight"][:, g.residual.perm])
+    assert close(logits(b, ids), ref)
+    _same_gauge(hf_gauge.find_full_gauge(model, b), flipped)
+    one = torch.ones(d, dtype=torch.long)
+    one[3] = -1
+    with pytest.raises(GaugeError):
+        apply_gauge(copy.deepcopy(model), Gauge(residual=SignedPermutation(torch.arange(d), one)))
+    bad = copy.deepcopy(model)
+    _apply_by_hand(bad, get_spec(model), Gauge(residual=SignedPermutation(torch.arange(d), one)))
+    assert not close(logits(bad, ids), ref, 1e-3)

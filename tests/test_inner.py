@@ -154,3 +154,24 @@ def test_smollm2_data_free_and_activations(smollm2, smollm2_ids):
     # from activations on real text (first, middle and last layer; 2 x 32 tokens)
     acts = match_inner(smollm2, b, data=smollm2_ids[:2, :32], layers=[0, 15, 29])
     assert dict(acts) == {k: g[k] for k in ("mlp.0", "mlp.15", "mlp.29", "attn.0", "attn.15", "attn.29")}
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt_neox"])
+def test_units_the_data_cannot_tell_apart_are_assigned_from_the_weights(model_type):
+    """Units silent on the data (a ReLU unit never active) have no activation margin: their correlation columns are
+    all zero, so activations alone leave them in any order. They are reassigned from the weights within the tie."""
+    a, b, g = _pair(model_type, heads=8, kv_heads=2 if model_type != "gpt_neox" else 8)
+    silent = [3, 17, 40]
+    for m, order in ((a, silent), (b, [int((g.spaces["mlp.0"].perm == u).nonzero()) for u in silent])):
+        mlp = m.gpt_neox.layers[0].mlp if model_type == "gpt_neox" else m.model.layers[0].mlp
+        up = mlp.dense_h_to_4h if model_type == "gpt_neox" else mlp.up_proj
+        with torch.no_grad():       # the unit's pre-activation is 0 on every token: GELU(0) = 0, silu(gate) * 0 = 0
+            up.weight[order] = 0.0
+            if up.bias is not None:
+                up.bias[order] = 0.0
+    got = match_inner(a, b, data=_data(), spaces=("mlp",))
+    assert got.confidence["mlp.0"]["source"] == "activations+weights"
+    assert got.confidence["mlp.0"]["tied_units"] == len(silent)
+    for space, el in got.items():
+        assert torch.equal(el.perm, g.spaces[space].perm), space
+        assert torch.equal(el.sign, g.spaces[space].sign), space

@@ -189,7 +189,8 @@ def test_every_spec_declares_fields_its_tiny_config_meets(model_type):
                                                       ("cohere", "rms_norm_eps", "absent")])
 def test_llama_spec_forced_on_another_mlp_or_norm_is_refused(model_type, field, shown, monkeypatch, ids):
     """arcee (gateless ReLU² MLP) and cohere (mean-centring LayerNorm) use llama's parameter names: every name is
-    covered, so only the declared fields can tell. Without them the gauge is silently wrong; with them, refused."""
+    covered, so only the declared fields can tell. Without them the gauge is silently wrong; with them, refused;
+    their own specs preserve the function."""
     from dataclasses import replace
     from hf_gauge.specs.llama import LLAMA
     model = _tiny(model_type)
@@ -204,6 +205,11 @@ def test_llama_spec_forced_on_another_mlp_or_norm_is_refused(model_type, field, 
     from hf_gauge.view import ModelView, unwrap
     with pytest.raises(GaugeError, match=field):
         ModelView(unwrap(model), spec=LLAMA)
+    monkeypatch.undo()                                                # the family's own spec preserves the logits
+    model = _tiny(model_type)
+    assert hf_gauge.get_spec(model).name == model_type
+    hf_gauge.apply_gauge(model, hf_gauge.random_gauge(model, seed=3, spaces="all"))
+    assert (model(ids).logits - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 def test_llama_named_checkpoint_with_a_gateless_mlp_is_refused(tmp_path):

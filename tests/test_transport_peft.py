@@ -166,6 +166,21 @@ def test_adapter_for_other_architecture_is_refused(setup):
         g_anon.transport(sd)
 
 
+def test_adapter_config_keeps_the_source_list_order(setup, tmp_path):
+    """PEFT holds ``target_modules`` as a set: the rewritten ``adapter_config.json`` keeps the source file's order
+    (a fixed, non-alphabetical one here: a set happens to iterate in it with probability 1/8!), whatever the hash
+    seed, so a user's diff shows only the base."""
+    a, _, g = setup
+    src = tmp_path / "adapter"
+    _adapter(copy.deepcopy(a), CASES["lora+embedding+modules_to_save"]).save_pretrained(src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    order = ["v_proj", "embed_tokens", "q_proj", "down_proj", "o_proj", "up_proj", "k_proj", "gate_proj"]
+    assert sorted(cfg["target_modules"]) == sorted(order)
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": order}, indent=2))
+    out = hf_gauge.transport_path(g, src, tmp_path / "adapter_b", config=a.config, base="org/gauged-base")
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == order
+
+
 @pytest.fixture()
 def saved_pair(setup, tmp_path):
     """A and the gauged B saved as local folders, reloaded from them, and the gauge fitted between the reloads

@@ -5,12 +5,14 @@ from typing import Callable
 
 from ..errors import GaugeError
 from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, fill, template_regex
+from .arcee import ARCEE
 from .bloom import BLOOM
+from .cohere import COHERE
 from .falcon import FALCON
-from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT
+from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt_neox import GPT_NEOX
 from .granite import GRANITE
-from .llama import LLAMA
+from .llama import EXAONE, LLAMA
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .phi import PHI
@@ -21,6 +23,7 @@ from .starcoder2 import STARCODER2
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                        EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM)
                             for mt in spec.model_types}
 

@@ -26,6 +26,10 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
 run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
 
+``ArchSpec.requires`` declares the config fields the spec's group depends on (activation, norm kind, MoE layout):
+``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
+run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
+
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
@@ -34,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 from ..errors import GaugeError
 
@@ -155,6 +159,35 @@ class Requires:
                            for a in self.allowed)
 
 
+@dataclass(frozen=True)
+class Requires:
+    """A config field the spec's group depends on, the values it supports and why.
+
+    ``allowed`` holds values (compared by ``==``; a bool matches only a bool, so ``0`` is not ``False``) and/or types
+    (any instance admitted: ``(float,)`` for "present, any value"). ``None`` stands for a field that is absent from
+    the config and from its transformers class (or set to None): list it where absence is supported."""
+
+    field: str
+    allowed: tuple
+    why: str
+
+    def admits(self, value: object) -> bool:
+        for a in self.allowed:
+            if isinstance(a, type):
+                if isinstance(value, a) and (a is bool or not isinstance(value, bool)):
+                    return True
+            elif (isinstance(a, bool) or isinstance(value, bool)) and type(a) is not type(value):
+                continue
+            elif value == a:
+                return True
+        return False
+
+    def describe(self) -> str:
+        """``'silu' or 'swish'``; a type reads as ``any float``."""
+        return " or ".join("absent" if a is None else f"any {a.__name__}" if isinstance(a, type) else repr(a)
+                           for a in self.allowed)
+
+
 _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
 
 
@@ -190,6 +223,7 @@ class Sites:
     mlp_in: str | None = None
     attn_out_in: str | None = None
     inputs: Mapping[str, str] = field(default_factory=dict)
+    final_norm_files: tuple[str, ...] = ()   # other names of the final norm's gain in checkpoint files
 
     def __post_init__(self) -> None:
         merged = dict(self.inputs)
@@ -335,6 +369,21 @@ class ArchSpec:
             if new and old != new and self.rule_for(new + name[len(old):], files=True) is not None:
                 return old, new
         return "", ""
+
+    def final_norm_key(self, names: Iterable[str]) -> str | None:
+        """The checkpoint tensor among ``names`` that holds the final norm's gain (the fingerprint): the spec's name,
+        one of ``Sites.final_norm_files`` (EXAONE's ``transformer.ln_f.weight``), or either under a bare base
+        model's prefix (``file_alias``); None when absent."""
+        names = list(names)
+        want = {self.sites.final_norm + ".weight", *self.sites.final_norm_files}
+        hit = next((n for n in names if n in want), None)
+        if hit is not None:
+            return hit
+        for n in names:
+            old, new = self.file_alias(n)
+            if (old or new) and new + n[len(old):] in want:
+                return n
+        return None
 
     def rule_for(self, name: str, files: bool = False) -> tuple[Rule, dict[str, str]] | None:
         """The rule covering ``name`` and its placeholder values, or None."""

@@ -67,6 +67,18 @@ def attention_rules(layer: str, qk_norm: tuple[Axis, ...] | None = None) -> tupl
     )
 
 
+def plain_mlp_rules(layer: str) -> tuple[Rule, ...]:
+    """``down_proj(act(up_proj x))`` without a gate: units permute, never signed (the act is not assumed odd)."""
+    m = layer + "mlp."
+    rows, cols = Axis(0, "mlp.{i}", signed=False), Axis(1, "mlp.{i}", signed=False)
+    return (
+        Rule(m + "up_proj.weight", reads(rows)),
+        Rule(m + "up_proj.bias", (rows,)),
+        Rule(m + "down_proj.weight", writes(cols)),
+        Rule(m + "down_proj.bias", writes()),
+    )
+
+
 def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
     """``act(gate_proj x) * up_proj x`` then ``down_proj``: the act (SiLU, GELU-tanh) is not odd."""
     m = layer + "mlp."
@@ -81,13 +93,13 @@ def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
 
 
 def decoder_rules(prefix: str, norms: tuple[str, ...], qk_norm: tuple[Axis, ...] | None = None,
-                  lm_head: str | None = "lm_head", heads: bool = True) -> tuple[Rule, ...]:
+                  lm_head: str | None = "lm_head", heads: bool = True, gated: bool = True) -> tuple[Rule, ...]:
     """Every rule of a decoder whose body lives under ``prefix`` (``"model."``): embedding, layers with the
-    residual RMSNorm gains ``norms`` (permuted only), final norm, the LM head named ``lm_head`` and (``heads``)
-    the task heads."""
+    residual norm gains ``norms`` (permuted only), final norm, the LM head named ``lm_head`` and (``heads``)
+    the task heads; the MLP is gated (``gated_mlp_rules``) or not (``plain_mlp_rules``)."""
     layer = prefix + "layers.{i}."
     rules = (Rule(prefix + "embed_tokens.weight", reads()),)
-    rules += attention_rules(layer, qk_norm) + gated_mlp_rules(layer)
+    rules += attention_rules(layer, qk_norm) + (gated_mlp_rules(layer) if gated else plain_mlp_rules(layer))
     rules += tuple(Rule(layer + n + ".weight", gain()) for n in norms)
     rules += (Rule(prefix + "norm.weight", gain()),)
     if lm_head:

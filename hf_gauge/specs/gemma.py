@@ -15,6 +15,8 @@ scores and need no declaration.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space
 from .decoder import RMSNORM, decoder_rules, gelu_gate, head_dim
 
@@ -66,6 +68,19 @@ GEMMA3_TEXT = ArchSpec(
     sites=_sites("model."),
 )
 
+# VaultGemma (``modular_vaultgemma.py``): Gemma 2's attention, GeGLU MLP and (1 + w) RMSNorm, but only the pre-norms
+# (``input_layernorm``, ``pre_feedforward_layernorm``): no post-sublayer norms, so its own rules name exactly those.
+VAULTGEMMA = ArchSpec(
+    name="vaultgemma",
+    model_types=("vaultgemma",),
+    norm="rmsnorm",
+    spaces=_SPACES,
+    rules=decoder_rules("model.", ("input_layernorm", "pre_feedforward_layernorm")),
+    dims=head_dim,
+    requires=_SANDWICH_REQUIRES,
+    sites=_sites("model."),
+)
+
 # --- Gemma 3 multimodal (``Gemma3ForConditionalGeneration``): the text decoder under ``model.language_model``.
 # The SigLIP vision tower never touches the text residual (untouched). The projector ends in
 # ``pooled @ mm_input_projection_weight`` (``[vision_dim, d]``), whose output replaces the image tokens' embeddings:
@@ -107,5 +122,5 @@ GEMMA3 = ArchSpec(
            + _projector("") + _vision_untouched("vision_tower.") + _vision_untouched("vision_tower.vision_model.")),
     dims=head_dim,
     requires=_SANDWICH_REQUIRES,
-    sites=_sites("model.language_model."),
+    sites=replace(_sites("model.language_model."), final_norm_files=("language_model.model.norm.weight",)),
 )

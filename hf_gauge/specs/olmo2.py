@@ -1,4 +1,7 @@
-"""OLMo 2: RMSNorms on the sublayer outputs, and q/k RMSNorms over the whole projection.
+"""OLMo 2 and OLMo 3: RMSNorms on the sublayer outputs, and q/k RMSNorms over the whole projection.
+
+OLMo 3 (``modular_olmo3.py``) is OLMo 2's layer with sliding-window attention on some layers (``layer_types``) and
+per-layer-type RoPE: both act within heads, so the rules and groups are OLMo 2's.
 
 A layer computes ``h + post_attention_layernorm(attn(h))`` then ``h + post_feedforward_layernorm(mlp(h))``: the
 sublayers read the raw residual (their readers' columns move), and each post-norm normalises a writer's output
@@ -18,7 +21,7 @@ from .decoder import RMSNORM, SILU_GATE, decoder_rules, head_dim
 
 OLMO2 = ArchSpec(
     name="olmo2",
-    model_types=("olmo2",),
+    model_types=("olmo2", "olmo3"),
     norm="rmsnorm",
     spaces={
         "residual": Space(lambda c: c.hidden_size, "any", "residual stream"),

@@ -10,7 +10,7 @@ import json
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
@@ -186,24 +186,26 @@ def atomic_file(out: Path, src: Path | None = None) -> Iterator[Path]:
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".npy", ".npz", ".gguf")
 
 
-def copy_other_files(src: Path, dst: Path, skip: Iterable[str], chart_free: Iterable[str] = ()) -> list[str]:
-    """Copy every other file of ``src`` (READMEs, configs); weight-like files must be listed in ``chart_free``.
-
-    A weight file or subfolder this handler does not understand is refused rather than copied unmoved.
+def copy_other_files(src: Path, files: Mapping[str, Path], dst: Path, skip: Iterable[str],
+                     chart_free: Iterable[str] = ()) -> list[str]:
+    """Copy every other top-level file of ``src`` (READMEs, configs) into ``dst`` as a new regular file; ``files`` is
+    ``inputs.audit_folder(src)`` (links and special files already checked). Weight-like files must be listed in
+    ``chart_free``: a weight file or subfolder this handler does not understand is refused rather than copied unmoved.
     """
     skip, chart_free = set(skip), set(chart_free)
     copied = []
-    for p in sorted(src.iterdir()):
-        if p.name in skip or p.name == GAUGE_RECORD_FILE:
+    for rel, path in files.items():
+        name = rel.split("/")[0]
+        if name in skip or name == GAUGE_RECORD_FILE:
             continue
-        if p.is_dir():
-            raise GaugeError(f"{src} contains a subfolder {p.name!r} that hf_gauge does not know how to transport; "
+        if name != rel:
+            raise GaugeError(f"{src} contains a subfolder {name!r} that hf_gauge does not know how to transport; "
                              "transport it separately")
-        if p.suffix in _WEIGHT_SUFFIXES and p.name not in chart_free:
-            raise GaugeError(f"{src} contains {p.name!r}, a weight file hf_gauge does not know how to transport; "
+        if Path(name).suffix in _WEIGHT_SUFFIXES and name not in chart_free:
+            raise GaugeError(f"{src} contains {name!r}, a weight file hf_gauge does not know how to transport; "
                              "refusing to copy it unmoved into the target chart")
-        shutil.copy2(p, dst / p.name)
-        copied.append(p.name)
+        shutil.copyfile(path, dst / name)
+        copied.append(name)
     return copied
 
 

@@ -25,6 +25,7 @@ import torch
 
 from ..engine import check_gauge, move_tensor, segment_spans, source_names, stack_count
 from ..errors import GaugeError
+from ..inputs import audit_folder
 from ..jsonio import read_json
 from ..specs import ArchSpec
 from ..specs.base import template_regex
@@ -283,9 +284,9 @@ def gauged_base(gauge, base: str | None, rec: dict[str, Any] | None = None) -> s
                      "hf-gauge apply or its Hub id, so that AutoPeftModel loads the adapter on the right chart")
 
 
-def _write_adapter_config(src: Path, dst: Path, base: str) -> str | None:
-    """Rewrite ``adapter_config.json`` through PEFT's own ``PeftConfig`` with ``base_model_name_or_path=base``
-    (revision cleared: it pinned the old base); returns the old base."""
+def _write_adapter_config(src: Path, dst: Path, base: str, source: Mapping[str, Any]) -> str | None:
+    """Rewrite ``adapter_config.json`` (``source``, as read) through PEFT's own ``PeftConfig`` with
+    ``base_model_name_or_path=base`` (revision cleared: it pinned the old base); returns the old base."""
     from peft import PeftConfig
     try:
         cfg = PeftConfig.from_pretrained(str(src))
@@ -293,8 +294,20 @@ def _write_adapter_config(src: Path, dst: Path, base: str) -> str | None:
         raise GaugeError(f"{src / ADAPTER_CFG} is not a valid PEFT config: {' '.join(str(e).split())[:200]}") from None
     old = cfg.base_model_name_or_path
     cfg.base_model_name_or_path, cfg.revision = base, None
+    _keep_list_order(cfg, source)
     cfg.save_pretrained(str(dst))
     return old
+
+
+def _keep_list_order(cfg: Any, source: Mapping[str, Any]) -> None:
+    """PEFT holds list fields (``target_modules``, ``exclude_modules``) as sets and writes them in set-iteration
+    order, which changes with the hash seed: give each such field back the source file's list (same elements, the
+    user's order), so users' diffs of ``adapter_config.json`` show only what hf_gauge changed."""
+    for key, value in list(vars(cfg).items()):
+        old = source.get(key)
+        if isinstance(value, set) and isinstance(old, list) and all(isinstance(x, str) for x in old) \
+                and set(old) == value:
+            setattr(cfg, key, list(old))
 
 
 def _write_adapter_card(src: Path, dst: Path, base: str, old: str | None, gauge) -> None:
@@ -336,6 +349,7 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
     src, out = Path(src), Path(out)
     if not is_adapter_folder(src):
         raise GaugeError(f"{src} is not a PEFT adapter folder (needs {ADAPTER_CFG})")
+    files = audit_folder(src)                       # links and special files, before anything is read
     if not (src / ADAPTER_WEIGHTS).is_file():
         if (src / "adapter_model.bin").is_file():
             raise GaugeError(f"{src} holds adapter_model.bin (a pickle); hf_gauge reads safetensors only. Re-save "
@@ -358,8 +372,8 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
         if not is_adapter_folder(p):
             raise GaugeError(f"{src} contains a subfolder {p.name!r} that is not an adapter; refusing to copy it unmoved")
     with atomic_dir(out, src) as tmp:
-        copy_other_files(src, tmp, skip=[ADAPTER_WEIGHTS, ADAPTER_CFG, ADAPTER_README] + [p.name for p in subs])
-        old_base = _write_adapter_config(src, tmp, new_base)
+        copy_other_files(src, files, tmp, skip=[ADAPTER_WEIGHTS, ADAPTER_CFG, ADAPTER_README] + [p.name for p in subs])
+        old_base = _write_adapter_config(src, tmp, new_base, cfg)
         _write_adapter_card(src, tmp, new_base, old_base, gauge)
         save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp / ADAPTER_WEIGHTS), metadata=st_meta)
         for p in subs:

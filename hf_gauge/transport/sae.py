@@ -20,6 +20,7 @@ import torch
 
 from ..engine import Move
 from ..errors import GaugeError
+from ..inputs import audit_folder
 from ..jsonio import read_json
 from . import register
 from ._io import (atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record)
@@ -176,6 +177,7 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     src, out = Path(src), Path(out)
     if not is_sae_folder(src):
         raise GaugeError(f"{src} is not a SAELens folder (needs {SAE_CFG} and {SAE_WEIGHTS})")
+    files = audit_folder(src)                       # links and special files, before anything is read
     cfg = read_json(src / SAE_CFG, str(src / SAE_CFG), "re-save the SAE with SAE.save_model")
     if not isinstance(cfg, dict):
         raise GaugeError(f"{src / SAE_CFG} must hold a JSON object (the SAE config), got a {type(cfg).__name__}")
@@ -202,7 +204,7 @@ def transport_sae_folder(gauge, src: str | Path, out: str | Path, *, space: str 
     else:
         cfg["hf_gauge"] = list(cfg.get("hf_gauge") or []) + [rec]
     with atomic_dir(out, src) as tmp:
-        copy_other_files(src, tmp, skip=(SAE_CFG, SAE_WEIGHTS), chart_free=SAE_CHART_FREE)
+        copy_other_files(src, files, tmp, skip=(SAE_CFG, SAE_WEIGHTS), chart_free=SAE_CHART_FREE)
         save_file({k: v.contiguous() for k, v in moved.items()}, str(tmp / SAE_WEIGHTS), metadata=st_meta)
         (tmp / SAE_CFG).write_text(json.dumps(cfg))
         write_record(tmp, gauge, kind="sae", source_path=str(src), space=space, space_out=space_out)
