@@ -58,7 +58,9 @@ def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | 
     if files:                     # a base model's or QA head's checkpoint names its body differently
         old, new = spec.file_alias(base)
         base = new + base[len(old):]
-    axes = spec.match(base, files=files)
+    hit = spec.rule_for(base, files)
+    axes = None if hit is None else tuple(a.filled(hit[1]) for a in hit[0].axes)
+    inp, out = (0, 1) if hit is not None and hit[0].transposed else (1, 0)     # Conv1D weights are [in, out]
     if axes is None and role != "weight" and base.endswith(".weight"):
         bare = spec.match(base[: -len(".weight")], files=files)      # a bare parameter (fused experts)
         if bare is not None and any(a.stack for a in bare):
@@ -68,17 +70,17 @@ def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | 
     if axes is None or role == "weight":
         return axes
     if role == "lora_A":          # [r, in]: inherits the wrapped module's input axis
-        return tuple(a for a in axes if a.axis == 1)
+        return tuple(a.on(1) for a in axes if a.axis == inp)
     if role in ("lora_B", "lora_B_bias"):   # [out, r] / [out]: inherits the output axis
-        return tuple(a for a in axes if a.axis == 0)
+        return tuple(a.on(0) for a in axes if a.axis == out)
     if role == "lora_emb_A":      # [r, vocab]: the vocab axis never moves
         return ()
     if role == "lora_emb_B":      # [d, r]: the embedding's residual column axis becomes rows
         return tuple(a.on(0) for a in axes if a.axis == 1)
     if role == "magnitude":       # DoRA norms: permuted with what they normalise, never signed
-        # nn.Linear [out, in]: one norm per output row (axis 0). nn.Embedding [vocab, d]: PEFT normalises
-        # per residual column, so the [d] magnitude follows the embedding's axis 1.
-        src = 1 if base == spec.sites.embed + ".weight" else 0
+        # nn.Linear [out, in]: one norm per output row (axis 0; Conv1D [in, out]: axis 1). nn.Embedding [vocab, d]:
+        # PEFT normalises per residual column, so the [d] magnitude follows the embedding's axis 1.
+        src = 1 if base == spec.sites.embed + ".weight" and all(a.axis == 1 for a in axes) else out
         return tuple(_unsigned(a).on(0) for a in axes if a.axis == src)
     raise AssertionError(role)
 

@@ -205,7 +205,10 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
 
     def width(space: str) -> int:
         m = va.submodule(sites[space])
-        return m.in_features if hasattr(m, "in_features") else m.weight.shape[1]
+        if hasattr(m, "in_features"):
+            return m.in_features
+        hit = spec.rule_for(sites[space] + ".weight")           # a Conv1D weight is stored [in, out]
+        return m.weight.shape[0 if hit is not None and hit[0].transposed else 1]
 
     def blocks(space: str) -> int | None:
         return get_kind(spec.space(space).kind).blocks(sizes[space], cfg)

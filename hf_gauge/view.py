@@ -145,23 +145,24 @@ def _class_default(model_type: str | None, field: str) -> Any:
 
 def spec_for(config: Any, spec: ArchSpec | None = None) -> ArchSpec:
     """The spec of ``config`` (``spec``, or the one registered for its model type) after checking the config
-    against the spec's ``requires``: every path that has a config (live models through ``ModelView``, checkpoint
-    folders, transported objects) resolves its spec here. Fields are read through ``ConfigView`` (a composite config
-    reads its text config); a field the config omits takes its transformers class default. ``GaugeError`` names
-    the field, its value and what the spec supports."""
+    against the spec's ``requires``, then resolved to the spec's ``variant`` for this config's layout: every path
+    that has a config (live models through ``ModelView``, checkpoint folders, transported objects) resolves its spec
+    here. Fields are read through ``ConfigView`` (a composite config reads its text config); a field the config
+    omits takes its transformers class default. ``GaugeError`` names the field, its value and what the spec
+    supports."""
     cfg = ConfigView.of(config)
     spec = spec or get_spec(cfg.model_type)
-    if not cfg.known or not spec.requires:
+    if not cfg.known:
         return spec
 
     def read(field: str) -> Any:
         value = getattr(cfg.text, field, _UNSET)
         return _class_default(cfg.model_type, field) if value is _UNSET else value
 
-    reason = spec.refusal(read, cfg.model_type)
+    reason = spec.refusal(read, cfg.model_type) if spec.requires else None
     if reason is not None:
         raise GaugeError(reason)
-    return spec
+    return spec.variant(cfg) if spec.variant is not None else spec
 
 
 def unwrap(model: Any) -> torch.nn.Module:

@@ -172,7 +172,9 @@ def test_bf16_inverse_bit_exact(model_type):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_every_moved_tensor_is_needed(model_type, ids):
-    """No rule is decorative: leaving any one moved tensor in the old chart changes the logits."""
+    """No rule is decorative: leaving any one moved tensor in the old chart changes the logits, unless the function
+    ignores that tensor's value altogether (a key bias without rotary adds ``q . b_k`` to every score of a row,
+    which softmax drops: OPT)."""
     model = build(model_type)
     ref, before = logits(model, ids), state(model)
     g = random_gauge(model, seed=3, spaces=FULL)
@@ -184,7 +186,9 @@ def test_every_moved_tensor_is_needed(model_type, ids):
     for n in moved:
         with torch.no_grad():
             params[n].copy_(before[n])
-            assert not close(logits(model, ids), ref, 1e-3), f"{n}: its move is not needed?"
+            if close(logits(model, ids), ref, 1e-3):
+                params[n].normal_(generator=torch.Generator().manual_seed(0))
+                assert close(logits(model, ids), ref, 1e-3), f"{n}: its move is not needed?"
             params[n].copy_(after[n])
 
 
@@ -244,10 +248,11 @@ def test_refused_signs_would_break_the_function(model_type, space, ids):
     signed_everywhere = _with_axes(spec, lambda a: dataclasses.replace(a, signed=True))
     bad = copy.deepcopy(model)
     _apply_by_hand(bad, signed_everywhere, g)
-    if model_type == "gpt_neox" and space.startswith("attn."):
-        # GPT-NeoX has no KV sharing, and its fused rows carry q, k and v of a head together: negating all three
-        # and the head's dense columns is an exact symmetry. It lies in the in-head gauges (V/O: any invertible
-        # map; Q/K: -I commutes with RoPE), which the head space does not model, so the space stays permute-only.
+    cfg = ConfigView(model.config)
+    if space.startswith("attn.") and cfg.n_kv_heads == cfg.n_heads:
+        # Without KV sharing (GPT-NeoX, GPT-2 and kin), negating a head's q, k and v and its output columns together
+        # is an exact symmetry. It lies in the in-head gauges (V/O: any invertible map; Q/K: -I commutes with
+        # RoPE), which the head space does not model, so the space stays permute-only.
         assert close(logits(bad, ids), ref)
     else:
         assert not close(logits(bad, ids), ref, 1e-3)
@@ -399,12 +404,12 @@ def test_base_model_gauge_to_and_transport():
 
 
 def test_unsupported_model_methods_raise_gauge_error():
-    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Model
-    cfg = AutoConfig.for_model("gpt2", n_embd=32, n_layer=1, n_head=2, vocab_size=50)
-    for m in (AutoModelForCausalLM.from_config(cfg), GPT2Model(cfg)):
+    from transformers import AutoConfig, AutoModelForCausalLM, XGLMModel
+    cfg = AutoConfig.for_model("xglm", d_model=32, num_layers=1, attention_heads=2, vocab_size=50, ffn_dim=64)
+    for m in (AutoModelForCausalLM.from_config(cfg), XGLMModel(cfg)):
         for call in (lambda: m.apply_gauge(Gauge(residual=SignedPermutation.identity(32))), lambda: m.gauge_to(m), lambda: m.transport(torch.zeros(32)),
                      lambda: m.symmetry_group()):
-            with pytest.raises(GaugeError, match="model_type='gpt2'.*gemma.*llama.*olmo2"):
+            with pytest.raises(GaugeError, match="model_type='xglm'.*gemma.*llama.*olmo2"):
                 call()
 
 

@@ -285,7 +285,7 @@ def test_smollm2_real_weights(smollm2, smollm2_ids, dtype):
 
 
 def test_attach_puts_methods_on_the_shared_base_and_never_replaces(monkeypatch):
-    from transformers import GPT2Config, GPT2Model, LlamaForSequenceClassification, PreTrainedModel
+    from transformers import GPT2Model, LlamaForSequenceClassification, PreTrainedModel
     from hf_gauge._attach import METHODS, install
     for name, fn in METHODS.items():
         assert PreTrainedModel.__dict__[name] is fn                        # one attachment, inherited everywhere
@@ -294,8 +294,9 @@ def test_attach_puts_methods_on_the_shared_base_and_never_replaces(monkeypatch):
     monkeypatch.setattr(PreTrainedModel, "transport", sentinel)
     install()
     assert PreTrainedModel.transport is sentinel
-    with pytest.raises(hf_gauge.GaugeError, match="model_type='gpt2'"):
-        GPT2Model(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=20)).symmetry_group()
+    from transformers import XGLMConfig, XGLMModel
+    with pytest.raises(hf_gauge.GaugeError, match="model_type='xglm'"):
+        XGLMModel(XGLMConfig(d_model=16, num_layers=1, attention_heads=2, vocab_size=20, ffn_dim=32)).symmetry_group()
 
 
 def test_import_is_lazy_and_methods_attach_when_classes_are_imported():

@@ -30,6 +30,9 @@ run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of be
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
 run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
 
+``ArchSpec.variant`` maps a config to the spec of its layout where one model type has several (OPT with
+``project_in``/``project_out``, or post-LayerNorm blocks); configs without a config (a bare model type) get the base.
+
 ``ArchSpec.file_rules`` name tensors as checkpoint files store them where transformers renames or fuses them on
 load (MoE experts stored per expert on disk, fused in memory); streaming apply on files uses them before ``rules``.
 """
@@ -193,7 +196,9 @@ _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"
 
 @dataclass(frozen=True)
 class Rule:
-    """A parameter-name pattern and the axes of that tensor that move.
+    """``pattern``'s tensor and its moving axes. ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``)
+    rather than ``nn.Linear``'s ``[out, in]``; its axes say so already (a reader's residual axis is 0), and the flag
+    tells the LoRA roles which axis PEFT's ``lora_A [r, in]`` and ``lora_B [out, r]`` inherit.
 
     ``carried`` maps a placeholder of the pattern to an ``Axis`` whose space (``kv=True``: its reduced space, KV
     heads) indexes tensors by name: one module per head (StableLM's ``q_layernorm.norms.{h}``). Under an element
@@ -202,6 +207,7 @@ class Rule:
 
     pattern: str
     axes: tuple[Axis, ...] = ()
+    transposed: bool = False
     carried: Mapping[str, Axis] = field(default_factory=dict, compare=False)
 
     def compile(self) -> re.Pattern:
@@ -248,6 +254,9 @@ class ArchSpec:
     sites: Sites
     file_rules: tuple[Rule, ...] = ()
     requires: tuple[Requires, ...] = ()
+    # a config whose layout differs (OPT's projected embeddings, post-LayerNorm blocks) gets the spec this returns
+    # (``hf_gauge.view.spec_for`` resolves it on every path that has a config); None: one layout for every config
+    variant: Callable[[object], "ArchSpec"] | None = None
     # caches, fresh in every instance (also after ``dataclasses.replace``)
     _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for
