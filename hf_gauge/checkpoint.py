@@ -31,10 +31,10 @@ from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
 from .inputs import UNREAD_DIRS, audit_folder
 from .models import gain_fingerprint
-from .view import ConfigView, spec_for
+from .fileconfig import checkpoint_config
 from .jsonio import read_json
 
-__all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "INDEX_NAME"]
+__all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "open_shard", "shard_size", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -209,6 +209,30 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
+def shard_size(header: Mapping[str, dict], start: int) -> int:
+    """The byte size of a shard whose validated header is ``header`` with data starting at ``start``."""
+    return start + max((int(i["data_offsets"][1]) for i in header.values()), default=0)
+
+
+def open_shard(path: Path, size: int | None = None) -> int:
+    """A read-only fd of a shard validated earlier (``read_header``), still ``size`` bytes long (when given).
+
+    A shard deleted, replaced or truncated after validation is a one-line ``GaugeError`` naming it here, before it
+    is read or mapped (a mapped file cut short would end the process with SIGBUS)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise GaugeError(f"cannot open {path}: {e.strerror or e}; the shard was removed or changed after it was "
+                         "validated: re-download the checkpoint") from None
+    have = os.fstat(fd).st_size
+    if size is not None and have != size:
+        os.close(fd)
+        raise GaugeError(f"{path} has {have} bytes but its header was validated for {size}: the shard was "
+                         f"{'truncated' if have < size else 'changed'} after it was validated; re-download the "
+                         "checkpoint")
+    return fd
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # the streaming kernel
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,9 +240,13 @@ def _pread_into(fd: int, buf: memoryview, offset: int, name: str) -> None:
     """Fill ``buf`` from ``fd`` at ``offset`` (positional reads: safe beside the writer thread's reads)."""
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as e:
+            raise GaugeError(f"reading {name} failed: {e.strerror or e}; re-download the checkpoint") from None
         if n <= 0:
-            raise GaugeError(f"unexpected end of file in {name}")
+            raise GaugeError(f"unexpected end of file in {name}: the shard was truncated after it was validated; "
+                             "re-download the checkpoint")
         got += n
 
 
@@ -324,7 +352,8 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
     chunk_bytes = chunk_bytes or _CHUNK_BYTES
     order = sorted(header, key=lambda k: header[k]["data_offsets"][0])
     sources = sources or {}
-    with open(src, "rb") as fin, open(dst, "wb") as fout, contextlib.ExitStack() as others:
+    fd = open_shard(src, shard_size(header, start))
+    with open(fd, "rb") as fin, open(dst, "wb") as fout, contextlib.ExitStack() as others:
         shard, writer = _MappedShard(fin), _Writer()
         opened: dict[Path, BinaryIO] = {}
         try:
@@ -352,7 +381,7 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                                          f"{sname!r}, which has another dtype or shape; the checkpoint's "
                                          "experts differ in shape and cannot be permuted")
                     if path not in opened:
-                        opened[path] = others.enter_context(open(path, "rb"))
+                        opened[path] = others.enter_context(open(open_shard(path), "rb"))
                     sb, se = sinfo["data_offsets"]
                     t = _read_tensor(opened[path], sstart + sb, se - sb, dtype, info["shape"])
                 else:
@@ -398,7 +427,7 @@ def _check_fingerprint(src: Path, shards: Iterable[str], spec, gauge: Gauge, str
             dtype = _DTYPES.get(info["dtype"])
             if dtype is None:
                 raise GaugeError(f"{src / s}: {key} has dtype {info['dtype']}, which hf_gauge cannot read")
-            with open(src / s, "rb") as f:
+            with open(open_shard(src / s, shard_size(header, start)), "rb") as f:
                 gain = _read_tensor(f, start + b, e - b, dtype, info["shape"])
             have = gain_fingerprint(gain)
             if have != want:
@@ -424,8 +453,6 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     source fingerprint differs from the checkpoint's (otherwise a warning). ``durable`` fsyncs each shard before
     the final rename (crash-safe on power loss; costs about a third of the time on slow disks).
     """
-    from transformers import AutoConfig
-
     if not isinstance(gauge, Gauge):
         gauge = load_gauge(gauge)
     src = resolve_checkpoint(src_dir, revision=revision, token=token, cache_dir=cache_dir,
@@ -443,29 +470,19 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             raise GaugeError(f"{out} already exists and is not empty; choose a new folder or pass overwrite=True")
         if _inside(src_r, out_r):
             raise GaugeError(f"refusing to replace {out}: the source checkpoint {src} lies inside it")
-    try:
-        config = ConfigView(AutoConfig.from_pretrained(src, trust_remote_code=False))
-    except (OSError, ValueError) as e:
-        raise GaugeError(f"cannot read config.json of {src}: {str(e).splitlines()[0]}") from None
-    quant = getattr(config, "quantization_config", None)
-    if quant is not None:
-        method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
-        raise GaugeError(f"{src} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
-                         "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
-                         "result again")
-    spec = spec_for(config)
+    if sys.byteorder != "little":
+        raise GaugeError("streaming apply needs a little-endian machine (safetensors stores little-endian data)")
+    shards = _shards(src)
+    headers = {s: read_header(src / s) for s in shards}
+    config, spec = checkpoint_config(src, {n: i for _, h, _ in headers.values() for n, i in h.items()})
     if gauge.source.get("model_type") not in (None, config.model_type):
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but {src} is "
                          f"{config.model_type!r}")
     check_gauge(spec, config, gauge)
-    if sys.byteorder != "little":
-        raise GaugeError("streaming apply needs a little-endian machine (safetensors stores little-endian data)")
-    shards = _shards(src)
     _check_fingerprint(src, shards, spec, gauge, strict)
 
     from tqdm.auto import tqdm
 
-    headers = {s: read_header(src / s) for s in shards}
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(out)                  # staging folders of killed runs into the same output

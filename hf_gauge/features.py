@@ -30,8 +30,8 @@ from .engine import axes_for, resolve_name
 from .errors import GaugeError
 from .view import ModelView
 
-__all__ = ["WeightFeatures", "default_max_rows", "paired_weight_features", "feature_correlation", "signed_cosine_",
-           "invariant_agreement", "match_residual_from_weights"]
+__all__ = ["WeightFeatures", "default_max_rows", "rows_cap", "paired_weight_features", "feature_correlation",
+           "signed_cosine_", "invariant_agreement", "match_residual_from_weights"]
 
 
 @dataclass
@@ -51,6 +51,17 @@ def default_max_rows(d: int) -> int:
     relative noise) ``d`` rows recovered the gauge as ``8 d`` rows did, with 14-22% smaller minimum margins; on
     real fine-tuned SmolLM2 pairs (``benchmarks/bench_row_cap.py``) both caps recover it exactly."""
     return max(2048, int(d))
+
+
+def rows_cap(max_rows: Any, d: int) -> int:
+    """The vocabulary-row cap to use: ``default_max_rows(d)`` for None, else ``max_rows`` if it is a positive int;
+    anything else (0, negative, a float or bool) is a ``GaugeError``."""
+    if max_rows is None:
+        return default_max_rows(d)
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        raise GaugeError(f"max_rows={max_rows!r}: give a positive number of vocabulary rows per signed tensor, or "
+                         f"None for the default (max(2048, d) = {default_max_rows(d)})")
+    return max_rows
 
 
 def _residual_axis(axes) -> tuple[Any, tuple]:
@@ -75,7 +86,7 @@ def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = No
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     spec = va.spec
     d = va.config.hidden
-    cap = max_rows or default_max_rows(d)
+    cap = rows_cap(max_rows, d)
     params_b = {resolve_name(n)[0]: p for n, p in vb.named_parameters()}   # PEFT-wrapped names -> plain names
     sa, sb, ua, ub, sn, un = [], [], [], [], [], []
     for name, pa in va.named_parameters():

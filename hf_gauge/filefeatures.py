@@ -13,7 +13,8 @@ convention), from the same tensors and the same vocabulary rows, with the signed
 ``sum_t (X_A,t^T X_B,t) / scale_t^2`` over the signed tensors ``t`` (rows of ``X``: vocabulary entries etc., columns:
 residual coordinates; ``scale_t = (||X_A,t|| + ||X_B,t||) / 2``), so memory is ``O(d^2 + one block)`` whatever the
 vocabulary or depth. Block products run in float32 for 16-bit weights (every product of two bf16/fp16 numbers is
-exact in float32) and float64 otherwise; block results are summed in float64. Invariant features (norm gains, and
+exact in float32) and float64 otherwise (also when the two checkpoints store different dtypes, fp32 against bf16:
+both are compared, widened exactly to float64); block results are summed in float64. Invariant features (norm gains, and
 slice norms of readers' columns / writers' rows) are squared sums accumulated in float64 across memory-mapped row
 blocks, one tensor of one checkpoint per job, jobs shared over threads; the sums are made in one pass by the compiled
 kernels (``kernels.square_sums``) when they are loaded, else in cache-sized chunks with numpy. The vocabulary rows of
@@ -22,7 +23,6 @@ capped signed tensors are ranked by norms made the same way.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -36,14 +36,15 @@ from typing import Any, Callable, Iterator, TypeVar
 import numpy as np
 import torch
 
-from .checkpoint import INDEX_NAME, read_header, resolve_checkpoint, shard_name
+from .checkpoint import INDEX_NAME, open_shard, read_header, resolve_checkpoint, shard_name, shard_size
 from .engine import Scratch, axes_for, loaded_kernels, prepare_kernels, resolve_name
 from .errors import GaugeError
+from .features import invariant_agreement, rows_cap, signed_cosine_
+from .fileconfig import checkpoint_config
 from .inputs import audit_folder
-from .features import default_max_rows, invariant_agreement, signed_cosine_
+from .jsonio import read_json
 from .specs import ArchSpec
 from .specs.base import fill
-from .view import ConfigView, spec_for
 
 __all__ = ["AHEAD", "BLOCK_BYTES", "CheckpointFiles", "layer_tensors", "prefetched", "residual_correlation"]
 
@@ -62,27 +63,23 @@ class CheckpointFiles:
     def __init__(self, src: str | os.PathLike, *, revision: str | None = None, label: str = "",
                  block_bytes: int | None = None, **hub: Any) -> None:
         """``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for a Hub id (``resolve_checkpoint``)."""
-        from transformers import AutoConfig
-
         if sys.byteorder != "little":
             raise GaugeError("reading safetensors from files needs a little-endian machine")
         self.folder = resolve_checkpoint(src, revision=revision, **hub)
         audit_folder(self.folder)   # links and special files, before anything is read
         self.label = label or str(src)
-        try:
-            self.config = ConfigView(AutoConfig.from_pretrained(self.folder, trust_remote_code=False))
-        except (OSError, ValueError) as e:
-            raise GaugeError(f"cannot read config.json of {self.folder}: {str(e).splitlines()[0]}") from None
-        self.spec: ArchSpec = spec_for(self.config)
         self.block_bytes = block_bytes or BLOCK_BYTES
         self.entries: dict[str, tuple[Path, int, dict[str, Any]]] = {}
+        self._sizes: dict[Path, int] = {}
         for shard in self._shards():
             path = self.folder / shard
             _, header, start = read_header(path)
+            self._sizes[path] = shard_size(header, start)
             for name, info in header.items():
                 if name in self.entries:
                     raise GaugeError(f"tensor {name!r} appears in two shards of {self.folder}; the checkpoint is corrupt")
                 self.entries[name] = (path, start, info)
+        self.config, self.spec = checkpoint_config(self.folder, {n: e[2] for n, e in self.entries.items()})
         self._scratch = Scratch()
         self._fds: dict[Path, int] = {}
         self._maps: dict[Path, mmap.mmap] = {}
@@ -91,10 +88,11 @@ class CheckpointFiles:
     def _shards(self) -> list[str]:
         index = self.folder / INDEX_NAME
         if index.is_file():
-            try:
-                values = list(json.loads(index.read_text())["weight_map"].values())
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, RecursionError):
-                raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint") from None
+            doc = read_json(index, str(index), "re-download the checkpoint")
+            weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+            if not isinstance(weight_map, dict):
+                raise GaugeError(f"{index} is corrupt (no weight_map object); re-download the checkpoint")
+            values = list(weight_map.values())
             shards = sorted({shard_name(v, str(index)) for v in values})
             missing = [s for s in shards if not (self.folder / s).is_file()]
             if missing:
@@ -134,7 +132,7 @@ class CheckpointFiles:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
-                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                fd = self._fds[path] = open_shard(path, self._sizes[path])
         return fd, dtype, shape, start + int(info["data_offsets"][0])
 
     def _by_rows(self, name: str) -> tuple[int, torch.dtype, int, int, list[int], int, int]:
@@ -148,9 +146,16 @@ class CheckpointFiles:
     def _pread(self, fd: int, buf: torch.Tensor, offset: int) -> None:
         view, got = memoryview(buf.numpy()), 0
         while got < len(view):
-            n = os.preadv(fd, [view[got:]], offset + got)
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError as e:
+                path = next((p for p, f in self._fds.items() if f == fd), self.folder)
+                raise GaugeError(f"{self.label}: reading {path} failed: {e.strerror or e}; re-download the "
+                                 "checkpoint") from None
             if n <= 0:
-                raise GaugeError(f"{self.label}: unexpected end of file (truncated shard?)")
+                path = next((p for p, f in self._fds.items() if f == fd), self.folder)
+                raise GaugeError(f"{self.label}: {path} ended early: the shard was truncated after it was "
+                                 "validated; re-download the checkpoint")
             got += n
 
     def read(self, name: str) -> torch.Tensor:
@@ -202,6 +207,10 @@ class CheckpointFiles:
         with self._lock:
             mm = self._maps.get(path)
             if mm is None:
+                if os.fstat(fd).st_size != self._sizes[path]:        # mapping a shorter file: SIGBUS on access
+                    raise GaugeError(f"{self.label}: {path} has {os.fstat(fd).st_size} bytes but was validated for "
+                                     f"{self._sizes[path]}: the shard changed after it was validated; re-download "
+                                     "the checkpoint")
                 mm = self._maps[path] = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         step = n if whole else step
         for r0 in range(0, n, step):
@@ -303,10 +312,11 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
 
 
-def _widen(x: torch.Tensor, work: Scratch, key: str) -> torch.Tensor:
-    """``x`` converted to its block arithmetic dtype in ``work``'s buffer ``key`` (reused block after block: fresh
-    memory costs a page fault per page), valid until the next call with ``key``."""
-    buf = work.bytes(x.numel() * _acc(x.dtype).itemsize, key).view(_acc(x.dtype)).view(x.shape)
+def _widen(x: torch.Tensor, work: Scratch, key: str, acc: torch.dtype | None = None) -> torch.Tensor:
+    """``x`` converted to its block arithmetic dtype (or ``acc``) in ``work``'s buffer ``key`` (reused block after
+    block: fresh memory costs a page fault per page), valid until the next call with ``key``."""
+    acc = acc or _acc(x.dtype)
+    buf = work.bytes(x.numel() * acc.itemsize, key).view(acc).view(x.shape)
     return buf.copy_(x)
 
 
@@ -351,7 +361,7 @@ def _add_squares(x: torch.Tensor, dim: int, out: torch.Tensor, work: Scratch) ->
 
 
 @contextlib.contextmanager
-def _bf16_operands(stored: torch.dtype) -> Iterator[None]:
+def _bf16_operands(stored: torch.dtype | None) -> Iterator[None]:
     """Within: float32 matmuls may take bf16 operands (``torch.backends.mkldnn.matmul.fp32_precision = "bf16"``)
     when the blocks were widened from bf16 and the CPU has bf16 dot products (AVX512-BF16, AMX). Such a block
     converts back to bf16 exactly, every product is exact and the sums stay float32: the same arithmetic as an IEEE
@@ -389,8 +399,9 @@ class _Signed:
         sqa = torch.zeros(d, dtype=torch.float64)
         sqb = torch.zeros(d, dtype=torch.float64)
         for xa, xb in blocks:                               # [k, d] each
-            stored = xa.dtype
-            xa, xb = _widen(xa, w, "a"), _widen(xb, w, "b")
+            stored = xa.dtype if xa.dtype == xb.dtype else None
+            acc_dtype = torch.promote_types(_acc(xa.dtype), _acc(xb.dtype))   # fp32 against bf16: float64
+            xa, xb = _widen(xa, w, "a", acc_dtype), _widen(xb, w, "b", acc_dtype)
             if prod is not None and acc is None:            # a second block: sum the products in float64
                 acc = w.bytes(d * d * 8, "gram").view(torch.float64).view(d, d).copy_(prod)
             prod = w.bytes(d * d * xa.element_size(), "cross").view(xa.dtype).view(d, d)
@@ -431,7 +442,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     """``(C [d, d] float64, counts)`` for A's residual coordinates (rows) against B's (columns); see the module
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
-    cap = max_rows or default_max_rows(d)
+    cap = rows_cap(max_rows, d)
     names = _feature_tensors(fa, fb)
     prepare_kernels(sum(fa.nbytes(n) + fb.nbytes(n) for n in names))
     work = Scratch()

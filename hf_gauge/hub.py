@@ -23,6 +23,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
 from .group import SignedPermutation
+from .jsonio import read_bounded
 from .specs import get_spec
 from .version import __version__
 
@@ -206,7 +207,7 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     """
     local = Path(path_or_repo_id)
     if subfolder:
-        local = local / subfolder
+        local = local / _check_subfolder(subfolder)
     if local.is_dir():
         weights_path, config_path = local / WEIGHTS_NAME, local / CONFIG_NAME
         where = str(local)
@@ -223,7 +224,8 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
             if not p.is_file():
                 raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
                                  "(save one with Gauge.save_pretrained)")
-        weights, config = weights_path.read_bytes(), config_path.read_bytes()
+        config = read_bounded(config_path, f"{where}/{CONFIG_NAME}", "the file is corrupt: re-save the gauge")
+        weights = weights_path.read_bytes()
     return _parse(weights, config, where)
 
 
@@ -491,7 +493,25 @@ def list_gauges(repo_id: str, revision: str | None = None, token: str | bool | N
     return sorted(f.rsplit("/", 1)[0] for f in files if f.endswith("/" + CONFIG_NAME))
 
 
+def _control(text: str) -> bool:
+    """Whether ``text`` holds a control character (C0, DEL, C1: newlines, NUL, escapes)."""
+    return any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text)
+
+
+def _check_subfolder(subfolder: Any) -> str:
+    """A gauge's folder inside a repository or folder: relative, without ``..`` or control characters."""
+    parts = subfolder.replace("\\", "/").split("/") if isinstance(subfolder, str) else []
+    if (not parts or subfolder.startswith(("/", "\\")) or ".." in parts or _control(subfolder)
+            or re.match(r"^[A-Za-z]:", subfolder)):
+        raise GaugeError(f"subfolder={subfolder!r} must be a relative folder inside the repository such as "
+                         "'gauges/<name>' (no '..', no absolute path, no control characters)")
+    return subfolder
+
+
 def _check_path_in_repo(path_in_repo: str) -> str:
+    if not isinstance(path_in_repo, str) or _control(path_in_repo) or "\\" in path_in_repo:
+        raise GaugeError(f"path_in_repo={path_in_repo!r} holds a control character or a backslash; name the gauge "
+                         "folder with printable characters, e.g. 'gauges/<name>'")
     p = path_in_repo.strip("/")
     parts = p.split("/")
     if not p or p == "." or any(x in ("", ".", "..") for x in parts):
@@ -507,6 +527,21 @@ def _root_readme(api: Any, repo_id: str, revision: str | None) -> str | None:
     except (EntryNotFoundError, RemoteEntryNotFoundError):
         return None
     return Path(path).read_text(encoding="utf-8")
+
+
+def _hub_call(repo_id: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, a Hub API call; an HTTP error answer is a ``GaugeError`` naming the status and repo."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return fn(*args, **kwargs)
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", None)
+        detail = " ".join(str(e).split())[:200]
+        hint = ("the Hub failed on its side: nothing was committed, retry later" if status and status >= 500
+                else "check the repository id, your token's write access and the revision")
+        raise GaugeError(f"{what} {repo_id!r} failed: the Hub answered HTTP {status or '?'} ({detail}); {hint}") \
+            from None
 
 
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
@@ -536,9 +571,10 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
                   target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
                   confidence=dict(gauge.confidence))
     if create_repo:
-        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        _hub_call(repo_id, "creating", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        _hub_call(repo_id, f"creating branch {revision!r} of", api.create_branch, repo_id, branch=revision,
+                  exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="hf_gauge-push-") as tmp:
         folder = Path(tmp) / "gauge"
         save_gauge(gauge, folder)
@@ -548,8 +584,9 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
         if update_index:
             card = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo)
             ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
-        return api.create_commit(repo_id, operations=ops, repo_type="model", revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}")
+        return _hub_call(repo_id, "committing to", api.create_commit, repo_id, operations=ops, repo_type="model",
+                         revision=revision, create_pr=create_pr,
+                         commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -411,3 +411,27 @@ def test_killed_apply_staging_cleaned_next_time_and_umask(tmp_path: Path) -> Non
     assert out.stat().st_mode & 0o777 == 0o750
     assert all(p.stat().st_mode & 0o777 == 0o640 for p in out.glob("*.safetensors"))
     assert not list(out.rglob(".hf_gauge-staging*"))                # the marker is not published
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_shard_changed_after_validation_is_a_gauge_error(tmp_path, monkeypatch, how) -> None:
+    """A shard truncated or deleted between validation and streaming: one GaugeError naming the shard and saying to
+    re-download (not an OSError, a ValueError from a short mapping, or SIGBUS), and no output."""
+    m = tiny_model("llama", hidden_size=16, layers=2, heads=2, kv_heads=1, intermediate=24)
+    m.save_pretrained(tmp_path / "src", max_shard_size="8KB")
+    g = random_gauge(m, seed=1)
+    shard = sorted((tmp_path / "src").glob("*.safetensors"))[-1]
+    real = ckpt.prepare_kernels
+
+    def change(n_bytes):                          # runs after every header is validated, before any shard is read
+        if how == "delete":
+            shard.unlink()
+        else:
+            os.truncate(shard, shard.stat().st_size - 64)
+        return real(n_bytes)
+
+    monkeypatch.setattr(ckpt, "prepare_kernels", change)
+    with pytest.raises(GaugeError, match=f"{shard.name}.*re-download") as err:
+        apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,35 @@ def test_prefetched_blocks_in_turn(pair) -> None:
 
     with pytest.raises(GaugeError, match="truncated"):
         list(prefetched(failing()))
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("what", ["find", "verify"])
+def test_shard_changed_after_validation_is_a_gauge_error(pair, monkeypatch, how, what) -> None:
+    """find and verify from files: a shard truncated or deleted after its header was validated is one GaugeError
+    naming the shard and saying to re-download (before: a raw ValueError from a short mapping, or SIGBUS)."""
+    import hf_gauge.filefeatures as ff
+    import hf_gauge.fileverify as fv
+    from hf_gauge import find_gauge
+    from hf_gauge.fileverify import verify_files
+    tmp, a, b = pair
+    g = random_gauge(a, seed=5, spaces=("residual", "mlp", "attn"))
+    shard = sorted((tmp / "A").glob("*.safetensors"))[0]
+    mod = ff if what == "find" else fv
+    real = mod.prepare_kernels
+
+    def change(n_bytes):                          # after validation, before any tensor is read
+        if how == "delete":
+            shard.unlink()
+        else:
+            os.truncate(shard, shard.stat().st_size - 64)
+        return real(n_bytes)
+
+    monkeypatch.setattr(mod, "prepare_kernels", change)
+    with pytest.raises(GaugeError, match=f"{shard.name}.*re-download") as err:
+        if what == "find":
+            find_gauge(str(tmp / "A"), str(tmp / "B"))
+        else:
+            verify_files(tmp / "A", tmp / "B", g)
+    assert "\n" not in str(err.value)

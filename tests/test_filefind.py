@@ -106,3 +106,22 @@ def test_live_models_still_dispatch_to_match() -> None:
     g = random_gauge(a, seed=1)
     b = apply_gauge(copy.deepcopy(a), g)
     assert isinstance(hf_gauge.find_gauge(a, b), Gauge) and hf_gauge.find_gauge(a, b) == g
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+def test_fp32_folder_against_bf16_folder_is_compared(tmp_path: Path) -> None:
+    """An fp32 checkpoint against a bf16 copy of its gauged model: compared in float64 (the Gram of both widened
+    exactly), not refused; the hidden gauge is found, residual and inner spaces, in both directions."""
+    a, b, g = _pair(tmp_path, "llama", ("residual", "mlp", "attn"))
+    b.to(torch.bfloat16).save_pretrained(tmp_path / "B16")
+    assert find_gauge_from_files(tmp_path / "A", tmp_path / "B16", spaces="all") == g
+    assert find_gauge_from_files(tmp_path / "B16", tmp_path / "A", spaces="all") == g.inverse()
+
+
+@pytest.mark.parametrize("rows", [0, -5, 2.5, True])
+def test_max_rows_must_be_positive(tmp_path: Path, rows) -> None:
+    a, b, _ = _pair(tmp_path, "llama", ("residual",))
+    with pytest.raises(GaugeError, match="max_rows="):
+        find_gauge_from_files(tmp_path / "A", tmp_path / "B", max_rows=rows)
+    with pytest.raises(GaugeError, match="max_rows="):
+        find_in_memory(a, b, max_rows=rows)

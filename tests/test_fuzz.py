@@ -8,24 +8,27 @@ per module; the whole file runs in well under a minute.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_model
-from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge_to_checkpoint, load_gauge, random_gauge, \
-    save_gauge
+from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge_to_checkpoint, find_gauge, load_gauge, \
+    random_gauge, save_gauge
 from hf_gauge.checkpoint import INDEX_NAME, read_header
 from hf_gauge.hub import CONFIG_NAME, WEIGHTS_NAME
 
@@ -265,3 +268,152 @@ def test_fuzz_inputs_are_valid_before_mutation(gauge_files, checkpoint) -> None:
             out = apply_gauge_to_checkpoint(src, gauge, Path(tmp) / "out", progress=False)
         assert sorted(os.listdir(out)) == sorted(files)
         shutil.rmtree(out)
+
+
+# ------------------------------------------------------------------------------------------------ config.json and
+# folder contents on every file path (issue 23): apply, find and verify answer fast, correctly or with a GaugeError
+@contextlib.contextmanager
+def deadline(seconds: float):
+    """A hang becomes a test failure (SIGALRM interrupts a blocking open or read; main thread, POSIX only)."""
+    if not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(*_):
+        raise TimeoutError(f"no answer within {seconds} s")
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.fixture(scope="module")
+def pair_files(checkpoint) -> dict[str, Any]:
+    """Checkpoint A's files, its gauged copy B's, the gauge, and the reference results on the true files."""
+    from hf_gauge.fileverify import verify_files
+    files, gauge = checkpoint
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        a.mkdir()
+        for name, raw in files.items():
+            (a / name).write_bytes(raw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            apply_gauge_to_checkpoint(a, gauge, b, progress=False)
+        found = find_gauge(str(a), str(b), spaces="all")
+        assert found == gauge and verify_files(a, b, gauge)["ok"]
+        files_b = {p.name: p.read_bytes() for p in b.iterdir() if p.is_file()}
+    return {"a": files, "b": files_b, "gauge": gauge}
+
+
+def _run_path(what: str, a: Path, b: Path, gauge, out: Path) -> Any:
+    from hf_gauge.fileverify import verify_files
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if what == "apply":
+            return apply_gauge_to_checkpoint(a, gauge, out, progress=False)
+        if what == "find":
+            return find_gauge(str(a), str(b), spaces="all")
+        return verify_files(a, b, gauge)
+
+
+def _checked_outcome(what: str, ref: dict[str, Any], a: Path, b: Path, out: Path, limit: float = 1.0,
+                     hang: float = 10.0) -> bool:
+    """Run ``what`` on folder ``a``: a GaugeError (one line, within ``limit`` seconds, nothing written) or a result
+    equal to the reference on the true files. Returns whether it succeeded."""
+    t0 = time.perf_counter()
+    try:
+        with deadline(hang):
+            got = _run_path(what, a, b, ref["gauge"], out)
+    except GaugeError as e:
+        assert "\n" not in str(e)
+        assert time.perf_counter() - t0 < limit, (what, time.perf_counter() - t0, str(e))
+        assert not out.exists()
+        return False
+    if what == "apply":                      # the same shards as B's, bit for bit
+        for name, raw in ref["b"].items():
+            if name.endswith(".safetensors"):
+                assert (out / name).read_bytes() == raw, name
+    elif what == "find":
+        assert got == ref["gauge"]
+    else:
+        assert got["ok"] and got["weights_bit_exact"]
+    return True
+
+
+SIZE_FIELDS = ["num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "head_dim", "vocab_size", "model_type", "max_position_embeddings", "tie_word_embeddings"]
+LIES = st.sampled_from([10 ** 9, 2 ** 31, 2 ** 63, 2 ** 80, 0, -1, -2 ** 31, 1, 2, 3, 16, 17, 32, "16", "llama", 16.0,
+                        1e308, float("inf"), True, False, None, [], {}, "missing"])
+
+
+@pytest.mark.parametrize("what", ["apply", "find", "verify"])
+@settings(FUZZ, max_examples=25)
+@given(data=st.data())
+def test_fuzz_checkpoint_config_fields(pair_files, what, data) -> None:
+    """config.json sizes as huge ints, 0, negative, strings, floats, bools, null or missing (one to three fields)
+    on apply, find and verify: the right result or a one-line GaugeError within a second, never another exception
+    or a hang."""
+    cfg = json.loads(pair_files["a"]["config.json"])
+    for _ in range(data.draw(st.integers(1, 3))):
+        field = data.draw(st.sampled_from(SIZE_FIELDS) | st.sampled_from(sorted(cfg)))
+        value = data.draw(LIES)
+        if value == "missing":
+            cfg.pop(field, None)
+        else:
+            cfg[field] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        for folder, files in ((a, pair_files["a"]), (b, pair_files["b"])):
+            folder.mkdir()
+            for name, raw in files.items():
+                (folder / name).write_bytes(raw)
+        (a / "config.json").write_text(json.dumps(cfg, allow_nan=True))
+        ok = _checked_outcome(what, pair_files, a, b, Path(tmp) / "out")
+    event(f"{what} {'succeeded' if ok else 'refused'}")          # --hypothesis-show-statistics shows the mix
+
+
+ENTRIES = ["config.json", INDEX_NAME, "shard", "notes.txt"]
+KINDS = ["fifo", "link-outside", "link-inside", "link-dangling", "link-loop"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and symlinks")
+@pytest.mark.parametrize("what", ["apply", "find", "verify"])
+@pytest.mark.parametrize("entry", ENTRIES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fuzz_checkpoint_folder_links_and_fifos(pair_files, tmp_path, what, entry, kind) -> None:
+    """A checkpoint entry replaced by a FIFO or a symlink (out of the folder, inside it, dangling, a loop): the
+    right result (and no secret from outside the folder in an output) or a GaugeError, never a hang."""
+    a, b, out = tmp_path / "a", tmp_path / "b", tmp_path / "out"
+    for folder, files in ((a, pair_files["a"]), (b, pair_files["b"])):
+        folder.mkdir()
+        for name, raw in files.items():
+            (folder / name).write_bytes(raw)
+    name = sorted(n for n in pair_files["a"] if n.endswith(".safetensors"))[0] if entry == "shard" else entry
+    target = a / name
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"SECRET " + (pair_files["a"].get(name) or b""))
+    if target.exists():
+        os.replace(target, tmp_path / "moved")
+    if kind == "fifo":
+        os.mkfifo(target)
+    elif kind == "link-outside":
+        target.symlink_to(secret)
+    elif kind == "link-inside":
+        if (tmp_path / "moved").exists():
+            os.replace(tmp_path / "moved", a / ".real")
+        else:
+            (a / ".real").write_bytes(b"notes")
+        target.symlink_to(".real")
+    elif kind == "link-dangling":
+        target.symlink_to(a / "nowhere")
+    else:
+        target.symlink_to(target.name + ".loop")
+        (a / (target.name + ".loop")).symlink_to(target.name)
+    ok = _checked_outcome(what, pair_files, a, b, out, hang=2.0 if _side_file_copy(what, entry, kind) else 10.0)
+    if ok and what == "apply":
+        for p in out.rglob("*"):
+            assert not p.is_symlink() and not (p.is_file() and p.read_bytes().startswith(b"SECRET")), p

@@ -225,3 +225,34 @@ def test_save_pretrained_writes_the_card(tmp_path: Path) -> None:
     card = ModelCard.load(tmp_path / "g" / "README.md")
     assert card.data.library_name == "hf_gauge" and card.data.base_model == "org/base"
     assert load_gauge(tmp_path / "g") == g
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+@pytest.mark.parametrize("path", ["gauges/a\nb", "gauges/a\rb", "gauges/\x00x", "gauges/a\tb", "gauges/\x1b[2Jx",
+                                  "gauges/a\u0085b", "gauges\\a"])
+def test_push_refuses_control_characters_in_path_in_repo(hub: HubServer, path: str) -> None:
+    with pytest.raises(GaugeError, match="control character"):
+        push_gauge(gauge(1), "org/model", path_in_repo=path, endpoint=hub.url)
+    assert "org/model" not in hub.repos                           # refused before any request
+
+
+def test_push_answered_500_names_the_status_and_the_repository(hub: HubServer) -> None:
+    hub.fail_paths.add("/commit/")
+    with pytest.raises(GaugeError) as err:
+        push_gauge(gauge(1), "org/model", path_in_repo="gauges/x", endpoint=hub.url)
+    msg = str(err.value)
+    assert "\n" not in msg and "HTTP 500" in msg and "'org/model'" in msg and "retry later" in msg
+    assert not any(p.startswith("gauges/") for p in hub.files("org/model"))
+
+
+@pytest.mark.parametrize("sub", ["../other", "gauges/../../x", "gauges/..", "/abs/gauges", "gauges/a\nb", "C:/x"])
+def test_subfolder_with_dotdot_is_refused_locally_and_on_the_hub(hub: HubServer, tmp_path: Path, sub: str) -> None:
+    g = gauge(1)
+    g.save_pretrained(tmp_path / "repo" / "gauges" / "x")
+    g.save_pretrained(tmp_path / "other")                          # what "../other" would reach from the repo
+    for ref in (str(tmp_path / "repo"), "org/model"):
+        with pytest.raises(GaugeError, match="subfolder="):
+            load_gauge(ref, subfolder=sub, endpoint=hub.url)
+        with pytest.raises(GaugeError, match="subfolder="):
+            Gauge.from_pretrained(ref, subfolder=sub, endpoint=hub.url)
+    assert not hub.log                                             # refused before any request

@@ -395,3 +395,26 @@ def test_config_huge_integer_and_non_utf8(saved: Path) -> None:
     with pytest.raises(GaugeError, match="not valid JSON"):
         load_gauge(saved)
     assert digest
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+def test_load_gauge_bounds_gauge_config_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gauge_config.json goes through the one bounded reader (before: load_gauge read and parsed any size, 114 MB
+    in the sweep): a file over the limit is refused before it is read, and a FIFO is refused without blocking."""
+    import hf_gauge.jsonio as jsonio
+    g = Gauge(SignedPermutation.random(8, 0), metrics={"note": "x" * 4000})
+    save_gauge(g, tmp_path / "g")
+    assert load_gauge(tmp_path / "g") == g
+    monkeypatch.setattr(jsonio, "MAX_JSON_BYTES", 2000)        # the limit, scaled down to this small file
+    with pytest.raises(GaugeError, match=f"{CONFIG_NAME} is larger than"):
+        load_gauge(tmp_path / "g")
+    with pytest.raises(GaugeError, match="larger than"):
+        jsonio.read_json(b" " * 2001 + b"{}", "bytes")
+    monkeypatch.undo()
+    if hasattr(os, "mkfifo"):
+        os.replace(tmp_path / "g" / CONFIG_NAME, tmp_path / "moved.json")
+        os.mkfifo(tmp_path / "g" / CONFIG_NAME)
+        with pytest.raises(GaugeError, match=CONFIG_NAME):
+            load_gauge(tmp_path / "g")
+        with pytest.raises(GaugeError, match="not a regular file"):
+            jsonio.read_json(tmp_path / "g" / CONFIG_NAME, CONFIG_NAME)

@@ -165,3 +165,46 @@ def test_numpy_object_and_string_arrays_refused(arr) -> None:
     for obj in (arr, {3: arr}):
         with pytest.raises(GaugeError, match="numpy dtype"):
             g.transport(obj)
+
+
+# ------------------------------------------------------------------------------------------------ issue 23, item 6
+def test_vectors_transported_twice_by_one_gauge_are_refused(g, tmp_path):
+    """The gauge record in the output's metadata makes a second transport through the same gauge (or one that
+    starts from another chart) a GaugeError, as an adapter folder's record does; the inverse gauge goes back."""
+    v = torch.randn(3, g.residual.size)
+    save_file({"v": v}, str(tmp_path / "v.safetensors"))
+    once = transport_path(g, tmp_path / "v.safetensors", tmp_path / "v1.safetensors")
+    with pytest.raises(GaugeError, match="already transported through this gauge.*hf_gauge metadata"):
+        transport_path(g, once, tmp_path / "v2.safetensors")
+    assert not (tmp_path / "v2.safetensors").exists()
+    back = transport_path(g.inverse(), once, tmp_path / "v0.safetensors")
+    assert torch.equal(load_file(str(back))["v"], v)
+    fp = Gauge(g.residual, source={"fingerprint": "aa"}, target={"fingerprint": "bb"})
+    other = Gauge(SignedPermutation.random(g.residual.size, 7), source={"fingerprint": "cc"})
+    once = transport_path(fp, tmp_path / "v.safetensors", tmp_path / "w1.safetensors")
+    with pytest.raises(GaugeError, match="chart with fingerprint bb"):
+        transport_path(other, once, tmp_path / "w2.safetensors")
+    save_file({"v": v}, str(tmp_path / "bad.safetensors"), metadata={"hf_gauge": "[1, 2"})
+    with pytest.raises(GaugeError, match="hf_gauge metadata of"):
+        transport_path(g, tmp_path / "bad.safetensors", tmp_path / "b1.safetensors")
+
+
+def test_control_gguf_with_two_names_for_one_layer_is_refused(g, tmp_path):
+    pytest.importorskip("gguf")
+    from hf_gauge.transport.control_gguf import read_control_gguf, write_control_gguf
+    d = g.residual.size
+    write_control_gguf(tmp_path / "ok.gguf", "llama", {1: np.ones(d, np.float32), 2: np.zeros(d, np.float32)})
+    assert sorted(read_control_gguf(tmp_path / "ok.gguf")[1]) == [1, 2]
+    from gguf import GGUFWriter
+    w = GGUFWriter(str(tmp_path / "dup.gguf"), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 2)
+    w.add_tensor("direction.1", np.ones(d, np.float32))
+    w.add_tensor("direction.01", np.zeros(d, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GaugeError, match="'direction.1' and 'direction.01' both give layer 1"):
+        transport_path(g, tmp_path / "dup.gguf", tmp_path / "out.gguf")
+    assert not (tmp_path / "out.gguf").exists()

@@ -55,14 +55,20 @@ def read_control_gguf(path: str | Path) -> tuple[str, dict[int, np.ndarray]]:
     if hint is None:
         raise GaugeError(f"{path} has no {ARCH}.model_hint field; re-export it with ControlVector.export_gguf")
     dirs: dict[int, np.ndarray] = {}
+    names: dict[int, str] = {}
     for t in reader.tensors:
         m = _DIRECTION.match(t.name)
         if m is None:
             raise GaugeError(f"{path}: unexpected tensor {t.name!r} (a control vector holds direction.<layer>)")
+        layer = int(m.group(1))
+        if layer in names:
+            raise GaugeError(f"{path}: tensors {names[layer]!r} and {t.name!r} both give layer {layer}; one would "
+                             "silently replace the other. Re-export the control vector with one direction per layer")
+        names[layer] = t.name
         arr = np.array(t.data)
         if arr.ndim != 1 or arr.dtype.kind != "f":
             raise GaugeError(f"{path}: {t.name} must be a 1-D float vector, got shape {arr.shape} {arr.dtype}")
-        dirs[int(m.group(1))] = arr
+        dirs[layer] = arr
     if not dirs:
         raise GaugeError(f"{path} holds no direction.<layer> tensor")
     return hint, dirs

@@ -18,11 +18,12 @@ from typing import Any
 import torch
 
 from ..errors import GaugeError
+from ..jsonio import read_json
 from . import register
 from ._io import atomic_file, check_out, gauge_record, read_safetensors
 from .optim import is_optim_state, transport_optimizer_state
 from .control_gguf import transport_control_gguf
-from .peft_adapters import is_adapter_folder, transport_adapter_folder
+from .peft_adapters import check_adapter_chart, is_adapter_folder, transport_adapter_folder
 from .sae import is_sae_dict, is_sae_folder, transport_sae_folder, transport_sae_state
 from .vectors import move_vector
 
@@ -70,10 +71,24 @@ def _move_named_vectors(gauge, tensors: dict[str, torch.Tensor]) -> dict[str, to
     return out
 
 
+def _check_vector_record(gauge, src: Path, meta: dict[str, str]) -> None:
+    """Refuse vectors already moved by this gauge, or already in its target chart (the ``hf_gauge`` record that
+    every transport writes into the safetensors metadata, checked as an adapter folder's record is)."""
+    if "hf_gauge" not in meta:
+        return
+    rec = read_json(meta["hf_gauge"].encode(), f"the hf_gauge metadata of {src}", "remove it from the file's "
+                    "metadata or transport the original vectors")
+    if not isinstance(rec, dict) or not all(isinstance(rec.get(k, {}), dict) for k in ("source", "target")):
+        raise GaugeError(f"the hf_gauge metadata of {src} is not a transport record; remove it from the file's "
+                         "metadata or transport the original vectors")
+    check_adapter_chart(gauge, src, None, rec, recorded_in="hf_gauge metadata")
+
+
 def _transport_safetensors(gauge, src: Path, out: Path, **kw: Any) -> Path:
     from safetensors.torch import save_file
     tensors, meta = read_safetensors(src, "check the file is complete (re-save or re-download it) or give steering "
                                           "vectors as a .pt file")
+    _check_vector_record(gauge, src, meta)
     if any("lora_" in k for k in tensors):
         raise GaugeError(f"{src} looks like PEFT adapter weights; transport the adapter folder (with its "
                          "adapter_config.json) instead")

@@ -243,7 +243,8 @@ def _read_record(src: Path) -> dict[str, Any] | None:
     return rec
 
 
-def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[str, Any] | None) -> None:
+def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[str, Any] | None,
+                        recorded_in: str = GAUGE_RECORD_FILE) -> None:
     """Refuse an adapter that is not in the gauge's source chart.
 
     With a provenance record (the adapter was transported before): a second transport through the same gauge, and a
@@ -252,15 +253,15 @@ def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[st
     """
     if rec is not None:
         if rec.get("fingerprint") == gauge_fingerprint(gauge):
-            raise GaugeError(f"{src} was already transported through this gauge (its {GAUGE_RECORD_FILE} records "
+            raise GaugeError(f"{src} was already transported through this gauge (its {recorded_in} records "
                              f"gauge {rec['fingerprint']}); transporting it again would move it out of the chart of "
-                             "its base. Use the folder as it is, or the original adapter")
+                             "its base. Use it as it is, or the original")
         chart, want = rec["target"].get("fingerprint"), gauge.source.get("fingerprint")
         if chart and want and chart != want:
             if chart == gauge.target.get("fingerprint"):
                 raise GaugeError(f"{src} is already in this gauge's target chart (fingerprint {chart}): this is the "
                                  "wrong direction; use the inverse gauge (--inverse / gauge.inverse()) to go back")
-            raise GaugeError(f"{src} is in the chart with fingerprint {chart} (its {GAUGE_RECORD_FILE}) but the gauge "
+            raise GaugeError(f"{src} is in the chart with fingerprint {chart} (its {recorded_in}) but the gauge "
                              f"starts from the chart {want}: fit a gauge from the adapter's base instead")
         return
     tgt, srcid = gauge.target.get("model_id"), gauge.source.get("model_id")
