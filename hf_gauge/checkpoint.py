@@ -491,7 +491,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         plans, sources = {}, {}
         where = {n: s for s, (_, header, _) in headers.items() for n in header}
         for s, (_, header, _) in headers.items():
-            renamed = source_names(spec, gauge, header, files=True)
+            renamed = source_names(spec, gauge, header, files=True, config=config)
             for n, sn in renamed.items():
                 if sn not in where:
                     raise GaugeError(f"{s}: {n!r} takes the place of {sn!r}, which the checkpoint lacks")

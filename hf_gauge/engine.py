@@ -25,7 +25,7 @@ from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_",
            "move_rows", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves",
-           "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
+           "check_gauge", "segment_positions", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -139,7 +139,8 @@ def segment_spans(spec: ArchSpec, config, axis: Axis, sizes: dict[str, int] | No
         if part.space:
             if sizes is None:
                 sizes = spec.space_sizes(cfg)
-            n = sizes[part.space]
+            # a space absent from this config (``Space.when``) still spans its entries: its size from its template
+            n = sizes[part.space] if part.space in sizes else int(spec.space(part.space).size(cfg))
             if part.kv:
                 n = get_kind(spec.space(part.space).kind).reduced_size(n, cfg)
             n *= dims[part.block] if part.block else 1
@@ -148,6 +149,33 @@ def segment_spans(spec: ArchSpec, config, axis: Axis, sizes: dict[str, int] | No
         out.append((start, n, part))
         start += n
     return out
+
+
+def _interleaving(spec: ArchSpec, config, axis: Axis, spans: list[tuple[int, int, Axis]]) -> torch.Tensor | None:
+    """For a fused axis interleaved over groups (``Axis.groups``): position along the tensor axis of each entry of
+    the part-major layout ``[part0 | part1 | ...]`` of ``spans``; None for a plain fused axis."""
+    if not axis.groups:
+        return None
+    n_groups = int(spec.dims(ConfigView.of(config))[axis.groups])
+    if n_groups < 1 or any(n % n_groups for _, n, _ in spans):
+        raise GaugeError(f"spec {spec.name!r}: the fused parts ({', '.join(str(n) for _, n, _ in spans)} entries) do "
+                         f"not split into {n_groups} groups ({axis.groups!r})")
+    chunks = [n // n_groups for _, n, _ in spans]
+    width, off = sum(chunks), 0
+    where = torch.empty(sum(n for _, n, _ in spans), dtype=torch.int64)
+    for (start, n, _), c in zip(spans, chunks):
+        x = torch.arange(n)
+        where[start:start + n] = (x // c) * width + off + x % c
+        off += c
+    return where
+
+
+def segment_positions(spec: ArchSpec, config, axis: Axis, part: Axis) -> torch.Tensor:
+    """Positions along the tensor axis of the entries of ``part`` of a fused axis, in the part's own order."""
+    spans = segment_spans(spec, config, axis)
+    start, n = next((s0, n0) for s0, n0, p0 in spans if p0 is part)
+    where = _interleaving(spec, config, axis, spans)
+    return torch.arange(start, start + n) if where is None else where[start:start + n]
 
 
 class _Expander:
@@ -186,7 +214,8 @@ class _Expander:
             if self._sizes is None:
                 self._sizes = self.spec.space_sizes(self.config)
             idx, sgn, moved, signed = [], [], False, False
-            for start, n, part in segment_spans(self.spec, self.config, a, self._sizes):
+            spans = segment_spans(self.spec, self.config, a, self._sizes)
+            for start, n, part in spans:
                 got = self._part(part)
                 moved |= got is not None
                 p, s = got if got is not None else (torch.arange(n), None)
@@ -200,7 +229,13 @@ class _Expander:
             if moved:
                 sign = (torch.cat([s if s is not None else torch.ones(t.numel(), dtype=torch.int8)
                                    for s, t in zip(sgn, idx)]) if signed else None)
-                mv = Move(a.axis, torch.cat(idx), sign)
+                index = torch.cat(idx)
+                where = _interleaving(self.spec, self.config, a, spans)
+                if where is not None:          # the same move, written in the interleaved layout
+                    index[where] = where[index].clone()
+                    if sign is not None:
+                        sign[where] = sign.clone()
+                mv = Move(a.axis, index, sign)
         self._cache[a] = mv
         return mv
 
@@ -233,13 +268,15 @@ def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
     raise GaugeError(f"spec {spec.name!r}: no space gives a range for the stacked placeholder {{{placeholder}}}")
 
 
-def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool = False) -> dict[str, str]:
+def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool = False, config=None
+                 ) -> dict[str, str]:
     """``{name: source name}`` of the tensors a gauge renames: names with a carried placeholder (``{e}`` of
-    ``experts.{i}.{e}.up_proj.weight`` in checkpoint files) under a carrier permutation ``sigma`` (``moe.{i}``) hold,
-    at ``e = k``, the moved tensor of ``e = sigma.perm[k]``. Names kept are absent."""
-    carriers = spec.carriers
+    ``experts.{i}.{e}.up_proj.weight`` in checkpoint files under a carrier permutation ``sigma`` (``moe.{i}``); ``{h}``
+    of a rule's ``carried`` axis) hold, at ``e = k``, the moved tensor of ``e = sigma.perm[k]``. Names kept are
+    absent. ``config`` is needed where a carried axis is ``kv`` (its space's reduction)."""
+    carriers = {ph: Axis(0, tmpl) for ph, tmpl in spec.carriers.items()}
     out: dict[str, str] = {}
-    if not carriers:
+    if not carriers and not any(r.carried for _, r in spec.compiled(files)):
         return out
     for n in names:
         old, new = spec.file_alias(n) if files else ("", "")
@@ -247,12 +284,21 @@ def source_names(spec: ArchSpec, gauge: Gauge, names: Iterable[str], files: bool
         if hit is None:
             continue
         rule, values = hit
-        for ph, tmpl in carriers.items():
-            el = gauge.spaces.get(fill(tmpl, values)) if ph in values else None
-            if el is not None and not el.is_identity:
-                src = old + fill(rule.pattern, {**values, ph: int(el.perm[int(values[ph])])})[len(new):]
-                if src != n:
-                    out[n] = src
+        src_values = dict(values)
+        for ph, a in {**carriers, **rule.carried}.items():
+            space = fill(a.space, values) if ph in values else None
+            el = gauge.spaces.get(space) if space else None
+            if el is None or el.is_identity:
+                continue
+            perm = el.perm
+            if a.kv:
+                if config is None:
+                    raise GaugeError(f"renaming {n!r} by a KV-head permutation needs the model's config")
+                perm = get_kind(spec.space(space).kind).reduce(el, ConfigView.of(config))
+            src_values[ph] = str(int(perm[int(values[ph])]))
+        src = old + fill(rule.pattern, src_values)[len(new):]
+        if src != n:
+            out[n] = src
     return out
 
 

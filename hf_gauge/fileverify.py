@@ -172,7 +172,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
                              f"{ca.model_type!r}")
         check_gauge(fa.spec, ca, gauge)
         names = fa.names()
-        src = source_names(fa.spec, gauge, names, files=True)    # per-expert tensors under a permutation of experts
+        src = source_names(fa.spec, gauge, names, files=True, config=ca)    # per-expert tensors under a permutation of experts
         plan = moves_for(fa.spec, ca, gauge, names, strict=True, files=True)
         missing_in_b = sorted(n for n in names if n not in fb.entries)
         missing_in_a = sorted(n for n in fb.entries if n not in fa.entries)

@@ -31,7 +31,7 @@ import torch
 
 from .activations import PairStats, capture_inputs, token_batches
 from .assign import UnitSlice
-from .engine import axes_for, segment_spans
+from .engine import axes_for, segment_positions
 from .errors import GaugeError
 from .features import match_residual_from_weights
 from .gauge import Gauge, target_space
@@ -100,7 +100,6 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
     config = ConfigView.of(config)
     dims = spec.dims(config)
     rule = spec.space(space).signs
-    sizes = spec.space_sizes(config)
     out: list[UnitSlice] = []
     for name, full in params.items():
         for t, axes in tensor_axes(spec, name, full, files):
@@ -125,8 +124,7 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
             for a, part in unit:
                 y = x
                 if a.segments:
-                    start, n = next((s0, n0) for s0, n0, p0 in segment_spans(spec, config, a, sizes) if p0 is part)
-                    y = y.narrow(a.axis, start, n)
+                    y = y.index_select(a.axis, segment_positions(spec, config, a, part).to(y.device))
                 y = y.movedim(a.axis, 0)
                 n = y.shape[0] // (dims[part.block] if part.block else 1)
                 out.append(UnitSlice(name, y.reshape(n, -1).contiguous(), signed=part.signed and rule == "any",
@@ -240,6 +238,10 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
             acts_a = capture_inputs(va.module, live, ids, mask, stop_at=last)
             acts_b = capture_inputs(vb.module, live, ids, mask, stop_at=last)
             for s in group:
+                if s not in acts_a or s not in acts_b:
+                    raise GaugeError(f"the forward pass never called {live[s]!r}, where space {s!r} is observed (this "
+                                     f"{cfg.model_type} config computes it without that module); match {s!r} from "
+                                     "the weights: leave out data=")
                 stats[s].update(0, acts_a.pop(s), acts_b.pop(s))
         for s in group:
             C = _correlation(stats[s].reduce())
@@ -324,7 +326,8 @@ def match_inner(model_a: Any, model_b: Any, residual: Any = None, data: Any = No
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     _check_pair(va, vb)
     if spaces is None:
-        spaces = tuple(dict.fromkeys(t.split(".")[0] for t, sp in va.spec.spaces.items() if sp.kind != "residual"))
+        spaces = tuple(dict.fromkeys(s.split(".")[0] for s in va.space_sizes()               # this config's spaces
+                                     if va.spec.space(s).kind != "residual"))
     wanted = _wanted(va, spaces, layers)
     if not wanted:
         raise GaugeError(f"no inner space selected by spaces={tuple(spaces)} and layers={layers}")

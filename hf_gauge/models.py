@@ -10,7 +10,7 @@ import torch
 from transformers.utils import logging
 
 from . import hub  # noqa: F401  (attaches Gauge.save_pretrained / from_pretrained / push_to_hub: every gauge made here)
-from .engine import check_gauge, check_moves, move_tensors_, moves_for, prepare_kernels
+from .engine import check_gauge, check_moves, move_tensors_, moves_for, prepare_kernels, source_names
 from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
@@ -147,8 +147,13 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
             check_moves(params[n], moves)
         except GaugeError as e:
             raise GaugeError(f"{n}: {e}") from None
+    renamed = source_names(spec, gauge, params, config=cfg)       # one module per head: tensors change places
     prepare_kernels(sum(params[n].numel() * params[n].element_size() for n in plan))
     move_tensors_((params[n].data, moves) for n, moves in plan.items())
+    held = {src: params[src].detach().clone() for src in set(renamed.values())}
+    with torch.no_grad():
+        for n, src in renamed.items():
+            params[n].copy_(held[src])
     return model
 
 

@@ -6,7 +6,9 @@ from typing import Callable
 from ..errors import GaugeError
 from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, fill, template_regex
 from .arcee import ARCEE
+from .bloom import BLOOM
 from .cohere import COHERE
+from .falcon import FALCON
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt2 import GPT2
 from .gpt_neo import GPT_NEO
@@ -17,13 +19,17 @@ from .llama import EXAONE, LLAMA
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .opt import OPT
+from .phi import PHI
 from .phi3 import PHI3
 from .smollm3 import SMOLLM3
+from .stablelm import STABLELM
+from .starcoder2 import STARCODER2
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
-                                                                        GPT2, GPT_NEO, GPTJ, OPT)
+                                                                        GPT2, GPT_NEO, GPTJ, OPT,
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM)
                             for mt in spec.model_types}
 
 

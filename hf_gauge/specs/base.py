@@ -18,6 +18,13 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 - ``segments``: a fused axis made of consecutive parts, each its own ``Axis`` (space, sign rule, block, kv); a part
   with ``space=""`` is never moved and spans ``dims[block]`` entries. Fused ``qkv_proj = [q|k|v]``,
   ``gate_up_proj = [gate|up]``.
+- ``groups``: a fused axis whose parts are interleaved over groups (``segmented(..., groups="kv_heads")``): the axis
+  is ``[group, (part0 chunk | part1 chunk | ...)]``, each part split into ``dims[groups]`` equal consecutive chunks
+  (Falcon's grouped ``query_key_value``: per KV group its query heads, then its key and its value head).
+
+``ArchSpec.requires`` declares the config fields the spec's group depends on (activation, norm kind, MoE layout):
+``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
+run by ``hf_gauge.view.spec_for`` on every path that has a config) instead of being gauged silently wrong.
 
 ``ArchSpec.requires`` declares the config fields the spec's group depends on (activation, norm kind, MoE layout):
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
@@ -73,6 +80,7 @@ class Axis:
     kv: bool = False
     segments: tuple["Axis", ...] = ()
     stack: str | None = None
+    groups: str | None = None
 
     def filled(self, values: Mapping[str, str | int]) -> "Axis":
         return dataclasses.replace(self, space=fill(self.space, values),
@@ -91,9 +99,10 @@ class Axis:
         return tuple(dict.fromkeys(p.space for p in self.parts() if p.space))
 
 
-def segmented(axis: int, *parts: Axis) -> Axis:
-    """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored)."""
-    return Axis(axis, segments=tuple(p.on(axis) for p in parts))
+def segmented(axis: int, *parts: Axis, groups: str | None = None) -> Axis:
+    """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored); with ``groups``
+    (a ``dims`` key) the parts are interleaved over that many groups: ``[group, (part0 | part1 | ...) chunk]``."""
+    return Axis(axis, segments=tuple(p.on(axis) for p in parts), groups=groups)
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,9 @@ class Space:
     chart (A's expert ``e``): under ``moe.i = sigma``, B's expert ``k`` is A's expert ``sigma.perm[k]`` moved by
     ``experts.i.<sigma.perm[k]>``. Composition and inverse follow this wreath-product law (``Gauge.__matmul__``),
     stacked axes over ``{e}`` move the slices, and checkpoint tensors named with ``{e}`` are renamed.
+
+    ``when`` (config -> bool): the space exists only for configs where it holds; elsewhere the model has no such
+    space (its axes never move): Falcon's heads under ALiBi, whose slopes are fixed by head index.
 
     ``ranges`` gives each placeholder's count from the config (default: ``{i}`` -> number of layers). ``per_layer``
     is the legacy flag (a template with ``{i}`` is per layer anyway). ``kind=None`` is filled by the spec: residual
@@ -118,6 +130,36 @@ class Space:
     kind: str | None = None
     ranges: Mapping[str, Callable[[object], int]] = field(default_factory=dict)
     carried_by: Mapping[str, str] = field(default_factory=dict)
+    when: Callable[[object], bool] | None = None
+
+
+@dataclass(frozen=True)
+class Requires:
+    """A config field the spec's group depends on, the values it supports and why.
+
+    ``allowed`` holds values (compared by ``==``; a bool matches only a bool, so ``0`` is not ``False``) and/or types
+    (any instance admitted: ``(float,)`` for "present, any value"). ``None`` stands for a field that is absent from
+    the config and from its transformers class (or set to None): list it where absence is supported."""
+
+    field: str
+    allowed: tuple
+    why: str
+
+    def admits(self, value: object) -> bool:
+        for a in self.allowed:
+            if isinstance(a, type):
+                if isinstance(value, a) and (a is bool or not isinstance(value, bool)):
+                    return True
+            elif (isinstance(a, bool) or isinstance(value, bool)) and type(a) is not type(value):
+                continue
+            elif value == a:
+                return True
+        return False
+
+    def describe(self) -> str:
+        """``'silu' or 'swish'``; a type reads as ``any float``."""
+        return " or ".join("absent" if a is None else f"any {a.__name__}" if isinstance(a, type) else repr(a)
+                           for a in self.allowed)
 
 
 @dataclass(frozen=True)
@@ -156,11 +198,17 @@ _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"
 class Rule:
     """``pattern``'s tensor and its moving axes. ``transposed``: a weight stored ``[in, out]`` (GPT-2's ``Conv1D``)
     rather than ``nn.Linear``'s ``[out, in]``; its axes say so already (a reader's residual axis is 0), and the flag
-    tells the LoRA roles which axis PEFT's ``lora_A [r, in]`` and ``lora_B [out, r]`` inherit."""
+    tells the LoRA roles which axis PEFT's ``lora_A [r, in]`` and ``lora_B [out, r]`` inherit.
+
+    ``carried`` maps a placeholder of the pattern to an ``Axis`` whose space (``kv=True``: its reduced space, KV
+    heads) indexes tensors by name: one module per head (StableLM's ``q_layernorm.norms.{h}``). Under an element
+    ``perm`` of that space the tensor named with ``h = k`` takes the source tensor named with ``h = perm[k]`` (the
+    source chart, as for ``Space.carried_by``); live models, checkpoint files and optimizer states are renamed so."""
 
     pattern: str
     axes: tuple[Axis, ...] = ()
     transposed: bool = False
+    carried: Mapping[str, Axis] = field(default_factory=dict, compare=False)
 
     def compile(self) -> re.Pattern:
         return template_regex(self.pattern)
@@ -301,6 +349,8 @@ class ArchSpec:
         """Every concrete space (placeholders over their config ranges, in declaration order) and its size."""
         out: dict[str, int] = {}
         for tmpl, sp in self.spaces.items():
+            if sp.when is not None and not sp.when(config):
+                continue
             names = [tmpl]
             for ph, count in sp.ranges.items():
                 names = [fill(n, {ph: k}) for n in names for k in range(int(count(config)))]

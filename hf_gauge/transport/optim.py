@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..engine import Move, move_tensor
+from ..engine import Move, move_tensor, source_names
 from ..errors import GaugeError
 from ..specs import ArchSpec
 from . import register
@@ -159,6 +159,17 @@ def transport_optimizer_state(gauge, sd: Mapping[str, Any], *, model: Any = None
             except GaugeError as e:
                 raise GaugeError(f"{where}: {e}") from None
         state_out[pid] = new_st
+    pid_of = {n: pid for pid, n in ids.items()}
+    renamed = source_names(spec, gauge, pid_of, config=config)    # one module per head: its state follows it
+    moved = dict(state_out)
+    for n, src in renamed.items():
+        if src not in pid_of:
+            raise GaugeError(f"parameter {n!r} takes the place of {src!r}, which the optimizer does not hold: its "
+                             "state cannot follow it")
+        if pid_of[src] in moved:
+            state_out[pid_of[n]] = moved[pid_of[src]]
+        else:
+            state_out.pop(pid_of[n], None)
     groups = [{k: (list(v) if isinstance(v, list) else v) for k, v in g.items()} for g in sd["param_groups"]]
     out = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
     out.update(state=state_out, param_groups=groups)

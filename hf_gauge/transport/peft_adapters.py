@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from ..engine import check_gauge, move_tensor, segment_spans, stack_count
+from ..engine import check_gauge, move_tensor, segment_spans, source_names, stack_count
 from ..errors import GaugeError
 from ..inputs import audit_folder
 from ..jsonio import read_json
@@ -76,7 +76,24 @@ def transport_adapter_state(gauge, sd: Mapping[str, torch.Tensor], *, model_type
             out[k] = move_tensor(t.reshape(shape), plan[name]).reshape(t.shape)
         except GaugeError as e:
             raise GaugeError(f"{k}: {e}") from None
-    return {k: out[k] for k in sd}
+    return _follow_renames(spec, config, gauge, out)
+
+
+def _follow_renames(spec: ArchSpec, config: Any, gauge, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Entries of modules the gauge renames (``Rule.carried``: one module per head, saved with ``modules_to_save``)
+    take the moved entry of their source module (same role), in the key order of ``out``."""
+    resolved = {k: resolve_name(k) for k in out}
+    renamed = source_names(spec, gauge, {b for b, _ in resolved.values()}, config=config)
+    if not renamed:
+        return out
+    key_of = {r: k for k, r in resolved.items()}
+    result = {}
+    for k, (base, role) in resolved.items():
+        src = renamed.get(base)
+        if src is not None and (src, role) not in key_of:
+            raise GaugeError(f"{k}: its module takes the place of {src!r}, which the adapter does not hold")
+        result[k] = out[key_of[(src, role)]] if src is not None else out[k]
+    return result
 
 
 def param_wrapper_views(spec: ArchSpec, config: Any, sd: Mapping[str, torch.Tensor]
