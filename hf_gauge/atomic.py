@@ -4,8 +4,9 @@ Every file hf_gauge publishes goes through this module, so a reader (or a crash,
 old file or the complete new one, never a half-written one. ``tempfile`` creates files 0600 and folders 0700;
 published outputs get the modes an ordinary ``open()`` / ``mkdir()`` would (``0o666`` / ``0o777`` minus the umask).
 
-Hidden staging folders (``.NAME.<random>.partial``) hold a marker file with the creating process's PID, so a folder
-left by a killed run can be recognised and removed later (``clean_stale_staging``) without touching anything else.
+Hidden staging folders (``.NAME.<random>.partial``) hold a marker file with the creating process's PID and host, so a
+folder left by a killed run can be recognised and removed later (``clean_stale_staging``); a folder without the
+marker is never removed, however much its name looks like ours.
 """
 from __future__ import annotations
 
@@ -167,12 +168,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _marker(folder: Path) -> dict | None:
+    """The staging marker ``staging_dir`` wrote in ``folder`` (a regular file holding a JSON object with an integer
+    ``pid`` and a string ``host``), or None: a folder without it is not hf_gauge's."""
+    marker = folder / STAGING_MARKER
+    try:
+        if marker.is_symlink() or not marker.is_file():
+            return None
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("host"), str):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    return info
+
+
 def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Path]:
     """Remove staging folders left by killed runs beside ``out``; returns the removed paths.
 
-    Only real folders (not symlinks) named exactly ``.NAME.<8 tempfile chars>.partial`` are considered. One whose
-    marker names a process of this machine is removed when that process is dead (kept while it runs, whatever its
-    age). One without a readable marker (or from another machine) is removed only if it is ``out``'s own
+    Only real folders (not symlinks) named exactly ``.NAME.<8 tempfile chars>.partial`` that hold hf_gauge's own
+    marker (``STAGING_MARKER``, written by ``staging_dir``) are considered: a folder without it is never touched,
+    whatever its name or age. One whose marker names a process of this machine is removed when that process is dead
+    (kept while it runs, whatever its age); one whose marker names another machine only if it is ``out``'s own
     (``NAME == out.name``) and older than ``max_age_s``. Anything else in the parent is never touched.
     """
     removed: list[Path] = []
@@ -185,15 +205,11 @@ def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Pa
     for p in parent.iterdir():
         if not any_name.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
             continue
-        marker = p / STAGING_MARKER
-        try:
-            info = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else {}
-            info = info if isinstance(info, dict) else {}
-            pid = info.get("pid") if info.get("host") == socket.gethostname() else None   # a PID of this machine
-        except (OSError, ValueError):
-            pid = None
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-            stale = pid != os.getpid() and not _pid_alive(pid)
+        info = _marker(p)
+        if info is None:
+            continue                                   # not marked by hf_gauge: the user's folder
+        if info["host"] == socket.gethostname():
+            stale = info["pid"] != os.getpid() and not _pid_alive(info["pid"])
         else:
             try:
                 stale = bool(own_name.fullmatch(p.name)) and now - p.stat().st_mtime > max_age_s
