@@ -22,6 +22,7 @@ from .atomic import atomic_path, atomic_write_bytes, folder_lock
 from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
+from .readme import parse_root_readme
 from .group import SignedPermutation
 from .specs import get_spec
 from .version import __version__
@@ -310,8 +311,6 @@ METRIC_HELP = {
     "n_signed_features": "sign-carrying weight features used by the data-free fit",
     "n_invariant_features": "sign-invariant weight features used by the data-free fit",
 }
-INDEX_START = "<!-- hf_gauge:gauges:start -->"
-INDEX_END = "<!-- hf_gauge:gauges:end -->"
 
 
 def hub_model_id(model_id: str | None, revision: str | None = None) -> tuple[str, str | None]:
@@ -397,52 +396,33 @@ def _index_row(gauge: Gauge, repo_id: str, path_in_repo: str) -> str:
             f"`hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
 
 
-def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: str):
-    """The repository's root ``ModelCard`` with its gauge index updated for ``path_in_repo``.
+def root_card(existing: bytes | str | None, gauge: Gauge, repo_id: str, path_in_repo: str) -> bytes:
+    """The repository's root ``README.md`` (bytes) with its gauge index updated for ``path_in_repo``.
 
-    The index is one marked section (``<!-- hf_gauge:gauges:start/end -->``); every other line of an existing card is
-    kept, and existing metadata is only added to (``base_model`` and license when absent, the ``hf_gauge`` tag). A
+    The index is one marked section (``<!-- hf_gauge:gauges:start/end -->``, see ``hf_gauge.readme``); every byte of
+    an existing README outside it is kept as it was, metadata included (it describes the repository's model, not the
+    gauge). A README that is not UTF-8 or whose metadata header is not a YAML mapping is a ``GaugeError``. A
     repository without a card gets one with ``base_model`` (the gauge's source) and ``base_model_relation:
     adapter`` (a gauge is applied on top of its base, like an adapter).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
-    src = gauge.source.get("model_id") or ""
     if existing is None:
+        src = gauge.source.get("model_id") or ""
         data = ModelCardData(library_name="hf_gauge", base_model=src if _is_hub_id(src) else None,
-                             license=gauge.source.get("license"))
+                             license=gauge.source.get("license"), tags=["hf_gauge"])
         if data.base_model:
             data.base_model_relation = "adapter"
-        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Gauges for `{src or repo_id}`\n\nSigned-permutation "
-                         "gauges made with [hf_gauge](https://pypi.org/project/hf-gauge/): exact changes of basis "
-                         "between the residual streams of checkpoints.\n")
-    else:
-        try:
-            card = ModelCard(existing)
-        except ValueError as e:
-            raise GaugeError(f"the repository's README.md has an unreadable metadata header ({e}); fix it before "
-                             "pushing a gauge") from None
-        if _is_hub_id(src) and not getattr(card.data, "base_model", None):
-            card.data.base_model = src
-        if gauge.source.get("license") and not getattr(card.data, "license", None):
-            card.data.license = gauge.source["license"]
-    tags = list(getattr(card.data, "tags", None) or [])
-    if "hf_gauge" not in tags:
-        card.data.tags = tags + ["hf_gauge"]
-    text = card.text
-    rows: list[str] = []
-    if INDEX_START in text and INDEX_END in text:
-        head, rest = text.split(INDEX_START, 1)
-        old, tail = rest.split(INDEX_END, 1)
-        rows = [ln for ln in old.splitlines() if ln.startswith("| [`") and f"[`{path_in_repo}`]" not in ln]
-    else:
-        head, tail = text.rstrip() + "\n\n", "\n"
+        existing = (f"---\n{data.to_yaml()}\n---\n\n# Gauges for `{src or repo_id}`\n\nSigned-permutation gauges "
+                    "made with [hf_gauge](https://pypi.org/project/hf-gauge/): exact changes of basis between the "
+                    "residual streams of checkpoints.\n")
+    readme = parse_root_readme(existing.encode("utf-8") if isinstance(existing, str) else existing,
+                               f"the README.md of {repo_id}")
+    rows = [ln for ln in readme.section_lines() if ln.startswith("| [`") and f"[`{path_in_repo}`]" not in ln]
     rows.append(_index_row(gauge, repo_id, path_in_repo))
-    section = "\n".join([INDEX_START, "## Gauges", "",
-                         "Made with hf_gauge; each folder has its own card (provenance, fit metrics, usage).", "",
-                         "| gauge | maps | method | group | load |", "|---|---|---|---|---|", *sorted(rows), INDEX_END])
-    card.text = head + section + tail
-    return card
+    return readme.with_section(["## Gauges", "",
+                                "Made with hf_gauge; each folder has its own card (provenance, fit metrics, usage).", "",
+                                "| gauge | maps | method | group | load |", "|---|---|---|---|---|", *sorted(rows)])
 
 
 def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
@@ -500,13 +480,18 @@ def _check_path_in_repo(path_in_repo: str) -> str:
     return p
 
 
-def _root_readme(api: Any, repo_id: str, revision: str | None) -> str | None:
-    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
+def _root_readme(api: Any, repo_id: str, revision: str | None) -> bytes | None:
+    """The root README's bytes at ``revision`` (a branch not created yet: at ``main``, which it will start from)."""
+    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError, RevisionNotFoundError
     try:
         path = api.hf_hub_download(repo_id, CARD_NAME, revision=revision)
     except (EntryNotFoundError, RemoteEntryNotFoundError):
         return None
-    return Path(path).read_text(encoding="utf-8")
+    except RevisionNotFoundError:
+        if revision is None:
+            raise
+        return _root_readme(api, repo_id, None)
+    return Path(path).read_bytes()
 
 
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
@@ -537,6 +522,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
                   confidence=dict(gauge.confidence))
     if create_repo:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    # the new root README (checked: UTF-8, a YAML mapping as metadata) before any branch or file is written
+    readme = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo) if update_index else None
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
     with tempfile.TemporaryDirectory(prefix="hf_gauge-push-") as tmp:
@@ -545,9 +532,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
         write_gauge_card(gauge, folder, repo_id=repo_id, path_in_repo=path_in_repo)
         ops = [CommitOperationAdd(path_in_repo=f"{path_in_repo}/{f.name}", path_or_fileobj=str(f))
                for f in sorted(folder.iterdir()) if f.is_file()]
-        if update_index:
-            card = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo)
-            ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
+        if readme is not None:
+            ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=readme))
         return api.create_commit(repo_id, operations=ops, repo_type="model", revision=revision, create_pr=create_pr,
                                  commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}")
 
