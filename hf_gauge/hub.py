@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_bytes, folder_lock
+from .atomic import atomic_path, atomic_write_bytes, folder_lock, fsync_dir, fsync_tree
 from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
@@ -33,6 +34,7 @@ __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_
 WEIGHTS_NAME = "gauge.safetensors"
 CONFIG_NAME = "gauge_config.json"
 CARD_NAME = "README.md"
+PENDING_NAME = ".hf_gauge-pending"      # a save's complete new pair, published before the files are replaced
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,10 +134,12 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     """Write ``gauge`` to ``save_directory`` (``gauge.safetensors`` + ``gauge_config.json``); returns the folder.
 
     A new folder appears whole (written beside it, fsynced, then renamed). In an existing folder the two gauge files
-    are replaced as one unit: each atomically (weights first; the config records the weights' sha256), under an
-    exclusive lock on the folder that ``load_gauge`` takes shared, so concurrent saves never leave a mixed pair
-    and a concurrent load sees the old pair or the new one. Other files (a model card, a checkpoint's
-    ``config.json``) are never touched.
+    are replaced as one unit, under an exclusive lock on the folder that ``load_gauge`` takes shared: the new pair is
+    first published whole as a hidden journal folder (``.hf_gauge-pending``, written as ``.hf_gauge-pending.new``),
+    then each file is renamed from it onto the folder's (weights first; the config records the weights' sha256) and
+    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process killed at any
+    point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next save finishes
+    the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched.
     """
     weights, config = _serialize(gauge)
     target = Path(save_directory)
@@ -153,9 +157,81 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
                 raise
             # lost a race with another writer that created the folder: fall through to the locked replacement
     with folder_lock(target, exclusive=True):
-        atomic_write_bytes(target / WEIGHTS_NAME, weights)
-        atomic_write_bytes(target / CONFIG_NAME, config)
+        _finish_pending(target)                 # a save killed midway: complete it first
+        pending, tmp = target / PENDING_NAME, target / (PENDING_NAME + ".new")
+        for leftover in (tmp, target / (PENDING_NAME + ".old")):
+            _remove(leftover)                   # reserved names: what a killed save left
+        try:
+            tmp.mkdir()
+            (tmp / WEIGHTS_NAME).write_bytes(weights)
+            (tmp / CONFIG_NAME).write_bytes(config)
+            fsync_tree(tmp)
+            os.rename(tmp, pending)             # the journal: from here on the new pair is complete on disk
+        except BaseException:
+            _remove(tmp)
+            raise
+        fsync_dir(target)
+        _finish_pending(target, own=True)
     return target
+
+
+def _regular(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
+def _remove(p: Path) -> None:
+    """Remove a leftover of hf_gauge's reserved journal names (a folder, a file or a link; never followed)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        p.unlink()
+
+
+def _journal(folder: Path) -> Path | None:
+    """``folder``'s pending journal (``PENDING_NAME``, a real folder), or None."""
+    pending = folder / PENDING_NAME
+    return pending if pending.is_dir() and not pending.is_symlink() else None
+
+
+def _pending_pair(folder: Path) -> tuple[bytes, bytes] | None:
+    """The new pair a journalled save was writing: the journal's config with the journal's weights, or the folder's
+    when they were already moved into place; None without a journal or once its config was moved too."""
+    pending = _journal(folder)
+    if pending is None or not _regular(pending / CONFIG_NAME):
+        return None
+    w = pending / WEIGHTS_NAME if _regular(pending / WEIGHTS_NAME) else folder / WEIGHTS_NAME
+    return w.read_bytes(), (pending / CONFIG_NAME).read_bytes()
+
+
+def _finish_pending(folder: Path, own: bool = False) -> None:
+    """Roll a journalled save forward (caller holds the exclusive folder lock): rename the journal's weights, then its
+    config, onto the folder's (atomic renames, no temp files), then drop the journal (renamed to ``.old``, then
+    removed). Every step is idempotent, so a kill at any point leaves a state this finishes. An error before the
+    weights moved drops the caller's ``own`` journal (the save fails whole); after that the journal stays, and
+    loads read the new pair until a save finishes it."""
+    pending = _journal(folder)
+    if pending is None:
+        return
+    try:
+        if _regular(pending / WEIGHTS_NAME):
+            os.replace(pending / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    except BaseException:
+        if own:
+            _drop(pending)
+        raise
+    if _regular(pending / CONFIG_NAME):
+        os.replace(pending / CONFIG_NAME, folder / CONFIG_NAME)
+    fsync_dir(folder)
+    _drop(pending)
+
+
+def _drop(pending: Path) -> None:
+    """Remove a journal atomically: rename it to ``PENDING_NAME.old`` (removed by the next save should this process
+    die midway), then delete it."""
+    trash = pending.with_name(PENDING_NAME + ".old")
+    _remove(trash)
+    os.rename(pending, trash)
+    _remove(trash)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,7 +301,13 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
                 raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
                                  "(save one with Gauge.save_pretrained)")
         weights, config = weights_path.read_bytes(), config_path.read_bytes()
-    return _parse(weights, config, where)
+        pending = _pending_pair(local) if local.is_dir() else None
+    try:
+        return _parse(weights, config, where)
+    except GaugeError:
+        if pending is None:
+            raise
+        return _parse(*pending, f"{where}/{PENDING_NAME}")   # a save killed between its two renames: the new pair
 
 
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
