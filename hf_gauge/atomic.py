@@ -21,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import GaugeError
+
 __all__ = ["umask", "publish_mode", "fsync_file", "fsync_dir", "fsync_tree", "atomic_write_bytes", "atomic_path", "folder_lock",
-           "staging_dir", "clean_stale_staging", "STAGING_MARKER"]
+           "output_lock", "staging_dir", "clean_stale_staging", "STAGING_MARKER"]
 
 STAGING_MARKER = ".hf_gauge-staging.json"
 _STAGING_SUFFIX = ".partial"
@@ -147,6 +149,22 @@ def folder_lock(folder: str | os.PathLike, exclusive: bool) -> Iterator[None]:
         yield
     finally:
         os.close(fd)          # releases the lock
+
+
+def output_lock(out: Path):
+    """Take the exclusive, non-blocking lock on writing ``out`` (``filelock`` on ``.NAME.hf_gauge.lock`` beside it,
+    kept there; the OS releases it when the process dies, so a killed writer never blocks the next one). Returns
+    the held ``FileLock`` (``release()`` it); a second writer of the same output gets a ``GaugeError`` at once."""
+    from filelock import FileLock, Timeout
+
+    path = out.parent / f".{out.name}.hf_gauge.lock"
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise GaugeError(f"another process is writing {out} (it holds {path}); wait for it to finish or choose "
+                         "another output folder") from None
+    return lock
 
 
 # ------------------------------------------------------------------------------------------------ staging folders
