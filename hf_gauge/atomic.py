@@ -24,7 +24,7 @@ from typing import Iterator
 from .errors import GaugeError
 
 __all__ = ["umask", "publish_mode", "fsync_file", "fsync_dir", "fsync_tree", "atomic_write_bytes", "atomic_path", "folder_lock",
-           "output_lock", "staging_dir", "clean_stale_staging", "STAGING_MARKER"]
+           "output_lock", "staging_dir", "remove_staging", "clean_stale_staging", "STAGING_MARKER"]
 
 STAGING_MARKER = ".hf_gauge-staging.json"
 _STAGING_SUFFIX = ".partial"
@@ -176,6 +176,20 @@ def staging_dir(out: Path) -> Path:
     return tmp
 
 
+def remove_staging(folder: Path) -> None:
+    """Delete a staging folder, its marker last: a process killed midway leaves a folder that is still marked (so
+    ``clean_stale_staging`` finishes the job), never an unmarked remnant."""
+    for p in folder.iterdir():
+        if p.name == STAGING_MARKER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    (folder / STAGING_MARKER).unlink(missing_ok=True)
+    folder.rmdir()
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -234,6 +248,9 @@ def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Pa
             except OSError:
                 continue
         if stale:
-            shutil.rmtree(p, ignore_errors=True)
+            try:
+                remove_staging(p)
+            except OSError:
+                continue
             removed.append(p)
     return removed

@@ -25,7 +25,8 @@ from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
 
-from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, output_lock, publish_mode, staging_dir
+from .atomic import (STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, output_lock, publish_mode,
+                     remove_staging, staging_dir)
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, prepare_kernels, source_names
 from .errors import GaugeError
 from .gauge import Gauge
@@ -515,7 +516,6 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             card = checkpoint_card(gauge, str(src_dir), (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
                                    if (src / CARD_NAME).is_file() else None)
             card.save(str(tmp / CARD_NAME))
-        (tmp / STAGING_MARKER).unlink()
         if durable:
             fsync_tree(tmp)
         publish_mode(tmp, directory=True)     # mkdtemp made it 0700
@@ -526,10 +526,13 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             shutil.rmtree(old, ignore_errors=True)
         else:
             _publish_new(tmp, out)
+        tmp = None
+        (out / STAGING_MARKER).unlink(missing_ok=True)   # after the rename: a kill never leaves an unmarked staging folder
         fsync_dir(out.parent)
     except BaseException:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                remove_staging(tmp)
         raise
     finally:
         if lock is not None:

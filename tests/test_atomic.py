@@ -111,6 +111,22 @@ def test_clean_stale_staging_only_removes_ours(tmp_path: Path) -> None:
     assert all(k.is_dir() for k in keep)
 
 
+def test_remove_staging_deletes_the_marker_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while removing a staging folder leaves it marked, so a later cleanup finishes the job."""
+    import shutil
+    out = tmp_path / "out"
+    st = staging_dir(out)
+    (st / "sub").mkdir()
+    (st / "sub" / "a.safetensors").write_bytes(b"x")
+    (st / "b.json").write_text("{}")
+    order = []
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (order.append(Path(p).name), real_rmtree(p, **k))[1])
+    monkeypatch.setattr(Path, "unlink", lambda self, **k: (order.append(self.name), real_unlink(self, **k))[1])
+    atomic.remove_staging(st)
+    assert order[-1] == STAGING_MARKER and sorted(order[:-1]) == ["b.json", "sub"] and not st.exists()
+
+
 def test_publish_mode(tmp_path: Path, umask027) -> None:
     p = tmp_path / "f"
     p.write_bytes(b"")
