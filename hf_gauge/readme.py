@@ -30,10 +30,12 @@ _LINE = re.compile(r"[^\n]*\n|[^\n]+")
 class RootReadme:
     """A decoded root README: ``text`` (exactly the file, BOM included), the character span of hf_gauge's section
     (``None`` when absent: from the start of the start marker line to the end of the end marker line, its line
-    ending excluded) and the line ending a new section uses (the file's own: CRLF or LF)."""
+    ending excluded), the line ending a new section uses (the file's own: CRLF or LF) and the fence a file without a
+    section leaves open at its end (``""`` if none)."""
     text: str
     span: tuple[int, int] | None
     newline: str
+    open_fence: str = ""
 
     def section_lines(self) -> list[str]:
         """The section's lines between the two markers (line endings removed); empty without a section."""
@@ -44,13 +46,16 @@ class RootReadme:
 
     def with_section(self, lines: list[str]) -> bytes:
         """The file with the section replaced by ``INDEX_START``, ``lines``, ``INDEX_END`` (appended after a blank
-        line when there is none); every byte outside the section is the original's."""
+        line when there is none, after a line closing a fence the file leaves open, so that the section is seen as
+        hf_gauge's next time); every byte outside the section is the original's."""
         nl = self.newline
         section = nl.join([INDEX_START, *lines, INDEX_END])
         if self.span is not None:
             a, b = self.span
             return (self.text[:a] + section + self.text[b:]).encode("utf-8")
         t = self.text
+        if self.open_fence:
+            t += ("" if t.endswith("\n") else nl) + self.open_fence + nl
         sep = "" if not t.strip("\ufeff") or t.endswith(("\n\n", "\n\r\n")) else (nl if t.endswith("\n") else nl + nl)
         return (t + sep + section + nl).encode("utf-8")
 
@@ -106,4 +111,5 @@ def parse_root_readme(data: bytes, where: str = "README.md") -> RootReadme:
         elif kind == INDEX_END and start is not None:
             span = (start, lm.start() + len(line))
             break
-    return RootReadme(text, span, newline)
+    open_fence = fence[0] * fence[1] if fence is not None and span is None else ""
+    return RootReadme(text, span, newline, open_fence)

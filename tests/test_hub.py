@@ -177,9 +177,8 @@ def test_push_keeps_every_byte_of_the_users_readme(hub: HubServer, user: str) ->
     push_gauge(gauge(1), repo, path_in_repo="gauges/a", endpoint=hub.url)
     first = hub.files(repo)["README.md"]
     assert first.startswith(user.encode())
-    added = first[len(user.encode()):].decode()
-    assert added.lstrip("\r\n").startswith(INDEX_START) and added.rstrip("\r\n").endswith(INDEX_END)
-    a = len(user.encode()) + len(added) - len(added.lstrip("\r\n"))
+    a = first.index(INDEX_START.encode(), len(user.encode()))
+    assert first[len(user.encode()):a].strip(b"\r\n`~ ") == b"" and first.rstrip(b"\r\n").endswith(INDEX_END.encode())
     push_gauge(gauge(2), repo, path_in_repo="gauges/b", endpoint=hub.url)
     second = hub.files(repo)["README.md"]
     assert second[:a] == first[:a] and second.endswith(INDEX_END.encode() + first[len(first.rstrip(b"\r\n")):])

@@ -47,7 +47,7 @@ def _block(draw) -> str:
 
 
 @st.composite
-def readmes(draw, front_matter: bool = True) -> str:
+def readmes(draw, front_matter: bool = True, open_fence: bool = True) -> str:
     """A user's README: BOM, YAML front matter with comments/quotes/flow lists, fenced markers, CRLF, no final EOL."""
     text = "\ufeff" if draw(st.booleans()) else ""
     if front_matter and draw(st.booleans()):
@@ -55,6 +55,8 @@ def readmes(draw, front_matter: bool = True) -> str:
         yaml = "".join(draw(st.lists(st.sampled_from(_YAML), max_size=5)))
         text += "---" + eol + yaml.replace("\n", eol) + "---" + eol
     text += "".join(draw(st.lists(_block(), max_size=8)))
+    if open_fence and draw(st.integers(0, 3)) == 0:             # a fence left open at the end of the file
+        text += draw(st.sampled_from(["```\n", "  ~~~~ x\r\n"])) + draw(_MARKER) + "\n"
     if draw(st.booleans()):
         text = text.rstrip("\r\n")
     return text
@@ -68,18 +70,17 @@ def test_section_appended_and_every_user_byte_kept(user: str, rows: list[str]) -
     assert r.span is None and r.section_lines() == []          # markers in fences / indented / inline are the user's
     out = r.with_section(rows).decode()
     assert out.startswith(user)                                  # every byte the user wrote, BOM and CRLF included
-    added = out[len(user):]
-    assert added.strip("\r\n").startswith(INDEX_START) and added.endswith(INDEX_END + r.newline)
+    a, b = out.index(INDEX_START, len(user)), out.rindex(INDEX_END) + len(INDEX_END)
+    closing = r.open_fence + r.newline if r.open_fence else ""  # a fence the user left open is closed first
+    assert out[len(user):a].lstrip("\r\n").strip("\r\n") == closing.strip("\r\n") and out[b:] == r.newline
     again = parse_root_readme(out.encode())
     assert again.section_lines() == rows                         # found back, rows intact
     out2 = again.with_section(["x"]).decode()                    # a second push replaces only the section
-    a = len(user) + len(added) - len(added.lstrip("\r\n"))
-    b = out.rindex(INDEX_END) + len(INDEX_END)
     assert out2 == out[:a] + r.newline.join([INDEX_START, "x", INDEX_END]) + out[b:]
 
 
 @settings(max_examples=150, deadline=None)
-@given(readmes(), readmes(front_matter=False), st.sampled_from(["\n", "\r\n"]))
+@given(readmes(open_fence=False), readmes(front_matter=False), st.sampled_from(["\n", "\r\n"]))
 def test_section_in_the_middle_replaced_in_place(head: str, tail: str, eol: str) -> None:
     head = head.rstrip("\r\n") + "\n" if head.rstrip("\r\n\ufeff") else head
     tail = tail.lstrip("\ufeff")
@@ -92,9 +93,14 @@ def test_section_in_the_middle_replaced_in_place(head: str, tail: str, eol: str)
 
 
 def test_crlf_file_gets_a_crlf_section_and_markers_need_a_whole_line() -> None:
-    user = "# T\r\n\r\nsee <!-- hf_gauge:gauges:start --> here\r\n~~~\r\n" + INDEX_START + "\r\nkeep\r\n"
-    out = parse_root_readme(user.encode()).with_section(["row"])     # an unclosed fence runs to the end
-    assert out == (user + "\r\n" + INDEX_START + "\r\nrow\r\n" + INDEX_END + "\r\n").encode()
+    user = "# T\r\n\r\nsee <!-- hf_gauge:gauges:start --> here\r\n~~~~\r\n" + INDEX_START + "\r\nkeep ~~~\r\n"
+    r = parse_root_readme(user.encode())                 # an unclosed fence runs to the end: closed before the section
+    assert r.span is None and r.open_fence == "~~~~"
+    out = r.with_section(["row"])
+    assert out == (user + "~~~~\r\n\r\n" + INDEX_START + "\r\nrow\r\n" + INDEX_END + "\r\n").encode()
+    assert parse_root_readme(out).section_lines() == ["row"]                 # found next time, not appended again
+    no_eol = parse_root_readme(b"```py\nx = 1").with_section(["r"])
+    assert no_eol == ("```py\nx = 1\n```\n\n" + INDEX_START + "\nr\n" + INDEX_END + "\n").encode()
     dup = parse_root_readme((INDEX_START + "\nstray start\n" + INDEX_START + "\nours\n" + INDEX_END + "\n").encode())
     assert dup.section_lines() == ["ours"]                      # an unpaired start of the user's is kept
 
