@@ -584,7 +584,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     index, in one commit (a pull request with ``create_pr=True``).
 
     Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the gauge folder and the
-    marked index section of the root ``README.md`` change). ``source_id`` / ``target_id`` name the models on the Hub
+    marked index section of the root ``README.md`` change; every other byte of that README is kept, and one that is
+    not UTF-8 or has a metadata header that is not YAML is refused before anything is written). ``source_id`` / ``target_id`` name the models on the Hub
     (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
     ``HfApi.model_info``. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
     """
