@@ -137,20 +137,26 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     are replaced as one unit, under an exclusive lock on the folder that ``load_gauge`` takes shared: the new pair is
     first published whole as a hidden journal folder (``.hf_gauge-pending``, written as ``.hf_gauge-pending.new``),
     then each file is renamed from it onto the folder's (weights first; the config records the weights' sha256) and
-    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process killed at any
-    point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next save finishes
-    the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched.
+    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process killed
+    at any point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next save finishes
+    the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched
+    (``Gauge.save_pretrained`` writes its card in the same unit, after the pair).
     """
+    return _save(gauge, Path(save_directory), {})
+
+
+def _save(gauge: Gauge, target: Path, extra: Mapping[str, bytes]) -> Path:
+    """``save_gauge``, with ``extra`` files (the card) written in the same unit, after the pair."""
     weights, config = _serialize(gauge)
-    target = Path(save_directory)
+    files = {WEIGHTS_NAME: weights, CONFIG_NAME: config, **extra}
     if target.exists() and not target.is_dir():
         raise GaugeError(f"{target} exists and is not a folder; choose a folder path such as gauges/<name>/")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with atomic_path(target, directory=True) as tmp:
-                (tmp / WEIGHTS_NAME).write_bytes(weights)
-                (tmp / CONFIG_NAME).write_bytes(config)
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
             return target
         except OSError:
             if not target.is_dir():
@@ -163,8 +169,8 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
             _remove(leftover)                   # reserved names: what a killed save left
         try:
             tmp.mkdir()
-            (tmp / WEIGHTS_NAME).write_bytes(weights)
-            (tmp / CONFIG_NAME).write_bytes(config)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
             fsync_tree(tmp)
             os.rename(tmp, pending)             # the journal: from here on the new pair is complete on disk
         except BaseException:
@@ -221,6 +227,9 @@ def _finish_pending(folder: Path, own: bool = False) -> None:
         raise
     if _regular(pending / CONFIG_NAME):
         os.replace(pending / CONFIG_NAME, folder / CONFIG_NAME)
+    for p in sorted(pending.iterdir()):          # the card saved with the pair
+        if _regular(p) and p.name in (CARD_NAME,):
+            os.replace(p, folder / p.name)
     fsync_dir(folder)
     _drop(pending)
 
@@ -625,10 +634,10 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
 # Gauge's persistence methods: gauge.py holds no file I/O, so they are attached here
 # ----------------------------------------------------------------------------------------------------------------
 def _save_pretrained(self: Gauge, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``)."""
-    out = save_gauge(self, save_directory, **kwargs)
-    write_gauge_card(self, out)
-    return out
+    """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``), the three
+    as one unit (``save_gauge``'s journal carries the card)."""
+    card = str(gauge_card(self)).encode()
+    return _save(self, Path(save_directory), {CARD_NAME: card}, **kwargs)
 
 
 def _from_pretrained(cls: type, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Gauge:

@@ -362,14 +362,14 @@ def test_sigkill_during_resave_leaves_the_old_or_the_new_gauge(tmp_path: Path) -
         time.sleep(rng.uniform(0.002, 0.06))
         p.kill()
         p.join()
-        journals += (folder / hub.PENDING_NAME).is_dir()       # killed within a replacement
+        journals += any(os.path.lexists(folder / (hub.PENDING_NAME + x)) for x in ("", ".new", ".old"))
         try:
             g = load_gauge(folder)
             assert g == want[0] or g == want[1]
         except GaugeError as e:
             torn.append((i, str(e)))
     assert not torn, f"{len(torn)} of 25 kills left a folder that does not load: {torn[:2]}"
-    assert journals > 0                                        # the kills did land inside replacements
+    assert journals > 0                             # some kills did land inside a replacement (journal on disk)
     make_gauge(7).save_pretrained(folder)
     assert load_gauge(folder) == make_gauge(7)
     assert sorted(os.listdir(folder)) == sorted([CONFIG_NAME, WEIGHTS_NAME, "README.md"])
