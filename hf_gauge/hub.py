@@ -23,8 +23,8 @@ from .atomic import atomic_path, atomic_write_bytes, folder_lock, fsync_dir, fsy
 from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
-from .readme import parse_root_readme
 from .group import SignedPermutation
+from .readme import parse_root_readme
 from .specs import get_spec
 from .version import __version__
 
@@ -211,7 +211,7 @@ def _pending_pair(folder: Path) -> tuple[bytes, bytes] | None:
 
 def _finish_pending(folder: Path, own: bool = False) -> None:
     """Roll a journalled save forward (caller holds the exclusive folder lock): rename the journal's weights, then its
-    config, onto the folder's (atomic renames, no temp files), then drop the journal (renamed to ``.old``, then
+    config (then its card, if any), onto the folder's (atomic renames, no temp files), then drop the journal (renamed to ``.old``, then
     removed). Every step is idempotent, so a kill at any point leaves a state this finishes. An error before the
     weights moved drops the caller's ``own`` journal (the save fails whole); after that the journal stays, and
     loads read the new pair until a save finishes it."""
@@ -227,9 +227,8 @@ def _finish_pending(folder: Path, own: bool = False) -> None:
         raise
     if _regular(pending / CONFIG_NAME):
         os.replace(pending / CONFIG_NAME, folder / CONFIG_NAME)
-    for p in sorted(pending.iterdir()):          # the card saved with the pair
-        if _regular(p) and p.name in (CARD_NAME,):
-            os.replace(p, folder / p.name)
+    if _regular(pending / CARD_NAME):            # the card save_pretrained writes with the pair
+        os.replace(pending / CARD_NAME, folder / CARD_NAME)
     fsync_dir(folder)
     _drop(pending)
 
