@@ -40,10 +40,15 @@ _EXPORTS = {
     "canonicalize": "canonical", "canonical_stability": "canonical", "AuditReport": "audit", "audit": "audit",
 }
 
+# submodules reachable as attributes without an explicit import (``hf_gauge.compat.import_repeng()``)
+_SUBMODULES = ("compat",)
+
 __all__ = ["GaugeError", "__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'hf_gauge' has no attribute {name!r}")
@@ -54,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
 class _Package(types.ModuleType):

@@ -26,10 +26,9 @@ def _load_gauge(spec: str, revision: str | None = None):
 
     if Path(spec).exists() or Path(spec).is_absolute() or spec.startswith("."):
         return load_gauge(spec)
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2:
+    if len(spec.strip("/").split("/")) < 2:
         raise GaugeError(f"no gauge folder {spec!r}; on the Hub give namespace/repo/gauges/<name>")
-    return load_gauge("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None, revision=revision)
+    return load_gauge(spec.strip("/"), revision=revision)
 
 
 def _check_model_arg(spec: str) -> None:

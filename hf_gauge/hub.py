@@ -27,7 +27,8 @@ from .specs import get_spec
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
-           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
+           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path",
+           "split_hub_path"]
 
 WEIGHTS_NAME = "gauge.safetensors"
 CONFIG_NAME = "gauge_config.json"
@@ -196,15 +197,33 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
     return paths[0], paths[1]
 
 
+def split_hub_path(spec: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """``("org/repo", "gauges/<name>")`` from ``"org/repo/gauges/<name>"`` (``subfolder`` appended); a spec of one or
+    two parts is returned as is. Refuses empty, ``.`` and ``..`` parts in the subfolder."""
+    parts = spec.split("/")
+    if len(parts) <= 2 or spec.startswith((".", "/", "~")):
+        return spec, subfolder
+    rest = [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])]
+    if any(x in ("", ".", "..") for x in rest):
+        raise GaugeError(f"{spec!r}: a gauge on the Hub is 'org/repo/gauges/<name>'; its subfolder parts may not be "
+                         "empty, '.' or '..'")
+    return "/".join(parts[:2]), "/".join(rest)
+
+
 def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
                token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                local_files_only: bool = False, endpoint: str | None = None) -> Gauge:
     """Load a gauge from a local folder or a Hub repository (``subfolder`` such as ``"gauges/<name>"``).
 
     Hub downloads go through ``hf_hub_download`` (``revision``, ``cache_dir``, ``token``, offline mode and
-    ``local_files_only`` honoured; ``endpoint`` for a private Hub). Raises ``GaugeError`` on anything invalid.
+    ``local_files_only`` honoured; ``endpoint`` for a private Hub). The CLI's and the card's spelling
+    ``"org/repo/gauges/<name>"`` works too: the first two parts are the repository, the rest the subfolder (before
+    ``subfolder``, when both are given). Raises ``GaugeError`` on anything invalid.
     """
     local = Path(path_or_repo_id)
+    if isinstance(path_or_repo_id, str) and not local.exists() and not local.is_absolute():
+        path_or_repo_id, subfolder = split_hub_path(path_or_repo_id, subfolder)
+        local = Path(path_or_repo_id)
     if subfolder:
         local = local / subfolder
     if local.is_dir():
@@ -355,6 +374,12 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     return out
 
 
+def cell(text: Any) -> str:
+    """``text`` safe inside one cell of a GFM table: ``|`` escaped (GFM splits cells on every unescaped pipe, also
+    inside code spans) and line breaks folded into spaces."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     rows = []
     for k, v in _jsonable(metrics).items():
@@ -362,8 +387,13 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
             continue
         if isinstance(v, float) and not isinstance(v, bool):
             v = f"{v:.4g}"
-        rows.append({"name": k, "value": str(v), "help": METRIC_HELP.get(k, "")})
+        rows.append({"name": cell(k), "value": cell(v), "help": cell(METRIC_HELP.get(k, ""))})
     return rows
+
+
+def _cells(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A source/target description with its strings escaped for table cells (``cell``)."""
+    return {k: cell(v) if isinstance(v, str) else v for k, v in desc.items()}
 
 
 def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gauges/NAME"):
@@ -377,7 +407,8 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
                          base_model=base if _is_hub_id(base) else None, license=src.get("license"))
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
     return ModelCard.from_template(
-        data, template_path=str(template_path()), source=src, target=tgt, source_name=src.get("model_id") or
+        data, template_path=str(template_path()), source=src, target=tgt, source_cells=_cells(src),
+        target_cells=_cells(tgt), source_name=src.get("model_id") or
         "source model", target_name=tgt.get("model_id") or "target model", group=group_name(gauge), method=gauge.method,
         metrics=_metric_rows(gauge.metrics), spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo,
         format_version=FORMAT_VERSION, library_version=_version())
@@ -393,8 +424,8 @@ def write_gauge_card(gauge: Gauge, folder: str | os.PathLike, repo_id: str = "RE
 
 def _index_row(gauge: Gauge, repo_id: str, path_in_repo: str) -> str:
     src, tgt = gauge.source.get("model_id") or "unknown", gauge.target.get("model_id") or "unknown"
-    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{src}` → `{tgt}` | {gauge.method} | {group_name(gauge)} | "
-            f"`hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
+    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{cell(src)}` → `{cell(tgt)}` | {cell(gauge.method)} | "
+            f"{group_name(gauge)} | `hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
 
 
 def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: str):
@@ -447,8 +478,9 @@ def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: st
 
 def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
     """The card of a checkpoint written by ``apply_gauge_to_checkpoint``: what it is (the source moved into another
-    chart, same function), ``base_model`` (the source's Hub id) and the source's license; the source's own card and
-    gauges are not copied, since they describe the source's chart."""
+    chart, same function), ``base_model`` (the source's Hub id) with ``base_model_relation: finetune`` (of the Hub's
+    relations, the one for a full checkpoint derived from its base), ``library_name: transformers`` and the source's
+    license; the source's own card and gauges are not copied, since they describe the source's chart."""
     from huggingface_hub import ModelCard, ModelCardData
 
     lic = None
@@ -459,7 +491,9 @@ def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None
             lic = None
     sid = source_id if source_id and _is_hub_id(source_id) else None
     name = sid or gauge.source.get("model_id") or "the source checkpoint"
-    data = ModelCardData(base_model=sid, license=lic, tags=["hf_gauge", "gauged"])
+    data = ModelCardData(base_model=sid, license=lic, library_name="transformers", tags=["hf_gauge", "gauged"])
+    if sid:
+        data.base_model_relation = "finetune"    # the Hub's relation for a full checkpoint derived from its base
     text = (f"# `{name}` in another residual chart\n\nThis checkpoint is `{name}` with every weight moved through the "
             f"hf_gauge gauge `{gauge_id(gauge)}` ({gauge.method}; spaces {', '.join(gauge.spaces)}): index operations "
             "and sign flips only, so it computes exactly the same function; only the coordinates of its hidden "
