@@ -23,6 +23,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
 from .group import SignedPermutation
+from .modelref import hub_model_id, is_hub_id, is_local_path
 from .specs import get_spec
 from .version import __version__
 
@@ -311,8 +312,6 @@ def template_path() -> Path:
     return Path(str(p))
 
 
-_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
-
 # one line per fit metric, shown next to its rounded value on the card
 METRIC_HELP = {
     "mean_matched": "mean |correlation| of the matched coordinate pairs (1 = the two charts agree exactly)",
@@ -333,26 +332,6 @@ INDEX_START = "<!-- hf_gauge:gauges:start -->"
 INDEX_END = "<!-- hf_gauge:gauges:end -->"
 
 
-def hub_model_id(model_id: str | None, revision: str | None = None) -> tuple[str, str | None]:
-    """``(id, revision)`` with a Hugging Face cache path (``.../models--org--name/snapshots/<sha>``) turned into
-    ``org/name`` pinned at ``<sha>``; anything else unchanged."""
-    m = _CACHE_PATH.search(str(model_id or ""))
-    if m:
-        return f"{m['org']}/{m['name']}", revision or m["sha"]
-    return str(model_id or ""), revision
-
-
-def _is_hub_id(model_id: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    if not model_id or "/" not in model_id or Path(model_id).is_absolute() or model_id.startswith("."):
-        return False
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return False
-    return not Path(model_id).exists()
-
-
 def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, Any]:
     """``desc`` with a Hub model id (``model_id`` if given, else the recorded one with cache paths mapped back to
     ids) and its revision pinned through ``HfApi.model_info`` (transformers 5 no longer records ``_commit_hash``)."""
@@ -362,7 +341,7 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     mid, rev = hub_model_id(model_id or out.get("model_id"), None if model_id else out.get("revision"))
     if mid != (out.get("model_id") or ""):
         out["model_id"], out["revision"] = mid, rev
-    if _is_hub_id(mid) and not rev and api is not None:
+    if is_hub_id(mid) and not rev and api is not None:
         try:
             info = api.model_info(mid)
             out["revision"] = info.sha
@@ -404,7 +383,7 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
     src, tgt = _jsonable(gauge.source), _jsonable(gauge.target)
     base = src.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "gauge", "signed-permutation"],
-                         base_model=base if _is_hub_id(base) else None, license=src.get("license"))
+                         base_model=base if is_hub_id(base) else None, license=src.get("license"))
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
     return ModelCard.from_template(
         data, template_path=str(template_path()), source=src, target=tgt, source_cells=_cells(src),
@@ -440,7 +419,7 @@ def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: st
 
     src = gauge.source.get("model_id") or ""
     if existing is None:
-        data = ModelCardData(library_name="hf_gauge", base_model=src if _is_hub_id(src) else None,
+        data = ModelCardData(library_name="hf_gauge", base_model=src if is_hub_id(src) else None,
                              license=gauge.source.get("license"))
         if data.base_model:
             data.base_model_relation = "adapter"
@@ -453,7 +432,7 @@ def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: st
         except ValueError as e:
             raise GaugeError(f"the repository's README.md has an unreadable metadata header ({e}); fix it before "
                              "pushing a gauge") from None
-        if _is_hub_id(src) and not getattr(card.data, "base_model", None):
+        if is_hub_id(src) and not getattr(card.data, "base_model", None):
             card.data.base_model = src
         if gauge.source.get("license") and not getattr(card.data, "license", None):
             card.data.license = gauge.source["license"]
@@ -489,7 +468,7 @@ def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None
             lic = getattr(ModelCard(source_card).data, "license", None)
         except ValueError:
             lic = None
-    sid = source_id if source_id and _is_hub_id(source_id) else None
+    sid = source_id if source_id and is_hub_id(source_id) else None
     name = sid or gauge.source.get("model_id") or "the source checkpoint"
     data = ModelCardData(base_model=sid, license=lic, library_name="transformers", tags=["hf_gauge", "gauged"])
     if sid:
@@ -553,7 +532,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the gauge folder and the
     marked index section of the root ``README.md`` change). ``source_id`` / ``target_id`` name the models on the Hub
     (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
-    ``HfApi.model_info``. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
+    ``HfApi.model_info``. A side that would still be a local path (a model loaded from a folder) is refused with
+    ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -569,6 +549,12 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     gauge = Gauge(spaces=dict(gauge.spaces), source=_pin(gauge.source, source_id, api),
                   target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
                   confidence=dict(gauge.confidence))
+    for side, arg in (("source", "source_id"), ("target", "target_id")):
+        mid = getattr(gauge, side).get("model_id")
+        if is_local_path(mid):
+            raise GaugeError(f"the gauge's {side} model is the local path {mid!r}, which the card and "
+                             f"gauge_config.json would publish: name it on the Hub with {arg}='org/name' "
+                             f"(CLI: --{arg.replace('_', '-')})")
     if create_repo:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not create_pr:

@@ -26,6 +26,7 @@ import torch
 from ..engine import check_gauge, move_tensor, segment_spans, stack_count
 from ..errors import GaugeError
 from ..jsonio import read_json
+from ..modelref import local_base
 from ..specs import ArchSpec
 from ..specs.base import template_regex
 from ..view import resolve_name
@@ -332,7 +333,7 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
     rec = _read_record(src)
     check_adapter_chart(gauge, src, cfg.get("base_model_name_or_path"), rec)
-    new_base = gauged_base(gauge, base, rec)
+    new_base = local_base(gauged_base(gauge, base, rec))     # a relative folder would load from here only
     if config is None and model is None:        # architecture and head geometry from a local base's config.json
         config = _local_base_config(cfg)
     moved = transport_adapter_state(gauge, sd, model_type=model_type, spec=spec, config=config, model=model)
