@@ -31,7 +31,7 @@ _EXPORTS = {
     "PairStats": "stats", "collect_pair_stats": "stats",
     # transport
     "merge": "merge", "IndexSet": "objects", "Attribution": "objects", "transport_path": "transport.files",
-    "transport_peft_model": "transport.peft_adapters",
+    "transport_peft_model": "transport.peft_adapters", "load_adapter": "transport.peft_load",
     # hub / checkpoint / verify
     "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub", "GaugeConfig": "gauge_config",
     "apply_gauge_to_checkpoint": "checkpoint", "verify": "verify",

@@ -522,6 +522,9 @@ def _root_readme(api: Any, repo_id: str, revision: str | None) -> str | None:
     return Path(path).read_text(encoding="utf-8")
 
 
+check_path_in_repo = _check_path_in_repo      # the same rule for every folder hf_gauge publishes (omapio)
+
+
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
                revision: str | None = None, token: str | bool | None = None, create_repo: bool = True,
                private: bool | None = None, endpoint: str | None = None, create_pr: bool = False,
@@ -555,6 +558,13 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
             raise GaugeError(f"the gauge's {side} model is the local path {mid!r}, which the card and "
                              f"gauge_config.json would publish: name it on the Hub with {arg}='org/name' "
                              f"(CLI: --{arg.replace('_', '-')})")
+    hops = gauge.metrics.get("hops")
+    for hop in hops if isinstance(hops, list) else []:
+        local = [v for k, v in (hop.items() if isinstance(hop, Mapping) else ()) if k in ("from", "to")
+                 and isinstance(v, str) and is_local_path(v)]
+        if local:
+            raise GaugeError(f"gauge.metrics['hops'] names the local checkpoint {local[0]!r}, which gauge_config.json "
+                             "would publish: compose the path from Hub ids, or drop metrics['hops'] before pushing")
     if create_repo:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     if revision is not None and not create_pr:

@@ -1,4 +1,4 @@
-"""Check a gauge end to end: move a copy of model A through it and compare with model B (logits and weights)."""
+"""Check a gauge end to end: model A moved through it against model B (weights tensor by tensor, and logits)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,8 @@ import torch
 from .errors import GaugeError
 from .gauge import Gauge
 from .activations import iter_batches, logits
-from .models import apply_gauge, fingerprint
+from .engine import check_gauge, move_tensor, moves_for
+from .models import apply_gauge, fingerprint, offloaded_value
 from .view import ModelView
 
 __all__ = ["verify", "default_batch"]
@@ -44,28 +45,47 @@ def _max_diff(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(x, y))
 
 
-def _weight_diff(x: dict, y: dict) -> tuple[int, float, float]:
-    """(tensors that differ, max |difference|, ||x - y||_F / ||y||_F over floating tensors)."""
-    differ, max_w, num, den = 0, 0.0, 0.0, 0.0
-    for k in sorted(set(x) | set(y)):
-        a, b = x.get(k), y.get(k)
+class _WeightDiff:
+    """Streamed (tensors that differ, max |difference|, ||x - y||_F / ||y||_F over floating tensors), one pair of
+    tensors at a time (nothing model-sized is held)."""
+
+    def __init__(self) -> None:
+        self.differ, self.max_w, self.num, self.den = 0, 0.0, 0.0, 0.0
+
+    def add(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
-            differ += 1
-            max_w = float("inf")
-            continue
+            self.differ += 1
+            self.max_w = float("inf")
+            return
+        a, b = a.cpu(), b.cpu()
         if a.is_floating_point():
-            d = (a.double() - b.double())
-            num += float(d.square().sum())
-            den += float(b.double().square().sum())
+            d = a.double() - b.double()
+            self.num += float(d.square().sum())
+            self.den += float(b.double().square().sum())
         if not torch.equal(a, b):
-            differ += 1
-            max_w = max(max_w, float(d.abs().max())) if a.is_floating_point() else float("inf")
-    return differ, max_w, (num ** 0.5) / (den ** 0.5) if den > 0 else (0.0 if num == 0 else float("inf"))
+            self.differ += 1
+            self.max_w = max(self.max_w, float(d.abs().max())) if a.is_floating_point() else float("inf")
+
+    @property
+    def relative(self) -> float:
+        return (self.num ** 0.5) / (self.den ** 0.5) if self.den > 0 else (0.0 if self.num == 0 else float("inf"))
+
+
+def _value(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``model``'s tensor ``name`` (``t`` from its state dict), read where accelerate keeps it when offloaded."""
+    if t.device.type != "meta":
+        return t.detach()
+    mod, _, local = name.rpartition(".")
+    return offloaded_value(model.get_submodule(mod) if mod else model, local)
+
+
+def _is_offloaded(model: torch.nn.Module) -> bool:
+    return any(t.device.type == "meta" for t in model.state_dict().values())
 
 
 @torch.no_grad()
 def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[str, Any]:
-    """Compare model B with a copy of model A moved through ``gauge`` (A and B are not modified).
+    """Compare model B with model A moved through ``gauge`` (A and B are not modified).
 
     Logits are gauge-invariant, so the logit numbers check that the gauge is a symmetry (moved A computes what A
     computes) and how far B is from A functionally; the weight numbers check the gauge itself (a right gauge makes
@@ -77,6 +97,11 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     ``max_abs_logit`` (B's largest |logit|), ``weights_bit_exact``, ``n_tensors_differ``, ``max_abs_weight_diff``,
     ``relative_weight_diff`` (||moved A - B|| / ||B||), ``relative_weight_diff_without_gauge`` (||A - B|| / ||B||),
     ``fingerprint_match`` and ``tokens``.
+
+    The weights are compared tensor by tensor (each of A's tensors moved as a copy, read from accelerate's offload
+    where A is offloaded), so neither model is modified or copied whole for them. The two logit numbers of moved A
+    need a moved copy of A; for an offloaded A (weights on the meta device) that copy is not built and they are
+    ``None``: the weight numbers then decide.
     """
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"verify expects a hf_gauge.Gauge, got {type(gauge).__name__}")
@@ -85,28 +110,36 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     if ca.model_type != cb.model_type or ca.hidden != cb.hidden:
         raise GaugeError(f"models differ in architecture: {ca.model_type}/{ca.hidden} vs "
                          f"{cb.model_type}/{cb.hidden}; a gauge relates two models of one shape")
+    check_gauge(va.spec, ca, gauge)
     vocab = min(ca.vocab_size, cb.vocab_size)
     batches = _batches(data, vocab)
-    moved = copy.deepcopy(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # a fingerprint warning is expected when A is a fine-tune
-        apply_gauge(moved, gauge)
-    la, lb, lm = _logits(a, batches), _logits(b, batches), _logits(moved, batches)
-    sb = b.state_dict()
-    differ, max_w, rel = _weight_diff(moved.state_dict(), sb)
-    _, _, rel0 = _weight_diff(a.state_dict(), sb)
-    result = {
-        "max_abs_logit_diff": _max_diff(lm, lb),
+    sa, sb = a.state_dict(), b.state_dict()
+    plan = moves_for(va.spec, ca, gauge, [n for n, _ in a.named_parameters(remove_duplicate=False)])
+    moved_diff, raw_diff = _WeightDiff(), _WeightDiff()
+    for k in sorted(set(sa) | set(sb)):            # A's tensors moved one at a time: the model itself is not touched
+        ta = _value(a, k, sa[k]) if k in sa else None
+        tb = _value(b, k, sb[k]) if k in sb else None
+        raw_diff.add(ta, tb)
+        moved_diff.add(move_tensor(ta, plan[k]) if ta is not None and plan.get(k) else ta, tb)
+    la, lb = _logits(a, batches), _logits(b, batches)
+    lm = None
+    if not _is_offloaded(a):                       # a moved copy runs only when A's weights are all in memory
+        moved = copy.deepcopy(a)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")        # a fingerprint warning is expected when A is a fine-tune
+            apply_gauge(moved, gauge)
+        lm = _logits(moved, batches)
+        del moved
+    return {
+        "max_abs_logit_diff": _max_diff(lm, lb) if lm is not None else None,
         "max_abs_logit_diff_a_b": _max_diff(la, lb),
-        "symmetry_logit_diff": _max_diff(lm, la),
+        "symmetry_logit_diff": _max_diff(lm, la) if lm is not None else None,
         "max_abs_logit": max(float(x.abs().max()) for x in lb),
-        "weights_bit_exact": differ == 0,
-        "n_tensors_differ": differ,
-        "max_abs_weight_diff": max_w,
-        "relative_weight_diff": rel,
-        "relative_weight_diff_without_gauge": rel0,
-        "fingerprint_match": fingerprint(moved) == fingerprint(b),
+        "weights_bit_exact": moved_diff.differ == 0,
+        "n_tensors_differ": moved_diff.differ,
+        "max_abs_weight_diff": moved_diff.max_w,
+        "relative_weight_diff": moved_diff.relative,
+        "relative_weight_diff_without_gauge": raw_diff.relative,
+        "fingerprint_match": fingerprint(a, gauge) == fingerprint(b),
         "tokens": sum(int(mask.sum()) for _, mask in batches),
     }
-    del moved
-    return result

@@ -292,5 +292,8 @@ def test_every_card_snippet_runs_on_its_own(hub: HubServer, tmp_path: Path, monk
     for i, code in enumerate(snippets):
         ns: dict = {}
         exec(compile(code, f"card-snippet-{i}", "exec"), ns)
+    index = hub.files("org/snips")["README.md"].decode()          # the root index's inline load call, too
+    (call,) = re.findall(r"`(hf_gauge\.load_gauge\(.*?\))`", index)
+    assert eval(call, {"hf_gauge": hf_gauge}) == g
     moved = hf_gauge.apply_gauge(model, g)
     assert all(torch.equal(p, q) for p, q in zip(ns["model"].state_dict().values(), moved.state_dict().values()))

@@ -54,6 +54,10 @@ def test_push_refuses_a_local_path_naming_the_argument(tmp_path: Path) -> None:
             hf_gauge.push_gauge(g, "org/x", endpoint=hub.url)
         with pytest.raises(GaugeError, match=r"target model is the local path .*target_id=.*--target-id"):
             hf_gauge.push_gauge(g, "org/x", endpoint=hub.url, source_id="org/a")
+        hops = hf_gauge.Gauge(g.residual, source={"model_id": "org/a"}, target={"model_id": "org/b"},
+                              metrics={"hops": [{"from": "org/a", "to": "work/u2/mid"}]})
+        with pytest.raises(GaugeError, match=r"metrics\['hops'\] names the local checkpoint 'work/u2/mid'"):
+            hf_gauge.push_gauge(hops, "org/x", endpoint=hub.url)
         assert "org/x" not in hub.repos                                # refused before anything was created
         hf_gauge.push_gauge(g, "org/x", endpoint=hub.url, source_id="org/a", target_id="org/b")
         files = hub.files("org/x")
