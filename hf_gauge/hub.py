@@ -222,7 +222,8 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     ``subfolder``, when both are given). Raises ``GaugeError`` on anything invalid.
     """
     local = Path(path_or_repo_id)
-    if isinstance(path_or_repo_id, str) and not local.exists() and not local.is_absolute():
+    if isinstance(path_or_repo_id, str) and not local.exists() and not local.is_absolute() \
+            and not Path(path_or_repo_id.split("/")[0]).is_dir():      # out/gauges/typo stays a local path
         path_or_repo_id, subfolder = split_hub_path(path_or_repo_id, subfolder)
         local = Path(path_or_repo_id)
     if subfolder:
@@ -536,7 +537,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     marked index section of the root ``README.md`` change). ``source_id`` / ``target_id`` name the models on the Hub
     (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
     ``HfApi.model_info``. A side that would still be a local path (a model loaded from a folder) is refused with
-    ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
+    ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing.
+    Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id

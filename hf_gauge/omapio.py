@@ -86,10 +86,10 @@ def map_card(omap: OrthogonalMap, repo_id: str, path_in_repo: str):
     base = omap.source.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "orthogonal-map"],
                          base_model=base if is_hub_id(base) else None)
-    text = (f"# Orthogonal map: `{src}` → `{tgt}`\n\nAn orthogonal map `R` ({omap.width}×{omap.width}, float64) fitted "
-            f"by orthogonal Procrustes on the two models' residual activations, with `{CONVENTION}`. Unlike a gauge it "
-            "is approximate: it transports activation-level objects (steering vectors, SAEs) but cannot be applied "
-            "to the model's weights.\n\n```python\nfrom huggingface_hub import snapshot_download\n"
+    text = (f"# Orthogonal map: `{src}` → `{tgt}`\n\nAn orthogonal map `R` ({omap.width}×{omap.width}, float64) "
+            f"fitted by orthogonal Procrustes on the two models' residual activations, with `{CONVENTION}`. Unlike a "
+            "gauge it is approximate: it transports activation-level objects (steering vectors, SAEs) but cannot be "
+            "applied to the model's weights.\n\n```python\nfrom huggingface_hub import snapshot_download\n"
             "from hf_gauge.omapio import load_orthogonal_map\n\n"
             f"folder = snapshot_download(\"{repo_id}\", allow_patterns=[\"{path_in_repo}/*\"])\n"
             f"omap = load_orthogonal_map(f\"{{folder}}/{path_in_repo}\")\nprint(omap)\n```\n\n"

@@ -618,7 +618,8 @@ def test_show_and_push_the_procrustes_output(setup, tmp_path: Path, monkeypatch:
         assert "--source-id" in capsys.readouterr().err                      # A and B are local folders
         assert main(push + ["--source-id", "org/a", "--target-id", "org/b"]) == 0
         files = hub.files("org/maps")
-        assert {"maps/a2b/orthogonal_map.safetensors", "maps/a2b/orthogonal_map.json", "maps/a2b/README.md"} <= set(files)
+        names = ("orthogonal_map.safetensors", "orthogonal_map.json", "README.md")
+        assert {f"maps/a2b/{f}" for f in names} <= set(files)
         assert str(tmp) not in files["maps/a2b/orthogonal_map.json"].decode() + files["maps/a2b/README.md"].decode()
         capsys.readouterr()
         assert main(["show", "org/maps/maps/a2b"]) == 0

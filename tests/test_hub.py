@@ -252,7 +252,8 @@ def test_every_card_renders_its_tables_whole(hub: HubServer) -> None:
     assert ckpt.data.library_name == "transformers" and ckpt.data.license == "mit"
 
 
-def test_gauge_spelling_of_the_cli_and_card_loads(hub: HubServer, tmp_path: Path) -> None:
+def test_gauge_spelling_of_the_cli_and_card_loads(hub: HubServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """``Gauge.from_pretrained("org/repo/gauges/name")`` (the spelling the CLI and the card write) loads; ``subfolder=``
     still works; bad subfolder parts are refused."""
     g = gauge(8)
@@ -264,6 +265,10 @@ def test_gauge_spelling_of_the_cli_and_card_loads(hub: HubServer, tmp_path: Path
     for bad in ("org/spell/gauges/../x", "org/spell//x", "org/spell/./x"):
         with pytest.raises(GaugeError, match="may not be empty"):
             load_gauge(bad, **kw)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)                  # a typo under an existing local folder stays a local path
+    with pytest.raises(GaugeError, match="no gauge folder at out/gauges/typo"):
+        load_gauge("out/gauges/typo", **kw)
 
 
 def test_every_card_snippet_runs_on_its_own(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
