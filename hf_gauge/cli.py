@@ -151,10 +151,10 @@ def _context(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
-def _add_data(s: argparse.ArgumentParser, use: str) -> None:
+def _add_data(s: argparse.ArgumentParser, description: str) -> None:
     """The data options of every command that runs the models on data (``find``, ``verify``): one builder, so they
     window and cap text the same way."""
-    g = s.add_argument_group("data", f"text or token ids to {use} (loads both models)")
+    g = s.add_argument_group("data", description)
     g.add_argument("--data", metavar="FILE", help=".txt text, or token ids in .safetensors (input_ids) / .json")
     g.add_argument("--text", nargs="+", metavar="TEXT", help="text to run through both models")
     g.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("find", help="fit the gauge from model A's chart to model B's")
     s.add_argument("model_a", metavar="A", help="source model: folder or Hub id")
     s.add_argument("model_b", metavar="B", help="target model: folder or Hub id")
-    _add_data(s, "match activations on (default: data-free, from the weights)")
+    _add_data(s, "text or token ids whose activations are matched (loads both models; without data the fit is "
+                 "data-free, from the checkpoint files)")
     s.add_argument("--method", default="signed", choices=("signed", "permutation", "procrustes"),
                    help="signed (B_d, default), permutation (the S_d baseline) or procrustes (an orthogonal map "
                         "for models that are not gauge-equivalent; needs data; written as orthogonal_map.*)")
@@ -558,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gauge-revision")
     s.add_argument("--weight-atol", type=float, default=0.0,
                    help="streaming check: largest accepted |moved A - B| per tensor (default 0: bit-exact)")
-    _add_data(s, "check logits on")
+    _add_data(s, "text or token ids to compare logits on (loads both models; without data the check streams the "
+                 "checkpoint files)")
     _add_loading(s)
     s.add_argument("--atol", type=float, default=1e-3, help="max |logit change| of A under the gauge (default 1e-3)")
     s.add_argument("--max-weight-ratio", type=float, default=0.5,
@@ -624,14 +626,15 @@ def audit_parser() -> argparse.ArgumentParser:
 
 
 EXAMPLES = {
-    "find": "hf-gauge find HuggingFaceTB/SmolLM2-135M ./gauged --data corpus.txt --max-length 512 -o gauges/a2b\n"
+    "find": "hf-gauge find HuggingFaceTB/SmolLM2-135M ./gauged --data corpus.txt --max-length 512 --max-tokens 65536 "
+            "-o gauges/a2b\n"
             "torchrun --nproc_per_node 2 -m hf_gauge find A B --data corpus.txt -o G   # rank 0 writes",
     "apply": "hf-gauge apply HuggingFaceTB/SmolLM2-135M --gauge gauges/a2b -o ./SmolLM2-gauged",
     "transport": "hf-gauge transport ./my-lora --gauge gauges/a2b --base ./SmolLM2-gauged -o ./my-lora-gauged\n"
                  "hf-gauge transport ./sae --gauge user/repo/gauges/a2b -o ./sae-gauged",
     "verify": "hf-gauge verify ./A ./B --gauge gauges/a2b --json",
     "push": "hf-gauge push gauges/a2b user/my-model --create-pr --commit-message 'add gauge'",
-    "show": "hf-gauge show user/my-model/gauges/a2b",
+    "show": "hf-gauge show user/my-model/gauges/a2b\nhf-gauge show ./omap   # find --method procrustes output",
     "merge": "hf-gauge merge ./run-1 ./run-2 --weight 0.5 -o ./merged",
     "audit": "hf-gauge audit smollm2 --claim topk-resid --n-gauges 4 --figure audit.png",
 }
