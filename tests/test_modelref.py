@@ -87,6 +87,10 @@ def test_adapter_folder_and_sae_cfg_carry_no_relative_or_local_path(tmp_path: Pa
     with pytest.warns(UserWarning, match="local base model"):
         hf_gauge.transport_path(g, "ad", "ad_b", base="./B")
     assert json.loads(Path("ad_b/adapter_config.json").read_text())["base_model_name_or_path"] == str(tmp_path / "B")
+    cfg = json.loads(Path("ad/adapter_config.json").read_text())
+    Path("ad/adapter_config.json").write_text(json.dumps({**cfg, "base_model_name_or_path": "./B"}))
+    with pytest.raises(GaugeError, match="wrong direction"):     # ./B is the gauge's target /abs/B
+        hf_gauge.transport_path(g, "ad", "ad_c", base="org/b")
     sae = StandardSAE(StandardSAEConfig(d_in=16, d_sae=8))
     sae.cfg.metadata.hook_name = "blocks.0.hook_resid_pre"
     sae.save_model(tmp_path / "sae")

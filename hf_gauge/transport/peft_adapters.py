@@ -27,7 +27,7 @@ import torch
 from ..engine import check_gauge, move_tensor, segment_spans, stack_count
 from ..errors import GaugeError
 from ..jsonio import read_json
-from ..modelref import local_base
+from ..modelref import local_base, model_ref
 from ..specs import ArchSpec
 from ..specs.base import template_regex
 from ..view import resolve_name
@@ -270,7 +270,7 @@ def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[st
                              f"starts from the chart {want}: fit a gauge from the adapter's base instead")
         return
     tgt, srcid = gauge.target.get("model_id"), gauge.source.get("model_id")
-    if adapter_base and tgt and tgt != srcid and adapter_base == tgt:
+    if adapter_base and tgt and tgt != srcid and model_ref(adapter_base)[0] == model_ref(tgt)[0]:   # ./B == /abs/B
         raise GaugeError(f"{src} is an adapter of {tgt!r}, the gauge's target model: this is the wrong direction; use "
                          "the inverse gauge (--inverse / gauge.inverse()) to move it to the source chart")
 
