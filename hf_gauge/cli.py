@@ -385,8 +385,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     a, b = _load_pair(args)
     res = verify(a, b, gauge, data=_token_data(args, a, data))
     # logits check the gauge is a symmetry; weights check it is the right one (bit-exact, or closer than without)
-    sym = res["symmetry_logit_diff"]                 # None: A is offloaded, its weights decide alone
-    ok = (sym is None or sym <= args.atol) and (
+    ok = res["symmetry_logit_diff"] <= args.atol and (
         res["weights_bit_exact"]
         or res["relative_weight_diff"] <= args.max_weight_ratio * res["relative_weight_diff_without_gauge"])
     if args.json:

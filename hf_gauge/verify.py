@@ -1,8 +1,8 @@
 """Check a gauge end to end: model A moved through it against model B (weights tensor by tensor, and logits)."""
 from __future__ import annotations
 
-import copy
-import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,7 +11,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .activations import iter_batches, logits
 from .engine import check_gauge, move_tensor, moves_for
-from .models import apply_gauge, fingerprint, offloaded_value
+from .models import fingerprint, offloaded_value
 from .view import ModelView
 
 __all__ = ["verify", "default_batch"]
@@ -79,8 +79,55 @@ def _value(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
     return offloaded_value(model.get_submodule(mod) if mod else model, local)
 
 
-def _is_offloaded(model: torch.nn.Module) -> bool:
-    return any(t.device.type == "meta" for t in model.state_dict().values())
+class _MovedMap(Mapping):
+    """An accelerate hook's ``weights_map`` serving its module's tensors moved through ``plan`` (copies, made as the
+    hook loads them); everything else, keys included, is the wrapped map's."""
+
+    def __init__(self, inner: Mapping, prefix: str, plan: dict[str, tuple]) -> None:
+        self.inner, self.prefix, self.plan = inner, prefix, plan
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.inner[key]
+        moves = self.plan.get(self.prefix + key)
+        return move_tensor(t, moves) if moves else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+@contextmanager
+def _moved_offload(model: torch.nn.Module, plan: dict[str, tuple]) -> Iterator[None]:
+    """Inside, accelerate's hooks load ``model``'s offloaded tensors moved through ``plan``; the hooks' maps (and the
+    tied-pointer entries the moved copies add) are restored on exit. The offload itself is never written."""
+    saved = []
+    for name, mod in model.named_modules():
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            wm = getattr(h, "weights_map", None)
+            if wm is not None:
+                tied = getattr(h, "tied_params_map", None)
+                saved.append((h, wm, tied, set(tied) if isinstance(tied, dict) else None))
+                h.weights_map = _MovedMap(wm, f"{name}." if name else "", plan)
+    try:
+        yield
+    finally:
+        for h, wm, tied, keys in saved:
+            h.weights_map = wm
+            if keys is not None:
+                for k in [k for k in tied if k not in keys]:
+                    tied.pop(k, None)
+
+
+def _moved_logits(a: torch.nn.Module, plan: dict[str, tuple], batches: list) -> list[torch.Tensor]:
+    """Logits of ``a`` moved through ``plan`` without moving ``a``: its in-memory parameters replaced by moved copies
+    for the call (``functional_call``), its offloaded ones moved as accelerate's hooks load them."""
+    params = {n: move_tensor(p.detach(), plan[n]) for n, p in a.named_parameters()      # tied tensors once: the
+              if p.device.type != "meta" and plan.get(n)}                                 # call ties the others
+    with _moved_offload(a, plan):
+        return [logits(a, ids, mask, params=params).cpu()[mask.bool()] for ids, mask in batches]
 
 
 @torch.no_grad()
@@ -98,10 +145,10 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     ``relative_weight_diff`` (||moved A - B|| / ||B||), ``relative_weight_diff_without_gauge`` (||A - B|| / ||B||),
     ``fingerprint_match`` and ``tokens``.
 
-    The weights are compared tensor by tensor (each of A's tensors moved as a copy, read from accelerate's offload
-    where A is offloaded), so neither model is modified or copied whole for them. The two logit numbers of moved A
-    need a moved copy of A; for an offloaded A (weights on the meta device) that copy is not built and they are
-    ``None``: the weight numbers then decide.
+    A is never moved, so an accelerate-offloaded A (weights on the meta device) verifies too: the weights are
+    compared tensor by tensor (each of A's tensors moved as a copy, read from the offload where offloaded), and
+    moved A runs with moved copies of its in-memory parameters (``functional_call``) while accelerate's hooks load
+    its offloaded tensors moved.
     """
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"verify expects a hf_gauge.Gauge, got {type(gauge).__name__}")
@@ -121,19 +168,11 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
         tb = _value(b, k, sb[k]) if k in sb else None
         raw_diff.add(ta, tb)
         moved_diff.add(move_tensor(ta, plan[k]) if ta is not None and plan.get(k) else ta, tb)
-    la, lb = _logits(a, batches), _logits(b, batches)
-    lm = None
-    if not _is_offloaded(a):                       # a moved copy runs only when A's weights are all in memory
-        moved = copy.deepcopy(a)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")        # a fingerprint warning is expected when A is a fine-tune
-            apply_gauge(moved, gauge)
-        lm = _logits(moved, batches)
-        del moved
+    la, lb, lm = _logits(a, batches), _logits(b, batches), _moved_logits(a, plan, batches)
     return {
-        "max_abs_logit_diff": _max_diff(lm, lb) if lm is not None else None,
+        "max_abs_logit_diff": _max_diff(lm, lb),
         "max_abs_logit_diff_a_b": _max_diff(la, lb),
-        "symmetry_logit_diff": _max_diff(lm, la) if lm is not None else None,
+        "symmetry_logit_diff": _max_diff(lm, la),
         "max_abs_logit": max(float(x.abs().max()) for x in lb),
         "weights_bit_exact": moved_diff.differ == 0,
         "n_tensors_differ": moved_diff.differ,
