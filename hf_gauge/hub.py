@@ -27,11 +27,13 @@ from .group import SignedPermutation
 from .inputs import audit_folder
 from .jsonio import read_bounded
 from .readme import parse_root_readme
+from .modelref import hub_model_id, is_hub_id, is_local_path
 from .specs import get_spec
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
-           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
+           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path",
+           "split_hub_path"]
 
 WEIGHTS_NAME = "gauge.safetensors"
 CONFIG_NAME = "gauge_config.json"
@@ -283,15 +285,34 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
     return paths[0], paths[1]
 
 
+def split_hub_path(spec: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """``("org/repo", "gauges/<name>")`` from ``"org/repo/gauges/<name>"`` (``subfolder`` appended); a spec of one or
+    two parts is returned as is. Refuses empty, ``.`` and ``..`` parts in the subfolder."""
+    parts = spec.split("/")
+    if len(parts) <= 2 or spec.startswith((".", "/", "~")):
+        return spec, subfolder
+    rest = [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])]
+    if any(x in ("", ".", "..") for x in rest):
+        raise GaugeError(f"{spec!r}: a gauge on the Hub is 'org/repo/gauges/<name>'; its subfolder parts may not be "
+                         "empty, '.' or '..'")
+    return "/".join(parts[:2]), "/".join(rest)
+
+
 def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
                token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                local_files_only: bool = False, endpoint: str | None = None) -> Gauge:
     """Load a gauge from a local folder or a Hub repository (``subfolder`` such as ``"gauges/<name>"``).
 
     Hub downloads go through ``hf_hub_download`` (``revision``, ``cache_dir``, ``token``, offline mode and
-    ``local_files_only`` honoured; ``endpoint`` for a private Hub). Raises ``GaugeError`` on anything invalid.
+    ``local_files_only`` honoured; ``endpoint`` for a private Hub). The CLI's and the card's spelling
+    ``"org/repo/gauges/<name>"`` works too: the first two parts are the repository, the rest the subfolder (before
+    ``subfolder``, when both are given). Raises ``GaugeError`` on anything invalid.
     """
     local = Path(path_or_repo_id)
+    if isinstance(path_or_repo_id, str) and not local.exists() and not local.is_absolute() \
+            and not Path(path_or_repo_id.split("/")[0]).is_dir():      # out/gauges/typo stays a local path
+        path_or_repo_id, subfolder = split_hub_path(path_or_repo_id, subfolder)
+        local = Path(path_or_repo_id)
     if subfolder:
         local = local / _check_subfolder(subfolder)
     if local.is_dir():
@@ -387,8 +408,6 @@ def template_path() -> Path:
     return Path(str(p))
 
 
-_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
-
 # one line per fit metric, shown next to its rounded value on the card
 METRIC_HELP = {
     "mean_matched": "mean |correlation| of the matched coordinate pairs (1 = the two charts agree exactly)",
@@ -407,26 +426,6 @@ METRIC_HELP = {
 }
 
 
-def hub_model_id(model_id: str | None, revision: str | None = None) -> tuple[str, str | None]:
-    """``(id, revision)`` with a Hugging Face cache path (``.../models--org--name/snapshots/<sha>``) turned into
-    ``org/name`` pinned at ``<sha>``; anything else unchanged."""
-    m = _CACHE_PATH.search(str(model_id or ""))
-    if m:
-        return f"{m['org']}/{m['name']}", revision or m["sha"]
-    return str(model_id or ""), revision
-
-
-def _is_hub_id(model_id: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    if not model_id or "/" not in model_id or Path(model_id).is_absolute() or model_id.startswith("."):
-        return False
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return False
-    return not Path(model_id).exists()
-
-
 def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, Any]:
     """``desc`` with a Hub model id (``model_id`` if given, else the recorded one with cache paths mapped back to
     ids) and its revision pinned through ``HfApi.model_info`` (transformers 5 no longer records ``_commit_hash``)."""
@@ -436,7 +435,7 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     mid, rev = hub_model_id(model_id or out.get("model_id"), None if model_id else out.get("revision"))
     if mid != (out.get("model_id") or ""):
         out["model_id"], out["revision"] = mid, rev
-    if _is_hub_id(mid) and not rev and api is not None:
+    if is_hub_id(mid) and not rev and api is not None:
         try:
             info = api.model_info(mid)
             out["revision"] = info.sha
@@ -448,6 +447,12 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     return out
 
 
+def cell(text: Any) -> str:
+    """``text`` safe inside one cell of a GFM table: ``|`` escaped (GFM splits cells on every unescaped pipe, also
+    inside code spans) and line breaks folded into spaces."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     rows = []
     for k, v in _jsonable(metrics).items():
@@ -455,8 +460,13 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
             continue
         if isinstance(v, float) and not isinstance(v, bool):
             v = f"{v:.4g}"
-        rows.append({"name": k, "value": str(v), "help": METRIC_HELP.get(k, "")})
+        rows.append({"name": cell(k), "value": cell(v), "help": cell(METRIC_HELP.get(k, ""))})
     return rows
+
+
+def _cells(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A source/target description with its strings escaped for table cells (``cell``)."""
+    return {k: cell(v) if isinstance(v, str) else v for k, v in desc.items()}
 
 
 def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gauges/NAME"):
@@ -467,10 +477,11 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
     src, tgt = _jsonable(gauge.source), _jsonable(gauge.target)
     base = src.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "gauge", "signed-permutation"],
-                         base_model=base if _is_hub_id(base) else None, license=src.get("license"))
+                         base_model=base if is_hub_id(base) else None, license=src.get("license"))
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
     return ModelCard.from_template(
-        data, template_path=str(template_path()), source=src, target=tgt, source_name=src.get("model_id") or
+        data, template_path=str(template_path()), source=src, target=tgt, source_cells=_cells(src),
+        target_cells=_cells(tgt), source_name=src.get("model_id") or
         "source model", target_name=tgt.get("model_id") or "target model", group=group_name(gauge), method=gauge.method,
         metrics=_metric_rows(gauge.metrics), spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo,
         format_version=FORMAT_VERSION, library_version=_version())
@@ -486,8 +497,8 @@ def write_gauge_card(gauge: Gauge, folder: str | os.PathLike, repo_id: str = "RE
 
 def _index_row(gauge: Gauge, repo_id: str, path_in_repo: str) -> str:
     src, tgt = gauge.source.get("model_id") or "unknown", gauge.target.get("model_id") or "unknown"
-    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{src}` → `{tgt}` | {gauge.method} | {group_name(gauge)} | "
-            f"`hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
+    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{cell(src)}` → `{cell(tgt)}` | {cell(gauge.method)} | "
+            f"{group_name(gauge)} | `hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
 
 
 def root_card(existing: bytes | str | None, gauge: Gauge, repo_id: str, path_in_repo: str) -> bytes:
@@ -503,7 +514,7 @@ def root_card(existing: bytes | str | None, gauge: Gauge, repo_id: str, path_in_
 
     if existing is None:
         src = gauge.source.get("model_id") or ""
-        data = ModelCardData(library_name="hf_gauge", base_model=src if _is_hub_id(src) else None,
+        data = ModelCardData(library_name="hf_gauge", base_model=src if is_hub_id(src) else None,
                              license=gauge.source.get("license"), tags=["hf_gauge"])
         if data.base_model:
             data.base_model_relation = "adapter"
@@ -521,8 +532,9 @@ def root_card(existing: bytes | str | None, gauge: Gauge, repo_id: str, path_in_
 
 def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
     """The card of a checkpoint written by ``apply_gauge_to_checkpoint``: what it is (the source moved into another
-    chart, same function), ``base_model`` (the source's Hub id) and the source's license; the source's own card and
-    gauges are not copied, since they describe the source's chart."""
+    chart, same function), ``base_model`` (the source's Hub id) with ``base_model_relation: finetune`` (of the Hub's
+    relations, the one for a full checkpoint derived from its base), ``library_name: transformers`` and the source's
+    license; the source's own card and gauges are not copied, since they describe the source's chart."""
     from huggingface_hub import ModelCard, ModelCardData
 
     lic = None
@@ -531,9 +543,11 @@ def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None
             lic = getattr(ModelCard(source_card).data, "license", None)
         except ValueError:
             lic = None
-    sid = source_id if source_id and _is_hub_id(source_id) else None
+    sid = source_id if source_id and is_hub_id(source_id) else None
     name = sid or gauge.source.get("model_id") or "the source checkpoint"
-    data = ModelCardData(base_model=sid, license=lic, tags=["hf_gauge", "gauged"])
+    data = ModelCardData(base_model=sid, license=lic, library_name="transformers", tags=["hf_gauge", "gauged"])
+    if sid:
+        data.base_model_relation = "finetune"    # the Hub's relation for a full checkpoint derived from its base
     text = (f"# `{name}` in another residual chart\n\nThis checkpoint is `{name}` with every weight moved through the "
             f"hf_gauge gauge `{gauge_id(gauge)}` ({gauge.method}; spaces {', '.join(gauge.spaces)}): index operations "
             "and sign flips only, so it computes exactly the same function; only the coordinates of its hidden "
@@ -621,6 +635,9 @@ def _hub_call(repo_id: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
             from None
 
 
+check_path_in_repo = _check_path_in_repo      # the same rule for every folder hf_gauge publishes (omapio)
+
+
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
                revision: str | None = None, token: str | bool | None = None, create_repo: bool = True,
                private: bool | None = None, endpoint: str | None = None, create_pr: bool = False,
@@ -632,7 +649,9 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     marked index section of the root ``README.md`` change; every other byte of that README is kept, and one that is
     not UTF-8 or has a metadata header that is not YAML is refused before anything is written). ``source_id`` / ``target_id`` name the models on the Hub
     (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
-    ``HfApi.model_info``. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
+    ``HfApi.model_info``. A side that would still be a local path (a model loaded from a folder) is refused with
+    ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing.
+    Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -648,6 +667,19 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     gauge = Gauge(spaces=dict(gauge.spaces), source=_pin(gauge.source, source_id, api),
                   target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
                   confidence=dict(gauge.confidence))
+    for side, arg in (("source", "source_id"), ("target", "target_id")):
+        mid = getattr(gauge, side).get("model_id")
+        if is_local_path(mid):
+            raise GaugeError(f"the gauge's {side} model is the local path {mid!r}, which the card and "
+                             f"gauge_config.json would publish: name it on the Hub with {arg}='org/name' "
+                             f"(CLI: --{arg.replace('_', '-')})")
+    hops = gauge.metrics.get("hops")
+    for hop in hops if isinstance(hops, list) else []:
+        local = [v for k, v in (hop.items() if isinstance(hop, Mapping) else ()) if k in ("from", "to")
+                 and isinstance(v, str) and is_local_path(v)]
+        if local:
+            raise GaugeError(f"gauge.metrics['hops'] names the local checkpoint {local[0]!r}, which gauge_config.json "
+                             "would publish: compose the path from Hub ids, or drop metrics['hops'] before pushing")
     if create_repo:
         _hub_call(repo_id, "creating", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
     # the new root README (checked: UTF-8, a YAML mapping as metadata) before any branch or file is written

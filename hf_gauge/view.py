@@ -38,7 +38,8 @@ _ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
     # (or lm_head), so it moves exactly like that weight (residual columns signed-permuted).
     (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
 )
-_WRAPPERS = (re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
+_WRAPPERS = (re.compile(r"\.token_adapter\.base_layer\."),        # PEFT TrainableTokensWrapper's embedding
+             re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
              re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
 
 

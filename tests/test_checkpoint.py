@@ -283,6 +283,7 @@ def test_gauge_given_as_folder_and_hub_source(tmp_path: Path) -> None:
     card = ModelCard.load(out / "README.md")
     assert "tiny source card" not in card.text and "same function" in card.text
     assert card.data.base_model == "org/tiny" and card.data.license == "mit"
+    assert card.data.base_model_relation == "finetune" and card.data.library_name == "transformers"
 
 
 @pytest.mark.slow

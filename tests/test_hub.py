@@ -298,3 +298,80 @@ def test_subfolder_with_dotdot_is_refused_locally_and_on_the_hub(hub: HubServer,
         with pytest.raises(GaugeError, match="subfolder="):
             Gauge.from_pretrained(ref, subfolder=sub, endpoint=hub.url)
     assert not hub.log                                             # refused before any request
+
+
+# --------------------------------------------------------------------------- cards as a GFM renderer reads them
+def test_every_card_renders_its_tables_whole(hub: HubServer) -> None:
+    """Gauge card, root index and gauged-checkpoint card through markdown-it-py's GFM table rule: every row has its
+    header's cells (an unescaped ``|`` in ``mean |correlation|`` cut the metric rows)."""
+    from gfm import gfm_tables
+
+    from hf_gauge.hub import checkpoint_card
+    g = gauge(7)
+    g.metrics.update(min_margin=0.5, n_low_confidence=0, method="a|b")
+    g.source["model_type"] = "llama|odd"
+    push_gauge(g, "org/gfm", path_in_repo="gauges/t", endpoint=hub.url)
+    card = ModelCard(hub.files("org/gfm")["gauges/t/README.md"].decode())
+    tables = gfm_tables(card.text)
+    assert [len(t[0]) for t in tables] == [3, 3, 3]                 # what it maps, spaces, metrics
+    metrics = {r[0]: r for r in tables[2][1:]}
+    assert metrics["mean_matched"][2].startswith("mean |correlation| of the matched")
+    assert metrics["method"][1] == "a|b" and tables[0][3][1] == "`llama|odd`"
+    index = gfm_tables(ModelCard(hub.files("org/gfm")["README.md"].decode()).text)
+    assert len(index) == 1 and len(index[0]) == 2 and index[0][1][0] == "[`gauges/t`](gauges/t)"
+    ckpt = checkpoint_card(g, "org/base", "---\nlicense: mit\n---\n# base\n")
+    assert gfm_tables(ckpt.text) == []                               # no table to cut; its metadata:
+    assert ckpt.data.base_model == "org/base" and ckpt.data.base_model_relation == "finetune"
+    assert ckpt.data.library_name == "transformers" and ckpt.data.license == "mit"
+
+
+def test_gauge_spelling_of_the_cli_and_card_loads(hub: HubServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Gauge.from_pretrained("org/repo/gauges/name")`` (the spelling the CLI and the card write) loads; ``subfolder=``
+    still works; bad subfolder parts are refused."""
+    g = gauge(8)
+    push_gauge(g, "org/spell", path_in_repo="gauges/x", endpoint=hub.url)
+    kw = {"endpoint": hub.url, "cache_dir": tmp_path / "c"}
+    assert Gauge.from_pretrained("org/spell/gauges/x", **kw) == g
+    assert load_gauge("org/spell/gauges", subfolder="x", **kw) == g
+    assert load_gauge("org/spell", subfolder="gauges/x", **kw) == g
+    for bad in ("org/spell/gauges/../x", "org/spell//x", "org/spell/./x"):
+        with pytest.raises(GaugeError, match="may not be empty"):
+            load_gauge(bad, **kw)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)                  # a typo under an existing local folder stays a local path
+    with pytest.raises(GaugeError, match="no gauge folder at out/gauges/typo"):
+        load_gauge("out/gauges/typo", **kw)
+
+
+def test_every_card_snippet_runs_on_its_own(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each python block of a pushed gauge card runs alone (a fresh namespace) against the local Hub, including the
+    one that downloads the source model from the Hub and moves it through the gauge."""
+    import re
+
+    import huggingface_hub.constants as hc
+    from conftest import tiny_model
+    from huggingface_hub import HfApi
+
+    import hf_gauge
+    model = tiny_model("llama", hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    model.save_pretrained(tmp_path / "base")
+    HfApi(endpoint=hub.url).create_repo("org/tinybase")
+    hub.commit("org/tinybase", {f.name: f.read_bytes() for f in (tmp_path / "base").iterdir()})
+    g = hf_gauge.random_gauge(model, seed=3)
+    push_gauge(g, "org/snips", path_in_repo="gauges/s", endpoint=hub.url, source_id="org/tinybase",
+               target_id="org/tinybase-gauged")
+    text = hub.files("org/snips")["gauges/s/README.md"].decode()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) == 2
+    monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for i, code in enumerate(snippets):
+        ns: dict = {}
+        exec(compile(code, f"card-snippet-{i}", "exec"), ns)
+    index = hub.files("org/snips")["README.md"].decode()          # the root index's inline load call, too
+    (call,) = re.findall(r"`(hf_gauge\.load_gauge\(.*?\))`", index)
+    assert eval(call, {"hf_gauge": hf_gauge}) == g
+    moved = hf_gauge.apply_gauge(model, g)
+    assert all(torch.equal(p, q) for p, q in zip(ns["model"].state_dict().values(), moved.state_dict().values()))
