@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .engine import axes_for, segment_spans, stack_count
+from .engine import axes_for, segment_spans
 from .errors import GaugeError
 from .jsonio import read_json
 from .specs import ArchSpec, get_spec

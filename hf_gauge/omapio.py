@@ -12,7 +12,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from .errors import GaugeError
 from .jsonio import read_json

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 import hf_gauge
 from conftest import tiny_model
