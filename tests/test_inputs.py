@@ -138,6 +138,10 @@ def test_hub_cache_snapshot_links_into_its_blobs(tmp_path: Path, secret: Path) -
     (repo / "blobs" / "f00d").write_text("{}")
     (snap / "config.json").symlink_to("../../blobs/f00d")
     assert audit_folder(snap) == {"config.json": (repo / "blobs" / "f00d").resolve()}
+    (snap / "blocks.1").mkdir()                            # a subfolder of a snapshot (an SAE release): the same
+    (snap / "blocks.1" / "cfg.json").symlink_to("../../../blobs/f00d")
+    assert audit_folder(snap / "blocks.1") == {"cfg.json": (repo / "blobs" / "f00d").resolve()}
+    (snap / "blocks.1" / "cfg.json").unlink()
     (snap / "notes.txt").symlink_to(secret)
     with pytest.raises(GaugeError, match="outside"):
         audit_folder(snap)
