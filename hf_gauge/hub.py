@@ -316,7 +316,6 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     if subfolder:
         local = local / _check_subfolder(subfolder)
     if local.is_dir():
-        audit_folder(local)                         # links and special files, before anything is read
         weights_path, config_path = local / WEIGHTS_NAME, local / CONFIG_NAME
         where = str(local)
     elif local.exists():
@@ -328,6 +327,8 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     else:
         raise GaugeError(f"no gauge folder at {local} (and it is not a Hub repository id)")
     with folder_lock(weights_path.parent, exclusive=False):      # a concurrent save_gauge replaces both files
+        if local.is_dir():
+            audit_folder(local)                     # links and special files, before anything is read
         for p in (weights_path, config_path):
             if not p.is_file():
                 raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "

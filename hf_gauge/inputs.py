@@ -99,7 +99,10 @@ def audit_folder(folder: str | os.PathLike, skip_dirs: frozenset[str] | set[str]
             rel = prefix + entry.name
             if len(files) + len(stack) >= MAX_ENTRIES:
                 raise GaugeError(f"{folder} holds more than {MAX_ENTRIES} entries; is it the right folder?")
-            mode = entry.stat(follow_symlinks=False).st_mode
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:               # gone since the listing (a concurrent writer): nothing to read
+                continue
             if stat.S_ISLNK(mode):
                 files[rel] = _resolve_link(Path(entry.path), rel, folder, roots, skip_dirs)
             elif stat.S_ISDIR(mode):
