@@ -324,7 +324,7 @@ def test_streaming_checkpoint_apply_equals_live_apply(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_lora_transport_reproduces_logits(model_type, ids):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a, b, g = _pair(model_type)
     torch.manual_seed(0)
     pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
@@ -334,7 +334,7 @@ def test_lora_transport_reproduces_logits(model_type, ids):
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
     pa.eval()
     ref = logits(pa, ids)
-    sd = g.transport(pa)
+    sd = g.transport(get_peft_model_state_dict(pa), model=pa)        # the state-dict route
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     assert not set_peft_model_state_dict(pb, sd).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
