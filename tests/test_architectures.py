@@ -213,13 +213,15 @@ def _apply_by_hand(model, spec, gauge):
 
 def _one_space_per_template() -> list[tuple[str, str]]:
     """(model_type, space): for every space template of every spec, one instance (layer 1 where the template has a
-    layer, every other placeholder 1 where it exists)."""
+    layer, every other placeholder 1 where it exists); a template the tiny config puts on no layer (Qwen-MoE's dense
+    ``mlp.{i}`` when every layer routes: tests/test_moe_layouts.py) has none."""
     out = []
     for mt in MODEL_TYPES:
         sizes = get_spec(mt).space_sizes(ConfigView(tiny_config(mt)))
         for tmpl in get_spec(mt).spaces:
             names = [n for n in sizes if get_spec(mt).parse_space(n)[0] == tmpl]
-            out.append((mt, names[min(1, len(names) - 1)]))
+            if names:
+                out.append((mt, names[min(1, len(names) - 1)]))
     return out
 
 
@@ -481,13 +483,6 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
     src = {k: v for s in shards for k, v in load_file(str(s)).items()}
     moved = [k for k in src if ".experts.0." in k and "layers.0." in k]
     assert moved and all(not torch.equal(src[k], out[k]) for k in moved)
-
-
-@pytest.mark.parametrize("model_type", [mt for mt in MOE_TYPES if "mlp_only_layers" in tiny_config(mt).to_dict()])
-def test_dense_layers_inside_a_moe_model_are_refused(model_type):
-    model = build(model_type, mlp_only_layers=[1])
-    with pytest.raises(GaugeError, match=r"mlp_only_layers=\[1\].*mixes dense and MoE layers"):
-        random_gauge(model)
 
 
 def test_expert_signs_are_refused():

@@ -14,13 +14,19 @@ each MoE layer i:
 In memory (transformers >= 5) the experts are fused: ``experts.gate_up_proj [E, 2 ff, d]`` (rows ``[gate | up]``)
 and ``experts.down_proj [E, d, ff]``; checkpoint files store one tensor per expert, which ``file_rules`` name
 (Mixtral: ``block_sparse_moe.experts.{e}.w1`` gate, ``w3`` up, ``w2`` down).
-Declared fields: ``hidden_act`` (each expert is ``act(gate) * up``, SiLU) and ``rms_norm_eps``; Qwen's
-``mlp_only_layers`` and ``decoder_sparse_step``, since layers with a dense MLP instead of experts are refused.
+Qwen's dense layers (``mlp_only_layers``, ``decoder_sparse_step > 1``: a layer routes to experts iff it is not in
+``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``) hold a dense SwiGLU ``mlp.{gate,up,down}_proj`` of
+``intermediate_size`` units: ``mlp.{i}`` on those layers, ``moe.{i}``, ``experts.{i}.{e}`` and ``shared.{i}`` on
+the others (``layers_where``), the layout transformers builds in ``Qwen2MoeDecoderLayer``.
+Declared fields: ``hidden_act`` (each expert is ``act(gate) * up``, SiLU) and ``rms_norm_eps``. ``mlp_only_layers``
+and ``decoder_sparse_step`` need no declaration: every value is a layout the spaces follow.
 """
 from __future__ import annotations
 
-from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, gain, reads, segmented, writes
-from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules, head_dim
+from typing import Callable
+
+from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, gain, layers_where, reads, segmented, writes
+from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules, gated_mlp_rules, head_dim
 
 L = "model.layers.{i}."
 ROUTER_ROWS = Axis(0, "moe.{i}", signed=False)
@@ -31,29 +37,39 @@ E_DOWN = Axis(1, "experts.{i}.{e}")                    # down columns: signed
 S_GATE, S_UP, S_DOWN = Axis(0, "shared.{i}", signed=False), Axis(0, "shared.{i}"), Axis(1, "shared.{i}")
 
 
-_EVERY_LAYER_SPARSE = "this config mixes dense and MoE layers; hf_gauge supports MoE models whose every layer routes to experts"
-QWEN_SPARSE = (Requires("mlp_only_layers", ([], (), None), _EVERY_LAYER_SPARSE),
-               Requires("decoder_sparse_step", (1,), _EVERY_LAYER_SPARSE))
+Layers = Callable[[object, int], bool]      # (config, layer) -> whether the layer routes to experts
 
 
-def _spaces(n_experts, expert_size, shared: bool) -> dict[str, Space]:
+def qwen_moe_layer(c, i: int) -> bool:
+    """``Qwen2MoeDecoderLayer``: experts unless listed in ``mlp_only_layers``, on every ``decoder_sparse_step``-th
+    layer (``num_experts > 0``)."""
+    return i not in (c.mlp_only_layers or ()) and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+
+
+def _spaces(n_experts, expert_size, shared: bool, moe_layers: Layers | None, dense_size) -> dict[str, Space]:
+    on_moe = {"i": layers_where(moe_layers)} if moe_layers else {}
     out = {
         "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
         "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
-        "moe.{i}": Space(n_experts, "none", "the experts of layer i, as wholes (router rows with them)",
-                         kind="experts"),
-        "experts.{i}.{e}": Space(expert_size, "any", "hidden units of expert e of layer i (source chart)",
-                                 kind="units", ranges={"e": n_experts}, carried_by={"e": "moe.{i}"}),
     }
+    if moe_layers:
+        out["mlp.{i}"] = Space(dense_size, "any", "SwiGLU hidden units of dense layer i", kind="units",
+                               ranges={"i": layers_where(lambda c, i: not moe_layers(c, i))})
+    out.update({
+        "moe.{i}": Space(n_experts, "none", "the experts of layer i, as wholes (router rows with them)",
+                         kind="experts", ranges=on_moe),
+        "experts.{i}.{e}": Space(expert_size, "any", "hidden units of expert e of layer i (source chart)",
+                                 kind="units", ranges={**on_moe, "e": n_experts}, carried_by={"e": "moe.{i}"}),
+    })
     if shared:
         out["shared.{i}"] = Space(lambda c: c.shared_expert_intermediate_size, "any",
-                                  "hidden units of layer i's shared expert", kind="units")
+                                  "hidden units of layer i's shared expert", kind="units", ranges=on_moe)
     return out
 
 
-def _rules(shared: bool) -> tuple[Rule, ...]:
+def _rules(shared: bool, dense: bool) -> tuple[Rule, ...]:
     m = L + "mlp."
-    rules = (Rule("model.embed_tokens.weight", reads()),) + attention_rules(L) + (
+    rules = (Rule("model.embed_tokens.weight", reads()),) + attention_rules(L) + (gated_mlp_rules(L) if dense else ()) + (
         Rule(m + "gate.weight", reads(ROUTER_ROWS)),
         Rule(m + "experts.gate_up_proj", (EXPERT_SLICES, segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
         Rule(m + "experts.down_proj", (EXPERT_SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
@@ -85,8 +101,10 @@ def _file_rules(block: str, gate: str, up: str, down: str) -> tuple[Rule, ...]:
     )
 
 
-def _sites(shared: bool) -> Sites:
+def _sites(shared: bool, dense: bool) -> Sites:
     inputs = {"attn.{i}": L + "self_attn.o_proj"}
+    if dense:
+        inputs["mlp.{i}"] = L + "mlp.down_proj"
     if shared:
         inputs["shared.{i}"] = L + "mlp.shared_expert.down_proj"
     # moe.{i} and experts.{i}.{e} have no module whose input is their activation (the fused experts loop over
@@ -95,19 +113,23 @@ def _sites(shared: bool) -> Sites:
 
 
 def moe_spec(name: str, n_experts, expert_size, shared: bool, on_disk: tuple[str, str, str, str],
-             requires: tuple[Requires, ...] = ()) -> ArchSpec:
+             requires: tuple[Requires, ...] = (), moe_layers: Layers | None = None, dense_size=None) -> ArchSpec:
     """An MoE decoder's spec: experts counted and sized by the config callables, ``shared`` expert or not,
-    ``on_disk`` = (block, gate, up, down) names of the per-expert checkpoint tensors, and ``requires`` beyond the
-    SiLU gate and RMSNorm."""
+    ``on_disk`` = (block, gate, up, down) names of the per-expert checkpoint tensors, ``requires`` beyond the
+    SiLU gate and RMSNorm; ``moe_layers(config, i)`` (None: every layer) picks the layers with experts, the others
+    holding a dense SwiGLU ``mlp`` of ``dense_size`` units."""
+    dense = moe_layers is not None
     return ArchSpec(name=name, model_types=(name,), norm="rmsnorm",
-                    spaces=_spaces(n_experts, expert_size, shared), rules=_rules(shared),
-                    file_rules=_file_rules(*on_disk), dims=head_dim, sites=_sites(shared),
-                    requires=(SILU_GATE, RMSNORM) + requires)
+                    spaces=_spaces(n_experts, expert_size, shared, moe_layers, dense_size),
+                    rules=_rules(shared, dense), file_rules=_file_rules(*on_disk), dims=head_dim,
+                    sites=_sites(shared, dense), requires=(SILU_GATE, RMSNORM) + requires)
 
 
 MIXTRAL = moe_spec("mixtral", lambda c: c.num_local_experts, lambda c: c.intermediate_size, False,
                    ("block_sparse_moe", "w1", "w3", "w2"))
 QWEN2_MOE = moe_spec("qwen2_moe", lambda c: c.num_experts, lambda c: c.moe_intermediate_size, True,
-                     ("mlp", "gate_proj", "up_proj", "down_proj"), QWEN_SPARSE)
+                     ("mlp", "gate_proj", "up_proj", "down_proj"), moe_layers=qwen_moe_layer,
+                     dense_size=lambda c: c.intermediate_size)
 QWEN3_MOE = moe_spec("qwen3_moe", lambda c: c.num_experts, lambda c: c.moe_intermediate_size, False,
-                     ("mlp", "gate_proj", "up_proj", "down_proj"), QWEN_SPARSE)
+                     ("mlp", "gate_proj", "up_proj", "down_proj"), moe_layers=qwen_moe_layer,
+                     dense_size=lambda c: c.intermediate_size)
