@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -324,10 +325,15 @@ def test_streaming_checkpoint_apply_equals_live_apply(model_type, tmp_path):
     assert_bit_equal(loaded, live)
 
 
+# PEFT's "all-linear" wraps PhiMoE's router (an nn.Linear subclass whose forward returns a tuple) and breaks it
+LORA_EXCLUDE = {"phimoe": r".*\.mlp\.router"}
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_lora_transport_reproduces_logits(model_type, ids):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig as _Lora, get_peft_model, set_peft_model_state_dict
     a, b, g = _pair(model_type)
+    LoraConfig = functools.partial(_Lora, exclude_modules=LORA_EXCLUDE.get(model_type))
     torch.manual_seed(0)
     pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     with torch.no_grad():
