@@ -14,6 +14,7 @@ import torch
 import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
 from hf_gauge.engine import axes_for, move_tensor_, moves_for
+from hf_gauge.kinds import get_kind
 from hf_gauge.specs import SPECS, Rule, get_spec
 from hf_gauge.view import ConfigView
 
@@ -422,7 +423,14 @@ def test_unsupported_model_methods_raise_gauge_error():
 
 
 # --------------------------------------------------------------------------------------------- mixtures of experts
-MOE_TYPES = [mt for mt in MODEL_TYPES if get_spec(mt).spaces_of_kind("experts")]
+MOE_TYPES = [mt for mt in MODEL_TYPES if get_spec(mt).spaces_of_kind("experts", "grouped_experts")]
+
+
+def _derangement(model, name: str, n: int, seed: int) -> SignedPermutation:
+    """Every expert moves: a roll by ``1 + seed % (n - 1)``, or by whole routing groups (group-limited routing)."""
+    kind = get_kind(get_spec(model).space(name).kind)
+    g = kind.group_size(n, ConfigView(model.config))
+    return SignedPermutation(torch.roll(torch.arange(n), g if g > 1 else 1 + seed % (n - 1)))
 
 
 def _moe_gauge(model, seed: int) -> Gauge:
@@ -430,9 +438,8 @@ def _moe_gauge(model, seed: int) -> Gauge:
     g = random_gauge(model, seed=seed, spaces="all")
     sp = dict(g.spaces)
     for name in sp:
-        if get_spec(model).space(name).kind == "experts":
-            n = sp[name].size
-            sp[name] = SignedPermutation(torch.roll(torch.arange(n), 1 + seed % (n - 1)))
+        if get_spec(model).space(name).kind in ("experts", "grouped_experts"):
+            sp[name] = _derangement(model, name, sp[name].size, seed)
     return Gauge(spaces=sp)
 
 
@@ -443,7 +450,8 @@ def test_expert_permutation_needs_router_rows_and_expert_weights_together(model_
     model = build(model_type)
     spec = get_spec(model)
     ref = logits(model, ids)
-    g = Gauge(spaces={f"moe.{i}": SignedPermutation(torch.roll(torch.arange(4), 1)) for i in range(2)})
+    sizes = hf_gauge.gauge_spaces(model)
+    g = Gauge(spaces={n: _derangement(model, n, k, 0) for n, k in sizes.items() if n.startswith("moe.")})
     ok = apply_gauge(copy.deepcopy(model), g)
     assert close(logits(ok, ids), ref)
     experts_space = lambda a: a.space.startswith("moe.")               # noqa: E731

@@ -60,3 +60,58 @@ def test_weight_matching_respects_groups():
     found, _ = KIND.match_weights(sa, sb, False, "signed", Cfg(4))
     assert found == true
     assert _groups_whole(found.perm, 2)
+
+
+# --------------------------------------------------------------------------------------------- on GLM-4.5 MoE
+def _glm4_moe():
+    from test_architectures import build
+    model = build("glm4_moe")                      # 8 experts in n_group=2 routing groups of 4, topk_group=1
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():                          # a buffer: the battery's randomize() leaves it at zero
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias.copy_(torch.randn(8, generator=gen) * 0.3)
+    return model
+
+
+def test_glm4_moe_group_mixing_is_refused_and_breaks_the_function():
+    import copy
+
+    from hf_gauge import Gauge, apply_gauge
+    from hf_gauge.engine import move_tensor_, moves_for
+    from hf_gauge.view import ModelView
+    from test_architectures import close, logits
+    model = _glm4_moe()
+    ids = torch.randint(0, 127, (2, 9), generator=torch.Generator().manual_seed(7))
+    ref = logits(model, ids)
+    whole = Gauge(spaces={"moe.1": SignedPermutation([5, 4, 6, 7, 1, 0, 3, 2])})     # groups swapped, and inside
+    assert close(logits(apply_gauge(copy.deepcopy(model), whole), ids), ref)
+    mixed = Gauge(spaces={"moe.1": SignedPermutation([0, 1, 2, 4, 3, 5, 6, 7])})     # experts 3 and 4 change groups
+    with pytest.raises(GaugeError, match="mixes routing groups"):
+        apply_gauge(copy.deepcopy(model), mixed)
+    bad = copy.deepcopy(model)
+    v = ModelView.of(bad)
+    params = dict(v.named_parameters())
+    for n, mv in moves_for(v.spec, bad.config, mixed, params).items():
+        move_tensor_(params[n].data, mv)
+    assert not close(logits(bad, ids), ref, 1e-3)
+
+
+def test_glm4_moe_router_bias_buffer_moves_with_the_experts():
+    import copy
+
+    from hf_gauge import Gauge, apply_gauge
+    from hf_gauge.view import ModelView
+    from test_architectures import close, logits
+    model = _glm4_moe()
+    name = "model.layers.0.mlp.gate.e_score_correction_bias"
+    assert name in dict(ModelView.of(model).named_parameters())            # a buffer, moved like a parameter
+    ids = torch.randint(0, 127, (2, 9), generator=torch.Generator().manual_seed(7))
+    ref = logits(model, ids)
+    g = Gauge(spaces={f"moe.{i}": SignedPermutation([5, 4, 6, 7, 1, 0, 3, 2]) for i in range(2)})
+    moved = apply_gauge(copy.deepcopy(model), g)
+    assert close(logits(moved, ids), ref)
+    buf = moved.model.layers[0].mlp.gate.e_score_correction_bias
+    assert torch.equal(buf, model.model.layers[0].mlp.gate.e_score_correction_bias[g["moe.0"].perm])
+    with torch.no_grad():
+        buf.copy_(model.model.layers[0].mlp.gate.e_score_correction_bias)      # left in the old chart
+    assert not close(logits(moved, ids), ref, 1e-3)

@@ -22,6 +22,7 @@ LAYOUTS = {
     "qwen2_moe-mlp_only_0_2": ("qwen2_moe", {"mlp_only_layers": [0, 2]}, (1,)),
     "qwen3_moe-mlp_only_1": ("qwen3_moe", {"mlp_only_layers": [1]}, (0, 2)),
     "ernie4_5_moe-start_1": ("ernie4_5_moe", {"moe_layer_start_index": 1}, (1, 2)),
+    "glm4_moe-first_k_dense_1": ("glm4_moe", {"first_k_dense_replace": 1}, (1, 2)),
     "ernie4_5_moe-interval_2-no_shared": ("ernie4_5_moe", {"moe_layer_interval": 2, "moe_num_shared_experts": 0}, (1,)),
 }
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.parametrize("layout", sorted(LAYOUTS))]
