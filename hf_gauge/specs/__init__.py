@@ -29,7 +29,8 @@ from .stablelm import STABLELM
 from .starcoder2 import STARCODER2
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
-                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE, OLMOE, ERNIE4_5_MOE, PHIMOE, GLM4, GLM4_MOE,
+                                                                        OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                        OLMOE, ERNIE4_5_MOE, PHIMOE, GLM4, GLM4_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM)

@@ -1,9 +1,10 @@
 """GLM-4 (``glm4``, dense) and GLM-4.5 MoE (``glm4_moe``).
 
 GLM-4: pre-RMSNorm layers with sandwich norms. ``Glm4DecoderLayer`` computes
-``h + post_self_attn_layernorm(attn(input_layernorm(h)))`` then ``h + post_mlp_layernorm(mlp(post_attention_layernorm(h)))``:
-the post-sublayer RMSNorms normalise a writer's output whose rows the gauge moves (``rms(Q y) = rms(y)``,
-``Q diag(g) = diag(P g) Q``), so every gain is permuted, never signed: residual group B_d. The MLP's fused
+``h + post_self_attn_layernorm(attn(input_layernorm(h)))`` then
+``h + post_mlp_layernorm(mlp(post_attention_layernorm(h)))``: the post-sublayer RMSNorms normalise a writer's
+output whose rows the gauge moves (``rms(Q y) = rms(y)``, ``Q diag(g) = diag(P g) Q``), so every gain is permuted,
+never signed: residual group B_d. The MLP's fused
 ``gate_up_proj`` rows are ``[gate | up]`` (``up * silu(gate)``): units permute in both segments, signs on the up
 segment and the down columns only. q/k/v carry biases (``attention_bias``), o_proj none; the partial rotary
 (``partial_rotary_factor``) acts inside each head's block: heads permute within KV groups, groups as wholes.

@@ -1,4 +1,6 @@
-"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE (pre-RMSNorm, GQA attention, top-k routed SwiGLU experts).
+"""Mixture-of-experts decoders: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE (pre-RMSNorm, GQA attention, top-k routed
+SwiGLU experts), and the builders other MoE specs share (``moe_spec``; ``specs/ernie_moe.py``, ``phimoe.py``,
+``glm4.py``).
 
 Residual group B_d (RMSNorm), as for Llama: the router ``mlp.gate [E, d]`` reads the residual like any linear. Inside
 each MoE layer i:
@@ -18,6 +20,9 @@ Qwen's dense layers (``mlp_only_layers``, ``decoder_sparse_step > 1``: a layer r
 ``mlp_only_layers`` and ``(i + 1) % decoder_sparse_step == 0``) hold a dense SwiGLU ``mlp.{gate,up,down}_proj`` of
 ``intermediate_size`` units: ``mlp.{i}`` on those layers, ``moe.{i}``, ``experts.{i}.{e}`` and ``shared.{i}`` on
 the others (``layers_where``), the layout transformers builds in ``Qwen2MoeDecoderLayer``.
+OLMoE is Qwen3-MoE's layout with OLMo 2's q/k RMSNorms over the whole projection (``[n_heads * head_dim]``: the
+gain blocks move with their heads; see ``specs/olmo2.py``); its ``clip_qkv`` clamps q, k, v elementwise inside the
+heads, which commutes with permuting head blocks.
 Declared fields: ``hidden_act`` (each expert is ``act(gate) * up``, SiLU) and ``rms_norm_eps``. ``mlp_only_layers``
 and ``decoder_sparse_step`` need no declaration: every value is a layout the spaces follow.
 """
@@ -122,17 +127,18 @@ def moe_sites(dense: bool, shared: str | None = None) -> Sites:
 
 
 def moe_spec(name: str, n_experts, expert_size, on_disk: tuple[str, str, str, str], *,
-             shared: tuple[str, Callable] | None = None, shared_when=None, moe_layers: Layers | None = None, dense_size=None,
+             shared: tuple[str, Callable] | None = None, shared_when=None, moe_layers: Layers | None = None,
+             dense_size=None,
              qk_norm: tuple[Axis, ...] | None = None, router: str = "gate", layernorm: bool = False,
              experts_kind: str = "experts", rules: tuple[Rule, ...] = (), file_rules: tuple[Rule, ...] = (),
              requires: tuple[Requires, ...] = (SILU_GATE, RMSNORM)) -> ArchSpec:
     """A pre-norm MoE decoder's spec: experts counted and sized by the config callables; ``on_disk`` = (block,
     gate, up, down) names of the per-expert checkpoint tensors (the router's on-disk name is ``{block}.gate``);
     ``shared`` = (module path under the layer, size) of an always-on shared expert (present where ``shared_when``
-    holds, if given); ``moe_layers(config, i)``
-    (None: every layer) picks the layers with experts, the others holding a dense SwiGLU ``mlp`` of ``dense_size``
-    units; ``qk_norm`` as in ``attention_rules``; ``router`` the router's module under ``mlp``; ``layernorm``:
-    LayerNorms with bias (residual S_d x {±1}); ``rules`` / ``file_rules`` added (router statistics)."""
+    holds, if given); ``moe_layers(config, i)`` (None: every layer) picks the layers with experts, the others
+    holding a dense SwiGLU ``mlp`` of ``dense_size`` units; ``qk_norm`` as in ``attention_rules``; ``router`` the
+    router's module under ``mlp``; ``layernorm``: LayerNorms with bias (residual S_d x {±1}); ``rules`` /
+    ``file_rules`` added (router statistics)."""
     dense = moe_layers is not None
     body = (Rule("model.embed_tokens.weight", reads()),) + attention_rules(L, qk_norm)
     body += (gated_mlp_rules(L) if dense else ()) + expert_rules("mlp", router)
@@ -142,7 +148,8 @@ def moe_spec(name: str, n_experts, expert_size, on_disk: tuple[str, str, str, st
                     spaces=moe_spaces(n_experts, expert_size, moe_layers=moe_layers, dense_size=dense_size,
                                       shared_size=shared[1] if shared else None, shared_when=shared_when,
                                       residual="global" if layernorm else "any", experts_kind=experts_kind),
-                    rules=body + HEAD_RULES, file_rules=file_rules + expert_file_rules(on_disk[0], "gate", *on_disk[1:]),
+                    rules=body + HEAD_RULES,
+                    file_rules=file_rules + expert_file_rules(on_disk[0], "gate", *on_disk[1:]),
                     dims=head_dim, sites=moe_sites(dense, shared[0] if shared else None), requires=requires)
 
 
