@@ -17,7 +17,7 @@ lies in vocabulary space, untouched). Declared fields: ``hidden_act`` (SiLU gate
 """
 from __future__ import annotations
 
-from .base import Axis, Rule
+from .base import Rule
 from .moe import L, ROUTER_COLS, moe_spec
 
 

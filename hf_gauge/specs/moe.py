@@ -31,7 +31,8 @@ from __future__ import annotations
 from typing import Callable
 
 from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, Space, gain, layers_where, reads, segmented, writes
-from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules, gated_mlp_rules, head_dim, layernorm_rules
+from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules, gated_mlp_rules, head_dim
+from .layernorm import layernorm_rules
 
 L = "model.layers.{i}."
 ROUTER_ROWS = Axis(0, "moe.{i}", signed=False)
