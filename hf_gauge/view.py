@@ -39,7 +39,8 @@ _ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
     (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
 )
 _WRAPPERS = (re.compile(r"\.token_adapter\.base_layer\."),        # PEFT TrainableTokensWrapper's embedding
-             re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
+             re.compile(r"(?:\.base_layer)+\."),                      # nested: LoRA on two params of one module
+             re.compile(r"\.modules_to_save\.[^.]+\."),
              re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
 
 

@@ -101,7 +101,7 @@ def test_files_apply_find_and_verify(layout, tmp_path):
 
 
 def test_lora_transport_and_canonical_charts(layout, ids):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a, b, g = _pair(layout)
     cfg = dict(r=4, target_modules="all-linear", init_lora_weights=False)
     torch.manual_seed(0)
@@ -112,8 +112,9 @@ def test_lora_transport_and_canonical_charts(layout, ids):
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
     ref = logits(pa.eval(), ids)
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
+    assert close(logits(g.transport(pa).eval(), ids), ref)     # a PeftModel in, a PeftModel out (nested base_layer)
     hf_gauge.canonicalize(a)
     hf_gauge.canonicalize(b)
     assert_bit_equal(state(a), state(b))

@@ -173,15 +173,14 @@ def _peft_model(gauge, pm: Any, *, adapter_name: str | Iterable[str] | None = No
                          f"{list(pm.peft_config)}")
     for name in names:
         check_peft_type(pm.peft_config[name], f"adapter {name!r}")
-    new = copy.deepcopy(pm)
-    for name in [n for n in new.peft_config if n not in names]:
-        new.delete_adapter(name)
-    act = getattr(new, "active_adapter", None)
-    if act not in names:
-        new.set_adapter(names[0])
+    base = copy.deepcopy(pm).unload()          # the base model without adapter layers (nothing merged into it)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")          # a fine-tune of the gauge's source is a legitimate input
-        apply_gauge(new, gauge)
+        apply_gauge(base, gauge)
+        # the adapters through the state-dict route, which also knows LoRA on fused experts (ParamWrapper)
+        new = transport_peft_model(gauge, pm, base, adapter_names=names)
+    if getattr(new, "active_adapter", None) not in names:
+        new.set_adapter(names[0])
     return new
 
 
