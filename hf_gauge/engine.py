@@ -152,14 +152,22 @@ def segment_spans(spec: ArchSpec, config, axis: Axis, sizes: dict[str, int] | No
 
 
 def _interleaving(spec: ArchSpec, config, axis: Axis, spans: list[tuple[int, int, Axis]]) -> torch.Tensor | None:
-    """For a fused axis interleaved over groups (``Axis.groups``): position along the tensor axis of each entry of
-    the part-major layout ``[part0 | part1 | ...]`` of ``spans``; None for a plain fused axis."""
-    if not axis.groups:
+    """For a fused axis interleaved over groups (``Axis.groups``; ``Axis.interleave``: one group per entry): position
+    along the tensor axis of each entry of the part-major layout ``[part0 | part1 | ...]`` of ``spans``; None for a
+    plain fused axis."""
+    lengths = [n for _, n, _ in spans]
+    if axis.interleave:
+        if len(set(lengths)) != 1:
+            raise GaugeError(f"spec {spec.name!r}: interleaved parts must have one length, these have "
+                             f"{', '.join(map(str, lengths))} entries")
+        n_groups = lengths[0]
+    elif axis.groups:
+        n_groups = int(spec.dims(ConfigView.of(config))[axis.groups])
+        if n_groups < 1 or any(n % n_groups for n in lengths):
+            raise GaugeError(f"spec {spec.name!r}: the fused parts ({', '.join(map(str, lengths))} entries) do "
+                             f"not split into {n_groups} groups ({axis.groups!r})")
+    else:
         return None
-    n_groups = int(spec.dims(ConfigView.of(config))[axis.groups])
-    if n_groups < 1 or any(n % n_groups for _, n, _ in spans):
-        raise GaugeError(f"spec {spec.name!r}: the fused parts ({', '.join(str(n) for _, n, _ in spans)} entries) do "
-                         f"not split into {n_groups} groups ({axis.groups!r})")
     chunks = [n // n_groups for _, n, _ in spans]
     width, off = sum(chunks), 0
     where = torch.empty(sum(n for _, n, _ in spans), dtype=torch.int64)

@@ -11,6 +11,7 @@ from .cohere import COHERE
 from .falcon import FALCON
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt2 import GPT2
+from .gpt_oss import GPT_OSS
 from .gpt_neo import GPT_NEO
 from .gpt_neox import GPT_NEOX
 from .gptj import GPTJ
@@ -29,7 +30,8 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
-                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM)
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM,
+                                                                        GPT_OSS)
                             for mt in spec.model_types}
 
 

@@ -1,0 +1,92 @@
+"""gpt-oss and Llama-4 text beyond the battery's tiny configs: config variants the rules must cover, and the
+refusals that remain (MXFP4 checkpoints)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import hf_gauge
+from hf_gauge import GaugeError, apply_gauge, random_gauge
+
+from test_architectures import VOCAB, assert_bit_equal, build, close, logits, state
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OSS_VARIANTS = {
+    "no_bias": {"attention_bias": False},
+    "all_full_attention": {"layer_types": ["full_attention", "full_attention"]},
+    "no_gqa_top1": {"num_key_value_heads": 4, "num_experts_per_tok": 1},
+}
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, VOCAB - 1, (2, 9), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.parametrize("over", OSS_VARIANTS.values(), ids=OSS_VARIANTS.keys())
+def test_gpt_oss_variants_keep_logits_and_are_found(over, ids):
+    a = build("gpt_oss", **over)
+    ref, before = logits(a, ids), state(a)
+    g = random_gauge(a, seed=3, spaces="all")
+    b = apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), ref)
+    found = hf_gauge.find_full_gauge(a, b)
+    assert all(torch.equal(found.spaces[s].perm, el.perm) and torch.equal(found.spaces[s].sign, el.sign)
+               for s, el in g.spaces.items()) and set(found.spaces) == set(g.spaces)
+    assert_bit_equal(state(apply_gauge(b, g.inverse())), before)
+
+
+def test_gpt_oss_sinks_move_with_their_heads(ids):
+    """Each attention sink is a per-head logit: moving the heads without their sinks changes the logits."""
+    a = build("gpt_oss")
+    ref = logits(a, ids)
+    g = hf_gauge.Gauge(spaces={"attn.0": hf_gauge.SignedPermutation([2, 3, 0, 1])})
+    b = apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), ref)
+    with torch.no_grad():
+        b.model.layers[0].self_attn.sinks.copy_(a.model.layers[0].self_attn.sinks)
+    assert not close(logits(b, ids), ref, 1e-3)
+
+
+MXFP4 = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                              "model.embed_tokens", "lm_head"]}
+
+
+def test_gpt_oss_mxfp4_live_config_is_refused():
+    m = build("gpt_oss")
+    m.config.quantization_config = dict(MXFP4)
+    with pytest.raises(GaugeError, match=r"quantization_config=.*Mxfp4Config\(dequantize=True\).*save_pretrained"):
+        random_gauge(m)
+
+
+def test_gpt_oss_mxfp4_checkpoint_is_refused_with_the_way_to_floats(tmp_path):
+    """The released layout: ``quantization_config`` mxfp4 and packed ``*_blocks`` / ``*_scales`` expert tensors.
+    Apply, find and verify from files refuse it, naming Mxfp4Config(dequantize=True) + save_pretrained."""
+    from safetensors.torch import load_file, save_file
+    from hf_gauge.fileverify import verify_files
+    a = build("gpt_oss")
+    a.save_pretrained(tmp_path / "q")
+    sd = load_file(str(tmp_path / "q" / "model.safetensors"))
+    for k in [k for k in sd if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        e, rows = sd[k].shape[0], sd[k].shape[2]
+        sd[k + "_blocks"] = torch.zeros(e, rows, 1, 16, dtype=torch.uint8)
+        sd[k + "_scales"] = torch.zeros(e, rows, 1, dtype=torch.uint8)
+        del sd[k]
+    save_file(sd, str(tmp_path / "q" / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    cfg["quantization_config"] = MXFP4
+    (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
+    want = r"quantized checkpoint \(mxfp4\).*Mxfp4Config\(dequantize=True\)\) and save_pretrained"
+    g = random_gauge(a, seed=1)
+    with pytest.raises(GaugeError, match=want):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "q", g, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+    a.save_pretrained(tmp_path / "float")
+    with pytest.raises(GaugeError, match=want):
+        hf_gauge.find_gauge(tmp_path / "float", tmp_path / "q")
+    with pytest.raises(GaugeError, match=want):
+        verify_files(tmp_path / "q", tmp_path / "float", g)
