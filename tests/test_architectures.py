@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from pathlib import Path
 
@@ -327,6 +328,10 @@ def test_lora_transport_reproduces_logits(model_type, ids):
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     a, b, g = _pair(model_type)
     torch.manual_seed(0)
+    # every linear but routers written as nn.Linear subclasses returning (scores, logits) (Llama-4): LoRA cannot
+    # wrap those
+    routers = [n for n, m in a.named_modules() if isinstance(m, torch.nn.Linear) and "Router" in type(m).__name__]
+    LoraConfig = functools.partial(LoraConfig, exclude_modules=routers or None)
     pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
     with torch.no_grad():
         for n, p in pa.named_parameters():
@@ -435,7 +440,8 @@ def test_expert_permutation_needs_router_rows_and_expert_weights_together(model_
     model = build(model_type)
     spec = get_spec(model)
     ref = logits(model, ids)
-    g = Gauge(spaces={f"moe.{i}": SignedPermutation(torch.roll(torch.arange(4), 1)) for i in range(2)})
+    g = Gauge(spaces={s: SignedPermutation(torch.roll(torch.arange(4), 1)) for s in hf_gauge.gauge_spaces(model)
+                      if s.startswith("moe.")})       # the MoE layers (llama4_text: the odd ones only)
     ok = apply_gauge(copy.deepcopy(model), g)
     assert close(logits(ok, ids), ref)
     experts_space = lambda a: a.space.startswith("moe.")               # noqa: E731
@@ -479,7 +485,8 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
     assert_bit_equal(loaded, live)
     out = {k: v for s in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(str(s)).items()}
     src = {k: v for s in shards for k, v in load_file(str(s)).items()}
-    moved = [k for k in src if ".experts." in k and "layers.0." in k]
+    first = min(int(k.split("layers.")[1].split(".")[0]) for k in src if ".experts." in k)    # first MoE layer
+    moved = [k for k in src if ".experts." in k and f"layers.{first}." in k]
     assert moved and all(not torch.equal(src[k], out[k]) for k in moved)
 
 

@@ -90,3 +90,55 @@ def test_gpt_oss_mxfp4_checkpoint_is_refused_with_the_way_to_floats(tmp_path):
         hf_gauge.find_gauge(tmp_path / "float", tmp_path / "q")
     with pytest.raises(GaugeError, match=want):
         verify_files(tmp_path / "q", tmp_path / "float", g)
+
+
+LLAMA4_VARIANTS = {
+    "every_layer_moe": {"interleave_moe_layer_step": 1},
+    "moe_first_layer_only": {"moe_layers": [0]},
+    "no_qk_norm_all_nope_top1": {"use_qk_norm": False, "no_rope_layers": [0, 0], "num_experts_per_tok": 1},
+    "mha_no_bias_no_chunks": {"num_key_value_heads": 4, "attention_bias": False, "attention_chunk_size": None},
+}
+
+
+@pytest.mark.parametrize("over", LLAMA4_VARIANTS.values(), ids=LLAMA4_VARIANTS.keys())
+def test_llama4_text_variants_keep_logits_and_are_found(over, ids):
+    a = build("llama4_text", **over)
+    ref, before = logits(a, ids), state(a)
+    g = random_gauge(a, seed=3, spaces="all")
+    moe = [s for s in g.spaces if s.startswith("moe.")]
+    assert moe == [f"moe.{i}" for i in a.config.moe_layers]
+    assert [s for s in g.spaces if s.startswith("mlp.")] == [f"mlp.{i}" for i in range(2) if i not in a.config.moe_layers]
+    b = apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), ref)
+    found = hf_gauge.find_full_gauge(a, b)
+    assert set(found.spaces) == set(g.spaces)
+    assert all(torch.equal(found.spaces[s].perm, el.perm) and torch.equal(found.spaces[s].sign, el.sign)
+               for s, el in g.spaces.items())
+    assert_bit_equal(state(apply_gauge(b, g.inverse())), before)
+
+
+def test_llama4_text_router_scales_the_expert_input_and_unit_signs_still_hold(ids):
+    """The sigmoid routing weight multiplies each expert's input: a signed permutation of the expert's units (sign on
+    its up row and down column) keeps the logits; the same sign on its gate row as well does not (SiLU is not odd)."""
+    a = build("llama4_text")
+    ref = logits(a, ids)
+    sign = torch.tensor([-1, 1] * 12)
+    g = hf_gauge.Gauge(spaces={"experts.1.2": hf_gauge.SignedPermutation(torch.arange(24).roll(5), sign)})
+    b = apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), ref)
+    with torch.no_grad():
+        gate = b.model.layers[1].feed_forward.experts.gate_up_proj[2, :, :24]
+        gate.mul_(sign.float())                      # sign the gate columns of expert 2 too: not a symmetry
+    assert not close(logits(b, ids), ref, 1e-3)
+
+
+def test_llama4_text_files_whose_config_moves_the_moe_layers_are_refused(tmp_path):
+    """A config.json whose moe_layers disagree with the experts on disk is refused before anything is written."""
+    a = build("llama4_text")
+    a.save_pretrained(tmp_path / "src")
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg["moe_layers"] = [0]
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GaugeError, match=r"moe_layers=\[0\]\) but the checkpoint's tensors of that space are at"):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", random_gauge(a, seed=1), tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()

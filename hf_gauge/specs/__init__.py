@@ -17,6 +17,7 @@ from .gpt_neox import GPT_NEOX
 from .gptj import GPTJ
 from .granite import GRANITE
 from .llama import EXAONE, LLAMA
+from .llama4 import LLAMA4_TEXT
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .opt import OPT
@@ -31,7 +32,7 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM,
-                                                                        GPT_OSS)
+                                                                        GPT_OSS, LLAMA4_TEXT)
                             for mt in spec.model_types}
 
 
