@@ -142,3 +142,25 @@ def test_llama4_text_files_whose_config_moves_the_moe_layers_are_refused(tmp_pat
     with pytest.raises(GaugeError, match=r"moe_layers=\[0\]\) but the checkpoint's tensors of that space are at"):
         hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", random_gauge(a, seed=1), tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("model_type, prefix", [("gpt_oss", "mlp"), ("llama4_text", "feed_forward")])
+def test_lora_on_fused_experts_stored_in_out(model_type, prefix, ids):
+    """PEFT's ``ParamWrapper`` LoRA on experts stored ``[E, in, out]``: gpt-oss's experts declare ``is_transposed``
+    (``lora_A [E * r, in]`` reads axis 1 of the parameter, ``lora_B [out, r * E]`` axis 2; its rules say
+    ``transposed=True``), Llama-4's do not (PEFT reads ``[E, out, in]`` positionally). Either way the transported
+    adapter reproduces the adapted logits on the gauged base."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    a = build(model_type)
+    g = random_gauge(a, seed=3, spaces="all")
+    b = apply_gauge(copy.deepcopy(a), g)
+    cfg = dict(r=2, target_modules=["q_proj"], init_lora_weights=False,
+               target_parameters=[f"{prefix}.experts.gate_up_proj", f"{prefix}.experts.down_proj"])
+    torch.manual_seed(0)
+    pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg)).eval()
+    ref = logits(pa, ids)
+    assert not close(ref, logits(a, ids), 1e-3)
+    sd = g.transport(pa)
+    pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
+    assert not set_peft_model_state_dict(pb, sd).unexpected_keys
+    assert close(logits(pb.eval(), ids), ref)

@@ -16,8 +16,11 @@ Inside each layer i:
 
 In memory and on disk (no conversion on load) the experts are stored transposed relative to Mixtral:
 ``gate_up_proj [E, d, 2f]`` whose last axis interleaves gate and up at stride 2 (``gate_up[..., ::2]`` is the gate:
-``segmented(..., interleave=True)``), ``gate_up_proj_bias [E, 2f]`` likewise, ``down_proj [E, f, d]``. The experts have
-no module whose input is their activation: ``moe.{i}`` and ``experts.{i}.{e}`` are matched from weights.
+``segmented(..., interleave=True)``), ``gate_up_proj_bias [E, 2f]`` likewise, ``down_proj [E, f, d]``. The experts
+module declares ``is_transposed``, so PEFT's ``ParamWrapper`` LoRA reads each slice as ``[in, out]``: the two rules
+say ``transposed=True`` (Llama-4's ``[E, d, 2f]`` experts declare nothing, and PEFT reads them as ``[E, out, in]``).
+The experts have no module whose input is their activation: ``moe.{i}`` and ``experts.{i}.{e}`` are matched from
+weights.
 
 The released checkpoints are MXFP4 (``*_blocks`` / ``*_scales`` uint8 with ``quantization_config``): a packed block
 of 32 FP4 values shares one scale, so a residual permutation cannot move them by index. They are refused (declared
@@ -69,9 +72,10 @@ GPT_OSS = ArchSpec(
         Rule(L + "self_attn.sinks", (Axis(0, "attn.{i}", signed=False),)),
         Rule(M + "router.weight", reads(ROUTER_ROWS)),
         Rule(M + "router.bias", (ROUTER_ROWS,)),
-        Rule(M + "experts.gate_up_proj", (EXPERT_SLICES, Axis(1, "residual"), _gate_up(2))),
+        Rule(M + "experts.gate_up_proj", (EXPERT_SLICES, Axis(1, "residual"), _gate_up(2)), transposed=True),
         Rule(M + "experts.gate_up_proj_bias", (EXPERT_SLICES, _gate_up(1))),
-        Rule(M + "experts.down_proj", (EXPERT_SLICES, Axis(1, "experts.{i}.{e}", signed=False), Axis(2, "residual"))),
+        Rule(M + "experts.down_proj", (EXPERT_SLICES, Axis(1, "experts.{i}.{e}", signed=False), Axis(2, "residual")),
+             transposed=True),
         Rule(M + "experts.down_proj_bias", (EXPERT_SLICES, Axis(1, "residual"))),
         Rule(L + "input_layernorm.weight", gain()),
         Rule(L + "post_attention_layernorm.weight", gain()),
