@@ -164,3 +164,13 @@ def test_lora_on_fused_experts_stored_in_out(model_type, prefix, ids):
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
     assert not set_peft_model_state_dict(pb, sd).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
+
+
+def test_gpt_oss_mxfp4_config_object_is_refused_on_one_line():
+    """A model loaded quantized (on a GPU with the MXFP4 kernels) keeps an ``Mxfp4Config`` object: refused too."""
+    from transformers import Mxfp4Config
+    m = build("gpt_oss")
+    m.config.quantization_config = Mxfp4Config(modules_to_not_convert=MXFP4["modules_to_not_convert"])
+    with pytest.raises(GaugeError, match=r"Mxfp4Config\(dequantize=True\)") as err:
+        random_gauge(m)
+    assert "\n" not in str(err.value) and "quantization_config=Mxfp4Config(" in str(err.value)
