@@ -41,16 +41,18 @@ def _unsigned(a: Axis) -> Axis:
     return dataclasses.replace(a, signed=False, segments=tuple(_unsigned(p) for p in a.segments))
 
 
-def _stacked_factor(axes: tuple[Axis, ...], role: str) -> tuple[Axis, ...] | None:
-    """LoRA factors of a stacked parameter ``W [E, out, in]`` (PEFT's ``ParamWrapper`` on fused experts), seen as
-    ``lora_A [E, r, in]`` (its ``[E * r, in]`` reshaped) and ``lora_B [out, r, E]`` (its ``[out, r * E]``): each
-    expert's slice moves by the parameter's own axes, and the experts move as the stacked axis does."""
+def _stacked_factor(axes: tuple[Axis, ...], role: str, transposed: bool = False) -> tuple[Axis, ...] | None:
+    """LoRA factors of a stacked parameter ``W [E, out, in]`` (``transposed``: ``[E, in, out]``, experts that declare
+    ``is_transposed`` as gpt-oss's) (PEFT's ``ParamWrapper`` on fused experts), seen as ``lora_A [E, r, in]`` (its
+    ``[E * r, in]`` reshaped) and ``lora_B [out, r, E]`` (its ``[out, r * E]``): each expert's slice moves by the
+    parameter's own axes, and the experts move as the stacked axis does."""
     st = next(a for a in axes if a.stack)
     if st.axis != 0 or role not in ("lora_A", "lora_B"):
         return None
+    inp, out = (1, 2) if transposed else (2, 1)
     if role == "lora_A":
-        return (st,) + tuple(a for a in axes if a.axis == 2)
-    return tuple(a.on(0) for a in axes if a.axis == 1) + (st.on(2),)
+        return (st,) + tuple(a.on(2) for a in axes if a.axis == inp)
+    return tuple(a.on(0) for a in axes if a.axis == out) + (st.on(2),)
 
 
 def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | None:
@@ -62,9 +64,9 @@ def _resolve_axes(spec: ArchSpec, name: str, files: bool) -> tuple[Axis, ...] | 
     axes = None if hit is None else tuple(a.filled(hit[1]) for a in hit[0].axes)
     inp, out = (0, 1) if hit is not None and hit[0].transposed else (1, 0)     # Conv1D weights are [in, out]
     if axes is None and role != "weight" and base.endswith(".weight"):
-        bare = spec.match(base[: -len(".weight")], files=files)      # a bare parameter (fused experts)
-        if bare is not None and any(a.stack for a in bare):
-            return _stacked_factor(bare, role)
+        bare = spec.rule_for(base[: -len(".weight")], files=files)      # a bare parameter (fused experts)
+        if bare is not None and any(a.stack for a in bare[0].axes):
+            return _stacked_factor(tuple(a.filled(bare[1]) for a in bare[0].axes), role, bare[0].transposed)
     if axes is None and role == "weight" and base.endswith(".bias"):
         return None
     if axes is None or role == "weight":
@@ -152,14 +154,22 @@ def segment_spans(spec: ArchSpec, config, axis: Axis, sizes: dict[str, int] | No
 
 
 def _interleaving(spec: ArchSpec, config, axis: Axis, spans: list[tuple[int, int, Axis]]) -> torch.Tensor | None:
-    """For a fused axis interleaved over groups (``Axis.groups``): position along the tensor axis of each entry of
-    the part-major layout ``[part0 | part1 | ...]`` of ``spans``; None for a plain fused axis."""
-    if not axis.groups:
+    """For a fused axis interleaved over groups (``Axis.groups``; ``Axis.interleave``: one group per entry): position
+    along the tensor axis of each entry of the part-major layout ``[part0 | part1 | ...]`` of ``spans``; None for a
+    plain fused axis."""
+    lengths = [n for _, n, _ in spans]
+    if axis.interleave:
+        if len(set(lengths)) != 1:
+            raise GaugeError(f"spec {spec.name!r}: interleaved parts must have one length, these have "
+                             f"{', '.join(map(str, lengths))} entries")
+        n_groups = lengths[0]
+    elif axis.groups:
+        n_groups = int(spec.dims(ConfigView.of(config))[axis.groups])
+        if n_groups < 1 or any(n % n_groups for n in lengths):
+            raise GaugeError(f"spec {spec.name!r}: the fused parts ({', '.join(map(str, lengths))} entries) do "
+                             f"not split into {n_groups} groups ({axis.groups!r})")
+    else:
         return None
-    n_groups = int(spec.dims(ConfigView.of(config))[axis.groups])
-    if n_groups < 1 or any(n % n_groups for _, n, _ in spans):
-        raise GaugeError(f"spec {spec.name!r}: the fused parts ({', '.join(str(n) for _, n, _ in spans)} entries) do "
-                         f"not split into {n_groups} groups ({axis.groups!r})")
     chunks = [n // n_groups for _, n, _ in spans]
     width, off = sum(chunks), 0
     where = torch.empty(sum(n for _, n, _ in spans), dtype=torch.int64)

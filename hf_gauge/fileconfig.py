@@ -273,13 +273,19 @@ def check_config_sizes(spec: ArchSpec, config: Any, tensors: Mapping[str, Mappin
     _check_widths(spec, view, tensors, where, known)
 
 
+# quantization methods whose checkpoints transformers can dequantize on load: the way to a float checkpoint
+_DEQUANTIZE = {"mxfp4": "(gpt-oss is released only so) load it with from_pretrained(folder, "
+                        "quantization_config=Mxfp4Config(dequantize=True)) and save_pretrained a float checkpoint"}
+
+
 def _quantized(doc: Mapping[str, Any], folder: Path) -> None:
     quant = doc.get("quantization_config")
     if quant is not None:
         method = quant.get("quant_method") if isinstance(quant, dict) else None
+        hint = _DEQUANTIZE.get(method) if isinstance(method, str) else None
         raise GaugeError(f"{folder} is a quantized checkpoint ({method or 'config.quantization_config'}): its packed "
                          "weights cannot be moved by index. Apply the gauge to the float checkpoint and quantize the "
-                         "result again")
+                         "result again" + (f"; {hint}" if hint else ""))
 
 
 def checkpoint_config(folder: str | os.PathLike, tensors: Mapping[str, Mapping[str, Any]]

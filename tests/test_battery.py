@@ -39,7 +39,8 @@ def test_base_model_shares_the_causal_lm_chart(model_type):
     """The same weights as a bare base model and inside the CausalLM: same fingerprint and spaces, and a gauge moves
     the base model's tensors exactly as it moves them inside the CausalLM."""
     causal = build(model_type)
-    base = getattr(causal, causal.base_model_prefix)
+    # Llama4ForCausalLM keeps its body at .model, although its prefix is the composite model's "language_model"
+    base = getattr(causal, causal.base_model_prefix, None) or causal.model
     assert hf_gauge.fingerprint(causal) == hf_gauge.fingerprint(base)
     assert hf_gauge.gauge_spaces(base) == hf_gauge.gauge_spaces(causal)
     g = random_gauge(causal, seed=1, spaces="all")

@@ -155,6 +155,41 @@ def test_phi3_fused_projections_move_by_segments():
     assert torch.equal(m.state_dict()["model.layers.0.self_attn.qkv_proj.weight"], want)
 
 
+def test_interleaved_segments_move_entry_by_entry():
+    """gpt-oss's gate_up_proj [E, d, 2f] interleaves gate and up at stride 2 (``segmented(..., interleave=True)``):
+    under an expert's unit permutation both strided halves move by it (checked by hand), and down_proj's rows too."""
+    from test_architectures import build
+    m = build("gpt_oss")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    perms = {e: torch.randperm(24, generator=torch.Generator().manual_seed(e)) for e in range(4)}
+    g = hf_gauge.Gauge(spaces={f"experts.0.{e}": SignedPermutation(p) for e, p in perms.items()})
+    hf_gauge.apply_gauge(m, g)
+    after, x = m.state_dict(), "model.layers.0.mlp.experts."
+    for e, p in perms.items():
+        for name, axis in (("gate_up_proj", 1), ("gate_up_proj_bias", 0)):
+            src, out = before[x + name][e], after[x + name][e]
+            for half in (0, 1):                                   # gate entries ::2, up entries 1::2
+                got = out.index_select(axis, torch.arange(half, 48, 2))
+                want = src.index_select(axis, torch.arange(half, 48, 2)).index_select(axis, p)
+                assert torch.equal(got, want), (e, name, half)
+        assert torch.equal(after[x + "down_proj"][e], before[x + "down_proj"][e][p])
+
+
+def test_interleaved_parts_of_unequal_length_are_refused():
+    from hf_gauge.engine import segment_positions
+    from hf_gauge.specs.base import Axis, segmented
+    from test_architectures import tiny_config
+    spec, cfg = get_spec("gpt_oss"), tiny_config("gpt_oss")
+    units, heads = Axis(0, "experts.0.0", signed=False), Axis(0, "attn.0", signed=False)
+    fused = segmented(0, units, heads, interleave=True)
+    with pytest.raises(GaugeError, match="interleaved parts must have one length, these have 24, 4 entries"):
+        segment_positions(spec, cfg, fused, fused.segments[0])
+    even = segmented(0, units, units, interleave=True)
+    assert torch.equal(segment_positions(spec, cfg, even, even.segments[1]), torch.arange(1, 48, 2))
+    with pytest.raises(GaugeError, match="groups= or interleave="):
+        segmented(0, units, units, groups="head_dim", interleave=True)
+
+
 def test_gpt2_conv1d_moves_by_hand():
     """Conv1D weights are [in, out]: readers' residual rows and writers' residual columns, c_attn's [q | k | v]
     columns by head blocks, LayerNorm gains permuted and biases signed by the one global sign (checked by hand)."""

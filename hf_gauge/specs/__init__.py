@@ -12,12 +12,14 @@ from .falcon import FALCON
 from .glm4 import GLM4, GLM4_MOE
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt2 import GPT2
+from .gpt_oss import GPT_OSS
 from .gpt_neo import GPT_NEO
 from .gpt_neox import GPT_NEOX
 from .gptj import GPTJ
 from .granite import GRANITE
 from .llama import EXAONE, LLAMA
 from .ernie_moe import ERNIE4_5_MOE
+from .llama4 import LLAMA4_TEXT
 from .moe import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .opt import OPT
@@ -33,7 +35,8 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         OLMOE, ERNIE4_5_MOE, PHIMOE, GLM4, GLM4_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
-                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM)
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM,
+                                                                        GPT_OSS, LLAMA4_TEXT)
                             for mt in spec.model_types}
 
 

@@ -21,6 +21,8 @@ Axis semantics, for a gauge element ``Q = (perm, sign)`` of the axis' space:
 - ``groups``: a fused axis whose parts are interleaved over groups (``segmented(..., groups="kv_heads")``): the axis
   is ``[group, (part0 chunk | part1 chunk | ...)]``, each part split into ``dims[groups]`` equal consecutive chunks
   (Falcon's grouped ``query_key_value``: per KV group its query heads, then its key and its value head).
+- ``interleave``: a fused axis whose parts, all of one length, alternate entry by entry (``segmented(...,
+  interleave=True)``): ``[p0[0], p1[0], p0[1], p1[1], ...]`` (gpt-oss's ``gate_up_proj``, gate and up at stride 2).
 
 ``ArchSpec.requires`` declares the config fields the spec's group depends on (activation, norm kind, MoE layout):
 ``Requires(field, allowed, why)``. A config whose field lies outside ``allowed`` is refused (``ArchSpec.refusal``,
@@ -81,6 +83,7 @@ class Axis:
     segments: tuple["Axis", ...] = ()
     stack: str | None = None
     groups: str | None = None
+    interleave: bool = False
 
     def filled(self, values: Mapping[str, str | int]) -> "Axis":
         return dataclasses.replace(self, space=fill(self.space, values),
@@ -99,10 +102,14 @@ class Axis:
         return tuple(dict.fromkeys(p.space for p in self.parts() if p.space))
 
 
-def segmented(axis: int, *parts: Axis, groups: str | None = None) -> Axis:
+def segmented(axis: int, *parts: Axis, groups: str | None = None, interleave: bool = False) -> Axis:
     """A fused axis ``[part0 | part1 | ...]`` (each part an ``Axis``; its ``axis`` field is ignored); with ``groups``
-    (a ``dims`` key) the parts are interleaved over that many groups: ``[group, (part0 | part1 | ...) chunk]``."""
-    return Axis(axis, segments=tuple(p.on(axis) for p in parts), groups=groups)
+    (a ``dims`` key) the parts are interleaved over that many groups: ``[group, (part0 | part1 | ...) chunk]``; with
+    ``interleave`` the parts (of equal length) alternate entry by entry, ``[p0[0], p1[0], p0[1], p1[1], ...]``
+    (gpt-oss's ``gate_up_proj``: gate and up at stride 2)."""
+    if groups and interleave:
+        raise GaugeError("segmented(): give groups= or interleave=, not both")
+    return Axis(axis, segments=tuple(p.on(axis) for p in parts), groups=groups, interleave=interleave)
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,8 @@ def _follow_renames(spec: ArchSpec, config: Any, gauge, out: dict[str, torch.Ten
 
 def param_wrapper_views(spec: ArchSpec, config: Any, sd: Mapping[str, torch.Tensor]
                         ) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """PEFT ``ParamWrapper`` factors of stacked parameters (LoRA on fused MoE experts ``[E, out, in]``):
+    """PEFT ``ParamWrapper`` factors of stacked parameters (LoRA on fused MoE experts ``[E, out, in]``; a
+    ``transposed`` rule's ``[E, in, out]``, as PEFT reads experts that declare ``is_transposed``):
     ``{key: (name the spec covers, view shape)}``. PEFT names them after the experts module (``experts.lora_A``,
     ``experts.base_layer.lora_A`` when two parameters are wrapped), so the parameter is identified by shape: the
     wrapper's ``lora_A [E * r, in]`` and ``lora_B [out, r * E]`` must fit exactly one stacked parameter of that
@@ -129,11 +130,12 @@ def param_wrapper_views(spec: ArchSpec, config: Any, sd: Mapping[str, torch.Tens
             axes = tuple(a.filled({**m.groupdict(), st: 0}) for a in rule.axes)    # every expert has one shape
             n = stack_count(spec, config, st)
             dims = {a.axis: sum(span for _, span, _ in segment_spans(spec, config, a)) for a in axes if not a.stack}
+            inp, out_ax = (1, 2) if rule.transposed else (2, 1)      # [E, in, out] experts (is_transposed)
             shapes = {}
             for k, _, role in members:
                 t = sd[k]
-                ok = t.dim() == 2 and (t.shape[1] == dims.get(2) and t.shape[0] % n == 0 if role == "lora_A"
-                                       else t.shape[0] == dims.get(1) and t.shape[1] % n == 0)
+                ok = t.dim() == 2 and (t.shape[1] == dims.get(inp) and t.shape[0] % n == 0 if role == "lora_A"
+                                       else t.shape[0] == dims.get(out_ax) and t.shape[1] % n == 0)
                 if not ok:
                     break
                 shapes[k] = ((n, t.shape[0] // n, t.shape[1]) if role == "lora_A"
