@@ -32,7 +32,7 @@ inside heads, ``attention_bias`` only adds biases that have rules: none needs a 
 """
 from __future__ import annotations
 
-from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, gain, reads, segmented, writes
+from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, gain, reads, segmented
 from .decoder import HEAD_RULES, RMSNORM, attention_rules, head_dim
 
 L = "model.layers.{i}."
