@@ -150,7 +150,7 @@ def test_lora_on_fused_experts_stored_in_out(model_type, prefix, ids):
     (``lora_A [E * r, in]`` reads axis 1 of the parameter, ``lora_B [out, r * E]`` axis 2; its rules say
     ``transposed=True``), Llama-4's do not (PEFT reads ``[E, out, in]`` positionally). Either way the transported
     adapter reproduces the adapted logits on the gauged base."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a = build(model_type)
     g = random_gauge(a, seed=3, spaces="all")
     b = apply_gauge(copy.deepcopy(a), g)
@@ -160,10 +160,11 @@ def test_lora_on_fused_experts_stored_in_out(model_type, prefix, ids):
     pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg)).eval()
     ref = logits(pa, ids)
     assert not close(ref, logits(a, ids), 1e-3)
-    sd = g.transport(pa)
+    sd = g.transport(get_peft_model_state_dict(pa), model=pa)
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
     assert not set_peft_model_state_dict(pb, sd).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
+    assert close(logits(g.transport(pa).eval(), ids), ref)          # a PeftModel in, a PeftModel out
 
 
 def test_gpt_oss_mxfp4_config_object_is_refused_on_one_line():
