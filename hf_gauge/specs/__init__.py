@@ -21,6 +21,7 @@ from .olmo2 import OLMO2
 from .opt import OPT
 from .phi import PHI
 from .phi3 import PHI3
+from .qwen3_next import QWEN3_NEXT
 from .smollm3 import SMOLLM3
 from .stablelm import STABLELM
 from .starcoder2 import STARCODER2
@@ -29,7 +30,7 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
-                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM)
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM, QWEN3_NEXT)
                             for mt in spec.model_types}
 
 
