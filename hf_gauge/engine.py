@@ -20,7 +20,7 @@ from .gauge import Gauge
 from .group import as_bits, flip_, moves_as_bits, sign_operand
 from .kinds import get_kind
 from .specs import ArchSpec
-from .specs.base import Axis, fill
+from .specs.base import Axis, fill, range_values
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_",
@@ -264,7 +264,11 @@ def stack_count(spec: ArchSpec, config, placeholder: str) -> int:
     cfg = ConfigView.of(config)
     for sp in spec.spaces.values():
         if placeholder in sp.ranges:
-            return int(sp.ranges[placeholder](cfg))
+            values = range_values(sp.ranges[placeholder], cfg)
+            if values != tuple(range(len(values))):
+                raise GaugeError(f"spec {spec.name!r}: the stacked placeholder {{{placeholder}}} ranges over "
+                                 f"{values[:8]}; a stacked axis indexes 0 .. n-1")
+            return len(values)
     raise GaugeError(f"spec {spec.name!r}: no space gives a range for the stacked placeholder {{{placeholder}}}")
 
 

@@ -9,7 +9,9 @@ before anything is allocated or looped over, driven by the spec's data only:
    space's size function, every placeholder range (``{i}`` layers, ``{e}`` experts) and the ``dims`` are evaluated on
    it. Each must give an ``int`` (not a bool, float or string) in ``[1, 2**31]``. Each placeholder range must equal
    the tensors on disk: the values the placeholder takes in the tensor names the spec's rules match are exactly
-   ``0 .. n-1``, and every stacked axis over it (``Axis(stack="e")``) has ``n`` entries. A field the file omits is
+   ``0 .. n-1``, and every stacked axis over it (``Axis(stack="e")``) has ``n`` entries. A range over some layers
+   only (``specs.base.layers_where``: MoE layers among dense ones) has its full range (every layer) checked so before
+   its predicate runs, then must hold exactly the layers whose tensors on disk lie in its space. A field the file omits is
    left to transformers' default and checked in step 2.
 2. The transformers config (``AutoConfig``, any failure a ``GaugeError``) is checked the same way, then every
    tensor axis the rules map to a gauge space (blocks, KV groups and fused segments included: ``segment_spans``)
@@ -27,7 +29,7 @@ from .engine import axes_for, segment_spans, stack_count
 from .errors import GaugeError
 from .jsonio import read_json
 from .specs import ArchSpec, get_spec
-from .specs.base import Axis
+from .specs.base import Axis, LayerSubset, placeholders, range_values
 from .view import ConfigView, spec_for
 
 __all__ = ["MAX_SIZE", "checkpoint_config", "check_config_sizes"]
@@ -110,10 +112,12 @@ def _size(view: _Reads, fn: Callable[[Any], Any], what: str, where: str, deferre
 
 
 def _on_disk(spec: ArchSpec, tensors: Mapping[str, Mapping[str, Any]]
-             ) -> tuple[dict[str, set[int]], dict[str, list[tuple[str, int]]]]:
-    """``({placeholder: values in matched tensor names}, {placeholder: [(tensor, entries of its stacked axis)]})``."""
+             ) -> tuple[dict[str, set[int]], dict[str, list[tuple[str, int]]], dict[tuple[str, str], set[int]]]:
+    """``({placeholder: values in matched tensor names}, {placeholder: [(tensor, entries of its stacked axis)]},
+    {(space template, placeholder): values in the names of the tensors whose axes lie in that space})``."""
     named: dict[str, set[int]] = {}
     stacked: dict[str, list[tuple[str, int]]] = {}
+    by_space: dict[tuple[str, str], set[int]] = {}
     for name, info in tensors.items():
         old, new = spec.file_alias(name)
         hit = spec.rule_for(new + name[len(old):], files=True)
@@ -125,22 +129,35 @@ def _on_disk(spec: ArchSpec, tensors: Mapping[str, Mapping[str, Any]]
                 raise GaugeError(f"tensor {name!r} has a {{{ph}}} index of {len(v)} digits; the shard is corrupt or "
                                  "hostile: re-download the checkpoint")
             named.setdefault(ph, set()).add(int(v))
+        for a in (*rule.axes, *rule.carried.values()):
+            for tmpl in a.spaces:
+                for ph in placeholders(tmpl):
+                    if ph in values:
+                        by_space.setdefault((tmpl, ph), set()).add(int(values[ph]))
         shape = info["shape"]
         for a in rule.axes:
             if a.stack:
                 stacked.setdefault(a.stack, []).append((name, shape[a.axis] if a.axis < len(shape) else 0))
-    return named, stacked
+    return named, stacked, by_space
 
 
 def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[str, Any]], where: str,
                   deferred: bool) -> None:
-    """Every placeholder range equals what the tensors on disk hold (names ``0..n-1``, stacked axes of ``n``)."""
-    named, stacked = _on_disk(spec, tensors)
+    """Every placeholder range equals what the tensors on disk hold (names ``0..n-1``, stacked axes of ``n``); a
+    range over some layers only (``layers_where``) first has its full range checked so, then its layers must be
+    exactly those whose tensors lie in the space."""
+    named, stacked, by_space = _on_disk(spec, tensors)
     for tmpl, sp in spec.spaces.items():
         for ph, count in sp.ranges.items():
-            n = _size(view, count, f"the range of {{{ph}}} in space {tmpl!r}", where, deferred)
-            if n is None:
+            what = f"the range of {{{ph}}} in space {tmpl!r}"
+            full = count.full if isinstance(count, LayerSubset) else count
+            got = _call(view, full, what, where, deferred)
+            if got is _DEFERRED:
                 continue
+            if not isinstance(count, LayerSubset) and not isinstance(got, int):
+                _check_subset(view, count, by_space.get((tmpl, ph), set()), tmpl, ph, what, where, deferred)
+                continue
+            n = _checked(got, view, what, where)
             have = named.get(ph)
             if have is not None and not (len(have) == n and min(have) == 0 and max(have) == n - 1):
                 top = max(have)
@@ -156,6 +173,25 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
                 raise GaugeError(f"{where}: the config gives {{{ph}}} of space {tmpl!r} {n} values "
                                  f"({view.fields()}) but no tensor of the checkpoint carries it; the config does not "
                                  "describe these weights: re-download the checkpoint")
+            if isinstance(count, LayerSubset):
+                _check_subset(view, count, by_space.get((tmpl, ph), set()), tmpl, ph, what, where, deferred)
+
+
+def _check_subset(view: _Reads, count: Callable[[Any], Any], have: set[int], tmpl: str, ph: str, what: str,
+                  where: str, deferred: bool) -> None:
+    """A range given as a sequence (the layers where a space lives) holds exactly the values of ``{ph}`` in the names
+    of the tensors on disk whose axes lie in space ``tmpl``."""
+    vals = _call(view, lambda c: range_values(count, c), what, where, deferred)
+    if vals is _DEFERRED:
+        return
+    if any(v > MAX_SIZE for v in vals):
+        raise GaugeError(f"{where}: {what} holds {max(vals)} (from {view.fields()}); the config is corrupt or hostile")
+    if set(vals) != have:
+        odd = sorted(set(vals) ^ have)[:6]
+        raise GaugeError(f"{where}: the config puts space {tmpl!r} at {{{ph}}} in {sorted(vals)[:12]} "
+                         f"({view.fields()}) but the checkpoint's tensors of that space are at {sorted(have)[:12]} "
+                         f"(they differ at {odd}); the config does not describe these weights: re-download the "
+                         "checkpoint")
 
 
 def _check_sizes(spec: ArchSpec, view: _Reads, where: str, deferred: bool) -> dict[str, tuple[int, str]]:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Mapping
+from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 from ..errors import GaugeError
 
@@ -118,7 +118,9 @@ class Space:
     ``when`` (config -> bool): the space exists only for configs where it holds; elsewhere the model has no such
     space (its axes never move): Falcon's heads under ALiBi, whose slopes are fixed by head index.
 
-    ``ranges`` gives each placeholder's count from the config (default: ``{i}`` -> number of layers). ``per_layer``
+    ``ranges`` gives each placeholder's range from the config: an int ``n`` (the values ``0 .. n-1``) or a sequence
+    of distinct non-negative ints (the layers where the config puts this space: ``layers_where``); default: ``{i}``
+    -> every layer. ``range_values`` reads either form. ``per_layer``
     is the legacy flag (a template with ``{i}`` is per layer anyway). ``kind=None`` is filled by the spec: residual
     for ``"residual"``, units for ``"mlp.{i}"``, heads for ``"attn.{i}"`` (the legacy shorthand).
     """
@@ -128,7 +130,7 @@ class Space:
     doc: str = ""
     per_layer: bool = False
     kind: str | None = None
-    ranges: Mapping[str, Callable[[object], int]] = field(default_factory=dict)
+    ranges: Mapping[str, Callable[[object], "int | Sequence[int]"]] = field(default_factory=dict)
     carried_by: Mapping[str, str] = field(default_factory=dict)
     when: Callable[[object], bool] | None = None
 
@@ -353,7 +355,7 @@ class ArchSpec:
                 continue
             names = [tmpl]
             for ph, count in sp.ranges.items():
-                names = [fill(n, {ph: k}) for n in names for k in range(int(count(config)))]
+                names = [fill(n, {ph: k}) for n in names for k in range_values(count, config)]
             size = int(sp.size(config))
             for n in names:
                 out[n] = size
@@ -408,6 +410,40 @@ class ArchSpec:
 
 def _n_layers(config) -> int:
     return config.num_hidden_layers
+
+
+class LayerSubset:
+    """A placeholder range over the layers where ``pred(config, i)`` holds (``layers_where``); ``full`` is the range
+    it filters (every layer), which ``hf_gauge.fileconfig`` checks against the files before the predicate runs."""
+
+    full = staticmethod(_n_layers)
+
+    def __init__(self, pred: Callable[[object, int], bool]) -> None:
+        self.pred = pred
+
+    def __call__(self, config) -> tuple[int, ...]:
+        return tuple(i for i in range(int(_n_layers(config))) if bool(self.pred(config, i)))
+
+
+def layers_where(pred: Callable[[object, int], bool]) -> LayerSubset:
+    """The range of ``{i}`` over the layers ``i`` in ``range(num_hidden_layers)`` where ``pred(config, i)`` holds:
+    ``ranges={"i": layers_where(lambda c, i: is_moe_layer(c, i))}`` for a space that exists on MoE layers only."""
+    return LayerSubset(pred)
+
+
+def range_values(count: Callable[[object], "int | Sequence[int]"], config) -> tuple[int, ...]:
+    """The values of a placeholder range on ``config``: ``0 .. n-1`` for an int ``n``, else the sequence's ints
+    (distinct, non-negative). ``GaugeError`` for anything else."""
+    got = count(config)
+    if isinstance(got, int) and not isinstance(got, bool):
+        return tuple(range(got))
+    if isinstance(got, (tuple, list, range)):
+        vals = tuple(got)
+        if all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals) \
+                and len(set(vals)) == len(vals):
+            return vals
+    raise GaugeError(f"a placeholder range gave {str(got)[:60]!r}; a range is an int n (0 .. n-1) or a sequence of "
+                     "distinct non-negative ints (the spec or the config is wrong)")
 
 
 # --- shorthand used by the spec files ------------------------------------------------------------------------
