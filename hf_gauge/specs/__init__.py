@@ -15,6 +15,7 @@ from .gpt_neo import GPT_NEO
 from .gpt_neox import GPT_NEOX
 from .gptj import GPTJ
 from .granite import GRANITE
+from .granitemoehybrid import GRANITEMOEHYBRID
 from .llama import EXAONE, LLAMA
 from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
@@ -30,7 +31,8 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
-                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM, QWEN3_NEXT)
+                                                                        BLOOM, FALCON, PHI, STARCODER2, STABLELM, QWEN3_NEXT,
+                                                                        GRANITEMOEHYBRID)
                             for mt in spec.model_types}
 
 
