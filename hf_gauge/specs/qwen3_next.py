@@ -1,67 +1,123 @@
-"""Qwen3-Next: a hybrid decoder of Gated DeltaNet (linear attention) and gated full-attention layers, each followed by
-a routed MoE with a sigmoid-gated shared expert (or, per ``mlp_only_layers`` / ``decoder_sparse_step``, a dense MLP).
+"""Qwen3-Next: a hybrid decoder of Gated DeltaNet (linear attention) and gated full-attention layers
+(``layer_types``), each followed by a routed MoE with a sigmoid-gated shared expert or, per ``mlp_only_layers`` and
+``decoder_sparse_step``, a dense SwiGLU MLP.
 
 Residual group B_d. Every norm on the residual (``input_layernorm``, ``post_attention_layernorm``, ``model.norm``) is
 the zero-centred RMSNorm ``x / rms(x) * (1 + w)``: a per-channel gain, permuted and never signed. The sublayers read
 the normalised residual (``in_proj_qkvz``, ``in_proj_ba``, q/k/v, the router, the experts, the shared expert and its
-gate: columns signed-permuted) and write it (``out_proj``, ``o_proj``, the experts' and the shared expert's down
-projections: rows signed-permuted).
+gate: columns signed-permuted) and write it (``out_proj``, ``o_proj``, the down projections: rows signed-permuted).
 
-Inner spaces:
-- ``moe.{i}``, ``experts.{i}.{e}``, ``shared.{i}``: as Qwen2-MoE (``specs/moe.py``): experts as wholes with their
-  router rows (permutations only: softmax is not odd), each expert's SwiGLU units (signs on the up row / down column
-  pair), the shared expert's units; its gate ``shared_expert_gate [1, d]`` reads the residual.
+Inner spaces (each on the layers that have it: ``layers_where``):
+- ``lin.{i}`` (kind ``linear_heads``, DeltaNet layers): the value heads, permutations only. ``in_proj_qkvz`` rows are
+  ``[key head g, (q | k | its value heads' v | their z)]`` and ``in_proj_ba`` rows ``[g, (b | a)]`` (one entry per
+  value head), interleaved over the ``linear_num_key_heads`` groups; ``conv1d`` channels are ``[q | k | v]``;
+  ``A_log`` and ``dt_bias`` hold one entry per value head; ``out_proj`` columns ``linear_value_head_dim`` per head.
+  ``num_v / num_k`` consecutive value heads share one query/key head, so they permute within that group and the
+  groups as wholes (q and k rows move by the group permutation). No signs: q, k and v pass through the depthwise
+  conv1d and SiLU, z through SiLU, b through a sigmoid and a through softplus, none of them odd. The gated RMSNorm
+  ``norm(o) * silu(z)`` acts on ``[head_v_dim]`` with one gain shared by every head: untouched. Not covered: a
+  permutation of the key dimensions (the same on q and k in every head; the l2 norm and q.k are invariant) or of the
+  value dimensions (the same on v, z, the shared norm gain and out_proj in every head) is a symmetry too, but the
+  spec format cannot write one permutation repeated inside each block of a fused axis.
+- ``attn.{i}`` (full-attention layers): query heads within KV groups, KV groups as wholes. ``q_proj`` rows are
+  ``[head, (q | output gate), head_dim]`` (interleaved over the heads); the gate ``sigmoid`` is not odd, and partial
+  rotary and the ``[head_dim]`` q/k norms act inside a head.
+- ``moe.{i}``, ``experts.{i}.{e}``, ``shared.{i}`` (MoE layers): as Qwen2-MoE (``specs/moe.py``): experts as wholes
+  with their router rows (softmax is not odd), each expert's SwiGLU units (signs on the up row / down column pair),
+  the shared expert's units; its gate ``shared_expert_gate [1, d]`` reads the residual.
+- ``mlp.{i}`` (dense layers): SwiGLU units.
 
-Declared fields: ``hidden_act`` (the SwiGLU experts, the shared expert, and the DeltaNet conv1d's activation) and
-``rms_norm_eps``; ``mlp_only_layers`` and ``decoder_sparse_step`` (every layer routes to experts). ``attention_bias``,
-``partial_rotary_factor`` and the RoPE settings act inside a head and need no declaration.
+Declared fields: ``hidden_act`` (the SwiGLU gates) and ``rms_norm_eps``. ``layer_types``, ``mlp_only_layers``,
+``decoder_sparse_step`` and ``num_experts`` pick each layer's mixer and MLP, which the layer ranges follow;
+``attention_bias``, ``partial_rotary_factor`` and the RoPE settings act inside a head.
 Checkpoint files store the experts one tensor per expert (``mlp.experts.{e}.gate_proj.weight``; ``file_rules``).
+Qwen3-Next releases also hold a multi-token-prediction module (``mtp.*``) that transformers drops on load: it is no
+parameter of the model, so file paths refuse it as an unknown tensor.
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Rule, Sites, reads, writes
-from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, head_dim
-from .moe import QWEN_SPARSE, QWEN2_MOE
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, layers_where, reads, segmented, writes
+from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, RMSNORM, SILU_GATE, gated_mlp_rules
+from .moe import QWEN2_MOE
 
 L = "model.layers.{i}."
 A = L + "self_attn."
 D = L + "linear_attn."
 
+
+def is_linear(config, i: int) -> bool:
+    """Layer ``i`` mixes with a Gated DeltaNet."""
+    return config.layer_types[i] == "linear_attention"
+
+
+def is_moe(config, i: int) -> bool:
+    """Layer ``i`` routes to experts (``Qwen3NextDecoderLayer``'s test)."""
+    return i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
+
+
+def _dims(config) -> dict[str, int]:
+    return {"head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            "heads": config.num_attention_heads, "lin_k_heads": config.linear_num_key_heads,
+            "lin_k_dim": config.linear_key_head_dim, "lin_v_dim": config.linear_value_head_dim}
+
+
+Q_GATE_ROWS = segmented(0, Q_ROWS, Q_ROWS, groups="heads")                     # q_proj: [head, (q | gate)]
+LQK = Axis(0, "lin.{i}", signed=False, block="lin_k_dim", kv=True)             # q, k: one key head's rows
+LVZ = Axis(0, "lin.{i}", signed=False, block="lin_v_dim")                      # v, z: one value head's rows
+LHEAD = Axis(0, "lin.{i}", signed=False)                                       # b, a, A_log, dt_bias
+
 _ATTENTION = (
-    Rule(A + "q_proj.weight", reads()),          # rows [head, (q | output gate), head_dim]
-    Rule(A + "k_proj.weight", reads()),
-    Rule(A + "v_proj.weight", reads()),
-    Rule(A + "q_proj.bias", UNTOUCHED),
-    Rule(A + "k_proj.bias", UNTOUCHED),
-    Rule(A + "v_proj.bias", UNTOUCHED),
+    Rule(A + "q_proj.weight", reads(Q_GATE_ROWS)),
+    Rule(A + "q_proj.bias", (Q_GATE_ROWS,)),
+    Rule(A + "k_proj.weight", reads(KV_ROWS)),
+    Rule(A + "k_proj.bias", (KV_ROWS,)),
+    Rule(A + "v_proj.weight", reads(KV_ROWS)),
+    Rule(A + "v_proj.bias", (KV_ROWS,)),
     Rule(A + "q_norm.weight", UNTOUCHED),        # [head_dim], shared by every head
     Rule(A + "k_norm.weight", UNTOUCHED),
-    Rule(A + "o_proj.weight", writes()),
+    Rule(A + "o_proj.weight", writes(O_COLS)),
     Rule(A + "o_proj.bias", writes()),
 )
 
 _DELTANET = (
-    Rule(D + "in_proj_qkvz.weight", reads()),
-    Rule(D + "in_proj_ba.weight", reads()),
-    Rule(D + "conv1d.weight", UNTOUCHED),
-    Rule(D + "A_log", UNTOUCHED),
-    Rule(D + "dt_bias", UNTOUCHED),
+    Rule(D + "in_proj_qkvz.weight", reads(segmented(0, LQK, LQK, LVZ, LVZ, groups="lin_k_heads"))),
+    Rule(D + "in_proj_ba.weight", reads(segmented(0, LHEAD, LHEAD, groups="lin_k_heads"))),
+    Rule(D + "conv1d.weight", (segmented(0, LQK, LQK, LVZ),)),
+    Rule(D + "A_log", (LHEAD,)),
+    Rule(D + "dt_bias", (LHEAD,)),
     Rule(D + "norm.weight", UNTOUCHED),          # gated RMSNorm over head_v_dim, shared by every head
-    Rule(D + "out_proj.weight", writes()),
+    Rule(D + "out_proj.weight", writes(Axis(1, "lin.{i}", signed=False, block="lin_v_dim"))),
 )
 
 _MOE_RULES = tuple(r for r in QWEN2_MOE.rules if ".mlp." in r.pattern)
 _NORMS = tuple(r for r in QWEN2_MOE.rules if not r.pattern.startswith(L) or "layernorm" in r.pattern)
+_MOE = layers_where(is_moe)
 
 QWEN3_NEXT = ArchSpec(
     name="qwen3_next",
     model_types=("qwen3_next",),
     norm="rmsnorm",
-    spaces={t: sp for t, sp in QWEN2_MOE.spaces.items() if t != "attn.{i}"},
-    rules=_ATTENTION + _DELTANET + _MOE_RULES + _NORMS,
+    spaces={
+        "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
+        "lin.{i}": Space(lambda c: c.linear_num_value_heads, "none", "Gated DeltaNet value heads of layer i",
+                         kind="linear_heads", ranges={"i": layers_where(is_linear)}),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads",
+                          ranges={"i": layers_where(lambda c, i: not is_linear(c, i))}),
+        "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU units of dense layer i", kind="units",
+                         ranges={"i": layers_where(lambda c, i: not is_moe(c, i))}),
+        "moe.{i}": Space(lambda c: c.num_experts, "none", "the experts of layer i, as wholes (router rows with them)",
+                         kind="experts", ranges={"i": _MOE}),
+        "experts.{i}.{e}": Space(lambda c: c.moe_intermediate_size, "any",
+                                 "hidden units of expert e of layer i (source chart)", kind="units",
+                                 ranges={"i": _MOE, "e": lambda c: c.num_experts}, carried_by={"e": "moe.{i}"}),
+        "shared.{i}": Space(lambda c: c.shared_expert_intermediate_size, "any",
+                            "hidden units of layer i's shared expert", kind="units", ranges={"i": _MOE}),
+    },
+    rules=_ATTENTION + _DELTANET + gated_mlp_rules(L) + _MOE_RULES + _NORMS,
     file_rules=QWEN2_MOE.file_rules,
-    dims=head_dim,
+    dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
-                inputs={"shared.{i}": L + "mlp.shared_expert.down_proj"}),
-    requires=(SILU_GATE, RMSNORM) + QWEN_SPARSE,
+                inputs={"lin.{i}": D + "out_proj", "attn.{i}": A + "o_proj", "mlp.{i}": L + "mlp.down_proj",
+                        "shared.{i}": L + "mlp.shared_expert.down_proj"}),
+    requires=(SILU_GATE, RMSNORM),
 )
