@@ -111,6 +111,15 @@ def _size(view: _Reads, fn: Callable[[Any], Any], what: str, where: str, deferre
     return None if value is _DEFERRED else _checked(value, view, what, where)
 
 
+def _absent(tmpl: str, sp: Any, view: _Reads, where: str, deferred: bool) -> bool:
+    """The config has no such space (``Space.when`` false: granitemoehybrid's experts with ``num_local_experts=0``),
+    so its size and ranges are not read."""
+    if sp.when is None:
+        return False
+    got = _call(view, sp.when, f"whether space {tmpl!r} exists", where, deferred)
+    return got is not _DEFERRED and not got
+
+
 def _on_disk(spec: ArchSpec, tensors: Mapping[str, Mapping[str, Any]]
              ) -> tuple[dict[str, set[int]], dict[str, list[tuple[str, int]]], dict[tuple[str, str], set[int]]]:
     """``({placeholder: values in matched tensor names}, {placeholder: [(tensor, entries of its stacked axis)]},
@@ -148,6 +157,8 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
     exactly those whose tensors lie in the space."""
     named, stacked, by_space = _on_disk(spec, tensors)
     for tmpl, sp in spec.spaces.items():
+        if _absent(tmpl, sp, view, where, deferred):
+            continue
         for ph, count in sp.ranges.items():
             what = f"the range of {{{ph}}} in space {tmpl!r}"
             full = count.full if isinstance(count, LayerSubset) else count
@@ -198,6 +209,8 @@ def _check_sizes(spec: ArchSpec, view: _Reads, where: str, deferred: bool) -> di
     """``{space template or dim: (size, fields it was computed from)}``, each size checked."""
     out: dict[str, tuple[int, str]] = {}
     for tmpl, sp in spec.spaces.items():
+        if _absent(tmpl, sp, view, where, deferred):
+            continue
         n = _size(view, sp.size, f"the size of space {tmpl!r}", where, deferred)
         if n is not None:
             out[tmpl] = (n, view.fields())
