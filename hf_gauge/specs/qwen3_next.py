@@ -36,9 +36,9 @@ parameter of the model, so file paths refuse it as an unknown tensor.
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, layers_where, reads, segmented, writes
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, gain, layers_where, reads, segmented, writes
 from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, RMSNORM, SILU_GATE, gated_mlp_rules
-from .moe import QWEN2_MOE
+from .moe import E_GATE, E_UP, EXPERT_SLICES, QWEN2_MOE, ROUTER_ROWS, S_DOWN, S_GATE, S_UP
 
 L = "model.layers.{i}."
 A = L + "self_attn."
@@ -89,8 +89,24 @@ _DELTANET = (
     Rule(D + "out_proj.weight", writes(Axis(1, "lin.{i}", signed=False, block="lin_v_dim"))),
 )
 
-_MOE_RULES = tuple(r for r in QWEN2_MOE.rules if ".mlp." in r.pattern)
-_NORMS = tuple(r for r in QWEN2_MOE.rules if not r.pattern.startswith(L) or "layernorm" in r.pattern)
+M = L + "mlp."
+_MOE_RULES = (
+    Rule(M + "gate.weight", reads(ROUTER_ROWS)),
+    Rule(M + "experts.gate_up_proj", (EXPERT_SLICES, segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
+    Rule(M + "experts.down_proj", (EXPERT_SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
+    Rule(M + "shared_expert.gate_proj.weight", reads(S_GATE)),
+    Rule(M + "shared_expert.up_proj.weight", reads(S_UP)),
+    Rule(M + "shared_expert.down_proj.weight", writes(S_DOWN)),
+    Rule(M + "shared_expert_gate.weight", reads()),
+)
+_ENDS = (
+    Rule("model.embed_tokens.weight", reads()),
+    Rule(L + "input_layernorm.weight", gain()),
+    Rule(L + "post_attention_layernorm.weight", gain()),
+    Rule("model.norm.weight", gain()),
+    Rule("lm_head.weight", reads()),
+    *HEAD_RULES,
+)
 _MOE = layers_where(is_moe)
 
 QWEN3_NEXT = ArchSpec(
@@ -113,8 +129,8 @@ QWEN3_NEXT = ArchSpec(
         "shared.{i}": Space(lambda c: c.shared_expert_intermediate_size, "any",
                             "hidden units of layer i's shared expert", kind="units", ranges={"i": _MOE}),
     },
-    rules=_ATTENTION + _DELTANET + gated_mlp_rules(L) + _MOE_RULES + _NORMS,
-    file_rules=QWEN2_MOE.file_rules,
+    rules=_ATTENTION + _DELTANET + gated_mlp_rules(L) + _MOE_RULES + _ENDS,
+    file_rules=QWEN2_MOE.file_rules,                # per-expert names, as Qwen2-MoE's files
     dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"lin.{i}": D + "out_proj", "attn.{i}": A + "o_proj", "mlp.{i}": L + "mlp.down_proj",
