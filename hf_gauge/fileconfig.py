@@ -111,15 +111,6 @@ def _size(view: _Reads, fn: Callable[[Any], Any], what: str, where: str, deferre
     return None if value is _DEFERRED else _checked(value, view, what, where)
 
 
-def _absent(tmpl: str, sp: Any, view: _Reads, where: str, deferred: bool) -> bool:
-    """The config has no such space (``Space.when`` false: granitemoehybrid's experts with ``num_local_experts=0``),
-    so its size and ranges are not read."""
-    if sp.when is None:
-        return False
-    got = _call(view, sp.when, f"whether space {tmpl!r} exists", where, deferred)
-    return got is not _DEFERRED and not got
-
-
 def _on_disk(spec: ArchSpec, tensors: Mapping[str, Mapping[str, Any]]
              ) -> tuple[dict[str, set[int]], dict[str, list[tuple[str, int]]], dict[tuple[str, str], set[int]]]:
     """``({placeholder: values in matched tensor names}, {placeholder: [(tensor, entries of its stacked axis)]},
@@ -157,7 +148,7 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
     exactly those whose tensors lie in the space."""
     named, stacked, by_space = _on_disk(spec, tensors)
     for tmpl, sp in spec.spaces.items():
-        if _absent(tmpl, sp, view, where, deferred):
+        if _absent(view, sp, tmpl, where, deferred):
             continue
         for ph, count in sp.ranges.items():
             what = f"the range of {{{ph}}} in space {tmpl!r}"
@@ -188,6 +179,15 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
                 _check_subset(view, count, by_space.get((tmpl, ph), set()), tmpl, ph, what, where, deferred)
 
 
+def _absent(view: _Reads, sp: Any, tmpl: str, where: str, deferred: bool) -> bool:
+    """The space does not exist on this config (``Space.when`` false): nothing of it is sized or checked. A ``when``
+    that needs a field the raw file omits is decided in step 2."""
+    if sp.when is None:
+        return False
+    got = _call(view, sp.when, f"whether space {tmpl!r} exists", where, deferred)
+    return got is _DEFERRED or not got
+
+
 def _check_subset(view: _Reads, count: Callable[[Any], Any], have: set[int], tmpl: str, ph: str, what: str,
                   where: str, deferred: bool) -> None:
     """A range given as a sequence (the layers where a space lives) holds exactly the values of ``{ph}`` in the names
@@ -209,7 +209,7 @@ def _check_sizes(spec: ArchSpec, view: _Reads, where: str, deferred: bool) -> di
     """``{space template or dim: (size, fields it was computed from)}``, each size checked."""
     out: dict[str, tuple[int, str]] = {}
     for tmpl, sp in spec.spaces.items():
-        if _absent(tmpl, sp, view, where, deferred):
+        if _absent(view, sp, tmpl, where, deferred):
             continue
         n = _size(view, sp.size, f"the size of space {tmpl!r}", where, deferred)
         if n is not None:

@@ -486,14 +486,6 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
     assert moved and all(not torch.equal(src[k], out[k]) for k in moved)
 
 
-@pytest.mark.parametrize("model_type", [mt for mt in MOE_TYPES                 # specs that refuse dense layers
-                                        if any(r.field == "mlp_only_layers" for r in get_spec(mt).requires)])
-def test_dense_layers_inside_a_moe_model_are_refused(model_type):
-    model = build(model_type, mlp_only_layers=[1])
-    with pytest.raises(GaugeError, match=r"mlp_only_layers=\[1\].*mixes dense and MoE layers"):
-        random_gauge(model)
-
-
 def test_expert_signs_are_refused():
     model = build(MOE_TYPES[0])
     with pytest.raises(GaugeError, match="permutes whole experts"):
