@@ -216,9 +216,10 @@ def get_kind(name: str) -> Kind:
         raise GaugeError(f"unknown gauge-space kind {name!r}; registered kinds: {', '.join(KINDS)}") from None
 
 
-LINEAR_HEADS = GroupedHeadsKind("linear_heads", ("linear_num_key_heads",),
-                                "value heads sharing a query/key head")
-SSM_HEADS = GroupedHeadsKind("ssm_heads", ("mamba_n_groups", "n_groups"), "SSM heads sharing a group's B and C")
-
-for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind(), LINEAR_HEADS, SSM_HEADS):
+for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind()):
     register_kind(_k)
+
+LINEAR_HEADS = register_kind(GroupedHeadsKind("linear_heads", ("linear_num_key_heads",),
+                                              "value heads sharing a query/key head"))
+SSM_HEADS = register_kind(GroupedHeadsKind("ssm_heads", ("mamba_n_groups", "n_groups"),
+                                           "SSM heads sharing a group's B and C"))
