@@ -118,3 +118,64 @@ def test_variant_through_the_battery(variant, ids, tmp_path):
     assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
     _same_gauge(hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all"), g)
     assert verify_files(tmp_path / "a", tmp_path / "b", g)["weights_bit_exact"]
+
+
+def _add_mtp(folder, seed: int = 5) -> dict[str, torch.Tensor]:
+    """Qwen3-Next's multi-token-prediction module, as released checkpoints store it beside the model: ``mtp.fc``,
+    its norms, and one full-attention MoE layer shaped as the model's layer 1 (random values)."""
+    from safetensors.torch import load_file, save_file
+    path = folder / "model.safetensors"
+    sd = load_file(str(path))
+    gen = torch.Generator().manual_seed(seed)
+    d = sd["model.norm.weight"].numel()
+    mtp = {"mtp.fc.weight": torch.randn(d, 2 * d, generator=gen) * 0.2}
+    mtp.update({f"mtp.{n}.weight": torch.randn(d, generator=gen) * 0.3
+                for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")})
+    mtp.update({"mtp.layers.0." + k[len("model.layers.1."):]: torch.randn(v.shape, generator=gen) * 0.2
+                for k, v in sd.items() if k.startswith("model.layers.1.")})
+    save_file({**sd, **mtp}, str(path), metadata={"format": "pt"})
+    return mtp
+
+
+def test_mtp_module_moves_with_the_residual_in_files(tmp_path):
+    """Streaming apply moves the MTP module by the residual gauge (its heads and experts stay): ``fc`` applied to the
+    normalised ``[embedding | hidden]`` pair in the new chart gives the old output in the new chart; the layer's
+    readers, writers and gains are the residual's index moves; find and verify from files work with it present."""
+    from safetensors.torch import load_file
+    a = build("qwen3_next")
+    g = random_gauge(a, seed=11, spaces=FULL)
+    b = apply_gauge(copy.deepcopy(a), g)
+    a.save_pretrained(tmp_path / "a")
+    src = _add_mtp(tmp_path / "a")
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", g, tmp_path / "b", progress=False)
+    out = load_file(str(tmp_path / "b" / "model.safetensors"))
+    b.save_pretrained(tmp_path / "live")
+    assert_bit_equal({k: v for k, v in out.items() if not k.startswith("mtp.")},
+                     load_file(str(tmp_path / "live" / "model.safetensors")))
+    perm, sign = g.residual.perm, g.residual.sign.to(torch.float32)
+
+    def norm(x, w):
+        return x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() * (1 + w)
+
+    def mtp_in(sd, e, h):
+        x = torch.cat([norm(e, sd["mtp.pre_fc_norm_embedding.weight"]), norm(h, sd["mtp.pre_fc_norm_hidden.weight"])], -1)
+        return x @ sd["mtp.fc.weight"].T
+
+    e, h = torch.randn(5, 32), torch.randn(5, 32)
+    ya, yb = mtp_in(src, e, h), mtp_in(out, e[:, perm] * sign, h[:, perm] * sign)
+    assert torch.allclose(yb, ya[:, perm] * sign, atol=1e-5)
+    for k, v in src.items():
+        if not k.startswith("mtp.layers."):
+            continue
+        if k.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            want = v                                          # head space
+        elif k.endswith("layernorm.weight"):
+            want = v[perm]                                    # gains
+        elif k.endswith(("o_proj.weight", "down_proj.weight", "o_proj.bias")):
+            want = v[perm] * sign.view(-1, *[1] * (v.dim() - 1))   # writers: rows (and bias)
+        else:
+            want = v[:, perm] * sign                          # readers: columns
+        assert torch.equal(out[k], want), k
+    b_dir = tmp_path / "b"
+    assert verify_files(tmp_path / "a", b_dir, g)["weights_bit_exact"]
+    _same_gauge(hf_gauge.find_gauge(tmp_path / "a", b_dir, spaces="all"), g)

@@ -31,8 +31,12 @@ Declared fields: ``hidden_act`` (the SwiGLU gates) and ``rms_norm_eps``. ``layer
 ``decoder_sparse_step`` and ``num_experts`` pick each layer's mixer and MLP, which the layer ranges follow;
 ``attention_bias``, ``partial_rotary_factor`` and the RoPE settings act inside a head.
 Checkpoint files store the experts one tensor per expert (``mlp.experts.{e}.gate_proj.weight``; ``file_rules``).
-Qwen3-Next releases also hold a multi-token-prediction module (``mtp.*``) that transformers drops on load: it is no
-parameter of the model, so file paths refuse it as an unknown tensor.
+Qwen3-Next releases also hold a multi-token-prediction module (``mtp.*``, dropped by transformers on load, run by
+vLLM and SGLang): ``fc [d, 2d]`` reads ``[pre_fc_norm_embedding(embed) | pre_fc_norm_hidden(h)]``, both halves in the
+residual chart, and writes the MTP layers' residual; those layers are full-attention MoE decoder layers and
+``mtp.norm`` is the final norm. File paths (streaming apply, find and verify from files) move them with the residual
+(``file_rules``; their heads and experts stay: the gauge has no spaces for them), so a transformed checkpoint keeps a
+working MTP head.
 """
 from __future__ import annotations
 
@@ -99,6 +103,25 @@ _MOE_RULES = (
     Rule(M + "shared_expert.down_proj.weight", writes(S_DOWN)),
     Rule(M + "shared_expert_gate.weight", reads()),
 )
+T = "mtp.layers.{j}."          # {j}, {x}: MTP layers and experts, which no gauge space indexes
+_MTP = (
+    Rule("mtp.fc.weight", writes(segmented(1, Axis(1, "residual"), Axis(1, "residual")))),
+    Rule("mtp.pre_fc_norm_embedding.weight", gain()),
+    Rule("mtp.pre_fc_norm_hidden.weight", gain()),
+    Rule("mtp.norm.weight", gain()),
+    *(Rule(T + n + ".weight", gain()) for n in ("input_layernorm", "post_attention_layernorm")),
+    *(Rule(T + "self_attn." + n + ".weight", reads()) for n in ("q_proj", "k_proj", "v_proj")),
+    *(Rule(T + "self_attn." + n + ".bias", UNTOUCHED) for n in ("q_proj", "k_proj", "v_proj")),
+    Rule(T + "self_attn.q_norm.weight", UNTOUCHED),
+    Rule(T + "self_attn.k_norm.weight", UNTOUCHED),
+    Rule(T + "self_attn.o_proj.weight", writes()),
+    Rule(T + "self_attn.o_proj.bias", writes()),
+    *(Rule(T + "mlp." + m + n + ".weight", reads()) for m in ("", "shared_expert.", "experts.{x}.")
+      for n in ("gate_proj", "up_proj")),
+    *(Rule(T + "mlp." + m + "down_proj.weight", writes()) for m in ("", "shared_expert.", "experts.{x}.")),
+    Rule(T + "mlp.gate.weight", reads()),
+    Rule(T + "mlp.shared_expert_gate.weight", reads()),
+)
 _ENDS = (
     Rule("model.embed_tokens.weight", reads()),
     Rule(L + "input_layernorm.weight", gain()),
@@ -130,7 +153,7 @@ QWEN3_NEXT = ArchSpec(
                             "hidden units of layer i's shared expert", kind="units", ranges={"i": _MOE}),
     },
     rules=_ATTENTION + _DELTANET + gated_mlp_rules(L) + _MOE_RULES + _ENDS,
-    file_rules=QWEN2_MOE.file_rules,                # per-expert names, as Qwen2-MoE's files
+    file_rules=QWEN2_MOE.file_rules + _MTP,         # per-expert names, as Qwen2-MoE's files; the MTP module
     dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"lin.{i}": D + "out_proj", "attn.{i}": A + "o_proj", "mlp.{i}": L + "mlp.down_proj",
