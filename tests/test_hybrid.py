@@ -28,6 +28,7 @@ VARIANTS = {
     "qwen3_next_attention_first": ("qwen3_next", {"layer_types": ["full_attention", "linear_attention",
                                                                   "linear_attention"], "mlp_only_layers": [0]}),
     "qwen3_next_one_key_head": ("qwen3_next", {"linear_num_key_heads": 1}),
+    "qwen3_next_no_value_groups": ("qwen3_next", {"linear_num_key_heads": 2, "linear_num_value_heads": 2}),
     "granitemoehybrid_dense_rope": ("granitemoehybrid", {"num_local_experts": 0, "position_embedding_type": "rope",
                                                          "mamba_proj_bias": False, "mamba_conv_bias": False}),
     "granitemoehybrid_one_group": ("granitemoehybrid", {"num_hidden_layers": 3, "mamba_n_groups": 1,
