@@ -38,6 +38,7 @@ class Kind:
 
     name = "kind"
     grouped = False        # elements move groups of coordinates as wholes (``group_size`` > 1)
+    group_fields: tuple[str, ...] = ()     # the config fields the group count is read from (error messages)
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -129,6 +130,7 @@ class HeadsKind(Kind):
 
     name = "heads"
     grouped = True
+    group_fields = ("num_key_value_heads",)
 
     def group_size(self, size: int, cfg: Any) -> int:
         n_kv = cfg.n_kv_heads
@@ -173,6 +175,7 @@ class GroupedHeadsKind(HeadsKind):
     def __init__(self, name: str, fields: tuple[str, ...], members: str) -> None:
         super().__init__(name)
         self.fields, self.members = fields, members
+        self.group_fields = fields
 
     def group_size(self, size: int, cfg: Any) -> int:
         n = next((cfg.get(f) for f in self.fields if cfg.get(f) is not None), None)

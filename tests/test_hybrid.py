@@ -180,3 +180,16 @@ def test_mtp_module_moves_with_the_residual_in_files(tmp_path):
     b_dir = tmp_path / "b"
     assert verify_files(tmp_path / "a", b_dir, g)["weights_bit_exact"]
     _same_gauge(hf_gauge.find_gauge(tmp_path / "a", b_dir, spaces="all"), g)
+
+
+def test_width_mismatch_names_the_group_field(tmp_path):
+    """A config whose Mamba-2 group count does not match the files is refused naming that field (not the KV heads)."""
+    import json
+    a = build("granitemoehybrid")
+    a.save_pretrained(tmp_path / "a")
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    cfg["mamba_n_groups"] = 4
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(GaugeError, match=r"width mismatch: tensor 'model\.layers\.0\.mamba\..*"
+                                         r"grouped by mamba_n_groups=4"):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", random_gauge(a, seed=1), tmp_path / "b", progress=False)
