@@ -108,7 +108,7 @@ def scale_table() -> list[str]:
          _met(d["verify_over_read_both"], d["goal_verify_over_read_both"]) + (", bit-exact" if d["verify_ok"] else "")],
         [f"`match_correlation` at d={mo['d']}, first call in a fresh process, `overwrite=True` (as find calls it)",
          "", f"{mo['seconds_first']:.2f} s", f"≤ {d['goal_matching_s']} s", _met(mo["seconds_first"], d["goal_matching_s"])],
-        [f"the same with the default (C kept)", ", ".join(f"{x:.2f} s" for x in m["seconds_all"]),
+        ["the same with the default (C kept)", ", ".join(f"{x:.2f} s" for x in m["seconds_all"]),
          f"{m['seconds_first']:.2f} s first", "", ""],
     ]
     head = (f"Random bf16 checkpoint with Llama-3-8B's shapes (d={s['d']}, d_ff={s['ff']}, vocab {s['vocab']}, "

@@ -31,7 +31,7 @@ _EXPORTS = {
     "PairStats": "stats", "collect_pair_stats": "stats",
     # transport
     "merge": "merge", "IndexSet": "objects", "Attribution": "objects", "transport_path": "transport.files",
-    "transport_peft_model": "transport.peft_adapters",
+    "transport_peft_model": "transport.peft_adapters", "load_adapter": "transport.peft_load",
     # hub / checkpoint / verify
     "save_gauge": "hub", "load_gauge": "hub", "push_gauge": "hub", "list_gauges": "hub", "GaugeConfig": "gauge_config",
     "apply_gauge_to_checkpoint": "checkpoint", "verify": "verify",
@@ -40,10 +40,15 @@ _EXPORTS = {
     "canonicalize": "canonical", "canonical_stability": "canonical", "AuditReport": "audit", "audit": "audit",
 }
 
+# submodules reachable as attributes without an explicit import (``hf_gauge.compat.import_repeng()``)
+_SUBMODULES = ("compat",)
+
 __all__ = ["GaugeError", "__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'hf_gauge' has no attribute {name!r}")
@@ -54,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
 class _Package(types.ModuleType):

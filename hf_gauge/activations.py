@@ -226,13 +226,17 @@ def forward(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = N
 
 
 @torch.no_grad()
-def logits(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Float32 logits of the whole model (position ids from the mask as in ``forward``)."""
+def logits(m: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor | None = None,
+           params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Float32 logits of the whole model (position ids from the mask as in ``forward``); with ``params``, of the
+    model with those tensors in place of its own (``torch.func.functional_call``: the model is not modified)."""
     dev = input_device(m)
     kw: dict[str, Any] = {"input_ids": ids.to(dev), "use_cache": False}
     if mask is not None:
         kw["attention_mask"] = mask.to(dev)
         kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0).to(dev)
+    if params:
+        return torch.func.functional_call(m, params, args=(), kwargs=kw, strict=False).logits.float()
     return m(**kw).logits.float()
 
 

@@ -4,8 +4,9 @@ Every file hf_gauge publishes goes through this module, so a reader (or a crash,
 old file or the complete new one, never a half-written one. ``tempfile`` creates files 0600 and folders 0700;
 published outputs get the modes an ordinary ``open()`` / ``mkdir()`` would (``0o666`` / ``0o777`` minus the umask).
 
-Hidden staging folders (``.NAME.<random>.partial``) hold a marker file with the creating process's PID, so a folder
-left by a killed run can be recognised and removed later (``clean_stale_staging``) without touching anything else.
+Hidden staging folders (``.NAME.<random>.partial``) hold a marker file with the creating process's PID and host, so a
+folder left by a killed run can be recognised and removed later (``clean_stale_staging``); a folder without the
+marker is never removed, however much its name looks like ours.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import GaugeError
+
 __all__ = ["umask", "publish_mode", "fsync_file", "fsync_dir", "fsync_tree", "atomic_write_bytes", "atomic_path", "folder_lock",
-           "staging_dir", "clean_stale_staging", "STAGING_MARKER"]
+           "output_lock", "staging_dir", "remove_staging", "clean_stale_staging", "STAGING_MARKER"]
 
 STAGING_MARKER = ".hf_gauge-staging.json"
 _STAGING_SUFFIX = ".partial"
@@ -148,6 +151,22 @@ def folder_lock(folder: str | os.PathLike, exclusive: bool) -> Iterator[None]:
         os.close(fd)          # releases the lock
 
 
+def output_lock(out: Path):
+    """Take the exclusive, non-blocking lock on writing ``out`` (``filelock`` on ``.NAME.hf_gauge.lock`` beside it,
+    kept there; the OS releases it when the process dies, so a killed writer never blocks the next one). Returns
+    the held ``FileLock`` (``release()`` it); a second writer of the same output gets a ``GaugeError`` at once."""
+    from filelock import FileLock, Timeout
+
+    path = out.parent / f".{out.name}.hf_gauge.lock"
+    lock = FileLock(str(path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise GaugeError(f"another process is writing {out} (it holds {path}); wait for it to finish or choose "
+                         "another output folder") from None
+    return lock
+
+
 # ------------------------------------------------------------------------------------------------ staging folders
 def staging_dir(out: Path) -> Path:
     """A new hidden staging folder ``.NAME.<random>.partial`` beside ``out``, marked with this process's PID."""
@@ -155,6 +174,20 @@ def staging_dir(out: Path) -> Path:
     (tmp / STAGING_MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                                    "created": time.time()}))
     return tmp
+
+
+def remove_staging(folder: Path) -> None:
+    """Delete a staging folder, its marker last: a process killed midway leaves a folder that is still marked (so
+    ``clean_stale_staging`` finishes the job), never an unmarked remnant."""
+    for p in folder.iterdir():
+        if p.name == STAGING_MARKER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    (folder / STAGING_MARKER).unlink(missing_ok=True)
+    folder.rmdir()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -167,12 +200,31 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _marker(folder: Path) -> dict | None:
+    """The staging marker ``staging_dir`` wrote in ``folder`` (a regular file holding a JSON object with an integer
+    ``pid`` and a string ``host``), or None: a folder without it is not hf_gauge's."""
+    marker = folder / STAGING_MARKER
+    try:
+        if marker.is_symlink() or not marker.is_file():
+            return None
+        info = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("host"), str):
+        return None
+    pid = info.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None
+    return info
+
+
 def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Path]:
     """Remove staging folders left by killed runs beside ``out``; returns the removed paths.
 
-    Only real folders (not symlinks) named exactly ``.NAME.<8 tempfile chars>.partial`` are considered. One whose
-    marker names a process of this machine is removed when that process is dead (kept while it runs, whatever its
-    age). One without a readable marker (or from another machine) is removed only if it is ``out``'s own
+    Only real folders (not symlinks) named exactly ``.NAME.<8 tempfile chars>.partial`` that hold hf_gauge's own
+    marker (``STAGING_MARKER``, written by ``staging_dir``) are considered: a folder without it is never touched,
+    whatever its name or age. One whose marker names a process of this machine is removed when that process is dead
+    (kept while it runs, whatever its age); one whose marker names another machine only if it is ``out``'s own
     (``NAME == out.name``) and older than ``max_age_s``. Anything else in the parent is never touched.
     """
     removed: list[Path] = []
@@ -185,21 +237,20 @@ def clean_stale_staging(out: Path, max_age_s: float = _STALE_AFTER_S) -> list[Pa
     for p in parent.iterdir():
         if not any_name.fullmatch(p.name) or p.is_symlink() or not p.is_dir():
             continue
-        marker = p / STAGING_MARKER
-        try:
-            info = json.loads(marker.read_text()) if marker.is_file() and not marker.is_symlink() else {}
-            info = info if isinstance(info, dict) else {}
-            pid = info.get("pid") if info.get("host") == socket.gethostname() else None   # a PID of this machine
-        except (OSError, ValueError):
-            pid = None
-        if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0:
-            stale = pid != os.getpid() and not _pid_alive(pid)
+        info = _marker(p)
+        if info is None:
+            continue                                   # not marked by hf_gauge: the user's folder
+        if info["host"] == socket.gethostname():
+            stale = info["pid"] != os.getpid() and not _pid_alive(info["pid"])
         else:
             try:
                 stale = bool(own_name.fullmatch(p.name)) and now - p.stat().st_mtime > max_age_s
             except OSError:
                 continue
         if stale:
-            shutil.rmtree(p, ignore_errors=True)
+            try:
+                remove_staging(p)
+            except OSError:
+                continue
             removed.append(p)
     return removed

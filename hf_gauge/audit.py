@@ -391,7 +391,8 @@ def add_subparser(subparsers) -> Any:
     p.add_argument("--n-gauges", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--spaces", nargs="+", default=["residual"], help="gauge spaces to sweep (residual, mlp, attn)")
-    p.add_argument("--tokens", type=int, default=256, help="tokens of text to evaluate the claim on")
+    p.add_argument("--max-tokens", "--tokens", dest="tokens", type=int, default=256,
+                   help="tokens of text to evaluate the claim on (at most; whole rows of --seq)")
     p.add_argument("--seq", type=int, default=64, help="sequence length of each row")
     p.add_argument("--text-file", default=None, help="text to use (default: Python's bundled pydoc topics)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")

@@ -12,6 +12,7 @@ half-written checkpoint.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import mmap
 import os
@@ -24,7 +25,8 @@ from typing import Any, BinaryIO, Iterable, Mapping
 
 import torch
 
-from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, publish_mode, staging_dir
+from .atomic import (STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_tree, output_lock, publish_mode,
+                     remove_staging, staging_dir)
 from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, prepare_kernels, source_names
 from .errors import GaugeError
 from .gauge import Gauge
@@ -451,7 +453,9 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     Hub source, its ``README.md`` (they describe the source's chart; the output gets its own card). ``out_dir`` must not exist (or be
     empty) unless ``overwrite=True``, and may not lie inside ``src_dir``. ``strict=True`` refuses a gauge whose
     source fingerprint differs from the checkpoint's (otherwise a warning). ``durable`` fsyncs each shard before
-    the final rename (crash-safe on power loss; costs about a third of the time on slow disks).
+    the final rename (crash-safe on power loss; costs about a third of the time on slow disks). One run at a time
+    writes an output: a second one gets a ``GaugeError`` at once (a ``filelock`` lock, ``.NAME.hf_gauge.lock``
+    beside ``out_dir``), and without ``overwrite`` an output that appeared meanwhile is refused at publish time too.
     """
     if not isinstance(gauge, Gauge):
         gauge = load_gauge(gauge)
@@ -485,8 +489,7 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
 
     total = sum(sum(i["data_offsets"][1] - i["data_offsets"][0] for i in h.values()) for _, h, _ in headers.values())
     out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_staging(out)                  # staging folders of killed runs into the same output
-    tmp = staging_dir(out)
+    lock = tmp = None
     try:
         plans, sources = {}, {}
         where = {n: s for s, (_, header, _) in headers.items() for n in header}
@@ -499,6 +502,11 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                 sources[n] = (src / where[sn], sn, h_s[sn], start_s)
             moves = moves_for(spec, config, gauge, [renamed.get(n, n) for n in header], strict=True, files=True)
             plans[s] = {n: moves[renamed.get(n, n)] for n in header}
+        lock = output_lock(out)               # a second writer of out: GaugeError now, not a silent replacement
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise GaugeError(f"{out} was written by another run meanwhile; choose a new folder or pass overwrite=True")
+        clean_stale_staging(out)              # staging folders of killed runs into the same output
+        tmp = staging_dir(out)
         buffers = Scratch()
         prepare_kernels(total)
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="apply gauge",
@@ -520,19 +528,37 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
             card = checkpoint_card(gauge, str(src_dir), (src / CARD_NAME).read_text(encoding="utf-8", errors="replace")
                                    if (src / CARD_NAME).is_file() else None)
             card.save(str(tmp / CARD_NAME))
-        (tmp / STAGING_MARKER).unlink()
         if durable:
             fsync_tree(tmp)
         publish_mode(tmp, directory=True)     # mkdtemp made it 0700
-        if out.exists() and any(out.iterdir()):
+        if overwrite and out.is_dir() and any(out.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
             os.replace(out, old / "x")
             os.replace(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
+            _publish_new(tmp, out)
+        tmp = None
+        (out / STAGING_MARKER).unlink(missing_ok=True)   # after the rename: a kill never leaves an unmarked staging folder
         fsync_dir(out.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                remove_staging(tmp)
         raise
+    finally:
+        if lock is not None:
+            lock.release()
     return out
+
+
+def _publish_new(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, which must be absent or an empty folder at this instant (``rename(2)``
+    refuses a non-empty one): an output that appeared meanwhile is never replaced without ``overwrite``."""
+    try:
+        os.rename(tmp, out)
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise GaugeError(f"{out} appeared while this run was writing it and was left as it is; choose a new "
+                             "folder or pass overwrite=True") from None
+        raise

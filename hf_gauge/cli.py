@@ -26,10 +26,9 @@ def _load_gauge(spec: str, revision: str | None = None):
 
     if Path(spec).exists() or Path(spec).is_absolute() or spec.startswith("."):
         return load_gauge(spec)
-    parts = spec.strip("/").split("/")
-    if len(parts) < 2:
+    if len(spec.strip("/").split("/")) < 2:
         raise GaugeError(f"no gauge folder {spec!r}; on the Hub give namespace/repo/gauges/<name>")
-    return load_gauge("/".join(parts[:2]), subfolder="/".join(parts[2:]) or None, revision=revision)
+    return load_gauge(spec.strip("/"), revision=revision)
 
 
 def _check_model_arg(spec: str) -> None:
@@ -152,6 +151,54 @@ def _context(model: Any) -> int | None:
     return getattr(model.config, "max_position_embeddings", None)
 
 
+def _add_data(s: argparse.ArgumentParser, description: str) -> None:
+    """The data options of every command that runs the models on data (``find``, ``verify``): one builder, so they
+    window and cap text the same way."""
+    g = s.add_argument_group("data", description)
+    g.add_argument("--data", metavar="FILE", help=".txt text, or token ids in .safetensors (input_ids) / .json")
+    g.add_argument("--text", nargs="+", metavar="TEXT", help="text to run through both models")
+    g.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
+    g.add_argument("--max-length", type=int, metavar="T", help="tokens per row: text is cut into windows of T "
+                   "tokens (default: min(512, the model's context)); refused past the context")
+    g.add_argument("--max-tokens", type=int, metavar="N", help="read at most N tokens of the data (whole rows of "
+                   "--max-length tokens; one shorter row when N is below a row)")
+
+
+def cap_tokens(ids: Any, max_tokens: int | None) -> Any:
+    """At most ``max_tokens`` tokens of ``ids`` ``[n, T]``: the first ``max_tokens // T`` rows, or the first
+    ``max_tokens`` tokens of row 0 when that is no whole row; ``ids`` itself when it is already small enough."""
+    if max_tokens is None:
+        return ids
+    if max_tokens < 2:
+        raise GaugeError(f"--max-tokens must be at least 2, got {max_tokens}")
+    if ids.dim() == 1:
+        return ids[:max_tokens]
+    rows = max_tokens // ids.shape[-1]
+    return ids[:rows] if rows else ids[:1, :max_tokens]
+
+
+def _token_data(args: argparse.Namespace, model: Any, data: Any) -> Any:
+    """``--data``/``--text`` (from ``_read_data``) as token ids ``[n, T]`` for ``model``: text cut into
+    ``--max-length`` windows with the tokenizer, ids checked against the context, at most ``--max-tokens``."""
+    ctx = _context(model)
+    if args.max_length is not None and ctx and args.max_length > ctx:
+        raise GaugeError(f"--max-length {args.max_length} is past the model's context ({ctx} positions)")
+    if isinstance(data, list):
+        max_length = args.max_length or min(ctx or 512, 512)
+        data = text_windows(data, _load_tokenizer(args.tokenizer or args.model_a), max_length)
+    elif ctx and data.shape[-1] > ctx:
+        raise GaugeError(f"--data rows have {data.shape[-1]} tokens, past the model's context ({ctx} positions)")
+    return cap_tokens(data, args.max_tokens)
+
+
+def _no_data_options(args: argparse.Namespace, what: str) -> None:
+    """Refuse data options given without data (they would silently do nothing)."""
+    given = [f for f, v in (("--max-tokens", args.max_tokens), ("--max-length", args.max_length),
+                            ("--tokenizer", args.tokenizer)) if v is not None]
+    if given:
+        raise GaugeError(f"{'/'.join(given)} only apply to --data/--text; {what} reads no tokens")
+
+
 def is_main_process() -> bool:
     """True on the process that writes and prints: rank 0 under ``torchrun`` / ``accelerate launch``, else always."""
     import os
@@ -160,14 +207,31 @@ def is_main_process() -> bool:
 
 
 def fit_summary(gauge: Any) -> str:
-    """One line: matched correlation, margins and the low-confidence count of a fit."""
+    """The fit in a few lines: the residual's matched correlation, margins and low-confidence count, then one line
+    per further space family (``mlp``, ``attn``, ...): its spaces, smallest margin and low-confidence count (units
+    whose margin is below the threshold; for a space that records no count, the space itself when its smallest
+    margin is)."""
     m = gauge.metrics
     if "mean_matched" not in m:
         return f"fit: {gauge.method}"
-    return (f"fit: {gauge.method}, d={gauge.width}, tokens={m.get('n_tokens', 0)}: matched |C| mean "
-            f"{m['mean_matched']:.3f} (min {m['min_matched']:.3f}), margin min {m['min_margin']:.3g} mean "
-            f"{m['mean_margin']:.3g}, low-confidence {m['n_low_confidence']} (margin < "
-            f"{m.get('low_confidence_threshold', 0.05)})")
+    thr = m.get("low_confidence_threshold", 0.05)
+    lines = [f"fit: {gauge.method}, d={gauge.width}, tokens={m.get('n_tokens', 0)}: matched |C| mean "
+             f"{m['mean_matched']:.3f} (min {m['min_matched']:.3f}), margin min {m['min_margin']:.3g} mean "
+             f"{m['mean_margin']:.3g}, low-confidence {m['n_low_confidence']} (margin < {thr})"]
+    families: dict[str, list[dict[str, Any]]] = {}
+    for name in gauge.spaces:
+        conf = gauge.confidence.get(name)
+        if name != "residual":
+            families.setdefault(name.split(".")[0], []).append(conf if isinstance(conf, dict) else {})
+    for fam, confs in families.items():
+        margins = [float(c["min_margin"]) for c in confs if isinstance(c.get("min_margin"), (int, float))]
+        low = 0
+        for c in confs:
+            n, mm = c.get("n_low_confidence"), c.get("min_margin")
+            low += int(n) if isinstance(n, int) else int(isinstance(mm, (int, float)) and mm < thr)
+        margin = f"{min(margins):.3g}" if margins else "unknown"
+        lines.append(f"  {fam}: {len(confs)} spaces, margin min {margin}, low-confidence {low}")
+    return "\n".join(lines)
 
 
 def _add_spaces(s: argparse.ArgumentParser, default: str) -> None:
@@ -199,28 +263,25 @@ def cmd_find(args: argparse.Namespace) -> int:
         if args.device_map or args.offload_folder:
             raise GaugeError("--device-map/--offload-folder only apply when models are loaded (--data/--text); "
                              "data-free find reads the checkpoint files block by block")
+        _no_data_options(args, "data-free find")
         from .filefind import find_gauge_from_files
         gauge = find_gauge_from_files(args.model_a, args.model_b, method=args.method, spaces=spaces,
                                       revision_a=args.revision_a, revision_b=args.revision_b)
     else:
         a, b = _load_pair(args, args.revision_a, args.revision_b)
-        ctx = _context(a)
-        if args.max_length is not None and ctx and args.max_length > ctx:
-            raise GaugeError(f"--max-length {args.max_length} is past the model's context ({ctx} positions)")
-        max_length = args.max_length or min(ctx or 512, 512)
         kwargs: dict[str, Any] = {"data": data, "method": args.method, "spaces": spaces}
         if data is not None:
-            kwargs.update(batch_size=args.batch_size, progress=not args.no_progress)
+            kwargs.update(data=_token_data(args, a, data), batch_size=args.batch_size,
+                          progress=not args.no_progress and is_main_process())
             if args.layers:
                 kwargs["layers"] = args.layers
-        if isinstance(data, list):
-            kwargs["data"] = text_windows(data, _load_tokenizer(args.tokenizer or args.model_a), max_length)
-        elif data is not None and ctx and data.shape[-1] > ctx:
-            raise GaugeError(f"--data rows have {data.shape[-1]} tokens, past the model's context ({ctx} positions)")
+        else:
+            _no_data_options(args, "find without data")
         gauge = find_gauge(a, b, **kwargs)
     if not is_main_process():
         return 0
     if args.method == "procrustes":
+        from .omapio import save_orthogonal_map
         out = save_orthogonal_map(gauge, args.output)
         d = gauge.diagnostics()
         print(f"fit: procrustes, d={d['d']}: ||R - I|| {d['dist_identity']:.3g} (random rotation "
@@ -238,26 +299,16 @@ def cmd_find(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_orthogonal_map(omap: Any, out: str | Path) -> Path:
-    """``R`` as ``orthogonal_map.safetensors`` (float64) and its provenance as ``orthogonal_map.json`` (atomic)."""
-    from safetensors.torch import save_file
-
-    from .transport._io import atomic_dir
-    out = Path(out)
-    with atomic_dir(out) as tmp:
-        save_file({"R": omap.R.contiguous()}, str(tmp / "orthogonal_map.safetensors"))
-        meta = {"convention": "x_B = x_A @ R", "source": omap.source, "target": omap.target,
-                "metrics": omap.metrics}
-        (tmp / "orthogonal_map.json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    return out
-
-
 def cmd_apply(args: argparse.Namespace) -> int:
     from .checkpoint import apply_gauge_to_checkpoint
 
     gauge = _load_gauge(args.gauge, args.gauge_revision)
-    out = apply_gauge_to_checkpoint(args.src, gauge, args.output, progress=not args.no_progress,
-                                    strict=args.strict, overwrite=args.overwrite, revision=args.revision)
+    try:
+        out = apply_gauge_to_checkpoint(args.src, gauge, args.output, progress=not args.no_progress,
+                                        strict=args.strict, overwrite=args.overwrite, revision=args.revision)
+    except GaugeError as e:                  # the library's advice, in the command line's words
+        raise GaugeError(str(e).replace("overwrite=True", "--overwrite").replace("strict=True", "--strict")) \
+            from None
     print(f"wrote {out}")
     return 0
 
@@ -315,6 +366,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     gauge = _load_gauge(args.gauge, args.gauge_revision)
     data = _read_data(args)
     if data is None:           # stream both checkpoints tensor by tensor
+        _no_data_options(args, "the streaming weight check")
         from .fileverify import verify_files
         rep = verify_files(args.model_a, args.model_b, gauge, atol=args.weight_atol)
         if args.json:
@@ -330,13 +382,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 0 if rep["ok"] else 1
     from .verify import verify
 
-    if isinstance(data, list):
-        tok = _load_tokenizer(args.tokenizer or args.model_a)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        data = tok(data, return_tensors="pt", padding=True)["input_ids"]
     a, b = _load_pair(args)
-    res = verify(a, b, gauge, data=data)
+    res = verify(a, b, gauge, data=_token_data(args, a, data))
     # logits check the gauge is a symmetry; weights check it is the right one (bit-exact, or closer than without)
     ok = res["symmetry_logit_diff"] <= args.atol and (
         res["weights_bit_exact"]
@@ -352,11 +399,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_push(args: argparse.Namespace) -> int:
     from .hub import push_gauge
+    from .omapio import is_map_folder, load_orthogonal_map, push_orthogonal_map
 
-    gauge = _load_gauge(args.gauge)
-    info = push_gauge(gauge, args.repo_id, path_in_repo=args.path_in_repo, commit_message=args.commit_message,
-                      revision=args.revision, private=args.private or None, create_pr=args.create_pr,
-                      source_id=args.source_id, target_id=args.target_id)
+    kw = dict(path_in_repo=args.path_in_repo, commit_message=args.commit_message, revision=args.revision,
+              private=args.private or None, create_pr=args.create_pr, source_id=args.source_id,
+              target_id=args.target_id)
+    if is_map_folder(args.gauge):             # find --method procrustes output
+        info = push_orthogonal_map(load_orthogonal_map(args.gauge), args.repo_id, **kw)
+    else:
+        info = push_gauge(_load_gauge(args.gauge), args.repo_id, **kw)
     print(f"pushed to {getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)}")
     return 0
 
@@ -404,7 +455,24 @@ def show_text(gauge) -> str:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    gauge = _load_gauge(args.gauge, args.revision)
+    from .omapio import describe_map, is_map_folder, load_orthogonal_map
+
+    if is_map_folder(args.gauge):             # find --method procrustes output
+        print(describe_map(load_orthogonal_map(args.gauge)))
+        return 0
+    try:
+        gauge = _load_gauge(args.gauge, args.revision)
+    except GaugeError as e:
+        if Path(args.gauge).exists() or len(args.gauge.strip("/").split("/")) < 3:
+            raise
+        try:
+            folder = hub_object(args.gauge, args.revision)     # a map published with push (no gauge files)
+        except GaugeError:
+            raise e from None
+        if not is_map_folder(folder):
+            raise
+        print(describe_map(load_orthogonal_map(folder)))
+        return 0
     print(show_text(gauge))
     return 0
 
@@ -434,14 +502,11 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("find", help="fit the gauge from model A's chart to model B's")
     s.add_argument("model_a", metavar="A", help="source model: folder or Hub id")
     s.add_argument("model_b", metavar="B", help="target model: folder or Hub id")
-    s.add_argument("--data", metavar="FILE", help=".txt text, or token ids in .safetensors (input_ids) / .json")
-    s.add_argument("--text", nargs="+", metavar="TEXT", help="text to run through both models")
-    s.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
+    _add_data(s, "text or token ids whose activations are matched (loads both models; without data the fit is "
+                 "data-free, from the checkpoint files)")
     s.add_argument("--method", default="signed", choices=("signed", "permutation", "procrustes"),
                    help="signed (B_d, default), permutation (the S_d baseline) or procrustes (an orthogonal map "
                         "for models that are not gauge-equivalent; needs data; written as orthogonal_map.*)")
-    s.add_argument("--max-length", type=int, metavar="T", help="tokens per row: text is cut into windows of T "
-                   "tokens (default: min(512, the model's context)); refused past the context")
     s.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per forward pass (default 8)")
     s.add_argument("--layers", type=int, nargs="+", metavar="L", help="blocks whose outputs are matched (default: "
                    "every block)")
@@ -493,10 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gauge-revision")
     s.add_argument("--weight-atol", type=float, default=0.0,
                    help="streaming check: largest accepted |moved A - B| per tensor (default 0: bit-exact)")
-    s.add_argument("--data", metavar="FILE", help="check logits on this data (loads both models): .txt text, or "
-                   "token ids in .safetensors (input_ids) / .json")
-    s.add_argument("--text", nargs="+", metavar="TEXT", help="check logits on this text (loads both models)")
-    s.add_argument("--tokenizer", help="tokenizer for text data (default: A's)")
+    _add_data(s, "text or token ids to compare logits on (loads both models; without data the check streams the "
+                 "checkpoint files)")
     _add_loading(s)
     s.add_argument("--atol", type=float, default=1e-3, help="max |logit change| of A under the gauge (default 1e-3)")
     s.add_argument("--max-weight-ratio", type=float, default=0.5,
@@ -505,10 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the report as JSON")
     s.set_defaults(func=cmd_verify)
 
-    s = sub.add_parser("push", help="upload a gauge folder (with a model card) to a Hub model repo")
-    s.add_argument("gauge", metavar="GAUGE")
+    s = sub.add_parser("push", help="upload a gauge folder, or an orthogonal map folder (find --method procrustes), "
+                       "with a model card to a Hub model repo")
+    s.add_argument("gauge", metavar="GAUGE", help="gauge folder, or orthogonal map folder")
     s.add_argument("repo_id", metavar="REPO_ID")
-    s.add_argument("--path-in-repo", help="subfolder (default gauges/<gauge id>)")
+    s.add_argument("--path-in-repo", help="subfolder (default gauges/<gauge id>, orthogonal_maps/<map id>)")
     s.add_argument("--revision", help="branch (created if missing)")
     s.add_argument("--commit-message")
     s.add_argument("--private", action="store_true", help="create the repo private")
@@ -517,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target-id", metavar="ID", help="Hub id of the target model for the card (default: recorded)")
     s.set_defaults(func=cmd_push)
 
-    s = sub.add_parser("show", help="summarize a gauge")
-    s.add_argument("gauge", metavar="GAUGE")
+    s = sub.add_parser("show", help="summarize a gauge or an orthogonal map (find --method procrustes)")
+    s.add_argument("gauge", metavar="GAUGE", help="folder, or namespace/repo/<subfolder> on the Hub")
     s.add_argument("--revision")
     s.set_defaults(func=cmd_show)
 
@@ -561,14 +625,15 @@ def audit_parser() -> argparse.ArgumentParser:
 
 
 EXAMPLES = {
-    "find": "hf-gauge find HuggingFaceTB/SmolLM2-135M ./gauged --data corpus.txt --max-length 512 -o gauges/a2b\n"
+    "find": "hf-gauge find HuggingFaceTB/SmolLM2-135M ./gauged --data corpus.txt --max-length 512 --max-tokens 65536 "
+            "-o gauges/a2b\n"
             "torchrun --nproc_per_node 2 -m hf_gauge find A B --data corpus.txt -o G   # rank 0 writes",
     "apply": "hf-gauge apply HuggingFaceTB/SmolLM2-135M --gauge gauges/a2b -o ./SmolLM2-gauged",
     "transport": "hf-gauge transport ./my-lora --gauge gauges/a2b --base ./SmolLM2-gauged -o ./my-lora-gauged\n"
                  "hf-gauge transport ./sae --gauge user/repo/gauges/a2b -o ./sae-gauged",
     "verify": "hf-gauge verify ./A ./B --gauge gauges/a2b --json",
     "push": "hf-gauge push gauges/a2b user/my-model --create-pr --commit-message 'add gauge'",
-    "show": "hf-gauge show user/my-model/gauges/a2b",
+    "show": "hf-gauge show user/my-model/gauges/a2b\nhf-gauge show ./omap   # find --method procrustes output",
     "merge": "hf-gauge merge ./run-1 ./run-2 --weight 0.5 -o ./merged",
     "audit": "hf-gauge audit smollm2 --claim topk-resid --n-gauges 4 --figure audit.png",
 }
@@ -593,11 +658,21 @@ _USER_ERRORS = (GaugeError, OSError, ImportError, ValueError, json.JSONDecodeErr
                 pickle.UnpicklingError)
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush into a closed pipe stays quiet."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):           # no real file descriptor (captured stdout): nothing to flush there
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hf-gauge`` console script; returns the exit status.
 
     Every error exits with status 2 and one line ``error: ...`` on stderr (an unexpected one adds a hint);
-    ``--debug`` prints the traceback as well.
+    ``--debug`` prints the traceback as well. Output into a pipe closed early (``| head``) ends quietly with 0.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:            # the demo parses its own options (argparse REMAINDER drops leading --flags)
@@ -615,8 +690,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["HF_TOKEN"] = args.token        # read by huggingface_hub and transformers on every request
     if args.command != "find" and not is_main_process():
         return 0                                   # under torchrun only find uses every rank (sharded statistics)
+    if not is_main_process():                      # ... and rank 0 alone draws progress bars
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
     try:
-        return int(func(args) or 0)
+        rc = int(func(args) or 0)
+        sys.stdout.flush()                         # a closed pipe shows here, not at interpreter exit
+        return rc
+    except BrokenPipeError:                        # `hf-gauge show G | head`: the reader has what it wanted
+        _silence_stdout()
+        return 0
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

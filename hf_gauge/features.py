@@ -105,8 +105,9 @@ def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = No
                              f"{'is missing' if pb is None else tuple(pb.shape)} in model B; the two checkpoints do "
                              "not share an architecture")
         if pa.device.type == "meta" or pb.device.type == "meta":
-            raise GaugeError(f"parameter {name!r} is on the meta device (offloaded): load the weights, or pass data= "
-                             "to match from activations")
+            raise GaugeError(f"parameter {name!r} is on the meta device (offloaded): fit from the checkpoint files "
+                             "instead, hf_gauge.find_gauge(folder_a, folder_b) (folders or Hub ids: reads them block "
+                             "by block, no model loaded), or pass data= to match from activations")
         if not others and res.signed:
             xa = pa.detach().movedim(res.axis, -1).reshape(-1, d)       # [free, d]: rows are vocab entries etc.
             xb = pb.detach().movedim(res.axis, -1).reshape(-1, d)

@@ -10,9 +10,10 @@ before anything is allocated or looped over, driven by the spec's data only:
    it. Each must give an ``int`` (not a bool, float or string) in ``[1, 2**31]``. Each placeholder range must equal
    the tensors on disk: the values the placeholder takes in the tensor names the spec's rules match are exactly
    ``0 .. n-1``, and every stacked axis over it (``Axis(stack="e")``) has ``n`` entries. A range over some layers
-   only (``specs.base.layers_where``: MoE layers among dense ones) has its full range (every layer) checked so before
-   its predicate runs, then must hold exactly the layers whose tensors on disk lie in its space. A field the file omits is
-   left to transformers' default and checked in step 2.
+   only (``specs.base.layers_where``: MoE layers among dense ones) has its full range (every layer) checked so
+   before its predicate runs, then must hold exactly the layers whose tensors on disk lie in its space. A space whose
+   ``Space.when`` is false on the config is skipped. A field the file omits is left to transformers' default and
+   checked in step 2.
 2. The transformers config (``AutoConfig``, any failure a ``GaugeError``) is checked the same way, then every
    tensor axis the rules map to a gauge space (blocks, KV groups and fused segments included: ``segment_spans``)
    must have the size the config gives that space.
@@ -25,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .engine import axes_for, segment_spans, stack_count
+from .engine import axes_for, segment_spans
 from .errors import GaugeError
 from .jsonio import read_json
 from .kinds import get_kind

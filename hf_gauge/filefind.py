@@ -25,6 +25,7 @@ from .inner import match_slices, slices_from
 from .specs import carried_last
 from .match import find_gauge as find_gauge_models
 from .match import match_correlation, select_families
+from .modelref import model_ref
 from .models import gain_fingerprint
 
 __all__ = ["find_gauge", "find_gauge_from_files", "is_checkpoint_ref"]
@@ -75,7 +76,8 @@ def _describe(files: CheckpointFiles, ref: Any, revision: str | None) -> dict[st
     """``models.describe`` of the model the checkpoint holds, read from its files."""
     cfg = files.config
     key = files.spec.final_norm_key(files.entries)
-    return {"model_id": str(ref), "revision": revision, "model_type": cfg.model_type,
+    model_id, revision = model_ref(str(ref), revision)
+    return {"model_id": model_id, "revision": revision, "model_type": cfg.model_type,
             "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_hidden_layers,
             "fingerprint": gain_fingerprint(files.read(key)) if key is not None else None}
 

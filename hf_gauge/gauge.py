@@ -187,7 +187,14 @@ class Gauge:
 
     # ----------------------------------------------------------------- action on objects
     def transport(self, obj: Any, **kwargs: Any) -> Any:
-        """Return ``obj`` moved into the target chart (a new object; ``obj`` is never mutated)."""
+        """Return ``obj`` moved into the target chart (a new object; ``obj`` is never mutated).
+
+        A tensor or array ``[..., n]`` moves along its last axis by the residual element (``n`` = the width), or with
+        ``space="mlp.10"`` by that space's element (``n`` = its size; the identity where the gauge holds no element
+        there). The element itself does the same: ``g["mlp.10"].apply(v)`` (also ``g.mlp[10].apply(v)``,
+        ``g.residual.apply(v)``). PEFT models, SAEs, steering vectors and files have their own handlers
+        (``hf_gauge.transport``); a ``PeftModel`` comes back as a ``PeftModel`` (``adapter_name=`` picks adapters).
+        """
         from .transport import transport
         return transport(self, obj, **kwargs)
 

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -18,21 +19,26 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from .atomic import atomic_path, atomic_write_bytes, folder_lock
+from .atomic import atomic_path, atomic_write_bytes, folder_lock, fsync_dir, fsync_tree
 from .errors import GaugeError
 from .gauge import Gauge
 from .gauge_config import FORMAT, FORMAT_VERSION, GaugeConfig, SpaceConfig
 from .group import SignedPermutation
+from .inputs import audit_folder
 from .jsonio import read_bounded
+from .readme import parse_root_readme
+from .modelref import hub_model_id, is_hub_id, is_local_path
 from .specs import get_spec
 from .version import __version__
 
 __all__ = ["FORMAT_VERSION", "WEIGHTS_NAME", "CONFIG_NAME", "save_gauge", "load_gauge", "push_gauge",
-           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path"]
+           "gauge_card", "write_gauge_card", "root_card", "list_gauges", "hub_model_id", "gauge_id", "template_path",
+           "split_hub_path"]
 
 WEIGHTS_NAME = "gauge.safetensors"
 CONFIG_NAME = "gauge_config.json"
 CARD_NAME = "README.md"
+PENDING_NAME = ".hf_gauge-pending"      # a save's complete new pair, published before the files are replaced
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -132,30 +138,112 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     """Write ``gauge`` to ``save_directory`` (``gauge.safetensors`` + ``gauge_config.json``); returns the folder.
 
     A new folder appears whole (written beside it, fsynced, then renamed). In an existing folder the two gauge files
-    are replaced as one unit: each atomically (weights first; the config records the weights' sha256), under an
-    exclusive lock on the folder that ``load_gauge`` takes shared, so concurrent saves never leave a mixed pair
-    and a concurrent load sees the old pair or the new one. Other files (a model card, a checkpoint's
-    ``config.json``) are never touched.
+    are replaced as one unit, under an exclusive lock on the folder that ``load_gauge`` takes shared: the new pair is
+    first published whole as a hidden journal folder (``.hf_gauge-pending``, written as ``.hf_gauge-pending.new``),
+    then each file is renamed from it onto the folder's (weights first; the config records the weights' sha256) and
+    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process killed
+    at any point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next save finishes
+    the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched
+    (``Gauge.save_pretrained`` writes its card in the same unit, after the pair).
     """
+    return _save(gauge, Path(save_directory), {})
+
+
+def _save(gauge: Gauge, target: Path, extra: Mapping[str, bytes]) -> Path:
+    """``save_gauge``, with ``extra`` files (the card) written in the same unit, after the pair."""
     weights, config = _serialize(gauge)
-    target = Path(save_directory)
+    files = {WEIGHTS_NAME: weights, CONFIG_NAME: config, **extra}
     if target.exists() and not target.is_dir():
         raise GaugeError(f"{target} exists and is not a folder; choose a folder path such as gauges/<name>/")
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             with atomic_path(target, directory=True) as tmp:
-                (tmp / WEIGHTS_NAME).write_bytes(weights)
-                (tmp / CONFIG_NAME).write_bytes(config)
+                for name, data in files.items():
+                    (tmp / name).write_bytes(data)
             return target
         except OSError:
             if not target.is_dir():
                 raise
             # lost a race with another writer that created the folder: fall through to the locked replacement
     with folder_lock(target, exclusive=True):
-        atomic_write_bytes(target / WEIGHTS_NAME, weights)
-        atomic_write_bytes(target / CONFIG_NAME, config)
+        _finish_pending(target)                 # a save killed midway: complete it first
+        pending, tmp = target / PENDING_NAME, target / (PENDING_NAME + ".new")
+        for leftover in (tmp, target / (PENDING_NAME + ".old")):
+            _remove(leftover)                   # reserved names: what a killed save left
+        try:
+            tmp.mkdir()
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            fsync_tree(tmp)
+            os.rename(tmp, pending)             # the journal: from here on the new pair is complete on disk
+        except BaseException:
+            _remove(tmp)
+            raise
+        fsync_dir(target)
+        _finish_pending(target, own=True)
     return target
+
+
+def _regular(p: Path) -> bool:
+    return p.is_file() and not p.is_symlink()
+
+
+def _remove(p: Path) -> None:
+    """Remove a leftover of hf_gauge's reserved journal names (a folder, a file or a link; never followed)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    elif os.path.lexists(p):
+        p.unlink()
+
+
+def _journal(folder: Path) -> Path | None:
+    """``folder``'s pending journal (``PENDING_NAME``, a real folder), or None."""
+    pending = folder / PENDING_NAME
+    return pending if pending.is_dir() and not pending.is_symlink() else None
+
+
+def _pending_pair(folder: Path) -> tuple[bytes, bytes] | None:
+    """The new pair a journalled save was writing: the journal's config with the journal's weights, or the folder's
+    when they were already moved into place; None without a journal or once its config was moved too."""
+    pending = _journal(folder)
+    if pending is None or not _regular(pending / CONFIG_NAME):
+        return None
+    w = pending / WEIGHTS_NAME if _regular(pending / WEIGHTS_NAME) else folder / WEIGHTS_NAME
+    return w.read_bytes(), read_bounded(pending / CONFIG_NAME, f"{pending / CONFIG_NAME}", "re-save the gauge")
+
+
+def _finish_pending(folder: Path, own: bool = False) -> None:
+    """Roll a journalled save forward (caller holds the exclusive folder lock): rename the journal's weights, then its
+    config (then its card, if any), onto the folder's (atomic renames, no temp files), then drop the journal (renamed to ``.old``, then
+    removed). Every step is idempotent, so a kill at any point leaves a state this finishes. An error before the
+    weights moved drops the caller's ``own`` journal (the save fails whole); after that the journal stays, and
+    loads read the new pair until a save finishes it."""
+    pending = _journal(folder)
+    if pending is None:
+        return
+    try:
+        if _regular(pending / WEIGHTS_NAME):
+            os.replace(pending / WEIGHTS_NAME, folder / WEIGHTS_NAME)
+    except BaseException:
+        if own:
+            _drop(pending)
+        raise
+    if _regular(pending / CONFIG_NAME):
+        os.replace(pending / CONFIG_NAME, folder / CONFIG_NAME)
+    if _regular(pending / CARD_NAME):            # the card save_pretrained writes with the pair
+        os.replace(pending / CARD_NAME, folder / CARD_NAME)
+    fsync_dir(folder)
+    _drop(pending)
+
+
+def _drop(pending: Path) -> None:
+    """Remove a journal atomically: rename it to ``PENDING_NAME.old`` (removed by the next save should this process
+    die midway), then delete it."""
+    trash = pending.with_name(PENDING_NAME + ".old")
+    _remove(trash)
+    os.rename(pending, trash)
+    _remove(trash)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,15 +285,34 @@ def _download(repo_id: str, subfolder: str | None, revision: str | None, token: 
     return paths[0], paths[1]
 
 
+def split_hub_path(spec: str, subfolder: str | None = None) -> tuple[str, str | None]:
+    """``("org/repo", "gauges/<name>")`` from ``"org/repo/gauges/<name>"`` (``subfolder`` appended); a spec of one or
+    two parts is returned as is. Refuses empty, ``.`` and ``..`` parts in the subfolder."""
+    parts = spec.split("/")
+    if len(parts) <= 2 or spec.startswith((".", "/", "~")):
+        return spec, subfolder
+    rest = [*parts[2:], *(subfolder.strip("/").split("/") if subfolder else [])]
+    if any(x in ("", ".", "..") for x in rest):
+        raise GaugeError(f"{spec!r}: a gauge on the Hub is 'org/repo/gauges/<name>'; its subfolder parts may not be "
+                         "empty, '.' or '..'")
+    return "/".join(parts[:2]), "/".join(rest)
+
+
 def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None, revision: str | None = None,
                token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                local_files_only: bool = False, endpoint: str | None = None) -> Gauge:
     """Load a gauge from a local folder or a Hub repository (``subfolder`` such as ``"gauges/<name>"``).
 
     Hub downloads go through ``hf_hub_download`` (``revision``, ``cache_dir``, ``token``, offline mode and
-    ``local_files_only`` honoured; ``endpoint`` for a private Hub). Raises ``GaugeError`` on anything invalid.
+    ``local_files_only`` honoured; ``endpoint`` for a private Hub). The CLI's and the card's spelling
+    ``"org/repo/gauges/<name>"`` works too: the first two parts are the repository, the rest the subfolder (before
+    ``subfolder``, when both are given). Raises ``GaugeError`` on anything invalid.
     """
     local = Path(path_or_repo_id)
+    if isinstance(path_or_repo_id, str) and not local.exists() and not local.is_absolute() \
+            and not Path(path_or_repo_id.split("/")[0]).is_dir():      # out/gauges/typo stays a local path
+        path_or_repo_id, subfolder = split_hub_path(path_or_repo_id, subfolder)
+        local = Path(path_or_repo_id)
     if subfolder:
         local = local / _check_subfolder(subfolder)
     if local.is_dir():
@@ -220,13 +327,21 @@ def load_gauge(path_or_repo_id: str | os.PathLike, subfolder: str | None = None,
     else:
         raise GaugeError(f"no gauge folder at {local} (and it is not a Hub repository id)")
     with folder_lock(weights_path.parent, exclusive=False):      # a concurrent save_gauge replaces both files
+        if local.is_dir():
+            audit_folder(local)                     # links and special files, before anything is read
         for p in (weights_path, config_path):
             if not p.is_file():
                 raise GaugeError(f"{where} has no {p.name}; a gauge folder holds {WEIGHTS_NAME} and {CONFIG_NAME} "
                                  "(save one with Gauge.save_pretrained)")
         config = read_bounded(config_path, f"{where}/{CONFIG_NAME}", "the file is corrupt: re-save the gauge")
         weights = weights_path.read_bytes()
-    return _parse(weights, config, where)
+        pending = _pending_pair(local) if local.is_dir() else None
+    try:
+        return _parse(weights, config, where)
+    except GaugeError:
+        if pending is None:
+            raise
+        return _parse(*pending, f"{where}/{PENDING_NAME}")   # a save killed between its two renames: the new pair
 
 
 def _parse(weights: bytes, config_bytes: bytes, where: str) -> Gauge:
@@ -294,8 +409,6 @@ def template_path() -> Path:
     return Path(str(p))
 
 
-_CACHE_PATH = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<sha>[0-9a-f]{40})")
-
 # one line per fit metric, shown next to its rounded value on the card
 METRIC_HELP = {
     "mean_matched": "mean |correlation| of the matched coordinate pairs (1 = the two charts agree exactly)",
@@ -312,28 +425,6 @@ METRIC_HELP = {
     "n_signed_features": "sign-carrying weight features used by the data-free fit",
     "n_invariant_features": "sign-invariant weight features used by the data-free fit",
 }
-INDEX_START = "<!-- hf_gauge:gauges:start -->"
-INDEX_END = "<!-- hf_gauge:gauges:end -->"
-
-
-def hub_model_id(model_id: str | None, revision: str | None = None) -> tuple[str, str | None]:
-    """``(id, revision)`` with a Hugging Face cache path (``.../models--org--name/snapshots/<sha>``) turned into
-    ``org/name`` pinned at ``<sha>``; anything else unchanged."""
-    m = _CACHE_PATH.search(str(model_id or ""))
-    if m:
-        return f"{m['org']}/{m['name']}", revision or m["sha"]
-    return str(model_id or ""), revision
-
-
-def _is_hub_id(model_id: str) -> bool:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-    if not model_id or "/" not in model_id or Path(model_id).is_absolute() or model_id.startswith("."):
-        return False
-    try:
-        validate_repo_id(model_id)
-    except HFValidationError:
-        return False
-    return not Path(model_id).exists()
 
 
 def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, Any]:
@@ -345,7 +436,7 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     mid, rev = hub_model_id(model_id or out.get("model_id"), None if model_id else out.get("revision"))
     if mid != (out.get("model_id") or ""):
         out["model_id"], out["revision"] = mid, rev
-    if _is_hub_id(mid) and not rev and api is not None:
+    if is_hub_id(mid) and not rev and api is not None:
         try:
             info = api.model_info(mid)
             out["revision"] = info.sha
@@ -357,6 +448,12 @@ def _pin(desc: Mapping[str, Any], model_id: str | None, api: Any) -> dict[str, A
     return out
 
 
+def cell(text: Any) -> str:
+    """``text`` safe inside one cell of a GFM table: ``|`` escaped (GFM splits cells on every unescaped pipe, also
+    inside code spans) and line breaks folded into spaces."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
     rows = []
     for k, v in _jsonable(metrics).items():
@@ -364,8 +461,13 @@ def _metric_rows(metrics: Mapping[str, Any]) -> list[dict[str, str]]:
             continue
         if isinstance(v, float) and not isinstance(v, bool):
             v = f"{v:.4g}"
-        rows.append({"name": k, "value": str(v), "help": METRIC_HELP.get(k, "")})
+        rows.append({"name": cell(k), "value": cell(v), "help": cell(METRIC_HELP.get(k, ""))})
     return rows
+
+
+def _cells(desc: Mapping[str, Any]) -> dict[str, Any]:
+    """A source/target description with its strings escaped for table cells (``cell``)."""
+    return {k: cell(v) if isinstance(v, str) else v for k, v in desc.items()}
 
 
 def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gauges/NAME"):
@@ -376,10 +478,11 @@ def gauge_card(gauge: Gauge, repo_id: str = "REPO_ID", path_in_repo: str = "gaug
     src, tgt = _jsonable(gauge.source), _jsonable(gauge.target)
     base = src.get("model_id") or ""
     data = ModelCardData(library_name="hf_gauge", tags=["hf_gauge", "gauge", "signed-permutation"],
-                         base_model=base if _is_hub_id(base) else None, license=src.get("license"))
+                         base_model=base if is_hub_id(base) else None, license=src.get("license"))
     spaces = [{"name": n, "size": el.size, "negative": int((el.sign < 0).sum())} for n, el in gauge.spaces.items()]
     return ModelCard.from_template(
-        data, template_path=str(template_path()), source=src, target=tgt, source_name=src.get("model_id") or
+        data, template_path=str(template_path()), source=src, target=tgt, source_cells=_cells(src),
+        target_cells=_cells(tgt), source_name=src.get("model_id") or
         "source model", target_name=tgt.get("model_id") or "target model", group=group_name(gauge), method=gauge.method,
         metrics=_metric_rows(gauge.metrics), spaces=spaces, repo_id=repo_id, path_in_repo=path_in_repo,
         format_version=FORMAT_VERSION, library_version=_version())
@@ -395,62 +498,44 @@ def write_gauge_card(gauge: Gauge, folder: str | os.PathLike, repo_id: str = "RE
 
 def _index_row(gauge: Gauge, repo_id: str, path_in_repo: str) -> str:
     src, tgt = gauge.source.get("model_id") or "unknown", gauge.target.get("model_id") or "unknown"
-    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{src}` → `{tgt}` | {gauge.method} | {group_name(gauge)} | "
-            f"`hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
+    return (f"| [`{path_in_repo}`]({path_in_repo}) | `{cell(src)}` → `{cell(tgt)}` | {cell(gauge.method)} | "
+            f"{group_name(gauge)} | `hf_gauge.load_gauge(\"{repo_id}\", subfolder=\"{path_in_repo}\")` |")
 
 
-def root_card(existing: str | None, gauge: Gauge, repo_id: str, path_in_repo: str):
-    """The repository's root ``ModelCard`` with its gauge index updated for ``path_in_repo``.
+def root_card(existing: bytes | str | None, gauge: Gauge, repo_id: str, path_in_repo: str) -> bytes:
+    """The repository's root ``README.md`` (bytes) with its gauge index updated for ``path_in_repo``.
 
-    The index is one marked section (``<!-- hf_gauge:gauges:start/end -->``); every other line of an existing card is
-    kept, and existing metadata is only added to (``base_model`` and license when absent, the ``hf_gauge`` tag). A
+    The index is one marked section (``<!-- hf_gauge:gauges:start/end -->``, see ``hf_gauge.readme``); every byte of
+    an existing README outside it is kept as it was, metadata included (it describes the repository's model, not the
+    gauge). A README that is not UTF-8 or whose metadata header is not a YAML mapping is a ``GaugeError``. A
     repository without a card gets one with ``base_model`` (the gauge's source) and ``base_model_relation:
     adapter`` (a gauge is applied on top of its base, like an adapter).
     """
-    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub import ModelCardData
 
-    src = gauge.source.get("model_id") or ""
     if existing is None:
-        data = ModelCardData(library_name="hf_gauge", base_model=src if _is_hub_id(src) else None,
-                             license=gauge.source.get("license"))
+        src = gauge.source.get("model_id") or ""
+        data = ModelCardData(library_name="hf_gauge", base_model=src if is_hub_id(src) else None,
+                             license=gauge.source.get("license"), tags=["hf_gauge"])
         if data.base_model:
             data.base_model_relation = "adapter"
-        card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n# Gauges for `{src or repo_id}`\n\nSigned-permutation "
-                         "gauges made with [hf_gauge](https://pypi.org/project/hf-gauge/): exact changes of basis "
-                         "between the residual streams of checkpoints.\n")
-    else:
-        try:
-            card = ModelCard(existing)
-        except ValueError as e:
-            raise GaugeError(f"the repository's README.md has an unreadable metadata header ({e}); fix it before "
-                             "pushing a gauge") from None
-        if _is_hub_id(src) and not getattr(card.data, "base_model", None):
-            card.data.base_model = src
-        if gauge.source.get("license") and not getattr(card.data, "license", None):
-            card.data.license = gauge.source["license"]
-    tags = list(getattr(card.data, "tags", None) or [])
-    if "hf_gauge" not in tags:
-        card.data.tags = tags + ["hf_gauge"]
-    text = card.text
-    rows: list[str] = []
-    if INDEX_START in text and INDEX_END in text:
-        head, rest = text.split(INDEX_START, 1)
-        old, tail = rest.split(INDEX_END, 1)
-        rows = [ln for ln in old.splitlines() if ln.startswith("| [`") and f"[`{path_in_repo}`]" not in ln]
-    else:
-        head, tail = text.rstrip() + "\n\n", "\n"
+        existing = (f"---\n{data.to_yaml()}\n---\n\n# Gauges for `{src or repo_id}`\n\nSigned-permutation gauges "
+                    "made with [hf_gauge](https://pypi.org/project/hf-gauge/): exact changes of basis between the "
+                    "residual streams of checkpoints.\n")
+    readme = parse_root_readme(existing.encode("utf-8") if isinstance(existing, str) else existing,
+                               f"the README.md of {repo_id}")
+    rows = [ln for ln in readme.section_lines() if ln.startswith("| [`") and f"[`{path_in_repo}`]" not in ln]
     rows.append(_index_row(gauge, repo_id, path_in_repo))
-    section = "\n".join([INDEX_START, "## Gauges", "",
-                         "Made with hf_gauge; each folder has its own card (provenance, fit metrics, usage).", "",
-                         "| gauge | maps | method | group | load |", "|---|---|---|---|---|", *sorted(rows), INDEX_END])
-    card.text = head + section + tail
-    return card
+    return readme.with_section(["## Gauges", "",
+                                "Made with hf_gauge; each folder has its own card (provenance, fit metrics, usage).", "",
+                                "| gauge | maps | method | group | load |", "|---|---|---|---|---|", *sorted(rows)])
 
 
 def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None):
     """The card of a checkpoint written by ``apply_gauge_to_checkpoint``: what it is (the source moved into another
-    chart, same function), ``base_model`` (the source's Hub id) and the source's license; the source's own card and
-    gauges are not copied, since they describe the source's chart."""
+    chart, same function), ``base_model`` (the source's Hub id) with ``base_model_relation: finetune`` (of the Hub's
+    relations, the one for a full checkpoint derived from its base), ``library_name: transformers`` and the source's
+    license; the source's own card and gauges are not copied, since they describe the source's chart."""
     from huggingface_hub import ModelCard, ModelCardData
 
     lic = None
@@ -459,9 +544,11 @@ def checkpoint_card(gauge: Gauge, source_id: str | None, source_card: str | None
             lic = getattr(ModelCard(source_card).data, "license", None)
         except ValueError:
             lic = None
-    sid = source_id if source_id and _is_hub_id(source_id) else None
+    sid = source_id if source_id and is_hub_id(source_id) else None
     name = sid or gauge.source.get("model_id") or "the source checkpoint"
-    data = ModelCardData(base_model=sid, license=lic, tags=["hf_gauge", "gauged"])
+    data = ModelCardData(base_model=sid, license=lic, library_name="transformers", tags=["hf_gauge", "gauged"])
+    if sid:
+        data.base_model_relation = "finetune"    # the Hub's relation for a full checkpoint derived from its base
     text = (f"# `{name}` in another residual chart\n\nThis checkpoint is `{name}` with every weight moved through the "
             f"hf_gauge gauge `{gauge_id(gauge)}` ({gauge.method}; spaces {', '.join(gauge.spaces)}): index operations "
             "and sign flips only, so it computes exactly the same function; only the coordinates of its hidden "
@@ -520,13 +607,18 @@ def _check_path_in_repo(path_in_repo: str) -> str:
     return p
 
 
-def _root_readme(api: Any, repo_id: str, revision: str | None) -> str | None:
-    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError
+def _root_readme(api: Any, repo_id: str, revision: str | None) -> bytes | None:
+    """The root README's bytes at ``revision`` (a branch not created yet: at ``main``, which it will start from)."""
+    from huggingface_hub.errors import EntryNotFoundError, RemoteEntryNotFoundError, RevisionNotFoundError
     try:
         path = api.hf_hub_download(repo_id, CARD_NAME, revision=revision)
     except (EntryNotFoundError, RemoteEntryNotFoundError):
         return None
-    return Path(path).read_text(encoding="utf-8")
+    except RevisionNotFoundError:
+        if revision is None:
+            raise
+        return _root_readme(api, repo_id, None)
+    return Path(path).read_bytes()
 
 
 def _hub_call(repo_id: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -544,6 +636,9 @@ def _hub_call(repo_id: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
             from None
 
 
+check_path_in_repo = _check_path_in_repo      # the same rule for every folder hf_gauge publishes (omapio)
+
+
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
                revision: str | None = None, token: str | bool | None = None, create_repo: bool = True,
                private: bool | None = None, endpoint: str | None = None, create_pr: bool = False,
@@ -552,9 +647,12 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     index, in one commit (a pull request with ``create_pr=True``).
 
     Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the gauge folder and the
-    marked index section of the root ``README.md`` change). ``source_id`` / ``target_id`` name the models on the Hub
+    marked index section of the root ``README.md`` change; every other byte of that README is kept, and one that is
+    not UTF-8 or has a metadata header that is not YAML is refused before anything is written). ``source_id`` / ``target_id`` name the models on the Hub
     (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
-    ``HfApi.model_info``. ``revision`` names a branch, created from ``main`` if missing. Returns the ``CommitInfo``.
+    ``HfApi.model_info``. A side that would still be a local path (a model loaded from a folder) is refused with
+    ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing.
+    Returns the ``CommitInfo``.
     """
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -570,8 +668,23 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
     gauge = Gauge(spaces=dict(gauge.spaces), source=_pin(gauge.source, source_id, api),
                   target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
                   confidence=dict(gauge.confidence))
+    for side, arg in (("source", "source_id"), ("target", "target_id")):
+        mid = getattr(gauge, side).get("model_id")
+        if is_local_path(mid):
+            raise GaugeError(f"the gauge's {side} model is the local path {mid!r}, which the card and "
+                             f"gauge_config.json would publish: name it on the Hub with {arg}='org/name' "
+                             f"(CLI: --{arg.replace('_', '-')})")
+    hops = gauge.metrics.get("hops")
+    for hop in hops if isinstance(hops, list) else []:
+        local = [v for k, v in (hop.items() if isinstance(hop, Mapping) else ()) if k in ("from", "to")
+                 and isinstance(v, str) and is_local_path(v)]
+        if local:
+            raise GaugeError(f"gauge.metrics['hops'] names the local checkpoint {local[0]!r}, which gauge_config.json "
+                             "would publish: compose the path from Hub ids, or drop metrics['hops'] before pushing")
     if create_repo:
         _hub_call(repo_id, "creating", api.create_repo, repo_id, private=private, exist_ok=True, repo_type="model")
+    # the new root README (checked: UTF-8, a YAML mapping as metadata) before any branch or file is written
+    readme = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo) if update_index else None
     if revision is not None and not create_pr:
         _hub_call(repo_id, f"creating branch {revision!r} of", api.create_branch, repo_id, branch=revision,
                   exist_ok=True, repo_type="model")
@@ -581,9 +694,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
         write_gauge_card(gauge, folder, repo_id=repo_id, path_in_repo=path_in_repo)
         ops = [CommitOperationAdd(path_in_repo=f"{path_in_repo}/{f.name}", path_or_fileobj=str(f))
                for f in sorted(folder.iterdir()) if f.is_file()]
-        if update_index:
-            card = root_card(_root_readme(api, repo_id, revision), gauge, repo_id, path_in_repo)
-            ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=str(card).encode()))
+        if readme is not None:
+            ops.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=readme))
         return _hub_call(repo_id, "committing to", api.create_commit, repo_id, operations=ops, repo_type="model",
                          revision=revision, create_pr=create_pr,
                          commit_message=commit_message or f"Add hf_gauge gauge {path_in_repo}")
@@ -593,10 +705,10 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
 # Gauge's persistence methods: gauge.py holds no file I/O, so they are attached here
 # ----------------------------------------------------------------------------------------------------------------
 def _save_pretrained(self: Gauge, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
-    """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``)."""
-    out = save_gauge(self, save_directory, **kwargs)
-    write_gauge_card(self, out)
-    return out
+    """Save the gauge folder (``gauge.safetensors``, ``gauge_config.json``) with its card (``README.md``), the three
+    as one unit (``save_gauge``'s journal carries the card)."""
+    card = str(gauge_card(self)).encode()
+    return _save(self, Path(save_directory), {CARD_NAME: card}, **kwargs)
 
 
 def _from_pretrained(cls: type, path_or_repo_id: str | os.PathLike, **kwargs: Any) -> Gauge:

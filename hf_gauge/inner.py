@@ -150,7 +150,9 @@ def _wanted(v: ModelView, spaces: Iterable[str], layers: Iterable[int] | None) -
     sizes = v.space_sizes()
     spaces = tuple(spaces)
     inner = [s for s in sizes if spec.space(s).kind != "residual"]
-    fams = list(dict.fromkeys(s.split(".")[0] for s in inner))
+    # a family of the spec that this config puts on no layer (Qwen-MoE's dense mlp when every layer routes) selects
+    # nothing rather than being refused: the families are the spec's, the instances the config's
+    fams = [f for f in spec.families if f != "residual"]
     for s in spaces:
         if s not in fams and s not in inner:
             raise GaugeError(f"match_inner matches {', '.join(repr(f) for f in fams)} or single spaces like "

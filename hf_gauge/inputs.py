@@ -34,13 +34,13 @@ _CACHE_PREFIXES = ("models--", "datasets--", "spaces--")
 
 def allowed_roots(folder: Path) -> tuple[Path, ...]:
     """The resolved folders that links inside ``folder`` may point into: the folder itself and, for a Hub-cache
-    snapshot, its repository's ``blobs/``."""
+    snapshot or a folder inside one, its repository's ``blobs/``."""
     root = folder.resolve()
-    roots = [root]
-    snapshots, repo = root.parent, root.parent.parent
-    if snapshots.name == "snapshots" and repo.name.startswith(_CACHE_PREFIXES) and (repo / "blobs").is_dir():
-        roots.append((repo / "blobs").resolve())
-    return tuple(roots)
+    for snapshot in (root, *root.parents):          # the snapshot itself or a subfolder of it (an SAE release)
+        repo = snapshot.parent.parent
+        if snapshot.parent.name == "snapshots" and repo.name.startswith(_CACHE_PREFIXES) and (repo / "blobs").is_dir():
+            return root, (repo / "blobs").resolve()
+    return (root,)
 
 
 def _inside(path: Path, roots: tuple[Path, ...]) -> bool:
@@ -99,7 +99,10 @@ def audit_folder(folder: str | os.PathLike, skip_dirs: frozenset[str] | set[str]
             rel = prefix + entry.name
             if len(files) + len(stack) >= MAX_ENTRIES:
                 raise GaugeError(f"{folder} holds more than {MAX_ENTRIES} entries; is it the right folder?")
-            mode = entry.stat(follow_symlinks=False).st_mode
+            try:
+                mode = entry.stat(follow_symlinks=False).st_mode
+            except FileNotFoundError:               # gone since the listing (a concurrent writer): nothing to read
+                continue
             if stat.S_ISLNK(mode):
                 files[rel] = _resolve_link(Path(entry.path), rel, folder, roots, skip_dirs)
             elif stat.S_ISDIR(mode):

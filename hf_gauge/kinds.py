@@ -16,6 +16,10 @@ two models' units are assigned from a similarity, and how activation statistics 
 - ``experts``: the experts of a mixture-of-experts layer as wholes (router rows with every tensor of the expert):
   permutations only (the router's softmax is not odd). An expert's own units form a space carried by it
   (``Space.carried_by``). Matched from the router rows, which read the residual.
+- ``grouped_experts``: experts under group-limited routing (DeepSeek-V3, GLM-4-MoE: ``n_group`` consecutive groups
+  of experts; a token first picks ``topk_group`` groups by their best scores, then experts within them). A
+  permutation is exact only if it maps groups to groups as wholes: experts permute within a group, groups as wholes
+  (``grouped``, like heads in KV groups), the group count read from the config field the kind names.
 
 A new architecture with another kind registers a ``Kind`` (``register_kind``) and names it in its spec.
 """
@@ -190,9 +194,49 @@ class GroupedHeadsKind(HeadsKind):
 
 
 class ExpertsKind(UnitsKind):
-    """The experts of one MoE layer: ``perm[k]`` is the expert that slot ``k`` takes (router row k with it)."""
+    """The experts of one MoE layer: ``perm[k]`` is the expert that slot ``k`` takes (router row k with it).
+
+    ``groups`` names a config field (``"n_group"``) that splits the experts into that many consecutive routing
+    groups (group-limited routing): elements must then move groups as wholes. A field that is absent or None is one
+    group."""
 
     name = "experts"
+
+    def __init__(self, name: str | None = None, groups: str | None = None) -> None:
+        super().__init__(name)
+        self.groups = groups
+        self.grouped = groups is not None
+
+    def group_size(self, size: int, cfg: Any) -> int:
+        if self.groups is None:
+            return 1
+        n = cfg.get(self.groups)
+        n = 1 if n is None else n
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or size % n:
+            raise GaugeError(f"{size} experts do not split into {self.groups}={n!r} routing groups; the config is "
+                             "corrupt")
+        return size // n
+
+    def mixing_error(self, g: int) -> str:
+        return (f"the expert permutation mixes routing groups: experts of one group ({g} per group, "
+                f"config.{self.groups}) must move together to one group, since the router picks whole groups first. "
+                "Permute experts only within a group, and groups as wholes.")
+
+    def random(self, size: int, rule: str, group: str, gen: torch.Generator, positive_fraction: float | None,
+               cfg: Any) -> SignedPermutation:
+        if not self.grouped:
+            return super().random(size, rule, group, gen, positive_fraction, cfg)
+        g = self.group_size(size, cfg)
+        groups = torch.randperm(size // g, generator=gen)
+        return SignedPermutation(torch.cat([grp * g + torch.randperm(g, generator=gen) for grp in groups.tolist()]))
+
+    def match_weights(self, sa: list[UnitSlice], sb: list[UnitSlice], signed: bool, method: str,
+                      cfg: Any) -> tuple[SignedPermutation, dict]:
+        if not self.grouped:
+            return super().match_weights(sa, sb, signed, method, cfg)
+        H = slice_similarity(sa, sb)[0 if method == "signed" else 2]
+        n = H.shape[0]
+        return head_assignment(H, n // self.group_size(n, cfg))
 
     def check(self, name: str, el: SignedPermutation, rule: str, cfg: Any) -> None:
         if not el.is_permutation:
@@ -219,7 +263,7 @@ def get_kind(name: str) -> Kind:
         raise GaugeError(f"unknown gauge-space kind {name!r}; registered kinds: {', '.join(KINDS)}") from None
 
 
-for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind()):
+for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind(), ExpertsKind("grouped_experts", groups="n_group")):
     register_kind(_k)
 
 LINEAR_HEADS = register_kind(GroupedHeadsKind("linear_heads", ("linear_num_key_heads",),

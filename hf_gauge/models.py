@@ -15,6 +15,7 @@ from .errors import GaugeError
 from .gauge import Gauge
 from .group import SignedPermutation
 from .kinds import get_kind
+from .modelref import model_ref
 from .orthogonal import refuse_apply
 from .view import ModelView, unwrap
 
@@ -58,12 +59,14 @@ def fingerprint(model: torch.nn.Module, gauge: Gauge | None = None) -> str:
 
 
 def describe(model: Any) -> dict[str, Any]:
-    """Provenance of a model's chart, recorded in gauges as ``source`` / ``target``."""
+    """Provenance of a model's chart, recorded in gauges as ``source`` / ``target`` (``model_id``: its Hub id where
+    one can be known, else the absolute path of its folder: ``modelref.model_ref``)."""
     v = ModelView.of(model)
     cfg = v.config
+    model_id, revision = model_ref(getattr(cfg.raw, "_name_or_path", "") or "", getattr(cfg.raw, "_commit_hash", None))
     return {
-        "model_id": getattr(cfg.raw, "_name_or_path", "") or "",
-        "revision": getattr(cfg.raw, "_commit_hash", None),
+        "model_id": model_id,
+        "revision": revision,
         "model_type": cfg.model_type,
         "hidden_size": cfg.hidden,
         "num_hidden_layers": cfg.n_layers,

@@ -20,15 +20,18 @@ import torch
 
 from .errors import GaugeError
 from .gauge import Gauge
+from .modelref import model_ref
 
 __all__ = ["compose_path"]
 
 
 def _label(ckpt: Any) -> str:
+    """A hop's endpoint as recorded: its Hub id where one can be known, else its folder's absolute path
+    (``modelref.model_ref``), else the class name of an in-memory model."""
     if isinstance(ckpt, (str, os.PathLike)):
-        return str(ckpt)
+        return model_ref(str(ckpt))[0]
     cfg = getattr(ckpt, "config", None)
-    return getattr(cfg, "_name_or_path", "") or type(ckpt).__name__
+    return model_ref(getattr(cfg, "_name_or_path", "") or "")[0] or type(ckpt).__name__
 
 
 def _load(ckpt: Any, load_kwargs: dict[str, Any]) -> Any:

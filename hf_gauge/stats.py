@@ -23,6 +23,7 @@ calling hf_gauge (otherwise accelerate reports a single process and every proces
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -130,7 +131,7 @@ def collect_pair_stats(model_a: Any, model_b: Any, data: Any, *, tokenizer: Any 
     batches, n_b = iter_batches(data, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, shard=shard)
     state = PartialState()
     disable = (not progress) if progress is not None else None
-    if not state.is_main_process:
+    if not state.is_main_process or os.environ.get("RANK", "0") != "0":      # torchrun: rank 0 alone draws it
         disable = True
     col = _Collector(stats, d)
     was_training = (ma.training, mb.training)

@@ -1,8 +1,8 @@
-"""Check a gauge end to end: move a copy of model A through it and compare with model B (logits and weights)."""
+"""Check a gauge end to end: model A moved through it against model B (weights tensor by tensor, and logits)."""
 from __future__ import annotations
 
-import copy
-import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -10,7 +10,8 @@ import torch
 from .errors import GaugeError
 from .gauge import Gauge
 from .activations import iter_batches, logits
-from .models import apply_gauge, fingerprint
+from .engine import check_gauge, move_tensor, moves_for
+from .models import fingerprint, offloaded_value
 from .view import ModelView
 
 __all__ = ["verify", "default_batch"]
@@ -44,28 +45,94 @@ def _max_diff(x: list[torch.Tensor], y: list[torch.Tensor]) -> float:
     return max(float((p - q).abs().max()) for p, q in zip(x, y))
 
 
-def _weight_diff(x: dict, y: dict) -> tuple[int, float, float]:
-    """(tensors that differ, max |difference|, ||x - y||_F / ||y||_F over floating tensors)."""
-    differ, max_w, num, den = 0, 0.0, 0.0, 0.0
-    for k in sorted(set(x) | set(y)):
-        a, b = x.get(k), y.get(k)
+class _WeightDiff:
+    """Streamed (tensors that differ, max |difference|, ||x - y||_F / ||y||_F over floating tensors), one pair of
+    tensors at a time (nothing model-sized is held)."""
+
+    def __init__(self) -> None:
+        self.differ, self.max_w, self.num, self.den = 0, 0.0, 0.0, 0.0
+
+    def add(self, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         if a is None or b is None or a.shape != b.shape or a.dtype != b.dtype:
-            differ += 1
-            max_w = float("inf")
-            continue
+            self.differ += 1
+            self.max_w = float("inf")
+            return
+        a, b = a.cpu(), b.cpu()
         if a.is_floating_point():
-            d = (a.double() - b.double())
-            num += float(d.square().sum())
-            den += float(b.double().square().sum())
+            d = a.double() - b.double()
+            self.num += float(d.square().sum())
+            self.den += float(b.double().square().sum())
         if not torch.equal(a, b):
-            differ += 1
-            max_w = max(max_w, float(d.abs().max())) if a.is_floating_point() else float("inf")
-    return differ, max_w, (num ** 0.5) / (den ** 0.5) if den > 0 else (0.0 if num == 0 else float("inf"))
+            self.differ += 1
+            self.max_w = max(self.max_w, float(d.abs().max())) if a.is_floating_point() else float("inf")
+
+    @property
+    def relative(self) -> float:
+        return (self.num ** 0.5) / (self.den ** 0.5) if self.den > 0 else (0.0 if self.num == 0 else float("inf"))
+
+
+def _value(model: torch.nn.Module, name: str, t: torch.Tensor) -> torch.Tensor:
+    """``model``'s tensor ``name`` (``t`` from its state dict), read where accelerate keeps it when offloaded."""
+    if t.device.type != "meta":
+        return t.detach()
+    mod, _, local = name.rpartition(".")
+    return offloaded_value(model.get_submodule(mod) if mod else model, local)
+
+
+class _MovedMap(Mapping):
+    """An accelerate hook's ``weights_map`` serving its module's tensors moved through ``plan`` (copies, made as the
+    hook loads them); everything else, keys included, is the wrapped map's."""
+
+    def __init__(self, inner: Mapping, prefix: str, plan: dict[str, tuple]) -> None:
+        self.inner, self.prefix, self.plan = inner, prefix, plan
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        t = self.inner[key]
+        moves = self.plan.get(self.prefix + key)
+        return move_tensor(t, moves) if moves else t
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+@contextmanager
+def _moved_offload(model: torch.nn.Module, plan: dict[str, tuple]) -> Iterator[None]:
+    """Inside, accelerate's hooks load ``model``'s offloaded tensors moved through ``plan``; the hooks' maps (and the
+    tied-pointer entries the moved copies add) are restored on exit. The offload itself is never written."""
+    saved = []
+    for name, mod in model.named_modules():
+        hook = getattr(mod, "_hf_hook", None)
+        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+            wm = getattr(h, "weights_map", None)
+            if wm is not None:
+                tied = getattr(h, "tied_params_map", None)
+                saved.append((h, wm, tied, set(tied) if isinstance(tied, dict) else None))
+                h.weights_map = _MovedMap(wm, f"{name}." if name else "", plan)
+    try:
+        yield
+    finally:
+        for h, wm, tied, keys in saved:
+            h.weights_map = wm
+            if keys is not None:
+                for k in [k for k in tied if k not in keys]:
+                    tied.pop(k, None)
+
+
+def _moved_logits(a: torch.nn.Module, plan: dict[str, tuple], batches: list) -> list[torch.Tensor]:
+    """Logits of ``a`` moved through ``plan`` without moving ``a``: its in-memory parameters replaced by moved copies
+    for the call (``functional_call``), its offloaded ones moved as accelerate's hooks load them."""
+    params = {n: move_tensor(p.detach(), plan[n]) for n, p in a.named_parameters()      # tied tensors once: the
+              if p.device.type != "meta" and plan.get(n)}                                 # call ties the others
+    with _moved_offload(a, plan):
+        return [logits(a, ids, mask, params=params).cpu()[mask.bool()] for ids, mask in batches]
 
 
 @torch.no_grad()
 def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[str, Any]:
-    """Compare model B with a copy of model A moved through ``gauge`` (A and B are not modified).
+    """Compare model B with model A moved through ``gauge`` (A and B are not modified).
 
     Logits are gauge-invariant, so the logit numbers check that the gauge is a symmetry (moved A computes what A
     computes) and how far B is from A functionally; the weight numbers check the gauge itself (a right gauge makes
@@ -77,6 +144,11 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     ``max_abs_logit`` (B's largest |logit|), ``weights_bit_exact``, ``n_tensors_differ``, ``max_abs_weight_diff``,
     ``relative_weight_diff`` (||moved A - B|| / ||B||), ``relative_weight_diff_without_gauge`` (||A - B|| / ||B||),
     ``fingerprint_match`` and ``tokens``.
+
+    A is never moved, so an accelerate-offloaded A (weights on the meta device) verifies too: the weights are
+    compared tensor by tensor (each of A's tensors moved as a copy, read from the offload where offloaded), and
+    moved A runs with moved copies of its in-memory parameters (``functional_call``) while accelerate's hooks load
+    its offloaded tensors moved.
     """
     if not isinstance(gauge, Gauge):
         raise GaugeError(f"verify expects a hf_gauge.Gauge, got {type(gauge).__name__}")
@@ -85,28 +157,28 @@ def verify(model_a: Any, model_b: Any, gauge: Gauge, data: Any = None) -> dict[s
     if ca.model_type != cb.model_type or ca.hidden != cb.hidden:
         raise GaugeError(f"models differ in architecture: {ca.model_type}/{ca.hidden} vs "
                          f"{cb.model_type}/{cb.hidden}; a gauge relates two models of one shape")
+    check_gauge(va.spec, ca, gauge)
     vocab = min(ca.vocab_size, cb.vocab_size)
     batches = _batches(data, vocab)
-    moved = copy.deepcopy(a)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")        # a fingerprint warning is expected when A is a fine-tune
-        apply_gauge(moved, gauge)
-    la, lb, lm = _logits(a, batches), _logits(b, batches), _logits(moved, batches)
-    sb = b.state_dict()
-    differ, max_w, rel = _weight_diff(moved.state_dict(), sb)
-    _, _, rel0 = _weight_diff(a.state_dict(), sb)
-    result = {
+    sa, sb = a.state_dict(), b.state_dict()
+    plan = moves_for(va.spec, ca, gauge, [n for n, _ in a.named_parameters(remove_duplicate=False)])
+    moved_diff, raw_diff = _WeightDiff(), _WeightDiff()
+    for k in sorted(set(sa) | set(sb)):            # A's tensors moved one at a time: the model itself is not touched
+        ta = _value(a, k, sa[k]) if k in sa else None
+        tb = _value(b, k, sb[k]) if k in sb else None
+        raw_diff.add(ta, tb)
+        moved_diff.add(move_tensor(ta, plan[k]) if ta is not None and plan.get(k) else ta, tb)
+    la, lb, lm = _logits(a, batches), _logits(b, batches), _moved_logits(a, plan, batches)
+    return {
         "max_abs_logit_diff": _max_diff(lm, lb),
         "max_abs_logit_diff_a_b": _max_diff(la, lb),
         "symmetry_logit_diff": _max_diff(lm, la),
         "max_abs_logit": max(float(x.abs().max()) for x in lb),
-        "weights_bit_exact": differ == 0,
-        "n_tensors_differ": differ,
-        "max_abs_weight_diff": max_w,
-        "relative_weight_diff": rel,
-        "relative_weight_diff_without_gauge": rel0,
-        "fingerprint_match": fingerprint(moved) == fingerprint(b),
+        "weights_bit_exact": moved_diff.differ == 0,
+        "n_tensors_differ": moved_diff.differ,
+        "max_abs_weight_diff": moved_diff.max_w,
+        "relative_weight_diff": moved_diff.relative,
+        "relative_weight_diff_without_gauge": raw_diff.relative,
+        "fingerprint_match": fingerprint(a, gauge) == fingerprint(b),
         "tokens": sum(int(mask.sum()) for _, mask in batches),
     }
-    del moved
-    return result

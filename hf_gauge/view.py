@@ -38,7 +38,8 @@ _ROLES: tuple[tuple[re.Pattern, str, str], ...] = (
     # (or lm_head), so it moves exactly like that weight (residual columns signed-permuted).
     (re.compile(r"^(.*)\.token_adapter\.trainable_tokens_delta(?:\.[^.]+)?$"), "weight", r"\1.weight"),
 )
-_WRAPPERS = (re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
+_WRAPPERS = (re.compile(r"\.token_adapter\.base_layer\."),        # PEFT TrainableTokensWrapper's embedding
+             re.compile(r"\.base_layer\."), re.compile(r"\.modules_to_save\.[^.]+\."),
              re.compile(r"\.modules_to_save\."), re.compile(r"\.original_module\."))
 
 
@@ -242,8 +243,16 @@ class ModelView:
         return self.module.get_submodule(spec_path)
 
     def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        """``(spec name, parameter)`` for every parameter (tied tensors once)."""
-        return self.module.named_parameters()
+        """``(spec name, parameter)`` for every parameter (tied tensors once), then every persistent buffer that a
+        rule of the spec moves: model state that is not a parameter but lives in a gauge space (GLM-4-MoE's router
+        ``e_score_correction_bias`` buffer moves with the experts; checkpoint files store it like a parameter)."""
+        yield from self.module.named_parameters()
+        for prefix, mod in self.module.named_modules():
+            skip = getattr(mod, "_non_persistent_buffers_set", set())
+            for bn, buf in mod.named_buffers(recurse=False):
+                name = f"{prefix}.{bn}" if prefix else bn
+                if bn not in skip and self.spec.match(name):
+                    yield name, buf
 
     def params(self) -> dict[str, torch.Tensor]:
         """The chart's detached parameters (tied tensors once) under plain spec names: a PEFT-wrapped base layer is

@@ -1,5 +1,5 @@
 """Atomic publishing: fsync before rename, umask modes, whole-or-nothing writes, stale staging folders cleaned
-safely (only our exact names, only when the owner is dead or the folder is old)."""
+safely (only our exact names carrying our marker, only when the owner is dead or the folder is old)."""
 from __future__ import annotations
 
 import json
@@ -69,10 +69,18 @@ def test_clean_stale_staging_only_removes_ours(tmp_path: Path) -> None:
     alive = staging_dir(out)                                  # a running apply (this process): kept
     other_host = staging_dir(out)                             # a dead PID on another machine: kept (until old)
     (other_host / STAGING_MARKER).write_text(json.dumps({**marker, "host": "elsewhere"}))
-    unmarked_old = tmp_path / ".out.abcd1234.partial"         # no marker, older than the limit: removed
+    unmarked_old = tmp_path / ".out.abcd1234.partial"         # the user's: no marker, 3 days old: kept (issue 23)
     unmarked_old.mkdir()
-    old = time.time() - 2 * 24 * 3600
+    (unmarked_old / "notes.txt").write_text("mine")
+    old = time.time() - 3 * 24 * 3600
     os.utime(unmarked_old, (old, old))
+    bad_marker = tmp_path / ".out.ijkl9012.partial"           # a marker file that is not ours (no pid/host): kept
+    bad_marker.mkdir()
+    (bad_marker / STAGING_MARKER).write_text("[]")
+    os.utime(bad_marker, (old, old))
+    other_host_old = staging_dir(out)                         # marked by another machine, older than the limit
+    (other_host_old / STAGING_MARKER).write_text(json.dumps({**marker, "host": "elsewhere"}))
+    os.utime(other_host_old, (old, old))
     other_dead = tmp_path / ".other.abcd1234.partial"         # another output's staging, owner dead: removed
     other_dead.mkdir()
     (other_dead / STAGING_MARKER).write_text(json.dumps(marker))
@@ -96,10 +104,27 @@ def test_clean_stale_staging_only_removes_ours(tmp_path: Path) -> None:
     os.utime(target, (old, old))
     link.symlink_to(target)
     removed = clean_stale_staging(out)
-    assert sorted(removed) == sorted([dead, unmarked_old, other_dead])
-    assert not dead.exists() and not unmarked_old.exists()
+    assert sorted(removed) == sorted([dead, other_dead, other_host_old])
+    assert not dead.exists() and not other_host_old.exists()
+    assert (unmarked_old / "notes.txt").read_text() == "mine" and bad_marker.is_dir()
     assert alive.is_dir() and other_host.is_dir() and file_like.is_file() and link.is_symlink() and target.is_dir()
     assert all(k.is_dir() for k in keep)
+
+
+def test_remove_staging_deletes_the_marker_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed while removing a staging folder leaves it marked, so a later cleanup finishes the job."""
+    import shutil
+    out = tmp_path / "out"
+    st = staging_dir(out)
+    (st / "sub").mkdir()
+    (st / "sub" / "a.safetensors").write_bytes(b"x")
+    (st / "b.json").write_text("{}")
+    order = []
+    real_rmtree, real_unlink = shutil.rmtree, Path.unlink
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **k: (order.append(Path(p).name), real_rmtree(p, **k))[1])
+    monkeypatch.setattr(Path, "unlink", lambda self, **k: (order.append(self.name), real_unlink(self, **k))[1])
+    atomic.remove_staging(st)
+    assert order[-1] == STAGING_MARKER and sorted(order[:-1]) == ["b.json", "sub"] and not st.exists()
 
 
 def test_publish_mode(tmp_path: Path, umask027) -> None:

@@ -116,8 +116,8 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
     assert calls["n"] == 7
     assert not (tmp_path / "out").exists()
-    assert sorted(os.listdir(tmp_path)) == ["src"]                # no temp folder left behind
-    assert digest(src) == before
+    assert sorted(os.listdir(tmp_path)) == [".out.hf_gauge.lock", "src"]   # no temp folder left behind (the lock
+    assert digest(src) == before                                              # file stays, unlocked)
     # an existing output is kept intact when an overwrite fails
     monkeypatch.setattr(ckpt, "move_tensor", real)
     apply_gauge_to_checkpoint(src, g, tmp_path / "out", progress=False)
@@ -126,7 +126,89 @@ def test_failure_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(ckpt, "move_tensor", flaky)
     with pytest.raises(RuntimeError):
         apply_gauge_to_checkpoint(src, g.inverse(), tmp_path / "out", progress=False, overwrite=True)
-    assert digest(tmp_path / "out") == kept and sorted(os.listdir(tmp_path)) == ["out", "src"]
+    assert digest(tmp_path / "out") == kept and sorted(os.listdir(tmp_path)) == [".out.hf_gauge.lock", "out", "src"]
+
+
+def test_output_appearing_meanwhile_is_refused_at_publish(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 23.5: without overwrite, an output that another writer finished while this run was streaming is never
+    replaced (the publishing rename refuses a non-empty folder); a held lock refuses a second writer at once."""
+    from hf_gauge.atomic import output_lock
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    g = random_gauge(model, seed=1, spaces=("residual",))
+    out = tmp_path / "out"
+    real = ckpt.move_tensor
+
+    def other_writer_finishes(*a, **k):
+        if not out.exists():
+            out.mkdir()
+            (out / "theirs.txt").write_text("finished first")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ckpt, "move_tensor", other_writer_finishes)
+    with pytest.raises(GaugeError, match="appeared while this run was writing it"):
+        apply_gauge_to_checkpoint(src, g, out, progress=False)
+    assert os.listdir(out) == ["theirs.txt"] and (out / "theirs.txt").read_text() == "finished first"
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+    monkeypatch.setattr(ckpt, "move_tensor", real)
+    lock = output_lock(tmp_path / "new")                           # another writer holds the output
+    try:
+        with pytest.raises(GaugeError, match="another process is writing .*new"):
+            apply_gauge_to_checkpoint(src, g, tmp_path / "new", progress=False)
+    finally:
+        lock.release()
+    assert not (tmp_path / "new").exists()
+    apply_gauge_to_checkpoint(src, g, tmp_path / "new", progress=False)     # released: it goes through
+
+
+def _cli_apply(go: str, src: str, gauge: str, out: str, log: str) -> None:
+    """A forked ``hf-gauge apply`` process (no interpreter start-up): its stderr goes to ``log``, its exit status is
+    the CLI's; its first tensor move waits 1 s so the output's lock is held while the other process gets to it."""
+    import sys
+    import time
+    from hf_gauge.cli import main
+    f = open(log, "w")
+    os.dup2(f.fileno(), 2)
+    sys.stderr = f
+    real, first = ckpt.move_tensor, [True]
+
+    def slow(*a, **k):
+        if first and first.pop():
+            time.sleep(1.0)
+        return real(*a, **k)
+
+    ckpt.move_tensor = slow
+    while not os.path.exists(go):
+        time.sleep(0.005)
+    code = main(["apply", src, "--gauge", gauge, "-o", out, "--no-progress"])
+    f.flush()
+    os._exit(code)
+
+
+def test_two_apply_processes_into_one_output(tmp_path: Path) -> None:
+    """Issue 23.5: two real (forked) ``hf-gauge apply`` processes into one new output, started together without --overwrite:
+    one writes it, the other exits 2 with one line saying another process is writing it (before: both exited 0 and
+    the later silently replaced the earlier's output)."""
+    model = tiny_model("llama")
+    src = sharded(tmp_path, model)
+    random_gauge(model, seed=1).save_pretrained(tmp_path / "g")
+    import multiprocessing as mp
+    go = tmp_path / "go"
+    procs = [mp.get_context("fork").Process(target=_cli_apply, args=(str(go), str(src), str(tmp_path / "g"),
+                                                                     str(tmp_path / "out"), str(tmp_path / f"log{i}")))
+             for i in range(2)]
+    for p in procs:
+        p.start()
+    go.write_text("")
+    for p in procs:
+        p.join(timeout=300)
+    results = [(p.exitcode, (tmp_path / f"log{i}").read_text()) for i, p in enumerate(procs)]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    err = next(e for rc, e in results if rc == 2).strip().splitlines()
+    assert len(err) == 1 and "another process is writing" in err[0] and "out" in err[0], err
+    ref = apply_gauge_to_checkpoint(src, tmp_path / "g", tmp_path / "ref", progress=False)
+    assert digest(tmp_path / "out") == digest(ref)
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
 
 
 def test_refuses_bad_inputs(tmp_path: Path) -> None:
@@ -201,6 +283,7 @@ def test_gauge_given_as_folder_and_hub_source(tmp_path: Path) -> None:
     card = ModelCard.load(out / "README.md")
     assert "tiny source card" not in card.text and "same function" in card.text
     assert card.data.base_model == "org/tiny" and card.data.license == "mit"
+    assert card.data.base_model_relation == "finetune" and card.data.library_name == "transformers"
 
 
 @pytest.mark.slow

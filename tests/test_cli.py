@@ -355,10 +355,13 @@ def test_torchrun_only_rank_zero_writes_and_prints(setup) -> None:
     (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "hf_gauge", "find",
-                        str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--no-progress",
+                        str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"),
                         "-o", str(tmp / "G2")], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("fit: ") == 1 and r.stdout.count("saved gauge") == 1, r.stdout
+    bars = r.stderr.replace("\r", "\n")                  # rank 0 alone draws progress bars: one statistics bar,
+    assert bars.count("activation statistics: 100%") == 1, bars[-2000:]         # and its two model loads
+    assert bars.count("Loading weights: 100%") <= 2, bars[-2000:]
     got = load_gauge(tmp / "G2")
     assert got.residual == g.residual and got.metrics["n_tokens"] == 8 * 16       # both shards counted
 
@@ -556,3 +559,100 @@ def test_spaces_are_the_spec_families(setup, capsys: pytest.CaptureFixture) -> N
         assert not (tmp / "x").exists()
     assert main(["find", str(tmp / "A"), str(tmp / "B"), "--spaces", "mlp", "-o", str(tmp / "x")]) == 0
     assert load_gauge(tmp / "x") == g
+
+
+# --------------------------------------------------------------------------- issue 27: the CLI as users expect it
+def test_max_tokens_caps_the_data_of_find_verify_and_audit(setup, capsys: pytest.CaptureFixture) -> None:
+    """``--max-tokens N`` reads whole ``--max-length`` windows up to N tokens (find, verify from one shared option
+    builder; audit's alias); verify windows text like find; data options without data are refused."""
+    from hf_gauge.cli import audit_parser
+    tmp, a, b, g = setup
+    _char_tokenizer(tmp / "A")
+    text = "The quick brown fox jumps over the lazy dog. " * 10           # 450 tokens
+    base = ["find", str(tmp / "A"), str(tmp / "B"), "--text", text, "--max-length", "16", "--no-progress"]
+    assert main(base + ["--max-tokens", "40", "-o", str(tmp / "f")]) == 0
+    assert load_gauge(tmp / "f").metrics["n_tokens"] == 32                  # two whole windows of 16
+    vargs = ["verify", str(tmp / "A"), str(tmp / "B"), "--gauge", str(tmp / "gauges" / "a2b"), "--json"]
+    capsys.readouterr()
+    assert main(vargs + ["--text", text, "--max-length", "16", "--max-tokens", "40"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == 32
+    assert main(vargs + ["--text", text, "--max-length", "50"]) == 0       # verify cuts text into windows too
+    assert json.loads(capsys.readouterr().out)["tokens"] == (len(text) // 50) * 50
+    for cmd in (["find", str(tmp / "A"), str(tmp / "B"), "-o", str(tmp / "x")], vargs):
+        assert main(cmd + ["--max-tokens", "40"]) == 2
+        assert "--max-tokens only apply to --data/--text" in capsys.readouterr().err
+    assert audit_parser().parse_args(["audit", "smollm2", "--max-tokens", "128"]).tokens == 128
+
+
+def test_find_spaces_all_summary_covers_every_family(setup, capsys: pytest.CaptureFixture) -> None:
+    tmp, a, b, g = setup
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--spaces", "all", "-o", str(tmp / "all")]) == 0
+    out = capsys.readouterr().out
+    for fam in ("mlp", "attn"):
+        line = next(ln for ln in out.splitlines() if ln.strip().startswith(f"{fam}:"))
+        assert re.fullmatch(rf"  {fam}: 2 spaces, margin min [0-9.e-]+, low-confidence 0", line), line
+
+
+def test_show_and_push_the_procrustes_output(setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture) -> None:
+    """``find --method procrustes`` writes orthogonal_map.*: ``show`` summarizes it (locally and from the Hub) and
+    ``push`` publishes it with a card, refusing local model paths."""
+    import huggingface_hub.constants as hc
+
+    from hf_gauge.omapio import load_orthogonal_map
+    tmp, a, b, g = setup
+    ids = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(1))
+    (tmp / "ids.json").write_text(json.dumps(ids.tolist()))
+    assert main(["find", str(tmp / "A"), str(tmp / "B"), "--data", str(tmp / "ids.json"), "--method", "procrustes",
+                 "--no-progress", "-o", str(tmp / "om")]) == 0
+    capsys.readouterr()
+    assert main(["show", str(tmp / "om")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("orthogonal map ") and "d=64" in out and "nearest signed permutation" in out
+    with HubServer() as hub:
+        monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+        monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+        push = ["push", str(tmp / "om"), "org/maps", "--path-in-repo", "maps/a2b"]
+        assert main(push) == 2
+        assert "--source-id" in capsys.readouterr().err                      # A and B are local folders
+        assert main(push + ["--source-id", "org/a", "--target-id", "org/b"]) == 0
+        files = hub.files("org/maps")
+        names = ("orthogonal_map.safetensors", "orthogonal_map.json", "README.md")
+        assert {f"maps/a2b/{f}" for f in names} <= set(files)
+        assert str(tmp) not in files["maps/a2b/orthogonal_map.json"].decode() + files["maps/a2b/README.md"].decode()
+        capsys.readouterr()
+        assert main(["show", "org/maps/maps/a2b"]) == 0
+        assert "source: model_id=org/a" in capsys.readouterr().out
+        ns: dict = {}                                                     # the map card's snippet runs as written
+        exec(re.search(r"```python\n(.*?)```", files["maps/a2b/README.md"].decode(), re.S).group(1), ns)
+        assert torch.equal(ns["omap"].R, load_orthogonal_map(tmp / "om").R)
+    assert torch.equal(load_orthogonal_map(tmp / "om").R, json_free_R(files["maps/a2b/orthogonal_map.safetensors"]))
+
+
+def json_free_R(data: bytes) -> torch.Tensor:
+    from safetensors.torch import load
+    return load(data)["R"]
+
+
+def test_apply_error_names_the_cli_flag(setup, capsys: pytest.CaptureFixture) -> None:
+    tmp, *_ = setup
+    (tmp / "busy").mkdir()
+    (tmp / "busy" / "x").write_text("x")
+    assert main(["apply", str(tmp / "A"), "--gauge", str(tmp / "gauges" / "a2b"), "-o", str(tmp / "busy"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "overwrite=True" not in err
+
+
+def test_show_into_a_closed_pipe_is_quiet(setup) -> None:
+    """``hf-gauge show G | head``: the reader closed the pipe before show wrote; no traceback, no error, status 0."""
+    tmp, *_ = setup
+    r, w = os.pipe()
+    os.close(r)                                          # the reader is gone before the first byte is written
+    try:
+        p = subprocess.run([*script(), "show", str(tmp / "gauges" / "a2b")], stdout=w, stderr=subprocess.PIPE,
+                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        os.close(w)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

@@ -214,7 +214,8 @@ def _apply_checked(files: dict[str, bytes], gauge) -> None:
             assert "\n" not in str(e)
             ok = False
         after = tree(root)
-        assert {k: v for k, v in after.items() if not k.startswith("work/out")} == before   # nothing else written
+        assert {k: v for k, v in after.items()                    # nothing else written (but the output's lock file)
+                if not k.startswith("work/out") and k != "work/.out.hf_gauge.lock"} == before
         if ok:            # succeeded: every shard kept its header and size, and safetensors loads the output
             from safetensors import safe_open
             for p in src.glob("*.safetensors"):

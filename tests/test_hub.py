@@ -1,6 +1,7 @@
 """Hub round trips with the real huggingface_hub client against a local Hub-compatible server (127.0.0.1 only)."""
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -8,10 +9,13 @@ import huggingface_hub.constants
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from hypothesis import HealthCheck, given, settings
 
 from hf_gauge import Gauge, GaugeError, SignedPermutation, load_gauge, push_gauge
 from hf_gauge.hub import gauge_card, gauge_id, template_path
+from hf_gauge.readme import INDEX_END, INDEX_START
 from hub_server import HubServer, local_network_only  # noqa: F401  (fixture)
+from test_readme import readmes
 
 pytestmark = pytest.mark.usefixtures("local_network_only")
 
@@ -38,9 +42,9 @@ def test_push_then_download_into_fresh_cache(hub: HubServer, tmp_path: Path) -> 
     info = push_gauge(g, "org/model", path_in_repo="gauges/to-finetune", endpoint=hub.url)
     files = hub.files("org/model")
     assert files["config.json"] == b'{"model_type": "llama"}'
-    root = ModelCard(files["README.md"].decode())          # the user's card kept; an index section added
-    assert "# the model card\n" in root.text and "hf_gauge:gauges:start" in root.text
-    assert root.data.base_model == "org/base" and "hf_gauge" in root.data.tags
+    root = files["README.md"].decode()                     # the user's card kept; an index section added
+    assert root.startswith("# the model card\n") and "hf_gauge:gauges:start" in root
+    assert not root.startswith("---")                      # the card describes the model: no gauge metadata added
     assert {"gauges/to-finetune/gauge.safetensors", "gauges/to-finetune/gauge_config.json",
             "gauges/to-finetune/README.md"} <= set(files)
     assert info.oid == hub.repos["org/model"].branches["main"]
@@ -144,9 +148,10 @@ def test_root_card_index_created_updated_and_user_text_kept(hub: HubServer) -> N
     push_gauge(g1, "org/own", path_in_repo="gauges/a", endpoint=hub.url)
     push_gauge(g2, "org/own", path_in_repo="gauges/b", endpoint=hub.url)
     push_gauge(g1, "org/own", path_in_repo="gauges/a", endpoint=hub.url)       # again: its row is replaced
-    card = ModelCard(hub.files("org/own")["README.md"].decode())
-    assert card.text.startswith("\n# My model\n\nMy own words.\n") or "# My model\n\nMy own words.\n" in card.text
-    assert card.data.license == "mit" and card.data.base_model == "org/other"      # the user's metadata untouched
+    pushed = hub.files("org/own")["README.md"]
+    assert pushed.startswith(user)                          # the user's bytes, metadata included, untouched
+    card = ModelCard(pushed.decode())
+    assert card.data.license == "mit" and card.data.base_model == "org/other" and card.data.tags is None
     assert card.text.count("hf_gauge:gauges:start") == 1
     rows = [ln for ln in card.text.splitlines() if ln.startswith("| [`")]
     assert [r.split("`")[1] for r in rows] == ["gauges/a", "gauges/b"]
@@ -155,6 +160,43 @@ def test_root_card_index_created_updated_and_user_text_kept(hub: HubServer) -> N
     new = ModelCard(hub.files("org/new")["README.md"].decode())
     assert new.data.base_model == "org/base" and new.data.base_model_relation == "adapter"
     assert new.data.library_name == "hf_gauge" and "[`gauges/a`]" in new.text
+
+
+_PUSHES = itertools.count()
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(user=readmes())
+def test_push_keeps_every_byte_of_the_users_readme(hub: HubServer, user: str) -> None:
+    """Issue 23.4: CRLF, trailing blanks, a BOM, YAML comments/quotes/flow lists and fenced examples of the markers
+    survive a push byte for byte; only hf_gauge's section is appended, and a second push replaces only it."""
+    from huggingface_hub import HfApi
+    repo = f"org/readme{next(_PUSHES)}"
+    HfApi(endpoint=hub.url).create_repo(repo)
+    hub.commit(repo, {"README.md": user.encode()})
+    push_gauge(gauge(1), repo, path_in_repo="gauges/a", endpoint=hub.url)
+    first = hub.files(repo)["README.md"]
+    assert first.startswith(user.encode())
+    a = first.index(INDEX_START.encode(), len(user.encode()))
+    assert first[len(user.encode()):a].strip(b"\r\n`~ ") == b"" and first.rstrip(b"\r\n").endswith(INDEX_END.encode())
+    push_gauge(gauge(2), repo, path_in_repo="gauges/b", endpoint=hub.url)
+    second = hub.files(repo)["README.md"]
+    assert second[:a] == first[:a] and second.endswith(INDEX_END.encode() + first[len(first.rstrip(b"\r\n")):])
+    assert [ln.split("`")[1] for ln in second[a:].decode().splitlines() if ln.startswith("| [`")] == \
+        ["gauges/a", "gauges/b"]
+
+
+@pytest.mark.parametrize("readme, match", [(b"# caf\xe9\n", "not UTF-8"), (b"---\nlicense: [mit\n---\n", "YAML")])
+def test_unreadable_readme_refused_before_anything_is_pushed(hub: HubServer, readme: bytes, match: str) -> None:
+    from huggingface_hub import HfApi
+    HfApi(endpoint=hub.url).create_repo("org/bad")
+    hub.commit("org/bad", {"README.md": readme})
+    before = {k: dict(v.branches) for k, v in hub.repos.items()}
+    for rev in (None, "exp"):
+        with pytest.raises(GaugeError, match=f"README.md of org/bad.*{match}"):
+            push_gauge(gauge(1), "org/bad", path_in_repo="gauges/a", revision=rev, endpoint=hub.url)
+    assert {k: dict(v.branches) for k, v in hub.repos.items()} == before     # no commit, no branch
+    assert hub.files("org/bad")["README.md"] == readme and not any(f.startswith("gauges/") for f in hub.files("org/bad"))
 
 
 def test_push_create_pr_token_message_and_lfs(hub: HubServer) -> None:
@@ -256,3 +298,80 @@ def test_subfolder_with_dotdot_is_refused_locally_and_on_the_hub(hub: HubServer,
         with pytest.raises(GaugeError, match="subfolder="):
             Gauge.from_pretrained(ref, subfolder=sub, endpoint=hub.url)
     assert not hub.log                                             # refused before any request
+
+
+# --------------------------------------------------------------------------- cards as a GFM renderer reads them
+def test_every_card_renders_its_tables_whole(hub: HubServer) -> None:
+    """Gauge card, root index and gauged-checkpoint card through markdown-it-py's GFM table rule: every row has its
+    header's cells (an unescaped ``|`` in ``mean |correlation|`` cut the metric rows)."""
+    from gfm import gfm_tables
+
+    from hf_gauge.hub import checkpoint_card
+    g = gauge(7)
+    g.metrics.update(min_margin=0.5, n_low_confidence=0, method="a|b")
+    g.source["model_type"] = "llama|odd"
+    push_gauge(g, "org/gfm", path_in_repo="gauges/t", endpoint=hub.url)
+    card = ModelCard(hub.files("org/gfm")["gauges/t/README.md"].decode())
+    tables = gfm_tables(card.text)
+    assert [len(t[0]) for t in tables] == [3, 3, 3]                 # what it maps, spaces, metrics
+    metrics = {r[0]: r for r in tables[2][1:]}
+    assert metrics["mean_matched"][2].startswith("mean |correlation| of the matched")
+    assert metrics["method"][1] == "a|b" and tables[0][3][1] == "`llama|odd`"
+    index = gfm_tables(ModelCard(hub.files("org/gfm")["README.md"].decode()).text)
+    assert len(index) == 1 and len(index[0]) == 2 and index[0][1][0] == "[`gauges/t`](gauges/t)"
+    ckpt = checkpoint_card(g, "org/base", "---\nlicense: mit\n---\n# base\n")
+    assert gfm_tables(ckpt.text) == []                               # no table to cut; its metadata:
+    assert ckpt.data.base_model == "org/base" and ckpt.data.base_model_relation == "finetune"
+    assert ckpt.data.library_name == "transformers" and ckpt.data.license == "mit"
+
+
+def test_gauge_spelling_of_the_cli_and_card_loads(hub: HubServer, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``Gauge.from_pretrained("org/repo/gauges/name")`` (the spelling the CLI and the card write) loads; ``subfolder=``
+    still works; bad subfolder parts are refused."""
+    g = gauge(8)
+    push_gauge(g, "org/spell", path_in_repo="gauges/x", endpoint=hub.url)
+    kw = {"endpoint": hub.url, "cache_dir": tmp_path / "c"}
+    assert Gauge.from_pretrained("org/spell/gauges/x", **kw) == g
+    assert load_gauge("org/spell/gauges", subfolder="x", **kw) == g
+    assert load_gauge("org/spell", subfolder="gauges/x", **kw) == g
+    for bad in ("org/spell/gauges/../x", "org/spell//x", "org/spell/./x"):
+        with pytest.raises(GaugeError, match="may not be empty"):
+            load_gauge(bad, **kw)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path)                  # a typo under an existing local folder stays a local path
+    with pytest.raises(GaugeError, match="no gauge folder at out/gauges/typo"):
+        load_gauge("out/gauges/typo", **kw)
+
+
+def test_every_card_snippet_runs_on_its_own(hub: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each python block of a pushed gauge card runs alone (a fresh namespace) against the local Hub, including the
+    one that downloads the source model from the Hub and moves it through the gauge."""
+    import re
+
+    import huggingface_hub.constants as hc
+    from conftest import tiny_model
+    from huggingface_hub import HfApi
+
+    import hf_gauge
+    model = tiny_model("llama", hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate=24)
+    model.save_pretrained(tmp_path / "base")
+    HfApi(endpoint=hub.url).create_repo("org/tinybase")
+    hub.commit("org/tinybase", {f.name: f.read_bytes() for f in (tmp_path / "base").iterdir()})
+    g = hf_gauge.random_gauge(model, seed=3)
+    push_gauge(g, "org/snips", path_in_repo="gauges/s", endpoint=hub.url, source_id="org/tinybase",
+               target_id="org/tinybase-gauged")
+    text = hub.files("org/snips")["gauges/s/README.md"].decode()
+    snippets = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(snippets) == 2
+    monkeypatch.setattr(hc, "ENDPOINT", hub.url)
+    monkeypatch.setattr(hc, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    for i, code in enumerate(snippets):
+        ns: dict = {}
+        exec(compile(code, f"card-snippet-{i}", "exec"), ns)
+    index = hub.files("org/snips")["README.md"].decode()          # the root index's inline load call, too
+    (call,) = re.findall(r"`(hf_gauge\.load_gauge\(.*?\))`", index)
+    assert eval(call, {"hf_gauge": hf_gauge}) == g
+    moved = hf_gauge.apply_gauge(model, g)
+    assert all(torch.equal(p, q) for p, q in zip(ns["model"].state_dict().values(), moved.state_dict().values()))

@@ -138,6 +138,10 @@ def test_hub_cache_snapshot_links_into_its_blobs(tmp_path: Path, secret: Path) -
     (repo / "blobs" / "f00d").write_text("{}")
     (snap / "config.json").symlink_to("../../blobs/f00d")
     assert audit_folder(snap) == {"config.json": (repo / "blobs" / "f00d").resolve()}
+    (snap / "blocks.1").mkdir()                            # a subfolder of a snapshot (an SAE release): the same
+    (snap / "blocks.1" / "cfg.json").symlink_to("../../../blobs/f00d")
+    assert audit_folder(snap / "blocks.1") == {"cfg.json": (repo / "blobs" / "f00d").resolve()}
+    (snap / "blocks.1" / "cfg.json").unlink()
     (snap / "notes.txt").symlink_to(secret)
     with pytest.raises(GaugeError, match="outside"):
         audit_folder(snap)
@@ -240,3 +244,15 @@ def test_sae_folder_inner_link_copied_as_file(tmp_path: Path) -> None:
     out = transport_path(g, src, tmp_path / "out")
     assert not (out / "card.md").is_symlink() and (out / "card.md").read_text() == "my SAE"
     assert torch.equal(load_file(out / "sae_weights.safetensors")["b_dec"], torch.zeros(D))
+
+
+def test_load_gauge_refuses_a_gauge_folder_linking_out(tmp_path: Path) -> None:
+    g = Gauge(residual=SignedPermutation.random(D, 4), method="test")
+    g.save_pretrained(tmp_path / "elsewhere")
+    folder = tmp_path / "g"
+    folder.mkdir()
+    for name in ("gauge.safetensors", "gauge_config.json"):
+        (folder / name).symlink_to(tmp_path / "elsewhere" / name)
+    with pytest.raises(GaugeError, match="outside"):
+        hf_gauge.load_gauge(folder)
+    assert hf_gauge.load_gauge(tmp_path / "elsewhere") == g

@@ -138,7 +138,13 @@ def test_files_stream_apply_and_range_check(toy, tmp_path):
     assert verify_files(tmp_path / "src", tmp_path / "out", g)["weights_bit_exact"]
     # a config that puts the experts on other layers than the files do is refused before anything is moved
     cfg = json.loads((tmp_path / "src" / "config.json").read_text())
-    for change in ({"decoder_sparse_step": 1}, {"mlp_only_layers": [3]}):
+    moved = r"puts space '\w+\.\{i\}' at \{i\} in .* tensors of that space are at"
+    for change, why in (({"decoder_sparse_step": 1}, moved), ({"mlp_only_layers": [3]}, moved),
+                        ({"decoder_sparse_step": 0}, "ZeroDivisionError.*corrupt or hostile"),
+                        ({"mlp_only_layers": "3"}, "TypeError.*corrupt or hostile"),
+                        # the full range is checked against the shard names before the predicate loops over it
+                        ({"num_hidden_layers": 10 ** 9}, "config gives {i} of space 'attn.{i}' 1000000000 values")):
         (tmp_path / "src" / "config.json").write_text(json.dumps({**cfg, **change}))
-        with pytest.raises(GaugeError, match="puts space 'moe.{i}' at {i} in|of that space are at"):
-            apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / f"bad{len(change)}", progress=False)
+        with pytest.raises(GaugeError, match=why):
+            apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "bad", progress=False)
+        assert not (tmp_path / "bad").exists()

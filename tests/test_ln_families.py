@@ -67,7 +67,7 @@ def test_variant_streaming_apply_and_lora(model_type, over, ids, tmp_path):
     """Streaming apply on ``save_pretrained`` files equals the live apply bit for bit, and the gauge is found back
     from the two checkpoints' files; a LoRA adapter on every linear,
     transported, reproduces the logits on the gauged base."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a = build(model_type, **over)
     g = random_gauge(a, seed=4, spaces=FULL)
     a.save_pretrained(tmp_path / "src")
@@ -84,7 +84,7 @@ def test_variant_streaming_apply_and_lora(model_type, over, ids, tmp_path):
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
     ref = logits(pa.eval(), ids)
     pb = get_peft_model(b, copy.deepcopy(lora))
-    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
 
 
@@ -209,7 +209,7 @@ def test_space_when_drops_the_space_for_that_config_only():
 def test_stablelm_adapter_saving_per_head_norms_follows_them(ids):
     """A LoRA adapter that also saves the per-head norm modules (``modules_to_save``): transported, each saved norm
     takes its source head's place, and the adapter reproduces the logits on the gauged base."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a = build("stablelm")
     g = Gauge(spaces={"attn.0": SignedPermutation([3, 2, 0, 1])})
     b = apply_gauge(copy.deepcopy(a), g)
@@ -222,7 +222,7 @@ def test_stablelm_adapter_saving_per_head_norms_follows_them(ids):
                 p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
     ref = logits(pa.eval(), ids)
     pb = get_peft_model(copy.deepcopy(b), copy.deepcopy(cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
 
 

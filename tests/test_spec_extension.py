@@ -1,6 +1,6 @@
 """Extending hf_gauge without touching library code: a spec with a new space kind registered inside this test.
 
-The model is a tiny transformers ``olmoe`` (not a supported architecture of the library): its experts live fused
+The model is a tiny transformers ``olmoe`` (the library's own olmoe spec is replaced by this one): its experts live fused
 in memory (``gate_up_proj [E, 2*ff, d]``, ``down_proj [E, d, ff]``) but per expert on disk
 (``experts.{e}.gate_proj.weight``, ...). The spec declares per-expert unit spaces ``units.{i}.{e}`` of a new kind,
 a stacked axis over ``{e}``, a segmented ``[gate | up]`` axis, and checkpoint-file rules for the on-disk names.
@@ -93,7 +93,8 @@ def _logits(m):
         return m(IDS).logits
 
 
-def test_unregistered_architecture_is_refused():
+def test_unregistered_architecture_is_refused(monkeypatch):
+    monkeypatch.delitem(SPECS, "olmoe")
     with pytest.raises(GaugeError, match="unsupported architecture model_type='olmoe'"):
         random_gauge(tiny_moe())
     with pytest.raises(GaugeError, match="unknown gauge space 'units.0.1'"):

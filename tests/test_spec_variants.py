@@ -100,7 +100,7 @@ def test_streaming_apply_equals_live_apply(layout, tmp_path):
 
 
 def test_lora_transport_reproduces_logits(layout, ids):
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a, b, g = _pair(layout)
     cfg = dict(r=4, target_modules="all-linear", init_lora_weights=False)
     torch.manual_seed(0)
@@ -111,7 +111,7 @@ def test_lora_transport_reproduces_logits(layout, ids):
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
     ref = logits(pa.eval(), ids)
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
 
 

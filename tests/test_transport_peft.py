@@ -69,7 +69,10 @@ def test_adapter_state_transport_reproduces_logits(setup, ids, case):
     ref = logits(pa, ids)
     before = {k: v.clone() for k, v in get_peft_model_state_dict(pa).items()}
 
-    sd_b = g.transport(pa)
+    moved = g.transport(pa)                          # a PeftModel in, a PeftModel out: gauge(A + adapter)
+    assert isinstance(moved, PeftModel) and moved is not pa
+    assert (logits(moved, ids) - ref).abs().max().item() < 1e-5
+    sd_b = get_peft_model_state_dict(moved)
     assert set(sd_b) == set(before)
     err = (logits(_on_base(b, kw, sd_b), ids) - ref).abs().max().item()
     assert err < 1e-5, err
@@ -79,7 +82,8 @@ def test_adapter_state_transport_reproduces_logits(setup, ids, case):
         assert torch.equal(v, before[k]), k
     # baselines that must fail: permutation-only transport, and the untransported adapter on the gauged base
     scale = ref.abs().mean().item()
-    bad_perm = (logits(_on_base(b, kw, permutation_only(g).transport(pa)), ids) - ref).abs().max().item()
+    bad_perm = (logits(_on_base(b, kw, get_peft_model_state_dict(permutation_only(g).transport(pa))), ids)
+                - ref).abs().max().item()
     bad_raw = (logits(_on_base(b, kw, before), ids) - ref).abs().max().item()
     assert bad_perm > 0.05 * scale and bad_perm > 1e3 * max(err, 1e-7), (bad_perm, err)
     assert bad_raw > 0.05 * scale, bad_raw
@@ -243,13 +247,14 @@ def test_adapter_of_the_target_is_refused_as_wrong_direction(saved_pair, tmp_pat
 
 def test_peft_model_transport_to_gauged_base(saved_pair, ids):
     """``peft_model.transport(peft_model, to=gauged_base)`` fits the gauge from the adapter's base and returns the
-    adapter state dict in the target chart (as ``g.transport(peft_model)`` does: README table)."""
+    PeftModel moved into the target chart (as ``g.transport(peft_model)`` does); its adapter state dict loads on the
+    gauged base."""
     la, lb, g = saved_pair
     kw = CASES["dora+embedding"]
     pa = _adapter(copy.deepcopy(la), kw)
     ref = logits(pa, ids)
-    sd = pa.transport(pa, to=lb, spaces="all")
-    want = g.transport(pa)
+    sd = get_peft_model_state_dict(pa.transport(pa, to=lb, spaces="all"))
+    want = get_peft_model_state_dict(g.transport(pa))
     assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd)
     assert (logits(_on_base(lb, kw, sd), ids) - ref).abs().max().item() < 1e-5
 
@@ -301,5 +306,60 @@ def test_dora_on_conv1d_and_on_a_projected_embedding_input(model_type, over, ids
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
     ref = logits(pa.eval(), ids)
     pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(pa)).unexpected_keys
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
+
+
+# --------------------------------------------------------------------------- issue 27: PEFT as its users expect
+def test_peft_model_with_two_adapters_moves_every_adapter(setup, ids):
+    """Two adapters: every one comes back moved (keyed by adapter name), or only ``adapter_name=``'s; each computes
+    on the result what it computed on A."""
+    a, b, g = setup
+    pa = _adapter(copy.deepcopy(a), CASES["dora+embedding"])
+    pa.add_adapter("other", _cfg(dict(target_modules=["q_proj", "down_proj"])))
+    with torch.no_grad():
+        for n, p in pa.named_parameters():
+            if ".other." in n:
+                p.add_(0.3 * torch.randn_like(p))
+    refs = {}
+    for name in ("default", "other"):
+        pa.set_adapter(name)
+        refs[name] = logits(pa, ids)
+    moved = g.transport(pa)
+    assert isinstance(moved, PeftModel) and set(moved.peft_config) == {"default", "other"}
+    for name in ("default", "other"):
+        moved.set_adapter(name)
+        assert (logits(moved, ids) - refs[name]).abs().max().item() < 1e-5, name
+        sd = get_peft_model_state_dict(moved, adapter_name=name)
+        want = g.transport(get_peft_model_state_dict(pa, adapter_name=name), model=pa)
+        assert sd.keys() == want.keys() and all(torch.equal(sd[k], want[k]) for k in sd), name
+    only = g.transport(pa, adapter_name="other")
+    assert set(only.peft_config) == {"other"} and (logits(only, ids) - refs["other"]).abs().max().item() < 1e-5
+    with pytest.raises(GaugeError, match="no adapter 'nope'"):
+        g.transport(pa, adapter_name="nope")
+
+
+def test_load_adapter_onto_b_from_a_folder_and_the_hub(setup, ids, tmp_path, monkeypatch):
+    """``hf_gauge.load_adapter(model_b, adapter, gauge=g)``: a real PEFT LoRA trained on A, saved, loaded onto B
+    through the gauge: B + the moved adapter computes what gauge(A + adapter) computes; the same from a Hub id."""
+    from hub_server import HubServer
+    a, b, g = setup
+    kw = dict(target_modules=PROJ)
+    pa = _adapter(copy.deepcopy(a), kw)
+    pa.save_pretrained(tmp_path / "adapter")
+    want = logits(g.transport(pa), ids)
+    pb = hf_gauge.load_adapter(copy.deepcopy(b), tmp_path / "adapter", gauge=g, strict=True)
+    assert isinstance(pb, PeftModel) and not pb.training
+    assert (logits(pb, ids) - want).abs().max().item() < 1e-5
+    raw = get_peft_model(copy.deepcopy(b), _cfg(kw))                     # the adapter loaded without the gauge
+    set_peft_model_state_dict(raw, get_peft_model_state_dict(pa))
+    assert (logits(raw.eval(), ids) - want).abs().max().item() > 1e-2
+    with pytest.raises(GaugeError, match="fingerprint"):
+        hf_gauge.load_adapter(copy.deepcopy(a), tmp_path / "adapter", gauge=g, strict=True)
+    with HubServer() as hub:
+        from huggingface_hub import HfApi
+        HfApi(endpoint=hub.url).create_repo("org/adapter-for-a")
+        hub.commit("org/adapter-for-a", {f"sub/{p.name}": p.read_bytes() for p in (tmp_path / "adapter").iterdir()})
+        pb2 = hf_gauge.load_adapter(copy.deepcopy(b), "org/adapter-for-a/sub", gauge=g, endpoint=hub.url,
+                                    cache_dir=tmp_path / "cache")
+    assert (logits(pb2, ids) - want).abs().max().item() < 1e-5

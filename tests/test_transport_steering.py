@@ -176,3 +176,20 @@ def test_integer_and_bool_vectors_refused(dtype):
             g.transport(obj)
     x = torch.tensor([-128.0, 1.0, 2.0, 3.0])
     assert torch.equal(g.transport(x), torch.tensor([-3.0, 2.0, -1.0, -128.0]))   # y[j] = sign[j] * x[perm[j]]
+
+
+def test_tensor_transport_honours_space(pair):
+    """``g.transport(t, space="mlp.1")`` moves ``t`` over layer 1's MLP units (as ``g.mlp[1].apply`` does); a space
+    the gauge does not hold is the identity; a width that is not the space's size is refused naming the space."""
+    from hf_gauge import Gauge
+    g = random_gauge(tiny_model("llama"), seed=3, spaces=("residual", "mlp"))
+    v = torch.randn(3, g.mlp[1].size)
+    assert torch.equal(g.transport(v, space="mlp.1"), g.mlp[1].apply(v))
+    assert np.array_equal(g.transport(v.numpy(), space="mlp.1"), g["mlp.1"].apply(v).numpy())
+    assert torch.equal(g.transport({0: v}, space="mlp.1")[0], g.mlp[1].apply(v))
+    assert torch.equal(g.restrict("residual").transport(v, space="mlp.1"), v)
+    assert isinstance(g, Gauge) and torch.equal(g.transport(v[0, :64]), g.residual.apply(v[0, :64]))
+    with pytest.raises(GaugeError, match=r"mlp\.1 space has size 96"):
+        g.transport(torch.randn(64), space="mlp.1")
+    with pytest.raises(GaugeError, match="unknown gauge space"):
+        g.transport(v, space="mlp.x")

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from conftest import VOCAB, assert_state_equal, state, tiny_model
+from conftest import VOCAB, assert_state_equal, logits, state, tiny_model
 from hf_gauge import GaugeError, apply_gauge, random_gauge, verify
 from hf_gauge.verify import default_batch
 
@@ -105,3 +105,29 @@ def test_verify_takes_batches_like_the_activation_pipeline(pair) -> None:
         verify(a, b, g, data=["some text"])
     with pytest.raises(GaugeError, match="non-padding"):
         verify(a, b, g, data=[{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}])
+
+
+@pytest.mark.parametrize("how, tie", [("device_map", False), ("disk_offload", False), ("device_map", True),
+                                      ("disk_offload", True)])
+def test_verify_an_offloaded_model_without_moving_its_weights(tmp_path, ids, how, tie):
+    """An accelerate-offloaded A (weights on meta, values in the hooks' weights map) is verified tensor by tensor
+    from where accelerate keeps its weights: bit-exact against its gauged copy, nothing of A modified; the data-free
+    fit on it points to find_gauge(folder_a, folder_b)."""
+    import hf_gauge
+    from test_models import _disk_offloaded
+    a = tiny_model("llama", seed=2, tie=tie)
+    g = hf_gauge.random_gauge(a, seed=5, spaces=("residual", "mlp"))
+    b = hf_gauge.apply_gauge(copy.deepcopy(a), g)
+    off = _disk_offloaded(copy.deepcopy(a), tmp_path, how)
+    before = {k: v.clone() for k, v in state(off).items() if v.device.type != "meta"}
+    res = hf_gauge.verify(off, b, g)
+    assert res["weights_bit_exact"] and res["n_tensors_differ"] == 0 and res["fingerprint_match"]
+    assert res["relative_weight_diff_without_gauge"] > 0.1
+    assert res["symmetry_logit_diff"] < 1e-4 and res["max_abs_logit_diff"] < 1e-4     # moved A ran, A unmoved
+    assert res["max_abs_logit_diff_a_b"] < 1e-4 and res["relative_weight_diff"] == 0.0
+    assert all(torch.equal(v, state(off)[k]) for k, v in before.items())
+    assert torch.equal(logits(off, ids), logits(a, ids))                # the offload serves A's own weights again
+    wrong = hf_gauge.verify(off, b, hf_gauge.random_gauge(a, seed=6, spaces=("residual", "mlp")))
+    assert not wrong["weights_bit_exact"] and wrong["relative_weight_diff"] > 0.1
+    with pytest.raises(GaugeError, match=r"meta device.*find_gauge\(folder_a, folder_b\)"):
+        hf_gauge.find_gauge(off, b)

@@ -9,6 +9,7 @@ from .arcee import ARCEE
 from .bloom import BLOOM
 from .cohere import COHERE
 from .falcon import FALCON
+from .glm4 import GLM4, GLM4_MOE
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
 from .gpt2 import GPT2
 from .gpt_neo import GPT_NEO
@@ -17,11 +18,13 @@ from .gptj import GPTJ
 from .granite import GRANITE
 from .granitemoehybrid import GRANITEMOEHYBRID
 from .llama import EXAONE, LLAMA
-from .moe import MIXTRAL, QWEN2_MOE, QWEN3_MOE
+from .ernie_moe import ERNIE4_5_MOE
+from .moe import MIXTRAL, OLMOE, QWEN2_MOE, QWEN3_MOE
 from .olmo2 import OLMO2
 from .opt import OPT
 from .phi import PHI
 from .phi3 import PHI3
+from .phimoe import PHIMOE
 from .qwen3_next import QWEN3_NEXT
 from .smollm3 import SMOLLM3
 from .stablelm import STABLELM
@@ -29,6 +32,7 @@ from .starcoder2 import STARCODER2
 
 SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3, GRANITE, SMOLLM3,
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
+                                                                        OLMOE, ERNIE4_5_MOE, PHIMOE, GLM4, GLM4_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM, QWEN3_NEXT,

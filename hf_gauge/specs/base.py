@@ -164,35 +164,6 @@ class Requires:
                            for a in self.allowed)
 
 
-@dataclass(frozen=True)
-class Requires:
-    """A config field the spec's group depends on, the values it supports and why.
-
-    ``allowed`` holds values (compared by ``==``; a bool matches only a bool, so ``0`` is not ``False``) and/or types
-    (any instance admitted: ``(float,)`` for "present, any value"). ``None`` stands for a field that is absent from
-    the config and from its transformers class (or set to None): list it where absence is supported."""
-
-    field: str
-    allowed: tuple
-    why: str
-
-    def admits(self, value: object) -> bool:
-        for a in self.allowed:
-            if isinstance(a, type):
-                if isinstance(value, a) and (a is bool or not isinstance(value, bool)):
-                    return True
-            elif (isinstance(a, bool) or isinstance(value, bool)) and type(a) is not type(value):
-                continue
-            elif value == a:
-                return True
-        return False
-
-    def describe(self) -> str:
-        """``'silu' or 'swish'``; a type reads as ``any float``."""
-        return " or ".join("absent" if a is None else f"any {a.__name__}" if isinstance(a, type) else repr(a)
-                           for a in self.allowed)
-
-
 _LEGACY_KINDS = {"residual": "residual", "mlp.{i}": "units", "attn.{i}": "heads"}
 
 

@@ -21,8 +21,8 @@ Declared field: ``layer_norm_epsilon``. ``apply_residual_connection_post_layerno
 from __future__ import annotations
 
 from .base import ArchSpec, Rule, Sites, Space, reads, writes
-from .decoder import HEAD_RULES
-from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
+from .decoder import HEAD_RULES, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules
 
 T = "transformer."
 L = T + "h.{i}."

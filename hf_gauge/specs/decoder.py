@@ -6,9 +6,7 @@ activation is not odd), query heads permute within KV groups and KV groups as wh
 """
 from __future__ import annotations
 
-from typing import Callable
-
-from .base import UNTOUCHED, Axis, Requires, Rule, Space, gain, reads, writes
+from .base import UNTOUCHED, Axis, Requires, Rule, gain, reads, writes
 
 MLP = Axis(0, "mlp.{i}")                       # up_proj rows (and bias): signed
 MLP_GATE = Axis(0, "mlp.{i}", signed=False)    # gate_proj rows (and bias): permute only
@@ -27,11 +25,6 @@ RMSNORM = Requires("rms_norm_eps", (float,),
                    "rms_norm_eps normalises otherwise (cohere, gpt_neox: a mean-centring LayerNorm, global sign only)")
 
 
-LAYERNORM = Requires("layer_norm_epsilon", (float,),
-                     "the blocks' nn.LayerNorm mean-centres, which the S_d x {±1} group and the signed LayerNorm "
-                     "biases are derived for (GPT-2, GPT-Neo, GPT-J configs name its epsilon layer_norm_epsilon)")
-
-
 def gelu_gate(field: str) -> Requires:
     """Gemma's GeGLU: ``field`` names the activation of ``gate_proj`` (``hidden_act`` in Gemma, ``hidden_activation``
     in Gemma 2/3)."""
@@ -46,24 +39,6 @@ HEAD_RULES: tuple[Rule, ...] = tuple(
     r for head in ("score", "classifier", "qa_outputs")
     for r in (Rule(f"{head}.weight", reads()), Rule(f"{head}.bias", UNTOUCHED))
 )
-
-
-def layernorm_rules(*paths: str) -> tuple[Rule, ...]:
-    """A LayerNorm ``g * (x - mean x) / std + b`` on the residual at each module path: ``LN(s P x) = s P LN(x)``
-    holds with gain ``P g`` (permuted, never signed) and bias ``s P b`` (signed: only the global flip ``s`` of the
-    residual's S_d x {±1} reaches it)."""
-    return tuple(r for p in paths for r in (Rule(p + ".weight", gain()), Rule(p + ".bias", writes())))
-
-
-def layernorm_spaces(mlp_size: Callable[[object], int], mlp_doc: str) -> dict[str, Space]:
-    """The spaces of a LayerNorm decoder with a non-gated MLP ``W2 act(W1 x)`` and heads without KV sharing:
-    residual S_d x {±1}; MLP units permute with no signs (an activation that is not odd, such as GELU or ReLU);
-    heads permute as wholes."""
-    return {
-        "residual": Space(lambda c: c.hidden_size, "global", "residual stream (LayerNorm)", kind="residual"),
-        "mlp.{i}": Space(mlp_size, "none", mlp_doc, kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
-    }
 
 
 def head_dim(config) -> dict[str, int]:
@@ -92,16 +67,12 @@ def attention_rules(layer: str, qk_norm: tuple[Axis, ...] | None = None) -> tupl
     )
 
 
-def plain_mlp_rules(layer: str) -> tuple[Rule, ...]:
-    """``down_proj(act(up_proj x))`` without a gate: units permute, never signed (the act is not assumed odd)."""
-    m = layer + "mlp."
+def plain_mlp_rules(up: str, down: str) -> tuple[Rule, ...]:
+    """``down(act(up x))`` without a gate, biases included: units permute, never signed (an elementwise ``act`` such
+    as GELU, ReLU or ReLU² is not odd)."""
     rows, cols = Axis(0, "mlp.{i}", signed=False), Axis(1, "mlp.{i}", signed=False)
-    return (
-        Rule(m + "up_proj.weight", reads(rows)),
-        Rule(m + "up_proj.bias", (rows,)),
-        Rule(m + "down_proj.weight", writes(cols)),
-        Rule(m + "down_proj.bias", writes()),
-    )
+    return (Rule(up + ".weight", reads(rows)), Rule(up + ".bias", (rows,)),
+            Rule(down + ".weight", writes(cols)), Rule(down + ".bias", writes()))
 
 
 def gated_mlp_rules(layer: str) -> tuple[Rule, ...]:
@@ -124,7 +95,8 @@ def decoder_rules(prefix: str, norms: tuple[str, ...], qk_norm: tuple[Axis, ...]
     the task heads; the MLP is gated (``gated_mlp_rules``) or not (``plain_mlp_rules``)."""
     layer = prefix + "layers.{i}."
     rules = (Rule(prefix + "embed_tokens.weight", reads()),)
-    rules += attention_rules(layer, qk_norm) + (gated_mlp_rules(layer) if gated else plain_mlp_rules(layer))
+    rules += attention_rules(layer, qk_norm) + (gated_mlp_rules(layer) if gated
+                                                  else plain_mlp_rules(layer + "mlp.up_proj", layer + "mlp.down_proj"))
     rules += tuple(Rule(layer + n + ".weight", gain()) for n in norms)
     rules += (Rule(prefix + "norm.weight", gain()),)
     if lm_head:

@@ -21,8 +21,8 @@ the heads space exists.
 from __future__ import annotations
 
 from .base import ArchSpec, Rule, Sites, Space, reads, segmented, writes
-from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS
-from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
+from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules
 
 T = "transformer."
 L = T + "h.{i}."

@@ -21,7 +21,8 @@ flags (scores are unchanged by every gauge).
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, reads, segmented, writes
-from .decoder import HEAD_RULES, LAYERNORM, head_dim, layernorm_rules, layernorm_spaces
+from .decoder import HEAD_RULES, head_dim
+from .layernorm import LAYERNORM, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."

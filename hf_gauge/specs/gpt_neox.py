@@ -13,10 +13,9 @@ from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, Space, reads, writes
 from .decoder import HEAD_RULES
+from .layernorm import layernorm_rules
 
 L = "gpt_neox.layers.{i}."
-LN_GAIN = (Axis(0, "residual", signed=False),)
-LN_BIAS = (Axis(0, "residual"),)  # signed: only a global flip is admitted, and it flips the bias
 MLP_ROWS = Axis(0, "mlp.{i}", signed=False)
 MLP_COLS = Axis(1, "mlp.{i}", signed=False)
 QKV_ROWS = Axis(0, "attn.{i}", signed=False, block="qkv_block")
@@ -39,10 +38,7 @@ GPT_NEOX = ArchSpec(
     },
     rules=(
         Rule("gpt_neox.embed_in.weight", reads()),
-        Rule(L + "input_layernorm.weight", LN_GAIN),
-        Rule(L + "input_layernorm.bias", LN_BIAS),
-        Rule(L + "post_attention_layernorm.weight", LN_GAIN),
-        Rule(L + "post_attention_layernorm.bias", LN_BIAS),
+        *layernorm_rules(L + "input_layernorm", L + "post_attention_layernorm", "gpt_neox.final_layer_norm"),
         Rule(L + "attention.query_key_value.weight", reads(QKV_ROWS)),
         Rule(L + "attention.query_key_value.bias", (QKV_ROWS,)),
         Rule(L + "attention.dense.weight", writes(DENSE_COLS)),
@@ -51,8 +47,6 @@ GPT_NEOX = ArchSpec(
         Rule(L + "mlp.dense_h_to_4h.bias", (MLP_ROWS,)),
         Rule(L + "mlp.dense_4h_to_h.weight", writes(MLP_COLS)),
         Rule(L + "mlp.dense_4h_to_h.bias", writes()),
-        Rule("gpt_neox.final_layer_norm.weight", LN_GAIN),
-        Rule("gpt_neox.final_layer_norm.bias", LN_BIAS),
         Rule("embed_out.weight", reads()),
         Rule("lm_head.weight", reads()),
         Rule("gpt_neox.layers.{i}.attention.rotary_emb.inv_freq", UNTOUCHED),

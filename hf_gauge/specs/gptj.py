@@ -11,7 +11,8 @@ and ``activation_function`` need no declaration (rotary stays inside heads; elem
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, reads, writes
-from .decoder import HEAD_RULES, LAYERNORM, head_dim, layernorm_rules, layernorm_spaces
+from .decoder import HEAD_RULES, head_dim
+from .layernorm import LAYERNORM, layernorm_rules, layernorm_spaces
 
 T = "transformer."
 L = T + "h.{i}."

@@ -1,18 +1,16 @@
-"""Rule builders shared by the LayerNorm families (Bloom, Falcon, Phi, StarCoder2, StableLM spec files).
+"""Rule builders shared by the LayerNorm families (GPT-2, GPT-Neo, GPT-J, OPT, Bloom, Falcon, Phi, StarCoder2,
+StableLM, GPT-NeoX spec files).
 
 A LayerNorm on the residual, ``(x - mean x) / std * g + b``, commutes with ``Q = s P`` (a permutation and one global
 sign ``s``) only: ``LN(s P x) = s P LN(x)`` needs gain ``P g`` (permuted, never signed) and bias ``s P b`` (signed).
 A non-gated MLP ``act(W x + c)`` has no sign symmetry for a generic elementwise ``act`` (GELU, ReLU): its hidden units
-permute only, rows of the up projection (and its bias) with the columns of the down projection.
+permute only (``decoder.plain_mlp_rules``).
 """
 from __future__ import annotations
 
-from .base import Axis, Requires, Rule, reads, writes
+from typing import Callable
 
-LN_GAIN = (Axis(0, "residual", signed=False),)
-LN_BIAS = (Axis(0, "residual"),)              # signed: only a global flip is admitted, and it flips the bias
-UNIT_ROWS = Axis(0, "mlp.{i}", signed=False)
-UNIT_COLS = Axis(1, "mlp.{i}", signed=False)
+from .base import Requires, Rule, Space, gain, writes
 
 
 def layernorm_eps(field: str) -> Requires:
@@ -22,12 +20,21 @@ def layernorm_eps(field: str) -> Requires:
                                      "S_d x {±1} group and the signed LayerNorm biases are derived for them")
 
 
-def layernorm_rules(module: str) -> tuple[Rule, ...]:
-    """``module.weight`` (gain) and ``module.bias`` of a LayerNorm on the residual."""
-    return Rule(module + ".weight", LN_GAIN), Rule(module + ".bias", LN_BIAS)
+LAYERNORM = layernorm_eps("layer_norm_epsilon")     # the name GPT-2, GPT-Neo and GPT-J configs give it
 
 
-def plain_mlp_rules(up: str, down: str) -> tuple[Rule, ...]:
-    """``down(act(up x))`` with biases: units permute only (``act`` elementwise, not odd)."""
-    return (Rule(up + ".weight", reads(UNIT_ROWS)), Rule(up + ".bias", (UNIT_ROWS,)),
-            Rule(down + ".weight", writes(UNIT_COLS)), Rule(down + ".bias", writes()))
+def layernorm_rules(*modules: str) -> tuple[Rule, ...]:
+    """``.weight`` (gain: permuted, never signed) and ``.bias`` (signed by the global sign) of a LayerNorm on the
+    residual at each module path."""
+    return tuple(r for m in modules for r in (Rule(m + ".weight", gain()), Rule(m + ".bias", writes())))
+
+
+def layernorm_spaces(mlp_size: Callable[[object], int], mlp_doc: str) -> dict[str, Space]:
+    """The spaces of a LayerNorm decoder with a non-gated MLP ``W2 act(W1 x)`` and heads without KV sharing:
+    residual S_d x {±1}; MLP units permute with no signs (an activation that is not odd, such as GELU or ReLU);
+    heads permute as wholes."""
+    return {
+        "residual": Space(lambda c: c.hidden_size, "global", "residual stream (LayerNorm)", kind="residual"),
+        "mlp.{i}": Space(mlp_size, "none", mlp_doc, kind="units"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
+    }

@@ -25,7 +25,8 @@ from __future__ import annotations
 from functools import cache
 
 from .base import UNTOUCHED, ArchSpec, Axis, Requires, Rule, Sites, reads, writes
-from .decoder import HEAD_RULES, head_dim, layernorm_rules, layernorm_spaces
+from .decoder import HEAD_RULES, head_dim
+from .layernorm import layernorm_rules, layernorm_spaces
 
 D = "model.decoder."
 L = D + "layers.{i}."

@@ -12,8 +12,8 @@ units are unsigned, the q/k norms and the rotary part act inside heads, which pe
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads, writes
-from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, head_dim
-from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
+from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, head_dim, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules
 
 L = "model.layers.{i}."
 A = L + "self_attn."

@@ -12,8 +12,8 @@ permutations commute with any elementwise activation, and biases only add tensor
 from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads
-from .decoder import HEAD_RULES, attention_rules, head_dim
-from .layernorm import layernorm_eps, layernorm_rules, plain_mlp_rules
+from .decoder import HEAD_RULES, attention_rules, head_dim, plain_mlp_rules
+from .layernorm import layernorm_eps, layernorm_rules
 
 L = "model.layers.{i}."
 

@@ -9,10 +9,11 @@ output rows (permuted, never signed; an embedding's ``[d]`` magnitude is permute
 gauges move the other factor's rows/columns the same way. Loaded on the gauged base, the transported adapter gives
 the original's outputs exactly (up to float reassociation).
 
-Return types: ``gauge.transport(peft_model)`` returns the adapter state dict (the format of
-``peft.get_peft_model_state_dict``, ready for ``set_peft_model_state_dict`` or ``save_file``); use
-``transport_peft_model(gauge, peft_model, gauged_base)`` for a new ``PeftModel``. A state dict in, a state dict out;
-a folder in, a folder out (``transport_adapter_folder``).
+Return types: a ``PeftModel`` in, a ``PeftModel`` out (``gauge.transport(peft_model)``: base and every adapter moved,
+or ``adapter_name=``'s); ``transport_peft_model(gauge, peft_model, gauged_base)`` puts the adapters on a model already
+in the target chart, and ``hf_gauge.load_adapter(model_b, adapter, gauge=g)`` (``peft_load``) loads a saved adapter
+(folder or Hub id) onto it. A state dict in (``get_peft_model_state_dict`` format), a state dict out; a folder in, a
+folder out (``transport_adapter_folder``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ..engine import check_gauge, move_tensor, segment_spans, source_names, stac
 from ..errors import GaugeError
 from ..inputs import audit_folder
 from ..jsonio import read_json
+from ..modelref import local_base, model_ref
 from ..specs import ArchSpec
 from ..specs.base import template_regex
 from ..view import resolve_name
@@ -45,7 +47,7 @@ def _peft_type(cfg: Any) -> str:
     return str(getattr(t, "value", t) or "").upper()
 
 
-def _check_peft_type(cfg: Any, where: str) -> None:
+def check_peft_type(cfg: Any, where: str) -> None:
     t = _peft_type(cfg)
     if t not in SUPPORTED_PEFT_TYPES:
         raise GaugeError(f"{where}: PEFT type {t or 'unknown'!r} is not supported; hf_gauge transports LoRA/DoRA "
@@ -152,21 +154,43 @@ def _is_peft_model(o: Any) -> bool:
     return isinstance(o, torch.nn.Module) and hasattr(o, "peft_config") and callable(getattr(o, "get_base_model", None))
 
 
-def _adapter_names(pm: Any, adapter_name: str | Iterable[str] | None) -> list[str]:
-    if adapter_name is None:
-        act = getattr(pm, "active_adapter", None) or "default"
-        return [act] if isinstance(act, str) else list(act)
+def _adapter_names(adapter_name: str | Iterable[str]) -> list[str]:
     return [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
 
 
-@register(_is_peft_model, "peft.PeftModel (-> adapter state dict)")
-def _peft_model(gauge, pm: Any, *, adapter_name: str | None = None, **kw: Any) -> dict[str, torch.Tensor]:
-    """The adapter ``adapter_name`` (default: the active one) as a transported ``get_peft_model_state_dict``."""
+@register(_is_peft_model, "peft.PeftModel (-> PeftModel)")
+def _peft_model(gauge, pm: Any, *, adapter_name: str | Iterable[str] | None = None, **_: Any) -> Any:
+    """A new ``PeftModel``: a copy of ``pm`` with its base model and every adapter (keyed by adapter name; only
+    ``adapter_name``, a name or several, when given) moved into the target chart, so it computes what ``pm``
+    computes (``gauge`` applied to base + adapters). The adapter state dict route stays:
+    ``gauge.transport(get_peft_model_state_dict(pm, adapter_name=...), model=pm)``; an adapter for a model already in
+    the target chart: ``transport_peft_model(gauge, pm, gauged_base)`` or ``hf_gauge.load_adapter``."""
+    from ..models import apply_gauge
+    names = list(pm.peft_config) if adapter_name is None else _adapter_names(adapter_name)
+    missing = [n for n in names if n not in pm.peft_config]
+    if missing or not names:
+        raise GaugeError(f"the PeftModel has no adapter {missing[0] if missing else adapter_name!r}; it has "
+                         f"{list(pm.peft_config)}")
+    for name in names:
+        check_peft_type(pm.peft_config[name], f"adapter {name!r}")
+    new = copy.deepcopy(pm)
+    for name in [n for n in new.peft_config if n not in names]:
+        new.delete_adapter(name)
+    act = getattr(new, "active_adapter", None)
+    if act not in names:
+        new.set_adapter(names[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # a fine-tune of the gauge's source is a legitimate input
+        apply_gauge(new, gauge)
+    return new
+
+
+def _adapter_state_of(gauge, pm: Any, name: str, **kw: Any) -> dict[str, torch.Tensor]:
+    """Adapter ``name`` of ``pm`` as a transported ``get_peft_model_state_dict``."""
     from peft import get_peft_model_state_dict
-    (name,) = _adapter_names(pm, adapter_name)[:1] or ["default"]
     if name not in pm.peft_config:
         raise GaugeError(f"the PeftModel has no adapter {name!r}; it has {list(pm.peft_config)}")
-    _check_peft_type(pm.peft_config[name], f"adapter {name!r}")
+    check_peft_type(pm.peft_config[name], f"adapter {name!r}")
     sd = get_peft_model_state_dict(pm, adapter_name=name)
     kw.setdefault("config", pm.get_base_model().config)     # its model_type is checked against the gauge's
     return transport_adapter_state(gauge, sd, **kw)
@@ -197,9 +221,9 @@ def transport_peft_model(gauge, peft_model: Any, base_model: Any, *, adapter_nam
     new = None
     for name in names:
         cfg = copy.deepcopy(peft_model.peft_config[name])
-        _check_peft_type(cfg, f"adapter {name!r}")
+        check_peft_type(cfg, f"adapter {name!r}")
         cfg.inference_mode = getattr(peft_model.peft_config[name], "inference_mode", False)
-        sd = _peft_model(gauge, peft_model, adapter_name=name, config=unwrap(base_model).config)
+        sd = _adapter_state_of(gauge, peft_model, name, config=unwrap(base_model).config)
         if new is None:
             new = get_peft_model(base_model, cfg, adapter_name=name)
         else:
@@ -232,7 +256,7 @@ def _local_base_config(cfg: Mapping[str, Any]) -> Any:
     return None
 
 
-def _read_record(src: Path) -> dict[str, Any] | None:
+def read_record(src: Path) -> dict[str, Any] | None:
     """The gauge provenance an earlier transport wrote into ``src`` (None when there is none)."""
     p = src / GAUGE_RECORD_FILE
     if not p.is_file():
@@ -265,7 +289,7 @@ def check_adapter_chart(gauge, src: Path, adapter_base: str | None, rec: dict[st
                              f"starts from the chart {want}: fit a gauge from the adapter's base instead")
         return
     tgt, srcid = gauge.target.get("model_id"), gauge.source.get("model_id")
-    if adapter_base and tgt and tgt != srcid and adapter_base == tgt:
+    if adapter_base and tgt and tgt != srcid and model_ref(adapter_base)[0] == model_ref(tgt)[0]:   # ./B == /abs/B
         raise GaugeError(f"{src} is an adapter of {tgt!r}, the gauge's target model: this is the wrong direction; use "
                          "the inverse gauge (--inverse / gauge.inverse()) to move it to the source chart")
 
@@ -360,11 +384,11 @@ def transport_adapter_folder(gauge, src: str | Path, out: str | Path, *, base: s
     if not isinstance(cfg, dict):
         raise GaugeError(f"{src / ADAPTER_CFG} must hold a JSON object (the adapter config), got a "
                          f"{type(cfg).__name__}")
-    _check_peft_type(cfg, str(src))
+    check_peft_type(cfg, str(src))
     sd, st_meta = read_safetensors(src / ADAPTER_WEIGHTS, "re-save the adapter with save_pretrained")
-    rec = _read_record(src)
+    rec = read_record(src)
     check_adapter_chart(gauge, src, cfg.get("base_model_name_or_path"), rec)
-    new_base = gauged_base(gauge, base, rec)
+    new_base = local_base(gauged_base(gauge, base, rec))     # a relative folder would load from here only
     if config is None and model is None:        # architecture and head geometry from a local base's config.json
         config = _local_base_config(cfg)
     moved = transport_adapter_state(gauge, sd, model_type=model_type, spec=spec, config=config, model=model)

@@ -22,6 +22,7 @@ from ..engine import Move
 from ..errors import GaugeError
 from ..inputs import audit_folder
 from ..jsonio import read_json
+from ..modelref import shareable
 from . import register
 from ._io import (atomic_dir, copy_other_files, element, gauge_record, move_of, read_safetensors, write_record)
 
@@ -109,7 +110,9 @@ def transport_sae_state(gauge, sd: Mapping[str, torch.Tensor], *, space: str = "
 
 
 def _record(gauge, space: str, space_out: str) -> dict[str, Any]:
-    return gauge_record(gauge, space=space, space_out=space_out)
+    """The record kept in the SAE's ``cfg.json`` (published with the SAE): no local model paths."""
+    rec = gauge_record(gauge, space=space, space_out=space_out)
+    return {**rec, "source": shareable(rec["source"]), "target": shareable(rec["target"])}
 
 
 def _is_sae(o: Any) -> bool:
