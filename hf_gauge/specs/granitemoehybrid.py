@@ -33,8 +33,9 @@ each layer's mixer, which the layer ranges follow; the biases (``attention_bias`
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, gain, layers_where, reads, segmented, writes
+from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, layers_where, reads, segmented, writes
 from .decoder import HEAD_RULES, RMSNORM, SILU_GATE, attention_rules
+from .moe import E_GATE, E_UP, EXPERT_SLICES, ROUTER_ROWS, expert_rules, norm_rules
 
 L = "model.layers.{i}."
 M = L + "mamba."
@@ -60,9 +61,6 @@ GROUP = Axis(0, "ssm.{i}", signed=False, block="ssm_state", kv=True)    # B, C r
 PER_HEAD = Axis(0, "ssm.{i}", signed=False)                              # dt rows, A_log, D, dt_bias
 IN_ROWS = segmented(0, HEAD, HEAD, GROUP, GROUP, PER_HEAD)               # in_proj: [z | x | B | C | dt]
 CONV = segmented(0, HEAD, GROUP, GROUP)                                  # conv1d channels: [x | B | C]
-ROUTER = Axis(0, "moe.{i}", signed=False)
-SLICES = Axis(0, "moe.{i}", signed=False, stack="e")
-E_GATE_UP = segmented(1, Axis(0, "experts.{i}.{e}", signed=False), Axis(0, "experts.{i}.{e}"))
 S_GATE_UP = segmented(0, Axis(0, "shared.{i}", signed=False), Axis(0, "shared.{i}"))
 
 GRANITEMOEHYBRID = ArchSpec(
@@ -96,22 +94,18 @@ GRANITEMOEHYBRID = ArchSpec(
         Rule(M + "out_proj.weight", writes(Axis(1, "ssm.{i}", signed=False, block="ssm_head_dim"))),
         Rule(M + "out_proj.bias", writes()),
         *attention_rules(L),
-        Rule(E + "router.weight", reads(ROUTER)),
-        Rule(E + "experts.gate_up_proj", (SLICES, E_GATE_UP, Axis(2, "residual"))),
-        Rule(E + "experts.down_proj", (SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
+        *expert_rules("block_sparse_moe", "router"),
         Rule(L + "shared_mlp.input_linear.weight", reads(S_GATE_UP)),
         Rule(L + "shared_mlp.output_linear.weight", writes(Axis(1, "shared.{i}"))),
-        Rule(L + "input_layernorm.weight", gain()),
-        Rule(L + "post_attention_layernorm.weight", gain()),
-        Rule("model.norm.weight", gain()),
+        *norm_rules(),
         Rule("lm_head.weight", reads()),
         Rule("lm_head.bias", UNTOUCHED),
         *HEAD_RULES,
     ),
     file_rules=(
-        Rule(E + "router.layer.weight", reads(ROUTER)),
-        Rule(E + "input_linear.weight", (SLICES, E_GATE_UP, Axis(2, "residual"))),
-        Rule(E + "output_linear.weight", (SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
+        Rule(E + "router.layer.weight", reads(ROUTER_ROWS)),
+        Rule(E + "input_linear.weight", (EXPERT_SLICES, segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
+        Rule(E + "output_linear.weight", (EXPERT_SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
     ),
     dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",

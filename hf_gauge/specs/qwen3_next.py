@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from .base import UNTOUCHED, ArchSpec, Axis, Rule, Sites, Space, gain, layers_where, reads, segmented, writes
 from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, RMSNORM, SILU_GATE, gated_mlp_rules
-from .moe import E_GATE, E_UP, EXPERT_SLICES, QWEN2_MOE, ROUTER_ROWS, S_DOWN, S_GATE, S_UP
+from .moe import QWEN_DISK, expert_file_rules, expert_rules, moe_spaces, norm_rules, qwen_moe_layer, shared_rules
 
 L = "model.layers.{i}."
 A = L + "self_attn."
@@ -56,11 +56,6 @@ D = L + "linear_attn."
 def is_linear(config, i: int) -> bool:
     """Layer ``i`` mixes with a Gated DeltaNet."""
     return config.layer_types[i] == "linear_attention"
-
-
-def is_moe(config, i: int) -> bool:
-    """Layer ``i`` routes to experts (``Qwen3NextDecoderLayer``'s test)."""
-    return i not in config.mlp_only_layers and config.num_experts > 0 and (i + 1) % config.decoder_sparse_step == 0
 
 
 def _dims(config) -> dict[str, int]:
@@ -97,16 +92,8 @@ _DELTANET = (
     Rule(D + "out_proj.weight", writes(Axis(1, "lin.{i}", signed=False, block="lin_v_dim"))),
 )
 
-M = L + "mlp."
-_MOE_RULES = (
-    Rule(M + "gate.weight", reads(ROUTER_ROWS)),
-    Rule(M + "experts.gate_up_proj", (EXPERT_SLICES, segmented(1, E_GATE, E_UP), Axis(2, "residual"))),
-    Rule(M + "experts.down_proj", (EXPERT_SLICES, Axis(1, "residual"), Axis(2, "experts.{i}.{e}"))),
-    Rule(M + "shared_expert.gate_proj.weight", reads(S_GATE)),
-    Rule(M + "shared_expert.up_proj.weight", reads(S_UP)),
-    Rule(M + "shared_expert.down_proj.weight", writes(S_DOWN)),
-    Rule(M + "shared_expert_gate.weight", reads()),
-)
+_MOE_RULES = (*expert_rules("mlp"), *shared_rules(L + "mlp.shared_expert"),
+              Rule(L + "mlp.shared_expert_gate.weight", reads()))
 T = "mtp.layers.{j}."          # {j}, {x}: MTP layers and experts, which no gauge space indexes
 _MTP = (
     Rule("mtp.fc.weight", writes(segmented(1, Axis(1, "residual"), Axis(1, "residual")))),
@@ -126,38 +113,23 @@ _MTP = (
     Rule(T + "mlp.gate.weight", reads()),
     Rule(T + "mlp.shared_expert_gate.weight", reads()),
 )
-_ENDS = (
-    Rule("model.embed_tokens.weight", reads()),
-    Rule(L + "input_layernorm.weight", gain()),
-    Rule(L + "post_attention_layernorm.weight", gain()),
-    Rule("model.norm.weight", gain()),
-    Rule("lm_head.weight", reads()),
-    *HEAD_RULES,
-)
-_MOE = layers_where(is_moe)
+_ENDS = (Rule("model.embed_tokens.weight", reads()), *norm_rules(), Rule("lm_head.weight", reads()), *HEAD_RULES)
 
 QWEN3_NEXT = ArchSpec(
     name="qwen3_next",
     model_types=("qwen3_next",),
     norm="rmsnorm",
     spaces={
-        "residual": Space(lambda c: c.hidden_size, "any", "residual stream", kind="residual"),
-        "lin.{i}": Space(lambda c: c.linear_num_value_heads, "none", "Gated DeltaNet value heads of layer i",
-                         kind="linear_heads", ranges={"i": layers_where(is_linear)}),
+        **moe_spaces(lambda c: c.num_experts, lambda c: c.moe_intermediate_size, moe_layers=qwen_moe_layer,
+                     dense_size=lambda c: c.intermediate_size,
+                     shared_size=lambda c: c.shared_expert_intermediate_size),
         "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads",
                           ranges={"i": layers_where(lambda c, i: not is_linear(c, i))}),
-        "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU units of dense layer i", kind="units",
-                         ranges={"i": layers_where(lambda c, i: not is_moe(c, i))}),
-        "moe.{i}": Space(lambda c: c.num_experts, "none", "the experts of layer i, as wholes (router rows with them)",
-                         kind="experts", ranges={"i": _MOE}),
-        "experts.{i}.{e}": Space(lambda c: c.moe_intermediate_size, "any",
-                                 "hidden units of expert e of layer i (source chart)", kind="units",
-                                 ranges={"i": _MOE, "e": lambda c: c.num_experts}, carried_by={"e": "moe.{i}"}),
-        "shared.{i}": Space(lambda c: c.shared_expert_intermediate_size, "any",
-                            "hidden units of layer i's shared expert", kind="units", ranges={"i": _MOE}),
+        "lin.{i}": Space(lambda c: c.linear_num_value_heads, "none", "Gated DeltaNet value heads of layer i",
+                         kind="linear_heads", ranges={"i": layers_where(is_linear)}),
     },
     rules=_ATTENTION + _DELTANET + gated_mlp_rules(L) + _MOE_RULES + _ENDS,
-    file_rules=QWEN2_MOE.file_rules + _MTP,         # per-expert names, as Qwen2-MoE's files; the MTP module
+    file_rules=expert_file_rules("mlp", "gate", *QWEN_DISK[1:]) + _MTP,    # one tensor per expert; the MTP module
     dims=_dims,
     sites=Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens",
                 inputs={"lin.{i}": D + "out_proj", "attn.{i}": A + "o_proj", "mlp.{i}": L + "mlp.down_proj",
