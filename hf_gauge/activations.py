@@ -172,8 +172,10 @@ class Stop(Exception):
 
 
 def capture_inputs(m: torch.nn.Module, sites: dict[str, str], ids: torch.Tensor, mask: torch.Tensor | None,
-                 stop_at: str | None = None) -> dict[str, torch.Tensor]:
-    """Inputs of the named modules (``{key: module path}``) for the non-padding tokens, as ``[n_tokens, width]``."""
+                 stop_early: bool = False) -> dict[str, torch.Tensor]:
+    """Inputs of the named modules (``{key: module path}``) for the non-padding tokens, as ``[n_tokens, width]``.
+    ``stop_early``: end the forward pass once every site has fired (the order modules are registered in is not the
+    order a block calls them: granitemoehybrid registers its MLPs before its mixer)."""
     got: dict[str, torch.Tensor] = {}
     keep = None if mask is None else mask.reshape(-1).bool()
     handles = []
@@ -183,7 +185,7 @@ def capture_inputs(m: torch.nn.Module, sites: dict[str, str], ids: torch.Tensor,
             x = args[0] if args else next(iter(kwargs.values()))
             x = x.detach().reshape(-1, x.shape[-1])
             got[key] = (x if keep is None else x[keep.to(x.device)]).to("cpu")
-            if key == stop_at:
+            if stop_early and len(got) == len(sites):
                 raise Stop
         return hook
 

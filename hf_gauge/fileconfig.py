@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 from .engine import axes_for, segment_spans
 from .errors import GaugeError
 from .jsonio import read_json
+from .kinds import get_kind
 from .specs import ArchSpec, get_spec
 from .specs.base import Axis, LayerSubset, placeholders, range_values
 from .view import ConfigView, spec_for
@@ -258,8 +259,9 @@ def _check_axis(spec: ArchSpec, view: _Reads, sizes: dict[str, int], name: str, 
         src = "; ".join(f"{k} = {known[k][0]} from {known[k][1]}"
                         for k in dict.fromkeys(spec.parse_space(p.space)[0] if p.space else p.block
                                                for p in a.parts()) if k in known)
-        if any(p.kv for p in a.parts()):
-            src += f"; grouped by num_key_value_heads={view.get('num_key_value_heads')!r}"
+        fields = dict.fromkeys(f for p in a.parts() if p.kv for f in get_kind(spec.space(p.space).kind).group_fields)
+        if fields:
+            src += "; grouped by " + ", ".join(f"{f}={view.get(f)!r}" for f in fields if view.get(f) is not None)
         raise GaugeError(f"{where}: width mismatch: tensor {name!r} has shape {shape}, but the config makes its "
                          f"axis {a.axis} {want} entries ({src or 'spaces ' + ', '.join(a.spaces)}); the config does "
                          "not describe these weights: re-download the checkpoint")

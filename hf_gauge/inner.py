@@ -203,7 +203,6 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
     spec, cfg = va.spec, va.config
     sizes = va.space_sizes()
     sites = {s: site_of(va, s) for s in wanted}
-    order = {n: k for k, (n, _) in enumerate(va.module.named_modules())}   # forward order of the sites
 
     def width(space: str) -> int:
         m = va.submodule(sites[space])
@@ -235,10 +234,9 @@ def _inner_from_activations(va: ModelView, vb: ModelView, wanted: list[str], dat
     for group in passes:
         stats = {s: PairStats(sites=[sites[s]], d=width(s), blocks=blocks(s)) for s in group}
         live = {s: sites[s] for s in group}
-        last = max(group, key=lambda s: order.get(live[s], -1))
         for ids, mask in batches:
-            acts_a = capture_inputs(va.module, live, ids, mask, stop_at=last)
-            acts_b = capture_inputs(vb.module, live, ids, mask, stop_at=last)
+            acts_a = capture_inputs(va.module, live, ids, mask, stop_early=True)
+            acts_b = capture_inputs(vb.module, live, ids, mask, stop_early=True)
             for s in group:
                 if s not in acts_a or s not in acts_b:
                     raise GaugeError(f"the forward pass never called {live[s]!r}, where space {s!r} is observed (this "

@@ -8,6 +8,11 @@ two models' units are assigned from a similarity, and how activation statistics 
 - ``units``: independent hidden units (SwiGLU / GELU MLP units, an expert's units): any permutation, signs per the
   spec's sign rule.
 - ``heads``: attention query heads: permutations that move KV groups as wholes (``grouped``).
+- ``linear_heads``: the value heads of a linear-attention (Gated DeltaNet) layer: ``linear_num_value_heads /
+  linear_num_key_heads`` consecutive value heads share one query/key head, so they permute within that group and
+  groups as wholes (``GroupedHeadsKind``).
+- ``ssm_heads``: the heads of a Mamba-2 mixer: ``n_heads / n_groups`` consecutive heads share one group's B and C
+  (and one group of the gated RMSNorm), so they permute within a group and groups as wholes (``GroupedHeadsKind``).
 - ``experts``: the experts of a mixture-of-experts layer as wholes (router rows with every tensor of the expert):
   permutations only (the router's softmax is not odd). An expert's own units form a space carried by it
   (``Space.carried_by``). Matched from the router rows, which read the residual.
@@ -29,7 +34,7 @@ from .assign import UnitSlice, head_assignment, match_correlation, match_units, 
 from .errors import GaugeError
 from .group import SignedPermutation
 
-__all__ = ["Kind", "ResidualKind", "UnitsKind", "HeadsKind", "ExpertsKind", "KINDS", "register_kind", "get_kind"]
+__all__ = ["Kind", "ResidualKind", "UnitsKind", "HeadsKind", "GroupedHeadsKind", "ExpertsKind", "KINDS", "register_kind", "get_kind"]
 
 
 class Kind:
@@ -37,6 +42,7 @@ class Kind:
 
     name = "kind"
     grouped = False        # elements move groups of coordinates as wholes (``group_size`` > 1)
+    group_fields: tuple[str, ...] = ()     # the config fields the group count is read from (error messages)
 
     def __init__(self, name: str | None = None) -> None:
         if name is not None:
@@ -128,6 +134,7 @@ class HeadsKind(Kind):
 
     name = "heads"
     grouped = True
+    group_fields = ("num_key_value_heads",)
 
     def group_size(self, size: int, cfg: Any) -> int:
         n_kv = cfg.n_kv_heads
@@ -162,6 +169,28 @@ class HeadsKind(Kind):
     def match_activations(self, C: np.ndarray, signed: bool, method: str, cfg: Any) -> tuple[SignedPermutation, dict]:
         n = C.shape[0]
         return head_assignment(C, n // self.group_size(n, cfg))
+
+
+class GroupedHeadsKind(HeadsKind):
+    """Heads in groups whose count a config field gives (the first of ``fields`` the config sets): a linear-attention
+    layer's value heads sharing a query/key head, a Mamba-2 mixer's heads sharing B and C. Matched and blocked as
+    attention heads; the ``kv=True`` axes of its spaces index the groups."""
+
+    def __init__(self, name: str, fields: tuple[str, ...], members: str) -> None:
+        super().__init__(name)
+        self.fields, self.members = fields, members
+        self.group_fields = fields
+
+    def group_size(self, size: int, cfg: Any) -> int:
+        n = next((cfg.get(f) for f in self.fields if cfg.get(f) is not None), None)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1 or size % n:
+            raise GaugeError(f"{size} {self.name} do not split into the config's {' / '.join(self.fields)} = {n!r} "
+                             "groups; the config is wrong")
+        return size // n
+
+    def mixing_error(self, g: int) -> str:
+        return (f"the {self.name} permutation mixes groups: {self.members} ({g} per group) must move together to one "
+                "group. Permute heads only within a group, and groups as wholes.")
 
 
 class ExpertsKind(UnitsKind):
@@ -236,3 +265,8 @@ def get_kind(name: str) -> Kind:
 
 for _k in (ResidualKind(), UnitsKind(), HeadsKind(), ExpertsKind(), ExpertsKind("grouped_experts", groups="n_group")):
     register_kind(_k)
+
+LINEAR_HEADS = register_kind(GroupedHeadsKind("linear_heads", ("linear_num_key_heads",),
+                                              "value heads sharing a query/key head"))
+SSM_HEADS = register_kind(GroupedHeadsKind("ssm_heads", ("mamba_n_groups", "n_groups"),
+                                           "SSM heads sharing a group's B and C"))

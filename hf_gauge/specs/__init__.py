@@ -17,6 +17,7 @@ from .gpt_neo import GPT_NEO
 from .gpt_neox import GPT_NEOX
 from .gptj import GPTJ
 from .granite import GRANITE
+from .granitemoehybrid import GRANITEMOEHYBRID
 from .llama import EXAONE, LLAMA
 from .ernie_moe import ERNIE4_5_MOE
 from .llama4 import LLAMA4_TEXT
@@ -26,6 +27,7 @@ from .opt import OPT
 from .phi import PHI
 from .phi3 import PHI3
 from .phimoe import PHIMOE
+from .qwen3_next import QWEN3_NEXT
 from .smollm3 import SMOLLM3
 from .stablelm import STABLELM
 from .starcoder2 import STARCODER2
@@ -36,7 +38,7 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
                                                                         GPT2, GPT_NEO, GPTJ, OPT,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM,
-                                                                        GPT_OSS, LLAMA4_TEXT)
+                                                                        GPT_OSS, LLAMA4_TEXT, QWEN3_NEXT, GRANITEMOEHYBRID)
                             for mt in spec.model_types}
 
 
