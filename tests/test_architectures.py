@@ -253,13 +253,18 @@ def test_refused_signs_would_break_the_function(model_type, space, ids):
     bad = copy.deepcopy(model)
     _apply_by_hand(bad, signed_everywhere, g)
     cfg = ConfigView(model.config)
-    if space.startswith("attn.") and cfg.n_kv_heads == cfg.n_heads:
+    if space.startswith("attn.") and cfg.n_kv_heads == cfg.n_heads and model_type not in SHARED_ROPE_KEY:
         # Without KV sharing (GPT-NeoX, GPT-2 and kin), negating a head's q, k and v and its output columns together
         # is an exact symmetry. It lies in the in-head gauges (V/O: any invertible map; Q/K: -I commutes with
         # RoPE), which the head space does not model, so the space stays permute-only.
         assert close(logits(bad, ids), ref)
     else:
         assert not close(logits(bad, ids), ref, 1e-3)
+
+
+# Multi-head latent attention (DeepSeek): one RoPE key (the last rows of kv_a_proj_with_mqa) is shared by every
+# head and never moves, so negating a head's q rows flips its q_rot . k_rot term: no in-head sign survives.
+SHARED_ROPE_KEY = {"deepseek_v2", "deepseek_v3"}
 
 
 def _has_kv_groups(mt: str) -> bool:
@@ -495,7 +500,7 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
     assert_bit_equal(loaded, live)
     out = {k: v for s in sorted((tmp_path / "out").glob("*.safetensors")) for k, v in load_file(str(s)).items()}
     src = {k: v for s in shards for k, v in load_file(str(s)).items()}
-    moved = [k for k in src if ".experts.0." in k and "layers.0." in k]
+    moved = [k for k in src if ".experts.0." in k]
     assert moved and all(not torch.equal(src[k], out[k]) for k in moved)
 
 
