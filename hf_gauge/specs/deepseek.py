@@ -106,6 +106,22 @@ FILE_RULES = (
 )
 
 
+# DeepSeek-V3's released files hold num_nextn_predict_layers multi-token-prediction layers after the model's, at
+# model.layers.{N} (N = num_hidden_layers; DeepSeek-V3's README_WEIGHTS.md): a full decoder layer (the rules above,
+# its inner spaces left alone: they are no spaces of the model) plus h' = eh_proj([enorm(embed(t)) | hnorm(h)]),
+# whose output feeds the layer, and logits = shared_head.head(shared_head.norm(.)). Both halves of eh_proj's input
+# are residual-chart vectors (the order of the concatenation does not matter), so its columns are [residual |
+# residual] and its rows write the residual; the norms are gains, the two tables read the residual.
+MTP_FILE_RULES = (
+    Rule(L + "embed_tokens.weight", reads()),
+    Rule(L + "enorm.weight", gain()),
+    Rule(L + "hnorm.weight", gain()),
+    Rule(L + "eh_proj.weight", (Axis(0, "residual"), segmented(1, Axis(1, "residual"), Axis(1, "residual")))),
+    Rule(L + "shared_head.norm.weight", gain()),
+    Rule(L + "shared_head.head.weight", reads()),
+)
+
+
 def _dims(c) -> dict[str, int]:
     """Block sizes of one head in each tensor: q ``[nope | rope]``, kv ``[k_nope | v]``, o ``v``; the RoPE key."""
     return {"q_head": c.qk_nope_head_dim + c.qk_rope_head_dim, "kv_head": c.qk_nope_head_dim + c.v_head_dim,
@@ -155,12 +171,14 @@ _ROUTING = {
 }
 
 
-def _spec(name: str) -> ArchSpec:
+def _spec(name: str, mtp: bool) -> ArchSpec:
     return ArchSpec(
-        name=name, model_types=(name,), norm="rmsnorm", spaces=_spaces(), rules=_rules(), file_rules=FILE_RULES,
-        dims=_dims, sites=_sites(), requires=(SILU_GATE, RMSNORM, _ROUTING[name]),
+        name=name, model_types=(name,), norm="rmsnorm", spaces=_spaces(), rules=_rules(),
+        file_rules=FILE_RULES + (MTP_FILE_RULES if mtp else ()), dims=_dims, sites=_sites(),
+        requires=(SILU_GATE, RMSNORM, _ROUTING[name]),
+        file_only_layers=(lambda c: c.num_nextn_predict_layers) if mtp else None,
     )
 
 
-DEEPSEEK_V2 = _spec("deepseek_v2")
-DEEPSEEK_V3 = _spec("deepseek_v3")
+DEEPSEEK_V2 = _spec("deepseek_v2", False)
+DEEPSEEK_V3 = _spec("deepseek_v3", True)
