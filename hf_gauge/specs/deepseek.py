@@ -19,8 +19,7 @@ Attention (``DeepseekV3Attention.forward``), per layer i:
   (its ``[q_nope | q_rot]``), rows ``[h*(nope+v), ...)`` of ``kv_b_proj`` (its ``[k_nope | v]``) and columns
   ``[h*v, ...)`` of ``o_proj``: three block sizes (``dims``: ``q_head``, ``kv_head``, ``v_head``). The shared RoPE
   key is the same for every head, so heads permute as wholes (kind ``heads``; ``num_key_value_heads`` equals
-  ``num_attention_heads`` in every MLA config that runs, so no grouping is imposed). No sign: a head's softmax is
-  not odd in its logits.
+  ``num_attention_heads`` in every MLA config that runs, so no grouping is imposed). No sign (below).
 
 MLP: layers ``i < first_k_dense_replace`` are dense SwiGLU MLPs (``mlp.{i}``: signs on the up/down pair, the gate
 rows permuted); the others (``layers_where``) route to ``n_routed_experts`` experts (``moe.{i}``: permutations of
@@ -30,7 +29,9 @@ routed experts are stored one tensor per expert (``mlp.experts.{e}.gate_proj.wei
 on load).
 
 Not symmetries (and why):
-- a sign of a whole head, or a permutation / sign inside the RoPE slices: RoPE mixes each pair of rotary dims;
+- a sign of a whole head (its q, k_nope and v rows and o_proj columns negated, exact where every head has its own
+  key): the RoPE key ``k_rot`` is shared by every head and never moves, so the head's ``q_rot . k_rot`` term flips;
+- a permutation or sign inside the RoPE slices: RoPE rotates each pair of rotary dims;
 - an expert's sign: the router's sigmoid (V3) or softmax (V2) is not odd;
 - the in-head maps of ``q_nope``/``k_nope`` (a signed permutation of a head's nope dims on both ``q_b_proj`` and
   ``kv_b_proj``) and of ``v``/``o_proj`` are exact, as in every attention, but no spec models in-head gauges.
