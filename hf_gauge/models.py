@@ -105,8 +105,7 @@ def quantization(model: torch.nn.Module) -> str | None:
 
 @torch.no_grad()
 def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
-    """Move every parameter of ``model`` (and every buffer a rule names: ``ModelView.moved_buffers``) into the
-    gauge's target chart, in place; returns ``model``.
+    """Move every parameter of ``model`` into the gauge's target chart, in place; returns ``model``.
 
     Parameters keep their storage (views, tied weights and optimizer references stay valid). Exact (index
     operations only), works through PEFT wrappers (LoRA factors move with their modules) and on
@@ -127,7 +126,7 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
         raise GaugeError(f"the gauge was fitted for model_type={gauge.source['model_type']!r} but this model is "
                          f"{cfg.model_type!r}")
     check_gauge(spec, cfg, gauge)
-    params = {**dict(v.named_parameters()), **v.moved_buffers()}
+    params = dict(v.named_parameters())
     for n, p in params.items():
         if p.device.type == "meta":
             raise GaugeError(f"parameter {n!r} is on the meta device (offloaded); load the model fully before applying a "

@@ -263,12 +263,6 @@ class ModelView:
                 out[name] = p.detach()
         return out
 
-    def moved_buffers(self) -> dict[str, torch.Tensor]:
-        """Buffers that a rule moves: state a model keeps outside its parameters (DeepSeek-V3's router
-        ``e_score_correction_bias``, saved with the weights). Buffers no rule names (RoPE tables, masks) are derived
-        from the config and stay."""
-        return {n: b for n, b in self.module.named_buffers() if self.spec.match(resolve_name(n)[0])}
-
     @property
     def final_norm_weight(self) -> torch.Tensor:
         return self.submodule(self.spec.sites.final_norm).weight

@@ -429,13 +429,15 @@ def test_unsupported_model_methods_raise_gauge_error():
 
 # --------------------------------------------------------------------------------------------- mixtures of experts
 MOE_TYPES = [mt for mt in MODEL_TYPES if get_spec(mt).spaces_of_kind("experts", "grouped_experts")]
+FIRST_LAYER_MOE = next(mt for mt in MOE_TYPES if "moe.0" in get_spec(mt).space_sizes(ConfigView(tiny_config(mt))))
 
 
 def _derangement(model, name: str, n: int, seed: int) -> SignedPermutation:
-    """Every expert moves: a roll by ``1 + seed % (n - 1)``, or by whole routing groups (group-limited routing)."""
+    """Every expert moves: a roll by ``1 + seed % (n - 1)``, or by whole routing groups (group-limited routing with
+    more than one group)."""
     kind = get_kind(get_spec(model).space(name).kind)
     g = kind.group_size(n, ConfigView(model.config))
-    return SignedPermutation(torch.roll(torch.arange(n), g if g > 1 else 1 + seed % (n - 1)))
+    return SignedPermutation(torch.roll(torch.arange(n), g if 1 < g < n else 1 + seed % (n - 1)))
 
 
 def _moe_gauge(model, seed: int) -> Gauge:
@@ -505,7 +507,7 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
 
 
 def test_expert_signs_are_refused():
-    model = build(MOE_TYPES[0])
+    model = build(FIRST_LAYER_MOE)
     with pytest.raises(GaugeError, match="permutes whole experts"):
         apply_gauge(model, Gauge(spaces={"moe.0": SignedPermutation([1, 0, 2, 3], [1, -1, 1, 1])}))
 
@@ -545,7 +547,7 @@ def test_streaming_apply_of_every_head_class_checkpoint(model_type, tmp_path):
 def test_index_sets_of_an_expert_move_with_the_expert():
     """Neurons of A's expert a (``experts.i.a``) are, in B, neurons of the expert slot that A's expert moved to; an
     attribution over them keeps its scores on the same units."""
-    model = build(MOE_TYPES[0])
+    model = build(FIRST_LAYER_MOE)
     g = _moe_gauge(model, 1)
     sigma = g["moe.0"]
     a = 2

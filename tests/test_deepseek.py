@@ -76,7 +76,7 @@ def test_score_correction_bias_moves_with_its_expert(ids, tmp_path):
     the experts it must move with them, in the live model and in files alike; left in place, the logits change."""
     a = _biased(build("deepseek_v3"))
     ref = logits(a, ids)
-    g = Gauge(spaces={"moe.1": SignedPermutation(torch.roll(torch.arange(4), 1))})
+    g = Gauge(spaces={"moe.1": SignedPermutation([2, 3, 1, 0])})     # routing groups {0, 1}, {2, 3} as wholes
     moved = apply_gauge(copy.deepcopy(a), g)
     assert close(logits(moved, ids), ref)
     bias = "model.layers.1.mlp.gate.e_score_correction_bias"
@@ -194,3 +194,38 @@ def test_more_layers_on_disk_than_the_config_allows_are_refused(tmp_path):
     with pytest.raises(GaugeError, match="re-download"):
         hf_gauge.apply_gauge_to_checkpoint(tmp_path / "v2", random_gauge(b, seed=1), tmp_path / "v2out",
                                            progress=False)
+
+
+# --------------------------------------------------------------------------------------------- group-limited routing
+GROUPED = {"deepseek_v3": {"n_group": 2, "topk_group": 1},
+           "deepseek_v2": {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1}}
+
+
+@pytest.mark.parametrize("model_type", sorted(GROUPED))
+def test_group_limited_routing_moves_experts_within_groups_and_groups_as_wholes(model_type, ids):
+    """The router first keeps ``topk_group`` of ``n_group`` consecutive expert groups: a permutation of experts is
+    exact when it permutes within groups and moves groups as wholes (drawn, applied, recovered so); one that mixes
+    groups is refused, and applied by hand changes the logits."""
+    model = _biased(build(model_type, **GROUPED[model_type]))
+    ref = logits(model, ids)
+    g = random_gauge(model, seed=3, spaces=FULL)
+    moe = g["moe.1"].perm
+    assert set(moe[:2].tolist()) in ({0, 1}, {2, 3})                 # groups of 2 experts move as wholes
+    b = apply_gauge(copy.deepcopy(model), g)
+    assert close(logits(b, ids), ref)
+    _same_gauge(hf_gauge.find_full_gauge(model, b), g)
+    swap = Gauge(spaces={"moe.1": SignedPermutation([0, 2, 1, 3])})        # experts 1 and 2 change groups
+    with pytest.raises(GaugeError, match="routing groups"):
+        apply_gauge(copy.deepcopy(model), swap)
+    bad = copy.deepcopy(model)
+    tensors = {**dict(bad.named_parameters()), **dict(bad.named_buffers())}
+    spec = get_spec(model)
+    plan = moves_for(spec, bad.config, swap, [n for n in tensors if spec.match(n) is not None])
+    move_tensors_((tensors[n].data, m) for n, m in plan.items())
+    assert not close(logits(bad, ids), ref, 1e-3)
+
+
+def test_a_router_transformers_does_not_implement_is_refused():
+    model = build("deepseek_v2", topk_method="noaux_tc")
+    with pytest.raises(GaugeError, match="topk_method='noaux_tc'.*'greedy' or 'group_limited_greedy'"):
+        random_gauge(model)

@@ -23,8 +23,12 @@ Attention (``DeepseekV3Attention.forward``), per layer i:
 
 MLP: layers ``i < first_k_dense_replace`` are dense SwiGLU MLPs (``mlp.{i}``: signs on the up/down pair, the gate
 rows permuted); the others (``layers_where``) route to ``n_routed_experts`` experts (``moe.{i}``: permutations of
-whole experts, router rows and V3's ``e_score_correction_bias`` with them; ``experts.{i}.{e}``: an expert's units,
-carried by ``moe.{i}``) plus ``n_shared_experts`` always-on experts fused in one SwiGLU (``shared.{i}``). On disk the
+whole experts, router rows and V3's ``e_score_correction_bias`` (a persistent buffer) with them; kind
+``grouped_experts``: group-limited routing keeps the ``topk_group`` best of ``n_group`` consecutive groups of experts
+(V3 always, by the sum of each group's two best scores; V2 under ``topk_method="group_limited_greedy"``, by the
+best), which a permutation preserves only if it permutes within groups and moves groups as wholes. V2's greedy
+routing would admit every permutation, but a V2 config that names ``n_group > 1`` with it still gets the grouped
+ones: exact, not all of them; ``experts.{i}.{e}``: an expert's units, carried by ``moe.{i}``) plus ``n_shared_experts`` always-on experts fused in one SwiGLU (``shared.{i}``). On disk the
 routed experts are stored one tensor per expert (``mlp.experts.{e}.gate_proj.weight``, ...; transformers fuses them
 on load).
 
@@ -35,9 +39,9 @@ Not symmetries (and why):
 - an expert's sign: the router's sigmoid (V3) or softmax (V2) is not odd;
 - the in-head maps of ``q_nope``/``k_nope`` (a signed permutation of a head's nope dims on both ``q_b_proj`` and
   ``kv_b_proj``) and of ``v``/``o_proj`` are exact, as in every attention, but no spec models in-head gauges.
-Declared fields: ``hidden_act`` (SiLU gates), ``rms_norm_eps``; V2's ``topk_method`` and V3's ``n_group`` (see
-``_routing``). Biases (``attention_bias``, V2's ``mlp_bias``), RoPE settings, ``rope_interleave``,
-``routed_scaling_factor`` and ``norm_topk_prob`` need no declaration: every value is covered by the rules or acts
+Declared fields: ``hidden_act`` (SiLU gates), ``rms_norm_eps``, V2's ``topk_method``; ``n_group`` is read by the
+kind (absent or None: one group; not dividing the experts: refused). Biases (``attention_bias``, V2's ``mlp_bias``), RoPE settings, ``rope_interleave``,
+``routed_scaling_factor``, ``topk_group`` and ``norm_topk_prob`` need no declaration: every value is covered by the rules or acts
 inside a head or on the (permutation-equivariant) routing weights.
 """
 from __future__ import annotations
@@ -146,7 +150,8 @@ def _spaces() -> dict[str, Space]:
         "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU units of dense layer i", kind="units",
                          ranges={"i": DENSE}),
         "moe.{i}": Space(experts, "none", "the routed experts of layer i, as wholes (router rows and score "
-                         "correction bias with them)", kind="experts", ranges={"i": SPARSE}),
+                         "correction bias with them), within routing groups and groups as wholes", kind="grouped_experts",
+                         ranges={"i": SPARSE}),
         "experts.{i}.{e}": Space(lambda c: c.moe_intermediate_size, "any", "hidden units of routed expert e of "
                                  "layer i (source chart)", kind="units", ranges={"i": SPARSE, "e": experts},
                                  carried_by={"e": "moe.{i}"}),
@@ -164,19 +169,18 @@ def _sites() -> Sites:
     return Sites(layers="model.layers", final_norm="model.norm", embed="model.embed_tokens", inputs=inputs)
 
 
-_ROUTING = {
-    "deepseek_v2": Requires("topk_method", ("greedy",),
-                            "greedy top-k over a softmax is equivariant under any permutation of the experts"),
-    "deepseek_v3": Requires("n_group", (1,), "top-k within one expert group is equivariant under any permutation "
-                            "of the experts"),
-}
+# DeepSeek-V2's router: softmax, then greedy top-k or (group_limited_greedy) top-k within the topk_group best of
+# n_group groups; any other topk_method computes no routing in transformers' DeepseekV2TopkRouter.
+V2_ROUTING = Requires("topk_method", ("greedy", "group_limited_greedy"),
+                      "greedy top-k is equivariant under every permutation of the experts, and group-limited top-k "
+                      "under those that permute experts within their n_group groups and groups as wholes")
 
 
 def _spec(name: str, mtp: bool) -> ArchSpec:
     return ArchSpec(
         name=name, model_types=(name,), norm="rmsnorm", spaces=_spaces(), rules=_rules(),
         file_rules=FILE_RULES + (MTP_FILE_RULES if mtp else ()), dims=_dims, sites=_sites(),
-        requires=(SILU_GATE, RMSNORM, _ROUTING[name]),
+        requires=(SILU_GATE, RMSNORM) + ((V2_ROUTING,) if name == "deepseek_v2" else ()),
         file_only_layers=(lambda c: c.num_nextn_predict_layers) if mtp else None,
     )
 
