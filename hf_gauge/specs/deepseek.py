@@ -28,9 +28,12 @@ whole experts, router rows and V3's ``e_score_correction_bias`` (a persistent bu
 (V3 always, by the sum of each group's two best scores; V2 under ``topk_method="group_limited_greedy"``, by the
 best), which a permutation preserves only if it permutes within groups and moves groups as wholes. V2's greedy
 routing would admit every permutation, but a V2 config that names ``n_group > 1`` with it still gets the grouped
-ones: exact, not all of them; ``experts.{i}.{e}``: an expert's units, carried by ``moe.{i}``) plus ``n_shared_experts`` always-on experts fused in one SwiGLU (``shared.{i}``). On disk the
-routed experts are stored one tensor per expert (``mlp.experts.{e}.gate_proj.weight``, ...; transformers fuses them
-on load).
+ones: exact, not all of them; ``experts.{i}.{e}``: an expert's units, carried by ``moe.{i}``) plus
+``n_shared_experts`` always-on experts fused in one SwiGLU (``shared.{i}``). On disk the routed experts are stored one
+tensor per expert (``mlp.experts.{e}.gate_proj.weight``, ...; transformers fuses them on load).
+
+Files: DeepSeek-V3's released checkpoints also hold ``num_nextn_predict_layers`` multi-token-prediction layers after
+the model's (``ArchSpec.file_only_layers``, ``MTP_FILE_RULES``): they move with the residual.
 
 Not symmetries (and why):
 - a sign of a whole head (its q, k_nope and v rows and o_proj columns negated, exact where every head has its own
@@ -40,9 +43,10 @@ Not symmetries (and why):
 - the in-head maps of ``q_nope``/``k_nope`` (a signed permutation of a head's nope dims on both ``q_b_proj`` and
   ``kv_b_proj``) and of ``v``/``o_proj`` are exact, as in every attention, but no spec models in-head gauges.
 Declared fields: ``hidden_act`` (SiLU gates), ``rms_norm_eps``, V2's ``topk_method``; ``n_group`` is read by the
-kind (absent or None: one group; not dividing the experts: refused). Biases (``attention_bias``, V2's ``mlp_bias``), RoPE settings, ``rope_interleave``,
-``routed_scaling_factor``, ``topk_group`` and ``norm_topk_prob`` need no declaration: every value is covered by the rules or acts
-inside a head or on the (permutation-equivariant) routing weights.
+kind (absent or None: one group; not dividing the experts: refused). Biases (``attention_bias``, V2's ``mlp_bias``),
+RoPE settings, ``rope_interleave``, ``routed_scaling_factor``, ``topk_group`` and ``norm_topk_prob`` need no
+declaration: every value is covered by the rules or acts inside a head or on the (permutation-equivariant) routing
+weights.
 """
 from __future__ import annotations
 
@@ -150,8 +154,8 @@ def _spaces() -> dict[str, Space]:
         "mlp.{i}": Space(lambda c: c.intermediate_size, "any", "SwiGLU units of dense layer i", kind="units",
                          ranges={"i": DENSE}),
         "moe.{i}": Space(experts, "none", "the routed experts of layer i, as wholes (router rows and score "
-                         "correction bias with them), within routing groups and groups as wholes", kind="grouped_experts",
-                         ranges={"i": SPARSE}),
+                         "correction bias with them), within routing groups and groups as wholes",
+                         kind="grouped_experts", ranges={"i": SPARSE}),
         "experts.{i}.{e}": Space(lambda c: c.moe_intermediate_size, "any", "hidden units of routed expert e of "
                                  "layer i (source chart)", kind="units", ranges={"i": SPARSE, "e": experts},
                                  carried_by={"e": "moe.{i}"}),
