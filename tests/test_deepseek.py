@@ -188,6 +188,12 @@ def test_more_layers_on_disk_than_the_config_allows_are_refused(tmp_path):
     g = random_gauge(a, seed=1)
     with pytest.raises(GaugeError, match=r"stores layers \[2, 3\] after the model's 2.*at most 1"):
         hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", g, tmp_path / "b", progress=False)
+    a.save_pretrained(tmp_path / "w")                          # an MTP tensor of the wrong width
+    t = _with_mtp_layers(tmp_path / "w")
+    t["model.layers.2.eh_proj.weight"] = t["model.layers.2.eh_proj.weight"][:, :40].contiguous()
+    save_file(t, str(tmp_path / "w" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(GaugeError, match="width mismatch.*model.layers.2.eh_proj.weight"):
+        hf_gauge.apply_gauge_to_checkpoint(tmp_path / "w", g, tmp_path / "wout", progress=False)
     b = build("deepseek_v2")                                    # V2 files hold no MTP layer
     b.save_pretrained(tmp_path / "v2")
     _with_mtp_layers(tmp_path / "v2")
