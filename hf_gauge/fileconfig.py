@@ -153,7 +153,10 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
     for tmpl, sp in spec.spaces.items():
         if _absent(view, sp, tmpl, where, deferred):
             continue
-        for ph, count in sp.ranges.items():
+        no_layer = False        # a layers_where range that is empty here: the space's other placeholders have no tensors
+        for ph, count in sorted(sp.ranges.items(), key=lambda kv: not isinstance(kv[1], LayerSubset)):
+            if no_layer:        # (DeepSeek with every layer dense: no expert tensor carries {e})
+                continue
             what = f"the range of {{{ph}}} in space {tmpl!r}"
             full = count.full if isinstance(count, LayerSubset) else count
             got = _call(view, full, what, where, deferred)
@@ -180,6 +183,7 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
                                  "describe these weights: re-download the checkpoint")
             if isinstance(count, LayerSubset):
                 _check_subset(view, count, by_space.get((tmpl, ph), set()), tmpl, ph, what, where, deferred)
+                no_layer = not _call(view, lambda c, f=count: range_values(f, c), what, where, deferred)
 
 
 def _absent(view: _Reads, sp: Any, tmpl: str, where: str, deferred: bool) -> bool:

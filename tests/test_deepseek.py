@@ -235,3 +235,20 @@ def test_a_router_transformers_does_not_implement_is_refused():
     model = build("deepseek_v2", topk_method="noaux_tc")
     with pytest.raises(GaugeError, match="topk_method='noaux_tc'.*'greedy' or 'group_limited_greedy'"):
         random_gauge(model)
+
+
+@pytest.mark.parametrize("dense", [0, 2], ids=["every_layer_routes", "every_layer_dense"])
+def test_dense_first_layers_at_the_extremes_from_files(dense, tmp_path):
+    """``first_k_dense_replace`` = 0 (no dense layer) or = num_hidden_layers (no MoE layer: no tensor carries the
+    experts' ``{e}``, which the file checks then do not ask for) through find, verify and streaming apply."""
+    a = build("deepseek_v3", first_k_dense_replace=dense)
+    spaces = hf_gauge.gauge_spaces(a)
+    assert ("mlp.1" in spaces) == (dense == 2) and ("moe.0" in spaces) == (dense == 0)
+    g = random_gauge(a, seed=2, spaces=FULL)
+    b = apply_gauge(copy.deepcopy(a), g)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    _same_gauge(hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all"), g)
+    assert verify_files(tmp_path / "a", tmp_path / "b", g)["ok"]
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", g, tmp_path / "out", progress=False)
+    assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
