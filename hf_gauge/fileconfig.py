@@ -147,12 +147,17 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
                   deferred: bool) -> None:
     """Every placeholder range equals what the tensors on disk hold (names ``0..n-1``, stacked axes of ``n``); a
     range over some layers only (``layers_where``) first has its full range checked so, then its layers must be
-    exactly those whose tensors lie in the space."""
+    exactly those whose tensors lie in the space. Layers stored after the model's (``ArchSpec.file_only_layers``)
+    are checked on their own (``_file_only_layers``) and left out here."""
+    tensors = _file_only_layers(spec, view, tensors, where, deferred)
     named, stacked, by_space = _on_disk(spec, tensors)
     for tmpl, sp in spec.spaces.items():
         if _absent(view, sp, tmpl, where, deferred):
             continue
-        for ph, count in sp.ranges.items():
+        no_layer = False        # a layers_where range that is empty here: the space's other placeholders have no tensors
+        for ph, count in sorted(sp.ranges.items(), key=lambda kv: not isinstance(kv[1], LayerSubset)):
+            if no_layer:        # (DeepSeek with every layer dense: no expert tensor carries {e})
+                continue
             what = f"the range of {{{ph}}} in space {tmpl!r}"
             full = count.full if isinstance(count, LayerSubset) else count
             got = _call(view, full, what, where, deferred)
@@ -179,6 +184,7 @@ def _check_ranges(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[st
                                  "describe these weights: re-download the checkpoint")
             if isinstance(count, LayerSubset):
                 _check_subset(view, count, by_space.get((tmpl, ph), set()), tmpl, ph, what, where, deferred)
+                no_layer = not _call(view, lambda c, f=count: range_values(f, c), what, where, deferred)
 
 
 def _absent(view: _Reads, sp: Any, tmpl: str, where: str, deferred: bool) -> bool:
@@ -188,6 +194,37 @@ def _absent(view: _Reads, sp: Any, tmpl: str, where: str, deferred: bool) -> boo
         return False
     got = _call(view, sp.when, f"whether space {tmpl!r} exists", where, deferred)
     return got is _DEFERRED or not got
+
+
+def _file_only_layers(spec: ArchSpec, view: _Reads, tensors: Mapping[str, Mapping[str, Any]], where: str,
+                      deferred: bool) -> Mapping[str, Mapping[str, Any]]:
+    """``tensors`` without those of the layers a spec allows after the model's (``ArchSpec.file_only_layers``:
+    DeepSeek-V3's multi-token-prediction layers, ``{i}`` = ``num_hidden_layers + k``). Such layers must be
+    ``num_hidden_layers .. num_hidden_layers + m - 1`` with ``m`` at most what the config allows."""
+    if spec.file_only_layers is None:
+        return tensors
+    n = _call(view, lambda c: c.num_hidden_layers, "the number of layers", where, deferred)
+    extra = _call(view, spec.file_only_layers, "the number of layers stored after the model's", where, deferred)
+    if n is _DEFERRED or extra is _DEFERRED:
+        return tensors
+    n = _checked(n, view, "num_hidden_layers", where)
+    if extra is None or isinstance(extra, bool) or not isinstance(extra, int) or not 0 <= extra <= MAX_SIZE:
+        raise GaugeError(f"{where}: the number of layers stored after the model's is {extra!r} (from "
+                         f"{view.fields()}); it must be an integer >= 0: the config is corrupt or hostile")
+    kept, extra_layers = {}, set()
+    for name, info in tensors.items():
+        old, new = spec.file_alias(name)
+        hit = spec.rule_for(new + name[len(old):], files=True)
+        i = hit[1].get("i") if hit is not None else None
+        if i is not None and len(i) <= 10 and int(i) >= n:
+            extra_layers.add(int(i))
+        else:
+            kept[name] = info
+    if extra_layers and (max(extra_layers) >= n + extra or len(extra_layers) != max(extra_layers) - n + 1):
+        raise GaugeError(f"{where}: the checkpoint stores layers {sorted(extra_layers)[:8]} after the model's {n} "
+                         f"({view.fields()} allows at most {extra} more, numbered from {n}); the config does not "
+                         "describe these weights: re-download the checkpoint")
+    return kept
 
 
 def _check_subset(view: _Reads, count: Callable[[Any], Any], have: set[int], tmpl: str, ph: str, what: str,

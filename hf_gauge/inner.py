@@ -86,8 +86,9 @@ def unit_slices(model: Any, space: str, residual: SignedPermutation | None = Non
     A tensor ``W`` with an axis in ``space`` gives ``[n_units, rest]`` (block axes such as a head's ``head_dim`` rows
     are folded into the unit; each part of a fused axis in ``space`` gives its own slice). Its residual axes are
     re-indexed by ``residual.perm`` (and signed where the spec says the axis is signed), exactly as ``apply_gauge``
-    would move them. Tensors with an axis in another inner space are refused (the spec would make their slices
-    chart-dependent).
+    would move them. Tensors with an axis in another inner space are left out (their slices would depend on that
+    space's chart: DeepSeek's ``q_b_proj`` lies in the q latent and the heads); a space whose every tensor is such is
+    refused.
     """
     v = ModelView.of(model)
     return slices_from(v.spec, v.config, space, params if params is not None else v.params(), residual)
@@ -101,10 +102,15 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
     dims = spec.dims(config)
     rule = spec.space(space).signs
     out: list[UnitSlice] = []
+    mixed: list[tuple[str, str]] = []
     for name, full in params.items():
         for t, axes in tensor_axes(spec, name, full, files):
             unit = [(a, part) for a in axes for part in a.parts() if part.space == space]
             if not unit:
+                continue
+            other = next((sp for b in axes for sp in b.spaces if sp not in ("residual", space)), None)
+            if other is not None:
+                mixed.append((name, other))
                 continue
             x = t
             for b in axes:
@@ -117,10 +123,6 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
                         shape = [1] * x.dim()
                         shape[b.axis] = -1
                         x = x * residual.sign.to(device=x.device, dtype=x.dtype).view(shape)
-                elif any(sp not in ("residual", space) for sp in b.spaces):
-                    other = next(sp for sp in b.spaces if sp not in ("residual", space))
-                    raise GaugeError(f"{name} carries axes in two inner spaces ({other!r} and {space!r}); "
-                                     "unit slices would depend on the other space's chart")
             for a, part in unit:
                 y = x
                 if a.segments:
@@ -129,6 +131,10 @@ def slices_from(spec: ArchSpec, config: Any, space: str, params: Mapping[str, to
                 n = y.shape[0] // (dims[part.block] if part.block else 1)
                 out.append(UnitSlice(name, y.reshape(n, -1).contiguous(), signed=part.signed and rule == "any",
                                      kv=part.kv))
+    if not out and mixed:
+        name, other = mixed[0]
+        raise GaugeError(f"{name} carries axes in two inner spaces ({other!r} and {space!r}) and no other tensor "
+                         f"describes {space!r}; unit slices would depend on the other space's chart")
     if not out:
         raise GaugeError(f"no tensor of this {config.model_type} model carries an axis in space {space!r}")
     return out

@@ -8,6 +8,7 @@ from .base import ArchSpec, Axis, Requires, Rule, Sites, Space, fill, template_r
 from .arcee import ARCEE
 from .bloom import BLOOM
 from .cohere import COHERE
+from .deepseek import DEEPSEEK_V2, DEEPSEEK_V3
 from .falcon import FALCON
 from .glm4 import GLM4, GLM4_MOE
 from .gemma import GEMMA, GEMMA2, GEMMA3, GEMMA3_TEXT, VAULTGEMMA
@@ -36,7 +37,7 @@ SPECS: dict[str, ArchSpec] = {mt: spec for spec in (LLAMA, GPT_NEOX, GEMMA, GEMM
                                                                         OLMO2, PHI3, MIXTRAL, QWEN2_MOE, QWEN3_MOE,
                                                                         OLMOE, ERNIE4_5_MOE, PHIMOE, GLM4, GLM4_MOE,
                                                                         EXAONE, VAULTGEMMA, ARCEE, COHERE,
-                                                                        GPT2, GPT_NEO, GPTJ, OPT,
+                                                                        GPT2, GPT_NEO, GPTJ, OPT, DEEPSEEK_V2, DEEPSEEK_V3,
                                                                         BLOOM, FALCON, PHI, STARCODER2, STABLELM,
                                                                         GPT_OSS, LLAMA4_TEXT, QWEN3_NEXT, GRANITEMOEHYBRID)
                             for mt in spec.model_types}

@@ -237,6 +237,11 @@ class ArchSpec:
     # a config whose layout differs (OPT's projected embeddings, post-LayerNorm blocks) gets the spec this returns
     # (``hf_gauge.view.spec_for`` resolves it on every path that has a config); None: one layout for every config
     variant: Callable[[object], "ArchSpec"] | None = None
+    # layers that checkpoint files may store after the model's num_hidden_layers ones and transformers never loads
+    # (DeepSeek-V3's multi-token-prediction layers at index num_hidden_layers + k): config -> how many at most. Their
+    # tensors match the layer rules with {i} = that index (and file_rules for their own modules); their per-layer
+    # spaces are not spaces of the model, so no gauge names them and they move with the residual only
+    file_only_layers: Callable[[object], int] | None = None
     # caches, fresh in every instance (also after ``dataclasses.replace``)
     _compiled: dict = field(default_factory=dict, init=False, compare=False, repr=False)
     _axes_memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)   # engine.axes_for
