@@ -248,9 +248,64 @@ def file_sha256(path: Path) -> str:
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "peft", "safetensors", "accelerate", "hf_gauge")
 
 
+def local_imports(path: Path) -> list[Path]:
+    """The benchmark modules ``path`` imports, transitively (``import x`` / ``from x import ...`` of a ``benchmarks/x.py``,
+    at any depth of the file, including imports inside functions), ``path`` itself first, then sorted by name."""
+    import ast
+    seen: dict[str, Path] = {}
+    todo = [Path(path).resolve()]
+    while todo:
+        p = todo.pop()
+        if p.name in seen:
+            continue
+        seen[p.name] = p
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"), filename=str(p))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                dep = HERE / f"{name.split('.')[0]}.py"
+                if dep.is_file() and dep.name not in seen:
+                    todo.append(dep)
+    first = Path(path).resolve().name
+    return [seen[first]] + [seen[k] for k in sorted(seen) if k != first]
+
+
+def tree_sha256(root: Path) -> str:
+    """SHA-256 over the sorted (relative path, file SHA-256) pairs of every file under ``root`` (``__pycache__`` and
+    ``*.pyc`` left out): changes when any file of the package is added, removed, renamed or edited."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(root).rglob("*") if q.is_file() and "__pycache__" not in q.parts
+                    and q.suffix != ".pyc"):
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def code_hashes(claim: str) -> dict[str, str]:
+    """What a row's numbers depend on in this repository: SHA-256 of the claim script and of every benchmark module it
+    imports (``benchmarks/<name>.py``), and of the whole ``hf_gauge`` package tree (key ``hf_gauge/``)."""
+    out = {p.relative_to(REPO).as_posix(): file_sha256(p) for p in local_imports(script_path(claim))}
+    out["hf_gauge/"] = tree_sha256(REPO / "hf_gauge")
+    return out
+
+
+def stale_code(row: dict[str, Any]) -> list[str]:
+    """The code a row depends on (``code_hashes``) that has changed since the row was written: ``[]`` means fresh.
+    A row written before the per-module hashes were recorded is stale (one entry saying so)."""
+    prov = row.get("provenance") or {}
+    recorded = prov.get("code_sha256")
+    if not isinstance(recorded, dict) or not recorded:
+        return ["provenance: no code_sha256 (written before the per-module hashes were recorded)"]
+    if not script_path(row["claim"]).exists():
+        return [f"{script_path(row['claim']).relative_to(REPO).as_posix()} (missing)"]
+    now = code_hashes(row["claim"])
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+
+
 def provenance(claim: str) -> dict[str, Any]:
-    """Git commit (and whether the benchmark files differ from it), SHA-256 of the claim script and of this module,
-    package versions and the Python version: enough to tell which code wrote a row."""
+    """Git commit (and whether the benchmark files differ from it), SHA-256 of the claim script, of every benchmark
+    module it imports and of the ``hf_gauge`` package tree (``code_sha256``), package versions and the Python
+    version: enough to tell which code wrote a row, and whether any of it has changed since."""
     from importlib import metadata
 
     def git(*a: str) -> str:
@@ -269,7 +324,7 @@ def provenance(claim: str) -> dict[str, Any]:
             "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge",
                                                 ":!benchmarks/results")),
             "script": script.relative_to(REPO).as_posix(), "script_sha256": file_sha256(script),
-            "claims_common_sha256": file_sha256(Path(__file__)), "packages": versions,
+            "code_sha256": code_hashes(claim), "packages": versions,
             "python": sys.version.split()[0]}
 
 

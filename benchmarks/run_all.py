@@ -5,7 +5,8 @@ Usage:
   python benchmarks/run_all.py --report            # only regenerate RESULTS.md from results/claims.json
 
 Scripts run one at a time in subprocesses (``OMP_NUM_THREADS`` defaults to 1); each merges its own row into
-``results/claims.json`` (``--quick``: ``results/claims_quick.json``). The report is generated from those rows only:
+``results/claims.json`` (``--quick``: ``results/claims_quick.json``). A full run rewrites RESULTS.md afterwards; a
+``--quick`` run does so only with ``--report``. The report is generated from those rows only:
 every number in RESULTS.md comes from a row a script wrote.
 """
 from __future__ import annotations
@@ -257,10 +258,9 @@ def steering_notes(row: dict[str, Any]) -> str:
 
 
 def fresh(row: dict[str, Any]) -> bool:
-    """Whether ``row`` was written by the current version of its script (SHA-256 recorded in its provenance)."""
-    prov = row.get("provenance") or {}
-    path = cc.script_path(row["claim"])
-    return bool(prov.get("script_sha256")) and path.exists() and prov["script_sha256"] == cc.file_sha256(path)
+    """Whether ``row`` was written by the current code: its script, every benchmark module the script imports and the
+    ``hf_gauge`` package tree have the SHA-256 recorded in its provenance (``claims_common.stale_code``)."""
+    return not cc.stale_code(row)
 
 
 def provenance_note(row: dict[str, Any]) -> str:
@@ -271,7 +271,8 @@ def provenance_note(row: dict[str, Any]) -> str:
     txt = (f"commit {str(prov.get('git_commit'))[:10]}{' + uncommitted changes' if prov.get('git_dirty_benchmarks') else ''}"
            f", script sha256 {prov.get('script_sha256', '')[:12]}, torch {pk.get('torch')}, transformers "
            f"{pk.get('transformers')}, seeds {json.dumps(row.get('seeds'))}")
-    return txt if fresh(row) else txt + "; **stale: the script has changed since this row was written**"
+    changed = cc.stale_code(row)
+    return txt if not changed else txt + f"; **stale: changed since this row was written: {', '.join(changed)}**"
 
 
 GPU_RESULTS = cc.RESULTS / "trajectory_gpu.json"
@@ -393,8 +394,9 @@ def report(out: Path | None = None) -> Path:
              "into those files, and every verdict is computed by a rule in `benchmarks/verdicts.py` (trajectory: "
              "`claim_trajectory.cell_verdict` / `finding`); explanations not measured by a script are marked as "
              "hypotheses. Real weights: " + cc.MODEL_NAME + "; tiny Llamas are trained by the scripts themselves. "
-             "Every row records its provenance (git commit, SHA-256 of its script, package versions, seeds); a row "
-             "whose script has changed since it was written is marked stale below.", "",
+             "Every row records its provenance (git commit, SHA-256 of its script, of every benchmark module the "
+             "script imports and of the `hf_gauge` package tree, package versions, seeds); a row is marked stale "
+             "below when any of that code has changed since it was written.", "",
              gpu_note(), "",
              "| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
              "|---|---|---|---|---|---|---|"]
@@ -449,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated claim keys")
-    ap.add_argument("--report", action="store_true", help="write RESULTS.md (alone: without running anything)")
+    ap.add_argument("--report", action="store_true",
+                    help="write RESULTS.md (alone: without running anything; with --quick: after the quick runs, "
+                         "which otherwise leave RESULTS.md as it is)")
     args = ap.parse_args(argv)
     run_any = bool(args.only) or not args.report
     failures = []
@@ -463,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[run_all] {c}: rc={r.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
             if r.returncode:
                 failures.append(c)
-    if args.report or run_any:
+    if args.report or (run_any and not args.quick):   # quick runs rewrite RESULTS.md only when asked (--report)
         print(f"[run_all] wrote {report()}")
     if failures:
         print(f"[run_all] FAILED: {failures}")

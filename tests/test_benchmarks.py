@@ -318,5 +318,52 @@ def test_rows_record_provenance_and_stale_rows_are_marked(tmp_path: Path, monkey
     assert len(prov["git_commit"]) == 40 and prov["script_sha256"] == cc.file_sha256(cc.script_path("adamw"))
     assert prov["packages"]["torch"] and saved["seeds"] == {"init": 0}
     assert run_all.fresh(saved) and "stale" not in run_all.provenance_note(saved)
-    saved["provenance"]["script_sha256"] = "0" * 64
-    assert not run_all.fresh(saved) and "stale" in run_all.provenance_note(saved)
+    assert set(prov["code_sha256"]) == {"benchmarks/claim_adamw.py", "benchmarks/claims_common.py", "hf_gauge/"}
+    for key in prov["code_sha256"]:           # any module the row depends on, changed, makes it stale
+        changed = json.loads(json.dumps(saved))
+        changed["provenance"]["code_sha256"][key] = "0" * 64
+        assert not run_all.fresh(changed) and cc.stale_code(changed) == [key]
+        assert f"stale: changed since this row was written: {key}" in run_all.provenance_note(changed)
+    old = json.loads(json.dumps(saved))       # a row from before the per-module hashes is stale
+    del old["provenance"]["code_sha256"]
+    assert not run_all.fresh(old) and "stale" in run_all.provenance_note(old)
+
+
+def test_code_hashes_follow_the_imports_and_the_package_tree(tmp_path: Path) -> None:
+    """A claim's row depends on its script, the benchmark modules it imports at any depth (also inside functions)
+    and on every file of the hf_gauge tree."""
+    import claims_common as cc
+    names = [p.name for p in cc.local_imports(cc.script_path("audit"))]
+    assert names[0] == "claim_audit.py" and {"claim_steering.py", "claims_common.py"} <= set(names)
+    assert "claim_trajectory.py" in [p.name for p in cc.local_imports(cc.script_path("sae"))]   # a function's import
+    assert "claim_trajectory.py" not in [p.name for p in cc.local_imports(cc.script_path("adamw"))]
+    assert set(cc.code_hashes("procrustes")) >= {"benchmarks/claim_procrustes.py", "benchmarks/claim_sae.py",
+                                                  "benchmarks/claims_common.py", "hf_gauge/"}
+    tree = tmp_path / "pkg"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "a.py").write_text("x = 1\n")
+    (tree / "sub" / "b.json").write_text("{}")
+    h0 = cc.tree_sha256(tree)
+    (tree / "__pycache__").mkdir()
+    (tree / "__pycache__" / "a.cpython-312.pyc").write_bytes(b"junk")
+    assert cc.tree_sha256(tree) == h0                                  # caches do not count
+    (tree / "sub" / "b.json").write_text("{} ")
+    h1 = cc.tree_sha256(tree)
+    assert h1 != h0                                                    # an edit deep in the tree counts
+    (tree / "sub" / "b.json").rename(tree / "sub" / "c.json")
+    assert cc.tree_sha256(tree) not in (h0, h1)                        # so does a rename
+
+
+def test_run_all_quick_rewrites_results_md_only_with_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+
+    import run_all
+    ran, reported = [], []
+    monkeypatch.setattr(run_all.subprocess, "run",
+                        lambda cmd, **kw: ran.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    monkeypatch.setattr(run_all, "report", lambda out=None: reported.append(out) or Path("RESULTS.md"))
+    assert run_all.main(["--quick", "--only", "adamw"]) == 0
+    assert len(ran) == 1 and ran[0][-1] == "--quick" and reported == []
+    assert run_all.main(["--quick", "--only", "adamw", "--report"]) == 0
+    assert len(ran) == 2 and len(reported) == 1
+    assert run_all.main(["--only", "adamw"]) == 0 and len(reported) == 2      # a full run writes the report
