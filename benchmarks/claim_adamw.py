@@ -16,7 +16,6 @@ Usage: python benchmarks/claim_adamw.py [--quick]
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import time
 import warnings
@@ -145,13 +144,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "figure": cc.figure_ref(fig),
            "setup": {"model": "LlamaForCausalLM d=128, 4 layers, heads 4/2, d_ff 384, vocab 256 (bytes), seed 0",
                      "N0": N0, "M": M, "batch": batch, "T": T, "optimizer": f"AdamW {HP}, grad clip 1.0",
-                     "symmetry_group_at_N0": group, "gauge": "random_gauge(seed=3), residual B_d"},
-           "model": "tiny Llama (d=128, 4 layers, bytes) trained from scratch on Botchan",
-           "command": cc.command_for("claim_adamw.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                     "symmetry_group_at_N0": group, "gauge": "random_gauge(seed=3), residual B_d"}}
+    return cc.finish(res, q, t_start, 
+                     model="tiny Llama (d=128, 4 layers, bytes) trained from scratch on Botchan")
 
 
 if __name__ == "__main__":

@@ -39,9 +39,7 @@ def jaccard(a: list[int], b: list[int]) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     q = args.quick
     base, tok = cc.load_base()
     from hf_gauge.audit import ClaimResult, audit, topk_residual_claim
@@ -136,12 +134,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "stability_finetune": f"full fine-tune on pydoc_data.topics, AdamW lr {ft_lr} (wd 0.01, clip 1.0), "
                                            f"batch 4x64 tokens, {ft_steps} steps; training loss "
                                            f"{ft_losses[0]:.3f} -> {ft_losses[-1]:.3f}"},
-           "canonical_stability": {"residual": stab.spaces["residual"], "by_space": stab.summary()},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_audit.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+           "canonical_stability": {"residual": stab.spaces["residual"], "by_space": stab.summary()}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ PAPER = {"signed": 1.0, "data_free": 1.0, "permutation_only": "= positive-sign f
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     model, tok = cc.load_base()
     seeds = [11] if args.quick else [11, 12, 13]
     n, T = (4, 32) if args.quick else (16, 64)
@@ -70,12 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_baseline": f"S_d index accuracy {measured['permutation_only_index_accuracy']:.3f} "
                             f"(positive fraction {measured['hidden_positive_fraction']:.3f})",
            "per_gauge": per_seed, "setup": {"layers": layers or "all 30 + embedding + final norm", "n_windows": 2 * n,
-                                            "T": T},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_exact_recovery.py", args.quick),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, args.quick)
-    print(json.dumps(measured, indent=1))
-    return res
+                                            "T": T}}
+    return cc.finish(res, args.quick, t_start)
 
 
 if __name__ == "__main__":

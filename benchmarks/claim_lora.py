@@ -13,7 +13,6 @@ Usage: python benchmarks/claim_lora.py [--quick]
 """
 from __future__ import annotations
 
-import json
 import random
 import sys
 import time
@@ -76,9 +75,7 @@ def evaluate(model: Any, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], 
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     q = args.quick
     from peft import LoraConfig, get_peft_model
     base, tok = cc.load_base()
@@ -151,12 +148,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "setup": {"lora": "r=4, alpha=8, q/v/o/up/down", "steps": steps, "batch": bs, "lr": lr,
                      "n_train": int(train[0].shape[0]), "n_test": int(test[0].shape[0]),
                      "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])],
-                     "train_s": t_train},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_lora.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                     "train_s": t_train}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ Usage: python benchmarks/claim_merge.py [--quick]  (trains the trajectory checkp
 """
 from __future__ import annotations
 
-import json
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,9 +28,7 @@ PAPER = {"text": "coordinate-preserving merges behave the same way as transport:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     q = args.quick
     cfg = ct.config(q)
     root = ct.ckpt_root(q)
@@ -77,12 +73,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                             f"{measured['sd_same_perm_loss_mean']:.2f}, none {measured['none_loss_mean']:.2f}",
            "losses": losses,
            "setup": {"endpoints": f"claim_trajectory step {T} (lr {cfg['lr']})", "eval_windows_per_text": n_eval,
-                     "T_eval": T_eval, "matching_tokens": int(match.numel())},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_merge.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                     "T_eval": T_eval, "matching_tokens": int(match.numel())}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -71,9 +71,7 @@ def mmcs(W1: torch.Tensor, W2: torch.Tensor) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     q = args.quick
     m0, info0 = trained(0, q)
     m1, info1 = trained(1, q)
@@ -133,12 +131,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "train": {"seed0": info0, "seed1": info1}, "site": f"input of layers[{LAYER}]",
                      "sae": f"TopK k={k}, m={m_sae}, {steps} Adam steps", "fit_tokens": int(fit_ids.numel()),
                      "test_tokens": int(test_ids.numel()),
-                     "symmetry_group": measured["symmetry_group_seed0"]},
-           "model": "two tiny Llamas (d=128, 4 layers, bytes) trained from seeds 0/1 on Botchan",
-           "command": cc.command_for("claim_procrustes.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    return res
+                     "symmetry_group": measured["symmetry_group_seed0"]}}
+    return cc.finish(res, q, t_start, 
+                     model="two tiny Llamas (d=128, 4 layers, bytes) trained from seeds 0/1 on Botchan")
 
 
 if __name__ == "__main__":

@@ -98,9 +98,7 @@ def fine_tuned_gauged(base: torch.nn.Module, tok: Any, quick: bool) -> tuple[tor
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     base, tok = cc.load_base()
     q = args.quick
     n_train, n_test, T = (24, 8, 64) if q else (160, 32, 64)
@@ -181,12 +179,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "setup": {"layer": f"resid_pre of layer {LAYER}", "sae": f"TopK k={k}, m={m} ({m // 576}x d), Adam 1e-3, "
                                                                    f"{steps} steps of 256 tokens",
                      "train_tokens": int(train_ids.numel()), "test_tokens": int(test_ids.numel()),
-                     "sae_train_s": t_sae},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_sae.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                     "sae_train_s": t_sae}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,7 @@ PAPER = {"permutation_only": "accuracy <= f (tracks the positive-sign fraction)"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     model, tok = cc.load_base()
     fracs = [0.0, 0.5, 1.0] if args.quick else [round(x, 2) for x in np.linspace(0, 1, 11)]
     n, T = (2, 32) if args.quick else (8, 64)
@@ -78,12 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_baseline": f"S_d: {p[0]:.2f} @f=0, {p[len(p)//2]:.2f} @f=0.5, {p[-1]:.2f} @f=1 "
                             f"(max excess over f {measured['permutation_only_max_excess_over_f']:+.3f})",
            "curve": rows, "figure": cc.figure_ref(fig),
-           "setup": {"layers": layers or "all", "n_tokens": int(data.numel())},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_sign_ceiling.py", args.quick),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, args.quick)
-    print(json.dumps(measured, indent=1))
-    return res
+           "setup": {"layers": layers or "all", "n_tokens": int(data.numel())}}
+    return cc.finish(res, args.quick, t_start)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -134,9 +133,7 @@ def direction(model, tok, name: str, quick: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     base, tok = cc.load_base()
     q = args.quick
     g_true = hf_gauge.random_gauge(base, seed=51)
@@ -200,12 +197,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "seeds": {"hidden_gauge": 51, "random_directions": 52},
            "details": out, "setup": {"layer": f"input of layers[{LAYER}] (added at every position)",
                                      "alphas": alphas_for, "headline_alpha": headline,
-                                     "n_random_directions": n_random},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_steering.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                                     "n_random_directions": n_random}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,13 @@ def setup(args: argparse.Namespace) -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def start(doc: str | None, argv: list[str] | None) -> tuple[argparse.Namespace, float]:
+    """The common head of a claim script: parse the standard flags, ``setup``, and the start time for ``finish``."""
+    args = parser(doc).parse_args(argv)
+    setup(args)
+    return args, time.perf_counter()
+
+
 def command_for(script: str, quick: bool, extra: Sequence[str] = ()) -> str:
     parts = ["OMP_NUM_THREADS=1", ".venv/bin/python", f"benchmarks/{script}", *(["--quick"] if quick else []), *extra]
     return " ".join(shlex.quote(p) if i > 0 else p for i, p in enumerate(parts))
@@ -234,6 +241,18 @@ def write_claim(row: dict[str, Any], quick: bool) -> Path:
             json.dump(rows, f, indent=2)
         os.replace(tmp, path)
     return path
+
+
+def finish(res: dict[str, Any], quick: bool, t_start: float, *, model: str = MODEL_NAME) -> dict[str, Any]:
+    """The common tail of a claim script: complete its row (``model`` unless set, the command that reruns it, the
+    total runtime since ``t_start`` of ``time.perf_counter``), merge it into the results table, print its measured
+    numbers and return it."""
+    res.setdefault("model", model)
+    res["command"] = command_for(script_path(res["claim"]).name, quick)
+    res["runtime_s"] = {**res.get("runtime_s", {}), "total": time.perf_counter() - t_start}
+    write_claim(res, quick)
+    print(json.dumps(res["measured"], indent=1))
+    return res
 
 
 def script_path(claim: str) -> Path:

@@ -138,6 +138,7 @@ def results_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     import claims_common as cc
     monkeypatch.setattr(cc, "RESULTS", tmp_path)
     monkeypatch.setattr(cc, "CLAIMS_QUICK", tmp_path / "claims_quick.json")
+    monkeypatch.setattr(cc, "CLAIMS_FULL", tmp_path / "claims.json")
     return tmp_path
 
 
@@ -367,3 +368,19 @@ def test_run_all_quick_rewrites_results_md_only_with_report(monkeypatch: pytest.
     assert run_all.main(["--quick", "--only", "adamw", "--report"]) == 0
     assert len(ran) == 2 and len(reported) == 1
     assert run_all.main(["--only", "adamw"]) == 0 and len(reported) == 2      # a full run writes the report
+
+
+def test_finish_completes_writes_and_returns_the_row(results_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """The tail every claim script shares (claims_common.finish): model, rerun command, total runtime, the merge into
+    the quick table, the printed numbers."""
+    import time
+
+    import claims_common as cc
+    t0 = time.perf_counter() - 2.0
+    res = cc.finish({"claim": "lora", "paper": {}, "measured": {"x": 1.5}, "seeds": {}, "runtime_s": {"train": 1.0}},
+                    True, t0)
+    assert res["model"] == cc.MODEL_NAME and res["runtime_s"]["train"] == 1.0 and res["runtime_s"]["total"] >= 2.0
+    assert res["command"] == "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/claim_lora.py --quick"
+    assert cc.read_claims(True)[0]["measured"] == {"x": 1.5} and '"x": 1.5' in capsys.readouterr().out
+    assert cc.finish({"claim": "adamw", "paper": {}, "measured": {}, "seeds": {}}, False, t0,
+                     model="tiny")["model"] == "tiny" and cc.read_claims(False)[0]["claim"] == "adamw"
