@@ -176,6 +176,23 @@ def nmse_per_coordinate(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float((((x_hat - x) ** 2).sum(0) / ((x - x.mean(0)) ** 2).sum(0).clamp_min(1e-30)).mean())
 
 
+def over_seeds(per_seed: Sequence[dict[str, Any]], headline: Sequence[str]) -> tuple[dict[str, float],
+                                                                                   dict[str, Any]]:
+    """(mean over seeds of every number all seeds measured, ``spread``): ``spread = {"n_seeds": k, key: [min, max]}``
+    for each ``headline`` key, the range a claim's figure draws as a bar and RESULTS.md prints beside the mean."""
+    if not per_seed:
+        raise ValueError("over_seeds needs at least one seed's numbers")
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in per_seed)]
+    mean = {k: float(sum(float(r[k]) for r in per_seed) / len(per_seed)) for k in keys}
+    missing = [k for k in headline if k not in mean]
+    if missing:
+        raise KeyError(f"headline metrics not measured by every seed: {missing}")
+    spread: dict[str, Any] = {"n_seeds": len(per_seed)}
+    spread.update({k: [min(float(r[k]) for r in per_seed), max(float(r[k]) for r in per_seed)] for k in headline})
+    return mean, spread
+
+
 def finite(x: Any) -> bool:
     try:
         return math.isfinite(float(x))

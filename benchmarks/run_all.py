@@ -85,17 +85,25 @@ def notes(row: dict[str, Any]) -> str:
     if c == "lora":
         ch = V.lora(m)
         has_matched = "retained_sd_matched" in m
+        two = "retained_bd_full_vocab" in m
         return (f"LoRA ({s.get('lora')}, {s.get('steps')} steps, batch {s.get('batch')}, lr {s.get('lr')}) on a tiny "
                 f"sentiment task with arbitrary label words (' blue'/' red'), {s.get('n_train')} train / "
-                f"{s.get('n_test')} test prompts (disjoint adjectives). CE gain retained: B_d {_p(m.get('retained_bd'))}"
-                + (f", S_d matched (find_gauge method=permutation) {_p(m.get('retained_sd_matched'))}" if has_matched
-                   else "")
-                + f", S_d oracle (true permutation, signs +1) {_p(m.get('retained_sd'))}; accuracy base "
-                f"{_f(m.get('acc_base'))}"
+                f"{s.get('n_test')} test prompts (disjoint adjectives). {seeds_note(row)}"
+                + ("Cross-entropy over the two label tokens (chance ln 2 = 0.693): base "
+                   f"{_f(m.get('ce_base'))}, LoRA {_f(m.get('ce_lora'))}. " if two else
+                   "This row predates the two-label-token CE (its CE is over the full vocabulary); rerun the script. ")
+                + f"CE gain retained: B_d {_p(m.get('retained_bd'))}{_sp(row, 'retained_bd', '.3f')}"
+                + (f", S_d matched (find_gauge method=permutation) {_p(m.get('retained_sd_matched'))}"
+                   f"{_sp(row, 'retained_sd_matched')}" if has_matched else "")
+                + f", S_d oracle (true permutation, signs +1) {_p(m.get('retained_sd'))}{_sp(row, 'retained_sd')}"
+                + (f" (over the full vocabulary: B_d {_p(m.get('retained_bd_full_vocab'))}, S_d matched "
+                   f"{_p(m.get('retained_sd_matched_full_vocab'))}, S_d oracle {_p(m.get('retained_sd_full_vocab'))})"
+                   if two else "")
+                + f"; accuracy base {_f(m.get('acc_base'))}"
                 + (f" (majority class {_f(m.get('acc_majority_class'))})" if "acc_majority_class" in m else "")
                 + f", LoRA {_f(m.get('acc_lora'))}, transported B_d {_f(m.get('acc_bd'))}"
-                + (f", S_d matched {_f(m.get('acc_sd_matched'))}" if has_matched else "")
-                + f", S_d oracle {_f(m.get('acc_sd'))}. "
+                + (f", S_d matched {_f(m.get('acc_sd_matched'))}{_sp(row, 'acc_sd_matched')}" if has_matched else "")
+                + f", S_d oracle {_f(m.get('acc_sd'))}{_sp(row, 'acc_sd')}. "
                 + ("The base is above the majority-class rate on this task, so the gain measured is the adapter's "
                    "improvement over a base that already prefers the right label word. "
                    if (m.get("acc_base") or 0) > (m.get("acc_majority_class") or 0.5) + V.CEILING_TOL else
@@ -107,8 +115,10 @@ def notes(row: dict[str, Any]) -> str:
                    "reverses that half of the adapter, while the matched permutation maps it to unrelated "
                    "coordinates, i.e. noise, and this saturated task tolerates half an adapter)."
                    if has_matched and ch["sd_oracle_lost"] and not ch["sd_matched_lost"] else "")
-                + " Our task is synthetic, not SST-2. A negative S_d number means the "
-                "sign-scrambled adapter makes the label cross-entropy worse than the gauged base without it.")
+                + " Our task is synthetic, not SST-2; " + str((row.get("paper") or {}).get("source", "")
+                                                              if isinstance(row.get("paper"), dict) else "")
+                + " A negative S_d number means the sign-scrambled adapter makes the label cross-entropy worse than "
+                "the gauged base without it.")
     if c == "adamw":
         ch = V.adamw(m)
         return (f"{s.get('model')}; AdamW {s.get('optimizer')}; {s.get('N0')} steps, then a random B_d gauge "
@@ -153,34 +163,56 @@ def notes(row: dict[str, Any]) -> str:
                    f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}."
                    if "canonical_stability_residual" in m else ""))
     if c == "procrustes":
-        paper = row["paper"] if isinstance(row["paper"], dict) else {}
-        ch = V.procrustes(m, paper)
-        tr = s.get("train", {})
-        return (f"{s.get('models')}; trained {tr.get('seed0', {}).get('steps')} steps (final loss "
-                f"{_f(tr.get('seed0', {}).get('loss_last'))} / {_f(tr.get('seed1', {}).get('loss_last'))} nats/byte); "
-                f"SAE {s.get('sae')} at the {s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. Cross-seed EV "
-                f"before R {_f(m.get('ev_cross_before'))}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}, "
-                f"after R (pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, within-seed ceiling "
-                f"{_f(m.get('ev_within_seed1_ceiling'))} (gap {_f(m.get('ev_gap_after_site_R_to_ceiling'))}; paper: "
-                f"<= {paper.get('ev_after_gap_to_ceiling')}); nearest signed permutation instead of R: "
-                f"{_f(m.get('ev_cross_after_signed_perm'))}. Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, after R "
-                f"{_f(m.get('decoder_mmcs_after_R'))} (random-rotation reference "
-                f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}; paper {_p(paper.get('decoder_cos'))}). "
-                f"||R - I||_F = {_f(m.get('site_dist_identity'))} vs sqrt(2d) = {_f(m.get('sqrt_2d'))} (ratio "
-                f"{_f(m.get('site_dist_identity_over_sqrt2d'))}); distance to the nearest signed permutation "
-                f"{_f(m.get('site_dist_signed_permutation'))}; KS p-value vs Haar {_f(m.get('site_ks_pvalue'), '.3g')}"
-                f" (pooled fit: {_f(m.get('pooled_ks_pvalue'), '.3g')}). " + _verdict(V.agrees(ch), ch)
-                + ("" if ch["decoder_cos_as_paper"] else
-                   f" **The paper's decoder cosine ({_p(paper.get('decoder_cos'))}) is not reproduced**: ours after R "
-                   f"is {_f(m.get('decoder_mmcs_after_R'))}"
-                   + (", no better than the random-rotation reference" if not ch["decoder_cos_above_random"] else "")
-                   + ".")
-                + ("" if ch["ev_within_paper_gap"] else
-                   " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
-                   "is small."))
+        return procrustes_notes(row)
     return ""
 
 
+
+
+def procrustes_notes(row: dict[str, Any]) -> str:
+    m, s = row.get("measured", {}), row.get("setup", {})
+    paper = row["paper"] if isinstance(row["paper"], dict) else {}
+    tr = s.get("train", {})
+    head = (f"{s.get('models')}; trained {tr.get('seed0', {}).get('steps')} steps (final loss "
+            f"{_f(tr.get('seed0', {}).get('loss_last'))} / {_f(tr.get('seed1', {}).get('loss_last'))} nats/byte, first "
+            f"pair); SAE {s.get('sae')} at the {s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. "
+            f"{seeds_note(row)}Cross-seed EV before R {_f(m.get('ev_cross_before'))}"
+            f"{_sp(row, 'ev_cross_before')}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}"
+            f"{_sp(row, 'ev_cross_after_site_R')}, after R (pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, "
+            f"within-seed ceiling {_f(m.get('ev_within_seed1_ceiling'))} (gap "
+            f"{_f(m.get('ev_gap_after_site_R_to_ceiling'))}; paper: <= {paper.get('ev_after_gap_to_ceiling')}); "
+            f"nearest signed permutation instead of R: {_f(m.get('ev_cross_after_signed_perm'))}. ")
+    if "control_peak_mass" not in m:
+        return head + ("This row predates the signed-permutation control, the peak-mass diagnostic and the same-model "
+                       f"decoder ceiling; rerun the script (decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, random-"
+                       f"rotation reference {_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}, paper "
+                       f"{_p(paper.get('decoder_cos'))}).")
+    ch = V.procrustes(m, paper)
+    raw_at_chance = not ch["decoder_cos_raw_above_random"]
+    return (head + f"Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}{_sp(row, 'decoder_mmcs_raw')}, after R "
+            f"{_f(m.get('decoder_mmcs_after_R'))}; references: random rotation of seed-0's own decoder "
+            f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}, same model with another SAE seed (the ceiling) "
+            f"{_f(m.get('decoder_mmcs_same_model_sae_seeds'))}{_sp(row, 'decoder_mmcs_same_model_sae_seeds')}; paper "
+            f"(raw) {_p(paper.get('decoder_cos'))}. Shape of R (site fit) against two controls, a random signed "
+            f"permutation and a Haar rotation: ||R - I||_F / sqrt(2d) {_f(m.get('site_dist_identity_over_sqrt2d'))} "
+            f"(control {_f(m.get('control_dist_identity_over_sqrt2d'))}, Haar "
+            f"{_f(m.get('haar_dist_identity_over_sqrt2d'))}); KS p-value vs Haar {_f(m.get('site_ks_pvalue'), '.3g')} "
+            f"(control {_f(m.get('control_ks_pvalue'), '.3g')}, Haar {_f(m.get('haar_ks_pvalue'), '.3g')}): these "
+            "two do not separate a rotation from a signed permutation, so they are reported, not judged; the verdict "
+            f"uses the peak mass per row (mean largest squared entry): R {_f(m.get('site_peak_mass'))}"
+            f"{_sp(row, 'site_peak_mass')}, control {_f(m.get('control_peak_mass'))}, Haar "
+            f"{_f(m.get('haar_peak_mass'))}; distance to the nearest signed permutation / sqrt(2d): R "
+            f"{_f(m.get('site_dist_signed_permutation_over_sqrt2d'))}, control "
+            f"{_f(m.get('control_dist_signed_permutation_over_sqrt2d'))}, Haar "
+            f"{_f(m.get('haar_dist_signed_permutation_over_sqrt2d'))}. " + _verdict(V.agrees(ch), ch)
+            + (f" **Our raw decoder cosine {_f(m.get('decoder_mmcs_raw'))} equals the random-rotation reference "
+               f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}: this contradicts the paper's raw "
+               f"{_p(paper.get('decoder_cos'))}** (same-model SAE-seed ceiling here "
+               f"{_f(m.get('decoder_mmcs_same_model_sae_seeds'))})." if raw_at_chance and
+               not ch["decoder_cos_raw_as_paper"] else "")
+            + ("" if ch["ev_within_paper_gap"] else
+               " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
+               "is small."))
 
 
 def _verdict(ok: bool, checks: dict[str, bool]) -> str:
@@ -190,32 +222,63 @@ def _verdict(ok: bool, checks: dict[str, bool]) -> str:
     return "**Disagrees with the paper** (failed rules: " + ", ".join(k for k, v in checks.items() if not v) + ")."
 
 
+def _sp(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    """`` [min-max over k seeds]`` of a headline metric from the row's ``spread`` ('' when it has none)."""
+    sp = row.get("spread") or {}
+    if key not in sp or (sp.get("n_seeds") or 0) < 2:
+        return ""
+    lo, hi = sp[key]
+    return f" [{_f(lo, fmt)}-{_f(hi, fmt)} over {sp['n_seeds']} seeds]"
+
+
+def seeds_note(row: dict[str, Any]) -> str:
+    sp = row.get("spread") or {}
+    return (f"Seeds: {sp['n_seeds']} (numbers are means; [min-max] over seeds where shown). " if sp else
+            "Seeds: one (this row predates the per-seed spread). ")
+
+
 def sae_notes(row: dict[str, Any]) -> str:
     m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
     paper = row["paper"] if isinstance(row["paper"], dict) else {}
-    text = (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. Within-model NMSE "
+    text = (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. {seeds_note(row)}Within-model NMSE "
             f"{_f(m.get('within_model_nmse'), '.4f')} (paper B_d: {paper.get('bd_nmse')}). Gauged model: B_d "
             f"{_f(m.get('gauged_bd_nmse'), '.4f')}")
-    if "gauged_sd_matched_nmse" not in m:
-        return text + ("; S_d oracle (true permutation, signs +1) " + _f(m.get("gauged_sd_nmse"))
-                       + ". This row predates the S_d-matched baseline and the sign measurement; rerun the script.")
+    if "within_model_nmse_excl_pos0" not in m:
+        return text + (", S_d matched " + _f(m.get("gauged_sd_matched_nmse")) + ", S_d oracle (true permutation, "
+                       "signs +1) " + _f(m.get("gauged_sd_nmse")) + ". This row predates the measurement without "
+                       "position 0 (the attention-sink token, which dominates the variance) and the verdict against "
+                       "the within-model ceiling; rerun the script.")
     ch, ch_ft = V.sae(m), V.sae(m, "ft_gauged")
     mag = V.sae_paper_magnitude(m, float(paper.get("sd_nmse", 1.0)))
     g, ft = d.get("gauged", {}), d.get("finetuned_gauged", {})
+    x = "_excl_pos0"
     return (text + f", S_d matched (find_gauge method=permutation) {_f(m.get('gauged_sd_matched_nmse'))}, S_d oracle "
             f"(true permutation, signs +1) {_f(m.get('gauged_sd_nmse'))}, untransported "
-            f"{_f(m.get('gauged_untransported_nmse'))}. Fine-tuned + gauged ({ft.get('target', '')}): B_d "
-            f"{_f(m.get('ft_gauged_bd_nmse'), '.4f')}, S_d matched {_f(m.get('ft_gauged_sd_matched_nmse'))}, S_d oracle "
-            f"{_f(m.get('ft_gauged_sd_nmse'))}. " + _verdict(V.agrees(ch) and V.agrees(ch_ft), {**ch, **{
-                f"ft_{k}": v for k, v in ch_ft.items()}})
-            + f" Against the paper's S_d NMSE {paper.get('sd_nmse')}: S_d matched "
-            + ("reaches it" if mag["sd_matched"] else "stays below it") + " (within a factor "
-            f"{V.FAIL_FACTOR}), S_d oracle " + ("reaches it" if mag["sd"] else "stays below it") + ". Measured: the top "
-            f"5 residual coordinates of the gauged model carry {_p(m.get('variance_share_top5_coordinates'))} of the "
-            f"activation variance; the found gauge's signs there are {g.get('top5_variance_gauge_signs')} "
-            f"({m.get('gauged_top5_variance_positive_signs')} of 5 positive), and S_d matching puts "
-            f"{_p(m.get('gauged_top5_variance_sd_matched_index_right'))} of them at the right index. Per-coordinate "
-            f"NMSE (each coordinate's own NMSE, averaged): B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))}, S_d matched "
+            f"{_f(m.get('gauged_untransported_nmse'))}. **Without position 0** (the attention-sink token: position-0 "
+            f"rows carry {_p(m.get('variance_share_pos0'))} of the test activations' variance): within-model "
+            f"{_f(m.get('within_model_nmse' + x))}{_sp(row, 'within_model_nmse' + x)}, B_d "
+            f"{_f(m.get('gauged_bd_nmse' + x))}, S_d matched {_f(m.get('gauged_sd_matched_nmse' + x))}"
+            f"{_sp(row, 'gauged_sd_matched_nmse' + x)}, S_d oracle {_f(m.get('gauged_sd_nmse' + x))}"
+            f"{_sp(row, 'gauged_sd_nmse' + x)}, untransported {_f(m.get('gauged_untransported_nmse' + x))}. "
+            f"Fine-tuned + gauged ({ft.get('target', '')}): B_d {_f(m.get('ft_gauged_bd_nmse'), '.4f')} "
+            f"({_f(m.get('ft_gauged_bd_nmse' + x))} without position 0), S_d matched "
+            f"{_f(m.get('ft_gauged_sd_matched_nmse'))} ({_f(m.get('ft_gauged_sd_matched_nmse' + x))}), S_d oracle "
+            f"{_f(m.get('ft_gauged_sd_nmse'))} ({_f(m.get('ft_gauged_sd_nmse' + x))}). Rule: S_d fails when its NMSE "
+            f"without position 0 is above {V.FAIL_FACTOR}x the within-model NMSE without position 0 "
+            f"({_f(V.FAIL_FACTOR * float(m.get('within_model_nmse' + x) or 0))}). "
+            + _verdict(V.agrees(ch) and V.agrees(ch_ft), {**ch, **{f"ft_{k}": v for k, v in ch_ft.items()}})
+            + f" Measured: the S_d oracle's NMSE is {_f(m.get('gauged_sd_nmse'))} with position 0 and "
+            f"{_f(m.get('gauged_sd_nmse' + x))} without it"
+            + (", so its low all-token NMSE is due to position 0: the position-0 rows dominate the NMSE denominator, "
+               "and the oracle, whose every index is right, reconstructs them far better than the other tokens"
+               if float(m.get("gauged_sd_nmse" + x) or 0) > V.FAIL_FACTOR * float(m.get("gauged_sd_nmse") or 0) else
+               "; position 0 does not explain its NMSE")
+            + f" (the top 5 variance coordinates carry {_p(m.get('variance_share_top5_coordinates'))} of the "
+            f"variance; the hidden gauge's signs there: {g.get('top5_variance_gauge_signs')}). Against the "
+            f"paper's S_d NMSE {paper.get('sd_nmse')} (without position 0): S_d matched "
+            + ("reaches it" if mag["sd_matched"] else "stays below it") + f" (within a factor {V.FAIL_FACTOR}), S_d "
+            "oracle " + ("reaches it" if mag["sd"] else "stays below it") + ". Per-coordinate NMSE (each coordinate's "
+            f"own NMSE, averaged): B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))}, S_d matched "
             f"{_f(m.get('gauged_sd_matched_nmse_per_coordinate'))}, S_d oracle "
             f"{_f(m.get('gauged_sd_nmse_per_coordinate'))}.")
 

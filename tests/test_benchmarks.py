@@ -89,8 +89,12 @@ def _(row):
 
 @check("sae")
 def _(row):
-    _holds(V.sae(row["measured"]), "bd_exact", "sd_matched_fails", "sd_oracle_fails")
-    _holds(V.sae(row["measured"], "ft_gauged"), "sd_matched_fails", "sd_oracle_fails")
+    m = row["measured"]
+    _holds(V.sae(m), "bd_exact", "sd_matched_fails", "sd_oracle_fails")
+    assert set(V.sae(m, "ft_gauged")) == {"sd_matched_fails", "sd_oracle_fails"}   # quick: a 3-step fine-tune
+    assert row["spread"]["n_seeds"] == 1 and m["variance_share_pos0"] > 0.5       # the attention sink (measured)
+    for k in ("within_model", "gauged_bd", "gauged_sd_matched", "gauged_sd"):
+        assert m[f"{k}_nmse_excl_pos0"] > m[f"{k}_nmse"]
 
 
 @check("steering")
