@@ -84,11 +84,27 @@ def evaluate(model: Any, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], 
     return {"ce": ce2 / n, "ce_full_vocab": ce / n, "accuracy": acc / n}
 
 
-HEADLINE = ["retained_bd", "retained_sd_matched", "retained_sd", "acc_lora", "acc_bd", "acc_sd_matched", "acc_sd"]
+HEADLINE = ["retained_bd", "retained_sd_matched", "retained_sd", "acc_lora", "acc_bd", "acc_sd_matched", "acc_sd",
+            "retained_finetuned_bd", "retained_finetuned_identity"]
+
+
+def finetuned_target(base: torch.nn.Module, tok: Any, test: Any, label_ids: list[int], q: bool) -> dict[str, Any]:
+    """The real target (``claim_trajectory``'s pydoc endpoint) in the base's chart and re-gauged, the gauges found
+    from the base to the re-gauged export, and the label CE / accuracy of both copies without an adapter."""
+    import claim_trajectory as ct
+    ft = ct.finetuned_endpoint("pydoc", q)
+    match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
+    match = cc.matching_data(tok, 4 if q else 8, 32 if q else 64)
+    ft["g_bd"] = hf_gauge.find_gauge(base, ft["regauged"], data=match, **match_kw)
+    ft["g_sd_matched"] = hf_gauge.find_gauge(base, ft["regauged"], data=match, method="permutation", **match_kw)
+    ft["identity_eval"] = evaluate(ft["identity"], test, label_ids)
+    ft["regauged_eval"] = evaluate(ft["regauged"], test, label_ids)
+    ft["gauge_signed_accuracy"] = cc.recovery(ft["g_bd"].residual, ft["gauge"].residual)["signed_accuracy"]
+    return ft
 
 
 def one_seed(seed: int, base: torch.nn.Module, tok: Any, train: Any, test: Any, label_ids: list[int],
-             q: bool) -> tuple[dict[str, float], dict[str, Any]]:
+             q: bool, finetuned: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
     """(measured, setup) for one seed: the hidden gauge (61 + seed), the LoRA init and the batches."""
     from peft import LoraConfig, get_peft_model
     g_true = hf_gauge.random_gauge(base, seed=61 + seed)
@@ -130,18 +146,31 @@ def one_seed(seed: int, base: torch.nn.Module, tok: Any, train: Any, test: Any, 
                  "sd": evaluate(hf_gauge.transport_peft_model(g_sd, pm, gauged_sd).eval(), test, label_ids),
                  "sd_matched": evaluate(hf_gauge.transport_peft_model(g_sdm, pm, gauged_sdm).eval(), test,
                                         label_ids)}
+    ft = finetuned
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lab, target, gg in (("finetuned_identity", ft["identity"], None),
+                                ("finetuned_bd", ft["regauged"], ft["g_bd"]),
+                                ("finetuned_sd_matched", ft["regauged"], ft["g_sd_matched"])):
+            moved = (hf_gauge.transport_peft_model(gg, pm, cc.clone_model(target)) if gg is not None else
+                     hf_gauge.transport_peft_model(hf_gauge.Gauge(residual=hf_gauge.SignedPermutation.identity(
+                         ft["g_bd"].residual.size)), pm, cc.clone_model(target)))
+            evals[lab] = evaluate(moved.eval(), test, label_ids)
+    ft_base = {"finetuned_identity": ft["identity_eval"], "finetuned_bd": ft["regauged_eval"],
+               "finetuned_sd_matched": ft["regauged_eval"]}
     measured = {"acc_majority_class": float(max((test[2] == label_ids[0]).double().mean(),
                                                 (test[2] == label_ids[1]).double().mean())),
                 "ce_base": base_eval["ce"], "ce_lora": lora_eval["ce"], "acc_base": base_eval["accuracy"],
                 "acc_lora": lora_eval["accuracy"], "ce_base_full_vocab": base_eval["ce_full_vocab"],
                 "ce_lora_full_vocab": lora_eval["ce_full_vocab"]}
     for lab, ev in evals.items():
+        target_eval = ft_base.get(lab, gauged_base_eval)
         for suffix in ("", "_full_vocab"):
             gain = base_eval["ce" + suffix] - lora_eval["ce" + suffix]
-            measured[f"retained_{lab}{suffix}"] = (gauged_base_eval["ce" + suffix] - ev["ce" + suffix]) / gain
+            measured[f"retained_{lab}{suffix}"] = (target_eval["ce" + suffix] - ev["ce" + suffix]) / gain
             measured[f"ce_{lab}{suffix}"] = ev["ce" + suffix]
         measured[f"acc_{lab}"] = ev["accuracy"]
-        measured[f"acc_gain_retained_{lab}"] = ((ev["accuracy"] - gauged_base_eval["accuracy"])
+        measured[f"acc_gain_retained_{lab}"] = ((ev["accuracy"] - target_eval["accuracy"])
                                                 / max(1e-9, lora_eval["accuracy"] - base_eval["accuracy"]))
     setup = {"steps": steps, "batch": bs, "lr": lr,
              "train_loss_first_last": [losses[0], sum(losses[-10:]) / len(losses[-10:])], "train_s": t_train}
@@ -158,11 +187,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test = encode(tok, examples(POS_TEST, NEG_TEST), label_ids)
     if q:
         test = tuple(t[:48] for t in test)  # type: ignore[assignment]
-    runs = [one_seed(s, base, tok, train, test, label_ids, q) for s in seeds]
+    ft = finetuned_target(base, tok, test, label_ids, q)
+    runs = [one_seed(s, base, tok, train, test, label_ids, q, ft) for s in seeds]
     measured, spread = cc.over_seeds([r[0] for r in runs], HEADLINE)
+    measured["finetuned_gauge_signed_accuracy"] = ft["gauge_signed_accuracy"]
+    measured["finetuned_acc_without_adapter"] = ft["identity_eval"]["accuracy"]
     su = runs[0][1]
     res = {"claim": "lora", "paper": PAPER, "measured": measured, "spread": spread,
-           "ours_bd": f"{measured['retained_bd']:.1%} of the label CE gain (acc {measured['acc_bd']:.2f})",
+           "ours_bd": f"{measured['retained_bd']:.1%} of the label CE gain (acc {measured['acc_bd']:.2f}); fine-tuned "
+                      f"checkpoint: B_d {measured['retained_finetuned_bd']:.1%} vs identity chart "
+                      f"{measured['retained_finetuned_identity']:.1%}",
            "ours_baseline": f"S_d matched: {measured['retained_sd_matched']:.1%} (acc "
                             f"{measured['acc_sd_matched']:.2f}); S_d oracle: {measured['retained_sd']:.1%} (acc "
                             f"{measured['acc_sd']:.2f}); base acc {measured['acc_base']:.2f}, LoRA "
@@ -171,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "setup": {"lora": "r=4, alpha=8, q/v/o/up/down", "steps": su["steps"], "batch": su["batch"],
                      "lr": su["lr"], "n_train": int(train[0].shape[0]), "n_test": int(test[0].shape[0]),
                      "ce": "over the two label tokens (chance ln 2 = 0.693); *_full_vocab: over the vocabulary",
-                     "by_seed": {str(s): r[1] for s, r in zip(seeds, runs)},
+                     "by_seed": {str(s): r[1] for s, r in zip(seeds, runs)}, "finetuned_target": ft["desc"],
                      "train_s": sum(r[1]["train_s"] for r in runs)}}
     return cc.finish(res, q, t_start)
 

@@ -299,6 +299,24 @@ def load(folder: Path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
 
 
+def finetuned_endpoint(run: str, quick: bool, seed: int = 0) -> dict[str, Any]:
+    """A real fine-tuned target for the transport claims: the SmolLM2 ``run``'s last checkpoint (trained here if not
+    cached), as exported (``regauged``: in its random export gauge) and in the base's own chart (``identity``: the
+    export gauge undone, index operations only), with ``gauge`` = identity chart -> regauged."""
+    cfg = config(quick)
+    train_run(run, quick, "smollm2", seed)
+    step = cfg["steps"]
+    regauged = load(ckpt_dir(ckpt_root(quick, "smollm2", seed), run, step))
+    g = hf_gauge.random_gauge(regauged, seed=export_seed(run, step, seed))
+    identity = cc.clone_model(regauged)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_gauge.apply_gauge(identity, g.inverse())
+    return {"regauged": regauged, "identity": identity.eval(), "gauge": g,
+            "desc": f"claim_trajectory's {run} run (SmolLM2, seed {seed}), step {step} at lr {cfg['lr']}, exported in "
+                    f"random_gauge(seed={export_seed(run, step, seed)})"}
+
+
 def true_gauge(model: torch.nn.Module, run_a: str, step_a: int, run_b: str, step_b: int,
                seed: int = 0) -> hf_gauge.Gauge:
     """The ground truth from checkpoint a's export chart to checkpoint b's: ``G_b @ G_a^{-1}``."""

@@ -115,6 +115,14 @@ def notes(row: dict[str, Any]) -> str:
                    "reverses that half of the adapter, while the matched permutation maps it to unrelated "
                    "coordinates, i.e. noise, and this saturated task tolerates half an adapter)."
                    if has_matched and ch["sd_oracle_lost"] and not ch["sd_matched_lost"] else "")
+                + (f" Fine-tuned target ({s.get('finetuned_target')}; found gauge signed accuracy "
+                   f"{_p(m.get('finetuned_gauge_signed_accuracy'))}; its accuracy without the adapter "
+                   f"{_f(m.get('finetuned_acc_without_adapter'))}): gain retained with the adapter applied to the "
+                   f"identity-chart copy without transport {_p(m.get('retained_finetuned_identity'))}, moved by B_d into "
+                   f"the re-gauged export {_p(m.get('retained_finetuned_bd'))}, S_d matched "
+                   f"{_p(m.get('retained_finetuned_sd_matched'))} (accuracy {_f(m.get('acc_finetuned_identity'))} / "
+                   f"{_f(m.get('acc_finetuned_bd'))} / {_f(m.get('acc_finetuned_sd_matched'))})."
+                   if "retained_finetuned_bd" in m else "")
                 + " Our task is synthetic, not SST-2; " + str((row.get("paper") or {}).get("source", "")
                                                               if isinstance(row.get("paper"), dict) else "")
                 + " A negative S_d number means the sign-scrambled adapter makes the label cross-entropy worse than "
@@ -155,12 +163,17 @@ def notes(row: dict[str, Any]) -> str:
                 f"stated in the explicit canonical chart (canonical_gauge of each gauged copy, no knowledge of the "
                 f"hidden gauge): {_f(m.get('sentiment_canonical_agreement_min'))} / "
                 f"{_f(m.get('top_abs_activation_canonical_agreement_min'))}, score signs agree "
-                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. " + _verdict(V.agrees(ch), ch)
-                + (f" Canonical chart under fine-tuning drift ({s.get('stability_finetune')}; relative weight change "
-                   f"{_f(m.get('finetune_relative_weight_change'))}): residual coordinates keeping their canonical "
-                   f"index {_p(m.get('canonical_stability_residual'))} (sign too: "
-                   f"{_p(m.get('canonical_stability_residual_sign'))}), MLP units "
-                   f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}."
+                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. {seeds_note(row)}"
+                + _verdict(V.agrees(ch), ch)
+                + (f" **But the canonical chart does not survive fine-tuning**: after a "
+                   f"{_p(m.get('finetune_relative_weight_change'))} relative weight change it keeps "
+                   f"{_p(m.get('canonical_stability_residual'))}{_sp(row, 'canonical_stability_residual', '.3f')} of "
+                   f"the residual coordinates (measured, {s.get('stability_finetune')}; sign too: "
+                   f"{_p(m.get('canonical_stability_residual_sign'))}; MLP units "
+                   f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}). So an index "
+                   "stated in the canonical chart is reproducible across gauges of the same weights (what the rules "
+                   "above test), not across checkpoints: between checkpoints, state claims through a found gauge "
+                   "(transport), not through each checkpoint's canonical chart."
                    if "canonical_stability_residual" in m else ""))
     if c == "procrustes":
         return procrustes_notes(row)
@@ -285,19 +298,29 @@ def sae_notes(row: dict[str, Any]) -> str:
 
 def steering_notes(row: dict[str, Any]) -> str:
     m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
-    if "refusal_z_original" not in m:
-        return ("This row predates the random-direction control and the S_d-matched baseline; rerun the script. "
-                f"Sentiment preserved: B_d {_p(m.get('sentiment_preserved_bd'))}, S_d oracle "
-                f"{_p(m.get('sentiment_preserved_sd'))}.")
+    if "sentiment_sd_matched_max_abs_preserved" not in m:
+        return ("This row predates the curve rule over step sizes, the positive control of the refusal metric and the "
+                "fine-tuned target; rerun the script. Sentiment preserved: B_d "
+                f"{_p(m.get('sentiment_preserved_bd'))}, S_d matched {_p(m.get('sentiment_preserved_sd_matched'))}, "
+                f"S_d oracle {_p(m.get('sentiment_preserved_sd'))}.")
 
     def fmt(rs: list[dict[str, Any]]) -> str:
         return "; ".join(f"alpha {r['alpha']:g}: effect {r['effect_original']:+.3f} (z {r['z_original']:+.1f} vs "
                          f"random directions, whose effects have std {r['random_std']:.3f}), preserved B_d "
                          f"{r['preserved_bd']:.1%}, S_d matched {r['preserved_sd_matched']:.1%} (z "
                          f"{r['z_sd_matched']:+.1f}), S_d oracle {r['preserved_sd']:.1%} (z {r['z_sd']:+.1f}), none "
-                         f"{r['preserved_none']:.1%} (z {r['z_none']:+.1f})" for r in rs)
+                         f"{r['preserved_none']:.1%} (z {r['z_none']:+.1f})"
+                         + (f", positive control effect {r['effect_control']:+.3f} (z {r['z_control']:+.1f})"
+                            if "z_control" in r else "") for r in rs)
     ch = V.steering(m)
     flip = V.refusal_sign_flip(m)
+    detects = V.refusal_metric_detects(m)
+    control = (f"The positive control (the unembedding difference of the refusal and compliance openers, at the "
+               f"refusal vector's norm) moves the refusal metric with z {_f(m.get('refusal_control_z'), '+.1f')}"
+               f"{_sp(row, 'refusal_control_z', '+.1f')}: the metric "
+               + ("can detect a real steering effect, so a non-specific refusal direction is the direction's doing, "
+                  "not the metric's. " if detects else
+                  f"does not detect even this (z < {V.Z_SPECIFIC}), so it cannot judge the refusal claim. "))
     flip_text = {"not_specific": "**The sign-flip claim cannot be judged here**: the refusal direction's own effect "
                                  f"is not specific (z {_f(m.get('refusal_z_original'), '+.1f')} < {V.Z_SPECIFIC} "
                                  "against random directions of the same norm, which move this metric too).",
@@ -305,19 +328,33 @@ def steering_notes(row: dict[str, Any]) -> str:
                  "lost": "Under S_d the refusal effect is lost (not distinguishable from a random direction); it is "
                          "not reversed.",
                  "kept": "Under S_d the refusal effect is kept, unlike the paper."}[flip]
+    sent = d.get("sentiment", {})
     return (f"Diff-of-means directions at the {s.get('layer')}, effect = change of a logit difference at the last "
             f"position; specificity control: {s.get('n_random_directions')} random directions of the same norm (z = "
-            f"(effect - mean random effect) / std random effect, same metric and alpha). Sentiment "
-            f"({d.get('sentiment', {}).get('n_pairs')} pairs, {d.get('sentiment', {}).get('n_eval_prompts')} neutral "
-            f"prompts): {fmt(d.get('sentiment', {}).get('rows', []))}. Refusal (harmful vs harmless chat requests; "
-            f"refusal openers vs compliance openers on held-out harmless requests): "
-            f"{fmt(d.get('refusal', {}).get('rows', []))}. Specific part preserved at the headline alpha (effect minus "
-            f"the mean random-direction effect, relative to the original's; verdicts.specific_preserved): sentiment "
+            f"(effect - mean random effect) / std random effect, same metric and alpha). {seeds_note(row)}Sentiment "
+            f"({sent.get('n_pairs')} pairs, {sent.get('n_eval_prompts')} neutral prompts), the curve over step sizes "
+            f"(first seed): {fmt(sent.get('rows', []))}. Refusal (harmful vs harmless chat requests; refusal openers "
+            f"vs compliance openers on held-out harmless requests): {fmt(d.get('refusal', {}).get('rows', []))}. "
+            f"Rule over the curve: S_d counts as lost only when |preserved| < {V.LOST:.0%} at every step size; "
+            f"largest |preserved| over the step sizes: S_d matched {_p(m.get('sentiment_sd_matched_max_abs_preserved'))}"
+            f"{_sp(row, 'sentiment_sd_matched_max_abs_preserved')}, S_d oracle "
+            f"{_p(m.get('sentiment_sd_max_abs_preserved'))}; B_d's largest |preserved - 1| "
+            f"{_f(max(float(m.get('sentiment_bd_max_abs_error') or 0), float(m.get('refusal_bd_max_abs_error') or 0)), '.1e')}"
+            ". Specific part preserved at the headline alpha (effect minus the mean random-direction effect, relative "
+            "to the original's; verdicts.specific_preserved): sentiment "
             + ", ".join(f"{lab} {_p(V.specific_preserved(m, 'sentiment', lab))}" for lab in ("bd", "sd_matched", "sd",
                                                                                            "none"))
-            + ". " + _verdict(V.agrees(ch), ch) + " " + flip_text
-            + " B_d transport here targets a gauged copy of the same model, so 100% is expected; the paper's target "
-            "is a different checkpoint.")
+            + f". Fine-tuned target ({d.get('finetuned', {}).get('target', '')}; found gauge signed accuracy "
+            f"{_p(m.get('finetuned_gauge_signed_accuracy'))}), preserved at the headline alpha: sentiment identity "
+            f"chart without transport {_p(m.get('sentiment_preserved_finetuned_identity'))}, B_d into the re-gauged "
+            f"export {_p(m.get('sentiment_preserved_finetuned_bd'))}, S_d matched "
+            f"{_p(m.get('sentiment_preserved_finetuned_sd_matched'))}, none "
+            f"{_p(m.get('sentiment_preserved_finetuned_none'))}; refusal identity "
+            f"{_p(m.get('refusal_preserved_finetuned_identity'))}, B_d {_p(m.get('refusal_preserved_finetuned_bd'))}. "
+            + _verdict(V.agrees(ch), ch) + " " + control + flip_text
+            + " On the gauged copy of the same model B_d is exact by construction; the fine-tuned checkpoint is the "
+            "real target (a same-base fine-tune shares the base's chart unless re-gauged, hence the identity-chart "
+            "baseline).")
 
 
 def fresh(row: dict[str, Any]) -> bool:

@@ -62,10 +62,20 @@ def sae_paper_magnitude(m: dict[str, Any], paper_sd: float) -> dict[str, bool]:
 
 
 def steering(m: dict[str, Any]) -> dict[str, bool]:
-    return {"bd_exact": abs(_g(m, "sentiment_preserved_bd") - 1.0) <= EXACT_TOL
-            and abs(_g(m, "refusal_preserved_bd") - 1.0) <= EXACT_TOL,
-            "sentiment_sd_oracle_lost": abs(_g(m, "sentiment_preserved_sd")) < LOST,
-            "sentiment_sd_matched_lost": abs(_g(m, "sentiment_preserved_sd_matched")) < LOST}
+    """Rules over the whole curve of step sizes (``*_max_abs_*``: the largest over the step sizes run): B_d exact at
+    every step size; S_d "lost" only when |preserved| stays below LOST at every step size; on the fine-tuned
+    checkpoint, B_d into the re-gauged export matches the identity-chart copy without transport."""
+    return {"bd_exact": max(_g(m, "sentiment_bd_max_abs_error"), _g(m, "refusal_bd_max_abs_error")) <= EXACT_TOL,
+            "sentiment_sd_oracle_lost": _g(m, "sentiment_sd_max_abs_preserved") < LOST,
+            "sentiment_sd_matched_lost": _g(m, "sentiment_sd_matched_max_abs_preserved") < LOST,
+            "finetuned_bd_as_identity": all(abs(_g(m, f"{k}_preserved_finetuned_bd")
+                                                - _g(m, f"{k}_preserved_finetuned_identity")) <= EXACT_TOL
+                                            for k in ("sentiment", "refusal"))}
+
+
+def refusal_metric_detects(m: dict[str, Any]) -> bool:
+    """The positive control: a direction that must move the refusal metric does so specifically (z >= Z_SPECIFIC)."""
+    return _g(m, "refusal_control_z", 0.0) >= Z_SPECIFIC
 
 
 def specific_preserved(m: dict[str, Any], name: str, lab: str) -> float:
@@ -89,9 +99,13 @@ def refusal_sign_flip(m: dict[str, Any]) -> str:
 
 
 def lora(m: dict[str, Any]) -> dict[str, bool]:
+    """CE gains over the two label tokens. On the fine-tuned checkpoint, B_d into the re-gauged export must match the
+    adapter applied to the identity-chart copy without transport."""
     return {"bd_kept": _g(m, "retained_bd") >= RETAINED,
             "sd_oracle_lost": _g(m, "retained_sd") < LOST,
-            "sd_matched_lost": _g(m, "retained_sd_matched") < LOST}
+            "sd_matched_lost": _g(m, "retained_sd_matched") < LOST,
+            "finetuned_bd_as_identity": abs(_g(m, "retained_finetuned_bd") - _g(m, "retained_finetuned_identity"))
+            <= EXACT_TOL}
 
 
 def adamw(m: dict[str, Any]) -> dict[str, bool]:

@@ -100,16 +100,24 @@ def _(row):
 @check("steering")
 def _(row):
     m = row["measured"]
-    _holds(V.steering(m), "bd_exact", "sentiment_sd_oracle_lost")
+    _holds(V.steering(m), "bd_exact", "finetuned_bd_as_identity")
+    assert set(V.steering(m)) == {"bd_exact", "sentiment_sd_oracle_lost", "sentiment_sd_matched_lost",
+                                  "finetuned_bd_as_identity"}
     assert V.refusal_sign_flip(m) in ("not_specific", "reversed", "lost", "kept")
+    assert len(row["details"]["sentiment"]["rows"]) == 3 and row["spread"]["n_seeds"] == 1   # the curve
+    assert m["sentiment_sd_matched_max_abs_preserved"] >= abs(m["sentiment_preserved_sd_matched"])
+    assert math.isfinite(m["refusal_control_z"]) and m["finetuned_gauge_signed_accuracy"] == 1.0
     for k in ("sentiment", "refusal"):
         assert math.isfinite(m[f"{k}_z_original"]) and m[f"{k}_random_std"] > 0
 
 
 @check("lora")
 def _(row):
-    _holds(V.lora(row["measured"]), "bd_kept", "sd_oracle_lost")   # S_d matched keeps the gain here (measured)
-    assert "sd_matched_lost" in V.lora(row["measured"])
+    m = row["measured"]
+    _holds(V.lora(m), "bd_kept", "finetuned_bd_as_identity")   # S_d matched keeps the gain here (measured)
+    assert {"sd_matched_lost", "sd_oracle_lost"} <= set(V.lora(m))
+    assert m["ce_base"] < m["ce_base_full_vocab"] and m["ce_lora"] < math.log(2)    # two-label CE: chance is ln 2
+    assert "99.7" not in json.dumps(row["paper"]) and "third-party summary" in row["paper"]["source"]
 
 
 @check("adamw")
@@ -125,6 +133,9 @@ def _(row):
 @check("audit")
 def _(row):
     _holds(V.audit(row["measured"]), "transported_exact", "canonical_exact", "raw_not_reproducible")
+    m = row["measured"]
+    assert 0.0 <= m["canonical_stability_residual"] <= 1.0 and m["finetune_relative_weight_change"] > 0
+    assert row["spread"]["n_seeds"] == 1 and row["figure"].endswith("audit_quick.png")
 
 
 @check("procrustes")
