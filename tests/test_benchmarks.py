@@ -303,20 +303,6 @@ def test_trajectory_notes_flag_settings_that_disagree() -> None:
         assert ("Hypothesis, not measured here" in text) is flagged
 
 
-def test_verdict_rules_fail_when_they_should() -> None:
-    assert V.refusal_sign_flip({"refusal_z_original": 1.0, "refusal_z_sd": -5.0}) == "not_specific"
-    assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
-    assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": -3.0, "refusal_z_sd_matched": 0.0}) \
-        == "reversed"
-    assert V.refusal_sign_flip({"refusal_z_original": 4.0, "refusal_z_sd": 0.5, "refusal_z_sd_matched": 3.0}) \
-        == "lost"
-    paper = {"ev_after_gap_to_ceiling": 0.025, "decoder_cos": 0.98}
-    ch = V.procrustes({"ev_cross_before": -0.9, "ev_cross_after_site_R": 0.7, "ev_gap_after_site_R_to_ceiling": 0.3,
-                       "decoder_mmcs_after_R": 0.26, "decoder_mmcs_seed0_vs_random_rotation": 0.26}, paper)
-    assert ch["ev_improves_with_R"] and not ch["decoder_cos_as_paper"] and not ch["decoder_cos_above_random"]
-    assert not V.agrees(V.lora({"retained_bd": 1.0, "retained_sd": 0.9, "retained_sd_matched": -0.1}))
-
-
 def test_rows_record_provenance_and_stale_rows_are_marked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import claims_common as cc
     import run_all
@@ -399,3 +385,109 @@ def test_finish_completes_writes_and_returns_the_row(results_dir: Path, capsys: 
     assert cc.read_claims(True)[0]["measured"] == {"x": 1.5} and '"x": 1.5' in capsys.readouterr().out
     assert cc.finish({"claim": "adamw", "paper": {}, "measured": {}, "seeds": {}}, False, t0,
                      model="tiny")["model"] == "tiny" and cc.read_claims(False)[0]["claim"] == "adamw"
+
+
+# Every verdict rule RESULTS.md uses, on synthetic rows: a row where every rule holds, then for each rule a change
+# just across its threshold that breaks that rule and no other.
+PAPER_PROCRUSTES = {"ev_after_gap_to_ceiling": 0.025, "decoder_cos": 0.98}
+RULE_CASES: dict[str, tuple[Callable[[dict[str, Any]], dict[str, bool]], dict[str, Any], dict[str, dict[str, Any]]]] = {
+    "exact_recovery": (V.exact_recovery,
+                       {"signed_sign_accuracy": 1.0, "data_free_sign_accuracy": 1.0,
+                        "permutation_only_index_accuracy": 0.52, "hidden_positive_fraction": 0.5},
+                       {"signed_exact": {"signed_sign_accuracy": 0.999},
+                        "data_free_exact": {"data_free_sign_accuracy": 0.998},
+                        "permutation_only_at_ceiling": {"permutation_only_index_accuracy": 0.5 + V.CEILING_TOL + 1e-3}}),
+    "sign_ceiling": (V.sign_ceiling, {"signed_min_accuracy": 1.0, "permutation_only_max_excess_over_f": 0.0},
+                     {"signed_exact_every_f": {"signed_min_accuracy": 0.99},
+                      "permutation_only_below_f": {"permutation_only_max_excess_over_f": V.CEILING_TOL + 1e-3}}),
+    "sae": (V.sae,
+            {"within_model_nmse": 0.004, "gauged_bd_nmse": 0.004, "within_model_nmse_excl_pos0": 0.2,
+             "gauged_bd_nmse_excl_pos0": 0.2, "gauged_sd_matched_nmse_excl_pos0": 0.41,
+             "gauged_sd_nmse_excl_pos0": 0.41},
+            {"sd_matched_fails": {"gauged_sd_matched_nmse_excl_pos0": 0.39},      # threshold: 2 x 0.2 = 0.4
+             "sd_oracle_fails": {"gauged_sd_nmse_excl_pos0": 0.39},
+             "bd_exact": {"gauged_bd_nmse_excl_pos0": 0.2 + 2 * V.EXACT_TOL}}),
+    "sae_ft": (lambda m: V.sae(m, "ft_gauged"),
+               {"within_model_nmse_excl_pos0": 0.2, "ft_gauged_sd_matched_nmse_excl_pos0": 0.5,
+                "ft_gauged_sd_nmse_excl_pos0": 0.5},
+               {"sd_matched_fails": {"ft_gauged_sd_matched_nmse_excl_pos0": 0.35},
+                "sd_oracle_fails": {"ft_gauged_sd_nmse_excl_pos0": 0.35}}),
+    "sae_paper_magnitude": (lambda m: V.sae_paper_magnitude(m, 1.08),
+                            {"gauged_sd_matched_nmse_excl_pos0": 0.55, "gauged_sd_nmse_excl_pos0": 0.55},
+                            {"sd_matched": {"gauged_sd_matched_nmse_excl_pos0": 0.53},
+                             "sd": {"gauged_sd_nmse_excl_pos0": 0.53}}),
+    "steering": (V.steering,
+                 {"sentiment_bd_max_abs_error": 0.0, "refusal_bd_max_abs_error": 1e-5,
+                  "sentiment_sd_max_abs_preserved": 0.49, "sentiment_sd_matched_max_abs_preserved": 0.3,
+                  "sentiment_preserved_finetuned_bd": 0.8, "sentiment_preserved_finetuned_identity": 0.8,
+                  "refusal_preserved_finetuned_bd": 0.5, "refusal_preserved_finetuned_identity": 0.5},
+                 {"bd_exact": {"refusal_bd_max_abs_error": 2 * V.EXACT_TOL},
+                  "sentiment_sd_oracle_lost": {"sentiment_sd_max_abs_preserved": 0.51},   # one step size is enough
+                  "sentiment_sd_matched_lost": {"sentiment_sd_matched_max_abs_preserved": 0.51},
+                  "finetuned_bd_as_identity": {"refusal_preserved_finetuned_bd": 0.5 + 2 * V.EXACT_TOL}}),
+    "lora": (V.lora,
+             {"retained_bd": 0.96, "retained_sd": 0.49, "retained_sd_matched": -0.2, "retained_finetuned_bd": 0.7,
+              "retained_finetuned_identity": 0.7},
+             {"bd_kept": {"retained_bd": 0.94}, "sd_oracle_lost": {"retained_sd": 0.51},
+              "sd_matched_lost": {"retained_sd_matched": 0.6},
+              "finetuned_bd_as_identity": {"retained_finetuned_bd": 0.7 - 2 * V.EXACT_TOL}}),
+    "adamw": (V.adamw, {"bd_final_rel_deviation": 1e-4, "sd_final_rel_deviation": 0.2},
+              {"bd_same_trajectory": {"bd_final_rel_deviation": 2e-3},
+               "sd_different_trajectory": {"sd_final_rel_deviation": 0.05}}),
+    "merge": (V.merge, {"bd_loss_mean": 3.0, "sd_found_loss_mean": 3.1, "sd_same_perm_loss_mean": 3.1,
+                        "none_loss_mean": 3.1},
+              {"bd_beats_sd_matched": {"sd_found_loss_mean": 2.9}, "bd_beats_sd_oracle": {"sd_same_perm_loss_mean": 3.0},
+               "bd_beats_none": {"none_loss_mean": 2.99}}),
+    "audit": (V.audit, {"sentiment_transported_agreement_min": 1.0, "sentiment_canonical_agreement_min": 1.0,
+                        "top_abs_activation_canonical_agreement_min": 1.0, "sentiment_raw_agreement": 0.1},
+              {"transported_exact": {"sentiment_transported_agreement_min": 0.9},
+               "canonical_exact": {"top_abs_activation_canonical_agreement_min": 0.95},
+               "raw_not_reproducible": {"sentiment_raw_agreement": V.RAW_CHANCE}}),
+    "procrustes": (lambda m: V.procrustes(m, PAPER_PROCRUSTES),
+                   {"ev_cross_before": -0.1, "ev_cross_after_site_R": 0.9, "ev_gap_after_site_R_to_ceiling": 0.02,
+                    "decoder_mmcs_raw": 0.94, "decoder_mmcs_after_R": 0.95, "decoder_mmcs_seed0_vs_random_rotation": 0.26,
+                    "site_peak_mass": 0.2, "haar_peak_mass": 0.07, "control_peak_mass": 1.0},
+                   {"ev_negative_before": {"ev_cross_before": 0.01},
+                    "ev_improves_with_R": {"ev_cross_after_site_R": -0.2},
+                    "ev_within_paper_gap": {"ev_gap_after_site_R_to_ceiling": 0.03},
+                    "decoder_cos_raw_as_paper": {"decoder_mmcs_raw": 0.92},
+                    "decoder_cos_raw_above_random": {"decoder_mmcs_seed0_vs_random_rotation": 0.925},
+                    "decoder_cos_after_R_above_random": {"decoder_mmcs_after_R": 0.27},
+                    "R_haar_like_not_signed_permutation": {"site_peak_mass": 0.6}}),
+}
+
+
+def _rule_names(case: str) -> list[tuple[str, str]]:
+    return [(case, rule) for rule in RULE_CASES[case][2]]
+
+
+@pytest.mark.parametrize("case,rule", [cr for c in RULE_CASES for cr in _rule_names(c)])
+def test_verdict_rule_on_both_sides_of_its_threshold(case: str, rule: str) -> None:
+    fn, ok, breaks = RULE_CASES[case]
+    assert set(fn(ok)) == set(breaks), "every rule the function returns has a case here"
+    assert all(fn(ok).values()), fn(ok)
+    bad = fn({**ok, **breaks[rule]})
+    assert not bad[rule]
+    assert all(v for k, v in bad.items() if k != rule), bad
+    assert not V.agrees(bad) and V.agrees(fn(ok))
+
+
+def test_verdict_rules_refuse_missing_numbers() -> None:
+    """A row without a rule's numbers never agrees (NaN comparisons are False), so an old row cannot pass a new rule."""
+    for case, (fn, ok, _) in RULE_CASES.items():
+        if case == "sae_paper_magnitude":
+            continue       # missing S_d NMSE counts as 0: "stays below" the paper's (not an agreement either way)
+        assert not V.agrees(fn({})), case
+
+
+def test_refusal_rules() -> None:
+    assert V.refusal_metric_detects({"refusal_control_z": V.Z_SPECIFIC})
+    assert not V.refusal_metric_detects({"refusal_control_z": V.Z_SPECIFIC - 0.1})
+    assert not V.refusal_metric_detects({})
+    z = {"refusal_z_original": V.Z_SPECIFIC}
+    assert V.refusal_sign_flip({**z, "refusal_z_sd": -V.Z_SPECIFIC, "refusal_z_sd_matched": 5.0}) == "reversed"
+    assert V.refusal_sign_flip({**z, "refusal_z_sd": 1.9, "refusal_z_sd_matched": 5.0}) == "lost"
+    assert V.refusal_sign_flip({**z, "refusal_z_sd": 2.0, "refusal_z_sd_matched": 2.0}) == "kept"
+    assert V.refusal_sign_flip({"refusal_z_original": 1.99, "refusal_z_sd": -9.0}) == "not_specific"
+    assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
+    assert V.specific_preserved({"sentiment_z_bd": 3.0, "sentiment_z_original": 6.0}, "sentiment", "bd") == 0.5
