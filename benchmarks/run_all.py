@@ -64,17 +64,20 @@ def notes(row: dict[str, Any]) -> str:
         ok = V.agrees(V.exact_recovery(m))
         return (f"Hidden random B_d gauges on SmolLM2-135M ({m.get('n_gauges')} seeds), matched from "
                 f"{m.get('n_tokens')} tokens of held-out text (novel + Python docs), residual sites pooled: "
-                f"{s.get('layers')}. "
+                f"{s.get('layers')}. {seeds_note(row)}"
                 f"Sign-marginalized matching recovered {_p(m.get('signed_sign_accuracy'))} of indices+signs; data-free "
                 f"matching {_p(m.get('data_free_sign_accuracy'))}; permutation-only "
                 f"{_p(m.get('permutation_only_index_accuracy'))} at a positive fraction of "
-                f"{_p(m.get('hidden_positive_fraction'))}. " + _verdict(ok, V.exact_recovery(m)))
+                f"{_p(m.get('hidden_positive_fraction'))}{_sp(row, 'permutation_only_index_accuracy')}. "
+                + _verdict(ok, V.exact_recovery(m)))
     if c == "sign_ceiling":
         ch = V.sign_ceiling(m)
-        return (f"Hidden gauges with a prescribed fraction f of +1 signs (f = 0..1). Permutation-only accuracy vs f: "
+        return (f"Hidden gauges with a prescribed fraction f of +1 signs (f = 0..1). {seeds_note(row)}"
+                f"Permutation-only accuracy vs f: "
                 f"correlation {_f(m.get('corr_permutation_only_vs_f'))}, mean |accuracy - f| "
                 f"{_f(m.get('permutation_only_mean_abs_gap_to_f'))}, largest excess over f "
-                f"{_f(m.get('permutation_only_max_excess_over_f'), '+.3f')}; sign-marginalized minimum over f "
+                f"{_f(m.get('permutation_only_max_excess_over_f'), '+.3f')} (worst hidden gauge)"
+                f"{_sp(row, 'permutation_only_max_excess_over_f', '+.3f')}; sign-marginalized minimum over f "
                 f"{_f(m.get('signed_min_accuracy'))}. " + _verdict(V.agrees(ch), ch))
     if c == "trajectory":
         return trajectory_notes(row)
@@ -131,15 +134,17 @@ def notes(row: dict[str, Any]) -> str:
         ch = V.adamw(m)
         return (f"{s.get('model')}; AdamW {s.get('optimizer')}; {s.get('N0')} steps, then a random B_d gauge "
                 f"(residual group of the trained model: {s.get('symmetry_group_at_N0')}) and {s.get('M')} resumed "
-                f"steps on the same batches. Relative parameter deviation from the uninterrupted run at the end: "
-                f"B_d {_f(m.get('bd_final_rel_deviation'), '.1e')}, S_d {_f(m.get('sd_final_rel_deviation'))}, fresh "
-                f"AdamW {_f(m.get('reset_final_rel_deviation'))}. Max |loss - reference|: B_d "
+                f"steps on the same batches. {seeds_note(row)}Relative parameter deviation from the uninterrupted run at "
+                f"the end: B_d {_f(m.get('bd_final_rel_deviation'), '.1e')}{_sp(row, 'bd_final_rel_deviation', '.1e')}, "
+                f"S_d {_f(m.get('sd_final_rel_deviation'))}{_sp(row, 'sd_final_rel_deviation')}, fresh "
+                f"AdamW {_f(m.get('reset_final_rel_deviation'))}. Max |loss - reference| (nats per byte): B_d "
                 f"{_f(m.get('bd_max_abs_loss_diff'), '.1e')}, S_d {_f(m.get('sd_max_abs_loss_diff'))}. "
                 + _verdict(V.agrees(ch), ch)
                 + " (Hypothesis, not measured here: the B_d deviation is float rounding from reordered matmul sums.)")
     if c == "merge":
         ch = V.merge(m)
-        return (f"Endpoints of claim `trajectory` ({s.get('endpoints')}), each in its own export gauge. Mean "
+        return (f"Endpoints of claim `trajectory` ({s.get('endpoints')}), each in its own export gauge. "
+                f"{seeds_note(row)}Mean "
                 f"held-out loss on both texts: base {_f(m.get('base_loss_mean'))}, novel endpoint "
                 f"{_f(m.get('novel_endpoint_loss_mean'))}, pydoc endpoint {_f(m.get('pydoc_endpoint_loss_mean'))}; "
                 f"merged after B_d alignment {_f(m.get('bd_loss_mean'))} (gauge accuracy "
@@ -153,7 +158,13 @@ def notes(row: dict[str, Any]) -> str:
                    f"base {_f(m.get('base_loss_pydoc'))}), so the B_d merge beating both endpoints does not show a "
                    "merge that combines two skills (hypothesis: averaging back toward the shared base); the contrast "
                    "that carries the claim is B_d vs S_d / none."
-                   if (m.get("novel_endpoint_loss_novel") or 0) > (m.get("base_loss_novel") or 0) else ""))
+                   if (m.get("novel_endpoint_loss_novel") or 0) > (m.get("base_loss_novel") or 0)
+                   or (m.get("pydoc_endpoint_loss_pydoc") or 0) > (m.get("base_loss_pydoc") or 0) else
+                   f" Measured: both endpoints are better than the base on held-out text of their own corpus (novel "
+                   f"endpoint on novel {_f(m.get('novel_endpoint_loss_novel'))} vs base {_f(m.get('base_loss_novel'))};"
+                   f" pydoc endpoint on pydoc {_f(m.get('pydoc_endpoint_loss_pydoc'))} vs base "
+                   f"{_f(m.get('base_loss_pydoc'))}); B_d merge on novel {_f(m.get('bd_loss_novel'))}, on pydoc "
+                   f"{_f(m.get('bd_loss_pydoc'))}."))
     if c == "audit":
         ch = V.audit(m)
         return (f"Claims: top-{m.get('k')} coordinates of the sentiment direction (signed scores) and the library's "
@@ -437,9 +448,17 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             f"*{name}* ({what}; seeds {su['seeds']}; matching tokens run {su.get('tokens')}"
             + ("" if list(su.get("tokens", [])) == list(ct.GRID["tokens"]) else
                " (fewer than pre-registered, for compute)")
+            + (f"; recipe {su['recipe']}" if su.get("recipe") else "")
             + f"; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
             f"warmup, batch {su.get('batch')}x{su.get('T')} tokens, {su.get('steps')} steps, a checkpoint every "
-            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}). Cells at "
+            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}"
+            + (("; held-out loss on each run's own text, base -> endpoint: " + ", ".join(
+                f"seed {e['seed']} {e['run']} {_f(e['base'])} -> {_f(e['endpoint'])}"
+                for e in res["heldout_loss"]["endpoints"])
+                + f" (lowered in {sum(e['endpoint'] < e['base'] for e in res['heldout_loss']['endpoints'])} of "
+                f"{len(res['heldout_loss']['endpoints'])})") if res.get("heldout_loss", {}).get("endpoints") else
+               ("; held-out loss not recorded (checkpoints trained before it was)" if name == "smollm2" else ""))
+            + "). Cells at "
             f"step {su.get('steps')} (mean [min-max] over seeds): {cells}. Data-free (weights only): path "
             f"{_f(free['path'])}, via base {_f(free['via_base'])}, endpoint {_f(free['endpoint'])}. Endpoint S_d "
             f"(pooled, index): {_f(sum(r['endpoint_permutation_only_index'] for r in ps) / len(ps))}. The cells' "
