@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+import verdicts as V  # noqa: E402
 
 PAPER = {"text": "LoRA: B_d transport keeps the adapter's effect, S_d does not (no number in the paper's texts)",
          "source": "The claim is the paper's general transport claim applied to adapters. The '99.7% (B_d) vs -0.5% (S_d) "
@@ -193,7 +194,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     measured["finetuned_gauge_signed_accuracy"] = ft["gauge_signed_accuracy"]
     measured["finetuned_acc_without_adapter"] = ft["identity_eval"]["accuracy"]
     su = runs[0][1]
-    res = {"claim": "lora", "paper": PAPER, "measured": measured, "spread": spread,
+    pairs = (("bd", "B_d"), ("sd_matched", "S_d matched"), ("sd", "S_d oracle"),
+             ("finetuned_identity", "fine-tuned, identity chart"), ("finetuned_bd", "fine-tuned, B_d (re-gauged)"),
+             ("finetuned_sd_matched", "fine-tuned, S_d matched"))
+    one = lambda k, lab: cc.bar(spread, measured, k, lab) if k in spread else (lab, measured[k], measured[k],  # noqa
+                                                                                measured[k])
+    fig = cc.bar_figure("lora", q, [
+        {"ylabel": "fraction of the label-CE gain retained (two label tokens)",
+         "bars": [one(f"retained_{k}", lab) for k, lab in pairs], "hlines": [(V.RETAINED, "kept above"),
+                                                                              (V.LOST, "lost below")]},
+        {"ylabel": "accuracy (two label tokens)",
+         "bars": [one("acc_base", "base"), one("acc_lora", "LoRA")] + [one(f"acc_{k}", lab) for k, lab in pairs],
+         "hlines": [(measured["acc_majority_class"], "majority class")]}],
+        title=f"LoRA on SmolLM2-135M, synthetic sentiment task ({len(seeds)} seed(s)); the paper's texts give no number")
+    res = {"claim": "lora", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"{measured['retained_bd']:.1%} of the label CE gain (acc {measured['acc_bd']:.2f}); fine-tuned "
                       f"checkpoint: B_d {measured['retained_finetuned_bd']:.1%} vs identity chart "
                       f"{measured['retained_finetuned_identity']:.1%}",

@@ -153,7 +153,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs = [one_pair(s0, s1, q) for s0, s1 in pairs]
     measured, spread = cc.over_seeds([r[0] for r in runs], HEADLINE)
     su = runs[0][2]
-    res = {"claim": "procrustes", "paper": PAPER,
+    one = lambda k, lab: cc.bar(spread, measured, k, lab) if k in spread else (lab, measured[k], measured[k],  # noqa
+                                                                                measured[k])
+    fig = cc.bar_figure("procrustes", q, [
+        {"ylabel": "explained variance on the other seed (1 - NMSE)",
+         "bars": [one("ev_cross_before", "before R"), one("ev_cross_after_site_R", "after R (site)"),
+                  one("ev_cross_after_pooled_R", "after R (pooled)"),
+                  one("ev_cross_after_signed_perm", "nearest signed perm."),
+                  one("ev_within_seed1_ceiling", "within-seed ceiling")],
+         "paper": {"after R (site)": measured["ev_within_seed1_ceiling"] - PAPER["ev_after_gap_to_ceiling"]},
+         "hlines": [(0.0, "")]},
+        {"ylabel": "decoder mean max cosine", "bars": [
+            one("decoder_mmcs_raw", "cross-seed, raw"), one("decoder_mmcs_after_R", "cross-seed, after R"),
+            one("decoder_mmcs_seed0_vs_random_rotation", "random rotation"),
+            one("decoder_mmcs_same_model_sae_seeds", "same model, 2 SAE seeds")],
+         "paper": {"cross-seed, raw": PAPER["decoder_cos"]}},
+        {"ylabel": "peak mass per row of the map (mean max squared entry)", "bars": [
+            one("site_peak_mass", "R (site)"), one("control_peak_mass", "random signed perm."),
+            one("haar_peak_mass", "Haar rotation")]}],
+        title=f"Procrustes between tiny Llamas from different init seeds ({len(pairs)} pair(s))")
+    res = {"claim": "procrustes", "paper": PAPER, "figure": cc.figure_ref(fig),
            "seeds": {"model_init_pairs": pairs, "train_batches": 0, "sae_init": "the model's init seed (same-model "
                      "ceiling: 100 + seed)", "sae_windows": [1, 2], "random_rotation": "5 + first seed",
                      "control_signed_permutation": "7 + first seed"},

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+import verdicts as V  # noqa: E402
 
 PAPER = {"bd_nmse": 0.004, "sd_nmse": 1.08, "text": "TinyLlama SAE NMSE 0.004 (B_d) vs 1.08 (S_d)"}
 LAYER = 15
@@ -195,7 +196,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     per_seed = [one_seed(s, base, ft, ft_desc, data, q) for s in seeds]
     measured, spread = cc.over_seeds([p[0] for p in per_seed], HEADLINE)
     details = {str(s): p[1] for s, p in zip(seeds, per_seed)}
-    res = {"claim": "sae", "paper": PAPER, "measured": measured, "spread": spread,
+    bars = lambda x: [cc.bar(spread, measured, f"within_model_nmse{x}", "within-model"),  # noqa: E731
+                      cc.bar(spread, measured, f"gauged_bd_nmse{x}", "B_d"),
+                      cc.bar(spread, measured, f"gauged_sd_matched_nmse{x}", "S_d matched"),
+                      cc.bar(spread, measured, f"gauged_sd_nmse{x}", "S_d oracle"),
+                      cc.bar(spread, measured, f"gauged_untransported_nmse{x}", "untransported")]
+    fig = cc.bar_figure("sae", q, [
+        {"ylabel": "NMSE, all tokens (log scale)", "bars": bars(""), "log": True,
+         "paper": {"B_d": PAPER["bd_nmse"], "S_d oracle": PAPER["sd_nmse"]},
+         "title": "all positions (paper: TinyLlama, all tokens)"},
+        {"ylabel": "NMSE without position 0 (log scale)", "bars": bars("_excl_pos0"), "log": True,
+         "hlines": [(V.FAIL_FACTOR * measured["within_model_nmse_excl_pos0"], f"S_d fails above {V.FAIL_FACTOR}x within")],
+         "title": f"without the attention-sink token ({measured['variance_share_pos0']:.0%} of the variance)"}],
+        title=f"SAE at SmolLM2-135M layer {LAYER}, base in a hidden gauge ({len(seeds)} seed(s))")
+    res = {"claim": "sae", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"gauged {measured['gauged_bd_nmse']:.4f} ({measured['gauged_bd_nmse_excl_pos0']:.3f} without "
                       f"position 0), fine-tuned+gauged {measured['ft_gauged_bd_nmse']:.4f} (within-model "
                       f"{measured['within_model_nmse']:.4f}, {measured['within_model_nmse_excl_pos0']:.3f} without "

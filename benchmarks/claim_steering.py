@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+import verdicts as V  # noqa: E402
 
 PAPER = {"sentiment_bd": 0.958, "sentiment_sd": 0.172, "refusal_sd": "sign reversed",
          "text": "sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d"}
@@ -266,7 +267,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ft_measured, ft_details = finetuned_effects(base, tok, dirs, q, headline)
     measured.update(ft_measured)
     details = {str(s): r[1] for s, r in zip(seeds, runs)}
-    res = {"claim": "steering", "paper": PAPER, "measured": measured, "spread": spread,
+    labs = {"bd": "B_d", "sd_matched": "S_d matched", "sd": "S_d oracle", "none": "none"}
+    fig = cc.bar_figure("steering", q, [
+        {"ylabel": "fraction of the sentiment effect preserved", "title": f"gauged copy, alpha {headline['sentiment']:g}",
+         "bars": [cc.bar(spread, measured, f"sentiment_preserved_{k}", lab) if f"sentiment_preserved_{k}" in spread
+                  else (lab, measured[f"sentiment_preserved_{k}"], measured[f"sentiment_preserved_{k}"],
+                        measured[f"sentiment_preserved_{k}"]) for k, lab in labs.items()],
+         "paper": {"B_d": PAPER["sentiment_bd"], "S_d oracle": PAPER["sentiment_sd"]},
+         "hlines": [(V.LOST, "S_d lost below"), (-V.LOST, "")]},
+        {"ylabel": "fraction of the sentiment effect preserved", "title": "fine-tuned checkpoint (pydoc endpoint)",
+         "bars": [(lab, measured[f"sentiment_preserved_finetuned_{k}"], measured[f"sentiment_preserved_finetuned_{k}"],
+                   measured[f"sentiment_preserved_finetuned_{k}"])
+                  for k, lab in (("identity", "identity chart, no transport"), ("bd", "B_d (re-gauged)"),
+                                 ("sd_matched", "S_d matched (re-gauged)"), ("none", "none (re-gauged)"))]},
+        {"ylabel": "z vs same-norm random directions", "title": f"refusal metric, alpha {headline['refusal']:g}",
+         "bars": [cc.bar(spread, measured, "refusal_z_original", "refusal direction"),
+                  cc.bar(spread, measured, "refusal_control_z", "positive control"),
+                  (labs["sd_matched"], measured["refusal_z_sd_matched"], measured["refusal_z_sd_matched"],
+                   measured["refusal_z_sd_matched"]),
+                  (labs["sd"], measured["refusal_z_sd"], measured["refusal_z_sd"], measured["refusal_z_sd"])],
+         "hlines": [(V.Z_SPECIFIC, "specific above"), (-V.Z_SPECIFIC, "")]}],
+        title=f"Steering on SmolLM2-135M, layer {LAYER} ({len(seeds)} seed(s))")
+    res = {"claim": "steering", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"sentiment {measured['sentiment_preserved_bd']:.1%}, refusal "
                       f"{measured['refusal_preserved_bd']:.1%} preserved (gauged copy); fine-tuned checkpoint: "
                       f"sentiment B_d {measured['sentiment_preserved_finetuned_bd']:.1%} vs identity chart "

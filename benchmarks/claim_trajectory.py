@@ -619,6 +619,11 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
                 mean = np.array([x["mean"] for x in cell])
                 lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
                 ax.errorbar(xs, mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+            if sites == "one":     # the paper's numbers (its single-site setting, 1500 steps)
+                for m, y in (("path", PAPER["path"]), ("endpoint", PAPER["endpoint"])):
+                    ax.axhline(y, color=style[m][0], ls=":", lw=1)
+                    ax.text(toks[0], y, f"paper {m} ({PAPER['steps']} steps)", fontsize=6, va="bottom",
+                            color=style[m][0])
             ax.set_xscale("log")
             ax.set_xticks(toks)
             ax.set_xticklabels([str(t) for t in toks])
@@ -718,6 +723,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if cp:
             measured[f"{st}_compose_path_agrees_with_hop_composition"] = float(all(cp))
     big = max(GRID["tokens"])
+    spread: dict[str, Any] = {"n_seeds": min(len(results[st]["setup"]["seeds"]) for st in results)}
+    for st, res in results.items():
+        spread[f"{st}_n_seeds"] = len(res["setup"]["seeds"])
+        toks = max(res["setup"]["tokens"])
+        for site in ("pooled", "one"):
+            for m in METHODS:
+                c = res["cells"][f"{site}/{toks}"][m]
+                spread[f"{st}_{site}_{toks}_{m}_mean"] = [c["min"], c["max"]]
 
     def brief(st: str) -> str:
         res = results[st]
@@ -731,6 +744,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "claim": "trajectory",
         "paper": PAPER,
         "measured": measured,
+        "spread": spread,
         "ours_bd": "; ".join(brief(st) for st in SETTINGS if st in results),
         "ours_baseline": "; ".join(f"{st} endpoint S_d (pooled, index) "
                                    f"{measured[f'{st}_endpoint_permutation_only_index_mean']:.3f}"

@@ -516,16 +516,24 @@ def report(out: Path | None = None) -> Path:
              "Every row records its provenance (git commit, SHA-256 of its script, of every benchmark module the "
              "script imports and of the `hf_gauge` package tree, package versions, seeds); a row is marked stale "
              "below when any of that code has changed since it was written.", "",
-             gpu_note(), "",
-             "| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
+             gpu_note(), ""]
+    stale_full = [c for c in cc.CLAIM_ORDER if c in full and not fresh(full[c])]
+    if stale_full:
+        lines += [f"**{len(stale_full)} of {len(full)} full-run rows are stale** ({', '.join(stale_full)}): the code "
+                  "they depend on changed after they were written (each section names what changed), so their numbers "
+                  "and verdicts describe the old code. Rerun them with `OMP_NUM_THREADS=1 .venv/bin/python "
+                  "benchmarks/run_all.py` (every claim, three seeds each) or `--only <claims>`.", ""]
+    lines += ["| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
              "|---|---|---|---|---|---|---|"]
     total_full = 0.0
     for c in cc.CLAIM_ORDER:
-        row = full.get(c) or quick.get(c)
+        fr, qr = full.get(c), quick.get(c)      # the table shows the full row unless it is stale and the quick is not
+        row = qr if qr is not None and fresh(qr) and (fr is None or not fresh(fr)) else (fr or qr)
         if row is None:
             lines.append(f"| {c} | | not run yet | | | | `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/{SCRIPTS[c]}` |")
             continue
-        kind = ("full" if c in full else "**quick only**") + ("" if fresh(row) else ", **stale**")
+        kind = ("full" if row is fr else "**quick only**" if fr is None else "**quick** (the full row is stale)") \
+            + ("" if fresh(row) else ", **stale**")
         rt_row = row.get("runtime_s", {})
         kind += f", {sum(float(v) for k, v in rt_row.items() if k in ('total', 'total_this_process')) / 60:.1f} min"
         if c in full:
@@ -553,7 +561,7 @@ def report(out: Path | None = None) -> Path:
             fig = row.get("figure")
             lines.append(f"**{label}** ({row.get('date', '')}, {secs / 60:.1f} min, `{row['command']}`; "
                          f"{provenance_note(row)}): " + notes(row))
-            if fig and label == "Full run" or (fig and c not in full):
+            if fig:
                 lines.append("")
                 lines.append(f"![{c}]({Path(fig).relative_to('benchmarks').as_posix()})")
             lines.append("")

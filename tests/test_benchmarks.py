@@ -176,11 +176,16 @@ def test_claim_quick(claim: str, results_dir: Path) -> None:
     after_full = repo_full.read_text() if repo_full.exists() else None
     assert before_full == after_full
     assert cc.CLAIMS_QUICK.parent == results_dir
-    if row.get("figure"):   # the figure a quick row names was written, into the temporary folder
-        fig = cc.REPO / row["figure"]
-        assert fig.parent == results_dir and fig.stat().st_size > 0
-    for key in ("git_commit", "script_sha256", "packages"):
+    fig = cc.REPO / row["figure"]     # every claim draws its figure, into the temporary folder
+    assert fig.parent == results_dir and fig.stat().st_size > 0 and fig.name == f"{claim}_quick.png"
+    spread = row["spread"]            # and records the range over seeds of its headline metrics
+    assert spread["n_seeds"] >= 1 and len(spread) >= 2
+    for key, v in spread.items():
+        if isinstance(v, list):
+            assert len(v) == 2 and v[0] <= v[1], key
+    for key in ("git_commit", "script_sha256", "packages", "code_sha256"):
         assert row["provenance"][key], key
+    assert not cc.stale_code(row)
     assert row["provenance"]["script_sha256"] == cc.file_sha256(cc.script_path(claim))
     assert "seeds" in row
     CHECKS[claim](row)
@@ -491,3 +496,20 @@ def test_refusal_rules() -> None:
     assert V.refusal_sign_flip({"refusal_z_original": 1.99, "refusal_z_sd": -9.0}) == "not_specific"
     assert V.refusal_sign_flip({"refusal_z_original": -3.0, "refusal_z_sd": -5.0}) == "not_specific"
     assert V.specific_preserved({"sentiment_z_bd": 3.0, "sentiment_z_original": 6.0}, "sentiment", "bd") == 0.5
+
+
+def test_report_prefers_a_fresh_quick_row_over_a_stale_full_row(results_dir: Path) -> None:
+    import claims_common as cc
+    import run_all
+    row = {"claim": "adamw", "paper": {"text": "p"}, "seeds": {"init": 0}, "model": "m", "command": "c",
+           "measured": {"bd_final_rel_deviation": 1e-6, "sd_final_rel_deviation": 0.5}}
+    cc.write_claim({**row, "ours_bd": "FULL"}, quick=False)
+    cc.write_claim({**row, "ours_bd": "QUICK"}, quick=True)
+    text = run_all.report(results_dir / "R.md").read_text()
+    assert "| FULL |" in text and "| QUICK |" not in text and "full-run rows are stale" not in text
+    rows = json.loads(cc.CLAIMS_FULL.read_text())
+    rows[0]["provenance"]["code_sha256"]["hf_gauge/"] = "0" * 64        # the package changed since the full run
+    cc.CLAIMS_FULL.write_text(json.dumps(rows))
+    text = run_all.report(results_dir / "R.md").read_text()
+    assert "| QUICK |" in text and "quick** (the full row is stale)" in text
+    assert "**1 of 1 full-run rows are stale** (adamw)" in text and "changed since this row was written: hf_gauge/" in text
