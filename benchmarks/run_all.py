@@ -6,7 +6,13 @@ Usage:
 
 Scripts run one at a time in subprocesses (``OMP_NUM_THREADS`` defaults to 1); each merges its own row into
 ``results/claims.json`` (``--quick``: ``results/claims_quick.json``). A full run rewrites RESULTS.md afterwards; a
-``--quick`` run does so only with ``--report``. The report is generated from those rows only:
+``--quick`` run does so only with ``--report``.
+
+Full runs use three seeds for every claim (the quick mode one, or two for the tiny trajectory). The single-seed full
+runs took 73 min of wall clock in all on a shared 2-core CPU; with three seeds, the steering/LoRA fine-tuned targets
+and the new SmolLM2 fine-tuning recipe, expect several hours (an estimate, not a measurement). The SmolLM2 fine-tuning
+recipe is ``claim_trajectory.DEFAULT_RECIPE`` unless ``--recipe`` (passed on to every script through
+``$HF_GAUGE_BENCH_RECIPE``) names another of ``claim_trajectory.SMOLLM2_RECIPES``. The report is generated from those rows only:
 every number in RESULTS.md comes from a row a script wrote.
 """
 from __future__ import annotations
@@ -578,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated claim keys")
+    ap.add_argument("--recipe", default=None, help="SmolLM2 fine-tuning recipe for every script "
+                                                    "(claim_trajectory.SMOLLM2_RECIPES)")
     ap.add_argument("--report", action="store_true",
                     help="write RESULTS.md (alone: without running anything; with --quick: after the quick runs, "
                          "which otherwise leave RESULTS.md as it is)")
@@ -586,7 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     if run_any:
         todo = [c for c in cc.CLAIM_ORDER if not args.only or c in args.only.split(",")]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               **({cc.RECIPE_ENV: args.recipe} if args.recipe else {})}
         for c in todo:
             cmd = [sys.executable, str(cc.HERE / SCRIPTS[c])] + (["--quick"] if args.quick else [])
             t0 = time.perf_counter()
