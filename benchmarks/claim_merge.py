@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "ours_baseline": f"S_d found {measured['sd_found_loss_mean']:.2f}, S_d same-perm "
                             f"{measured['sd_same_perm_loss_mean']:.2f}, none {measured['none_loss_mean']:.2f}",
            "losses": {str(s): p_[1]["losses"] for s, p_ in zip(seeds, per)}, "figure": cc.figure_ref(fig),
-           "setup": {"endpoints": f"claim_trajectory step {cfg['steps']} (lr {cfg['lr']}, recipe {ct.recipe_name(q)})",
+           "setup": {"endpoints": f"claim_trajectory step {cfg['steps']} (lr {cfg['lr']}, recipe {ct.recipe_name()})",
                      "eval_windows_per_text": per[0][1]["n_eval"], "T_eval": per[0][1]["T_eval"],
                      "matching_tokens": per[0][1]["matching_tokens"]}}
     return cc.finish(res, q, t_start)
