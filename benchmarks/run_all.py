@@ -3,6 +3,7 @@
 Usage:
   python benchmarks/run_all.py [--quick] [--only trajectory,sae] [--report]
   python benchmarks/run_all.py --report            # only regenerate RESULTS.md from results/claims.json
+  python benchmarks/run_all.py --quick --report    # run every quick mode, then regenerate RESULTS.md
 
 Scripts run one at a time in subprocesses (``OMP_NUM_THREADS`` defaults to 1); each merges its own row into
 ``results/claims.json`` (``--quick``: ``results/claims_quick.json``). A full run rewrites RESULTS.md afterwards; a
@@ -590,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="write RESULTS.md (alone: without running anything; with --quick: after the quick runs, "
                          "which otherwise leave RESULTS.md as it is)")
     args = ap.parse_args(argv)
-    run_any = bool(args.only) or not args.report
+    run_any = bool(args.only) or args.quick or not args.report    # --report alone: only write RESULTS.md
     failures = []
     if run_any:
         todo = [c for c in cc.CLAIM_ORDER if not args.only or c in args.only.split(",")]

@@ -378,6 +378,9 @@ def test_run_all_quick_rewrites_results_md_only_with_report(monkeypatch: pytest.
     assert run_all.main(["--quick", "--only", "adamw", "--report"]) == 0
     assert len(ran) == 2 and len(reported) == 1
     assert run_all.main(["--only", "adamw"]) == 0 and len(reported) == 2      # a full run writes the report
+    assert run_all.main(["--quick", "--report"]) == 0                           # every quick mode, then the report
+    assert len(ran) == 3 + len(run_all.SCRIPTS) and len(reported) == 3
+    assert run_all.main(["--report"]) == 0 and len(ran) == 3 + len(run_all.SCRIPTS) and len(reported) == 4
 
 
 def test_finish_completes_writes_and_returns_the_row(results_dir: Path, capsys: pytest.CaptureFixture) -> None:
