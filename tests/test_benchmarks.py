@@ -520,3 +520,47 @@ def test_report_prefers_a_fresh_quick_row_over_a_stale_full_row(results_dir: Pat
     text = run_all.report(results_dir / "R.md").read_text()
     assert "| QUICK |" in text and "quick** (the full row is stale)" in text
     assert "**1 of 1 full-run rows are stale** (adamw)" in text and "changed since this row was written: hf_gauge/" in text
+
+
+def test_over_seeds_means_and_spreads() -> None:
+    import claims_common as cc
+    mean, spread = cc.over_seeds([{"a": 1.0, "b": 2, "s": "x", "f": True}, {"a": 3.0, "b": 4, "f": False}], ["a"])
+    assert mean == {"a": 2.0, "b": 3.0} and spread == {"n_seeds": 2, "a": [1.0, 3.0]}   # strings, bools left out
+    assert cc.over_seeds([{"a": 0.5}], ["a"])[1] == {"n_seeds": 1, "a": [0.5, 0.5]}
+    with pytest.raises(KeyError, match="headline"):
+        cc.over_seeds([{"a": 1.0}, {"b": 1.0}], ["a"])
+    with pytest.raises(ValueError):
+        cc.over_seeds([], [])
+    assert cc.bar({"a": [1.0, 3.0]}, {"a": 2.0}, "a", "A") == ("A", 2.0, 1.0, 3.0)
+    assert cc.bar({}, {"a": 2.0}, "a", "A", scale=100) == ("A", 200.0, 200.0, 200.0)
+
+
+def test_notes_state_what_the_issue_asks_for() -> None:
+    """RESULTS.md's text for the new measurements: procrustes says when our raw decoder cosine is at the random-
+    rotation reference (contradicting the paper's raw 98%); audit puts the canonical chart's drift in the verdict;
+    sae says what the oracle's low NMSE is due to; lora names the source of the dropped numbers."""
+    import run_all
+    pro = {"ev_cross_before": -0.6, "ev_cross_after_site_R": 0.6, "ev_gap_after_site_R_to_ceiling": 0.35,
+           "decoder_mmcs_raw": 0.259, "decoder_mmcs_after_R": 0.4, "decoder_mmcs_seed0_vs_random_rotation": 0.259,
+           "decoder_mmcs_same_model_sae_seeds": 0.7, "site_peak_mass": 0.1, "control_peak_mass": 1.0,
+           "haar_peak_mass": 0.07}
+    text = run_all.notes({"claim": "procrustes", "paper": PAPER_PROCRUSTES, "measured": pro,
+                          "spread": {"n_seeds": 3, "decoder_mmcs_raw": [0.25, 0.27]}})
+    assert "equals the random-rotation reference 0.259: this contradicts the paper's raw 98.0%" in text
+    assert "[0.250-0.270 over 3 seeds]" in text and "same-model SAE-seed ceiling here 0.700" in text
+    assert "contradicts" not in run_all.notes({"claim": "procrustes", "paper": PAPER_PROCRUSTES,
+                                               "measured": {**pro, "decoder_mmcs_raw": 0.6}})
+    aud = {"sentiment_transported_agreement_min": 1.0, "sentiment_canonical_agreement_min": 1.0,
+           "top_abs_activation_canonical_agreement_min": 1.0, "sentiment_raw_agreement": 0.02,
+           "canonical_stability_residual": 0.33, "finetune_relative_weight_change": 0.003}
+    text = run_all.notes({"claim": "audit", "paper": {}, "measured": aud})
+    assert "after a 0.3% relative weight change it keeps 33.0%" in text and "Agrees with the paper" in text
+    sae = {"within_model_nmse": 0.004, "within_model_nmse_excl_pos0": 0.9, "gauged_bd_nmse": 0.004,
+           "gauged_bd_nmse_excl_pos0": 0.9, "gauged_sd_nmse": 0.117, "gauged_sd_nmse_excl_pos0": 3.6,
+           "gauged_sd_matched_nmse": 1.18, "gauged_sd_matched_nmse_excl_pos0": 2.5, "variance_share_pos0": 0.98}
+    text = run_all.notes({"claim": "sae", "paper": {"bd_nmse": 0.004, "sd_nmse": 1.08}, "measured": sae})
+    assert "so its low all-token NMSE is due to position 0" in text and "98.0% of the test" in text
+    text = run_all.notes({"claim": "sae", "paper": {"sd_nmse": 1.08},
+                          "measured": {**sae, "gauged_sd_nmse_excl_pos0": 0.2}})
+    assert "position 0 does not explain its NMSE" in text
+    assert "predates" in run_all.notes({"claim": "sae", "paper": {}, "measured": {"gauged_bd_nmse": 0.004}})
