@@ -4,8 +4,8 @@ A TopK SAE (SAELens orientation: ``W_enc [d, m]``, ``W_dec [m, d]``, ``b_enc``, 
 ``x - b_dec``) is trained on real SmolLM2-135M residual activations at the input of layer 15 (``hook_resid_pre``,
 the middle of 30 layers), then moved with ``gauge.transport(sae_dict)`` to
 1. the same model in a hidden random B_d gauge (gauge found by ``find_gauge(base, gauged, data=...)``), and
-2. a fine-tuned + gauged model (the "pydoc" run of claim `trajectory`, exported in a random gauge, when its
-   checkpoints exist; otherwise a short in-process fine-tune on the Python docs, then a random gauge).
+2. a fine-tuned + gauged model (the "pydoc" endpoint of claim `trajectory`, exported in a random gauge; trained
+   first when its checkpoints are not cached).
 Transport under B_d (the found gauge) vs two S_d baselines, side by side: "S_d matched" is permutation-only matching
 as a user would run it (``find_gauge(..., method="permutation")``), "S_d oracle" the found B_d permutation with every
 sign set to +1 (``Gauge(residual=SignedPermutation(perm))``: the true permutation, no signs), vs none. The signs of
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -77,28 +76,12 @@ def train_sae(x: torch.Tensor, m: int, k: int, steps: int, lr: float = 1e-3, bs:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def fine_tuned_gauged(base: torch.nn.Module, tok: Any, quick: bool) -> tuple[torch.nn.Module, str]:
-    """(a fine-tuned model in a random chart, description): the trajectory run's last pydoc checkpoint if saved."""
+def fine_tuned_gauged(quick: bool) -> tuple[torch.nn.Module, str]:
+    """(a fine-tuned model in a random chart, description): ``claim_trajectory``'s pydoc endpoint (its current
+    SmolLM2 fine-tuning recipe; trained first when not cached), as exported in its random gauge."""
     import claim_trajectory as ct
-    cfg = ct.config(False)
-    folder = ct.ckpt_dir(ct.ckpt_root(False), "pydoc", cfg["steps"])
-    if not quick and (folder / "config.json").exists():
-        return ct.load(folder), (f"claim_trajectory's pydoc run, step {cfg['steps']} (lr {cfg['lr']}), exported in "
-                                 f"random_gauge(seed={ct.export_seed('pydoc', cfg['steps'])})")
-    steps = 3 if quick else 40
-    ft = cc.clone_model(base).train()
-    ids = cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))[0]
-    opt = torch.optim.AdamW(ft.parameters(), lr=1e-3, weight_decay=0.0)
-    for s in range(steps):
-        b = cc.windows(ids, 4, 64, seed=5000 + s)
-        ft(input_ids=b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    ft.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_gauge.apply_gauge(ft, hf_gauge.random_gauge(ft, seed=77))
-    return ft, f"in-process AdamW fine-tune on pydoc_data.topics, {steps} steps at lr 1e-3, then random_gauge(seed=77)"
+    ft = ct.finetuned_endpoint("pydoc", quick)
+    return ft["regauged"], ft["desc"]
 
 
 def nmse_excl_pos0(x_hat: torch.Tensor, x: torch.Tensor, T: int) -> float:
@@ -192,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                    cc.strided_windows(pydoc[1], n_test // 2, T)]),
             "match_ids": cc.matching_data(tok, 4 if q else 8, 32 if q else 64),
             "match_kw": {"layers": [0, 15, 29]} if q else {}}
-    ft, ft_desc = fine_tuned_gauged(base, tok, q)
+    ft, ft_desc = fine_tuned_gauged(q)
     per_seed = [one_seed(s, base, ft, ft_desc, data, q) for s in seeds]
     measured, spread = cc.over_seeds([p[0] for p in per_seed], HEADLINE)
     details = {str(s): p[1] for s, p in zip(seeds, per_seed)}

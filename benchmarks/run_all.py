@@ -133,7 +133,7 @@ def notes(row: dict[str, Any]) -> str:
                    f"{_p(m.get('retained_finetuned_sd_matched'))} (accuracy {_f(m.get('acc_finetuned_identity'))} / "
                    f"{_f(m.get('acc_finetuned_bd'))} / {_f(m.get('acc_finetuned_sd_matched'))})."
                    if "retained_finetuned_bd" in m else "")
-                + " Our task is synthetic, not SST-2; " + str((row.get("paper") or {}).get("source", "")
+                + " Our task is synthetic, not SST-2. " + str((row.get("paper") or {}).get("source", "")
                                                               if isinstance(row.get("paper"), dict) else "")
                 + " A negative S_d number means the sign-scrambled adapter makes the label cross-entropy worse than "
                 "the gauged base without it.")
@@ -265,7 +265,7 @@ def _sp(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
 def seeds_note(row: dict[str, Any]) -> str:
     sp = row.get("spread") or {}
     return (f"Seeds: {sp['n_seeds']} (numbers are means; [min-max] over seeds where shown). " if sp else
-            "Seeds: one (this row predates the per-seed spread). ")
+            "(This row predates the per-seed spread.) ")
 
 
 def sae_notes(row: dict[str, Any]) -> str:
