@@ -183,7 +183,9 @@ def notes(row: dict[str, Any]) -> str:
                 f"{_f(m.get('top_abs_activation_canonical_agreement_min'))}, score signs agree "
                 f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. {seeds_note(row)}"
                 + _verdict(V.agrees(ch), ch)
-                + (f" **But the canonical chart does not survive fine-tuning**: after a "
+                + ((" **But the canonical chart is not stable under fine-tuning**" if float(
+                    m.get("canonical_stability_residual") or 0) < 0.99 else " The canonical chart is stable under "
+                    "this fine-tune") + f": after a "
                    f"{_p(m.get('finetune_relative_weight_change'))} relative weight change it keeps "
                    f"{_p(m.get('canonical_stability_residual'))}{_sp(row, 'canonical_stability_residual', '.3f')} of "
                    f"the residual coordinates (measured, {s.get('stability_finetune')}; sign too: "
@@ -241,6 +243,11 @@ def procrustes_notes(row: dict[str, Any]) -> str:
                f"{_p(paper.get('decoder_cos'))}** (same-model SAE-seed ceiling here "
                f"{_f(m.get('decoder_mmcs_same_model_sae_seeds'))})." if raw_at_chance and
                not ch["decoder_cos_raw_as_paper"] else "")
+            + (f" Measured caveat: the same-model ceiling {_f(m.get('decoder_mmcs_same_model_sae_seeds'))} is itself "
+               f"far below the paper's {_p(paper.get('decoder_cos'))}: at this SAE size two SAE seeds on the same "
+               "activations do not find the same dictionary, so this setup could not show the paper's cosine even "
+               "within one model." if float(m.get("decoder_mmcs_same_model_sae_seeds") or 0)
+               < float(paper.get("decoder_cos") or 0) - V.PROCRUSTES_COS_TOL else "")
             + ("" if ch["ev_within_paper_gap"] else
                " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
                "is small."))
