@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             one("decoder_mmcs_seed0_vs_random_rotation", "random rotation"),
             one("decoder_mmcs_same_model_sae_seeds", "same model, 2 SAE seeds")],
          "paper": {"cross-seed, raw": PAPER["decoder_cos"]}},
-        {"ylabel": "peak mass per row of the map (mean max squared entry)", "bars": [
+        {"ylabel": "peak mass per row (mean max squared entry)", "bars": [
             one("site_peak_mass", "R (site)"), one("control_peak_mass", "random signed perm."),
             one("haar_peak_mass", "Haar rotation")]}],
         title=f"Procrustes between tiny Llamas from different init seeds ({len(pairs)} pair(s))")
