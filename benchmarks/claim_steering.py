@@ -249,6 +249,56 @@ def finetuned_effects(base: torch.nn.Module, tok: Any, dirs: dict[str, Any], q: 
     return measured, {"target": ft["desc"]}
 
 
+def figure(details: dict[str, Any], measured: dict[str, Any], spread: dict[str, Any], headline: dict[str, float],
+           quick: bool) -> Path:
+    """Left: the sentiment curve over step sizes (fraction of the original effect preserved; mean and min-max over
+    seeds), the paper's numbers and the LOST band of the rule. Middle: the fine-tuned checkpoint at the headline step
+    size. Right: the refusal metric's z-scores with the positive control."""
+    import matplotlib.pyplot as plt
+    labs = {"bd": ("B_d", "tab:green"), "sd_matched": ("S_d matched", "tab:red"), "sd": ("S_d oracle", "tab:orange"),
+            "none": ("none", "tab:gray")}
+    seeds = [v for k, v in details["by_seed"].items()]
+    alphas = [r["alpha"] for r in seeds[0]["sentiment"]["rows"]]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    for k, (lab, col) in labs.items():
+        per = [[sd["sentiment"]["rows"][i][f"preserved_{k}"] for sd in seeds] for i in range(len(alphas))]
+        mean = [sum(x) / len(x) for x in per]
+        a.errorbar(alphas, mean, yerr=[[m - min(x) for m, x in zip(mean, per)], [max(x) - m for m, x in zip(mean, per)]],
+                   marker="o", capsize=3, color=col, label=lab)
+    a.axhspan(-V.LOST, V.LOST, color="gray", alpha=0.12, label=f"'lost' band (|preserved| < {V.LOST:g})")
+    a.axhline(PAPER["sentiment_bd"], color="tab:green", ls=":", lw=1, label="paper B_d / S_d")
+    a.axhline(PAPER["sentiment_sd"], color="tab:orange", ls=":", lw=1)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("step size alpha (multiples of the diff-of-means vector)")
+    a.set_ylabel("fraction of the sentiment effect preserved")
+    a.set_title("gauged copy: the curve over step sizes", fontsize=9)
+    a.legend(fontsize=7)
+    ft = [("identity", "identity chart,\nno transport"), ("bd", "B_d\n(re-gauged)"),
+          ("sd_matched", "S_d matched\n(re-gauged)"), ("none", "none\n(re-gauged)")]
+    b.bar(range(len(ft)), [measured[f"sentiment_preserved_finetuned_{k}"] for k, _ in ft],
+          color=["tab:blue", "tab:green", "tab:red", "tab:gray"])
+    b.set_xticks(range(len(ft)), [lab for _, lab in ft], fontsize=8)
+    b.set_ylabel("fraction of the sentiment effect preserved")
+    b.set_title(f"fine-tuned checkpoint (pydoc endpoint), alpha {headline['sentiment']:g}", fontsize=9)
+    zs = [("refusal_z_original", "refusal\ndirection"), ("refusal_control_z", "positive\ncontrol"),
+          ("refusal_z_sd_matched", "S_d matched"), ("refusal_z_sd", "S_d oracle")]
+    vals = [measured[k] for k, _ in zs]
+    err = [[v - spread.get(k, [v, v])[0] for (k, _), v in zip(zs, vals)],
+           [spread.get(k, [v, v])[1] - v for (k, _), v in zip(zs, vals)]]
+    c.bar(range(len(zs)), vals, yerr=err, capsize=4, color=["tab:purple", "tab:blue", "tab:red", "tab:orange"])
+    c.axhline(V.Z_SPECIFIC, color="gray", ls=":", lw=1)
+    c.axhline(-V.Z_SPECIFIC, color="gray", ls=":", lw=1)
+    c.set_xticks(range(len(zs)), [lab for _, lab in zs], fontsize=8)
+    c.set_ylabel("z against same-norm random directions")
+    c.set_title(f"refusal metric, alpha {headline['refusal']:g} (|z| >= {V.Z_SPECIFIC:g}: specific)", fontsize=9)
+    fig.suptitle(f"Steering on SmolLM2-135M, input of layer {LAYER} ({len(seeds)} seed(s))", fontsize=10)
+    fig.tight_layout()
+    path = cc.figure_path("steering", quick)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, t_start = cc.start(__doc__, argv)
     base, tok = cc.load_base()
@@ -267,27 +317,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ft_measured, ft_details = finetuned_effects(base, tok, dirs, q, headline)
     measured.update(ft_measured)
     details = {str(s): r[1] for s, r in zip(seeds, runs)}
-    labs = {"bd": "B_d", "sd_matched": "S_d matched", "sd": "S_d oracle", "none": "none"}
-    fig = cc.bar_figure("steering", q, [
-        {"ylabel": "fraction of the sentiment effect preserved", "title": f"gauged copy, alpha {headline['sentiment']:g}",
-         "bars": [cc.bar(spread, measured, f"sentiment_preserved_{k}", lab) if f"sentiment_preserved_{k}" in spread
-                  else (lab, measured[f"sentiment_preserved_{k}"], measured[f"sentiment_preserved_{k}"],
-                        measured[f"sentiment_preserved_{k}"]) for k, lab in labs.items()],
-         "paper": {"B_d": PAPER["sentiment_bd"], "S_d oracle": PAPER["sentiment_sd"]},
-         "hlines": [(V.LOST, "S_d lost below"), (-V.LOST, "")]},
-        {"ylabel": "fraction of the sentiment effect preserved", "title": "fine-tuned checkpoint (pydoc endpoint)",
-         "bars": [(lab, measured[f"sentiment_preserved_finetuned_{k}"], measured[f"sentiment_preserved_finetuned_{k}"],
-                   measured[f"sentiment_preserved_finetuned_{k}"])
-                  for k, lab in (("identity", "identity chart, no transport"), ("bd", "B_d (re-gauged)"),
-                                 ("sd_matched", "S_d matched (re-gauged)"), ("none", "none (re-gauged)"))]},
-        {"ylabel": "z vs same-norm random directions", "title": f"refusal metric, alpha {headline['refusal']:g}",
-         "bars": [cc.bar(spread, measured, "refusal_z_original", "refusal direction"),
-                  cc.bar(spread, measured, "refusal_control_z", "positive control"),
-                  (labs["sd_matched"], measured["refusal_z_sd_matched"], measured["refusal_z_sd_matched"],
-                   measured["refusal_z_sd_matched"]),
-                  (labs["sd"], measured["refusal_z_sd"], measured["refusal_z_sd"], measured["refusal_z_sd"])],
-         "hlines": [(V.Z_SPECIFIC, "specific above"), (-V.Z_SPECIFIC, "")]}],
-        title=f"Steering on SmolLM2-135M, layer {LAYER} ({len(seeds)} seed(s))")
+    fig = figure({"by_seed": details}, measured, spread, headline, q)
     res = {"claim": "steering", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"sentiment {measured['sentiment_preserved_bd']:.1%}, refusal "
                       f"{measured['refusal_preserved_bd']:.1%} preserved (gauged copy); fine-tuned checkpoint: "
