@@ -16,9 +16,7 @@ Usage: python benchmarks/claim_adamw.py [--quick]
 from __future__ import annotations
 
 import copy
-import json
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -48,16 +46,16 @@ def step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: torch.Tensor
     return float(loss.detach())
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    warnings.filterwarnings("ignore", message=".*fingerprint.*")   # mapping a trained copy back: expected mismatch
-    t_start = time.perf_counter()
-    q = args.quick
+HEADLINE = ["bd_final_rel_deviation", "sd_final_rel_deviation", "reset_final_rel_deviation", "bd_max_abs_loss_diff",
+            "sd_max_abs_loss_diff"]
+
+
+def one_seed(seed: int, q: bool) -> dict[str, Any]:
+    """One run: init ``seed``, hidden gauge ``3 + seed``, batches ``900000 + step + 10**6 * seed``."""
     N0, M, batch, T, every = (30, 20, 8, 64, 5) if q else (300, 150, 16, 128, 10)
     ids = cc.split_ids(cc.byte_ids(cc.botchan_text()))[0]
-    batches = [cc.windows(ids, batch, T, seed=900_000 + s) for s in range(N0 + M)]
-    model = cc.tiny_llama(0)
+    batches = [cc.windows(ids, batch, T, seed=900_000 + s + 10**6 * seed) for s in range(N0 + M)]
+    model = cc.tiny_llama(seed)
     opt = torch.optim.AdamW(model.parameters(), **HP)
     pre = [step(model, opt, batches[s]) for s in range(N0)]
     group = hf_gauge.symmetry_group(model, warn=False)
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if (s + 1) % every == 0 or s == M - 1:
             ref_params[s + 1] = flat(model)
 
-    g = hf_gauge.random_gauge(snap_model, seed=3)
+    g = hf_gauge.random_gauge(snap_model, seed=3 + seed)
     g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
     ginv = g.inverse()
     runs: dict[str, Any] = {}
@@ -93,39 +91,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 dev[s + 1] = float((flat(back) - ref).norm() / (ref - theta0).norm())
         runs[name] = {"loss": losses, "deviation": dev,
                       "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_loss))}
-        print(name, "final deviation", dev[M], "max |loss - ref|", runs[name]["max_abs_loss_diff"], flush=True)
-
-    fig = cc.figure_path("adamw", q)
-    import matplotlib.pyplot as plt
-    fig_, (a1, a3, a2) = plt.subplots(1, 3, figsize=(15, 4))
-    xs = list(range(N0 + 1, N0 + M + 1))
-    a1.plot(range(1, N0 + 1), pre, color="gray", lw=0.8, label="before the chart change")
-    a1.plot(xs, ref_loss, color="k", lw=2, label="reference (no chart change)")
-    for name, lab, st in (("bd", "new chart, B_d-transported state", "--"), ("sd", "new chart, S_d (perm-only) state", "-"),
-                          ("reset", "new chart, fresh AdamW", ":")):
-        a1.plot(xs, runs[name]["loss"], ls=st, label=lab)
-    a1.set_xlabel("step")
-    a1.set_ylabel("training loss (bytes)")
-    a1.legend(fontsize=7)
-    a1.set_title("loss", fontsize=9)
-    for name in ("bd", "sd", "reset"):
-        a3.plot(xs, [max(abs(a - b), 1e-9) for a, b in zip(runs[name]["loss"], ref_loss)], label=name)
-    a3.set_yscale("log")
-    a3.set_xlabel("step")
-    a3.set_ylabel("|loss - reference loss|")
-    a3.legend(fontsize=8)
-    a3.set_title("loss difference from the reference run", fontsize=9)
-    for name in ("bd", "sd", "reset"):
-        d = runs[name]["deviation"]
-        a2.plot([N0 + k for k in d], [max(v, 1e-12) for v in d.values()], marker="o", label=name)
-    a2.set_yscale("log")
-    a2.set_xlabel("step")
-    a2.set_ylabel("||theta - theta_ref|| / ||theta_ref - theta_N0||")
-    a2.legend(fontsize=8)
-    a2.set_title("parameter deviation from the reference run (mapped back)", fontsize=9)
-    plt.tight_layout()
-    plt.savefig(fig, dpi=110)
-    plt.close()
+        print(f"seed {seed}", name, "final deviation", dev[M], "max |loss - ref|", runs[name]["max_abs_loss_diff"],
+              flush=True)
     measured = {"bd_final_rel_deviation": runs["bd"]["deviation"][M], "sd_final_rel_deviation":
                 runs["sd"]["deviation"][M], "reset_final_rel_deviation": runs["reset"]["deviation"][M],
                 "bd_max_abs_loss_diff": runs["bd"]["max_abs_loss_diff"],
@@ -134,24 +101,82 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "sd_first_step_loss_minus_ref": runs["sd"]["loss"][1] - ref_loss[1],
                 "ref_final_loss": ref_loss[-1], "bd_final_loss": runs["bd"]["loss"][-1],
                 "sd_final_loss": runs["sd"]["loss"][-1], "reset_final_loss": runs["reset"]["loss"][-1]}
-    res = {"claim": "adamw", "paper": PAPER, "seeds": {"init": 0, "gauge": 3, "batches": "900000 + step"}, "measured": measured,
+    return {"measured": measured, "runs": runs, "pre": pre, "ref_loss": ref_loss, "group": group,
+            "N0": N0, "M": M, "batch": batch, "T": T}
+
+
+def figure(r: dict[str, Any], spread: dict[str, Any], measured: dict[str, Any], q: bool) -> Path:
+    """Loss curves and |loss - reference| of the first seed, and the final parameter deviation (mean, min-max over
+    seeds). Steps where a run's loss equals the reference bit for bit have no point on the log axis (counted in the
+    panel's title)."""
+    import matplotlib.pyplot as plt
+    runs, ref_loss, N0, M = r["runs"], r["ref_loss"], r["N0"], r["M"]
+    fig_, (a1, a3, a2) = plt.subplots(1, 3, figsize=(15, 4))
+    xs = list(range(N0 + 1, N0 + M + 1))
+    a1.plot(range(1, N0 + 1), r["pre"], color="gray", lw=0.8, label="before the chart change")
+    a1.plot(xs, ref_loss, color="k", lw=2, label="reference (no chart change)")
+    for name, lab, st in (("bd", "new chart, B_d-transported state", "--"),
+                          ("sd", "new chart, S_d (perm-only) state", "-"), ("reset", "new chart, fresh AdamW", ":")):
+        a1.plot(xs, runs[name]["loss"], ls=st, label=lab)
+    a1.set_xlabel("training step")
+    a1.set_ylabel("training loss (nats per byte)")
+    a1.legend(fontsize=7)
+    a1.set_title("loss (first seed)", fontsize=9)
+    zeros = {}
+    for name in ("bd", "sd", "reset"):
+        d = [(x, abs(a - b)) for x, a, b in zip(xs, runs[name]["loss"], ref_loss)]
+        zeros[name] = sum(1 for _, v in d if v == 0.0)
+        a3.plot([x for x, v in d if v > 0], [v for _, v in d if v > 0], marker=".", label=name)
+    a3.set_yscale("log")
+    a3.set_xlabel("training step")
+    a3.set_ylabel("|loss - reference loss| (nats per byte)")
+    a3.legend(fontsize=8)
+    a3.set_title("difference from the reference run (first seed); steps equal bit for bit, not drawn: "
+                 + ", ".join(f"{k} {v}/{M}" for k, v in zeros.items()), fontsize=7)
+    labels = {"bd": "B_d state", "sd": "S_d state", "reset": "fresh AdamW"}
+    for i, name in enumerate(("bd", "sd", "reset")):
+        key = f"{name}_final_rel_deviation"
+        mu = measured[key]
+        lo, hi = spread.get(key, [mu, mu])
+        a2.bar(i, mu, yerr=[[mu - lo], [hi - mu]], capsize=4, color=["tab:green", "tab:red", "tab:gray"][i])
+    a2.set_xticks(range(3), [labels[k] for k in ("bd", "sd", "reset")])
+    a2.set_yscale("log")
+    a2.set_ylabel("||theta - theta_ref|| / ||theta_ref - theta_N0|| (after the last step)")
+    a2.set_title(f"parameter deviation, mapped back (mean, min-max over {spread.get('n_seeds', 1)} seeds)", fontsize=9)
+    plt.tight_layout()
+    fig = cc.figure_path("adamw", q)
+    plt.savefig(fig, dpi=110)
+    plt.close()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, t_start = cc.start(__doc__, argv)
+    warnings.filterwarnings("ignore", message=".*fingerprint.*")   # mapping a trained copy back: expected mismatch
+    q = args.quick
+    seeds = [0] if q else [0, 1, 2]
+    per = [one_seed(s, q) for s in seeds]
+    measured, spread = cc.over_seeds([r["measured"] for r in per], HEADLINE)
+    r0 = per[0]
+    fig = figure(r0, spread, measured, q)
+    res = {"claim": "adamw", "paper": PAPER, "measured": measured, "spread": spread,
+           "seeds": {"init": seeds, "gauge": [3 + s for s in seeds], "batches": "900000 + step + 10**6 * seed"},
            "ours_bd": f"relative deviation {measured['bd_final_rel_deviation']:.1e}, max |dloss| "
                       f"{measured['bd_max_abs_loss_diff']:.1e}",
            "ours_baseline": f"S_d: relative deviation {measured['sd_final_rel_deviation']:.3f}, max |dloss| "
                             f"{measured['sd_max_abs_loss_diff']:.3f} (fresh AdamW: "
                             f"{measured['reset_final_rel_deviation']:.3f})",
-           "curves": {"pre": pre, "ref": ref_loss, **{k: v["loss"] for k, v in runs.items()},
-                      "deviation": {k: v["deviation"] for k, v in runs.items()}},
+           "curves": {"pre": r0["pre"], "ref": r0["ref_loss"], **{k: v["loss"] for k, v in r0["runs"].items()},
+                      "deviation": {k: v["deviation"] for k, v in r0["runs"].items()}},
+           "by_seed": {str(s): r["measured"] for s, r in zip(seeds, per)},
            "figure": cc.figure_ref(fig),
-           "setup": {"model": "LlamaForCausalLM d=128, 4 layers, heads 4/2, d_ff 384, vocab 256 (bytes), seed 0",
-                     "N0": N0, "M": M, "batch": batch, "T": T, "optimizer": f"AdamW {HP}, grad clip 1.0",
-                     "symmetry_group_at_N0": group, "gauge": "random_gauge(seed=3), residual B_d"},
-           "model": "tiny Llama (d=128, 4 layers, bytes) trained from scratch on Botchan",
-           "command": cc.command_for("claim_adamw.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+           "setup": {"model": "LlamaForCausalLM d=128, 4 layers, heads 4/2, d_ff 384, vocab 256 (bytes), init seeds "
+                              + ", ".join(map(str, seeds)),
+                     "N0": r0["N0"], "M": r0["M"], "batch": r0["batch"], "T": r0["T"],
+                     "optimizer": f"AdamW {HP}, grad clip 1.0", "symmetry_group_at_N0": r0["group"],
+                     "gauge": "random_gauge(seed=3 + seed), residual B_d"}}
+    return cc.finish(res, q, t_start,
+                     model="tiny Llama (d=128, 4 layers, bytes) trained from scratch on Botchan")
 
 
 if __name__ == "__main__":

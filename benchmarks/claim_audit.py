@@ -38,10 +38,49 @@ def jaccard(a: list[int], b: list[int]) -> float:
     return len(sa & sb) / max(1, len(sa | sb))
 
 
+def figure(m: dict[str, Any], spread: dict[str, Any], out: dict[str, Any], quick: bool) -> Path:
+    """Left: Jaccard of each claim's top-k set with the original's, raw indices vs the canonical chart vs transported
+    (bars: mean over gauges, whiskers: min-max). Right: the fraction of coordinates keeping their canonical index after
+    a short fine-tune (whiskers: min-max over data seeds), with the relative weight change it took."""
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    names = list(out)
+    for i, name in enumerate(names):
+        raw = [r["raw"] for r in out[name]["audit_rows"]]
+        can = out[name]["canonical_jaccard"]
+        tr = [r["transported"] for r in out[name]["audit_rows"]]
+        for j, (vals, lab, col) in enumerate(((raw, "raw indices", "tab:red"), (can, "canonical chart", "tab:blue"),
+                                              (tr, "transported (known gauge)", "tab:green"))):
+            mu = sum(vals) / len(vals)
+            a.bar(i + (j - 1) * 0.27, mu, 0.25, color=col, label=lab if i == 0 else None,
+                  yerr=[[mu - min(vals)], [max(vals) - mu]], capsize=3)
+    a.axhline(m.get(f"{names[0]}_chance", 0), color="gray", ls=":", label="chance (random k-sets)")
+    a.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
+    a.set_ylabel("Jaccard with the original top-k set")
+    a.set_ylim(0, 1.05)
+    a.set_title(f"{m.get('n_gauges')} random B_d gauges of the same weights")
+    a.legend(fontsize=7)
+    spaces = [k_.removeprefix("canonical_stability_") for k_ in m if k_.startswith("canonical_stability_")
+              and not k_.endswith("_sign")]
+    vals = [m[f"canonical_stability_{sp}"] for sp in spaces]
+    err = [[v - spread.get(f"canonical_stability_{sp}", [v, v])[0] for sp, v in zip(spaces, vals)],
+           [spread.get(f"canonical_stability_{sp}", [v, v])[1] - v for sp, v in zip(spaces, vals)]]
+    b.bar(spaces, vals, color="tab:blue", yerr=err, capsize=3)
+    for i, v in enumerate(vals):
+        b.text(i, v + 0.03, f"{v:.0%}", ha="center", fontsize=9)
+    b.set_ylim(0, 1.15)
+    b.set_ylabel("fraction keeping its canonical index")
+    b.set_title(f"canonical chart after fine-tuning: {m['finetune_relative_weight_change']:.1%} relative weight "
+                f"change", fontsize=9)
+    fig.tight_layout()
+    path = cc.figure_path("audit", quick)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     q = args.quick
     base, tok = cc.load_base()
     from hf_gauge.audit import ClaimResult, audit, topk_residual_claim
@@ -101,47 +140,56 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             measured[f"{name}_canonical_sign_agreement_min"] = min(can_sign)
         measured[f"{name}_max_logits_rel_diff"] = rep.max_logits_rel_diff
         print(name, json.dumps({kk: v for kk, v in measured.items() if kk.startswith(name)}), flush=True)
-        if name == "sentiment":
-            fig = cc.figure_path("audit", q)
-            rep.plot(str(fig))
     measured["n_gauges"] = n_g
     measured["k"] = k
-    # How stable is the canonical chart under fine-tuning drift? A short full fine-tune of SmolLM2 on the Python docs
-    # (same chart, no gauge: only drift), then the fraction of coordinates that keep their canonical index.
+    # How stable is the canonical chart under fine-tuning drift? Short full fine-tunes of SmolLM2 on the Python docs
+    # (same chart, no gauge: only drift; one per data seed), then the fraction of coordinates that keep their canonical
+    # index.
     from hf_gauge.canonical import canonical_stability
     ft_steps, ft_lr = (2, 1e-4) if q else (30, 1e-4)
-    ft = cc.clone_model(base)
-    ft_losses, _ = cc.train_lm(ft, cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))[0], ft_steps, batch=4, T=64,
-                               lr=ft_lr, data_seed=31, warmup=max(1, ft_steps // 10))
-    ft.eval()
-    stab = canonical_stability(base, ft)
-    rel_change = (sum(float((p - q).norm() ** 2) for p, q in zip(base.parameters(), ft.parameters()))
-                  / sum(float(p.norm() ** 2) for p in base.parameters())) ** 0.5
-    del ft
-    for space, frac in stab.summary().items():
-        measured[f"canonical_stability_{space}"] = frac
-    measured["canonical_stability_residual_sign"] = stab.spaces["residual"]["sign_kept"] / stab.spaces["residual"]["total"]
-    measured["finetune_relative_weight_change"] = rel_change
+    ft_seeds = [31] if q else [31, 32, 33]
+    per_seed, ft_losses_by_seed, stab = [], {}, None
+    for data_seed in ft_seeds:
+        ft = cc.clone_model(base)
+        ft_losses, _ = cc.train_lm(ft, cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))[0], ft_steps, batch=4,
+                                   T=64, lr=ft_lr, data_seed=data_seed, warmup=max(1, ft_steps // 10))
+        ft.eval()
+        st = canonical_stability(base, ft)
+        stab = stab or st
+        rel_change = (sum(float((p - q).norm() ** 2) for p, q in zip(base.parameters(), ft.parameters()))
+                      / sum(float(p.norm() ** 2) for p in base.parameters())) ** 0.5
+        del ft
+        r = {f"canonical_stability_{space}": frac for space, frac in st.summary().items()}
+        r["canonical_stability_residual_sign"] = st.spaces["residual"]["sign_kept"] / st.spaces["residual"]["total"]
+        r["finetune_relative_weight_change"] = rel_change
+        per_seed.append(r)
+        ft_losses_by_seed[data_seed] = [ft_losses[0], ft_losses[-1]]
+    drift, spread = cc.over_seeds(per_seed, ["canonical_stability_residual", "canonical_stability_mlp",
+                                             "finetune_relative_weight_change"])
+    measured.update(drift)
+    for name in claims:
+        spread[f"{name}_canonical_jaccard_over_gauges"] = [min(out[name]["canonical_jaccard"]),
+                                                           max(out[name]["canonical_jaccard"])]
+    fig = figure(measured, spread, out, q)
+    ft_losses = ft_losses_by_seed[ft_seeds[0]]
     print("canonical stability under fine-tuning drift:\n" + stab.table(), flush=True)
-    res = {"claim": "audit", "paper": PAPER, "seeds": {"audit_gauges": 200, "finetune_batches": 31}, "measured": measured,
+    res = {"claim": "audit", "paper": PAPER, "spread": spread,
+           "seeds": {"audit_gauges": list(range(200, 200 + n_g)), "finetune_batches": ft_seeds}, "measured": measured,
            "ours_bd": f"canonical chart: Jaccard {measured['sentiment_canonical_agreement_min']:.2f} (sentiment), "
                       f"{measured['top_abs_activation_canonical_agreement_min']:.2f} (top |act|); transported "
                       f"{measured['sentiment_transported_agreement_min']:.2f}",
            "ours_baseline": f"raw indices: Jaccard {measured['sentiment_raw_agreement']:.3f} / "
                             f"{measured['top_abs_activation_raw_agreement']:.3f} (chance "
                             f"{measured['sentiment_chance']:.3f})",
-           "details": out, "figure": cc.figure_ref(cc.figure_path("audit", q)),
+           "details": out, "figure": cc.figure_ref(fig),
            "setup": {"k": k, "n_gauges": n_g, "contrastive_pairs": n_pairs,
                      "canonical_gauge_s_per_model": t_can / (2 * n_g),
                      "stability_finetune": f"full fine-tune on pydoc_data.topics, AdamW lr {ft_lr} (wd 0.01, clip 1.0), "
-                                           f"batch 4x64 tokens, {ft_steps} steps; training loss "
+                                           f"batch 4x64 tokens, {ft_steps} steps, data seeds {ft_seeds}; training "
+                                           f"loss (first seed) "
                                            f"{ft_losses[0]:.3f} -> {ft_losses[-1]:.3f}"},
-           "canonical_stability": {"residual": stab.spaces["residual"], "by_space": stab.summary()},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_audit.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+           "canonical_stability": {"residual": stab.spaces["residual"], "by_space": stab.summary()}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ PAPER = {"signed": 1.0, "data_free": 1.0, "permutation_only": "= positive-sign f
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     model, tok = cc.load_base()
     seeds = [11] if args.quick else [11, 12, 13]
     n, T = (4, 32) if args.quick else (16, 64)
@@ -54,28 +52,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         per_seed.append(r)
         print(json.dumps(r))
         del b
-    mean = lambda f: sum(f(r) for r in per_seed) / len(per_seed)  # noqa: E731
-    measured = {
-        "signed_index_accuracy": mean(lambda r: r["signed_from_activations"]["index_accuracy"]),
-        "signed_sign_accuracy": mean(lambda r: r["signed_from_activations"]["signed_accuracy"]),
-        "data_free_index_accuracy": mean(lambda r: r["data_free"]["index_accuracy"]),
-        "data_free_sign_accuracy": mean(lambda r: r["data_free"]["signed_accuracy"]),
-        "permutation_only_index_accuracy": mean(lambda r: r["permutation_only"]["index_accuracy"]),
-        "hidden_positive_fraction": mean(lambda r: r["positive_fraction"]),
-        "n_gauges": len(per_seed), "n_tokens": int(data.numel()),
-    }
+    flat = [{"signed_index_accuracy": r["signed_from_activations"]["index_accuracy"],
+             "signed_sign_accuracy": r["signed_from_activations"]["signed_accuracy"],
+             "data_free_index_accuracy": r["data_free"]["index_accuracy"],
+             "data_free_sign_accuracy": r["data_free"]["signed_accuracy"],
+             "permutation_only_index_accuracy": r["permutation_only"]["index_accuracy"],
+             "hidden_positive_fraction": r["positive_fraction"]} for r in per_seed]
+    measured, spread = cc.over_seeds(flat, list(flat[0]))
+    measured.update({"n_gauges": len(per_seed), "n_tokens": int(data.numel())})
+    fig = cc.bar_figure("exact_recovery", args.quick, [{
+        "ylabel": "fraction of residual coordinates recovered",
+        "bars": [cc.bar(spread, measured, "signed_sign_accuracy", "B_d, activations (index+sign)"),
+                 cc.bar(spread, measured, "data_free_sign_accuracy", "B_d, data-free (index+sign)"),
+                 cc.bar(spread, measured, "permutation_only_index_accuracy", "S_d (index)"),
+                 cc.bar(spread, measured, "hidden_positive_fraction", "+1 fraction of the hidden gauge")],
+        "paper": {"B_d, activations (index+sign)": 1.0, "B_d, data-free (index+sign)": 1.0},
+        "title": f"SmolLM2-135M, {len(per_seed)} hidden gauge(s), {int(data.numel())} tokens"}])
     res = {"claim": "exact_recovery", "paper": PAPER, "seeds": {"hidden_gauges": seeds}, "measured": measured,
+           "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"activations {measured['signed_sign_accuracy']:.3f}, data-free "
                       f"{measured['data_free_sign_accuracy']:.3f} (index+sign)",
            "ours_baseline": f"S_d index accuracy {measured['permutation_only_index_accuracy']:.3f} "
                             f"(positive fraction {measured['hidden_positive_fraction']:.3f})",
            "per_gauge": per_seed, "setup": {"layers": layers or "all 30 + embedding + final norm", "n_windows": 2 * n,
-                                            "T": T},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_exact_recovery.py", args.quick),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, args.quick)
-    print(json.dumps(measured, indent=1))
-    return res
+                                            "T": T}}
+    return cc.finish(res, args.quick, t_start)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ A TopK SAE (SAELens orientation: ``W_enc [d, m]``, ``W_dec [m, d]``, ``b_enc``, 
 ``x - b_dec``) is trained on real SmolLM2-135M residual activations at the input of layer 15 (``hook_resid_pre``,
 the middle of 30 layers), then moved with ``gauge.transport(sae_dict)`` to
 1. the same model in a hidden random B_d gauge (gauge found by ``find_gauge(base, gauged, data=...)``), and
-2. a fine-tuned + gauged model (the "pydoc" run of claim `trajectory`, exported in a random gauge, when its
-   checkpoints exist; otherwise a short in-process fine-tune on the Python docs, then a random gauge).
+2. a fine-tuned + gauged model (the "pydoc" endpoint of claim `trajectory`, exported in a random gauge; trained
+   first when its checkpoints are not cached).
 Transport under B_d (the found gauge) vs two S_d baselines, side by side: "S_d matched" is permutation-only matching
 as a user would run it (``find_gauge(..., method="permutation")``), "S_d oracle" the found B_d permutation with every
 sign set to +1 (``Gauge(residual=SignedPermutation(perm))``: the true permutation, no signs), vs none. The signs of
-the found gauge at the target's top-variance coordinates are measured and reported. NMSE = ||x_hat - x||^2 / ||x - mean||^2 on held-out tokens.
+the found gauge at the target's top-variance coordinates are measured and reported. NMSE = ||x_hat - x||^2 / ||x -
+mean||^2 on held-out tokens, with and without position 0 of each window (``*_excl_pos0``: the attention-sink token,
+whose few huge coordinates carry most of the variance). Three seeds (SAE init and batches, training windows, hidden
+gauge); the quick mode runs one.
 Paper (TinyLlama): NMSE 0.004 under B_d vs 1.08 under S_d.
 Usage: python benchmarks/claim_sae.py [--quick]
 """
@@ -18,7 +21,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+import verdicts as V  # noqa: E402
 
 PAPER = {"bd_nmse": 0.004, "sd_nmse": 1.08, "text": "TinyLlama SAE NMSE 0.004 (B_d) vs 1.08 (S_d)"}
 LAYER = 15
@@ -73,120 +76,140 @@ def train_sae(x: torch.Tensor, m: int, k: int, steps: int, lr: float = 1e-3, bs:
     return {n: p.detach().clone() for n, p in params.items()}
 
 
-def fine_tuned_gauged(base: torch.nn.Module, tok: Any, quick: bool) -> tuple[torch.nn.Module, str]:
-    """(a fine-tuned model in a random chart, description): the trajectory run's last pydoc checkpoint if saved."""
+def fine_tuned_gauged(quick: bool) -> tuple[torch.nn.Module, str]:
+    """(a fine-tuned model in a random chart, description): ``claim_trajectory``'s pydoc endpoint (its current
+    SmolLM2 fine-tuning recipe; trained first when not cached), as exported in its random gauge."""
     import claim_trajectory as ct
-    cfg = ct.config(False)
-    folder = ct.ckpt_dir(ct.ckpt_root(False), "pydoc", cfg["steps"])
-    if not quick and (folder / "config.json").exists():
-        return ct.load(folder), (f"claim_trajectory's pydoc run, step {cfg['steps']} (lr {cfg['lr']}), exported in "
-                                 f"random_gauge(seed={ct.export_seed('pydoc', cfg['steps'])})")
-    steps = 3 if quick else 40
-    ft = cc.clone_model(base).train()
-    ids = cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))[0]
-    opt = torch.optim.AdamW(ft.parameters(), lr=1e-3, weight_decay=0.0)
-    for s in range(steps):
-        b = cc.windows(ids, 4, 64, seed=5000 + s)
-        ft(input_ids=b, labels=b).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    ft.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        hf_gauge.apply_gauge(ft, hf_gauge.random_gauge(ft, seed=77))
-    return ft, f"in-process AdamW fine-tune on pydoc_data.topics, {steps} steps at lr 1e-3, then random_gauge(seed=77)"
+    ft = ct.finetuned_endpoint("pydoc", quick)
+    return ft["regauged"], ft["desc"]
+
+
+def nmse_excl_pos0(x_hat: torch.Tensor, x: torch.Tensor, T: int) -> float:
+    """NMSE over the rows that are not position 0 of their window (rows are window-major, ``T`` per window): position
+    0 is the attention-sink token, whose few huge coordinates dominate the variance otherwise."""
+    keep = torch.arange(x.shape[0]) % T != 0
+    return cc.nmse(x_hat[keep], x[keep])
+
+
+def variance_share_pos0(x: torch.Tensor, T: int) -> float:
+    """Share of the total sum of squares about the mean (the NMSE denominator) carried by position-0 rows."""
+    ss = ((x.double() - x.double().mean(0)) ** 2).sum(1)
+    return float(ss[torch.arange(x.shape[0]) % T == 0].sum() / ss.sum())
+
+
+HEADLINE = ["within_model_nmse_excl_pos0", "gauged_bd_nmse_excl_pos0", "gauged_sd_matched_nmse_excl_pos0",
+            "gauged_sd_nmse_excl_pos0", "ft_gauged_sd_matched_nmse_excl_pos0", "gauged_bd_nmse",
+            "gauged_sd_matched_nmse", "gauged_sd_nmse"]
+
+
+def one_seed(seed: int, base: torch.nn.Module, ft: torch.nn.Module, ft_desc: str, data: dict[str, Any],
+             q: bool) -> tuple[dict[str, float], dict[str, Any]]:
+    """(measured, details) for one seed: the SAE's init and batches, its training windows and the hidden gauge."""
+    T, k, m, steps = data["T"], data["k"], data["m"], data["steps"]
+    train_ids = torch.cat([cc.windows(data["novel_train"], data["n_train"] // 2, T, 1 + 2 * seed),
+                           cc.windows(data["pydoc_train"], data["n_train"] // 2, T, 2 + 2 * seed)])
+    test_ids = data["test_ids"]
+    t0 = time.perf_counter()
+    sae = train_sae(resid(base, train_ids), m, k, steps, seed=seed)
+    t_sae = time.perf_counter() - t0
+    x_test = resid(base, test_ids)
+    within = sae_forward(sae, x_test, k)
+    results: dict[str, Any] = {"within_model_nmse": cc.nmse(within, x_test), "sae_train_s": t_sae,
+                               "within_model_nmse_excl_pos0": nmse_excl_pos0(within, x_test, T),
+                               "variance_share_pos0": variance_share_pos0(x_test, T)}
+    targets = {"gauged": (cc.gauged_copy(base, hf_gauge.random_gauge(base, seed=41 + seed)),
+                          f"base in random_gauge(seed={41 + seed})"),
+               "finetuned_gauged": (ft, ft_desc)}
+    for name, (target, desc) in targets.items():
+        g = hf_gauge.find_gauge(base, target, data=data["match_ids"], **data["match_kw"])
+        g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
+        g_sdm = hf_gauge.find_gauge(base, target, data=data["match_ids"], method="permutation", **data["match_kw"])
+        x_t = resid(target, test_ids)
+        var = x_t.double().var(0)
+        top = var.argsort(descending=True)[:5]
+        rec = {lab: sae_forward(gg.transport(sae), x_t, k)
+               for lab, gg in (("bd", g), ("sd", g_sd), ("sd_matched", g_sdm))}
+        rec["untransported"] = sae_forward(sae, x_t, k)
+        r: dict[str, Any] = {"target": desc}
+        for lab, x_hat in rec.items():
+            r[f"{lab}_nmse"] = cc.nmse(x_hat, x_t)
+            r[f"{lab}_nmse_excl_pos0"] = nmse_excl_pos0(x_hat, x_t, T)
+            r[f"{lab}_nmse_per_coordinate"] = cc.nmse_per_coordinate(x_hat, x_t)
+        r.update({"sd_matched_index_accuracy_vs_bd": float((g_sdm.residual.perm == g.residual.perm).double().mean()),
+                  "top5_variance_coordinates": top.tolist(),
+                  "top5_variance_gauge_signs": g.residual.sign[top].tolist(),
+                  "top5_variance_sd_matched_signs_right": float((g_sdm.residual.perm[top] == g.residual.perm[top])
+                                                                .double().mean()),
+                  "variance_share_top5_coordinates": float(var.sort(descending=True).values[:5].sum() / var.sum()),
+                  "variance_share_pos0": variance_share_pos0(x_t, T),
+                  "positive_fraction_of_gauge": g.residual.positive_fraction,
+                  "gauge_mean_matched": g.metrics.get("mean_matched")})
+        results[name] = r
+        print(f"seed {seed}", name, json.dumps(r), flush=True)
+    measured = {k_: results[k_] for k_ in ("within_model_nmse", "within_model_nmse_excl_pos0", "variance_share_pos0")}
+    measured["within_model_nmse_per_coordinate"] = cc.nmse_per_coordinate(within, x_test)
+    measured["variance_share_top5_coordinates"] = results["gauged"]["variance_share_top5_coordinates"]
+    for pre, key in (("gauged", "gauged"), ("ft_gauged", "finetuned_gauged")):
+        r = results[key]
+        for lab in ("bd", "sd", "sd_matched", "untransported"):
+            for suffix in ("", "_excl_pos0", "_per_coordinate"):
+                if lab != "untransported" or suffix != "_per_coordinate":
+                    measured[f"{pre}_{lab}_nmse{suffix}"] = r[f"{lab}_nmse{suffix}"]
+        measured[f"{pre}_top5_variance_positive_signs"] = sum(1 for x in r["top5_variance_gauge_signs"] if x > 0)
+        measured[f"{pre}_top5_variance_sd_matched_index_right"] = r["top5_variance_sd_matched_signs_right"]
+    return measured, results
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
+    args, t_start = cc.start(__doc__, argv)
     base, tok = cc.load_base()
     q = args.quick
+    seeds = [0] if q else [0, 1, 2]
     n_train, n_test, T = (24, 8, 64) if q else (160, 32, 64)
     m, k, steps = (1152, 32, 150) if q else (4608, 32, 3000)
     novel = cc.split_ids(cc.tokenize_text(tok, cc.botchan_text()))
     pydoc = cc.split_ids(cc.tokenize_text(tok, cc.pydoc_text()))
-    train_ids = torch.cat([cc.windows(novel[0], n_train // 2, T, 1), cc.windows(pydoc[0], n_train // 2, T, 2)])
-    test_ids = torch.cat([cc.strided_windows(novel[1], n_test // 2, T), cc.strided_windows(pydoc[1], n_test // 2, T)])
-    x_train = resid(base, train_ids)
-    t0 = time.perf_counter()
-    sae = train_sae(x_train, m, k, steps)
-    t_sae = time.perf_counter() - t0
-    x_test = resid(base, test_ids)
-    ceiling = cc.nmse(sae_forward(sae, x_test, k), x_test)
-    match_ids = cc.matching_data(tok, 4 if q else 8, 32 if q else 64)
-    match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
-
-    results: dict[str, Any] = {"within_model_nmse": ceiling}
-    targets = {"gauged": (cc.gauged_copy(base, hf_gauge.random_gauge(base, seed=41)), "base in random_gauge(seed=41)")}
-    ft, ft_desc = fine_tuned_gauged(base, tok, q)
-    targets["finetuned_gauged"] = (ft, ft_desc)
-    for name, (target, desc) in targets.items():
-        g = hf_gauge.find_gauge(base, target, data=match_ids, **match_kw)
-        g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
-        g_sdm = hf_gauge.find_gauge(base, target, data=match_ids, method="permutation", **match_kw)
-        x_t = resid(target, test_ids)
-        var = x_t.double().var(0)
-        top = var.argsort(descending=True)[:5]
-        r = {"target": desc,
-             "bd_nmse": cc.nmse(sae_forward(g.transport(sae), x_t, k), x_t),
-             "sd_nmse": cc.nmse(sae_forward(g_sd.transport(sae), x_t, k), x_t),
-             "untransported_nmse": cc.nmse(sae_forward(sae, x_t, k), x_t),
-             "bd_nmse_per_coordinate": cc.nmse_per_coordinate(sae_forward(g.transport(sae), x_t, k), x_t),
-             "sd_nmse_per_coordinate": cc.nmse_per_coordinate(sae_forward(g_sd.transport(sae), x_t, k), x_t),
-             "sd_matched_nmse": cc.nmse(sae_forward(g_sdm.transport(sae), x_t, k), x_t),
-             "sd_matched_nmse_per_coordinate": cc.nmse_per_coordinate(sae_forward(g_sdm.transport(sae), x_t, k),
-                                                                      x_t),
-             "sd_matched_index_accuracy_vs_bd": float((g_sdm.residual.perm == g.residual.perm).double().mean()),
-             "top5_variance_coordinates": top.tolist(),
-             "top5_variance_gauge_signs": g.residual.sign[top].tolist(),
-             "top5_variance_sd_matched_signs_right": float((g_sdm.residual.perm[top] == g.residual.perm[top])
-                                                           .double().mean()),
-             "variance_share_top5_coordinates": float(x_t.double().var(0).sort(descending=True).values[:5].sum()
-                                                      / x_t.double().var(0).sum()),
-             "positive_fraction_of_gauge": g.residual.positive_fraction,
-             "gauge_mean_matched": g.metrics.get("mean_matched")}
-        results[name] = r
-        print(name, json.dumps(r), flush=True)
-    measured = {"within_model_nmse": ceiling,
-                "gauged_bd_nmse": results["gauged"]["bd_nmse"], "gauged_sd_nmse": results["gauged"]["sd_nmse"],
-                "gauged_untransported_nmse": results["gauged"]["untransported_nmse"],
-                "ft_gauged_bd_nmse": results["finetuned_gauged"]["bd_nmse"],
-                "ft_gauged_sd_nmse": results["finetuned_gauged"]["sd_nmse"],
-                "ft_gauged_untransported_nmse": results["finetuned_gauged"]["untransported_nmse"],
-                "within_model_nmse_per_coordinate": cc.nmse_per_coordinate(sae_forward(sae, x_test, k), x_test),
-                "gauged_bd_nmse_per_coordinate": results["gauged"]["bd_nmse_per_coordinate"],
-                "gauged_sd_nmse_per_coordinate": results["gauged"]["sd_nmse_per_coordinate"],
-                "ft_gauged_bd_nmse_per_coordinate": results["finetuned_gauged"]["bd_nmse_per_coordinate"],
-                "ft_gauged_sd_nmse_per_coordinate": results["finetuned_gauged"]["sd_nmse_per_coordinate"],
-                "variance_share_top5_coordinates": results["gauged"]["variance_share_top5_coordinates"]}
-    for pre, key in (("gauged", "gauged"), ("ft_gauged", "finetuned_gauged")):
-        r = results[key]
-        measured[f"{pre}_sd_matched_nmse"] = r["sd_matched_nmse"]
-        measured[f"{pre}_sd_matched_nmse_per_coordinate"] = r["sd_matched_nmse_per_coordinate"]
-        measured[f"{pre}_top5_variance_positive_signs"] = sum(1 for x in r["top5_variance_gauge_signs"] if x > 0)
-        measured[f"{pre}_top5_variance_sd_matched_index_right"] = r["top5_variance_sd_matched_signs_right"]
-    res = {"claim": "sae", "paper": PAPER, "measured": measured,
-           "ours_bd": f"gauged {measured['gauged_bd_nmse']:.4f}, fine-tuned+gauged {measured['ft_gauged_bd_nmse']:.4f}"
-                      f" (within-model {ceiling:.4f})",
-           "ours_baseline": f"S_d matched (find_gauge method=permutation): gauged "
-                            f"{measured['gauged_sd_matched_nmse']:.3f}, fine-tuned+gauged "
-                            f"{measured['ft_gauged_sd_matched_nmse']:.3f}; S_d oracle (true permutation, signs +1): "
-                            f"gauged {measured['gauged_sd_nmse']:.3f}, fine-tuned+gauged "
-                            f"{measured['ft_gauged_sd_nmse']:.3f}",
-           "seeds": {"hidden_gauge": 41, "sae_init_and_batches": 0, "train_windows": [1, 2],
-                     "finetuned_gauge": 77},
-           "details": results,
+    data = {"T": T, "k": k, "m": m, "steps": steps, "n_train": n_train, "novel_train": novel[0],
+            "pydoc_train": pydoc[0],
+            "test_ids": torch.cat([cc.strided_windows(novel[1], n_test // 2, T),
+                                   cc.strided_windows(pydoc[1], n_test // 2, T)]),
+            "match_ids": cc.matching_data(tok, 4 if q else 8, 32 if q else 64),
+            "match_kw": {"layers": [0, 15, 29]} if q else {}}
+    ft, ft_desc = fine_tuned_gauged(q)
+    per_seed = [one_seed(s, base, ft, ft_desc, data, q) for s in seeds]
+    measured, spread = cc.over_seeds([p[0] for p in per_seed], HEADLINE)
+    details = {str(s): p[1] for s, p in zip(seeds, per_seed)}
+    bars = lambda x: [cc.bar(spread, measured, f"within_model_nmse{x}", "within-model"),  # noqa: E731
+                      cc.bar(spread, measured, f"gauged_bd_nmse{x}", "B_d"),
+                      cc.bar(spread, measured, f"gauged_sd_matched_nmse{x}", "S_d matched"),
+                      cc.bar(spread, measured, f"gauged_sd_nmse{x}", "S_d oracle"),
+                      cc.bar(spread, measured, f"gauged_untransported_nmse{x}", "untransported")]
+    fig = cc.bar_figure("sae", q, [
+        {"ylabel": "NMSE, all tokens (log scale)", "bars": bars(""), "log": True,
+         "paper": {"B_d": PAPER["bd_nmse"], "S_d oracle": PAPER["sd_nmse"]},
+         "title": "all positions (paper: TinyLlama, all tokens)"},
+        {"ylabel": "NMSE without position 0 (log scale)", "bars": bars("_excl_pos0"), "log": True,
+         "hlines": [(V.FAIL_FACTOR * measured["within_model_nmse_excl_pos0"], f"S_d fails above {V.FAIL_FACTOR}x within")],
+         "title": f"without the attention-sink token ({measured['variance_share_pos0']:.0%} of the variance)"}],
+        title=f"SAE at SmolLM2-135M layer {LAYER}, base in a hidden gauge ({len(seeds)} seed(s))")
+    res = {"claim": "sae", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
+           "ours_bd": f"gauged {measured['gauged_bd_nmse']:.4f} ({measured['gauged_bd_nmse_excl_pos0']:.3f} without "
+                      f"position 0), fine-tuned+gauged {measured['ft_gauged_bd_nmse']:.4f} (within-model "
+                      f"{measured['within_model_nmse']:.4f}, {measured['within_model_nmse_excl_pos0']:.3f} without "
+                      f"position 0)",
+           "ours_baseline": f"without position 0: S_d matched (find_gauge method=permutation) gauged "
+                            f"{measured['gauged_sd_matched_nmse_excl_pos0']:.3f}, fine-tuned+gauged "
+                            f"{measured['ft_gauged_sd_matched_nmse_excl_pos0']:.3f}; S_d oracle (true permutation, "
+                            f"signs +1) gauged {measured['gauged_sd_nmse_excl_pos0']:.3f} (with position 0: "
+                            f"{measured['gauged_sd_nmse']:.3f})",
+           "seeds": {"sae_init_and_batches": seeds, "hidden_gauge": [41 + s for s in seeds],
+                     "train_windows": [[1 + 2 * s, 2 + 2 * s] for s in seeds], "finetuned_gauge": 77},
+           "details": {**details["0"], "by_seed": details},
            "setup": {"layer": f"resid_pre of layer {LAYER}", "sae": f"TopK k={k}, m={m} ({m // 576}x d), Adam 1e-3, "
                                                                    f"{steps} steps of 256 tokens",
-                     "train_tokens": int(train_ids.numel()), "test_tokens": int(test_ids.numel()),
-                     "sae_train_s": t_sae},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_sae.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                     "train_tokens": n_train * T, "test_tokens": int(data["test_ids"].numel()), "T": T,
+                     "sae_train_s": sum(p[1]["sae_train_s"] for p in per_seed)}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

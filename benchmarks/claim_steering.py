@@ -13,14 +13,19 @@ two S_d baselines (matched: ``find_gauge(method="permutation")``; oracle: the B_
 and not at all. "Preserved" = effect in the gauged model / effect in the original model.
 Specificity control: ``N_RANDOM`` random directions of the same norm as the steering vector are added the same way
 (in the original model); every effect is also reported as a z-score against their effects (same metric, same alpha).
-The sign-flip claim is judged only through ``verdicts.refusal_sign_flip`` (a specific effect is needed first). Paper (Qwen): sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d.
+The sign-flip claim is judged only through ``verdicts.refusal_sign_flip`` (a specific effect is needed first).
+Positive control: a direction that must move the refusal metric (the unembedding difference of its two word sets, at
+the refusal vector's norm) shows whether the metric can detect a real steering effect. The S_d verdicts are rules
+over the whole curve of step sizes (``verdicts.steering``). Real target: the vectors are also moved to a fine-tuned
+checkpoint (claim `trajectory`'s pydoc endpoint), beside its identity-chart copy without transport. Three seeds
+(hidden gauge, random directions) in the full mode, one in the quick mode.
+Paper (Qwen): sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d.
 Usage: python benchmarks/claim_steering.py [--quick]
 """
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import claims_common as cc  # noqa: E402
 import hf_gauge  # noqa: E402
+import verdicts as V  # noqa: E402
 
 PAPER = {"sentiment_bd": 0.958, "sentiment_sd": 0.172, "refusal_sd": "sign reversed",
          "text": "sentiment 95.8% (B_d) vs 17.2% (S_d); refusal reverses sign under S_d"}
@@ -133,79 +139,204 @@ def direction(model, tok, name: str, quick: bool) -> dict[str, Any]:
             "down": _token_ids(tok, down), "n_pairs": n}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = cc.parser(__doc__).parse_args(argv)
-    cc.setup(args)
-    t_start = time.perf_counter()
-    base, tok = cc.load_base()
-    q = args.quick
-    g_true = hf_gauge.random_gauge(base, seed=51)
+def readout_direction(model: torch.nn.Module, up: list[int], down: list[int], norm: float) -> torch.Tensor:
+    """The positive control's direction: mean unembedding row of the ``up`` words minus that of the ``down`` words,
+    scaled to ``norm``. Added to the residual it should raise the logit difference the metric reads, if the metric can
+    see a real steering effect at all."""
+    W = model.get_output_embeddings().weight.detach().double()
+    u = W[up].mean(0) - W[down].mean(0)
+    return (u * (norm / u.norm())).to(model.get_output_embeddings().weight.dtype)
+
+
+def curve_row(base: torch.nn.Module, gauged: torch.nn.Module, D: dict[str, Any], v: torch.Tensor, alpha: float,
+              ld0: float, ld0_g: float, gauges: dict[str, Any], gen: torch.Generator, n_random: int,
+              control: torch.Tensor | None) -> dict[str, Any]:
+    """One step size: the original effect, its z against same-norm random directions, each transport's effect."""
+    eff = logit_diff(base, D["eval"], D["up"], D["down"], alpha * v, LAYER) - ld0
+    rand = []
+    for _ in range(n_random):
+        u = torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        rand.append(logit_diff(base, D["eval"], D["up"], D["down"], alpha * u * (v.norm() / u.norm()), LAYER) - ld0)
+    mu = sum(rand) / len(rand)
+    sd = (sum((x - mu) ** 2 for x in rand) / max(1, len(rand) - 1)) ** 0.5
+    z = lambda e: (e - mu) / sd if sd > 0 else float("nan")  # noqa: E731
+    r = {"alpha": alpha, "effect_original": eff, "random_effects": rand, "random_mean": mu, "random_std": sd,
+         "z_original": z(eff)}
+    if control is not None:
+        r["effect_control"] = logit_diff(base, D["eval"], D["up"], D["down"], alpha * control, LAYER) - ld0
+        r["z_control"] = z(r["effect_control"])
+    for lab, g in gauges.items():
+        vec = alpha * v if g is None else g.transport(alpha * v)
+        e = logit_diff(gauged, D["eval"], D["up"], D["down"], vec, LAYER) - ld0_g
+        r[f"effect_{lab}"] = e
+        r[f"preserved_{lab}"] = e / eff
+        r[f"z_{lab}"] = z(e)
+    return r
+
+
+HEADLINE = ["sentiment_preserved_bd", "sentiment_preserved_sd_matched", "sentiment_preserved_sd",
+            "sentiment_sd_matched_max_abs_preserved", "refusal_preserved_sd_matched", "refusal_z_original",
+            "refusal_control_z"]
+
+
+def one_seed(seed: int, base: torch.nn.Module, tok: Any, dirs: dict[str, Any], q: bool,
+             alphas_for: dict[str, list[float]], headline: dict[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
+    """(measured, details) for one seed: the hidden gauge (51 + seed) and the random directions (52 + seed)."""
+    g_true = hf_gauge.random_gauge(base, seed=51 + seed)
     gauged = cc.gauged_copy(base, g_true)
     match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
-    g = hf_gauge.find_gauge(base, gauged, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64), **match_kw)
-    g_sd = hf_gauge.Gauge(residual=cc.permutation_only(g.residual))
-    g_sdm = hf_gauge.find_gauge(base, gauged, data=cc.matching_data(tok, 4 if q else 8, 32 if q else 64),
-                                method="permutation", **match_kw)
+    match = cc.matching_data(tok, 4 if q else 8, 32 if q else 64)
+    g = hf_gauge.find_gauge(base, gauged, data=match, **match_kw)
+    gauges = {"bd": g, "sd": hf_gauge.Gauge(residual=cc.permutation_only(g.residual)),
+              "sd_matched": hf_gauge.find_gauge(base, gauged, data=match, method="permutation", **match_kw),
+              "none": None}
     n_random = 3 if q else N_RANDOM
-    gen = torch.Generator().manual_seed(52)
-    alphas_for = {"sentiment": [4.0] if q else [2.0, 4.0, 8.0], "refusal": [8.0] if q else [4.0, 8.0, 16.0]}
-    headline = {"sentiment": 4.0, "refusal": 8.0}
+    gen = torch.Generator().manual_seed(52 + seed)
     out: dict[str, Any] = {"gauge_recovered": cc.recovery(g.residual, g_true.residual)}
     measured: dict[str, Any] = {}
-    for name in ("sentiment", "refusal"):
-        D = direction(base, tok, name, q)
-        v = last_resid(base, D["a"], LAYER).mean(0) - last_resid(base, D["b"], LAYER).mean(0)
+    for name, D in dirs.items():
+        v = D["v"]
         ld0 = logit_diff(base, D["eval"], D["up"], D["down"], None, LAYER)
         ld0_g = logit_diff(gauged, D["eval"], D["up"], D["down"], None, LAYER)
-        rows = []
-        for alpha in alphas_for[name]:
-            eff = logit_diff(base, D["eval"], D["up"], D["down"], alpha * v, LAYER) - ld0
-            rand = []
-            for _ in range(n_random):
-                u = torch.randn(v.shape, generator=gen, dtype=v.dtype)
-                rand.append(logit_diff(base, D["eval"], D["up"], D["down"], alpha * u * (v.norm() / u.norm()), LAYER)
-                            - ld0)
-            mu = sum(rand) / len(rand)
-            sd = (sum((x - mu) ** 2 for x in rand) / max(1, len(rand) - 1)) ** 0.5
-            z = lambda e: (e - mu) / sd if sd > 0 else float("nan")  # noqa: E731
-            r = {"alpha": alpha, "effect_original": eff, "random_effects": rand, "random_mean": mu, "random_std": sd,
-                 "z_original": z(eff)}
-            for lab, vec in (("bd", g.transport(alpha * v)), ("sd", g_sd.transport(alpha * v)),
-                             ("sd_matched", g_sdm.transport(alpha * v)), ("none", alpha * v)):
-                e = logit_diff(gauged, D["eval"], D["up"], D["down"], vec, LAYER) - ld0_g
-                r[f"effect_{lab}"] = e
-                r[f"preserved_{lab}"] = e / eff
-                r[f"z_{lab}"] = z(e)
-            rows.append(r)
-            print(name, json.dumps(r), flush=True)
+        control = readout_direction(base, D["up"], D["down"], float(v.norm())) if name == "refusal" else None
+        rows = [curve_row(base, gauged, D, v, alpha, ld0, ld0_g, gauges, gen, n_random, control)
+                for alpha in alphas_for[name]]
+        for r in rows:
+            print(f"seed {seed}", name, json.dumps(r), flush=True)
         out[name] = {"rows": rows, "n_pairs": D["n_pairs"], "n_eval_prompts": len(D["eval"]),
                      "unsteered_logit_diff": ld0, "unsteered_logit_diff_gauged": ld0_g, "v_norm": float(v.norm())}
         ref = next(r for r in rows if r["alpha"] == headline[name])
-        measured[f"{name}_preserved_bd"] = ref["preserved_bd"]
-        measured[f"{name}_preserved_sd"] = ref["preserved_sd"]
-        measured[f"{name}_preserved_none"] = ref["preserved_none"]
-        measured[f"{name}_preserved_sd_matched"] = ref["preserved_sd_matched"]
+        for lab in ("bd", "sd", "sd_matched", "none"):
+            measured[f"{name}_preserved_{lab}"] = ref[f"preserved_{lab}"]
+            measured[f"{name}_{lab}_max_abs_preserved"] = max(abs(r[f"preserved_{lab}"]) for r in rows)
+        measured[f"{name}_bd_max_abs_error"] = max(abs(r["preserved_bd"] - 1.0) for r in rows)
         for lab in ("original", "bd", "sd", "sd_matched", "none"):
             measured[f"{name}_z_{lab}"] = ref[f"z_{lab}"]
         measured[f"{name}_random_std"] = ref["random_std"]
         measured[f"{name}_effect_original"] = ref["effect_original"]
         measured[f"{name}_sd_reverses_sign_any_alpha"] = float(any(r["preserved_sd"] < 0 for r in rows))
-    res = {"claim": "steering", "paper": PAPER, "measured": measured,
+        if control is not None:
+            measured[f"{name}_control_z"] = ref["z_control"]
+            measured[f"{name}_control_effect"] = ref["effect_control"]
+    return measured, out
+
+
+@torch.no_grad()
+def finetuned_effects(base: torch.nn.Module, tok: Any, dirs: dict[str, Any], q: bool,
+                      headline: dict[str, float]) -> tuple[dict[str, float], dict[str, Any]]:
+    """The vectors moved to a real fine-tuned checkpoint (``claim_trajectory``'s pydoc endpoint): into its
+    identity-chart copy without transport (same-base fine-tunes share the base's chart), and into the re-gauged
+    export with the gauge found from the base (B_d), permutation-only matching (S_d matched), or none. Preserved =
+    effect there / effect in the base, at the headline step size."""
+    import claim_trajectory as ct
+    ft = ct.finetuned_endpoint("pydoc", q)
+    match_kw: dict[str, Any] = {"layers": [0, 15, 29]} if q else {}
+    match = cc.matching_data(tok, 4 if q else 8, 32 if q else 64)
+    g = hf_gauge.find_gauge(base, ft["regauged"], data=match, **match_kw)
+    g_sdm = hf_gauge.find_gauge(base, ft["regauged"], data=match, method="permutation", **match_kw)
+    measured: dict[str, float] = {"finetuned_gauge_signed_accuracy": cc.recovery(g.residual, ft["gauge"].residual)
+                                  ["signed_accuracy"]}
+    for name, D in dirs.items():
+        vec = headline[name] * D["v"]
+        eff = logit_diff(base, D["eval"], D["up"], D["down"], vec, LAYER) - logit_diff(
+            base, D["eval"], D["up"], D["down"], None, LAYER)
+        for lab, model, v_lab in (("identity", ft["identity"], vec), ("bd", ft["regauged"], g.transport(vec)),
+                                  ("sd_matched", ft["regauged"], g_sdm.transport(vec)),
+                                  ("none", ft["regauged"], vec)):
+            e = logit_diff(model, D["eval"], D["up"], D["down"], v_lab, LAYER) - logit_diff(
+                model, D["eval"], D["up"], D["down"], None, LAYER)
+            measured[f"{name}_preserved_finetuned_{lab}"] = e / eff
+    return measured, {"target": ft["desc"]}
+
+
+def figure(details: dict[str, Any], measured: dict[str, Any], spread: dict[str, Any], headline: dict[str, float],
+           quick: bool) -> Path:
+    """Left: the sentiment curve over step sizes (fraction of the original effect preserved; mean and min-max over
+    seeds), the paper's numbers and the LOST band of the rule. Middle: the fine-tuned checkpoint at the headline step
+    size. Right: the refusal metric's z-scores with the positive control."""
+    import matplotlib.pyplot as plt
+    labs = {"bd": ("B_d", "tab:green"), "sd_matched": ("S_d matched", "tab:red"), "sd": ("S_d oracle", "tab:orange"),
+            "none": ("none", "tab:gray")}
+    seeds = [v for k, v in details["by_seed"].items()]
+    alphas = [r["alpha"] for r in seeds[0]["sentiment"]["rows"]]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 4))
+    for k, (lab, col) in labs.items():
+        per = [[sd["sentiment"]["rows"][i][f"preserved_{k}"] for sd in seeds] for i in range(len(alphas))]
+        mean = [sum(x) / len(x) for x in per]
+        a.errorbar(alphas, mean, yerr=[[m - min(x) for m, x in zip(mean, per)], [max(x) - m for m, x in zip(mean, per)]],
+                   marker="o", capsize=3, color=col, label=lab)
+    a.axhspan(-V.LOST, V.LOST, color="gray", alpha=0.12, label=f"'lost' band (|preserved| < {V.LOST:g})")
+    a.axhline(PAPER["sentiment_bd"], color="tab:green", ls=":", lw=1, label="paper B_d / S_d")
+    a.axhline(PAPER["sentiment_sd"], color="tab:orange", ls=":", lw=1)
+    a.set_xscale("log", base=2)
+    a.set_xlabel("step size alpha (multiples of the diff-of-means vector)")
+    a.set_ylabel("fraction of the sentiment effect preserved")
+    a.set_title("gauged copy: the curve over step sizes", fontsize=9)
+    a.legend(fontsize=7)
+    ft = [("identity", "identity chart,\nno transport"), ("bd", "B_d\n(re-gauged)"),
+          ("sd_matched", "S_d matched\n(re-gauged)"), ("none", "none\n(re-gauged)")]
+    b.bar(range(len(ft)), [measured[f"sentiment_preserved_finetuned_{k}"] for k, _ in ft],
+          color=["tab:blue", "tab:green", "tab:red", "tab:gray"])
+    b.set_xticks(range(len(ft)), [lab for _, lab in ft], fontsize=8)
+    b.set_ylabel("fraction of the sentiment effect preserved")
+    b.set_title(f"fine-tuned checkpoint (pydoc endpoint), alpha {headline['sentiment']:g}", fontsize=9)
+    zs = [("refusal_z_original", "refusal\ndirection"), ("refusal_control_z", "positive\ncontrol"),
+          ("refusal_z_sd_matched", "S_d matched"), ("refusal_z_sd", "S_d oracle")]
+    vals = [measured[k] for k, _ in zs]
+    err = [[v - spread.get(k, [v, v])[0] for (k, _), v in zip(zs, vals)],
+           [spread.get(k, [v, v])[1] - v for (k, _), v in zip(zs, vals)]]
+    c.bar(range(len(zs)), vals, yerr=err, capsize=4, color=["tab:purple", "tab:blue", "tab:red", "tab:orange"])
+    c.axhline(V.Z_SPECIFIC, color="gray", ls=":", lw=1)
+    c.axhline(-V.Z_SPECIFIC, color="gray", ls=":", lw=1)
+    c.set_xticks(range(len(zs)), [lab for _, lab in zs], fontsize=8)
+    c.set_ylabel("z against same-norm random directions")
+    c.set_title(f"refusal metric, alpha {headline['refusal']:g} (|z| >= {V.Z_SPECIFIC:g}: specific)", fontsize=9)
+    fig.suptitle(f"Steering on SmolLM2-135M, input of layer {LAYER} ({len(seeds)} seed(s))", fontsize=10)
+    fig.tight_layout()
+    path = cc.figure_path("steering", quick)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args, t_start = cc.start(__doc__, argv)
+    base, tok = cc.load_base()
+    q = args.quick
+    seeds = [0] if q else [0, 1, 2]
+    alphas_for = {"sentiment": [2.0, 4.0, 8.0] if q else [1.0, 2.0, 4.0, 8.0, 16.0],
+                  "refusal": [8.0] if q else [4.0, 8.0, 16.0]}
+    headline = {"sentiment": 4.0, "refusal": 8.0}
+    dirs = {}
+    for name in ("sentiment", "refusal"):
+        D = direction(base, tok, name, q)
+        D["v"] = last_resid(base, D["a"], LAYER).mean(0) - last_resid(base, D["b"], LAYER).mean(0)
+        dirs[name] = D
+    runs = [one_seed(s, base, tok, dirs, q, alphas_for, headline) for s in seeds]
+    measured, spread = cc.over_seeds([r[0] for r in runs], HEADLINE)
+    ft_measured, ft_details = finetuned_effects(base, tok, dirs, q, headline)
+    measured.update(ft_measured)
+    details = {str(s): r[1] for s, r in zip(seeds, runs)}
+    fig = figure({"by_seed": details}, measured, spread, headline, q)
+    res = {"claim": "steering", "paper": PAPER, "measured": measured, "spread": spread, "figure": cc.figure_ref(fig),
            "ours_bd": f"sentiment {measured['sentiment_preserved_bd']:.1%}, refusal "
-                      f"{measured['refusal_preserved_bd']:.1%} preserved",
-           "ours_baseline": f"S_d matched: sentiment {measured['sentiment_preserved_sd_matched']:.1%}, refusal "
+                      f"{measured['refusal_preserved_bd']:.1%} preserved (gauged copy); fine-tuned checkpoint: "
+                      f"sentiment B_d {measured['sentiment_preserved_finetuned_bd']:.1%} vs identity chart "
+                      f"{measured['sentiment_preserved_finetuned_identity']:.1%}",
+           "ours_baseline": f"S_d matched: sentiment {measured['sentiment_preserved_sd_matched']:.1%} (max |.| over "
+                            f"step sizes {measured['sentiment_sd_matched_max_abs_preserved']:.1%}), refusal "
                             f"{measured['refusal_preserved_sd_matched']:.1%}; S_d oracle: sentiment "
                             f"{measured['sentiment_preserved_sd']:.1%}, refusal {measured['refusal_preserved_sd']:.1%}"
-                            f"; refusal effect z vs random directions {measured['refusal_z_original']:+.1f}",
-           "seeds": {"hidden_gauge": 51, "random_directions": 52},
-           "details": out, "setup": {"layer": f"input of layers[{LAYER}] (added at every position)",
-                                     "alphas": alphas_for, "headline_alpha": headline,
-                                     "n_random_directions": n_random},
-           "model": cc.MODEL_NAME, "command": cc.command_for("claim_steering.py", q),
-           "runtime_s": {"total": time.perf_counter() - t_start}}
-    cc.write_claim(res, q)
-    print(json.dumps(measured, indent=1))
-    return res
+                            f"; refusal effect z vs random directions {measured['refusal_z_original']:+.1f} "
+                            f"(positive control z {measured['refusal_control_z']:+.1f})",
+           "seeds": {"hidden_gauge": [51 + s for s in seeds], "random_directions": [52 + s for s in seeds]},
+           "details": {**details[str(seeds[0])], "by_seed": details, "finetuned": ft_details},
+           "setup": {"layer": f"input of layers[{LAYER}] (added at every position)",
+                     "alphas": alphas_for, "headline_alpha": headline,
+                     "n_random_directions": 3 if q else N_RANDOM,
+                     "positive_control": "refusal: the mean unembedding of the refusal openers minus that of the "
+                                         "compliance openers, scaled to the refusal vector's norm"}}
+    return cc.finish(res, q, t_start)
 
 
 if __name__ == "__main__":

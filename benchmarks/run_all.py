@@ -3,9 +3,17 @@
 Usage:
   python benchmarks/run_all.py [--quick] [--only trajectory,sae] [--report]
   python benchmarks/run_all.py --report            # only regenerate RESULTS.md from results/claims.json
+  python benchmarks/run_all.py --quick --report    # run every quick mode, then regenerate RESULTS.md
 
 Scripts run one at a time in subprocesses (``OMP_NUM_THREADS`` defaults to 1); each merges its own row into
-``results/claims.json`` (``--quick``: ``results/claims_quick.json``). The report is generated from those rows only:
+``results/claims.json`` (``--quick``: ``results/claims_quick.json``). A full run rewrites RESULTS.md afterwards; a
+``--quick`` run does so only with ``--report``.
+
+Full runs use three seeds for every claim (the quick mode one, or two for the tiny trajectory). The single-seed full
+runs took 73 min of wall clock in all on a shared 2-core CPU; with three seeds, the steering/LoRA fine-tuned targets
+and the new SmolLM2 fine-tuning recipe, expect several hours (an estimate, not a measurement). The SmolLM2 fine-tuning
+recipe is ``claim_trajectory.DEFAULT_RECIPE`` unless ``--recipe`` (passed on to every script through
+``$HF_GAUGE_BENCH_RECIPE``) names another of ``claim_trajectory.SMOLLM2_RECIPES``. The report is generated from those rows only:
 every number in RESULTS.md comes from a row a script wrote.
 """
 from __future__ import annotations
@@ -63,17 +71,20 @@ def notes(row: dict[str, Any]) -> str:
         ok = V.agrees(V.exact_recovery(m))
         return (f"Hidden random B_d gauges on SmolLM2-135M ({m.get('n_gauges')} seeds), matched from "
                 f"{m.get('n_tokens')} tokens of held-out text (novel + Python docs), residual sites pooled: "
-                f"{s.get('layers')}. "
+                f"{s.get('layers')}. {seeds_note(row)}"
                 f"Sign-marginalized matching recovered {_p(m.get('signed_sign_accuracy'))} of indices+signs; data-free "
                 f"matching {_p(m.get('data_free_sign_accuracy'))}; permutation-only "
                 f"{_p(m.get('permutation_only_index_accuracy'))} at a positive fraction of "
-                f"{_p(m.get('hidden_positive_fraction'))}. " + _verdict(ok, V.exact_recovery(m)))
+                f"{_p(m.get('hidden_positive_fraction'))}{_sp(row, 'permutation_only_index_accuracy')}. "
+                + _verdict(ok, V.exact_recovery(m)))
     if c == "sign_ceiling":
         ch = V.sign_ceiling(m)
-        return (f"Hidden gauges with a prescribed fraction f of +1 signs (f = 0..1). Permutation-only accuracy vs f: "
+        return (f"Hidden gauges with a prescribed fraction f of +1 signs (f = 0..1). {seeds_note(row)}"
+                f"Permutation-only accuracy vs f: "
                 f"correlation {_f(m.get('corr_permutation_only_vs_f'))}, mean |accuracy - f| "
                 f"{_f(m.get('permutation_only_mean_abs_gap_to_f'))}, largest excess over f "
-                f"{_f(m.get('permutation_only_max_excess_over_f'), '+.3f')}; sign-marginalized minimum over f "
+                f"{_f(m.get('permutation_only_max_excess_over_f'), '+.3f')} (worst hidden gauge)"
+                f"{_sp(row, 'permutation_only_max_excess_over_f', '+.3f')}; sign-marginalized minimum over f "
                 f"{_f(m.get('signed_min_accuracy'))}. " + _verdict(V.agrees(ch), ch))
     if c == "trajectory":
         return trajectory_notes(row)
@@ -84,17 +95,25 @@ def notes(row: dict[str, Any]) -> str:
     if c == "lora":
         ch = V.lora(m)
         has_matched = "retained_sd_matched" in m
+        two = "retained_bd_full_vocab" in m
         return (f"LoRA ({s.get('lora')}, {s.get('steps')} steps, batch {s.get('batch')}, lr {s.get('lr')}) on a tiny "
                 f"sentiment task with arbitrary label words (' blue'/' red'), {s.get('n_train')} train / "
-                f"{s.get('n_test')} test prompts (disjoint adjectives). CE gain retained: B_d {_p(m.get('retained_bd'))}"
-                + (f", S_d matched (find_gauge method=permutation) {_p(m.get('retained_sd_matched'))}" if has_matched
-                   else "")
-                + f", S_d oracle (true permutation, signs +1) {_p(m.get('retained_sd'))}; accuracy base "
-                f"{_f(m.get('acc_base'))}"
+                f"{s.get('n_test')} test prompts (disjoint adjectives). {seeds_note(row)}"
+                + ("Cross-entropy over the two label tokens (chance ln 2 = 0.693): base "
+                   f"{_f(m.get('ce_base'))}, LoRA {_f(m.get('ce_lora'))}. " if two else
+                   "This row predates the two-label-token CE (its CE is over the full vocabulary); rerun the script. ")
+                + f"CE gain retained: B_d {_p(m.get('retained_bd'))}{_sp(row, 'retained_bd', '.3f')}"
+                + (f", S_d matched (find_gauge method=permutation) {_p(m.get('retained_sd_matched'))}"
+                   f"{_sp(row, 'retained_sd_matched')}" if has_matched else "")
+                + f", S_d oracle (true permutation, signs +1) {_p(m.get('retained_sd'))}{_sp(row, 'retained_sd')}"
+                + (f" (over the full vocabulary: B_d {_p(m.get('retained_bd_full_vocab'))}, S_d matched "
+                   f"{_p(m.get('retained_sd_matched_full_vocab'))}, S_d oracle {_p(m.get('retained_sd_full_vocab'))})"
+                   if two else "")
+                + f"; accuracy base {_f(m.get('acc_base'))}"
                 + (f" (majority class {_f(m.get('acc_majority_class'))})" if "acc_majority_class" in m else "")
                 + f", LoRA {_f(m.get('acc_lora'))}, transported B_d {_f(m.get('acc_bd'))}"
-                + (f", S_d matched {_f(m.get('acc_sd_matched'))}" if has_matched else "")
-                + f", S_d oracle {_f(m.get('acc_sd'))}. "
+                + (f", S_d matched {_f(m.get('acc_sd_matched'))}{_sp(row, 'acc_sd_matched')}" if has_matched else "")
+                + f", S_d oracle {_f(m.get('acc_sd'))}{_sp(row, 'acc_sd')}. "
                 + ("The base is above the majority-class rate on this task, so the gain measured is the adapter's "
                    "improvement over a base that already prefers the right label word. "
                    if (m.get("acc_base") or 0) > (m.get("acc_majority_class") or 0.5) + V.CEILING_TOL else
@@ -106,21 +125,33 @@ def notes(row: dict[str, Any]) -> str:
                    "reverses that half of the adapter, while the matched permutation maps it to unrelated "
                    "coordinates, i.e. noise, and this saturated task tolerates half an adapter)."
                    if has_matched and ch["sd_oracle_lost"] and not ch["sd_matched_lost"] else "")
-                + " Our task is synthetic, not SST-2. A negative S_d number means the "
-                "sign-scrambled adapter makes the label cross-entropy worse than the gauged base without it.")
+                + (f" Fine-tuned target ({s.get('finetuned_target')}; found gauge signed accuracy "
+                   f"{_p(m.get('finetuned_gauge_signed_accuracy'))}; its accuracy without the adapter "
+                   f"{_f(m.get('finetuned_acc_without_adapter'))}): gain retained with the adapter applied to the "
+                   f"identity-chart copy without transport {_p(m.get('retained_finetuned_identity'))}, moved by B_d into "
+                   f"the re-gauged export {_p(m.get('retained_finetuned_bd'))}, S_d matched "
+                   f"{_p(m.get('retained_finetuned_sd_matched'))} (accuracy {_f(m.get('acc_finetuned_identity'))} / "
+                   f"{_f(m.get('acc_finetuned_bd'))} / {_f(m.get('acc_finetuned_sd_matched'))})."
+                   if "retained_finetuned_bd" in m else "")
+                + " Our task is synthetic, not SST-2. " + str((row.get("paper") or {}).get("source", "")
+                                                              if isinstance(row.get("paper"), dict) else "")
+                + " A negative S_d number means the sign-scrambled adapter makes the label cross-entropy worse than "
+                "the gauged base without it.")
     if c == "adamw":
         ch = V.adamw(m)
         return (f"{s.get('model')}; AdamW {s.get('optimizer')}; {s.get('N0')} steps, then a random B_d gauge "
                 f"(residual group of the trained model: {s.get('symmetry_group_at_N0')}) and {s.get('M')} resumed "
-                f"steps on the same batches. Relative parameter deviation from the uninterrupted run at the end: "
-                f"B_d {_f(m.get('bd_final_rel_deviation'), '.1e')}, S_d {_f(m.get('sd_final_rel_deviation'))}, fresh "
-                f"AdamW {_f(m.get('reset_final_rel_deviation'))}. Max |loss - reference|: B_d "
+                f"steps on the same batches. {seeds_note(row)}Relative parameter deviation from the uninterrupted run at "
+                f"the end: B_d {_f(m.get('bd_final_rel_deviation'), '.1e')}{_sp(row, 'bd_final_rel_deviation', '.1e')}, "
+                f"S_d {_f(m.get('sd_final_rel_deviation'))}{_sp(row, 'sd_final_rel_deviation')}, fresh "
+                f"AdamW {_f(m.get('reset_final_rel_deviation'))}. Max |loss - reference| (nats per byte): B_d "
                 f"{_f(m.get('bd_max_abs_loss_diff'), '.1e')}, S_d {_f(m.get('sd_max_abs_loss_diff'))}. "
                 + _verdict(V.agrees(ch), ch)
                 + " (Hypothesis, not measured here: the B_d deviation is float rounding from reordered matmul sums.)")
     if c == "merge":
         ch = V.merge(m)
-        return (f"Endpoints of claim `trajectory` ({s.get('endpoints')}), each in its own export gauge. Mean "
+        return (f"Endpoints of claim `trajectory` ({s.get('endpoints')}), each in its own export gauge. "
+                f"{seeds_note(row)}Mean "
                 f"held-out loss on both texts: base {_f(m.get('base_loss_mean'))}, novel endpoint "
                 f"{_f(m.get('novel_endpoint_loss_mean'))}, pydoc endpoint {_f(m.get('pydoc_endpoint_loss_mean'))}; "
                 f"merged after B_d alignment {_f(m.get('bd_loss_mean'))} (gauge accuracy "
@@ -134,7 +165,13 @@ def notes(row: dict[str, Any]) -> str:
                    f"base {_f(m.get('base_loss_pydoc'))}), so the B_d merge beating both endpoints does not show a "
                    "merge that combines two skills (hypothesis: averaging back toward the shared base); the contrast "
                    "that carries the claim is B_d vs S_d / none."
-                   if (m.get("novel_endpoint_loss_novel") or 0) > (m.get("base_loss_novel") or 0) else ""))
+                   if (m.get("novel_endpoint_loss_novel") or 0) > (m.get("base_loss_novel") or 0)
+                   or (m.get("pydoc_endpoint_loss_pydoc") or 0) > (m.get("base_loss_pydoc") or 0) else
+                   f" Measured: both endpoints are better than the base on held-out text of their own corpus (novel "
+                   f"endpoint on novel {_f(m.get('novel_endpoint_loss_novel'))} vs base {_f(m.get('base_loss_novel'))};"
+                   f" pydoc endpoint on pydoc {_f(m.get('pydoc_endpoint_loss_pydoc'))} vs base "
+                   f"{_f(m.get('base_loss_pydoc'))}); B_d merge on novel {_f(m.get('bd_loss_novel'))}, on pydoc "
+                   f"{_f(m.get('bd_loss_pydoc'))}."))
     if c == "audit":
         ch = V.audit(m)
         return (f"Claims: top-{m.get('k')} coordinates of the sentiment direction (signed scores) and the library's "
@@ -144,42 +181,76 @@ def notes(row: dict[str, Any]) -> str:
                 f"stated in the explicit canonical chart (canonical_gauge of each gauged copy, no knowledge of the "
                 f"hidden gauge): {_f(m.get('sentiment_canonical_agreement_min'))} / "
                 f"{_f(m.get('top_abs_activation_canonical_agreement_min'))}, score signs agree "
-                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. " + _verdict(V.agrees(ch), ch)
-                + (f" Canonical chart under fine-tuning drift ({s.get('stability_finetune')}; relative weight change "
-                   f"{_f(m.get('finetune_relative_weight_change'))}): residual coordinates keeping their canonical "
-                   f"index {_p(m.get('canonical_stability_residual'))} (sign too: "
-                   f"{_p(m.get('canonical_stability_residual_sign'))}), MLP units "
-                   f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}."
+                f"{_p(m.get('sentiment_canonical_sign_agreement_min'))}. {seeds_note(row)}"
+                + _verdict(V.agrees(ch), ch)
+                + ((" **But the canonical chart is not stable under fine-tuning**" if float(
+                    m.get("canonical_stability_residual") or 0) < 0.99 else " The canonical chart is stable under "
+                    "this fine-tune") + f": after a "
+                   f"{_p(m.get('finetune_relative_weight_change'))} relative weight change it keeps "
+                   f"{_p(m.get('canonical_stability_residual'))}{_sp(row, 'canonical_stability_residual', '.3f')} of "
+                   f"the residual coordinates (measured, {s.get('stability_finetune')}; sign too: "
+                   f"{_p(m.get('canonical_stability_residual_sign'))}; MLP units "
+                   f"{_p(m.get('canonical_stability_mlp'))}, heads {_p(m.get('canonical_stability_attn'))}). So an index "
+                   "stated in the canonical chart is reproducible across gauges of the same weights (what the rules "
+                   "above test), not across checkpoints: between checkpoints, state claims through a found gauge "
+                   "(transport), not through each checkpoint's canonical chart."
                    if "canonical_stability_residual" in m else ""))
     if c == "procrustes":
-        paper = row["paper"] if isinstance(row["paper"], dict) else {}
-        ch = V.procrustes(m, paper)
-        tr = s.get("train", {})
-        return (f"{s.get('models')}; trained {tr.get('seed0', {}).get('steps')} steps (final loss "
-                f"{_f(tr.get('seed0', {}).get('loss_last'))} / {_f(tr.get('seed1', {}).get('loss_last'))} nats/byte); "
-                f"SAE {s.get('sae')} at the {s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. Cross-seed EV "
-                f"before R {_f(m.get('ev_cross_before'))}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}, "
-                f"after R (pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, within-seed ceiling "
-                f"{_f(m.get('ev_within_seed1_ceiling'))} (gap {_f(m.get('ev_gap_after_site_R_to_ceiling'))}; paper: "
-                f"<= {paper.get('ev_after_gap_to_ceiling')}); nearest signed permutation instead of R: "
-                f"{_f(m.get('ev_cross_after_signed_perm'))}. Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, after R "
-                f"{_f(m.get('decoder_mmcs_after_R'))} (random-rotation reference "
-                f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}; paper {_p(paper.get('decoder_cos'))}). "
-                f"||R - I||_F = {_f(m.get('site_dist_identity'))} vs sqrt(2d) = {_f(m.get('sqrt_2d'))} (ratio "
-                f"{_f(m.get('site_dist_identity_over_sqrt2d'))}); distance to the nearest signed permutation "
-                f"{_f(m.get('site_dist_signed_permutation'))}; KS p-value vs Haar {_f(m.get('site_ks_pvalue'), '.3g')}"
-                f" (pooled fit: {_f(m.get('pooled_ks_pvalue'), '.3g')}). " + _verdict(V.agrees(ch), ch)
-                + ("" if ch["decoder_cos_as_paper"] else
-                   f" **The paper's decoder cosine ({_p(paper.get('decoder_cos'))}) is not reproduced**: ours after R "
-                   f"is {_f(m.get('decoder_mmcs_after_R'))}"
-                   + (", no better than the random-rotation reference" if not ch["decoder_cos_above_random"] else "")
-                   + ".")
-                + ("" if ch["ev_within_paper_gap"] else
-                   " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
-                   "is small."))
+        return procrustes_notes(row)
     return ""
 
 
+
+
+def procrustes_notes(row: dict[str, Any]) -> str:
+    m, s = row.get("measured", {}), row.get("setup", {})
+    paper = row["paper"] if isinstance(row["paper"], dict) else {}
+    tr = s.get("train", {})
+    head = (f"{s.get('models')}; trained {tr.get('seed0', {}).get('steps')} steps (final loss "
+            f"{_f(tr.get('seed0', {}).get('loss_last'))} / {_f(tr.get('seed1', {}).get('loss_last'))} nats/byte, first "
+            f"pair); SAE {s.get('sae')} at the {s.get('site')}; R fitted on {s.get('fit_tokens')} tokens. "
+            f"{seeds_note(row)}Cross-seed EV before R {_f(m.get('ev_cross_before'))}"
+            f"{_sp(row, 'ev_cross_before')}, after R (site fit) {_f(m.get('ev_cross_after_site_R'))}"
+            f"{_sp(row, 'ev_cross_after_site_R')}, after R (pooled over sites) {_f(m.get('ev_cross_after_pooled_R'))}, "
+            f"within-seed ceiling {_f(m.get('ev_within_seed1_ceiling'))} (gap "
+            f"{_f(m.get('ev_gap_after_site_R_to_ceiling'))}; paper: <= {paper.get('ev_after_gap_to_ceiling')}); "
+            f"nearest signed permutation instead of R: {_f(m.get('ev_cross_after_signed_perm'))}. ")
+    if "control_peak_mass" not in m:
+        return head + ("This row predates the signed-permutation control, the peak-mass diagnostic and the same-model "
+                       f"decoder ceiling; rerun the script (decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}, random-"
+                       f"rotation reference {_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}, paper "
+                       f"{_p(paper.get('decoder_cos'))}).")
+    ch = V.procrustes(m, paper)
+    raw_at_chance = not ch["decoder_cos_raw_above_random"]
+    return (head + f"Decoder MMCS raw {_f(m.get('decoder_mmcs_raw'))}{_sp(row, 'decoder_mmcs_raw')}, after R "
+            f"{_f(m.get('decoder_mmcs_after_R'))}; references: random rotation of seed-0's own decoder "
+            f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}, same model with another SAE seed (the ceiling) "
+            f"{_f(m.get('decoder_mmcs_same_model_sae_seeds'))}{_sp(row, 'decoder_mmcs_same_model_sae_seeds')}; paper "
+            f"(raw) {_p(paper.get('decoder_cos'))}. Shape of R (site fit) against two controls, a random signed "
+            f"permutation and a Haar rotation: ||R - I||_F / sqrt(2d) {_f(m.get('site_dist_identity_over_sqrt2d'))} "
+            f"(control {_f(m.get('control_dist_identity_over_sqrt2d'))}, Haar "
+            f"{_f(m.get('haar_dist_identity_over_sqrt2d'))}); KS p-value vs Haar {_f(m.get('site_ks_pvalue'), '.3g')} "
+            f"(control {_f(m.get('control_ks_pvalue'), '.3g')}, Haar {_f(m.get('haar_ks_pvalue'), '.3g')}): these "
+            "two do not separate a rotation from a signed permutation, so they are reported, not judged; the verdict "
+            f"uses the peak mass per row (mean largest squared entry): R {_f(m.get('site_peak_mass'))}"
+            f"{_sp(row, 'site_peak_mass')}, control {_f(m.get('control_peak_mass'))}, Haar "
+            f"{_f(m.get('haar_peak_mass'))}; distance to the nearest signed permutation / sqrt(2d): R "
+            f"{_f(m.get('site_dist_signed_permutation_over_sqrt2d'))}, control "
+            f"{_f(m.get('control_dist_signed_permutation_over_sqrt2d'))}, Haar "
+            f"{_f(m.get('haar_dist_signed_permutation_over_sqrt2d'))}. " + _verdict(V.agrees(ch), ch)
+            + (f" **Our raw decoder cosine {_f(m.get('decoder_mmcs_raw'))} equals the random-rotation reference "
+               f"{_f(m.get('decoder_mmcs_seed0_vs_random_rotation'))}: this contradicts the paper's raw "
+               f"{_p(paper.get('decoder_cos'))}** (same-model SAE-seed ceiling here "
+               f"{_f(m.get('decoder_mmcs_same_model_sae_seeds'))})." if raw_at_chance and
+               not ch["decoder_cos_raw_as_paper"] else "")
+            + (f" Measured caveat: the same-model ceiling {_f(m.get('decoder_mmcs_same_model_sae_seeds'))} is itself "
+               f"far below the paper's {_p(paper.get('decoder_cos'))}: at this SAE size two SAE seeds on the same "
+               "activations do not find the same dictionary, so this setup could not show the paper's cosine even "
+               "within one model." if float(m.get("decoder_mmcs_same_model_sae_seeds") or 0)
+               < float(paper.get("decoder_cos") or 0) - V.PROCRUSTES_COS_TOL else "")
+            + ("" if ch["ev_within_paper_gap"] else
+               " Hypothesis (not tested here) for the EV gap: our models are tiny and briefly trained and the SAE "
+               "is small."))
 
 
 def _verdict(ok: bool, checks: dict[str, bool]) -> str:
@@ -189,51 +260,92 @@ def _verdict(ok: bool, checks: dict[str, bool]) -> str:
     return "**Disagrees with the paper** (failed rules: " + ", ".join(k for k, v in checks.items() if not v) + ")."
 
 
+def _sp(row: dict[str, Any], key: str, fmt: str = ".3f") -> str:
+    """`` [min-max over k seeds]`` of a headline metric from the row's ``spread`` ('' when it has none)."""
+    sp = row.get("spread") or {}
+    if key not in sp or (sp.get("n_seeds") or 0) < 2:
+        return ""
+    lo, hi = sp[key]
+    return f" [{_f(lo, fmt)}-{_f(hi, fmt)} over {sp['n_seeds']} seeds]"
+
+
+def seeds_note(row: dict[str, Any]) -> str:
+    sp = row.get("spread") or {}
+    return (f"Seeds: {sp['n_seeds']} (numbers are means; [min-max] over seeds where shown). " if sp else
+            "(This row predates the per-seed spread.) ")
+
+
 def sae_notes(row: dict[str, Any]) -> str:
     m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
     paper = row["paper"] if isinstance(row["paper"], dict) else {}
-    text = (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. Within-model NMSE "
+    text = (f"TopK SAE ({s.get('sae')}) on SmolLM2's {s.get('layer')}. {seeds_note(row)}Within-model NMSE "
             f"{_f(m.get('within_model_nmse'), '.4f')} (paper B_d: {paper.get('bd_nmse')}). Gauged model: B_d "
             f"{_f(m.get('gauged_bd_nmse'), '.4f')}")
-    if "gauged_sd_matched_nmse" not in m:
-        return text + ("; S_d oracle (true permutation, signs +1) " + _f(m.get("gauged_sd_nmse"))
-                       + ". This row predates the S_d-matched baseline and the sign measurement; rerun the script.")
+    if "within_model_nmse_excl_pos0" not in m:
+        return text + (", S_d matched " + _f(m.get("gauged_sd_matched_nmse")) + ", S_d oracle (true permutation, "
+                       "signs +1) " + _f(m.get("gauged_sd_nmse")) + ". This row predates the measurement without "
+                       "position 0 (the attention-sink token, which dominates the variance) and the verdict against "
+                       "the within-model ceiling; rerun the script.")
     ch, ch_ft = V.sae(m), V.sae(m, "ft_gauged")
     mag = V.sae_paper_magnitude(m, float(paper.get("sd_nmse", 1.0)))
     g, ft = d.get("gauged", {}), d.get("finetuned_gauged", {})
+    x = "_excl_pos0"
     return (text + f", S_d matched (find_gauge method=permutation) {_f(m.get('gauged_sd_matched_nmse'))}, S_d oracle "
             f"(true permutation, signs +1) {_f(m.get('gauged_sd_nmse'))}, untransported "
-            f"{_f(m.get('gauged_untransported_nmse'))}. Fine-tuned + gauged ({ft.get('target', '')}): B_d "
-            f"{_f(m.get('ft_gauged_bd_nmse'), '.4f')}, S_d matched {_f(m.get('ft_gauged_sd_matched_nmse'))}, S_d oracle "
-            f"{_f(m.get('ft_gauged_sd_nmse'))}. " + _verdict(V.agrees(ch) and V.agrees(ch_ft), {**ch, **{
-                f"ft_{k}": v for k, v in ch_ft.items()}})
-            + f" Against the paper's S_d NMSE {paper.get('sd_nmse')}: S_d matched "
-            + ("reaches it" if mag["sd_matched"] else "stays below it") + " (within a factor "
-            f"{V.FAIL_FACTOR}), S_d oracle " + ("reaches it" if mag["sd"] else "stays below it") + ". Measured: the top "
-            f"5 residual coordinates of the gauged model carry {_p(m.get('variance_share_top5_coordinates'))} of the "
-            f"activation variance; the found gauge's signs there are {g.get('top5_variance_gauge_signs')} "
-            f"({m.get('gauged_top5_variance_positive_signs')} of 5 positive), and S_d matching puts "
-            f"{_p(m.get('gauged_top5_variance_sd_matched_index_right'))} of them at the right index. Per-coordinate "
-            f"NMSE (each coordinate's own NMSE, averaged): B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))}, S_d matched "
+            f"{_f(m.get('gauged_untransported_nmse'))}. **Without position 0** (the attention-sink token: position-0 "
+            f"rows carry {_p(m.get('variance_share_pos0'))} of the test activations' variance): within-model "
+            f"{_f(m.get('within_model_nmse' + x))}{_sp(row, 'within_model_nmse' + x)}, B_d "
+            f"{_f(m.get('gauged_bd_nmse' + x))}, S_d matched {_f(m.get('gauged_sd_matched_nmse' + x))}"
+            f"{_sp(row, 'gauged_sd_matched_nmse' + x)}, S_d oracle {_f(m.get('gauged_sd_nmse' + x))}"
+            f"{_sp(row, 'gauged_sd_nmse' + x)}, untransported {_f(m.get('gauged_untransported_nmse' + x))}. "
+            f"Fine-tuned + gauged ({ft.get('target', '')}): B_d {_f(m.get('ft_gauged_bd_nmse'), '.4f')} "
+            f"({_f(m.get('ft_gauged_bd_nmse' + x))} without position 0), S_d matched "
+            f"{_f(m.get('ft_gauged_sd_matched_nmse'))} ({_f(m.get('ft_gauged_sd_matched_nmse' + x))}), S_d oracle "
+            f"{_f(m.get('ft_gauged_sd_nmse'))} ({_f(m.get('ft_gauged_sd_nmse' + x))}). Rule: S_d fails when its NMSE "
+            f"without position 0 is above {V.FAIL_FACTOR}x the within-model NMSE without position 0 "
+            f"({_f(V.FAIL_FACTOR * float(m.get('within_model_nmse' + x) or 0))}). "
+            + _verdict(V.agrees(ch) and V.agrees(ch_ft), {**ch, **{f"ft_{k}": v for k, v in ch_ft.items()}})
+            + f" Measured: the S_d oracle's NMSE is {_f(m.get('gauged_sd_nmse'))} with position 0 and "
+            f"{_f(m.get('gauged_sd_nmse' + x))} without it"
+            + (", so its low all-token NMSE is due to position 0: the position-0 rows dominate the NMSE denominator, "
+               "and the oracle, whose every index is right, reconstructs them far better than the other tokens"
+               if float(m.get("gauged_sd_nmse" + x) or 0) > V.FAIL_FACTOR * float(m.get("gauged_sd_nmse") or 0) else
+               "; position 0 does not explain its NMSE")
+            + f" (the top 5 variance coordinates carry {_p(m.get('variance_share_top5_coordinates'))} of the "
+            f"variance; the hidden gauge's signs there: {g.get('top5_variance_gauge_signs')}). Against the "
+            f"paper's S_d NMSE {paper.get('sd_nmse')} (without position 0): S_d matched "
+            + ("reaches it" if mag["sd_matched"] else "stays below it") + f" (within a factor {V.FAIL_FACTOR}), S_d "
+            "oracle " + ("reaches it" if mag["sd"] else "stays below it") + ". Per-coordinate NMSE (each coordinate's "
+            f"own NMSE, averaged): B_d {_f(m.get('gauged_bd_nmse_per_coordinate'))}, S_d matched "
             f"{_f(m.get('gauged_sd_matched_nmse_per_coordinate'))}, S_d oracle "
             f"{_f(m.get('gauged_sd_nmse_per_coordinate'))}.")
 
 
 def steering_notes(row: dict[str, Any]) -> str:
     m, s, d = row.get("measured", {}), row.get("setup", {}), row.get("details", {})
-    if "refusal_z_original" not in m:
-        return ("This row predates the random-direction control and the S_d-matched baseline; rerun the script. "
-                f"Sentiment preserved: B_d {_p(m.get('sentiment_preserved_bd'))}, S_d oracle "
-                f"{_p(m.get('sentiment_preserved_sd'))}.")
+    if "sentiment_sd_matched_max_abs_preserved" not in m:
+        return ("This row predates the curve rule over step sizes, the positive control of the refusal metric and the "
+                "fine-tuned target; rerun the script. Sentiment preserved: B_d "
+                f"{_p(m.get('sentiment_preserved_bd'))}, S_d matched {_p(m.get('sentiment_preserved_sd_matched'))}, "
+                f"S_d oracle {_p(m.get('sentiment_preserved_sd'))}.")
 
     def fmt(rs: list[dict[str, Any]]) -> str:
         return "; ".join(f"alpha {r['alpha']:g}: effect {r['effect_original']:+.3f} (z {r['z_original']:+.1f} vs "
                          f"random directions, whose effects have std {r['random_std']:.3f}), preserved B_d "
                          f"{r['preserved_bd']:.1%}, S_d matched {r['preserved_sd_matched']:.1%} (z "
                          f"{r['z_sd_matched']:+.1f}), S_d oracle {r['preserved_sd']:.1%} (z {r['z_sd']:+.1f}), none "
-                         f"{r['preserved_none']:.1%} (z {r['z_none']:+.1f})" for r in rs)
+                         f"{r['preserved_none']:.1%} (z {r['z_none']:+.1f})"
+                         + (f", positive control effect {r['effect_control']:+.3f} (z {r['z_control']:+.1f})"
+                            if "z_control" in r else "") for r in rs)
     ch = V.steering(m)
     flip = V.refusal_sign_flip(m)
+    detects = V.refusal_metric_detects(m)
+    control = (f"The positive control (the unembedding difference of the refusal and compliance openers, at the "
+               f"refusal vector's norm) moves the refusal metric with z {_f(m.get('refusal_control_z'), '+.1f')}"
+               f"{_sp(row, 'refusal_control_z', '+.1f')}: the metric "
+               + ("can detect a real steering effect, so a non-specific refusal direction is the direction's doing, "
+                  "not the metric's. " if detects else
+                  f"does not detect even this (z < {V.Z_SPECIFIC}), so it cannot judge the refusal claim. "))
     flip_text = {"not_specific": "**The sign-flip claim cannot be judged here**: the refusal direction's own effect "
                                  f"is not specific (z {_f(m.get('refusal_z_original'), '+.1f')} < {V.Z_SPECIFIC} "
                                  "against random directions of the same norm, which move this metric too).",
@@ -241,26 +353,39 @@ def steering_notes(row: dict[str, Any]) -> str:
                  "lost": "Under S_d the refusal effect is lost (not distinguishable from a random direction); it is "
                          "not reversed.",
                  "kept": "Under S_d the refusal effect is kept, unlike the paper."}[flip]
+    sent = d.get("sentiment", {})
     return (f"Diff-of-means directions at the {s.get('layer')}, effect = change of a logit difference at the last "
             f"position; specificity control: {s.get('n_random_directions')} random directions of the same norm (z = "
-            f"(effect - mean random effect) / std random effect, same metric and alpha). Sentiment "
-            f"({d.get('sentiment', {}).get('n_pairs')} pairs, {d.get('sentiment', {}).get('n_eval_prompts')} neutral "
-            f"prompts): {fmt(d.get('sentiment', {}).get('rows', []))}. Refusal (harmful vs harmless chat requests; "
-            f"refusal openers vs compliance openers on held-out harmless requests): "
-            f"{fmt(d.get('refusal', {}).get('rows', []))}. Specific part preserved at the headline alpha (effect minus "
-            f"the mean random-direction effect, relative to the original's; verdicts.specific_preserved): sentiment "
+            f"(effect - mean random effect) / std random effect, same metric and alpha). {seeds_note(row)}Sentiment "
+            f"({sent.get('n_pairs')} pairs, {sent.get('n_eval_prompts')} neutral prompts), the curve over step sizes "
+            f"(first seed): {fmt(sent.get('rows', []))}. Refusal (harmful vs harmless chat requests; refusal openers "
+            f"vs compliance openers on held-out harmless requests): {fmt(d.get('refusal', {}).get('rows', []))}. "
+            f"Rule over the curve: S_d counts as lost only when |preserved| < {V.LOST:.0%} at every step size; "
+            f"largest |preserved| over the step sizes: S_d matched {_p(m.get('sentiment_sd_matched_max_abs_preserved'))}"
+            f"{_sp(row, 'sentiment_sd_matched_max_abs_preserved')}, S_d oracle "
+            f"{_p(m.get('sentiment_sd_max_abs_preserved'))}; B_d's largest |preserved - 1| "
+            f"{_f(max(float(m.get('sentiment_bd_max_abs_error') or 0), float(m.get('refusal_bd_max_abs_error') or 0)), '.1e')}"
+            ". Specific part preserved at the headline alpha (effect minus the mean random-direction effect, relative "
+            "to the original's; verdicts.specific_preserved): sentiment "
             + ", ".join(f"{lab} {_p(V.specific_preserved(m, 'sentiment', lab))}" for lab in ("bd", "sd_matched", "sd",
                                                                                            "none"))
-            + ". " + _verdict(V.agrees(ch), ch) + " " + flip_text
-            + " B_d transport here targets a gauged copy of the same model, so 100% is expected; the paper's target "
-            "is a different checkpoint.")
+            + f". Fine-tuned target ({d.get('finetuned', {}).get('target', '')}; found gauge signed accuracy "
+            f"{_p(m.get('finetuned_gauge_signed_accuracy'))}), preserved at the headline alpha: sentiment identity "
+            f"chart without transport {_p(m.get('sentiment_preserved_finetuned_identity'))}, B_d into the re-gauged "
+            f"export {_p(m.get('sentiment_preserved_finetuned_bd'))}, S_d matched "
+            f"{_p(m.get('sentiment_preserved_finetuned_sd_matched'))}, none "
+            f"{_p(m.get('sentiment_preserved_finetuned_none'))}; refusal identity "
+            f"{_p(m.get('refusal_preserved_finetuned_identity'))}, B_d {_p(m.get('refusal_preserved_finetuned_bd'))}. "
+            + _verdict(V.agrees(ch), ch) + " " + control + flip_text
+            + " On the gauged copy of the same model B_d is exact by construction; the fine-tuned checkpoint is the "
+            "real target (a same-base fine-tune shares the base's chart unless re-gauged, hence the identity-chart "
+            "baseline).")
 
 
 def fresh(row: dict[str, Any]) -> bool:
-    """Whether ``row`` was written by the current version of its script (SHA-256 recorded in its provenance)."""
-    prov = row.get("provenance") or {}
-    path = cc.script_path(row["claim"])
-    return bool(prov.get("script_sha256")) and path.exists() and prov["script_sha256"] == cc.file_sha256(path)
+    """Whether ``row`` was written by the current code: its script, every benchmark module the script imports and the
+    ``hf_gauge`` package tree have the SHA-256 recorded in its provenance (``claims_common.stale_code``)."""
+    return not cc.stale_code(row)
 
 
 def provenance_note(row: dict[str, Any]) -> str:
@@ -271,7 +396,8 @@ def provenance_note(row: dict[str, Any]) -> str:
     txt = (f"commit {str(prov.get('git_commit'))[:10]}{' + uncommitted changes' if prov.get('git_dirty_benchmarks') else ''}"
            f", script sha256 {prov.get('script_sha256', '')[:12]}, torch {pk.get('torch')}, transformers "
            f"{pk.get('transformers')}, seeds {json.dumps(row.get('seeds'))}")
-    return txt if fresh(row) else txt + "; **stale: the script has changed since this row was written**"
+    changed = cc.stale_code(row)
+    return txt if not changed else txt + f"; **stale: changed since this row was written: {', '.join(changed)}**"
 
 
 GPU_RESULTS = cc.RESULTS / "trajectory_gpu.json"
@@ -336,9 +462,17 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             f"*{name}* ({what}; seeds {su['seeds']}; matching tokens run {su.get('tokens')}"
             + ("" if list(su.get("tokens", [])) == list(ct.GRID["tokens"]) else
                " (fewer than pre-registered, for compute)")
+            + (f"; recipe {su['recipe']}" if su.get("recipe") else "")
             + f"; AdamW lr {su.get('lr')}, wd 0, clip 1.0, {su.get('warmup')}-step "
             f"warmup, batch {su.get('batch')}x{su.get('T')} tokens, {su.get('steps')} steps, a checkpoint every "
-            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}). Cells at "
+            f"{su.get('every')} steps, each exported in a fresh random B_d gauge; training loss {losses}"
+            + (("; held-out loss on each run's own text, base -> endpoint: " + ", ".join(
+                f"seed {e['seed']} {e['run']} {_f(e['base'])} -> {_f(e['endpoint'])}"
+                for e in res["heldout_loss"]["endpoints"])
+                + f" (lowered in {sum(e['endpoint'] < e['base'] for e in res['heldout_loss']['endpoints'])} of "
+                f"{len(res['heldout_loss']['endpoints'])})") if res.get("heldout_loss", {}).get("endpoints") else
+               ("; held-out loss not recorded (checkpoints trained before it was)" if name == "smollm2" else ""))
+            + "). Cells at "
             f"step {su.get('steps')} (mean [min-max] over seeds): {cells}. Data-free (weights only): path "
             f"{_f(free['path'])}, via base {_f(free['via_base'])}, endpoint {_f(free['endpoint'])}. Endpoint S_d "
             f"(pooled, index): {_f(sum(r['endpoint_permutation_only_index'] for r in ps) / len(ps))}. The cells' "
@@ -393,18 +527,27 @@ def report(out: Path | None = None) -> Path:
              "into those files, and every verdict is computed by a rule in `benchmarks/verdicts.py` (trajectory: "
              "`claim_trajectory.cell_verdict` / `finding`); explanations not measured by a script are marked as "
              "hypotheses. Real weights: " + cc.MODEL_NAME + "; tiny Llamas are trained by the scripts themselves. "
-             "Every row records its provenance (git commit, SHA-256 of its script, package versions, seeds); a row "
-             "whose script has changed since it was written is marked stale below.", "",
-             gpu_note(), "",
-             "| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
+             "Every row records its provenance (git commit, SHA-256 of its script, of every benchmark module the "
+             "script imports and of the `hf_gauge` package tree, package versions, seeds); a row is marked stale "
+             "below when any of that code has changed since it was written.", "",
+             gpu_note(), ""]
+    stale_full = [c for c in cc.CLAIM_ORDER if c in full and not fresh(full[c])]
+    if stale_full:
+        lines += [f"**{len(stale_full)} of {len(full)} full-run rows are stale** ({', '.join(stale_full)}): the code "
+                  "they depend on changed after they were written (each section names what changed), so their numbers "
+                  "and verdicts describe the old code. Rerun them with `OMP_NUM_THREADS=1 .venv/bin/python "
+                  "benchmarks/run_all.py` (every claim, three seeds each) or `--only <claims>`.", ""]
+    lines += ["| claim | paper | ours under B_d | ours under S_d / baseline | model | run | command |",
              "|---|---|---|---|---|---|---|"]
     total_full = 0.0
     for c in cc.CLAIM_ORDER:
-        row = full.get(c) or quick.get(c)
+        fr, qr = full.get(c), quick.get(c)      # the table shows the full row unless it is stale and the quick is not
+        row = qr if qr is not None and fresh(qr) and (fr is None or not fresh(fr)) else (fr or qr)
         if row is None:
             lines.append(f"| {c} | | not run yet | | | | `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/{SCRIPTS[c]}` |")
             continue
-        kind = ("full" if c in full else "**quick only**") + ("" if fresh(row) else ", **stale**")
+        kind = ("full" if row is fr else "**quick only**" if fr is None else "**quick** (the full row is stale)") \
+            + ("" if fresh(row) else ", **stale**")
         rt_row = row.get("runtime_s", {})
         kind += f", {sum(float(v) for k, v in rt_row.items() if k in ('total', 'total_this_process')) / 60:.1f} min"
         if c in full:
@@ -432,7 +575,7 @@ def report(out: Path | None = None) -> Path:
             fig = row.get("figure")
             lines.append(f"**{label}** ({row.get('date', '')}, {secs / 60:.1f} min, `{row['command']}`; "
                          f"{provenance_note(row)}): " + notes(row))
-            if fig and label == "Full run" or (fig and c not in full):
+            if fig:
                 lines.append("")
                 lines.append(f"![{c}]({Path(fig).relative_to('benchmarks').as_posix()})")
             lines.append("")
@@ -449,13 +592,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", default="", help="comma-separated claim keys")
-    ap.add_argument("--report", action="store_true", help="write RESULTS.md (alone: without running anything)")
+    ap.add_argument("--recipe", default=None, help="SmolLM2 fine-tuning recipe for every script "
+                                                    "(claim_trajectory.SMOLLM2_RECIPES)")
+    ap.add_argument("--report", action="store_true",
+                    help="write RESULTS.md (alone: without running anything; with --quick: after the quick runs, "
+                         "which otherwise leave RESULTS.md as it is)")
     args = ap.parse_args(argv)
-    run_any = bool(args.only) or not args.report
+    run_any = bool(args.only) or args.quick or not args.report    # --report alone: only write RESULTS.md
     failures = []
     if run_any:
         todo = [c for c in cc.CLAIM_ORDER if not args.only or c in args.only.split(",")]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+               **({cc.RECIPE_ENV: args.recipe} if args.recipe else {})}
         for c in todo:
             cmd = [sys.executable, str(cc.HERE / SCRIPTS[c])] + (["--quick"] if args.quick else [])
             t0 = time.perf_counter()
@@ -463,7 +611,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[run_all] {c}: rc={r.returncode} in {time.perf_counter() - t0:.0f} s", flush=True)
             if r.returncode:
                 failures.append(c)
-    if args.report or run_any:
+    if args.report or (run_any and not args.quick):   # quick runs rewrite RESULTS.md only when asked (--report)
         print(f"[run_all] wrote {report()}")
     if failures:
         print(f"[run_all] FAILED: {failures}")

@@ -12,7 +12,7 @@ from typing import Any
 EXACT_TOL = 1e-3          # |B_d result - untouched result| counted as "exact transport" (relative, or absolute NMSE)
 CEILING_TOL = 0.05        # |permutation-only accuracy - positive fraction| allowed by the S_d ceiling
 LOST = 0.5                # an S_d / control effect with |preserved| below LOST counts as "mostly lost"
-FAIL_FACTOR = 2.0         # an S_d NMSE above FAIL_FACTOR x the B_d NMSE counts as "S_d fails"
+FAIL_FACTOR = 2.0         # an S_d SAE NMSE above FAIL_FACTOR x the within-model NMSE counts as "S_d fails"
 RETAINED = 0.95           # a B_d LoRA transport keeping at least RETAINED of the CE gain counts as "kept"
 Z_SPECIFIC = 2.0          # an effect |z| >= Z_SPECIFIC against same-norm random directions counts as specific
 ADAMW_BD = 1e-3           # B_d resumed-run deviation at float-rounding level
@@ -44,25 +44,38 @@ def sign_ceiling(m: dict[str, Any]) -> dict[str, bool]:
 
 
 def sae(m: dict[str, Any], prefix: str = "gauged") -> dict[str, bool]:
-    """``prefix``: "gauged" (the base in a hidden gauge: exact transport expected) or "ft_gauged"."""
-    bd = _g(m, f"{prefix}_bd_nmse")
-    out = {"sd_matched_fails": _g(m, f"{prefix}_sd_matched_nmse", -1) > FAIL_FACTOR * bd,
-           "sd_oracle_fails": _g(m, f"{prefix}_sd_nmse", -1) > FAIL_FACTOR * bd}
+    """``prefix``: "gauged" (the base in a hidden gauge: exact transport expected) or "ft_gauged". S_d is judged
+    without position 0 (the attention sink dominates the variance there) against the SAE's own within-model NMSE:
+    "fails" when its NMSE is above FAIL_FACTOR x that ceiling."""
+    ceiling = _g(m, "within_model_nmse_excl_pos0")
+    out = {"sd_matched_fails": _g(m, f"{prefix}_sd_matched_nmse_excl_pos0", -1) > FAIL_FACTOR * ceiling,
+           "sd_oracle_fails": _g(m, f"{prefix}_sd_nmse_excl_pos0", -1) > FAIL_FACTOR * ceiling}
     if prefix == "gauged":
-        out["bd_exact"] = abs(bd - _g(m, "within_model_nmse")) <= EXACT_TOL * max(1.0, _g(m, "within_model_nmse"))
+        out["bd_exact"] = all(abs(_g(m, f"gauged_bd_nmse{x}") - _g(m, f"within_model_nmse{x}"))
+                              <= EXACT_TOL * max(1.0, _g(m, f"within_model_nmse{x}")) for x in ("", "_excl_pos0"))
     return out
 
 
 def sae_paper_magnitude(m: dict[str, Any], paper_sd: float) -> dict[str, bool]:
-    """Whether each S_d baseline reaches the paper's S_d NMSE within a factor FAIL_FACTOR."""
-    return {k: _g(m, f"gauged_{k}_nmse", 0) >= paper_sd / FAIL_FACTOR for k in ("sd_matched", "sd")}
+    """Whether each S_d baseline (without position 0) reaches the paper's S_d NMSE within a factor FAIL_FACTOR."""
+    return {k: _g(m, f"gauged_{k}_nmse_excl_pos0", 0) >= paper_sd / FAIL_FACTOR for k in ("sd_matched", "sd")}
 
 
 def steering(m: dict[str, Any]) -> dict[str, bool]:
-    return {"bd_exact": abs(_g(m, "sentiment_preserved_bd") - 1.0) <= EXACT_TOL
-            and abs(_g(m, "refusal_preserved_bd") - 1.0) <= EXACT_TOL,
-            "sentiment_sd_oracle_lost": abs(_g(m, "sentiment_preserved_sd")) < LOST,
-            "sentiment_sd_matched_lost": abs(_g(m, "sentiment_preserved_sd_matched")) < LOST}
+    """Rules over the whole curve of step sizes (``*_max_abs_*``: the largest over the step sizes run): B_d exact at
+    every step size; S_d "lost" only when |preserved| stays below LOST at every step size; on the fine-tuned
+    checkpoint, B_d into the re-gauged export matches the identity-chart copy without transport."""
+    return {"bd_exact": max(_g(m, "sentiment_bd_max_abs_error"), _g(m, "refusal_bd_max_abs_error")) <= EXACT_TOL,
+            "sentiment_sd_oracle_lost": _g(m, "sentiment_sd_max_abs_preserved") < LOST,
+            "sentiment_sd_matched_lost": _g(m, "sentiment_sd_matched_max_abs_preserved") < LOST,
+            "finetuned_bd_as_identity": all(abs(_g(m, f"{k}_preserved_finetuned_bd")
+                                                - _g(m, f"{k}_preserved_finetuned_identity")) <= EXACT_TOL
+                                            for k in ("sentiment", "refusal"))}
+
+
+def refusal_metric_detects(m: dict[str, Any]) -> bool:
+    """The positive control: a direction that must move the refusal metric does so specifically (z >= Z_SPECIFIC)."""
+    return _g(m, "refusal_control_z", 0.0) >= Z_SPECIFIC
 
 
 def specific_preserved(m: dict[str, Any], name: str, lab: str) -> float:
@@ -86,9 +99,13 @@ def refusal_sign_flip(m: dict[str, Any]) -> str:
 
 
 def lora(m: dict[str, Any]) -> dict[str, bool]:
+    """CE gains over the two label tokens. On the fine-tuned checkpoint, B_d into the re-gauged export must match the
+    adapter applied to the identity-chart copy without transport."""
     return {"bd_kept": _g(m, "retained_bd") >= RETAINED,
             "sd_oracle_lost": _g(m, "retained_sd") < LOST,
-            "sd_matched_lost": _g(m, "retained_sd_matched") < LOST}
+            "sd_matched_lost": _g(m, "retained_sd_matched") < LOST,
+            "finetuned_bd_as_identity": abs(_g(m, "retained_finetuned_bd") - _g(m, "retained_finetuned_identity"))
+            <= EXACT_TOL}
 
 
 def adamw(m: dict[str, Any]) -> dict[str, bool]:
@@ -111,9 +128,18 @@ def audit(m: dict[str, Any]) -> dict[str, bool]:
 
 
 def procrustes(m: dict[str, Any], paper: dict[str, Any]) -> dict[str, bool]:
+    """The paper's EV, raw decoder-cosine and "R is a generic rotation" claims. R's shape is judged by the peak mass
+    per row (``claim_procrustes.peak_mass``): R counts as Haar-like when it is closer to a Haar rotation's than to a
+    signed permutation's (1). ``||R - I||_F / sqrt(2d)`` and the KS p-value are reported but are not rules: a random
+    signed permutation passes both too."""
+    peak = _g(m, "site_peak_mass")
     return {"ev_negative_before": _g(m, "ev_cross_before") < 0,
             "ev_improves_with_R": _g(m, "ev_cross_after_site_R") > _g(m, "ev_cross_before"),
             "ev_within_paper_gap": _g(m, "ev_gap_after_site_R_to_ceiling") <= float(paper["ev_after_gap_to_ceiling"]),
-            "decoder_cos_as_paper": _g(m, "decoder_mmcs_after_R") >= float(paper["decoder_cos"]) - PROCRUSTES_COS_TOL,
-            "decoder_cos_above_random": _g(m, "decoder_mmcs_after_R")
-            > _g(m, "decoder_mmcs_seed0_vs_random_rotation") + RANDOM_REF_TOL}
+            "decoder_cos_raw_as_paper": _g(m, "decoder_mmcs_raw") >= float(paper["decoder_cos"]) - PROCRUSTES_COS_TOL,
+            "decoder_cos_raw_above_random": _g(m, "decoder_mmcs_raw")
+            > _g(m, "decoder_mmcs_seed0_vs_random_rotation") + RANDOM_REF_TOL,
+            "decoder_cos_after_R_above_random": _g(m, "decoder_mmcs_after_R")
+            > _g(m, "decoder_mmcs_seed0_vs_random_rotation") + RANDOM_REF_TOL,
+            "R_haar_like_not_signed_permutation": abs(peak - _g(m, "haar_peak_mass"))
+            < abs(peak - _g(m, "control_peak_mass"))}
