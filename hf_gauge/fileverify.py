@@ -16,6 +16,7 @@ same tensors with the same shapes and dtypes.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -181,7 +182,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         final = fa.spec.sites.final_norm + ".weight"
         fp_moved = fp_b = None
         scratch = Scratch()
-        prepare_kernels(sum(fa.nbytes(n) for n in names))
+        prepare_kernels(sum(math.prod(fa.shape(n)) for n in names))
         jobs = []
         for name in names:
             if name in missing_in_b:
