@@ -21,7 +21,8 @@ import torch
 from .errors import GaugeError
 from .specs import SPECS, ArchSpec, get_spec
 
-__all__ = ["ConfigView", "JsonConfig", "ConfigAbsent", "ModelView", "SpecNamedModel", "unwrap", "resolve_name", "gain_fingerprint"]
+__all__ = ["ConfigView", "JsonConfig", "ConfigAbsent", "ModelView", "SpecNamedModel", "unwrap", "resolve_name",
+           "gain_fingerprint"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
