@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 import torch
 
 from .atomic import STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_file, fsync_tree, publish_mode, staging_dir
-from .engine import Scratch, check_gauge, move_rows, move_tensor, moves_for, prepare_kernels, source_names
+from .engine import Scratch, check_gauge, move_tensor, moves_for, prepare_kernels, row_mover, source_names
 from .errors import GaugeError
 from .gauge import Gauge
 from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
@@ -380,17 +380,18 @@ class _Pool:
         self.bytes = 0
 
 
-def _move_chunk(pool: _Pool, t: torch.Tensor, moves: tuple, r0: int, r1: int, whole: bool, fd: int, at: int,
-                where: str) -> None:
-    """Rows ``r0:r1`` of moved ``t`` (all of it when ``whole``) into this thread's buffer, then to ``fd`` at ``at``."""
-    nbytes = t.numel() * t.element_size() if whole else (r1 - r0) * t.shape[1] * t.element_size()
+def _move_chunk(pool: _Pool, t: torch.Tensor, moves: tuple, rows: Callable | None, r0: int, r1: int, fd: int,
+                at: int, where: str) -> None:
+    """Rows ``r0:r1`` of moved ``t`` (``rows``: its ``engine.row_mover``; ``None``: all of ``t``, moved whole) into
+    this thread's buffer, then to ``fd`` at ``at``."""
+    nbytes = t.numel() * t.element_size() if rows is None else (r1 - r0) * t.shape[1] * t.element_size()
     if nbytes == 0:
         return
     scratch = pool.scratch()
-    shape = list(t.shape) if whole else [r1 - r0, t.shape[1]]
+    shape = list(t.shape) if rows is None else [r1 - r0, t.shape[1]]
     out = scratch.bytes(nbytes, "out").view(t.dtype).reshape(shape)
     try:
-        y = move_tensor(t, moves, out=out, scratch=scratch) if whole else move_rows(t, moves, r0, r1, out, scratch)
+        y = move_tensor(t, moves, out=out, scratch=scratch) if rows is None else rows(r0, r1, out, scratch)
     except GaugeError as err:
         raise GaugeError(f"{where}: {err}") from None
     _pwrite_all(fd, y.reshape(-1).view(torch.uint8).numpy(), at)
@@ -452,10 +453,13 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                     t = shard.tensor(start + b, e - b, dtype, info["shape"])
                     done = functools.partial(shard.release, start + b, e - b)
                 chunks = _row_chunks(t, moves, chunk_bytes)
-                whole = len(chunks) == 1
                 row_bytes = t.shape[1] * t.element_size() if t.dim() == 2 else 0
                 where = f"{src.name}: {name}"
-                pool.submit([functools.partial(_move_chunk, pool, t, moves, r0, r1, whole, fd,
+                try:                           # checks and kernel operands once per tensor, not per chunk
+                    rows = row_mover(t, moves) if len(chunks) > 1 else None
+                except GaugeError as err:
+                    raise GaugeError(f"{where}: {err}") from None
+                pool.submit([functools.partial(_move_chunk, pool, t, moves, rows, r0, r1, fd,
                                                start + b + r0 * row_bytes, where) for r0, r1 in chunks], e - b, done)
                 del t
                 bar.update(e - b)

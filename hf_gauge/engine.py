@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,7 +24,7 @@ from .specs.base import Axis, fill
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_",
-           "move_rows", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves",
+           "move_rows", "row_mover", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves",
            "check_gauge", "segment_spans", "source_names", "stack_count", "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
@@ -463,6 +463,24 @@ def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out:
     if _compiled_fits(src, moves, out):
         return _take(src, moves, out, r0, r1)
     return _RowKernel(src, moves, scratch).rows(r0, r1, out)
+
+
+def row_mover(src: torch.Tensor, moves: tuple[Move, ...]
+              ) -> Callable[[int, int, torch.Tensor, Scratch | None], torch.Tensor]:
+    """``f(r0, r1, out, scratch)`` = ``move_rows(src, moves, r0, r1, out, scratch)`` with the checks and the kernel
+    operands made once: for a tensor moved in many row chunks (``out``: contiguous, ``src``'s dtype and device)."""
+    if not moves:
+        return lambda r0, r1, out, scratch=None: out.copy_(src[r0:r1])
+    check_moves(src, moves)
+    if _compiled_fits(src, moves):
+        take, bits = _compiled().take, as_bits(src)
+        rows, cols = _operands(bits, moves)
+
+        def compiled(r0: int, r1: int, out: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+            take(bits, as_bits(out), rows, cols, r0, r1)
+            return out
+        return compiled
+    return lambda r0, r1, out, scratch=None: _RowKernel(src, moves, scratch).rows(r0, r1, out)
 
 
 def compare_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, other: torch.Tensor

@@ -78,14 +78,18 @@ def test_parallel_failure_stops_and_leaves_nothing(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(ckpt, "_PARALLEL_BYTES", 0)
     monkeypatch.setattr(ckpt, "_CHUNK_BYTES", 1000)
     src, model, _ = single_file(tmp_path, torch.float32)
-    real, calls = ckpt.move_rows, {"n": 0}
+    real, calls = ckpt.row_mover, {"n": 0}
 
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise RuntimeError("injected worker failure")
-        return real(*a, **k)
-    monkeypatch.setattr(ckpt, "move_rows", flaky)
+    def flaky_mover(*a, **k):
+        move = real(*a, **k)
+
+        def flaky(*b):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise RuntimeError("injected worker failure")
+            return move(*b)
+        return flaky
+    monkeypatch.setattr(ckpt, "row_mover", flaky_mover)
     with pytest.raises(RuntimeError, match="injected worker failure"):
         apply_gauge_to_checkpoint(src, random_gauge(model, seed=1, spaces="all"), tmp_path / "out", progress=False)
     assert sorted(os.listdir(tmp_path)) == ["src"]
