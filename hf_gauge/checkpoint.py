@@ -3,7 +3,7 @@
 Each output shard keeps the input shard's exact safetensors header (names, dtypes, shapes, offsets and
 ``__metadata__`` do not change under a gauge), so the output file is sized up front, the header copied verbatim at
 offset 0 and every tensor's bytes written at the same offset. The input shard is memory-mapped: each moved tensor is
-split into row chunks of 256 KB (1 MB with torch's gathers) that worker threads move (compiled kernels or torch
+split into row chunks of 512 KB (1 MB with torch's gathers) that worker threads move (compiled kernels or torch
 gathers) from the page cache into a cache-resident buffer and write at their offset (``pwrite``), so every byte is
 read once and written once. Runs of untouched tensors are copied inside the kernel (``copy_file_range``). Added
 memory is one chunk buffer per worker plus the mapped pages of the tensors in flight (at most 128 MB, or one larger
@@ -48,8 +48,8 @@ SINGLE_NAME = "model.safetensors"
 _SKIP_DIRS = {".cache", ".git"}
 _GAUGES_DIR = "gauges"        # a source repo's own gauges start from the source's chart: not copied to the output
 _COPY_CHUNK = 16 << 20
-_CHUNK_BYTES = 256 << 10     # 2-D tensors are moved and written in row chunks of about this size (compiled kernels;
-                             # torch's gathers take 4x): the chunk stays in cache until it is written
+_CHUNK_BYTES = 512 << 10     # 2-D tensors are moved and written in row chunks of about this size (compiled kernels;
+                             # torch's gathers take 2x): the chunk stays in cache until it is written
 _WINDOW_BYTES = 128 << 20    # input tensors in flight on the workers (beyond one larger tensor)
 _PARALLEL_BYTES = 64 << 20   # jobs moving less run on the calling thread alone
 
@@ -597,9 +597,10 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         moved = [headers[s][1][n] for s in shards for n, mv in plans[s].items() if mv or n in sources]
         moved_bytes = sum(i["data_offsets"][1] - i["data_offsets"][0] for i in moved)
         compiled = prepare_kernels(sum(math.prod(i["shape"]) for i in moved))   # the job's work: elements moved
-        # the compiled kernels' chunks stay in L2 for the write (256 KB: 20% less CPU than 1 MB); torch's gathers
-        # pay a fixed cost per call, so they take 4x larger chunks (measured on the 1.8 GB bf16 benchmark)
-        chunk = _CHUNK_BYTES if compiled else 4 * _CHUNK_BYTES
+        # the compiled kernels' chunks stay in cache for the write (512 KB: 1.95 s of CPU for the 1.8 GB bf16
+        # benchmark's apply, 256 KB 2.27 s, 1 MB 2.78 s, medians of 3 interleaved runs); torch's gathers pay a
+        # fixed cost per call (1 MB: 2.8-3.0 s of CPU for the streaming, 256 KB: 3.1-3.8 s), so they take 2x
+        chunk = _CHUNK_BYTES if compiled else 2 * _CHUNK_BYTES
         workers = max(2, torch.get_num_threads()) if moved_bytes >= _PARALLEL_BYTES else 1
         pool = _Pool(workers, _WINDOW_BYTES)
         # durable: each finished shard is fsynced on a thread while the next one is moved (its data reaches the
