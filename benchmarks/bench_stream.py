@@ -4,7 +4,7 @@ The pair, as users meet it (issue 28):
 - ``apply``: ``python -m hf_gauge apply SRC --gauge G -o OUT --no-progress`` in a fresh process (default kernels,
   durable output: every shard fsynced before the folder is published), full gauge (``spaces="all"``);
 - ``apply-numba`` / ``apply-torch``: the same with ``HF_GAUGE_KERNELS=numba`` / ``torch`` (by default the one the
-  default does not pick for this checkpoint: numba loads for jobs moving 2^29 elements or more);
+  default does not pick for this checkpoint: numba loads for jobs moving 2^30 elements or more);
 - ``copy``: a fresh process that imports torch, transformers and safetensors and copies every shard through
   ``safetensors.torch.load_file`` and ``save_file``.
 Each is timed from the parent (process start to exit: imports included), with its CPU time (user + system: less
@@ -54,7 +54,7 @@ for shard in sorted(src.glob("*.safetensors")):
     save_file(load_file(shard), out / shard.name, metadata={"format": "pt"})
 """
 IMPORTS = "import hf_gauge.cli, hf_gauge.checkpoint, tqdm.auto"       # what an apply imports (+ numba: kernels)
-KERNEL_IMPORT_ELEMENTS = 1 << 29    # hf_gauge.engine's: a default apply moving this many elements loads numba
+KERNEL_IMPORT_ELEMENTS = 1 << 30    # hf_gauge.engine's: a default apply moving this many elements loads numba
 
 CASES = {
     "bf16": dict(d=2560, ff=6912, layers=8, heads=20, vocab=50000, dtype="bfloat16", shard="400MB",

@@ -376,14 +376,15 @@ def _compiled() -> ModuleType | None:
 
 
 _KERNEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process about
-# 0.7-1.3 s (import, then the first call loads the cached machine code) and the kernels save 1.8 ns (bf16) to 3.9 ns
-# (fp32) per element moved against torch's gathers (measured on 6912 x 2560 tensors, rows and columns signed-permuted),
-# so with HF_GAUGE_KERNELS=auto (the default) a job loads them when its work, the elements it moves, reaches
-# KERNEL_IMPORT_ELEMENTS (``prepare_kernels``: a 1B model); once loaded, every tensor of KERNEL_MIN_ELEMENTS or more
-# uses them.
+# Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process 0.2-0.5 s
+# (import, then the first call loads the cached machine code), which a job wins back only when it is large: the
+# streaming apply of a 1.8 GB bf16 checkpoint (890 M elements, full gauge) took 2.75 s with torch's gathers and 2.96 s
+# with the kernels (medians of 5 interleaved fresh processes, quiet 2-core machine), one of 7.6 GB (3.8 G elements)
+# 10.3-11.7 s of CPU with the kernels against 11.8-15.1 s. So with HF_GAUGE_KERNELS=auto (the default) a job loads
+# them when its work, the elements it moves, reaches KERNEL_IMPORT_ELEMENTS (``prepare_kernels``); once loaded,
+# every tensor of KERNEL_MIN_ELEMENTS or more uses them.
 KERNEL_MIN_ELEMENTS = 1 << 16
-KERNEL_IMPORT_ELEMENTS = 1 << 29
+KERNEL_IMPORT_ELEMENTS = 1 << 30
 KERNEL_MODES = ("auto", "numba", "torch")
 
 
