@@ -16,7 +16,10 @@ both checkpoints (so that no round starts with files evicted from the page cache
 Both find and verify map the files instead of copying them (``CheckpointFiles.mapped_blocks``); the floor copies.
 - the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width),
   first call and later calls in a fresh process, with the default scratch and with ``overwrite=True`` (as find uses it).
-Usage: python benchmarks/bench_scale.py [--quick] [--workdir DIR [--keep] [--reuse]] [--rounds N] [--output FILE]
+``--width 8192 --only-find``: Llama-3-70B's shapes (d=8192, d_ff=28672, vocab 128256, 64 query / 8 KV heads of 128),
+2 layers (about 7.6 GB a checkpoint), find against its I/O floor only (results/bench_scale_8192.json).
+Usage: python benchmarks/bench_scale.py [--quick] [--width 4096|8192] [--only-find] [--workdir DIR [--keep] [--reuse]]
+       [--rounds N] [--output FILE]
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_result  # noqa: E402
 
 FULL = dict(d=4096, ff=14336, vocab=128256, heads=32, kv=8, head_dim=128, layers=8, full_layers=32)
+WIDE = dict(d=8192, ff=28672, vocab=128256, heads=64, kv=8, head_dim=128, layers=2, full_layers=80)   # Llama-3-70B
 QUICK = dict(d=64, ff=96, vocab=512, heads=4, kv=2, head_dim=16, layers=2, full_layers=4)
 
 
@@ -225,11 +229,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--workdir", help="where the checkpoints are written (default: a new folder under /tmp)")
     ap.add_argument("--rounds", type=int, default=None, help="interleaved rounds of each measurement (default 2)")
     ap.add_argument("--match-d", type=int, default=None, help="width of the matching benchmark (default 8192)")
-    ap.add_argument("--output", help="result file (default results/bench_scale[_quick].json)")
+    ap.add_argument("--output", help="result file (default results/bench_scale[_8192|_quick].json)")
+    ap.add_argument("--width", type=int, choices=(4096, 8192), default=4096,
+                    help="4096: Llama-3-8B's shapes, 8 layers; 8192: Llama-3-70B's shapes (d_ff 28672, 64 query / 8 KV "
+                         "heads), 2 layers, ~7.6 GB a checkpoint")
+    ap.add_argument("--only-find", action="store_true", help="measure find and its I/O floor only (no verify, no "
+                                                               "half-depth view, no 8 d row cap)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     ap.add_argument("--reuse", action="store_true", help="use the checkpoints a --keep run left in --workdir")
     args = ap.parse_args(argv)
-    s = QUICK if args.quick else FULL
+    s = QUICK if args.quick else WIDE if args.width == 8192 else FULL
     rounds = args.rounds or (1 if args.quick else 2)
     match_d = args.match_d or (256 if args.quick else 8192)
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="hf_gauge_bench_scale."))
@@ -254,13 +263,31 @@ def main(argv: list[str] | None = None) -> dict:
         times: dict[str, list[dict]] = {k: [] for k in ("floor_find", "find", "find_rows_8d", "floor_find_half",
                                                          "find_half", "floor_all", "verify")}
         res["warm_up_s"] = run_worker("floor_all", A, B, G)["seconds"]   # untimed: the rounds start with the files cached
+        plan = (("floor_find", "floor_find", A, B), ("find", "find", A, B),
+                ("find_rows_8d", "find_rows_8d", A, B),
+                ("floor_find_half", "floor_find", work / "A_half", work / "B_half"),
+                ("find_half", "find", work / "A_half", work / "B_half"),
+                ("floor_all", "floor_all", A, B), ("verify", "verify", A, B))
+        if args.only_find:
+            plan = plan[:2]
+            times = {k: v for k, v in times.items() if k in ("floor_find", "find")}
         for _ in range(rounds):                              # interleaved: drift in the machine's speed hits all
-            for key, mode, a, b in (("floor_find", "floor_find", A, B), ("find", "find", A, B),
-                                    ("find_rows_8d", "find_rows_8d", A, B),
-                                    ("floor_find_half", "floor_find", work / "A_half", work / "B_half"),
-                                    ("find_half", "find", work / "A_half", work / "B_half"),
-                                    ("floor_all", "floor_all", A, B), ("verify", "verify", A, B)):
+            for key, mode, a, b in plan:
                 times[key].append(run_worker(mode, a, b, G))
+        if args.only_find:
+            res.update({"runs": times, "median_s": {k: statistics.median(r["seconds"] for r in v)
+                                                    for k, v in times.items()},
+                        "find_exact": all(r["exact"] for r in times["find"]),
+                        "find_over_io_floor": statistics.median(f["seconds"] / fl["seconds"] for f, fl in
+                                                                zip(times["find"], times["floor_find"])),
+                        "find_over_io_floor_all": [f["seconds"] / fl["seconds"] for f, fl in
+                                                   zip(times["find"], times["floor_find"])],
+                        "goal_find_over_io_floor": 1.3,
+                        "find_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["find"]),
+                        "goal_find_peak_rss_bytes": 3 << 30,
+                        "floor_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["floor_find"]),
+                        "load_average_after": os.getloadavg()})
+            return _finish(args, res)
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in times.items()}
         find_ratio = statistics.median(f["seconds"] / fl["seconds"] for f, fl in zip(times["find"], times["floor_find"]))
         verify_ratio = statistics.median(v["seconds"] / fl["seconds"] for v, fl in zip(times["verify"], times["floor_all"]))
@@ -286,10 +313,15 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    return _finish(args, res)
+
+
+def _finish(args: argparse.Namespace, res: dict) -> dict:
+    """Write the result file (default ``results/bench_scale[_8192|_quick].json``) and print it."""
     if args.output:
         Path(args.output).write_text(json.dumps(res, indent=2))
     else:
-        write_result("bench_scale" + ("_quick" if args.quick else ""), res)
+        write_result("bench_scale" + ("_quick" if args.quick else "_8192" if args.width == 8192 else ""), res)
     print(json.dumps({k: v for k, v in res.items() if k not in ("runs",)}, indent=1, default=str))
     return res
 

@@ -1,24 +1,36 @@
-"""Benchmark: streaming gauge apply on a sharded checkpoint vs a plain safetensors read+write of the same shards.
+"""Benchmark: ``hf-gauge apply`` of a sharded checkpoint against a plain copy of its shards, both fresh processes.
 
-Each measurement runs in a fresh subprocess; rounds interleave the modes. ``stream`` is one apply in a fresh
-process (what the CLI pays), ``stream-warm`` the second apply in one process (first-touch page faults and allocator
-warm-up paid by an untimed first run), ``stream-durable`` fsyncs every shard before the final rename. The memory the operation adds is the peak of the current RSS
-(sampled every 2 ms from /proc/self/statm) minus the RSS just before it; ``ru_maxrss`` is reported too, but it is a
-high-water mark that includes import-time spikes (torch + transformers peak around 430 MB here).
+The pair, as users meet it (issue 28):
+- ``apply``: ``python -m hf_gauge apply SRC --gauge G -o OUT --no-progress`` in a fresh process (default kernels,
+  durable output: every shard fsynced before the folder is published), full gauge (``spaces="all"``);
+- ``apply-numba`` / ``apply-torch``: the same with ``HF_GAUGE_KERNELS=numba`` / ``torch`` (by default the one the
+  default does not pick for this checkpoint: numba loads for jobs moving 2^30 elements or more);
+- ``copy``: a fresh process that imports torch, transformers and safetensors and copies every shard through
+  ``safetensors.torch.load_file`` and ``save_file``.
+Each is timed from the parent (process start to exit: imports included), with its CPU time (user + system: less
+sensitive than wall time to other jobs on a shared machine); peak RSS is the child's ``ru_maxrss``
+(``os.wait4``; the parent imports neither torch nor hf_gauge), and ``added`` subtracts the peak of a fresh process
+that only imports what that apply imports (numba included where it loads the kernels).
+Rounds interleave the modes (the machine is shared: drift hits every mode alike); medians, min and max are reported,
+with the load average before each round. After the rounds, the output is checked bit-exact with ``verify_files``.
 
-    python benchmarks/bench_stream.py --quick     # synthetic ~200 MB Llama checkpoint, 40 MB shards
-    python benchmarks/bench_stream.py             # real SmolLM2-135M (fp32, ~540 MB) in 100 MB shards
+Cases: ``bf16`` (default): random Llama, 8 layers at d=2560, d_ff 6912, vocab 50,000, untied, 1.8 GB in 400 MB shards.
+``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``quick``: a 40 MB fp32 Llama in
+10 MB shards (the test suite's smoke run).
 
-Goals: time <= 1.3x the plain copy; added peak RSS <= largest tensor + 200 MB.
-Results: benchmarks/results/bench_stream.json.
+    python benchmarks/bench_stream.py [--case bf16|fp32|quick | --src CHECKPOINT] [--rounds N] [--output FILE]
+
+Goals: apply <= 1.2x the copy (median), bit-exact; added peak RSS <= largest tensor + 200 MB.
+Results: benchmarks/results/bench_stream_<case>.json.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -28,175 +40,234 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+COPY = """
+import os, sys
+from pathlib import Path
+import torch, transformers
+from safetensors.torch import load_file, save_file
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+os.makedirs(out)
+for shard in sorted(src.glob("*.safetensors")):
+    save_file(load_file(shard), out / shard.name, metadata={"format": "pt"})
+"""
+IMPORTS = "import hf_gauge.cli, hf_gauge.checkpoint, tqdm.auto"       # what an apply imports (+ numba: kernels)
+KERNEL_IMPORT_ELEMENTS = 1 << 30    # hf_gauge.engine's: a default apply moving this many elements loads numba
+
+CASES = {
+    "bf16": dict(d=2560, ff=6912, layers=8, heads=20, vocab=50000, dtype="bfloat16", shard="400MB",
+                 name="random Llama bf16, 8 layers at d=2560 (d_ff 6912, vocab 50,000), 400 MB shards"),
+    "fp32": dict(smollm2=True, dtype="float32", shard="100MB", name="SmolLM2-135M-Instruct fp32, 100 MB shards"),
+    "quick": dict(d=256, ff=704, layers=4, heads=4, vocab=8000, dtype="float32", shard="10MB",
+                  name="random Llama fp32, 4 layers at d=256, 10 MB shards (smoke run)"),
+}
 
 
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far (high-water mark, includes imports)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class _Sampler:
-    """Samples the current RSS every 2 ms in a thread: the peak the operation itself adds above the baseline."""
-
-    def __init__(self) -> None:
-        import threading
-        self.peak = self.base = _current_rss_mb()
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _current_rss_mb())
-
-    def __enter__(self) -> "_Sampler":
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, _current_rss_mb())
-
-
-def worker(mode: str, src: str, out: str, gauge: str) -> None:
-    import torch  # noqa: F401
-    from safetensors.torch import load_file, save_file
-
-    import hf_gauge
-    from hf_gauge.checkpoint import apply_gauge_to_checkpoint
-
-    from transformers import AutoConfig
-    AutoConfig.from_pretrained(src)   # warm the config machinery (lazy imports) before measuring
-    g = hf_gauge.load_gauge(gauge) if mode != "plain" else None
-    if mode == "stream-warm":    # a first apply in this process, untimed: what remains is the steady-state cost
-        apply_gauge_to_checkpoint(src, g, out + ".warmup", progress=False, durable=False)
-        shutil.rmtree(out + ".warmup")
-    base = _rss_mb()
-    with _Sampler() as s:
-        t0 = time.perf_counter()
-        if mode == "plain":
-            os.makedirs(out)
-            for shard in sorted(Path(src).glob("*.safetensors")):
-                save_file(load_file(shard), Path(out) / shard.name, metadata={"format": "pt"})
-        else:
-            apply_gauge_to_checkpoint(src, g, out, progress=False, durable=(mode == "stream-durable"))
-        dt = time.perf_counter() - t0
-    print(json.dumps({"seconds": dt, "peak_rss_mb": _rss_mb(), "baseline_rss_mb": base,
-                      "sampled_added_rss_mb": s.peak - s.base}))
-
-
-def run_worker(mode: str, src: Path, out: Path, gauge: Path) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    r = subprocess.run([sys.executable, __file__, "--worker", mode, str(src), str(out), str(gauge)],
-                       capture_output=True, text=True, env=env, check=False)
-    if r.returncode != 0:
-        raise SystemExit(f"worker {mode} failed:\n{r.stderr[-2000:]}")
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    shutil.rmtree(out, ignore_errors=True)
-    return res
-
-
-def build_checkpoint(quick: bool, root: Path) -> tuple[Path, str, str]:
+def build(case: dict, root: Path) -> tuple[Path, Path]:
+    """The source checkpoint and a full gauge of it (``spaces="all"``)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     import hf_gauge
 
-    src = root / "src"
-    if quick:
-        torch.manual_seed(0)
-        cfg = AutoConfig.for_model("llama", hidden_size=512, intermediate_size=2048, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=4, vocab_size=32000,
-                                   tie_word_embeddings=False)
-        model = AutoModelForCausalLM.from_config(cfg)
-        shard, name = "40MB", "synthetic-llama-d512-L4 fp32"
-    else:
+    dtype = getattr(torch, case["dtype"])
+    torch.manual_seed(0)
+    if case.get("smollm2"):
         from hf_gauge.weights import smollm2_path
-        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
-        shard, name = "100MB", "SmolLM2-135M-Instruct fp32"
+        model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
+    else:
+        cfg = AutoConfig.for_model("llama", hidden_size=case["d"], intermediate_size=case["ff"],
+                                   num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
+                                   num_key_value_heads=case["heads"], vocab_size=case["vocab"],
+                                   tie_word_embeddings=False)
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg)
+        finally:
+            torch.set_default_dtype(before)
     with torch.no_grad():
-        for n, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.dim() == 1:
-                p.normal_(1.0, 0.3)
-    model.save_pretrained(src, max_shard_size=shard)
-    g = hf_gauge.random_gauge(model, seed=0, spaces=("residual", "mlp", "attn"))
-    g.save_pretrained(root / "gauge")
-    return src, name, shard
+                p.normal_(1.0, 0.3)           # generic gains: the B_d regime
+    model.save_pretrained(root / "src", max_shard_size=case["shard"])
+    hf_gauge.random_gauge(model, seed=0, spaces="all").save_pretrained(root / "gauge")
+    return root / "src", root / "gauge"
+
+
+def gauge_for(src: Path, out: Path) -> None:
+    """A full random gauge (``spaces="all"``) of an existing checkpoint, drawn from its config on the meta device
+    (no weights loaded); the final-norm gain is read from the shards so that the gauge's fingerprint matches."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import hf_gauge
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src))
+    view = hf_gauge.get_spec(model.config.model_type).sites.final_norm
+    for shard in sorted(src.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            if view + ".weight" in f.keys():
+                model.get_submodule(view).weight = torch.nn.Parameter(f.get_tensor(view + ".weight"))
+    hf_gauge.random_gauge(model, seed=0, spaces="all").save_pretrained(out)
+
+
+def tensor_entries(path: Path) -> list[dict]:
+    """The tensor entries (dtype, shape, data_offsets) of a safetensors file's JSON header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return [v for k, v in header.items() if k != "__metadata__"]
+
+
+def verify(src: str, out: str, gauge: str) -> bool:
+    """``verify_files``: the output is the source moved by the gauge, bit for bit."""
+    from hf_gauge import load_gauge
+    from hf_gauge.fileverify import verify_files
+
+    rep = verify_files(src, out, load_gauge(gauge))
+    return bool(rep["ok"] and rep["weights_bit_exact"])
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Wall time and peak RSS of one fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(p.pid, 0)
+    dt = time.perf_counter() - t0
+    err = p.stderr.read().decode(errors="replace")
+    p.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{cmd[:4]} failed:\n{err[-2000:]}")
+    return {"seconds": dt, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0}
+
+
+def mode_cmd(mode: str, src: Path, gauge: Path, out: Path) -> tuple[list[str], dict]:
+    if mode == "copy":
+        return [sys.executable, "-c", COPY, str(src), str(out)], {}
+    env = {"HF_GAUGE_KERNELS": mode.split("-")[1]} if "-" in mode else {}
+    return [sys.executable, "-m", "hf_gauge", "apply", str(src), "--gauge", str(gauge), "-o", str(out),
+            "--no-progress"], env
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=30).stdout.strip()
+        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "hf_gauge"],
+                                    capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", None
+    lib = hashlib.sha256()
+    for p in sorted((ROOT / "hf_gauge").rglob("*.py")):
+        lib.update(p.relative_to(ROOT).as_posix().encode() + b"\0" + p.read_bytes())
+    return {"commit": commit, "library_dirty": dirty, "library_sha256": lib.hexdigest()[:16],
+            "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]}
+
+
+def summary(runs: list[dict]) -> dict:
+    s = [r["seconds"] for r in runs]
+    cpu = [r["cpu_seconds"] for r in runs]
+    return {"seconds_median": statistics.median(s), "seconds_min": min(s), "seconds_max": max(s), "seconds_all": s,
+            "cpu_seconds_median": statistics.median(cpu), "cpu_seconds_all": cpu,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs)}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="small synthetic checkpoint (seconds)")
-    ap.add_argument("--repeats", type=int, default=None, help="rounds of every mode, best time kept (default 5, quick 3)")
-    ap.add_argument("--output", default=str(HERE / "results" / "bench_stream.json"))
-    ap.add_argument("--worker", nargs=4, metavar=("MODE", "SRC", "OUT", "GAUGE"), help=argparse.SUPPRESS)
+    ap.add_argument("--case", choices=sorted(CASES), default="bf16")
+    ap.add_argument("--quick", action="store_true", help="same as --case quick")
+    ap.add_argument("--rounds", "--repeats", type=int, default=None, help="interleaved rounds (default 3, quick 1)")
+    ap.add_argument("--modes", default=None, help="comma-separated modes measured each round (default: copy, apply "
+                                                  "and apply with the other kernels than the default's)")
+    ap.add_argument("--output", default=None, help="result file (default results/bench_stream_<case>.json)")
+    ap.add_argument("--src", default=None, help="an existing checkpoint folder instead of --case (a full random "
+                                                "gauge is drawn from its config)")
+    ap.add_argument("--workdir", default=None, help="where checkpoints are written (default: a temporary folder)")
     args = ap.parse_args(argv)
-    if args.worker:
-        worker(*args.worker)
-        return 0
-    from safetensors import safe_open
-
-    repeats = args.repeats or (3 if args.quick else 5)
-    with tempfile.TemporaryDirectory(prefix="bench_stream-") as tmp:
+    name = "quick" if args.quick else args.case
+    case = CASES[name]
+    if args.src:
+        name, case = Path(args.src).name, {"name": f"existing checkpoint {args.src}", "shard": "as stored"}
+    rounds = args.rounds or (1 if name == "quick" else 3)
+    report: dict = {"case": name, "checkpoint": case["name"], **provenance()}
+    with tempfile.TemporaryDirectory(prefix="bench_stream-", dir=args.workdir) as tmp:
         root = Path(tmp)
-        src, name, shard = build_checkpoint(args.quick, root)
+        # the parent imports neither torch nor hf_gauge: a child's ru_maxrss would start at the parent's RSS
+        if args.src:
+            src, gauge = Path(args.src), root / "gauge"
+            run([sys.executable, __file__, "--gauge-for", str(src), str(gauge)])
+        else:
+            run([sys.executable, __file__, "--build", name, str(root)])
+            src, gauge = root / "src", root / "gauge"
         shards = sorted(src.glob("*.safetensors"))
-        total = sum(p.stat().st_size for p in shards)
-        largest_tensor = 0
-        largest_shard_tensors = 0
-        for p in shards:
-            with safe_open(p, "pt") as f:
-                sizes = [f.get_slice(k).get_shape() for k in f.keys()]
-            nbytes = [4 * (1 if not s else __import__("math").prod(s)) for s in sizes]
-            largest_tensor = max(largest_tensor, max(nbytes))
-            largest_shard_tensors = max(largest_shard_tensors, sum(nbytes))
-        results: dict[str, dict] = {}
-        modes = ("plain", "stream", "stream-warm", "stream-durable")
-        # rounds interleave the modes, so page-cache and filesystem state (writeback of the last output, ext4
-        # discards of deleted files) weigh on every mode alike rather than on whichever ran in a noisy stretch
-        all_runs: dict[str, list[dict]] = {m: [] for m in modes}
-        for _ in range(repeats):
+        entries = [e for p in shards for e in tensor_entries(p)]
+        largest = max(e["data_offsets"][1] - e["data_offsets"][0] for e in entries)
+        elements = sum(math.prod(e["shape"]) for e in entries)
+        bare = {"torch": run([sys.executable, "-c", IMPORTS])["peak_rss_mb"],
+                "numba": run([sys.executable, "-c", IMPORTS + ", hf_gauge.kernels"])["peak_rss_mb"]}
+        default_kernels = "numba" if elements >= KERNEL_IMPORT_ELEMENTS else "torch"
+        other = "torch" if default_kernels == "numba" else "numba"
+        modes = [m for m in (args.modes or f"copy,apply,apply-{other}").split(",") if m]
+        runs: dict[str, list[dict]] = {m: [] for m in modes}
+        loads = []
+        for _ in range(rounds):
+            loads.append(os.getloadavg())
             for mode in modes:
-                all_runs[mode].append(run_worker(mode, src, root / f"out-{mode}", root / "gauge"))
-        for mode, runs in all_runs.items():
-            best = min(runs, key=lambda r: r["seconds"])
-            results[mode] = {"seconds_best": best["seconds"], "seconds_all": [r["seconds"] for r in runs],
-                             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-                             "added_rss_mb": max(r["sampled_added_rss_mb"] for r in runs),
-                             "maxrss_above_import_highwater_mb": max(r["peak_rss_mb"] - r["baseline_rss_mb"]
-                                                                     for r in runs),
-                             "throughput_mb_s": total / 1e6 / best["seconds"]}
-        plain, stream = results["plain"], results["stream"]
-        report = {
-            "checkpoint": name, "quick": args.quick, "n_shards": len(shards), "max_shard_size": shard,
-            "checkpoint_mb": total / 1e6, "largest_tensor_mb": largest_tensor / 1e6,
-            "largest_shard_tensors_mb": largest_shard_tensors / 1e6,
-            "results": results,
-            "time_ratio_stream_vs_plain": stream["seconds_best"] / plain["seconds_best"],
-            "time_ratio_stream_vs_plain_median": (statistics.median(stream["seconds_all"])
-                                                  / statistics.median(plain["seconds_all"])),
-            "time_ratio_warm_vs_plain": results["stream-warm"]["seconds_best"] / plain["seconds_best"],
-            "time_ratio_durable_vs_plain": results["stream-durable"]["seconds_best"] / plain["seconds_best"],
-            "goal_time_ratio": 1.3,
-            "rss_budget_mb": largest_tensor / 1e6 + 200,
-            "meets_time_goal": stream["seconds_best"] <= 1.3 * plain["seconds_best"],
-            "meets_rss_goal": stream["added_rss_mb"] <= largest_tensor / 1e6 + 200,
+                out = root / f"out-{mode}"
+                shutil.rmtree(out, ignore_errors=True)
+                cmd, env = mode_cmd(mode, src, gauge, out)
+                runs[mode].append(run(cmd, env))
+                if mode.startswith("apply") and "bit_exact" not in report:
+                    r = subprocess.run([sys.executable, __file__, "--verify", str(src), str(out), str(gauge)],
+                                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                    report["bit_exact"] = r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "True"
+                shutil.rmtree(out, ignore_errors=True)
+        res = {m: summary(r) for m, r in runs.items()}
+        if "copy" in res:
+            for m in res:
+                if m != "copy":
+                    res[m]["ratio_to_copy_median"] = res[m]["seconds_median"] / res["copy"]["seconds_median"]
+                    res[m]["cpu_ratio_to_copy_median"] = (res[m]["cpu_seconds_median"]
+                                                          / res["copy"]["cpu_seconds_median"])
+                    res[m]["ratio_to_copy_per_round"] = [a["seconds"] / c["seconds"]
+                                                         for a, c in zip(runs[m], runs["copy"])]
+                    res[m]["kernels"] = m.split("-")[1] if "-" in m else default_kernels
+                    res[m]["added_rss_mb"] = res[m]["peak_rss_mb"] - bare[res[m]["kernels"]]
+        report.update({
+            "n_shards": len(shards), "max_shard_size": case["shard"],
+            "dtypes": sorted({e["dtype"] for e in entries}),
+            "checkpoint_mb": sum(p.stat().st_size for p in shards) / 1e6, "largest_tensor_mb": largest / 1e6,
+            "rounds": rounds, "results": res, "imports_only_peak_rss_mb": bare, "elements": elements,
+            "goal_ratio": 1.2, "rss_budget_added_mb": largest / 1e6 + 200,
+            "load_average_before_rounds": loads, "load_average_after": os.getloadavg(),
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-                        "load_avg": os.getloadavg()},
-        }
-    out = Path(args.output)
+                        "note": "shared machine: other jobs run beside the benchmark; compare within one run"},
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        })
+    out = Path(args.output) if args.output else HERE / "results" / f"bench_stream_{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    tmp_out = out.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp_out, out)
+    print(json.dumps({k: v for k, v in report.items() if k != "results"} |
+                     {m: {k: v for k, v in r.items() if not k.endswith("_all")} for m, r in report["results"].items()},
+                     indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:2] == ["--build"]:
+        build(CASES[sys.argv[2]], Path(sys.argv[3]))
+    elif sys.argv[1:2] == ["--gauge-for"]:
+        gauge_for(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1:2] == ["--verify"]:
+        print(verify(*sys.argv[2:5]))
+    else:
+        sys.exit(main())

@@ -11,7 +11,7 @@ import functools
 import os
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,8 +24,9 @@ from .specs.base import Axis, fill, range_values
 from .view import ConfigView, resolve_name
 
 __all__ = ["Move", "resolve_name", "axes_for", "moves_for", "move_tensor", "move_tensor_", "move_tensors_",
-           "move_rows", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels", "check_moves",
-           "check_gauge", "segment_positions", "segment_spans", "source_names", "stack_count", "space_sizes"]
+           "move_rows", "row_mover", "compare_rows", "Scratch", "kernel_mode", "loaded_kernels", "prepare_kernels",
+           "check_moves", "check_gauge", "segment_positions", "segment_spans", "source_names", "stack_count",
+           "space_sizes"]
 
 def axes_for(spec: ArchSpec, name: str, files: bool = False) -> tuple[Axis, ...] | None:
     """Axes of any tensor name (plain, PEFT-wrapped, LoRA factor, DoRA magnitude); None if the spec lacks it.
@@ -438,12 +439,15 @@ def _compiled() -> ModuleType | None:
 
 
 _KERNEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-# Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process about
-# 0.7 s (import 0.3 s, first call 0.4 s, measured on the CI machine) and the kernels save about 0.8 ns per element
-# moved, so with HF_GAUGE_KERNELS=auto (the default) a job loads them when it moves KERNEL_IMPORT_BYTES or more
-# (``prepare_kernels``: a 1B+ model or checkpoint); once loaded, every tensor of KERNEL_MIN_ELEMENTS or more uses them.
+# Below KERNEL_MIN_ELEMENTS torch's gathers are as fast as a kernel call. Loading numba costs a fresh process 0.2-0.5 s
+# (import, then the first call loads the cached machine code), which a job wins back only when it is large: the
+# streaming apply of a 1.8 GB bf16 checkpoint (890 M elements, full gauge) took 2.75 s with torch's gathers and 2.96 s
+# with the kernels (medians of 5 interleaved fresh processes, quiet 2-core machine), one of 7.6 GB (3.8 G elements)
+# 10.3-11.7 s of CPU with the kernels against 11.8-15.1 s. So with HF_GAUGE_KERNELS=auto (the default) a job loads
+# them when its work, the elements it moves, reaches KERNEL_IMPORT_ELEMENTS (``prepare_kernels``); once loaded,
+# every tensor of KERNEL_MIN_ELEMENTS or more uses them.
 KERNEL_MIN_ELEMENTS = 1 << 16
-KERNEL_IMPORT_BYTES = 2 << 30
+KERNEL_IMPORT_ELEMENTS = 1 << 30
 KERNEL_MODES = ("auto", "numba", "torch")
 
 
@@ -478,11 +482,11 @@ def loaded_kernels() -> ModuleType | None:
     return _compiled()
 
 
-def prepare_kernels(n_bytes: int) -> bool:
-    """Before a job that moves ``n_bytes``: load the compiled kernels if it is worth it (``auto``: ``n_bytes >=
-    KERNEL_IMPORT_BYTES``; ``numba``: always); returns whether they are in use."""
+def prepare_kernels(n_elements: int) -> bool:
+    """Before a job that moves (or reads) ``n_elements`` tensor elements: load the compiled kernels if it is worth
+    it (``auto``: ``n_elements >= KERNEL_IMPORT_ELEMENTS``; ``numba``: always); returns whether they are in use."""
     mode = kernel_mode()
-    if mode == "numba" or (mode == "auto" and n_bytes >= KERNEL_IMPORT_BYTES):
+    if mode == "numba" or (mode == "auto" and n_elements >= KERNEL_IMPORT_ELEMENTS):
         return _compiled() is not None
     return mode == "auto" and _compiled.cache_info().currsize > 0 and _compiled() is not None
 
@@ -523,6 +527,24 @@ def move_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, out:
     if _compiled_fits(src, moves, out):
         return _take(src, moves, out, r0, r1)
     return _RowKernel(src, moves, scratch).rows(r0, r1, out)
+
+
+def row_mover(src: torch.Tensor, moves: tuple[Move, ...]
+              ) -> Callable[[int, int, torch.Tensor, Scratch | None], torch.Tensor]:
+    """``f(r0, r1, out, scratch)`` = ``move_rows(src, moves, r0, r1, out, scratch)`` with the checks and the kernel
+    operands made once: for a tensor moved in many row chunks (``out``: contiguous, ``src``'s dtype and device)."""
+    if not moves:
+        return lambda r0, r1, out, scratch=None: out.copy_(src[r0:r1])
+    check_moves(src, moves)
+    if _compiled_fits(src, moves):
+        take, bits = _compiled().take, as_bits(src)
+        rows, cols = _operands(bits, moves)
+
+        def compiled(r0: int, r1: int, out: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
+            take(bits, as_bits(out), rows, cols, r0, r1)
+            return out
+        return compiled
+    return lambda r0, r1, out, scratch=None: _RowKernel(src, moves, scratch).rows(r0, r1, out)
 
 
 def compare_rows(src: torch.Tensor, moves: tuple[Move, ...], r0: int, r1: int, other: torch.Tensor

@@ -32,7 +32,7 @@ from .jsonio import read_json
 from .kinds import get_kind
 from .specs import ArchSpec, get_spec
 from .specs.base import Axis, LayerSubset, placeholders, range_values
-from .view import ConfigView, spec_for
+from .view import ConfigView, JsonConfig, spec_for
 
 __all__ = ["MAX_SIZE", "checkpoint_config", "check_config_sizes"]
 
@@ -327,12 +327,14 @@ def _quantized(doc: Mapping[str, Any], folder: Path) -> None:
                          "result again" + (f"; {hint}" if hint else ""))
 
 
-def checkpoint_config(folder: str | os.PathLike, tensors: Mapping[str, Mapping[str, Any]]
+def checkpoint_config(folder: str | os.PathLike, tensors: Mapping[str, Mapping[str, Any]], *, stored: bool = False
                       ) -> tuple[ConfigView, ArchSpec]:
     """``(config view, spec)`` of a checkpoint folder whose safetensors headers list ``tensors`` (``{name: {"shape":
-    [...], ...}}`` over every shard); every size checked against them (module docstring). ``GaugeError`` otherwise."""
-    from transformers import AutoConfig
+    [...], ...}}`` over every shard); every size checked against them (module docstring). ``GaugeError`` otherwise.
 
+    ``stored=True`` views the file as stored (``view.JsonConfig``: no transformers config class is imported, about
+    1 s of a fresh process) and raises ``ConfigAbsent`` as soon as anything reads a value only a config class's
+    default would give; the caller then asks again without it (step 2 above, through ``AutoConfig``)."""
     folder = Path(folder)
     where = str(folder / "config.json")
     doc = read_json(folder / "config.json", where, "re-download the checkpoint")
@@ -347,11 +349,10 @@ def checkpoint_config(folder: str | os.PathLike, tensors: Mapping[str, Mapping[s
     raw = _Reads(_Fields(doc))
     _check_sizes(spec, raw, where, deferred=True)
     _check_ranges(spec, raw, tensors, where, deferred=True)
-    try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
-    except Exception as e:   # transformers' validation raises assorted types (ValueError, its strict-dataclass errors)
-        raise GaugeError(f"cannot read {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") \
-            from None
+    if stored:
+        config = JsonConfig(doc)
+    else:
+        config = _auto_config(folder, where)
     view = ConfigView(config)
     if view.model_type != model_type:
         raise GaugeError(f"{where}: transformers reads model_type {view.model_type!r} from a file that says "
@@ -359,3 +360,14 @@ def checkpoint_config(folder: str | os.PathLike, tensors: Mapping[str, Mapping[s
     spec = spec_for(view)             # the declared fields checked; the layout's variant (OPT's projections)
     check_config_sizes(spec, view, tensors, where)
     return view, spec
+
+
+def _auto_config(folder: Path, where: str) -> Any:
+    """``AutoConfig.from_pretrained(folder)``; any failure of transformers' validation is a ``GaugeError``."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as e:   # transformers' validation raises assorted types (ValueError, its strict-dataclass errors)
+        raise GaugeError(f"cannot read {where}: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") \
+            from None

@@ -444,7 +444,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     d = int(fa.config.hidden_size)
     cap = rows_cap(max_rows, d)
     names = _feature_tensors(fa, fb)
-    prepare_kernels(sum(fa.nbytes(n) + fb.nbytes(n) for n in names))
+    prepare_kernels(sum(math.prod(fa.shape(n)) + math.prod(fb.shape(n)) for n in names))
     work = Scratch()
     signed = _Signed(d, work)
     ua: list[torch.Tensor] = []

@@ -26,7 +26,7 @@ from .specs import carried_last
 from .match import find_gauge as find_gauge_models
 from .match import match_correlation, select_families
 from .modelref import model_ref
-from .models import gain_fingerprint
+from .view import gain_fingerprint
 
 __all__ = ["find_gauge", "find_gauge_from_files", "is_checkpoint_ref"]
 

@@ -16,6 +16,7 @@ same tensors with the same shapes and dtypes.
 """
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any
@@ -28,7 +29,7 @@ from .errors import GaugeError
 from .filefeatures import CheckpointFiles
 from .gauge import Gauge
 from .group import moves_as_bits
-from .models import gain_fingerprint
+from .view import gain_fingerprint
 
 __all__ = ["verify_files", "tensor_group", "max_abs"]
 
@@ -181,7 +182,7 @@ def verify_files(a: str | os.PathLike, b: str | os.PathLike, gauge: Gauge, *, at
         final = fa.spec.final_norm_key(names)
         fp_moved = fp_b = None
         scratch = Scratch()
-        prepare_kernels(sum(fa.nbytes(n) for n in names))
+        prepare_kernels(sum(math.prod(fa.shape(n)) for n in names))
         jobs = []
         for name in names:
             if name in missing_in_b:

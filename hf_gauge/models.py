@@ -1,7 +1,6 @@
 """Live models: unwrap wrappers, describe charts, apply gauges in place, draw random gauges, name the group."""
 from __future__ import annotations
 
-import hashlib
 import re
 import warnings
 from typing import Any, Iterable
@@ -17,17 +16,12 @@ from .group import SignedPermutation
 from .kinds import get_kind
 from .modelref import model_ref
 from .orthogonal import refuse_apply
-from .view import ModelView, unwrap
+from .view import ModelView, gain_fingerprint, unwrap
 
 logger = logging.get_logger("hf_gauge")
 
 __all__ = ["unwrap", "apply_gauge", "random_gauge", "symmetry_group", "describe", "fingerprint", "gauge_spaces",
            "gain_fingerprint", "quantization"]
-
-
-def gain_fingerprint(gain: torch.Tensor) -> str:
-    """The chart fingerprint of a final-norm gain (``fingerprint`` of a model whose final norm has this gain)."""
-    return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def offloaded_value(module: torch.nn.Module, name: str) -> torch.Tensor:
@@ -151,7 +145,7 @@ def apply_gauge(model: Any, gauge: Gauge, *, strict: bool = False) -> Any:
         except GaugeError as e:
             raise GaugeError(f"{n}: {e}") from None
     renamed = source_names(spec, gauge, params, config=cfg)       # one module per head: tensors change places
-    prepare_kernels(sum(params[n].numel() * params[n].element_size() for n in plan))
+    prepare_kernels(sum(params[n].numel() for n in plan))
     move_tensors_((params[n].data, moves) for n, moves in plan.items())
     held = {src: params[src].detach().clone() for src in set(renamed.values())}
     with torch.no_grad():

@@ -11,6 +11,7 @@ prefix, ``*ForQuestionAnswering`` keeps its body under ``transformer``) or has a
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cache, cached_property
 from typing import Any, Iterator
@@ -20,7 +21,8 @@ import torch
 from .errors import GaugeError
 from .specs import SPECS, ArchSpec, get_spec
 
-__all__ = ["ConfigView", "ModelView", "SpecNamedModel", "spec_for", "unwrap", "resolve_name"]
+__all__ = ["ConfigView", "JsonConfig", "ConfigAbsent", "ModelView", "SpecNamedModel", "spec_for", "unwrap",
+           "resolve_name", "gain_fingerprint"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -53,6 +55,48 @@ def resolve_name(name: str) -> tuple[str, str]:
         if rx.match(name):
             return rx.sub(repl, name), role
     return name, "weight"
+
+
+class ConfigAbsent(Exception):
+    """A ``JsonConfig`` lacks an attribute that transformers' config class would fill with a default: read the
+    config with ``AutoConfig`` instead."""
+
+
+class JsonConfig:
+    """A model's ``config.json`` read as stored, without importing transformers' config classes (about 1 s in a
+    fresh process). Only values the file holds are returned: asking for any other attribute raises
+    ``ConfigAbsent`` (not ``AttributeError``, so ``getattr(c, name, default)`` cannot swallow it), except the ones
+    a transformers config lacks too unless they are set (``text_config``, ``quantization_config``,
+    ``get_text_config``). Nested objects (``text_config``) are ``JsonConfig`` too."""
+
+    OPTIONAL = frozenset({"text_config", "quantization_config", "get_text_config"})
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self._values = values
+
+    @classmethod
+    def read(cls, path: Any) -> "JsonConfig | None":
+        """The config at ``path``, or ``None`` where it is not a JSON object naming a ``model_type``."""
+        import json
+
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except (OSError, ValueError, RecursionError):
+            return None
+        if not isinstance(values, dict) or not isinstance(values.get("model_type"), str):
+            return None
+        return cls(values)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "_values":
+            raise AttributeError(name)
+        if name not in self._values:
+            if name in self.OPTIONAL:
+                raise AttributeError(name)
+            raise ConfigAbsent(name)
+        v = self._values[name]
+        return JsonConfig(v) if isinstance(v, dict) and name == "text_config" else v
 
 
 class ConfigView:
@@ -165,6 +209,11 @@ def spec_for(config: Any, spec: ArchSpec | None = None) -> ArchSpec:
     if reason is not None:
         raise GaugeError(reason)
     return spec.variant(cfg) if spec.variant is not None else spec
+
+
+def gain_fingerprint(gain: torch.Tensor) -> str:
+    """The chart fingerprint of a final-norm gain (``fingerprint`` of a model whose final norm has this gain)."""
+    return hashlib.sha256(gain.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def unwrap(model: Any) -> torch.nn.Module:

@@ -131,3 +131,25 @@ def test_refused_tensor_leaves_the_model_untouched():
     with pytest.raises(GaugeError, match=r"layers\.1\.mlp\.down_proj\.weight.*width mismatch"):
         m.apply_gauge(g)
     assert_state_equal(before, state(m))
+
+
+@pytest.mark.parametrize("kernels", ["torch", "numba"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_mover_equals_move_rows(monkeypatch: pytest.MonkeyPatch, kernels: str, dtype: torch.dtype) -> None:
+    """``row_mover`` (checks and operands made once per tensor) gives ``move_rows``'s rows bit for bit, chunk by
+    chunk, on both kernel paths; a move that does not fit is refused when the mover is made."""
+    monkeypatch.setenv("HF_GAUGE_KERNELS", kernels)
+    n, m = 300, 260
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, m, generator=gen).to(dtype)
+    rs, cs = SignedPermutation.random(n, 1), SignedPermutation.random(m, 2)
+    mv = (Move(0, rs.perm, rs.sign), Move(1, cs.perm, cs.sign))
+    want = move_tensor(x, mv, out=torch.empty_like(x))
+    got = torch.empty_like(x)
+    f = engine.row_mover(x, mv)
+    for r0 in range(0, n, 37):
+        r1 = min(n, r0 + 37)
+        f(r0, r1, got[r0:r1], Scratch())
+    assert torch.equal(as_bits(got), as_bits(want))
+    with pytest.raises(GaugeError, match="width mismatch"):
+        engine.row_mover(x[:, :-1].contiguous(), mv)

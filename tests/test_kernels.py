@@ -166,7 +166,7 @@ def test_small_tensors_stay_on_torch():
 
 def test_auto_mode_loads_numba_only_for_a_large_job(monkeypatch):
     """``auto``: a fresh process gauging a small model never imports numba (0.7 s it would not win back); a job of
-    KERNEL_IMPORT_BYTES loads the kernels, then every tensor they fit uses them. Bad values are refused."""
+    moving KERNEL_IMPORT_ELEMENTS loads the kernels, then every tensor they fit uses them. Bad values are refused."""
     code = ("import sys, torch, hf_gauge\n"
             "from transformers import LlamaConfig, LlamaForCausalLM\n"
             "m = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1, "
@@ -181,8 +181,8 @@ def test_auto_mode_loads_numba_only_for_a_large_job(monkeypatch):
     engine._compiled.cache_clear()
     mv = (Move(1, torch.randperm(300), None),)
     x = torch.randn(300, 300)
-    assert not engine.prepare_kernels(engine.KERNEL_IMPORT_BYTES - 1) and not engine._compiled_fits(x, mv)
-    assert engine.prepare_kernels(engine.KERNEL_IMPORT_BYTES)                # a large job loads them
+    assert not engine.prepare_kernels(engine.KERNEL_IMPORT_ELEMENTS - 1) and not engine._compiled_fits(x, mv)
+    assert engine.prepare_kernels(engine.KERNEL_IMPORT_ELEMENTS)                # a large job loads them
     assert engine._compiled_fits(x, mv) and engine.prepare_kernels(0)       # loaded: every job uses them
     monkeypatch.setenv("HF_GAUGE_KERNELS", "torch")
     assert not engine._compiled_fits(x, mv) and not engine.prepare_kernels(1 << 40)
