@@ -368,12 +368,14 @@ class _Handler(BaseHTTPRequestHandler):
 def local_hub(cache_dir: str | None = None) -> Iterator[HubServer]:
     """Start a ``HubServer`` and point ``huggingface_hub`` at it for the block: ``constants.ENDPOINT`` (what
     ``HF_ENDPOINT`` sets), the resolve URL template, and the download cache (``cache_dir``, else a temporary folder
-    removed on exit). The previous settings come back on exit, also after an error."""
+    removed on exit). Offline mode (``HF_HUB_OFFLINE=1``) is lifted for the block: the server is on this machine.
+    The previous settings come back on exit, also after an error."""
     import huggingface_hub.constants as hc
 
-    names = ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_CACHE")
+    names = ("ENDPOINT", "HUGGINGFACE_CO_URL_TEMPLATE", "HF_HUB_CACHE", "HF_HUB_OFFLINE")
     saved = {n: getattr(hc, n) for n in names}
     with tempfile.TemporaryDirectory(prefix="hf_gauge_local_hub_") as tmp, HubServer() as hub:
+        hc.HF_HUB_OFFLINE = False
         hc.ENDPOINT = hub.url
         hc.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
         hc.HF_HUB_CACHE = cache_dir or tmp

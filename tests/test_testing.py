@@ -31,3 +31,14 @@ def test_settings_restored_after_an_error() -> None:
         assert hc.ENDPOINT.startswith("http://127.0.0.1:")
         raise RuntimeError("boom")
     assert (hc.ENDPOINT, hc.HUGGINGFACE_CO_URL_TEMPLATE, hc.HF_HUB_CACHE) == before
+
+
+def test_offline_mode_is_lifted_for_the_block_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With HF_HUB_OFFLINE=1 (a user's setting, or one a test left in the environment) the local server still
+    answers inside the block, and offline mode is back afterwards."""
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    g = Gauge(SignedPermutation.random(16, 4), source={"model_id": "org/a"}, target={"model_id": "org/b"})
+    with local_hub():
+        g.push_to_hub("org/m", path_in_repo="gauges/a2b")
+        assert Gauge.from_pretrained("org/m", subfolder="gauges/a2b") == g
+    assert hc.HF_HUB_OFFLINE is True
