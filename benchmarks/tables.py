@@ -71,17 +71,23 @@ def fit_table() -> list[str]:
 
 def stream_table() -> list[str]:
     rows = []
-    for name in ("bench_stream.json", "bench_stream_smollm2.json"):
+    for name in ("bench_stream_bf16.json", "bench_stream_fp32.json", "bench_stream_bf16_7.6gb.json"):
         d = _load(name)
         res = d["results"]
-        rows.append([_src(name, d), f"{d['time_ratio_stream_vs_plain']:.2f}× best, "
-                     f"{d['time_ratio_stream_vs_plain_median']:.2f}× median",
-                     f"{d['time_ratio_warm_vs_plain']:.2f}×", f"{d['time_ratio_durable_vs_plain']:.2f}×",
-                     f"≤ {d['goal_time_ratio']}×", f"{res['stream']['added_rss_mb']:.0f} MB "
-                     f"(budget {d['rss_budget_mb']:.0f} MB: {'met' if d['meets_rss_goal'] else '**not met**'})",
-                     f"{res['plain']['seconds_best']:.2f} s"])
-    return _table(["result", "fresh process (the CLI) / plain", "second run in a process", "durable (fsync)",
-                   "time goal", "added RSS", "plain read + write"], rows)
+        apply, other = res["apply"], next(v for k, v in res.items() if k.startswith("apply-"))
+        per_round = apply["ratio_to_copy_per_round"]
+        load = [x[0] if isinstance(x, list) else x for x in d.get("load_average_before_rounds") or []]   # 1 min
+        rows.append([f"{d['checkpoint']} ({d['checkpoint_mb'] / 1e3:.1f} GB)", str(d["rounds"]),
+                     f"{res['copy']['seconds_median']:.2f} s", f"{apply['seconds_median']:.2f} s",
+                     f"**{apply['ratio_to_copy_median']:.2f}×** ({min(per_round):.2f}-{max(per_round):.2f})",
+                     f"{other['ratio_to_copy_median']:.2f}× ({other['kernels']})", f"≤ {d['goal_ratio']}×",
+                     _met(apply["ratio_to_copy_median"], d["goal_ratio"]) + (", bit-exact" if d["bit_exact"] else ""),
+                     f"{apply['added_rss_mb']:.0f} MB (budget {d['rss_budget_added_mb']:.0f} MB: "
+                     f"{_met(apply['added_rss_mb'], d['rss_budget_added_mb'])})",
+                     f"{min(load):.1f}-{max(load):.1f}" if load else "", _src(name, d)])
+    return _table(["checkpoint", "rounds", "copy (fresh process)", "`hf-gauge apply` (fresh process)",
+                   "apply / copy, median (rounds)", "other kernels / copy", "goal", "", "added RSS", "load average",
+                   "result"], rows)
 
 
 def scale_table() -> list[str]:
