@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
@@ -331,29 +330,36 @@ def test_streaming_checkpoint_apply_equals_live_apply(model_type, tmp_path):
     assert_bit_equal(loaded, live)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_lora_transport_reproduces_logits(model_type, ids):
-    from peft import LoraConfig as _Lora, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    a, b, g = _pair(model_type)
-    torch.manual_seed(0)
-    # every linear but routers written as nn.Linear subclasses returning a tuple (Llama-4, PhiMoE): LoRA cannot
-    # wrap those
+def assert_lora_transported(a, b, g, ids, unmoved_differs: bool = False, **lora) -> None:
+    """A LoRA with generic weights on A (by default on every linear but routers written as ``nn.Linear`` subclasses
+    that return a tuple, which PEFT cannot wrap: Llama-4, PhiMoE), moved through ``g`` (B = g(A)), reproduces A's
+    adapted logits on B by both routes: the adapter state dict loaded into a LoRA on B, and a ``PeftModel`` in, a
+    ``PeftModel`` out. ``unmoved_differs``: the same adapter left unmoved on B does not."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     routers = [n for n, m in a.named_modules() if isinstance(m, torch.nn.Linear) and "Router" in type(m).__name__]
-    LoraConfig = functools.partial(_Lora, exclude_modules=routers or None)
-    pa = get_peft_model(copy.deepcopy(a), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    cfg = {"r": 4, "target_modules": "all-linear", "init_lora_weights": False, "exclude_modules": routers or None,
+           **lora}
+    torch.manual_seed(0)
+    pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg))
     with torch.no_grad():
-        for n, p in pa.named_parameters():
+        for p in pa.parameters():
             if p.requires_grad:
                 p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
-    pa.eval()
-    ref = logits(pa, ids)
-    sd = g.transport(get_peft_model_state_dict(pa), model=pa)        # the state-dict route
-    pb = get_peft_model(copy.deepcopy(b), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    assert not set_peft_model_state_dict(pb, sd).unexpected_keys
+    ref = logits(pa.eval(), ids)
+    pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
+    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
     assert close(logits(pb.eval(), ids), ref)
-    untransported = get_peft_model(copy.deepcopy(b), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    set_peft_model_state_dict(untransported, {k: v for k, v in pa.state_dict().items() if "lora_" in k})
-    assert not close(logits(untransported.eval(), ids), ref, 1e-3)
+    assert close(logits(g.transport(pa).eval(), ids), ref)
+    if unmoved_differs:
+        untransported = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
+        set_peft_model_state_dict(untransported, {k: v for k, v in pa.state_dict().items() if "lora_" in k})
+        assert not close(logits(untransported.eval(), ids), ref, 1e-3)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_lora_transport_reproduces_logits(model_type, ids):
+    a, b, g = _pair(model_type)
+    assert_lora_transported(a, b, g, ids, unmoved_differs=True)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

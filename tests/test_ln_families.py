@@ -15,8 +15,8 @@ import hf_gauge
 from hf_gauge import Gauge, GaugeError, SignedPermutation, apply_gauge, random_gauge
 from hf_gauge.specs import Rule, get_spec
 
-from test_architectures import (FULL, VOCAB, _apply_by_hand, _same_gauge, assert_bit_equal, build, close, logits,
-                                state)
+from test_architectures import (FULL, VOCAB, _apply_by_hand, _same_gauge, assert_bit_equal, assert_lora_transported,
+                                build, close, logits, state)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -67,7 +67,6 @@ def test_variant_streaming_apply_and_lora(model_type, over, ids, tmp_path):
     """Streaming apply on ``save_pretrained`` files equals the live apply bit for bit, and the gauge is found back
     from the two checkpoints' files; a LoRA adapter on every linear,
     transported, reproduces the logits on the gauged base."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a = build(model_type, **over)
     g = random_gauge(a, seed=4, spaces=FULL)
     a.save_pretrained(tmp_path / "src")
@@ -75,17 +74,7 @@ def test_variant_streaming_apply_and_lora(model_type, over, ids, tmp_path):
     b = apply_gauge(copy.deepcopy(a), g)
     assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
     _same_gauge(hf_gauge.find_gauge(tmp_path / "src", tmp_path / "out", spaces="all"), g)       # data-free, from files
-    torch.manual_seed(0)
-    lora = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    pa = get_peft_model(copy.deepcopy(a), lora)
-    with torch.no_grad():
-        for p in pa.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
-    ref = logits(pa.eval(), ids)
-    pb = get_peft_model(b, copy.deepcopy(lora))
-    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
-    assert close(logits(pb.eval(), ids), ref)
+    assert_lora_transported(a, b, g, ids)
 
 
 # --------------------------------------------------------------------------------------------- pinned heads

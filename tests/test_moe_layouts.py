@@ -14,7 +14,8 @@ import hf_gauge
 from hf_gauge import apply_gauge, random_gauge
 from hf_gauge.fileverify import verify_files
 
-from test_architectures import FULL, VOCAB, _same_gauge, assert_bit_equal, build, close, logits, state
+from test_architectures import (FULL, VOCAB, _same_gauge, assert_bit_equal, assert_lora_transported, build, close,
+                                logits, state)
 
 # (model_type, config overrides, the layers that route to experts)
 LAYOUTS = {
@@ -101,20 +102,8 @@ def test_files_apply_find_and_verify(layout, tmp_path):
 
 
 def test_lora_transport_and_canonical_charts(layout, ids):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a, b, g = _pair(layout)
-    cfg = dict(r=4, target_modules="all-linear", init_lora_weights=False)
-    torch.manual_seed(0)
-    pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg))
-    with torch.no_grad():
-        for p in pa.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
-    ref = logits(pa.eval(), ids)
-    pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
-    assert close(logits(pb.eval(), ids), ref)
-    assert close(logits(g.transport(pa).eval(), ids), ref)     # a PeftModel in, a PeftModel out (nested base_layer)
+    assert_lora_transported(a, b, g, ids)
     hf_gauge.canonicalize(a)
     hf_gauge.canonicalize(b)
     assert_bit_equal(state(a), state(b))

@@ -17,8 +17,8 @@ from hf_gauge.engine import move_tensor, moves_for
 from hf_gauge.specs import get_spec
 from hf_gauge.view import ModelView, spec_for
 
-from test_architectures import (FULL, VOCAB, _same_gauge, assert_bit_equal, build, close, head_classes, inputs,
-                                logits, randomize, state, tiny_config)
+from test_architectures import (FULL, VOCAB, _same_gauge, assert_bit_equal, assert_lora_transported, build, close,
+                                head_classes, inputs, logits, randomize, state, tiny_config)
 
 LAYOUTS = {"projected": {"word_embed_proj_dim": 16}, "post_ln": {"do_layer_norm_before": False},
            "projected_post_ln": {"word_embed_proj_dim": 16, "do_layer_norm_before": False}}
@@ -100,19 +100,8 @@ def test_streaming_apply_equals_live_apply(layout, tmp_path):
 
 
 def test_lora_transport_reproduces_logits(layout, ids):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
     a, b, g = _pair(layout)
-    cfg = dict(r=4, target_modules="all-linear", init_lora_weights=False)
-    torch.manual_seed(0)
-    pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg))
-    with torch.no_grad():
-        for p in pa.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
-    ref = logits(pa.eval(), ids)
-    pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
-    assert close(logits(pb.eval(), ids), ref)
+    assert_lora_transported(a, b, g, ids)
 
 
 def test_canonical_charts_bit_identical(layout):

@@ -293,21 +293,10 @@ def test_dora_on_conv1d_and_on_a_projected_embedding_input(model_type, over, ids
     """DoRA on GPT-2's Conv1D (PEFT's ``fan_in_fan_out``: the magnitude ``[out]`` follows the weight's axis 1) and on
     OPT's ``project_in`` (the embedding site of that layout, yet a Linear: its magnitude follows the residual rows),
     transported, reproduces the adapted logits on the gauged base."""
-    from test_architectures import build, close
+    from test_architectures import assert_lora_transported, build
     a = build(model_type, **over)
     g = random_gauge(a, seed=3, spaces="all")
-    b = apply_gauge(copy.deepcopy(a), g)
-    cfg = dict(r=4, target_modules="all-linear", init_lora_weights=False, use_dora=True)
-    torch.manual_seed(0)
-    pa = get_peft_model(copy.deepcopy(a), LoraConfig(**cfg))
-    with torch.no_grad():
-        for p in pa.parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn_like(p) * (p.abs().mean() + 0.1))
-    ref = logits(pa.eval(), ids)
-    pb = get_peft_model(copy.deepcopy(b), LoraConfig(**cfg))
-    assert not set_peft_model_state_dict(pb, g.transport(get_peft_model_state_dict(pa), model=pa)).unexpected_keys
-    assert close(logits(pb.eval(), ids), ref)
+    assert_lora_transported(a, apply_gauge(copy.deepcopy(a), g), g, ids, use_dora=True)
 
 
 # --------------------------------------------------------------------------- issue 27: PEFT as its users expect
