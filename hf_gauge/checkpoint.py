@@ -38,7 +38,7 @@ from .engine import Scratch, check_gauge, move_tensor, moves_for, prepare_kernel
 from .errors import GaugeError
 from .fileconfig import checkpoint_config
 from .gauge import Gauge
-from .hub import CARD_NAME, REPO_ID, checkpoint_card, load_gauge
+from .hub import CARD_NAME, REPO_ID, checkpoint_card, download_snapshot, load_gauge
 from .inputs import UNREAD_DIRS, audit_folder
 from .view import ConfigAbsent, ConfigView, gain_fingerprint
 from .jsonio import read_json
@@ -161,18 +161,8 @@ def resolve_checkpoint(src: str | os.PathLike, revision: str | None = None, toke
         raise GaugeError(f"{p} is a file; pass the checkpoint folder (config.json + *.safetensors)")
     if not isinstance(src, str) or p.is_absolute() or not REPO_ID.match(src):
         raise GaugeError(f"no checkpoint folder at {p} (and it is not a Hub repository id)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        return Path(snapshot_download(src, revision=revision, token=token, cache_dir=cache_dir,
-                                      local_files_only=local_files_only, endpoint=endpoint))
-    except RepositoryNotFoundError:
-        raise GaugeError(f"{src!r} is neither a local folder nor a Hub repository you can access") from None
-    except LocalEntryNotFoundError:
-        raise GaugeError(f"{src!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
-    except HfHubHTTPError as e:
-        raise GaugeError(f"downloading {src!r} failed: {str(e).splitlines()[0]}") from None
+    return download_snapshot(src, src, revision=revision, token=token, cache_dir=cache_dir,
+                             local_files_only=local_files_only, endpoint=endpoint)
 
 
 def shard_name(name: Any, where: str) -> str:

@@ -321,22 +321,12 @@ def hub_object(spec: str, revision: str | None = None) -> Path:
     parts = spec.strip("/").split("/")
     if len(parts) < 2:
         raise GaugeError(f"no file or folder {spec!r}; on the Hub give namespace/repo[/subfolder]")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import HFValidationError
+    from .hub import download_snapshot
 
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
     if any(x in ("", ".", "..") for x in parts):
         raise GaugeError(f"{spec!r}: path parts may not be empty, '.' or '..'")
-    try:
-        root = Path(snapshot_download(repo, revision=revision, allow_patterns=[sub, f"{sub}/*"] if sub else None))
-    except HFValidationError as e:
-        raise GaugeError(f"{spec!r} is neither a local path nor a Hub repository id: {e}") from None
-    except LocalEntryNotFoundError:
-        raise GaugeError(f"{spec!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
-    except HfHubHTTPError as e:
-        raise GaugeError(f"{spec!r}: neither a local path nor a Hub repository you can access "
-                         f"({str(e).splitlines()[0]})") from None
+    root = download_snapshot(repo, spec, revision=revision, allow_patterns=[sub, f"{sub}/*"] if sub else None)
     local = root / sub if sub else root
     if not local.exists():
         raise GaugeError(f"{repo!r} has no {sub!r} (revision {revision or 'main'})")

@@ -252,6 +252,26 @@ def _drop(pending: Path) -> None:
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
+def download_snapshot(repo_id: str, what: str, **kwargs: Any) -> Path:
+    """``huggingface_hub.snapshot_download(repo_id, **kwargs)`` (revision, cache, token, offline mode honoured); a
+    failure is a one-line ``GaugeError`` naming ``what`` (the id as the user gave it)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, **kwargs))
+    except HFValidationError as e:
+        raise GaugeError(f"{what!r} is neither a local folder nor a Hub repository id: {e}") from None
+    except RepositoryNotFoundError:
+        raise GaugeError(f"{what!r} is neither a local folder nor a Hub repository you can access (check the "
+                         "name, or pass a token)") from None
+    except LocalEntryNotFoundError:
+        raise GaugeError(f"{what!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
+    except HfHubHTTPError as e:
+        raise GaugeError(f"downloading {what!r} failed: {str(e).splitlines()[0]}") from None
+
+
 def _download(repo_id: str, subfolder: str | None, revision: str | None, token: str | bool | None,
               cache_dir: str | os.PathLike | None, local_files_only: bool, endpoint: str | None) -> tuple[Path, Path]:
     from huggingface_hub import hf_hub_download

@@ -375,3 +375,16 @@ def test_every_card_snippet_runs_on_its_own(hub: HubServer, tmp_path: Path, monk
     assert eval(call, {"hf_gauge": hf_gauge}) == g
     moved = hf_gauge.apply_gauge(model, g)
     assert all(torch.equal(p, q) for p, q in zip(ns["model"].state_dict().values(), moved.state_dict().values()))
+
+
+def test_download_snapshot_failures_are_one_line_gauge_errors(hub: HubServer, tmp_path: Path) -> None:
+    """The one snapshot download (checkpoints, adapters, CLI Hub objects): each failure names what was asked for."""
+    from hf_gauge.hub import download_snapshot
+    kw = dict(cache_dir=tmp_path / "c", endpoint=hub.url)
+    cases = [("org/missing", {}, "nor a Hub repository you can access"),
+             ("org/missing", {"local_files_only": True}, "not in the local cache"),
+             ("org/bad--name", {}, "nor a Hub repository id")]
+    for repo, extra, phrase in cases:
+        with pytest.raises(GaugeError, match=phrase) as e:
+            download_snapshot(repo, f"{repo}/sub", **kw, **extra)
+        assert "\n" not in str(e.value) and f"'{repo}/sub'" in str(e.value)

@@ -30,23 +30,11 @@ def adapter_folder(adapter: str | os.PathLike, subfolder: str | None = None, rev
     spec = str(adapter)
     if Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") < 1:
         raise GaugeError(f"no adapter folder at {spec} (and it is not a Hub id org/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    from huggingface_hub.utils import HFValidationError
-
-    from ..hub import split_hub_path
+    from ..hub import download_snapshot, split_hub_path
     repo, sub = split_hub_path(spec, subfolder)
     patterns = [f"{sub}/{f}" if sub else f for f in (ADAPTER_CFG, ADAPTER_WEIGHTS)]
-    try:
-        root = Path(snapshot_download(repo, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
-                                      local_files_only=local_files_only, allow_patterns=patterns))
-    except HFValidationError as e:
-        raise GaugeError(f"{spec!r} is neither a local folder nor a Hub repository id: {e}") from None
-    except LocalEntryNotFoundError:
-        raise GaugeError(f"{spec!r} is not in the local cache and the Hub cannot be reached (offline?)") from None
-    except HfHubHTTPError as e:
-        raise GaugeError(f"{spec!r}: neither a local folder nor a Hub repository you can access "
-                         f"({str(e).splitlines()[0]})") from None
+    root = download_snapshot(repo, spec, revision=revision, token=token, cache_dir=cache_dir, endpoint=endpoint,
+                             local_files_only=local_files_only, allow_patterns=patterns)
     return root / sub if sub else root
 
 
