@@ -30,11 +30,11 @@ def layernorm_rules(*modules: str) -> tuple[Rule, ...]:
 
 
 def layernorm_spaces(mlp_size: Callable[[object], int], mlp_doc: str) -> dict[str, Space]:
-    """The spaces of a LayerNorm decoder with a non-gated MLP ``W2 act(W1 x)`` and heads without KV sharing:
-    residual S_d x {±1}; MLP units permute with no signs (an activation that is not odd, such as GELU or ReLU);
-    heads permute as wholes."""
+    """The spaces of a LayerNorm decoder with a non-gated MLP ``W2 act(W1 x)``: residual S_d x {±1}; MLP units
+    permute with no signs (an activation that is not odd, such as GELU or ReLU); query heads permute as wholes
+    (within KV groups where the config shares keys and values, groups as wholes: the ``heads`` kind)."""
     return {
         "residual": Space(lambda c: c.hidden_size, "global", "residual stream (LayerNorm)", kind="residual"),
         "mlp.{i}": Space(mlp_size, "none", mlp_doc, kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "attention heads of layer i", kind="heads"),
+        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
     }

@@ -11,9 +11,9 @@ units are unsigned, the q/k norms and the rotary part act inside heads, which pe
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads, writes
+from .base import UNTOUCHED, ArchSpec, Rule, Sites, reads, writes
 from .decoder import HEAD_RULES, KV_ROWS, O_COLS, Q_ROWS, head_dim, plain_mlp_rules
-from .layernorm import layernorm_eps, layernorm_rules
+from .layernorm import layernorm_eps, layernorm_rules, layernorm_spaces
 
 L = "model.layers.{i}."
 A = L + "self_attn."
@@ -22,11 +22,7 @@ PHI = ArchSpec(
     name="phi",
     model_types=("phi",),
     norm="layernorm",
-    spaces={
-        "residual": Space(lambda c: c.hidden_size, "global", "residual stream", kind="residual"),
-        "mlp.{i}": Space(lambda c: c.intermediate_size, "none", "GELU hidden units of layer i", kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
-    },
+    spaces=layernorm_spaces(lambda c: c.intermediate_size, "GELU hidden units of layer i"),
     rules=(
         Rule("model.embed_tokens.weight", reads()),
         Rule(A + "q_proj.weight", reads(Q_ROWS)), Rule(A + "q_proj.bias", (Q_ROWS,)),

@@ -11,9 +11,9 @@ permutations commute with any elementwise activation, and biases only add tensor
 """
 from __future__ import annotations
 
-from .base import UNTOUCHED, ArchSpec, Rule, Sites, Space, reads
+from .base import UNTOUCHED, ArchSpec, Rule, Sites, reads
 from .decoder import HEAD_RULES, attention_rules, head_dim, plain_mlp_rules
-from .layernorm import layernorm_eps, layernorm_rules
+from .layernorm import layernorm_eps, layernorm_rules, layernorm_spaces
 
 L = "model.layers.{i}."
 
@@ -21,11 +21,7 @@ STARCODER2 = ArchSpec(
     name="starcoder2",
     model_types=("starcoder2",),
     norm="layernorm",
-    spaces={
-        "residual": Space(lambda c: c.hidden_size, "global", "residual stream", kind="residual"),
-        "mlp.{i}": Space(lambda c: c.intermediate_size, "none", "GELU hidden units of layer i", kind="units"),
-        "attn.{i}": Space(lambda c: c.num_attention_heads, "none", "query heads of layer i", kind="heads"),
-    },
+    spaces=layernorm_spaces(lambda c: c.intermediate_size, "GELU hidden units of layer i"),
     rules=(
         Rule("model.embed_tokens.weight", reads()),
         *attention_rules(L),
