@@ -300,6 +300,32 @@ def _same_gauge(found: Gauge, g: Gauge) -> None:
         assert torch.equal(found.spaces[s].sign, el.sign), s
 
 
+def assert_gauged_copy(a, g: Gauge, ids) -> torch.nn.Module:
+    """B = g(A) computes A's logits, ``g.inverse()`` restores every tensor of A bit for bit, and the full gauge is
+    recovered exactly from the weights and from activations; returns B."""
+    ref, before = logits(a, ids), state(a)
+    b = apply_gauge(copy.deepcopy(a), g)
+    assert close(logits(b, ids), ref)
+    assert_bit_equal(state(apply_gauge(copy.deepcopy(b), g.inverse())), before)
+    _same_gauge(hf_gauge.find_full_gauge(a, b), g)
+    data = torch.randint(0, VOCAB, (8, 24), generator=torch.Generator().manual_seed(3))
+    _same_gauge(hf_gauge.find_full_gauge(a, b, data=data), g)
+    return b
+
+
+def assert_files_agree(a, b, g: Gauge, tmp_path: Path) -> None:
+    """A and B = g(A) saved: streaming apply of g to A's files gives B bit for bit, and from the two checkpoints'
+    files the full gauge is found exactly and verified bit-exact."""
+    from hf_gauge.fileverify import verify_files
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", g, tmp_path / "out", progress=False)
+    assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
+    _same_gauge(hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all"), g)
+    rep = verify_files(tmp_path / "a", tmp_path / "b", g)
+    assert rep["ok"] and rep["weights_bit_exact"]
+
+
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_data_free_recovery_is_exact(model_type):
     a, b, g = _pair(model_type)

@@ -12,10 +12,9 @@ import torch
 
 import hf_gauge
 from hf_gauge import apply_gauge, random_gauge
-from hf_gauge.fileverify import verify_files
 
-from test_architectures import (FULL, VOCAB, _same_gauge, assert_bit_equal, assert_lora_transported, build, close,
-                                logits, state)
+from test_architectures import (FULL, VOCAB, _same_gauge, assert_bit_equal, assert_files_agree, assert_lora_transported,
+                                build, close, logits, state)
 
 # (model_type, config overrides, the layers that route to experts)
 LAYOUTS = {
@@ -92,13 +91,7 @@ def test_recovery_data_free_and_from_activations(layout):
 
 def test_files_apply_find_and_verify(layout, tmp_path):
     a, b, g = _pair(layout)
-    a.save_pretrained(tmp_path / "a")
-    b.save_pretrained(tmp_path / "b")
-    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "a", g, tmp_path / "out", progress=False)
-    assert_bit_equal(state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32)), state(b))
-    _same_gauge(hf_gauge.find_gauge(tmp_path / "a", tmp_path / "b", spaces="all"), g)
-    rep = verify_files(tmp_path / "a", tmp_path / "b", g)
-    assert rep["ok"] and rep["weights_bit_exact"]
+    assert_files_agree(a, b, g, tmp_path)
 
 
 def test_lora_transport_and_canonical_charts(layout, ids):
