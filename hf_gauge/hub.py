@@ -141,9 +141,9 @@ def save_gauge(gauge: Gauge, save_directory: str | os.PathLike) -> Path:
     are replaced as one unit, under an exclusive lock on the folder that ``load_gauge`` takes shared: the new pair is
     first published whole as a hidden journal folder (``.hf_gauge-pending``, written as ``.hf_gauge-pending.new``),
     then each file is renamed from it onto the folder's (weights first; the config records the weights' sha256) and
-    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process killed
-    at any point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next save finishes
-    the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched
+    the journal is dropped. These three hidden names are reserved to hf_gauge inside a gauge folder. A process
+    killed at any point leaves the old pair, or a journal from which ``load_gauge`` reads the new pair and the next
+    save finishes the replacement. Other files (a model card, a checkpoint's ``config.json``) are never touched
     (``Gauge.save_pretrained`` writes its card in the same unit, after the pair).
     """
     return _save(gauge, Path(save_directory), {})
@@ -215,8 +215,8 @@ def _pending_pair(folder: Path) -> tuple[bytes, bytes] | None:
 
 def _finish_pending(folder: Path, own: bool = False) -> None:
     """Roll a journalled save forward (caller holds the exclusive folder lock): rename the journal's weights, then its
-    config (then its card, if any), onto the folder's (atomic renames, no temp files), then drop the journal (renamed to ``.old``, then
-    removed). Every step is idempotent, so a kill at any point leaves a state this finishes. An error before the
+    config (then its card, if any), onto the folder's (atomic renames, no temp files), then drop the journal (renamed
+    to ``.old``, then removed). Every step is idempotent, so a kill at any point leaves a state this finishes. An error before the
     weights moved drops the caller's ``own`` journal (the save fails whole); after that the journal stays, and
     loads read the new pair until a save finishes it."""
     pending = _journal(folder)
@@ -615,7 +615,8 @@ def _check_subfolder(subfolder: Any) -> str:
     return subfolder
 
 
-def _check_path_in_repo(path_in_repo: str) -> str:
+def check_path_in_repo(path_in_repo: str) -> str:
+    """``path_in_repo`` of a folder hf_gauge publishes (gauges, orthogonal maps), checked; ``GaugeError`` otherwise."""
     if not isinstance(path_in_repo, str) or _control(path_in_repo) or "\\" in path_in_repo:
         raise GaugeError(f"path_in_repo={path_in_repo!r} holds a control character or a backslash; name the gauge "
                          "folder with printable characters, e.g. 'gauges/<name>'")
@@ -656,9 +657,6 @@ def _hub_call(repo_id: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> An
             from None
 
 
-check_path_in_repo = _check_path_in_repo      # the same rule for every folder hf_gauge publishes (omapio)
-
-
 def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, commit_message: str | None = None,
                revision: str | None = None, token: str | bool | None = None, create_repo: bool = True,
                private: bool | None = None, endpoint: str | None = None, create_pr: bool = False,
@@ -668,8 +666,8 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
 
     Defaults to ``gauges/<gauge_id>``; a checkpoint in the same repository is untouched (only the gauge folder and the
     marked index section of the root ``README.md`` change; every other byte of that README is kept, and one that is
-    not UTF-8 or has a metadata header that is not YAML is refused before anything is written). ``source_id`` / ``target_id`` name the models on the Hub
-    (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
+    not UTF-8 or has a metadata header that is not YAML is refused before anything is written). ``source_id`` /
+    ``target_id`` name the models on the Hub (default: the recorded ids, local cache paths mapped back to ids); revisions are pinned through
     ``HfApi.model_info``. A side that would still be a local path (a model loaded from a folder) is refused with
     ``GaugeError``: nothing local is published. ``revision`` names a branch, created from ``main`` if missing.
     Returns the ``CommitInfo``.
@@ -683,7 +681,7 @@ def push_gauge(gauge: Gauge, repo_id: str, path_in_repo: str | None = None, comm
         validate_repo_id(repo_id)
     except HFValidationError as e:
         raise GaugeError(f"{repo_id!r} is not a valid Hub repository id: {e}") from None
-    path_in_repo = _check_path_in_repo(f"gauges/{gauge_id(gauge)}" if path_in_repo is None else path_in_repo)
+    path_in_repo = check_path_in_repo(f"gauges/{gauge_id(gauge)}" if path_in_repo is None else path_in_repo)
     api = HfApi(endpoint=endpoint, token=token)
     gauge = Gauge(spaces=dict(gauge.spaces), source=_pin(gauge.source, source_id, api),
                   target=_pin(gauge.target, target_id, api), method=gauge.method, metrics=dict(gauge.metrics),
