@@ -76,8 +76,36 @@ def _cost_in_place(C: np.ndarray, method: str) -> np.ndarray | None:
     return neg
 
 
+def _assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, cols, matched, runner_up)``: the minimum-cost assignment of the square ``cost``, as scipy's
+    ``linear_sum_assignment`` gives it, the matched scores ``-cost[rows, cols]`` and their best competitors
+    (``_runner_up``, which leaves ``cost``'s matched entries masked).
+
+    When every row's minimum is strict (below the rest of its row) and those minima fall in distinct columns, that
+    assignment is the unique optimum: any other one leaves some row off its strict minimum and costs more. It is
+    then taken straight from the argmins: three passes over ``cost`` instead of the Hungarian solve, the margins'
+    passes included (0.1 s against 0.65 s at d=8192). Otherwise (ties, two rows wanting one column) scipy solves
+    it."""
+    d = cost.shape[0]
+    if d > 1:
+        rows = np.arange(d)
+        cols = cost.argmin(axis=1)
+        if np.bincount(cols, minlength=d).max() == 1:
+            best = cost[rows, cols]
+            runner_up = _runner_up(cost, rows, cols)               # masks the matched entries
+            if bool((-runner_up > best).all()):                    # strict in its row, and in its column
+                return rows, cols, -best, runner_up
+            cost[rows, cols] = best                                # unmask: the solver needs them back
+    from scipy.optimize import linear_sum_assignment   # here: scipy.optimize costs 0.3 s to import
+
+    rows, cols = linear_sum_assignment(cost)
+    matched = -cost[rows, cols]
+    return rows, cols, matched, _runner_up(cost, rows, cols)
+
+
 def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed", overwrite: bool = False) -> Match:
-    """Solve the assignment for ``C [d_A, d_B]`` (square) with scipy's ``linear_sum_assignment``.
+    """Solve the assignment for ``C [d_A, d_B]`` (square): ``_assign`` (the argmins when they are a strict
+    permutation, else scipy's ``linear_sum_assignment``).
 
     Memory: one d×d float64 scratch (the cost ``-|C|`` or ``-C``) besides ``C``; the margins reuse it. With
     ``overwrite=True`` a float64 C-contiguous ``C`` (numpy, or a CPU torch tensor) is that scratch: its contents are
@@ -96,9 +124,7 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed", over
     else:
         cost, neg = (np.abs(C) if method == "signed" else np.array(C, dtype=np.float64, order="C")), None
         np.negative(cost, out=cost)                                # maximise S = |C| (or C): minimise -S
-    from scipy.optimize import linear_sum_assignment   # here: scipy.optimize costs 0.3 s to import
-
-    rows, cols = linear_sum_assignment(cost)                       # rows = A coordinates, cols = B coordinates
+    rows, cols, matched, runner_up = _assign(cost)                 # rows = A coordinates, cols = B coordinates
     perm = np.empty(d, dtype=np.int64)
     perm[cols] = rows
     if method == "signed":
@@ -109,11 +135,10 @@ def match_correlation(C: np.ndarray | torch.Tensor, method: str = "signed", over
             sign = np.where((neg[perm, ar >> 3] >> (7 - (ar & 7))) & 1, -1, 1)
     else:
         sign = np.ones(d, dtype=np.int64)
-    matched = -cost[rows, cols]
     score = np.empty(d)
     margin = np.empty(d)
     score[cols] = matched
-    margin[cols] = matched - _runner_up(cost, rows, cols)
+    margin[cols] = matched - runner_up
     return Match(SignedPermutation(torch.from_numpy(perm), torch.from_numpy(sign)), score, margin)
 
 

@@ -30,7 +30,7 @@ from .engine import axes_for, resolve_name
 from .errors import GaugeError
 from .view import ModelView
 
-__all__ = ["WeightFeatures", "default_max_rows", "rows_cap", "paired_weight_features", "feature_correlation",
+__all__ = ["WeightFeatures", "DEFAULT_MAX_ROWS", "rows_cap", "paired_weight_features", "feature_correlation",
            "signed_cosine_", "invariant_agreement", "match_residual_from_weights"]
 
 
@@ -44,23 +44,24 @@ class WeightFeatures:
     invariant_names: list[str] = field(default_factory=list)
 
 
-def default_max_rows(d: int) -> int:
-    """The default cap on vocabulary rows per signed tensor: ``max(2048, d)``. The Gram of the selected rows costs
-    ``2 rows d^2`` flops per tensor, the largest step of a data-free match at 7B+ widths; gauge-equivalent pairs are
-    matched exactly with any rows, and on real SmolLM2 with every weight of the gauged copy perturbed (5-50%
-    relative noise) ``d`` rows recovered the gauge as ``8 d`` rows did, with 14-22% smaller minimum margins; on
-    real fine-tuned SmolLM2 pairs (``benchmarks/bench_row_cap.py``) both caps recover it exactly."""
-    return max(2048, int(d))
+DEFAULT_MAX_ROWS = 2048
+"""The default cap on vocabulary rows per signed tensor, at every width. The Gram of the selected rows costs
+``2 rows d^2`` flops per tensor, the largest step of a data-free match at 7B+ widths (with ``d`` rows, the former
+default above d=2048, it made find from files 2.8x its I/O floor at d=8192). What decides a match is the largest
+chance cosine among ``d^2`` coordinate pairs, about ``sqrt(2 ln(d^2) / rows)``: 0.13 at d=8192 with 2048 rows. On
+real SmolLM2 (d=576) against its gauged copy with every weight perturbed by 5-50% relative noise, 256 rows (chance
+cosine 0.32) recovered the gauge exactly, as 2048 did, with 19-21% smaller minimum margins at 5% and 20% noise
+(``benchmarks/bench_row_cap.py --noise``); gauge-equivalent pairs are matched exactly with any rows."""
 
 
-def rows_cap(max_rows: Any, d: int) -> int:
-    """The vocabulary-row cap to use: ``default_max_rows(d)`` for None, else ``max_rows`` if it is a positive int;
+def rows_cap(max_rows: Any) -> int:
+    """The vocabulary-row cap to use: ``DEFAULT_MAX_ROWS`` for None, else ``max_rows`` if it is a positive int;
     anything else (0, negative, a float or bool) is a ``GaugeError``."""
     if max_rows is None:
-        return default_max_rows(d)
+        return DEFAULT_MAX_ROWS
     if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
         raise GaugeError(f"max_rows={max_rows!r}: give a positive number of vocabulary rows per signed tensor, or "
-                         f"None for the default (max(2048, d) = {default_max_rows(d)})")
+                         f"None for the default ({DEFAULT_MAX_ROWS})")
     return max_rows
 
 
@@ -80,13 +81,13 @@ def _norm(x: torch.Tensor, dim) -> torch.Tensor:
 def paired_weight_features(model_a: Any, model_b: Any, max_rows: int | None = None) -> tuple[WeightFeatures, WeightFeatures]:
     """Features of both models, built from the same spec and the same free-axis rows.
 
-    ``max_rows`` caps the vocabulary rows used per signed tensor (default ``default_max_rows(d)``): the rows with the
+    ``max_rows`` caps the vocabulary rows used per signed tensor (default ``DEFAULT_MAX_ROWS``): the rows with the
     largest ``||A_v|| + ||B_v||`` (row norms are invariant under every residual gauge), the same rows in both models.
     """
     va, vb = ModelView.of(model_a), ModelView.of(model_b)
     spec = va.spec
     d = va.config.hidden
-    cap = rows_cap(max_rows, d)
+    cap = rows_cap(max_rows)
     params_b = {resolve_name(n)[0]: p for n, p in vb.named_parameters()}   # PEFT-wrapped names -> plain names
     sa, sb, ua, ub, sn, un = [], [], [], [], [], []
     for name, pa in va.named_parameters():

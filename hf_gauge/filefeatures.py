@@ -385,13 +385,13 @@ class _Signed:
 
     def __init__(self, d: int, work: Scratch) -> None:
         self.d, self.n, self.work = d, 0, work
-        self.cross = torch.zeros(d, d, dtype=torch.float64)
+        self.cross: torch.Tensor | None = None          # made from the first Gram: zeros + add_ costs 12x a copy
         self.sqa = torch.zeros(d, dtype=torch.float64)
         self.sqb = torch.zeros(d, dtype=torch.float64)
 
     def add(self, blocks: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Fold one signed tensor in (its row blocks of A and B). A one-block tensor's Gram (the ``d`` vocabulary rows
-        ``features.default_max_rows`` keeps fill one 32 MB block at d=4096 in 16-bit weights) is added straight from
+        ``features.DEFAULT_MAX_ROWS`` keeps fill one 32 MB block at d=8192 in 16-bit weights) is added straight from
         the block product; several blocks' products are first summed in a reused float64 buffer. No fresh d×d memory
         per tensor."""
         d, w = self.d, self.work
@@ -415,7 +415,14 @@ class _Signed:
         scale = 0.5 * (sqa.sum().sqrt() + sqb.sum().sqrt())
         if gram is not None and scale > 0:
             s2 = float(scale * scale)
-            self.cross.add_(gram, alpha=1.0 / s2)
+            # torch's mixed-dtype add_ is slow (0.84 s at d=8192 for float32 into float64): the first Gram is copied
+            # into a fresh float64 buffer, the others are widened and added a cache-sized band of rows at a time
+            if self.cross is None:
+                self.cross = torch.empty(d, d, dtype=torch.float64).copy_(gram).mul_(1.0 / s2)
+            else:
+                step = max(1, CHUNK_BYTES // (8 * d))
+                for r0 in range(0, d, step):
+                    self.cross[r0:r0 + step].add_(gram[r0:r0 + step].to(torch.float64), alpha=1.0 / s2)
             self.sqa += sqa / s2
             self.sqb += sqb / s2
             self.n += 1
@@ -442,7 +449,7 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     """``(C [d, d] float64, counts)`` for A's residual coordinates (rows) against B's (columns); see the module
     docstring. ``max_rows`` caps the vocabulary rows per signed tensor as in ``paired_weight_features``."""
     d = int(fa.config.hidden_size)
-    cap = rows_cap(max_rows, d)
+    cap = rows_cap(max_rows)
     names = _feature_tensors(fa, fb)
     prepare_kernels(sum(math.prod(fa.shape(n)) + math.prod(fb.shape(n)) for n in names))
     work = Scratch()
@@ -450,37 +457,45 @@ def residual_correlation(fa: CheckpointFiles, fb: CheckpointFiles, max_rows: int
     ua: list[torch.Tensor] = []
     ub: list[torch.Tensor] = []
     norms: list[tuple[int, str, int]] = []               # (feature position, tensor, residual axis)
+    plan: list[tuple[str, Any, bool]] = []              # (tensor, residual axis, has other axes)
     for name in names:
         axes = axes_for(fa.spec, name, files=True)
         res = next(a for a in axes if a.space == "residual")
-        others = [a for a in axes if a is not res]
-        shape = fa.shape(name)
-        if shape[res.axis] != d:
-            raise GaugeError(f"tensor {name!r} has {shape[res.axis]} entries on its residual axis but hidden_size is {d}")
-        if not others and res.signed:
-            if len(shape) == 2 and res.axis == 1:        # [free, d]: embedding, lm_head
-                rows = None
-                if shape[0] > cap:                       # the rows with the largest ||A_v|| + ||B_v||, in both
-                    sa, sb = _parallel(lambda f: _slice_squares(f, name, 0), [fa, fb])
-                    rows = torch.topk(sa.sqrt_() + sb.sqrt_(), cap).indices.sort().values
-                signed.add(_paired_blocks(fa, fb, name, rows))
-            else:                                        # biases and other small tensors: whole
-                xa = _moved(fa.read(name), res.axis).reshape(-1, d)
-                xb = _moved(fb.read(name), res.axis).reshape(-1, d)
-                if xa.shape[0] > cap:
-                    score = _row_squares(xa, work).sqrt_() + _row_squares(xb, work).sqrt_()
-                    rows = torch.topk(score, cap).indices.sort().values
-                    xa, xb = xa[rows], xb[rows]
-                signed.add(iter([(xa, xb)]))
-        elif not others:                                 # norm gains: the values themselves
-            ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
-            ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
-        else:                                            # slice norms: blind to inner gauges and signs
-            norms.append((len(ua), name, res.axis))
-            ua.append(torch.empty(0))
-            ub.append(torch.empty(0))
+        if fa.shape(name)[res.axis] != d:
+            raise GaugeError(f"tensor {name!r} has {fa.shape(name)[res.axis]} entries on its residual axis but "
+                             f"hidden_size is {d}")
+        plan.append((name, res, len(axes) > 1))
+    # The slice norms (memory-bound passes over every layer tensor) run on a thread beside the signed Grams
+    # (compute-bound): each job writes only its own result, so the numbers do not depend on the overlap.
+    with ThreadPoolExecutor(1, thread_name_prefix="hf_gauge-norms") as side:
+        pending = side.submit(_slice_norms, fa, fb, [(name, res.axis) for name, res, other in plan if other])
+        for name, res, other in plan:
+            shape = fa.shape(name)
+            if not other and res.signed:
+                if len(shape) == 2 and res.axis == 1:    # [free, d]: embedding, lm_head
+                    rows = None
+                    if shape[0] > cap:                   # the rows with the largest ||A_v|| + ||B_v||, in both
+                        sa, sb = _parallel(lambda f: _slice_squares(f, name, 0), [fa, fb])
+                        rows = torch.topk(sa.sqrt_() + sb.sqrt_(), cap).indices.sort().values
+                    signed.add(_paired_blocks(fa, fb, name, rows))
+                else:                                    # biases and other small tensors: whole
+                    xa = _moved(fa.read(name), res.axis).reshape(-1, d)
+                    xb = _moved(fb.read(name), res.axis).reshape(-1, d)
+                    if xa.shape[0] > cap:
+                        score = _row_squares(xa, work).sqrt_() + _row_squares(xb, work).sqrt_()
+                        rows = torch.topk(score, cap).indices.sort().values
+                        xa, xb = xa[rows], xb[rows]
+                    signed.add(iter([(xa, xb)]))
+            elif not other:                              # norm gains: the values themselves
+                ua.append(_moved(fa.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
+                ub.append(_moved(fb.read(name), res.axis).reshape(-1, d).T.to(torch.float64))
+            else:                                        # slice norms: blind to inner gauges and signs
+                norms.append((len(ua), name, res.axis))
+                ua.append(torch.empty(0))
+                ub.append(torch.empty(0))
+        slice_norms = pending.result()
     carried: dict[str, list[torch.Tensor]] = {}        # per-expert tensors: one feature per expert family
-    for (k, name, _), (na, nb) in zip(norms, _slice_norms(fa, fb, [(n, ax) for _, n, ax in norms])):
+    for (k, name, _), (na, nb) in zip(norms, slice_norms):
         key = _expert_family(fa.spec, name)
         if key is None:
             ua[k], ub[k] = na[:, None], nb[:, None]

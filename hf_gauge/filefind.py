@@ -91,7 +91,7 @@ def find_gauge_from_files(a: str | os.PathLike, b: str | os.PathLike, method: st
     Same result as ``match.find_gauge(model_a, model_b, method=method, spaces=spaces)`` on the loaded models.
     Checkpoints stored in different float dtypes (an fp32 folder against a bf16 one) are compared, not refused:
     the features are float reductions, formed in the wider dtype (float64) from the exact stored values.
-    ``max_rows`` must be a positive int (or None: ``features.default_max_rows``).
+    ``max_rows`` must be a positive int (or None: ``features.DEFAULT_MAX_ROWS``).
     ``hub``: ``token``, ``cache_dir``, ``local_files_only``, ``endpoint`` for Hub ids.
     """
     if method not in ("signed", "permutation"):

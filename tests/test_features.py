@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model
 import hf_gauge
 from hf_gauge import GaugeError
-from hf_gauge.features import WeightFeatures, default_max_rows, feature_correlation, paired_weight_features
+from hf_gauge.features import WeightFeatures, feature_correlation, paired_weight_features
 
 
 def _pair(model_type="llama", tie=False, spaces=("residual", "mlp", "attn"), seed=3):
@@ -57,9 +57,18 @@ def test_row_cap_still_exact():
     assert hf_gauge.find_gauge(A, B, max_rows=16) == hidden.restrict("residual")
 
 
-def test_default_row_cap_is_d_rows_at_least_2048():
-    """The Gram of the top rows is the costly step at 7B+ widths: d rows by default (2048 for small widths)."""
-    assert default_max_rows(4096) == 4096 and default_max_rows(8192) == 8192 and default_max_rows(576) == 2048
+def test_default_row_cap_is_2048_rows_at_every_width(monkeypatch):
+    """The Gram of the top rows is the costly step at 7B+ widths: by default each signed tensor contributes its
+    ``DEFAULT_MAX_ROWS`` largest vocabulary rows, whatever the width (a vocabulary larger than the cap here)."""
+    import hf_gauge.features as F
+
+    monkeypatch.setattr(F, "DEFAULT_MAX_ROWS", 100)           # the tiny vocabulary stands in for a large one
+    A, B, hidden = _pair(seed=6)
+    fa, _ = paired_weight_features(A, B)
+    n_vocab = len([n for n in fa.signed_names if n in ("model.embed_tokens.weight", "lm_head.weight")])
+    assert n_vocab == 2 and A.config.vocab_size > 100
+    assert fa.signed.shape[1] == 2 * 100 + (len(fa.signed_names) - 2)
+    assert hf_gauge.find_gauge(A, B) == hidden.restrict("residual")
 
 
 def test_feature_correlation_in_place_is_the_formula():
