@@ -17,7 +17,8 @@ Both find and verify map the files instead of copying them (``CheckpointFiles.ma
 - the matching step alone (``match_correlation``: Hungarian + margins) on a planted d=8192 similarity (70B width),
   first call and later calls in a fresh process, with the default scratch and with ``overwrite=True`` (as find uses it).
 ``--width 8192 --only-find``: Llama-3-70B's shapes (d=8192, d_ff=28672, vocab 128256, 64 query / 8 KV heads of 128),
-2 layers (about 7.6 GB a checkpoint), find against its I/O floor only (results/bench_scale_8192.json).
+2 layers (about 7.6 GB a checkpoint), find against its I/O floor only, on the 2-layer files and their 1-layer view:
+the difference splits each into a fixed and a per-layer part, extrapolated to 80 layers (results/bench_scale_8192.json).
 Usage: python benchmarks/bench_scale.py [--quick] [--width 4096|8192] [--only-find] [--workdir DIR [--keep] [--reuse]]
        [--rounds N] [--output FILE]
 """
@@ -233,8 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", type=int, choices=(4096, 8192), default=4096,
                     help="4096: Llama-3-8B's shapes, 8 layers; 8192: Llama-3-70B's shapes (d_ff 28672, 64 query / 8 KV "
                          "heads), 2 layers, ~7.6 GB a checkpoint")
-    ap.add_argument("--only-find", action="store_true", help="measure find and its I/O floor only (no verify, no "
-                                                               "half-depth view, no 8 d row cap)")
+    ap.add_argument("--only-find", action="store_true", help="measure find and its I/O floor only (full and "
+                                                               "half depth; no verify, no 8 d row cap)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     ap.add_argument("--reuse", action="store_true", help="use the checkpoints a --keep run left in --workdir")
     args = ap.parse_args(argv)
@@ -269,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
                 ("find_half", "find", work / "A_half", work / "B_half"),
                 ("floor_all", "floor_all", A, B), ("verify", "verify", A, B))
         if args.only_find:
-            plan = plan[:2]
-            times = {k: v for k, v in times.items() if k in ("floor_find", "find")}
+            plan = plan[:2] + plan[3:5]
+            times = {k: v for k, v in times.items() if k in ("floor_find", "find", "floor_find_half", "find_half")}
         for _ in range(rounds):                              # interleaved: drift in the machine's speed hits all
             for key, mode, a, b in plan:
                 times[key].append(run_worker(mode, a, b, G))
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "goal_find_peak_rss_bytes": 3 << 30,
                         "floor_peak_rss_bytes": max(r["max_rss_bytes"] for r in times["floor_find"]),
                         "load_average_after": os.getloadavg()})
+            res.update(_depth(res["median_s"], s))
             return _finish(args, res)
         med = {k: statistics.median(r["seconds"] for r in v) for k, v in times.items()}
         find_ratio = statistics.median(f["seconds"] / fl["seconds"] for f, fl in zip(times["find"], times["floor_find"]))
@@ -314,6 +316,21 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return _finish(args, res)
+
+
+def _depth(med: dict[str, float], s: dict) -> dict:
+    """Find and its floor split into a fixed part and a per-layer part (from the full and the half-depth view of the
+    same files), extrapolated to the model's full depth: the ratio a real checkpoint of this width would see."""
+    layers, half = s["layers"], s["layers"] // 2
+    out = {}
+    for key in ("find", "floor_find"):
+        per_layer = (med[key] - med[key + "_half"]) / (layers - half)
+        out[key + "_per_layer_s"] = per_layer
+        out[key + "_fixed_s"] = med[key] - per_layer * layers
+        out[key + "_full_depth_extrapolated_s"] = out[key + "_fixed_s"] + per_layer * s["full_layers"]
+    out["find_over_io_floor_full_depth_extrapolated"] = (out["find_full_depth_extrapolated_s"]
+                                                         / out["floor_find_full_depth_extrapolated_s"])
+    return out
 
 
 def _finish(args: argparse.Namespace, res: dict) -> dict:
