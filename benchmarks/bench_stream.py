@@ -15,10 +15,12 @@ Rounds interleave the modes (the machine is shared: drift hits every mode alike)
 with the load average before each round. After the rounds, the output is checked bit-exact with ``verify_files``.
 
 Cases: ``bf16`` (default): random Llama, 8 layers at d=2560, d_ff 6912, vocab 50,000, untied, 1.8 GB in 400 MB shards.
-``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``quick``: a 40 MB fp32 Llama in
-10 MB shards (the test suite's smoke run).
+``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``wide20``: 19.6 GB of random
+bf16 Llama at Llama-3-70B width, 9 layers, written tensor by tensor (the top of the issue's 0.5-20 GB range; needs
+about 40 GB of free disk in ``--workdir``). ``quick``: a 40 MB fp32 Llama in 10 MB shards (the test suite's smoke
+run). ``--src`` measures an existing checkpoint (the 7.6 GB result: bench_scale's 2-layer d=8192 files).
 
-    python benchmarks/bench_stream.py [--case bf16|fp32|quick | --src CHECKPOINT] [--rounds N] [--output FILE]
+    python benchmarks/bench_stream.py [--case bf16|fp32|wide20|quick | --src CHECKPOINT] [--rounds N] [--output FILE]
 
 Goals: apply <= 1.2x the copy (median), bit-exact; added peak RSS <= largest tensor + 200 MB.
 Results: benchmarks/results/bench_stream_<case>.json.
@@ -60,6 +62,9 @@ CASES = {
     "bf16": dict(d=2560, ff=6912, layers=8, heads=20, vocab=50000, dtype="bfloat16", shard="400MB",
                  name="random Llama bf16, 8 layers at d=2560 (d_ff 6912, vocab 50,000), 400 MB shards"),
     "fp32": dict(smollm2=True, dtype="float32", shard="100MB", name="SmolLM2-135M-Instruct fp32, 100 MB shards"),
+    "wide20": dict(wide_layers=9, dtype="bfloat16", shard="3 shards (4.2 / 6.8 / 8.6 GB)",
+                   name="random Llama bf16 at Llama-3-70B width (d=8192, d_ff 28672, vocab 128,256), 9 layers, 19.6 GB, "
+                        "written tensor by tensor (bench_scale.write_checkpoint)"),
     "quick": dict(d=256, ff=704, layers=4, heads=4, vocab=8000, dtype="float32", shard="10MB",
                   name="random Llama fp32, 4 layers at d=256, 10 MB shards (smoke run)"),
 }
@@ -74,6 +79,11 @@ def build(case: dict, root: Path) -> tuple[Path, Path]:
 
     dtype = getattr(torch, case["dtype"])
     torch.manual_seed(0)
+    if case.get("wide_layers"):                  # too large to build as a model here: written tensor by tensor
+        from bench_scale import WIDE, write_checkpoint
+        write_checkpoint(root / "src", dict(WIDE, layers=case["wide_layers"]))
+        gauge_for(root / "src", root / "gauge")
+        return root / "src", root / "gauge"
     if case.get("smollm2"):
         from hf_gauge.weights import smollm2_path
         model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
@@ -114,6 +124,13 @@ def gauge_for(src: Path, out: Path) -> None:
             if view + ".weight" in f.keys():
                 model.get_submodule(view).weight = torch.nn.Parameter(f.get_tensor(view + ".weight"))
     hf_gauge.random_gauge(model, seed=0, spaces="all").save_pretrained(out)
+
+
+def describe(src: Path) -> str:
+    """An existing checkpoint in words, from its config.json (no local path: the result files are published)."""
+    cfg = json.loads((src / "config.json").read_text())
+    return (f"{cfg.get('model_type')} {cfg.get('dtype') or cfg.get('torch_dtype')}, {cfg.get('num_hidden_layers')} "
+            f"layers at d={cfg.get('hidden_size')} (d_ff {cfg.get('intermediate_size')}, vocab {cfg.get('vocab_size')})")
 
 
 def tensor_entries(path: Path) -> list[dict]:
@@ -193,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick else args.case
     case = CASES[name]
     if args.src:
-        name, case = Path(args.src).name, {"name": f"existing checkpoint {args.src}", "shard": "as stored"}
+        name, case = Path(args.src).name, {"name": describe(Path(args.src)), "shard": "as stored"}
     rounds = args.rounds or (1 if name == "quick" else 3)
     report: dict = {"case": name, "checkpoint": case["name"], **provenance()}
     with tempfile.TemporaryDirectory(prefix="bench_stream-", dir=args.workdir) as tmp:

@@ -71,7 +71,8 @@ def fit_table() -> list[str]:
 
 def stream_table() -> list[str]:
     rows = []
-    for name in ("bench_stream_bf16.json", "bench_stream_fp32.json", "bench_stream_bf16_7.6gb.json"):
+    for name in ("bench_stream_fp32.json", "bench_stream_bf16.json", "bench_stream_bf16_7.6gb.json",
+                 "bench_stream_wide20.json"):
         d = _load(name)
         res = d["results"]
         apply, other = res["apply"], next(v for k, v in res.items() if k.startswith("apply-"))
@@ -123,6 +124,48 @@ def scale_table() -> list[str]:
     return [head, ""] + _table(["measure", "rounds", "median", "goal", ""], rows)
 
 
+def scale_8192_table() -> list[str]:
+    name = "bench_scale_8192.json"
+    d = _load(name)
+    s, runs, med = d["shapes"], d["runs"], d["median_s"]
+    gib = 2 ** 30
+    find = [f"{a['seconds'] / b['seconds']:.2f}×" for a, b in zip(runs["find"], runs["floor_find"])]
+    rows = [
+        [f"data-free `find_gauge` from files / reading the tensors it needs, {s['layers']} layers", ", ".join(find),
+         f"{med['find']:.2f} s / {med['floor_find']:.2f} s = **{d['find_over_io_floor']:.2f}×**",
+         f"≤ {d['goal_find_over_io_floor']}×",
+         _met(d["find_over_io_floor"], d["goal_find_over_io_floor"]) + (", exact" if d["find_exact"] else "")],
+        ["its peak RSS (reading alone)", "", f"{d['find_peak_rss_bytes'] / gib:.2f} GiB "
+         f"({d['floor_peak_rss_bytes'] / gib:.2f} GiB)", f"≤ {d['goal_find_peak_rss_bytes'] / gib:.0f} GiB",
+         _met(d["find_peak_rss_bytes"], d["goal_find_peak_rss_bytes"])],
+        ["find: fixed part + per layer (from the 1-layer view)", "",
+         f"{d['find_fixed_s']:.2f} s + {d['find_per_layer_s']:.3f} s", "", ""],
+        ["floor: fixed part + per layer", "", f"{d['floor_find_fixed_s']:.2f} s + {d['floor_find_per_layer_s']:.3f} s",
+         "", ""],
+        [f"extrapolated to {s['full_layers']} layers", "",
+         f"{d['find_full_depth_extrapolated_s']:.1f} s / {d['floor_find_full_depth_extrapolated_s']:.1f} s = "
+         f"{d['find_over_io_floor_full_depth_extrapolated']:.2f}×", "", ""],
+    ]
+    head = (f"Random bf16 checkpoint with Llama-3-70B's shapes (d={s['d']}, d_ff={s['ff']}, vocab {s['vocab']}, "
+            f"GQA {s['heads']}/{s['kv']}), {s['layers']} of {s['full_layers']} layers "
+            f"({d['checkpoint_bytes'] / 1e9:.1f} GB each); {d['rounds']} interleaved rounds; {_src(name, d)}.")
+    return [head, ""] + _table(["measure", "rounds", "median", "goal", ""], rows)
+
+
+def row_cap_noise_table() -> list[str]:
+    name = "bench_row_cap_noise.json"
+    d = _load(name)
+    cells: dict[tuple[float, int], list[dict[str, Any]]] = {}
+    for r in d["noise_rows"]:
+        cells.setdefault((r["noise"], r["max_rows"]), []).append(r)
+    rows = [[f"{noise:.0%}", str(cap), f"{rs[0]['chance_cosine']:.2f}", str(len(rs)),
+             f"{min(r['signed_accuracy'] for r in rs):.3f}", f"{min(r['min_margin'] for r in rs):.3f}",
+             f"{sum(r['mean_margin'] for r in rs) / len(rs):.3f}"] for (noise, cap), rs in sorted(cells.items())]
+    return [f"Real SmolLM2-135M (d={d['noise_rows'][0]['d']}) against its noisy gauged copy; {_src(name, d)}.", ""] + \
+        _table(["noise", "vocabulary rows", "chance cosine", "seeds", "index + sign (worst seed)",
+                "min margin (worst seed)", "mean margin"], rows)
+
+
 def row_cap_table() -> list[str]:
     name = "bench_row_cap.json"
     d = _load(name)
@@ -133,7 +176,8 @@ def row_cap_table() -> list[str]:
 
 
 TABLES: dict[str, Callable[[], list[str]]] = {"apply": apply_table, "fit": fit_table, "stream": stream_table,
-                                              "scale": scale_table, "row_cap": row_cap_table}
+                                              "scale": scale_table, "scale_8192": scale_8192_table,
+                                              "row_cap": row_cap_table, "row_cap_noise": row_cap_noise_table}
 
 
 def render(text: str) -> str:
