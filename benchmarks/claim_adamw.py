@@ -138,7 +138,7 @@ def figure(r: dict[str, Any], spread: dict[str, Any], measured: dict[str, Any], 
         key = f"{name}_final_rel_deviation"
         mu = measured[key]
         lo, hi = spread.get(key, [mu, mu])
-        a2.bar(i, mu, yerr=[[mu - lo], [hi - mu]], capsize=4, color=["tab:green", "tab:red", "tab:gray"][i])
+        a2.bar(i, mu, yerr=cc.whiskers([mu], [lo], [hi]), capsize=4, color=["tab:green", "tab:red", "tab:gray"][i])
     a2.set_xticks(range(3), [labels[k] for k in ("bd", "sd", "reset")])
     a2.set_yscale("log")
     a2.set_ylabel("||theta - theta_ref|| / ||theta_ref - theta_N0|| (after the last step)")

@@ -53,7 +53,7 @@ def figure(m: dict[str, Any], spread: dict[str, Any], out: dict[str, Any], quick
                                               (tr, "transported (known gauge)", "tab:green"))):
             mu = sum(vals) / len(vals)
             a.bar(i + (j - 1) * 0.27, mu, 0.25, color=col, label=lab if i == 0 else None,
-                  yerr=[[mu - min(vals)], [max(vals) - mu]], capsize=3)
+                  yerr=cc.whiskers([mu], [min(vals)], [max(vals)]), capsize=3)
     a.axhline(m.get(f"{names[0]}_chance", 0), color="gray", ls=":", label="chance (random k-sets)")
     a.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
     a.set_ylabel("Jaccard with the original top-k set")
@@ -63,8 +63,8 @@ def figure(m: dict[str, Any], spread: dict[str, Any], out: dict[str, Any], quick
     spaces = [k_.removeprefix("canonical_stability_") for k_ in m if k_.startswith("canonical_stability_")
               and not k_.endswith("_sign")]
     vals = [m[f"canonical_stability_{sp}"] for sp in spaces]
-    err = [[v - spread.get(f"canonical_stability_{sp}", [v, v])[0] for sp, v in zip(spaces, vals)],
-           [spread.get(f"canonical_stability_{sp}", [v, v])[1] - v for sp, v in zip(spaces, vals)]]
+    err = cc.whiskers(vals, [spread.get(f"canonical_stability_{sp}", [v, v])[0] for sp, v in zip(spaces, vals)],
+                      [spread.get(f"canonical_stability_{sp}", [v, v])[1] for sp, v in zip(spaces, vals)])
     b.bar(spaces, vals, color="tab:blue", yerr=err, capsize=3)
     for i, v in enumerate(vals):
         b.text(i, v + 0.03, f"{v:.0%}", ha="center", fontsize=9)

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import matplotlib.pyplot as plt
     plt.figure(figsize=(5, 4))
     plt.plot(f, f, color="gray", ls=":", label="paper: accuracy = f (the ceiling)")
-    err = lambda k: [[r[k] - r["spread"][k][0] for r in rows], [r["spread"][k][1] - r[k] for r in rows]]  # noqa: E731
+    err = lambda k: cc.whiskers([r[k] for r in rows], [r["spread"][k][0] for r in rows],  # noqa: E731
+                                [r["spread"][k][1] for r in rows])
     plt.errorbar(f, p, yerr=err("permutation_only"), marker="o", capsize=3,
                  label="S_d (permutation-only), activations")
     plt.plot(f, [r["permutation_only_data_free"] for r in rows], marker="x", ls="--", label="S_d, data-free")

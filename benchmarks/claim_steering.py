@@ -263,7 +263,7 @@ def figure(details: dict[str, Any], measured: dict[str, Any], spread: dict[str, 
     for k, (lab, col) in labs.items():
         per = [[sd["sentiment"]["rows"][i][f"preserved_{k}"] for sd in seeds] for i in range(len(alphas))]
         mean = [sum(x) / len(x) for x in per]
-        a.errorbar(alphas, mean, yerr=[[m - min(x) for m, x in zip(mean, per)], [max(x) - m for m, x in zip(mean, per)]],
+        a.errorbar(alphas, mean, yerr=cc.whiskers(mean, [min(x) for x in per], [max(x) for x in per]),
                    marker="o", capsize=3, color=col, label=lab)
     a.axhspan(-V.LOST, V.LOST, color="gray", alpha=0.12, label=f"'lost' band (|preserved| < {V.LOST:g})")
     a.axhline(PAPER["sentiment_bd"], color="tab:green", ls=":", lw=1, label="paper B_d / S_d")
@@ -283,8 +283,8 @@ def figure(details: dict[str, Any], measured: dict[str, Any], spread: dict[str, 
     zs = [("refusal_z_original", "refusal\ndirection"), ("refusal_control_z", "positive\ncontrol"),
           ("refusal_z_sd_matched", "S_d matched"), ("refusal_z_sd", "S_d oracle")]
     vals = [measured[k] for k, _ in zs]
-    err = [[v - spread.get(k, [v, v])[0] for (k, _), v in zip(zs, vals)],
-           [spread.get(k, [v, v])[1] - v for (k, _), v in zip(zs, vals)]]
+    err = cc.whiskers(vals, [spread.get(k, [v, v])[0] for (k, _), v in zip(zs, vals)],
+                      [spread.get(k, [v, v])[1] for (k, _), v in zip(zs, vals)])
     c.bar(range(len(zs)), vals, yerr=err, capsize=4, color=["tab:purple", "tab:blue", "tab:red", "tab:orange"])
     c.axhline(V.Z_SPECIFIC, color="gray", ls=":", lw=1)
     c.axhline(-V.Z_SPECIFIC, color="gray", ls=":", lw=1)

@@ -616,9 +616,9 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
                 col, mk, lab = style[m]
                 xs = [t * (1 + 0.06 * (j - 1)) for t in toks]
                 cell = [res["cells"][f"{sites}/{t}"][m] for t in toks]
-                mean = np.array([x["mean"] for x in cell])
-                lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
-                ax.errorbar(xs, mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+                mean = [x["mean"] for x in cell]
+                err = cc.whiskers(mean, [x["min"] for x in cell], [x["max"] for x in cell])
+                ax.errorbar(xs, mean, yerr=err, color=col, marker=mk, capsize=3, label=lab)
             if sites == "one":     # the paper's numbers (its single-site setting, 1500 steps)
                 for m, y in (("path", PAPER["path"]), ("endpoint", PAPER["endpoint"])):
                     ax.axhline(y, color=style[m][0], ls=":", lw=1)
@@ -644,9 +644,9 @@ def figure(results: dict[str, Any], quick: bool) -> Path:
         for m in METHODS:
             col, mk, lab = style[m]
             cell = [res["by_step"][st][key][m] for st in steps]
-            mean = np.array([x["mean"] for x in cell])
-            lo, hi = mean - np.array([x["min"] for x in cell]), np.array([x["max"] for x in cell]) - mean
-            ax.errorbar([int(st) for st in steps], mean, yerr=[lo, hi], color=col, marker=mk, capsize=3, label=lab)
+            mean = [x["mean"] for x in cell]
+            err = cc.whiskers(mean, [x["min"] for x in cell], [x["max"] for x in cell])
+            ax.errorbar([int(st) for st in steps], mean, yerr=err, color=col, marker=mk, capsize=3, label=lab)
         ax.set_title(f"{setting}: {key} at every checkpoint\n(exploratory, not pre-registered)", fontsize=8)
         ax.set_xlabel("fine-tuning step")
     plt.tight_layout()

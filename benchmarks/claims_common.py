@@ -375,6 +375,13 @@ def figure_path(name: str, quick: bool) -> Path:
     return RESULTS / (f"{name}_quick.png" if quick else f"{name}.png")
 
 
+def whiskers(means: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> list[list[float]]:
+    """Matplotlib's ``yerr`` for min-max bars around ``means``: ``[[mean - min], [max - mean]]``, each at least 0 (the
+    mean of equal numbers can exceed their max by a rounding step, and matplotlib refuses a negative error)."""
+    return [[max(0.0, float(m) - float(lo)) for m, lo in zip(means, lows)],
+            [max(0.0, float(hi) - float(m)) for m, hi in zip(means, highs)]]
+
+
 def bar_figure(name: str, quick: bool, panels: Sequence[dict[str, Any]], title: str = "") -> Path:
     """A claim's figure: one bar panel per entry of ``panels``, each ``{"ylabel": ..., "bars": [(label, mean, lo, hi)],
     "paper": {label: value} (drawn as black ticks, labelled "paper"), "hlines": [(y, text)], "log": bool}``; bars are
@@ -384,7 +391,7 @@ def bar_figure(name: str, quick: bool, panels: Sequence[dict[str, Any]], title: 
     for ax, pan in zip(axes[0], panels):
         labels = [b[0] for b in pan["bars"]]
         means = [float(b[1]) for b in pan["bars"]]
-        err = [[m - float(b[2]) for m, b in zip(means, pan["bars"])], [float(b[3]) - m for m, b in zip(means, pan["bars"])]]
+        err = whiskers(means, [b[2] for b in pan["bars"]], [b[3] for b in pan["bars"]])
         ax.bar(range(len(labels)), means, color=pan.get("colors") or "tab:blue", yerr=err, capsize=4,
                label="ours (mean, min-max over seeds)")
         for i, (lab, val) in enumerate((pan.get("paper") or {}).items()):

@@ -300,6 +300,15 @@ class _MappedShard:
             u8 = u8.clone()
         return u8.view(dtype).reshape(shape)
 
+    def prefetch(self, offset: int, n: int) -> None:
+        """Ask the kernel to read ``[offset, offset + n)`` ahead (``MADV_WILLNEED``: asynchronous, sequential). The
+        row gathers of a permuted axis touch a tensor's pages out of order; from a shard the page cache does not
+        hold, each would be a small random read (a 20 GB checkpoint on a 23 GB machine: apply 1.49x a copy)."""
+        if self.mm is None or n <= 0 or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        a = offset - offset % mmap.PAGESIZE
+        self.mm.madvise(mmap.MADV_WILLNEED, a, min(len(self.mm), offset + n) - a)
+
     def release(self, offset: int, n: int) -> None:
         """Drop ``[offset, offset + n)`` from the mapping (the pages stay in the page cache; a re-read re-maps them)."""
         if self.mm is None or n <= 0 or not hasattr(mmap, "MADV_DONTNEED"):
@@ -443,7 +452,7 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
             os.ftruncate(fd, size)
             _pwrite_all(fd, raw, 0)
             run: list[int] | None = None       # a run of untouched tensors, copied as one byte range
-            for name in order:
+            for k, name in enumerate(order):
                 info = header[name]
                 b, e = info["data_offsets"]
                 moves = plan.get(name, ())
@@ -468,7 +477,9 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                     sb, se = sinfo["data_offsets"]
                     t = _read_tensor(opened[path], sstart + sb, se - sb, dtype, info["shape"])
                     done = None
-                else:
+                else:                          # this tensor read ahead, and the next one behind it
+                    nxt = header[order[k + 1]]["data_offsets"][1] if k + 1 < len(order) else e
+                    shard.prefetch(start + b, nxt - b)
                     t = shard.tensor(start + b, e - b, dtype, info["shape"])
                     done = functools.partial(shard.release, start + b, e - b)
                 chunks = _row_chunks(t, moves, chunk_bytes)

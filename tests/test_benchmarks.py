@@ -565,3 +565,21 @@ def test_notes_state_what_the_issue_asks_for() -> None:
                           "measured": {**sae, "gauged_sd_nmse_excl_pos0": 0.2}})
     assert "position 0 does not explain its NMSE" in text
     assert "predates" in run_all.notes({"claim": "sae", "paper": {}, "measured": {"gauged_bd_nmse": 0.004}})
+
+
+def test_whiskers_never_negative() -> None:
+    """The mean over three equal seeds can exceed their max by a rounding step (the full sign-ceiling run crashed in
+    matplotlib on it); min-max bars clamp that to zero and keep real spreads."""
+    import claims_common as cc
+
+    vals = [0.10069444444444445] * 3
+    mean = sum(vals) / 3
+    assert mean > max(vals)                                   # the rounding the full run met
+    err = cc.whiskers([mean, 0.5], [min(vals), 0.25], [max(vals), 0.75])
+    assert err == [[mean - min(vals), 0.25], [0.0, 0.25]]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots()
+    ax.errorbar([0, 1], [mean, 0.5], yerr=err)                # accepted
+    plt.close(fig)
