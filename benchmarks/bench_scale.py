@@ -158,7 +158,7 @@ def worker(args: list[str]) -> dict:
         out["bytes"] = _read_once([a, b], needed_only=True)
     elif mode == "floor_all":
         out["bytes"] = _read_once([a, b], needed_only=False)
-    elif mode in ("find", "find_rows_8d"):         # default vocabulary row cap max(2048, d), or the former 8 d
+    elif mode in ("find", "find_rows_8d"):         # the default vocabulary row cap (2048), or the former 8 d
         kw = {"max_rows": 8 * int(json.loads((Path(a) / "config.json").read_text())["hidden_size"])} \
             if mode == "find_rows_8d" else {}
         g = hf_gauge.find_gauge(a, b, **kw)
