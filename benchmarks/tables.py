@@ -92,21 +92,33 @@ def stream_table() -> list[str]:
                    "result"], rows)
 
 
+def _find_rows(d: dict[str, Any], label: str, median: str) -> list[list[str]]:
+    """The rows every find-from-files table opens with: find against its I/O floor, and the peak RSS."""
+    runs, gib = d["runs"], 2 ** 30
+    find = [f"{a['seconds'] / b['seconds']:.2f}×" for a, b in zip(runs["find"], runs["floor_find"])]
+    return [
+        [label, ", ".join(find), median, f"≤ {d['goal_find_over_io_floor']}×",
+         _met(d["find_over_io_floor"], d["goal_find_over_io_floor"]) + (", exact" if d["find_exact"] else "")],
+        ["its peak RSS (reading alone)", "", f"{d['find_peak_rss_bytes'] / gib:.2f} GiB "
+         f"({d['floor_peak_rss_bytes'] / gib:.2f} GiB)", f"≤ {d['goal_find_peak_rss_bytes'] / gib:.0f} GiB",
+         _met(d["find_peak_rss_bytes"], d["goal_find_peak_rss_bytes"])]]
+
+
+def _scale_head(name: str, d: dict[str, Any], model: str) -> list[str]:
+    s = d["shapes"]
+    return [f"Random bf16 checkpoint with {model}'s shapes (d={s['d']}, d_ff={s['ff']}, vocab {s['vocab']}, "
+            f"GQA {s['heads']}/{s['kv']}), {s['layers']} of {s['full_layers']} layers "
+            f"({d['checkpoint_bytes'] / 1e9:.1f} GB each); {d['rounds']} interleaved rounds; {_src(name, d)}.", ""]
+
+
 def scale_table() -> list[str]:
     name = "bench_scale.json"
     d = _load(name)
     s, runs = d["shapes"], d["runs"]
-    find = [f"{a['seconds'] / b['seconds']:.2f}×" for a, b in zip(runs["find"], runs["floor_find"])]
     ver = [f"{a['seconds'] / b['seconds']:.2f}×" for a, b in zip(runs["verify"], runs["floor_all"])]
     m, mo = d["matching"], d["matching_overwrite"]
-    gib = 2 ** 30
-    rows = [
-        ["data-free `find_gauge` from files / reading the tensors it needs", ", ".join(find),
-         f"**{d['find_over_io_floor']:.2f}×**", f"≤ {d['goal_find_over_io_floor']}×",
-         _met(d["find_over_io_floor"], d["goal_find_over_io_floor"]) + (", exact" if d["find_exact"] else "")],
-        ["its peak RSS (reading alone)", "", f"{d['find_peak_rss_bytes'] / gib:.2f} GiB "
-         f"({d['floor_peak_rss_bytes'] / gib:.2f} GiB)", f"≤ {d['goal_find_peak_rss_bytes'] / gib:.0f} GiB",
-         _met(d["find_peak_rss_bytes"], d["goal_find_peak_rss_bytes"])],
+    rows = _find_rows(d, "data-free `find_gauge` from files / reading the tensors it needs",
+                      f"**{d['find_over_io_floor']:.2f}×**") + [
         ["the same with the former `8 d` vocabulary rows", "", f"{d['find_rows_8d_over_io_floor']:.2f}×", "", ""],
         [f"find extrapolated to {s['full_layers']} layers", "",
          f"{d['find_full_depth_extrapolated_s']:.1f} s ({d['find_fixed_s']:.2f} s fixed + "
@@ -119,26 +131,15 @@ def scale_table() -> list[str]:
         ["the same with the default (C kept)", ", ".join(f"{x:.2f} s" for x in m["seconds_all"]),
          f"{m['seconds_first']:.2f} s first", "", ""],
     ]
-    head = (f"Random bf16 checkpoint with Llama-3-8B's shapes (d={s['d']}, d_ff={s['ff']}, vocab {s['vocab']}, "
-            f"GQA {s['heads']}/{s['kv']}), {s['layers']} of {s['full_layers']} layers "
-            f"({d['checkpoint_bytes'] / 1e9:.1f} GB each); {d['rounds']} interleaved rounds; {_src(name, d)}.")
-    return [head, ""] + _table(["measure", "rounds", "median", "goal", ""], rows)
+    return _scale_head(name, d, "Llama-3-8B") + _table(["measure", "rounds", "median", "goal", ""], rows)
 
 
 def scale_8192_table() -> list[str]:
     name = "bench_scale_8192.json"
     d = _load(name)
-    s, runs, med = d["shapes"], d["runs"], d["median_s"]
-    gib = 2 ** 30
-    find = [f"{a['seconds'] / b['seconds']:.2f}×" for a, b in zip(runs["find"], runs["floor_find"])]
-    rows = [
-        [f"data-free `find_gauge` from files / reading the tensors it needs, {s['layers']} layers", ", ".join(find),
-         f"{med['find']:.2f} s / {med['floor_find']:.2f} s = **{d['find_over_io_floor']:.2f}×**",
-         f"≤ {d['goal_find_over_io_floor']}×",
-         _met(d["find_over_io_floor"], d["goal_find_over_io_floor"]) + (", exact" if d["find_exact"] else "")],
-        ["its peak RSS (reading alone)", "", f"{d['find_peak_rss_bytes'] / gib:.2f} GiB "
-         f"({d['floor_peak_rss_bytes'] / gib:.2f} GiB)", f"≤ {d['goal_find_peak_rss_bytes'] / gib:.0f} GiB",
-         _met(d["find_peak_rss_bytes"], d["goal_find_peak_rss_bytes"])],
+    s, med = d["shapes"], d["median_s"]
+    rows = _find_rows(d, f"data-free `find_gauge` from files / reading the tensors it needs, {s['layers']} layers",
+                      f"{med['find']:.2f} s / {med['floor_find']:.2f} s = **{d['find_over_io_floor']:.2f}×**") + [
         ["find: fixed part + per layer (from the 1-layer view)", "",
          f"{d['find_fixed_s']:.2f} s + {d['find_per_layer_s']:.3f} s", "", ""],
         ["floor: fixed part + per layer", "", f"{d['floor_find_fixed_s']:.2f} s + {d['floor_find_per_layer_s']:.3f} s",
@@ -147,10 +148,7 @@ def scale_8192_table() -> list[str]:
          f"{d['find_full_depth_extrapolated_s']:.1f} s / {d['floor_find_full_depth_extrapolated_s']:.1f} s = "
          f"{d['find_over_io_floor_full_depth_extrapolated']:.2f}×", "", ""],
     ]
-    head = (f"Random bf16 checkpoint with Llama-3-70B's shapes (d={s['d']}, d_ff={s['ff']}, vocab {s['vocab']}, "
-            f"GQA {s['heads']}/{s['kv']}), {s['layers']} of {s['full_layers']} layers "
-            f"({d['checkpoint_bytes'] / 1e9:.1f} GB each); {d['rounds']} interleaved rounds; {_src(name, d)}.")
-    return [head, ""] + _table(["measure", "rounds", "median", "goal", ""], rows)
+    return _scale_head(name, d, "Llama-3-70B") + _table(["measure", "rounds", "median", "goal", ""], rows)
 
 
 def row_cap_noise_table() -> list[str]:
