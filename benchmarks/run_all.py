@@ -425,6 +425,20 @@ def one_site_by_step(res: dict[str, Any]) -> list[tuple[int, float, str]]:
              by_step[st][key]["verdict"]) for st in sorted(by_step, key=int)]
 
 
+def first_step_needing_path(res: dict[str, Any]) -> dict[int, int | None]:
+    """For each matching-token budget: the first checkpoint step at which the single-site cell's verdict is
+    ``path_better`` (path - endpoint beyond the cell rule's gap; ``claim_trajectory``'s exploratory ``by_step``), or
+    None when no checkpoint needs the path."""
+    by_step = res.get("by_step", {})
+    out: dict[int, int | None] = {}
+    for tokens in res["setup"]["tokens"]:
+        key = f"one/{tokens}"
+        steps = [int(st) for st in sorted(by_step, key=int) if key in by_step[st]
+                 and by_step[st][key]["verdict"] == "path_better"]
+        out[int(tokens)] = steps[0] if steps else None
+    return out
+
+
 def trajectory_notes(row: dict[str, Any]) -> str:
     """Every cell of the pre-registered grid (mean and min-max over seeds), the endpoint margins and the finding
     (``claim_trajectory.finding``: a rule over the cells)."""
@@ -481,6 +495,14 @@ def trajectory_notes(row: dict[str, Any]) -> str:
             + f". Evaluation time per seed (measured when each seed was first evaluated; later runs read the per-seed "
             f"cache): {', '.join(format(r['eval_s'] / 60, '.1f') + ' min' for r in ps)}"
             + f". **Finding (rule):** {ct.finding(res['cells'])}")
+        first = first_step_needing_path(res) if res.get("by_step") else {}
+        if first:
+            parts.append(f"Where single-site matching starts to need the path (exploratory, rule: the first "
+                         f"checkpoint whose one-site cell is path_better, of {len(res['by_step'])} checkpoints every "
+                         f"{su.get('every')} steps): "
+                         + "; ".join(f"{t} tokens: " + (f"step {st}" if st is not None else
+                                                        f"never up to step {su.get('steps')}")
+                                     for t, st in first.items()) + ".")
         walk = one_site_by_step(res)
         if walk:
             parts.append(f"Exploratory (not pre-registered): the cell one/{max(su['tokens'])} at every checkpoint, "

@@ -583,3 +583,19 @@ def test_whiskers_never_negative() -> None:
     fig, ax = plt.subplots()
     ax.errorbar([0, 1], [mean, 0.5], yerr=err)                # accepted
     plt.close(fig)
+
+
+def test_first_step_needing_path() -> None:
+    """RESULTS.md says where single-site matching starts to need the path: the first checkpoint whose one-site cell
+    is path_better, per token budget, and 'never' when none is."""
+    import run_all
+
+    def cell(v: str) -> dict[str, Any]:
+        return {"path": {"mean": 1.0}, "endpoint": {"mean": 0.9}, "verdict": v}
+    res = {"setup": {"tokens": [64, 2048], "steps": 300, "every": 100},
+           "by_step": {"100": {"one/64": cell("same"), "one/2048": cell("same")},
+                       "200": {"one/64": cell("path_better"), "one/2048": cell("same")},
+                       "300": {"one/64": cell("path_better"), "one/2048": cell("same")}}}
+    assert run_all.first_step_needing_path(res) == {64: 200, 2048: None}
+    res["by_step"]["300"]["one/2048"] = cell("path_better")
+    assert run_all.first_step_needing_path(res) == {64: 200, 2048: 300}
