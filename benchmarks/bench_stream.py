@@ -5,6 +5,8 @@ The pair, as users meet it (issue 28):
   durable output: every shard fsynced before the folder is published), full gauge (``spaces="all"``);
 - ``apply-numba`` / ``apply-torch``: the same with ``HF_GAUGE_KERNELS=numba`` / ``torch`` (by default the one the
   default does not pick for this checkpoint: numba loads for jobs moving 2^30 elements or more);
+- ``apply-direct`` / ``apply-buffered``: the same with ``--io direct`` / ``--io buffered`` (by default the one
+  ``--io auto`` does not pick here: direct I/O when the checkpoint and its output exceed the available memory);
 - ``copy``: a fresh process that imports torch, transformers and safetensors and copies every shard through
   ``safetensors.torch.load_file`` and ``save_file``.
 Each is timed from the parent (process start to exit: imports included), with its CPU time (user + system: less
@@ -12,7 +14,8 @@ sensitive than wall time to other jobs on a shared machine); peak RSS is the chi
 (``os.wait4``; the parent imports neither torch nor hf_gauge), and ``added`` subtracts the peak of a fresh process
 that only imports what that apply imports (numba included where it loads the kernels).
 Rounds interleave the modes (the machine is shared: drift hits every mode alike); medians, min and max are reported,
-with the load average before each round. After the rounds, the output is checked bit-exact with ``verify_files``.
+with the load average before each round. In the first round, every apply mode's output is checked bit-exact with
+``verify_files``.
 
 Cases: ``bf16`` (default): random Llama, 8 layers at d=2560, d_ff 6912, vocab 50,000, untied, 1.8 GB in 400 MB shards.
 ``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``wide20``: 19.6 GB of random
@@ -164,12 +167,37 @@ def run(cmd: list[str], env: dict | None = None) -> dict:
     return {"seconds": dt, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss_mb": usage.ru_maxrss / 1024.0}
 
 
+KERNELS = ("numba", "torch")
+IOS = ("buffered", "direct")
+
+
+def mode_parts(mode: str) -> tuple[str | None, str | None]:
+    """``(kernels, io)`` a mode forces (``apply-numba``, ``apply-direct``, ``apply-torch-buffered``; ``None``: the
+    default's)."""
+    parts = mode.split("-")[1:]
+    bad = [p for p in parts if p not in KERNELS + IOS]
+    if mode.split("-")[0] != "apply" or bad:
+        raise SystemExit(f"unknown mode {mode!r}: apply[-{'|'.join(KERNELS)}][-{'|'.join(IOS)}] or copy")
+    return next((p for p in parts if p in KERNELS), None), next((p for p in parts if p in IOS), None)
+
+
 def mode_cmd(mode: str, src: Path, gauge: Path, out: Path) -> tuple[list[str], dict]:
     if mode == "copy":
         return [sys.executable, "-c", COPY, str(src), str(out)], {}
-    env = {"HF_GAUGE_KERNELS": mode.split("-")[1]} if "-" in mode else {}
+    kernels, io = mode_parts(mode)
     return [sys.executable, "-m", "hf_gauge", "apply", str(src), "--gauge", str(gauge), "-o", str(out),
-            "--no-progress"], env
+            "--no-progress"] + (["--io", io] if io else []), {"HF_GAUGE_KERNELS": kernels} if kernels else {}
+
+
+def default_io(total_bytes: int) -> tuple[str, int | None]:
+    """What ``--io auto`` takes for a checkpoint of ``total_bytes`` on this machine now, and the available memory
+    it judged by (``directio``'s rule, in a child: the parent imports neither torch nor hf_gauge)."""
+    code = ("from hf_gauge.directio import available_memory, direct_wanted; "
+            f"a = available_memory(); print(direct_wanted({total_bytes}, a), a)")
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, check=True)
+    wanted, avail = r.stdout.split()[-2:]
+    return ("direct" if wanted == "True" else "buffered"), None if avail == "None" else int(avail)
 
 
 def provenance() -> dict:
@@ -230,8 +258,15 @@ def main(argv: list[str] | None = None) -> int:
                 "numba": run([sys.executable, "-c", IMPORTS + ", hf_gauge.kernels"])["peak_rss_mb"]}
         default_kernels = "numba" if elements >= KERNEL_IMPORT_ELEMENTS else "torch"
         other = "torch" if default_kernels == "numba" else "numba"
-        modes = [m for m in (args.modes or f"copy,apply,apply-{other}").split(",") if m]
+        total = sum(p.stat().st_size for p in shards)
+        io, mem_available = default_io(total)
+        other_io = "buffered" if io == "direct" else "direct"
+        modes = [m for m in (args.modes or f"copy,apply,apply-{other},apply-{other_io}").split(",") if m]
+        for m in modes:
+            if m != "copy":
+                mode_parts(m)
         runs: dict[str, list[dict]] = {m: [] for m in modes}
+        exact: dict[str, bool] = {}
         loads = []
         for _ in range(rounds):
             loads.append(os.getloadavg())
@@ -240,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(out, ignore_errors=True)
                 cmd, env = mode_cmd(mode, src, gauge, out)
                 runs[mode].append(run(cmd, env))
-                if mode.startswith("apply") and "bit_exact" not in report:
+                if mode.startswith("apply") and mode not in exact:     # every apply mode's output, once
                     r = subprocess.run([sys.executable, __file__, "--verify", str(src), str(out), str(gauge)],
                                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
-                    report["bit_exact"] = r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "True"
+                    exact[mode] = r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "True"
+                    report["bit_exact"] = all(exact.values())
                 shutil.rmtree(out, ignore_errors=True)
         res = {m: summary(r) for m, r in runs.items()}
         if "copy" in res:
@@ -254,13 +290,16 @@ def main(argv: list[str] | None = None) -> int:
                                                           / res["copy"]["cpu_seconds_median"])
                     res[m]["ratio_to_copy_per_round"] = [a["seconds"] / c["seconds"]
                                                          for a, c in zip(runs[m], runs["copy"])]
-                    res[m]["kernels"] = m.split("-")[1] if "-" in m else default_kernels
+                    kernels, mio = mode_parts(m)
+                    res[m]["kernels"] = kernels or default_kernels
+                    res[m]["io"] = mio or io
                     res[m]["added_rss_mb"] = res[m]["peak_rss_mb"] - bare[res[m]["kernels"]]
         report.update({
             "n_shards": len(shards), "max_shard_size": case["shard"],
             "dtypes": sorted({e["dtype"] for e in entries}),
             "checkpoint_mb": sum(p.stat().st_size for p in shards) / 1e6, "largest_tensor_mb": largest / 1e6,
             "rounds": rounds, "results": res, "imports_only_peak_rss_mb": bare, "elements": elements,
+            "default_io": io, "bit_exact_by_mode": exact, "mem_available_mb_at_start": mem_available / 1e6 if mem_available else None,
             "goal_ratio": 1.2, "rss_budget_added_mb": largest / 1e6 + 200,
             "load_average_before_rounds": loads, "load_average_after": os.getloadavg(),
             "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),

@@ -364,7 +364,7 @@ def provenance(claim: str) -> dict[str, Any]:
             versions[name] = None
     return {"git_commit": git("rev-parse", "HEAD") or None,
             "git_dirty_benchmarks": bool(git("status", "--porcelain", "--", "benchmarks", "hf_gauge",
-                                                ":!benchmarks/results")),
+                                                ":!benchmarks/results", ":!benchmarks/RESULTS.md")),
             "script": script.relative_to(REPO).as_posix(), "script_sha256": file_sha256(script),
             "code_sha256": code_hashes(claim), "packages": versions,
             "python": sys.version.split()[0]}

@@ -84,8 +84,8 @@ def _assign(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
     When every row's minimum is strict (below the rest of its row) and those minima fall in distinct columns, that
     assignment is the unique optimum: any other one leaves some row off its strict minimum and costs more. It is
     then taken straight from the argmins: three passes over ``cost`` instead of the Hungarian solve, the margins'
-    passes included (0.1 s against 0.65 s at d=8192). Otherwise (ties, two rows wanting one column) scipy solves
-    it."""
+    passes included (0.14 s against 0.49 s for the solve and margins at d=8192, measured). Otherwise (ties, two rows
+    wanting one column) scipy solves it."""
     d = cost.shape[0]
     if d > 1:
         rows = np.arange(d)

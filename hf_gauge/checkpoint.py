@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Callable, Iterable, Mapping
 
 import torch
 
+from . import directio
 from .atomic import (STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_file, fsync_tree, output_lock,
                      publish_mode, remove_staging, staging_dir)
 from .engine import Scratch, check_gauge, move_tensor, moves_for, prepare_kernels, row_mover, source_names
@@ -46,6 +47,7 @@ from .jsonio import read_json
 __all__ = ["apply_gauge_to_checkpoint", "resolve_checkpoint", "read_header", "open_shard", "shard_size", "INDEX_NAME"]
 
 INDEX_NAME = "model.safetensors.index.json"
+IO_MODES = ("auto", "buffered", "direct")
 SINGLE_NAME = "model.safetensors"
 _GAUGES_DIR = "gauges"        # a source repo's own gauges start from the source's chart: not copied to the output
 _COPY_CHUNK = 16 << 20
@@ -425,6 +427,52 @@ def _move_chunk(pool: _Pool, t: torch.Tensor, moves: tuple, rows: Callable | Non
     _pwrite_all(fd, y.reshape(-1).view(torch.uint8).numpy(), at)
 
 
+def _moved_dtype(src: Path, name: str, info: dict, sources: Mapping[str, tuple[Path, str, dict, int]]
+                 ) -> torch.dtype:
+    """The torch dtype of a tensor that moves (or comes from another name), checked: a dtype hf_gauge can move,
+    and a renamed tensor's source of the same dtype and shape."""
+    dtype = _DTYPES.get(info["dtype"])
+    if dtype is None:
+        raise GaugeError(f"{src.name}: tensor {name!r} has dtype {info['dtype']} that hf_gauge cannot move")
+    if name in sources:
+        _, sname, sinfo, _ = sources[name]
+        if sinfo["dtype"] != info["dtype"] or list(sinfo["shape"]) != list(info["shape"]):
+            raise GaugeError(f"{src.name}: {name!r} ({info['dtype']} {info['shape']}) takes the place of "
+                             f"{sname!r}, which has another dtype or shape; the checkpoint's "
+                             "experts differ in shape and cannot be permuted")
+    return dtype
+
+
+def _direct_items(src: Path, plan: dict[str, tuple], header: dict, start: int,
+                  sources: Mapping[str, tuple[Path, str, dict, int]]) -> list[directio.Item]:
+    """The shard's tensors for ``directio.stream_shard``: absolute offsets, moves, and a reader of the source bytes
+    of a tensor renamed by the gauge (from its shard, by positional reads)."""
+    items = []
+    for name, info in header.items():
+        b, e = info["data_offsets"]
+        moves = plan.get(name, ())
+        if not moves and name not in sources:
+            items.append(directio.Item(start + b, start + e, name, None, info["shape"]))
+            continue
+        dtype = _moved_dtype(src, name, info, sources)
+        fill = None
+        if name in sources:
+            path, sname, sinfo, sstart = sources[name]
+            sb, se = sinfo["data_offsets"]
+            fill = functools.partial(_fill_from, path, sstart + sb, f"{path.name}: {sname}")
+        items.append(directio.Item(start + b, start + e, name, dtype, info["shape"], moves, fill))
+    return items
+
+
+def _fill_from(path: Path, offset: int, where: str, view: memoryview) -> None:
+    """``view`` := the bytes of ``path`` at ``offset`` (a renamed tensor's source)."""
+    fd = open_shard(path)
+    try:
+        _pread_into(fd, view, offset, where)
+    finally:
+        os.close(fd)
+
+
 def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, raw: bytes, start: int,
                   bar: Any, pool: _Pool | None = None, chunk_bytes: int | None = None,
                   sources: Mapping[str, tuple[Path, str, dict, int]] | None = None) -> None:
@@ -463,15 +511,9 @@ def _stream_shard(src: Path, dst: Path, plan: dict[str, tuple], header: dict, ra
                 if run:
                     _copy_range(fin.fileno(), fd, start + run[0], start + run[0], run[1] - run[0], shard)
                     run = None
-                dtype = _DTYPES.get(info["dtype"])
-                if dtype is None:
-                    raise GaugeError(f"{src.name}: tensor {name!r} has dtype {info['dtype']} that hf_gauge cannot move")
+                dtype = _moved_dtype(src, name, info, sources)
                 if name in sources:            # renamed: the moved tensor comes from another name
                     path, sname, sinfo, sstart = sources[name]
-                    if sinfo["dtype"] != info["dtype"] or list(sinfo["shape"]) != list(info["shape"]):
-                        raise GaugeError(f"{src.name}: {name!r} ({info['dtype']} {info['shape']}) takes the place of "
-                                         f"{sname!r}, which has another dtype or shape; the checkpoint's "
-                                         "experts differ in shape and cannot be permuted")
                     if path not in opened:
                         opened[path] = others.enter_context(open(open_shard(path), "rb"))
                     sb, se = sinfo["data_offsets"]
@@ -556,9 +598,10 @@ def _config_and_plans(src: Path, gauge: Gauge, headers: Mapping[str, tuple[bytes
 
 def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | os.PathLike,
                               out_dir: str | os.PathLike, progress: bool = True, *, strict: bool = False,
-                              overwrite: bool = False, durable: bool = True, revision: str | None = None,
-                              token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
-                              local_files_only: bool = False, endpoint: str | None = None) -> Path:
+                              overwrite: bool = False, durable: bool = True, io: str = "auto",
+                              revision: str | None = None, token: str | bool | None = None,
+                              cache_dir: str | os.PathLike | None = None, local_files_only: bool = False,
+                              endpoint: str | None = None) -> Path:
     """Write ``src_dir`` moved through ``gauge`` to ``out_dir`` without loading the model; returns ``out_dir``.
 
     ``src_dir`` is a checkpoint folder or a Hub id (``snapshot_download``). Shards keep their names and the index
@@ -569,7 +612,13 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
     the final rename (crash-safe on power loss; costs about a third of the time on slow disks). One run at a time
     writes an output: a second one gets a ``GaugeError`` at once (a ``filelock`` lock, ``.NAME.hf_gauge.lock``
     beside ``out_dir``), and without ``overwrite`` an output that appeared meanwhile is refused at publish time too.
+    ``io``: ``"buffered"`` streams through the page cache (mapped input, row chunks on worker threads);
+    ``"direct"`` moves tensors in place in an aligned arena read and written with ``O_DIRECT`` (``directio``; about
+    the largest tensor + 128 MB of memory); ``"auto"`` (default) takes direct I/O when the checkpoint and its output
+    would not fit in the memory available for the page cache (``directio.direct_wanted``).
     """
+    if io not in IO_MODES:
+        raise GaugeError(f"io={io!r} is not one of {', '.join(IO_MODES)}")
     if not isinstance(gauge, Gauge):
         gauge = load_gauge(gauge)
     src = resolve_checkpoint(src_dir, revision=revision, token=token, cache_dir=cache_dir,
@@ -615,8 +664,14 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         # benchmark's apply, 256 KB 2.27 s, 1 MB 2.78 s, medians of 3 interleaved runs); torch's gathers pay a
         # fixed cost per call (1 MB: 2.8-3.0 s of CPU for the streaming, 256 KB: 3.1-3.8 s), so they take 2x
         chunk = _CHUNK_BYTES if compiled else 2 * _CHUNK_BYTES
-        workers = max(2, torch.get_num_threads()) if moved_bytes >= _PARALLEL_BYTES else 1
+        direct = io == "direct" or (io == "auto" and directio.direct_wanted(total))
+        workers = max(2, torch.get_num_threads()) if moved_bytes >= _PARALLEL_BYTES and not direct else 1
         pool = _Pool(workers, _WINDOW_BYTES)
+        arena = None
+        if direct:
+            items = {s: _direct_items(src / s, plans[s], headers[s][1], headers[s][2], sources) for s in shards}
+            arena = directio.Arena(max(directio.arena_bytes(directio.segments(items[s], headers[s][2]))
+                                       for s in shards))
         # durable: each finished shard is fsynced on a thread while the next one is moved (its data reaches the
         # disk behind the work instead of all at the end)
         syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf_gauge-fsync") if durable else None
@@ -628,13 +683,19 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
                     raw, header, start = headers[s]
                     (tmp / s).parent.mkdir(parents=True, exist_ok=True)
                     bar.set_postfix_str(s)
-                    _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, pool, chunk, sources)
+                    if arena is not None:
+                        directio.stream_shard(src / s, tmp / s, raw, start, shard_size(header, start), items[s],
+                                              arena, bar.update)
+                    else:
+                        _stream_shard(src / s, tmp / s, plans[s], header, raw, start, bar, pool, chunk, sources)
                     if syncer is not None:
                         synced.append(syncer.submit(fsync_file, tmp / s))
             for f in synced:
                 f.result()
         finally:
             pool.close()
+            if arena is not None:
+                arena.close()
             if syncer is not None:
                 syncer.shutdown(wait=True, cancel_futures=True)
         written = set(shards)

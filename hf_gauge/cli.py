@@ -305,7 +305,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     gauge = _load_gauge(args.gauge, args.gauge_revision)
     try:
         out = apply_gauge_to_checkpoint(args.src, gauge, args.output, progress=not args.no_progress,
-                                        strict=args.strict, overwrite=args.overwrite, revision=args.revision)
+                                        strict=args.strict, overwrite=args.overwrite, io=args.io,
+                                        revision=args.revision)
     except GaugeError as e:                  # the library's advice, in the command line's words
         raise GaugeError(str(e).replace("overwrite=True", "--overwrite").replace("strict=True", "--strict")) \
             from None
@@ -517,6 +518,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, metavar="OUT", help="new output folder")
     s.add_argument("--strict", action="store_true", help="refuse a source-fingerprint mismatch")
     s.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT")
+    s.add_argument("--io", choices=("auto", "buffered", "direct"), default="auto",
+                   help="buffered: through the page cache; direct: O_DIRECT reads and writes, tensors moved in place "
+                   "(for checkpoints larger than memory); auto (default): direct when the checkpoint and its output "
+                   "exceed the available memory")
     s.add_argument("--no-progress", action="store_true")
     s.set_defaults(func=cmd_apply)
 

@@ -341,13 +341,14 @@ def test_activation_recovery_is_exact(model_type):
 
 
 # --------------------------------------------------------------------------------------------- files, adapters, charts
+@pytest.mark.parametrize("io", ["buffered", "direct"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_streaming_checkpoint_apply_equals_live_apply(model_type, tmp_path):
+def test_streaming_checkpoint_apply_equals_live_apply(model_type, io, tmp_path):
     from safetensors.torch import load_file
     a = build(model_type)
     g = random_gauge(a, seed=4, spaces=FULL)
     a.save_pretrained(tmp_path / "src")
-    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False, io=io)
     src = load_file(str(tmp_path / "src" / "model.safetensors"))
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert out.keys() == src.keys() and any(not torch.equal(src[k], out[k]) for k in src)
@@ -520,8 +521,9 @@ def test_carried_expert_spaces_compose_as_a_wreath_product(model_type):
 PER_EXPERT_FILES = [mt for mt in MOE_TYPES if any("{e}" in r.pattern for r in get_spec(mt).file_rules)]
 
 
+@pytest.mark.parametrize("io", ["buffered", "direct"])
 @pytest.mark.parametrize("model_type", PER_EXPERT_FILES)     # granitemoehybrid's files keep the experts fused
-def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
+def test_streaming_apply_renames_experts_across_shards(model_type, io, tmp_path):
     """Checkpoint files store one tensor per expert (gpt-oss: the fused tensors, as in memory): under a permutation
     of experts, each output tensor is read from its source expert's name, in whichever shard that lies."""
     from safetensors.torch import load_file
@@ -530,7 +532,7 @@ def test_streaming_apply_renames_experts_across_shards(model_type, tmp_path):
     shards = sorted((tmp_path / "src").glob("*.safetensors"))
     assert len(shards) > 3
     g = _moe_gauge(a, 4)
-    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False)
+    hf_gauge.apply_gauge_to_checkpoint(tmp_path / "src", g, tmp_path / "out", progress=False, io=io)
     live = state(apply_gauge(a, g))
     loaded = state(type(a).from_pretrained(tmp_path / "out", dtype=torch.float32))
     assert_bit_equal(loaded, live)

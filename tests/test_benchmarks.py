@@ -218,7 +218,8 @@ def test_speed_benchmarks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert fit["hungarian"][0]["d"] == 256 and fit["hungarian"][0]["accuracy"] == 1.0
     assert bench_stream.main(["--quick", "--repeats", "1", "--output", str(tmp_path / "stream.json")]) == 0
     stream = json.loads((tmp_path / "stream.json").read_text())
-    assert set(stream["results"]) == {"copy", "apply", "apply-numba"} and stream["bit_exact"]
+    assert set(stream["results"]) == {"copy", "apply", "apply-numba", "apply-direct"} and stream["bit_exact"]
+    assert stream["default_io"] == "buffered" and stream["results"]["apply-direct"]["io"] == "direct"
     assert stream["results"]["apply"]["ratio_to_copy_median"] > 0 and stream["commit"]
     assert sorted(p.name for p in (BENCH / "results").glob("bench_*.json")) == tracked
 
