@@ -291,8 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                     res[m]["ratio_to_copy_per_round"] = [a["seconds"] / c["seconds"]
                                                          for a, c in zip(runs[m], runs["copy"])]
                     kernels, mio = mode_parts(m)
-                    res[m]["kernels"] = kernels or default_kernels
-                    res[m]["io"] = mio or io
+                    res[m]["io"] = mio or io                 # direct I/O loads the kernels at any size (in place)
+                    res[m]["kernels"] = kernels or ("numba" if res[m]["io"] == "direct" else default_kernels)
                     res[m]["added_rss_mb"] = res[m]["peak_rss_mb"] - bare[res[m]["kernels"]]
         report.update({
             "n_shards": len(shards), "max_shard_size": case["shard"],

@@ -75,21 +75,25 @@ def stream_table() -> list[str]:
                  "bench_stream_wide20.json"):
         d = _load(name)
         res = d["results"]
-        apply, other = res["apply"], next((v for k, v in res.items() if k.startswith("apply-")), None)
+        apply = res["apply"]
+        io = d.get("default_io", "buffered")
+        other = next((v for k, v in res.items() if k.startswith("apply-") and v["kernels"] != apply["kernels"]), None)
+        other_io = next((v for k, v in res.items() if k.startswith("apply-") and v.get("io", io) != io), None)
         per_round = apply["ratio_to_copy_per_round"]
         load = [x[0] if isinstance(x, list) else x for x in d.get("load_average_before_rounds") or []]   # 1 min
         rows.append([f"{d['checkpoint']} ({d['checkpoint_mb'] / 1e3:.1f} GB)", str(d["rounds"]),
-                     f"{res['copy']['seconds_median']:.2f} s", f"{apply['seconds_median']:.2f} s",
+                     f"{res['copy']['seconds_median']:.2f} s", f"{apply['seconds_median']:.2f} s ({io} I/O)",
                      f"**{apply['ratio_to_copy_median']:.2f}×** ({min(per_round):.2f}-{max(per_round):.2f})",
                      f"{other['ratio_to_copy_median']:.2f}× ({other['kernels']})" if other else "not run",
+                     f"{other_io['ratio_to_copy_median']:.2f}× ({other_io['io']})" if other_io else "not run",
                      f"≤ {d['goal_ratio']}×",
                      _met(apply["ratio_to_copy_median"], d["goal_ratio"]) + (", bit-exact" if d["bit_exact"] else ""),
                      f"{apply['added_rss_mb']:.0f} MB (budget {d['rss_budget_added_mb']:.0f} MB: "
                      f"{_met(apply['added_rss_mb'], d['rss_budget_added_mb'])})",
                      f"{min(load):.1f}-{max(load):.1f}" if load else "", _src(name, d)])
     return _table(["checkpoint", "rounds", "copy (fresh process)", "`hf-gauge apply` (fresh process)",
-                   "apply / copy, median (rounds)", "other kernels / copy", "goal", "", "added RSS", "load average",
-                   "result"], rows)
+                   "apply / copy, median (rounds)", "other kernels / copy", "other I/O / copy", "goal", "",
+                   "added RSS", "load average", "result"], rows)
 
 
 def _find_rows(d: dict[str, Any], label: str, median: str) -> list[list[str]]:

@@ -35,7 +35,8 @@ import torch
 from . import directio
 from .atomic import (STAGING_MARKER, clean_stale_staging, fsync_dir, fsync_file, fsync_tree, output_lock,
                      publish_mode, remove_staging, staging_dir)
-from .engine import Scratch, check_gauge, move_tensor, moves_for, prepare_kernels, row_mover, source_names
+from .engine import (KERNEL_IMPORT_ELEMENTS, Scratch, check_gauge, move_tensor, moves_for, prepare_kernels, row_mover,
+                     source_names)
 from .errors import GaugeError
 from .fileconfig import checkpoint_config
 from .gauge import Gauge
@@ -659,12 +660,15 @@ def apply_gauge_to_checkpoint(src_dir: str | os.PathLike, gauge: Gauge | str | o
         tmp = staging_dir(out)
         moved = [headers[s][1][n] for s in shards for n, mv in plans[s].items() if mv or n in sources]
         moved_bytes = sum(i["data_offsets"][1] - i["data_offsets"][0] for i in moved)
-        compiled = prepare_kernels(sum(math.prod(i["shape"]) for i in moved))   # the job's work: elements moved
+        direct = io == "direct" or (io == "auto" and directio.direct_wanted(total))
+        # the job's work, the elements moved, decides whether to load the compiled kernels; direct I/O moves whole
+        # tensors in place, which torch's gathers do only through a tensor-sized copy: it loads them at any size
+        work = sum(math.prod(i["shape"]) for i in moved)
+        compiled = prepare_kernels(max(work, KERNEL_IMPORT_ELEMENTS) if direct and work else work)
         # the compiled kernels' chunks stay in cache for the write (512 KB: 1.95 s of CPU for the 1.8 GB bf16
         # benchmark's apply, 256 KB 2.27 s, 1 MB 2.78 s, medians of 3 interleaved runs); torch's gathers pay a
         # fixed cost per call (1 MB: 2.8-3.0 s of CPU for the streaming, 256 KB: 3.1-3.8 s), so they take 2x
         chunk = _CHUNK_BYTES if compiled else 2 * _CHUNK_BYTES
-        direct = io == "direct" or (io == "auto" and directio.direct_wanted(total))
         workers = max(2, torch.get_num_threads()) if moved_bytes >= _PARALLEL_BYTES and not direct else 1
         pool = _Pool(workers, _WINDOW_BYTES)
         arena = None
