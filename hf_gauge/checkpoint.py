@@ -8,6 +8,8 @@ gathers) from the page cache into a cache-resident buffer and write at their off
 read once and written once. Runs of untouched tensors are copied inside the kernel (``copy_file_range``). Added
 memory is one chunk buffer per worker plus the mapped pages of the tensors in flight (at most 128 MB, or one larger
 tensor; dropped from the mapping once written), independent of the shard and checkpoint size.
+Checkpoints that, with their output, exceed the memory available take the direct-I/O path instead
+(``directio``: ``O_DIRECT`` reads and writes through an aligned arena, tensors moved in place; ``io=``).
 The output folder is built beside ``out_dir`` and renamed into place at the end, so a failure never leaves a
 half-written checkpoint.
 """
