@@ -2,14 +2,14 @@
 
 Two measurements, each in this process, one thread:
 - ``page_cache``: a file of ``--mb`` MB is written, fsynced and dropped from the page cache
-  (``POSIX_FADV_DONTNEED``), then read back into the cache (``POSIX_FADV_WILLNEED``, waited for) and copied out of
+  (``POSIX_FADV_DONTNEED``), left ``--settle`` seconds, then read back into the cache (``POSIX_FADV_WILLNEED``, waited for) and copied out of
   a mapping twice: the first copy touches each cached page for the first time, the second touches them again. On
   bare metal both run at memory speed; in a VM whose host reclaims freed guest memory (virtio-balloon free page
   reporting) the first one pays a host fault per page.
 - ``anonymous``: ``--mb`` MB of fresh anonymous memory filled twice (first touch: page faults and zeroing, and the
   host's faults where it reclaimed the memory).
 
-    python benchmarks/bench_first_touch.py [--mb 2048] [--workdir DIR] [--rounds 3]
+    python benchmarks/bench_first_touch.py [--mb 2048] [--workdir DIR] [--rounds 3] [--settle 10]
 
 Result: benchmarks/results/bench_first_touch.json (seconds of CPU per pass, GB/s).
 """
@@ -44,7 +44,7 @@ def _copy_out(src: memoryview, dst: np.ndarray) -> float:
     return time.process_time() - c0
 
 
-def page_cache(path: Path, nbytes: int) -> dict:
+def page_cache(path: Path, nbytes: int, settle: float) -> dict:
     """First and second copy out of freshly cached pages of ``path``."""
     block = np.full(BLOCK, 7, dtype=np.uint8)
     with open(path, "wb") as f:
@@ -53,6 +53,7 @@ def page_cache(path: Path, nbytes: int) -> dict:
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    time.sleep(settle)                             # freed pages: a host that reclaims them does so within seconds
     fd = os.open(path, os.O_RDONLY)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
@@ -92,15 +93,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--mb", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds between dropping the file from the page "
+                    "cache and reading it back")
     args = ap.parse_args(argv)
     nbytes = args.mb << 20
     runs: dict[str, list[dict]] = {"page_cache": [], "anonymous": []}
     with tempfile.TemporaryDirectory(prefix="bench_first_touch-", dir=args.workdir) as tmp:
         for _ in range(args.rounds):
-            runs["page_cache"].append(page_cache(Path(tmp) / "data", nbytes))
+            runs["page_cache"].append(page_cache(Path(tmp) / "data", nbytes, args.settle))
             runs["anonymous"].append(anonymous(nbytes))
     gb = nbytes / 1e9
-    res = {"mb": args.mb, "rounds": args.rounds, "runs": runs}
+    res = {"mb": args.mb, "rounds": args.rounds, "settle_s": args.settle, "runs": runs}
     for kind, rs in runs.items():
         for key in ("first_s", "second_s"):
             med = statistics.median(r[key] for r in rs)
