@@ -555,10 +555,12 @@ def aggregate_steps(per_seed: dict[int, dict[str, Any]]) -> dict[str, dict[str, 
 
 
 def cached_eval(setting: str, quick: bool, seed: int, tokens: Sequence[int]) -> dict[str, Any]:
-    """``evaluate_seed``, cached next to the checkpoints (keyed by the training config, the grid and the SHA-256 of
-    this script) so that seeds can be evaluated as soon as each one is trained."""
+    """``evaluate_seed``, cached next to the checkpoints so that seeds can be evaluated as soon as each one is
+    trained. Keyed by the training config, the grid and the code the row's staleness rule checks
+    (``cc.code_hashes``: this script, the benchmark modules it imports and the ``hf_gauge`` tree): a cached grid is
+    reused only by the code that computed it."""
     key = json.loads(json.dumps({"config": config(quick, setting), "tokens": list(tokens), "grid": GRID, "gap": GAP,
-                                 "script": cc.file_sha256(Path(__file__))}))   # as it reads back from JSON
+                                 "code": cc.code_hashes("trajectory")}))   # as it reads back from JSON
     path = ckpt_root(quick, setting, seed) / "grid_eval.json"
     if path.exists():
         saved = json.loads(path.read_text())

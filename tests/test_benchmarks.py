@@ -600,3 +600,19 @@ def test_first_step_needing_path() -> None:
     assert run_all.first_step_needing_path(res) == {64: 200, 2048: None}
     res["by_step"]["300"]["one/2048"] = cell("path_better")
     assert run_all.first_step_needing_path(res) == {64: 200, 2048: 300}
+
+
+def test_trajectory_grid_cache_is_reused_only_by_the_same_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cached grid evaluation is keyed by the code the staleness rule checks: a change of the library (or of a
+    benchmark module) evaluates again, the same code reads the cache."""
+    import claim_trajectory as ct
+    import claims_common as cc
+    calls: list[int] = []
+    monkeypatch.setattr(ct, "ckpt_root", lambda quick, setting, seed: tmp_path)
+    monkeypatch.setattr(ct, "evaluate_seed", lambda setting, quick, seed, tokens: calls.append(seed) or {"n": len(calls)})
+    code = {"benchmarks/claim_trajectory.py": "a", "hf_gauge/": "lib-1"}
+    monkeypatch.setattr(cc, "code_hashes", lambda claim: dict(code))
+    assert ct.cached_eval("tiny", True, 0, [64]) == {"n": 1}
+    assert ct.cached_eval("tiny", True, 0, [64]) == {"n": 1} and calls == [0]
+    code["hf_gauge/"] = "lib-2"
+    assert ct.cached_eval("tiny", True, 0, [64]) == {"n": 2} and calls == [0, 0]
