@@ -18,12 +18,13 @@ with the load average before each round. In the first round, every apply mode's 
 ``verify_files``.
 
 Cases: ``bf16`` (default): random Llama, 8 layers at d=2560, d_ff 6912, vocab 50,000, untied, 1.8 GB in 400 MB shards.
-``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``wide20``: 19.6 GB of random
+``fp32``: SmolLM2-135M-Instruct fp32 (offline weights, 540 MB) in 100 MB shards. ``fp32_large``: the ``bf16``
+case's shapes in fp32 (3.6 GB in 800 MB shards). ``wide20``: 19.6 GB of random
 bf16 Llama at Llama-3-70B width, 9 layers, written tensor by tensor (the top of the issue's 0.5-20 GB range; needs
 about 40 GB of free disk in ``--workdir``). ``quick``: a 40 MB fp32 Llama in 10 MB shards (the test suite's smoke
 run). ``--src`` measures an existing checkpoint (the 7.6 GB result: bench_scale's 2-layer d=8192 files).
 
-    python benchmarks/bench_stream.py [--case bf16|fp32|wide20|quick | --src CHECKPOINT] [--rounds N] [--output FILE]
+    python benchmarks/bench_stream.py [--case bf16|fp32|fp32_large|wide20|quick | --src CHECKPOINT] [--rounds N] [--output FILE]
 
 Goals: apply <= 1.2x the copy (median), bit-exact; added peak RSS <= largest tensor + 200 MB.
 Results: benchmarks/results/bench_stream_<case>.json.
@@ -68,6 +69,8 @@ CASES = {
     "wide20": dict(wide_layers=9, dtype="bfloat16", shard="3 shards (4.2 / 6.8 / 8.6 GB)",
                    name="random Llama bf16 at Llama-3-70B width (d=8192, d_ff 28672, vocab 128,256), 9 layers, 19.6 GB, "
                         "written tensor by tensor (bench_scale.write_checkpoint)"),
+    "fp32_large": dict(d=2560, ff=6912, layers=8, heads=20, vocab=50000, dtype="float32", shard="800MB",
+                       name="random Llama fp32, 8 layers at d=2560 (d_ff 6912, vocab 50,000), 800 MB shards"),
     "quick": dict(d=256, ff=704, layers=4, heads=4, vocab=8000, dtype="float32", shard="10MB",
                   name="random Llama fp32, 4 layers at d=256, 10 MB shards (smoke run)"),
 }

@@ -71,8 +71,8 @@ def fit_table() -> list[str]:
 
 def stream_table() -> list[str]:
     rows = []
-    for name in ("bench_stream_fp32.json", "bench_stream_bf16.json", "bench_stream_bf16_7.6gb.json",
-                 "bench_stream_wide20.json"):
+    for name in ("bench_stream_fp32.json", "bench_stream_bf16.json", "bench_stream_fp32_large.json",
+                 "bench_stream_bf16_7.6gb.json", "bench_stream_wide20.json"):
         d = _load(name)
         res = d["results"]
         apply = res["apply"]
